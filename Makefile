@@ -1,0 +1,65 @@
+# threadloom's entry points. `make demo` and `make test` do all set-up on a fresh Debian 12
+# machine: scripts/bootstrap.sh installs the apt packages and the free-threaded interpreter
+# (cached in ~/.cache/threadloom; a no-op once done), then CMake builds into build/.
+#
+#   make demo       the main job: `python -m threadloom info` and a multi-threaded example
+#   make test       C tests (ctest) and Python tests (pytest on the free-threaded interpreter)
+#   make test-asan  the C core and its tests under AddressSanitizer + UBSan
+#   make test-tsan  the C core and its tests under ThreadSanitizer
+#   make gpu-test   only the GPU tests (they skip, saying why, without a GPU)
+#   make clean      remove the build directories (the interpreter cache stays)
+#
+# PYTHON=/path/to/python3.14t uses an existing free-threaded interpreter instead of building one.
+
+SHELL := /bin/bash
+BUILD ?= build
+JOBS ?= $(shell nproc)
+ENVFILE := build/bootstrap.env
+# Read when a recipe runs, i.e. after the bootstrap has written the file.
+PY = $(shell sed -n 's/^PYTHON := //p' $(ENVFILE))
+PYTEST_PATH = $(shell sed -n 's/^PYTEST_PATH := //p' $(ENVFILE))
+PYENV = PYTHONPATH=$(CURDIR)/python:$(PYTEST_PATH)
+CTEST = ctest --output-on-failure -j $(JOBS)
+
+.PHONY: all bootstrap build demo test test-c test-py test-asan test-tsan gpu-test clean
+
+all: build
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+build: bootstrap
+	@cmake -S . -B $(BUILD) -DTL_PYTHON=$(PY) >/dev/null
+	@cmake --build $(BUILD) -j $(JOBS)
+
+demo: build
+	@cd $(CURDIR) && $(PYENV) $(PY) -m threadloom info
+	@echo
+	@$(PYENV) $(PY) examples/free_threads.py
+
+test: build
+	@$(MAKE) --no-print-directory test-c test-py
+
+test-c:
+	@cd $(BUILD) && $(CTEST)
+
+test-py:
+	@$(PYENV) $(PY) -m pytest tests/python -q -rs
+
+# Sanitizer builds: the C library and C tests only (the interpreter is not instrumented).
+test-asan: bootstrap
+	@cmake -S . -B build-asan -DTL_ASAN=ON -DTL_UBSAN=ON -DTL_WITH_PYTHON=OFF >/dev/null
+	@cmake --build build-asan -j $(JOBS)
+	@cd build-asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 $(CTEST)
+
+test-tsan: bootstrap
+	@cmake -S . -B build-tsan -DTL_TSAN=ON -DTL_WITH_PYTHON=OFF >/dev/null
+	@cmake --build build-tsan -j $(JOBS)
+	@cd build-tsan && TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 $(CTEST)
+
+gpu-test: build
+	@cd $(BUILD) && $(CTEST) -L gpu
+	@$(PYENV) $(PY) -m pytest tests/python -q -rs -m gpu
+
+clean:
+	rm -rf build build-asan build-tsan python/threadloom/_core*.so

@@ -1,0 +1,27 @@
+/* cudactx/backend_none.c: the backend table of a build without CUDA (TL_WITH_CUDA=OFF).
+ * Every call answers TL__CUDA_NOT_BUILT, which device.c turns into TL_ENOSYS. */
+#include "cudactx/internal.h"
+
+static int tl__none_version(int* v) {
+  *v = 0;
+  return TL__CUDA_NOT_BUILT;
+}
+static int tl__none_device_info(int dev, tl_gpu_info_t* out) {
+  (void)dev;
+  (void)out;
+  return TL__CUDA_NOT_BUILT;
+}
+static const char* tl__none_error_name(int code) {
+  (void)code;
+  return "not built with CUDA";
+}
+
+const tl__cuda_api_t tl__cuda_builtin = {
+    .name = "none",
+    .runtime_version = tl__none_version,
+    .driver_version = tl__none_version,
+    .device_count = tl__none_version,
+    .device_info = tl__none_device_info,
+    .error_name = tl__none_error_name,
+    .error_string = tl__none_error_name,
+};

@@ -1,0 +1,42 @@
+/* cudactx/internal.h: the CUDA backend table.
+ *
+ * Every CUDA runtime call of this part goes through one table of function pointers, so tests
+ * inject faults (no driver, no device, a failing call) through the same path the real runtime
+ * takes. The table returns raw cudaError_t values as int; cudactx/device.c translates them. */
+#ifndef THREADLOOM_CUDACTX_INTERNAL_H
+#define THREADLOOM_CUDACTX_INTERNAL_H
+
+#include "core/internal.h"
+#include "threadloom/cudactx.h"
+
+/* cudaError_t values this part interprets (from driver_types.h; stable across CUDA releases). */
+enum {
+  TL__CUDA_SUCCESS = 0,
+  TL__CUDA_INVALID_DEVICE = 101,
+  TL__CUDA_NO_DEVICE = 100,
+  TL__CUDA_INSUFFICIENT_DRIVER = 35,
+  TL__CUDA_CALL_REQUIRES_NEWER_DRIVER = 36,
+  TL__CUDA_SYSTEM_DRIVER_MISMATCH = 803,
+  TL__CUDA_NOT_BUILT = -1 /* the "none" backend: built without CUDA */
+};
+
+typedef struct {
+  const char* name;                           /* "cudart", "none", or a test's name */
+  int (*runtime_version)(int* version);       /* cudaRuntimeGetVersion */
+  int (*driver_version)(int* version);        /* cudaDriverGetVersion */
+  int (*device_count)(int* count);            /* cudaGetDeviceCount */
+  int (*device_info)(int dev, tl_gpu_info_t* out); /* cudaGetDeviceProperties + bus id */
+  const char* (*error_name)(int code);        /* cudaGetErrorName */
+  const char* (*error_string)(int code);      /* cudaGetErrorString */
+} tl__cuda_api_t;
+
+/* The table in use. Thread-safe (an atomic load). */
+const tl__cuda_api_t* tl__cuda_api(void);
+/* Replaces the table (tests); returns the previous one. NULL restores the built-in one. */
+const tl__cuda_api_t* tl__cuda_set_api(const tl__cuda_api_t* api);
+/* The built-in table: cudart when TL_WITH_CUDA, else the "none" table. */
+extern const tl__cuda_api_t tl__cuda_builtin;
+/* Translates a cudaError_t into a TL_E* code and records "<call>: <name>: <text>" as detail. */
+int tl__cuda_error(const char* call, int code);
+
+#endif /* THREADLOOM_CUDACTX_INTERNAL_H */

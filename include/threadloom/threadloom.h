@@ -1,0 +1,24 @@
+/* threadloom/threadloom.h: the one header a C user includes.
+ *
+ * threadloom is a runtime for driving multi-GPU servers from one free-threaded Python process:
+ *   numa/      topology, placement and NUMA-local pinned memory     (threadloom/numa.h)
+ *   cudactx/   shared CUDA contexts, streams, staging, DLPack       (threadloom/cudactx.h)
+ *   scheduler/ pinned work-stealing threads and pipelines
+ * Conventions (see docs/design.md): fallible calls return 0 or a negative TL_E* code
+ * (threadloom/error.h); thread-safety and ownership defaults are in threadloom/common.h. */
+#ifndef THREADLOOM_THREADLOOM_H
+#define THREADLOOM_THREADLOOM_H
+
+#include "threadloom/common.h"
+#include "threadloom/cudactx.h"
+#include "threadloom/error.h"
+#include "threadloom/numa.h"
+
+TL_BEGIN_DECLS
+
+/* "0.1.0": the version of the library that is loaded (may differ from TL_VERSION_STRING). */
+TL_EXTERN const char* tl_version_string(void);
+
+TL_END_DECLS
+
+#endif /* THREADLOOM_THREADLOOM_H */

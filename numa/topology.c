@@ -1,0 +1,167 @@
+/* numa/topology.c: loading the hardware topology with hwloc.
+ *
+ * The topology is loaded once with I/O devices kept and disallowed PUs included, so the
+ * summary can report both the whole machine and the part this process may use. GPUs are found
+ * as NVIDIA PCI devices (vendor 0x10de, display or 3D controller class) rather than through
+ * hwloc's cudart/nvml helpers: those read /sys and fail on XML topologies, and the CUDA/NVML
+ * plugins are not part of Debian's hwloc. A GPU's locality is the cpuset and nodeset of its
+ * first non-I/O ancestor (the package or NUMA node its PCI root hangs off). */
+#include "numa/internal.h"
+
+#include <errno.h>
+#include <mimalloc.h>
+#include <numa.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+// ---------------------------------------------------------------------------------------------
+// Versions of the libraries below this part
+// ---------------------------------------------------------------------------------------------
+
+unsigned tl_hwloc_version(void) { return hwloc_get_api_version(); }
+
+const char* tl_hwloc_build_version(void) { return HWLOC_VERSION; }
+
+int tl_numa_available(void) { return numa_available() >= 0 ? 1 : 0; }
+
+int tl_mimalloc_version(void) { return mi_version(); }
+
+// ---------------------------------------------------------------------------------------------
+// GPUs
+// ---------------------------------------------------------------------------------------------
+
+static int tl__is_nvidia_gpu(hwloc_obj_t pci) {
+  unsigned cls = pci->attr->pcidev.class_id;
+  return pci->attr->pcidev.vendor_id == 0x10de && (cls == 0x0300 || cls == 0x0302);
+}
+
+static void tl__gpu_fill(tl_topo_t* t, hwloc_obj_t pci, tl_topo_gpu_t* g) {
+  memset(g, 0, sizeof *g);
+  snprintf(g->pci_bus_id, sizeof g->pci_bus_id, "%04x:%02x:%02x.%01x", pci->attr->pcidev.domain,
+           pci->attr->pcidev.bus, pci->attr->pcidev.dev, pci->attr->pcidev.func);
+  const char* name = hwloc_obj_get_info_by_name(pci, "PCIDevice");
+  /* An OS device child (cuda0, nvml0, card0) may carry a better name. */
+  for (hwloc_obj_t os = pci->io_first_child; os; os = os->next_sibling) {
+    const char* model = hwloc_obj_get_info_by_name(os, "GPUModel");
+    if (model) name = model;
+  }
+  tl__strlcpy(g->name, name ? name : "", sizeof g->name);
+  g->numa_node = -1;
+  hwloc_obj_t anc = hwloc_get_non_io_ancestor_obj(t->hw, pci);
+  if (!anc) return;
+  hwloc_bitmap_t local = hwloc_bitmap_dup(anc->cpuset);
+  if (!local) return;
+  hwloc_bitmap_and(local, local, hwloc_topology_get_allowed_cpuset(t->hw));
+  g->local_pus = hwloc_bitmap_weight(local);
+  if (hwloc_bitmap_list_snprintf(g->local_cpus, sizeof g->local_cpus, local) < 0)
+    g->local_cpus[0] = '\0';
+  hwloc_bitmap_free(local);
+  if (anc->nodeset && !hwloc_bitmap_iszero(anc->nodeset))
+    g->numa_node = hwloc_bitmap_first(anc->nodeset);
+}
+
+static int tl__find_gpus(tl_topo_t* t) {
+  int n = 0;
+  for (hwloc_obj_t p = NULL; (p = hwloc_get_next_pcidev(t->hw, p));)
+    if (tl__is_nvidia_gpu(p)) n++;
+  if (n == 0) return 0;
+  t->gpus = calloc((size_t)n, sizeof *t->gpus);
+  if (!t->gpus) return tl__fail(TL_ENOMEM, "topology: %d GPU records", n);
+  /* hwloc lists PCI devices in bus order, which is CUDA's PCI_BUS_ID order. */
+  for (hwloc_obj_t p = NULL; (p = hwloc_get_next_pcidev(t->hw, p));) {
+    if (!tl__is_nvidia_gpu(p)) continue;
+    tl__gpu_fill(t, p, &t->gpus[t->ngpus]);
+    t->gpus[t->ngpus].index = t->ngpus;
+    t->ngpus++;
+  }
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Init / close
+// ---------------------------------------------------------------------------------------------
+
+static int tl__count_allowed_cores(hwloc_topology_t hw) {
+  hwloc_const_cpuset_t allowed = hwloc_topology_get_allowed_cpuset(hw);
+  int n = 0;
+  int depth = hwloc_get_type_depth(hw, HWLOC_OBJ_CORE);
+  int ncores = hwloc_get_nbobjs_by_depth(hw, depth);
+  for (int i = 0; i < ncores; i++)
+    if (hwloc_bitmap_intersects(hwloc_get_obj_by_depth(hw, depth, i)->cpuset, allowed)) n++;
+  return n;
+}
+
+int tl_topo_init(tl_topo_t** out, const char* xml_path) {
+  tl__clear_detail();
+  if (!out) return tl__fail(TL_EINVAL, "tl_topo_init: out is NULL");
+  *out = NULL;
+  if (xml_path && access(xml_path, R_OK) != 0)
+    return tl__fail(tl_translate_sys_error(errno), "topology file %s: %s", xml_path,
+                    strerror(errno));
+  tl_topo_t* t = calloc(1, sizeof *t);
+  if (!t) return tl__fail(TL_ENOMEM, "topology: %zu bytes", sizeof *t);
+  if (hwloc_topology_init(&t->hw) != 0) {
+    free(t);
+    return tl__fail(TL_ETOPOLOGY, "hwloc_topology_init: %s", strerror(errno));
+  }
+  int err = 0;
+  const char* where = "hwloc_topology_set_io_types_filter";
+  if (hwloc_topology_set_io_types_filter(t->hw, HWLOC_TYPE_FILTER_KEEP_IMPORTANT) != 0) goto fail;
+  where = "hwloc_topology_set_flags";
+  if (hwloc_topology_set_flags(t->hw, HWLOC_TOPOLOGY_FLAG_INCLUDE_DISALLOWED) != 0) goto fail;
+  if (xml_path) {
+    where = "hwloc_topology_set_xml";
+    if (hwloc_topology_set_xml(t->hw, xml_path) != 0) goto fail;
+  }
+  where = "hwloc_topology_load";
+  if (hwloc_topology_load(t->hw) != 0) goto fail;
+
+  tl_topo_summary_t* s = &t->summary;
+  s->packages = hwloc_get_nbobjs_by_type(t->hw, HWLOC_OBJ_PACKAGE);
+  s->numa_nodes = hwloc_get_nbobjs_by_type(t->hw, HWLOC_OBJ_NUMANODE);
+  s->cores = hwloc_get_nbobjs_by_type(t->hw, HWLOC_OBJ_CORE);
+  s->pus = hwloc_get_nbobjs_by_type(t->hw, HWLOC_OBJ_PU);
+  s->allowed_pus = hwloc_bitmap_weight(hwloc_topology_get_allowed_cpuset(t->hw));
+  s->allowed_cores = tl__count_allowed_cores(t->hw);
+  s->is_this_system = hwloc_topology_is_thissystem(t->hw);
+  if (s->packages < 1) s->packages = 1; /* some VMs expose no package object */
+  if ((err = tl__find_gpus(t)) != 0) {
+    tl_topo_close(t);
+    return err;
+  }
+  s->gpus = t->ngpus;
+  *out = t;
+  return 0;
+
+fail:
+  err = errno;
+  hwloc_topology_destroy(t->hw);
+  free(t);
+  return tl__fail(err == ENOMEM ? TL_ENOMEM : TL_ETOPOLOGY, "%s%s%s: %s", where,
+                  xml_path ? " " : "", xml_path ? xml_path : "", strerror(err));
+}
+
+void tl_topo_close(tl_topo_t* topo) {
+  if (!topo) return;
+  hwloc_topology_destroy(topo->hw);
+  free(topo->gpus);
+  free(topo);
+}
+
+int tl_topo_summary(const tl_topo_t* topo, tl_topo_summary_t* out) {
+  tl__clear_detail();
+  if (!topo || !out) return tl__fail(TL_EINVAL, "tl_topo_summary: NULL argument");
+  *out = topo->summary;
+  return 0;
+}
+
+int tl_topo_gpu(const tl_topo_t* topo, int index, tl_topo_gpu_t* out) {
+  tl__clear_detail();
+  if (!topo || !out) return tl__fail(TL_EINVAL, "tl_topo_gpu: NULL argument");
+  if (index < 0 || index >= topo->ngpus)
+    return tl__fail(TL_ENODEV, "GPU %d: the topology has %d GPU(s)", index, topo->ngpus);
+  *out = topo->gpus[index];
+  return 0;
+}

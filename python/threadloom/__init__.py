@@ -1,0 +1,40 @@
+"""threadloom: one free-threaded Python process, dozens of threads, feeding every GPU.
+
+The C runtime lives in ``threadloom._core``; this package is the thin Python layer over it.
+Importing threadloom never turns the GIL back on: ``_core`` declares ``Py_mod_gil =
+Py_MOD_GIL_NOT_USED`` and this package imports nothing that lacks it.
+"""
+
+from threadloom import _core
+from threadloom._core import (  # noqa: F401  (the error classes are public API)
+    AccessDeniedError,
+    BusyError,
+    CanceledError,
+    ClosedError,
+    CudaError,
+    Error,
+    InputOutputError,
+    InvalidArgumentError,
+    LibraryNotFoundError,
+    NcclError,
+    NoDeviceError,
+    NoDriverError,
+    NoSpaceError,
+    NotBuiltError,
+    NotFoundError,
+    NotPermittedError,
+    OutOfMemoryError,
+    OutOfRangeError,
+    ReadOnlyFilesystemError,
+    TimedOutError,
+    TopologyError,
+    TryAgainError,
+    UnknownError,
+)
+from threadloom.sysinfo import info, topology
+
+__version__ = _core.__version__
+
+__all__ = ["Error", "info", "topology", "__version__"] + [
+    cls.__name__ for _, _, _, cls in _core.error_table()
+]

@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# bootstrap.sh: bring a fresh Debian 12 machine up to build and test threadloom.
+#
+#   1. apt packages (build tools, hwloc, libnuma, mimalloc, xxhash, CPython's build deps),
+#      installed only when one is missing;
+#   2. a free-threaded CPython (--disable-gil), built from Debian trixie's python3.13 source
+#      package (downloaded and hash-verified by apt through a private sources dir; the
+#      system's apt configuration is never edited), cached outside the clone, keyed by version;
+#   3. pytest and its arch-all dependencies from trixie's .debs (dpkg -x), next to it.
+#
+# A second run finds everything in the cache and does nothing (no network, no apt).
+# PYTHON=/path/to/python3.14t uses an existing free-threaded interpreter instead of step 2;
+# a GIL build is refused. The result is written to build/bootstrap.env for the Makefile.
+#
+# Environment: THREADLOOM_CACHE (default ~/.cache/threadloom), PYTHON, TL_CPYTHON_VERSION
+# (default 3.13.5), DEBIAN_MIRROR (default http://deb.debian.org/debian), JOBS.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+cache=${THREADLOOM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/threadloom}
+pyver=${TL_CPYTHON_VERSION:-3.13.5}
+mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+jobs=${JOBS:-$(nproc)}
+prefix=$cache/cpython-$pyver-freethreaded
+pytest_dir=$cache/pytest-trixie
+envfile=$here/build/bootstrap.env
+
+say() { printf 'bootstrap: %s\n' "$*" >&2; }
+die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null; then sudo "$@"
+  else die "need root to run: $* (install sudo or run as root)"; fi
+}
+
+mkdir -p "$cache" "$here/build"
+# One bootstrap at a time per cache (make test and make demo may race on a fresh machine).
+exec 9>"$cache/.lock"
+flock 9
+
+# ---------------------------------------------------------------------------------------------
+# 1. apt packages
+# ---------------------------------------------------------------------------------------------
+apt_pkgs=(
+  build-essential cmake pkg-config dpkg-dev ca-certificates xz-utils
+  libhwloc-dev hwloc-nox libnuma-dev libmimalloc-dev libxxhash-dev
+  # CPython's build dependencies (the optional modules the stdlib needs)
+  libssl-dev zlib1g-dev libbz2-dev libffi-dev liblzma-dev libsqlite3-dev libreadline-dev
+  libncurses-dev uuid-dev libgdbm-dev libgdbm-compat-dev libexpat1-dev
+)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null)" = installed ] || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing apt packages: ${missing[*]}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# A private apt configuration for Debian trixie: its own sources list, lists, caches and
+# status, so nothing of the system's apt state is read or written.
+trixie_apt() {
+  local d=$cache/apt-trixie
+  if [ ! -f "$d/.updated" ]; then
+    mkdir -p "$d/lists/partial" "$d/archives/partial" "$d/cache"
+    : > "$d/status"
+    cat > "$d/sources.list" <<SRC
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie main
+deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie main
+SRC
+  fi
+  local opts=(
+    -o "Dir::Etc::SourceList=$d/sources.list" -o "Dir::Etc::SourceParts=$d/none"
+    -o "Dir::State::Lists=$d/lists" -o "Dir::State::Status=$d/status"
+    -o "Dir::Cache=$d/cache" -o "Dir::Cache::Archives=$d/archives"
+    -o "Debug::NoLocking=1" -o "APT::Sandbox::User=root"
+  )
+  if [ ! -f "$d/.updated" ]; then
+    say "fetching Debian trixie indexes from $mirror (private apt dir $d)"
+    apt-get "${opts[@]}" update -q >&2 || die "apt-get update for trixie failed (is $mirror reachable?)"
+    touch "$d/.updated"
+  fi
+  apt-get "${opts[@]}" "$@"
+}
+
+is_free_threaded() {  # $1: interpreter; true when it is a --disable-gil build
+  "$1" -c 'import sys, sysconfig; sys.exit(0 if sysconfig.get_config_var("Py_GIL_DISABLED") else 1)' 2>/dev/null
+}
+
+# ---------------------------------------------------------------------------------------------
+# 2. the free-threaded interpreter
+# ---------------------------------------------------------------------------------------------
+if [ -n "${PYTHON:-}" ]; then
+  command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON: no such interpreter"
+  PYTHON=$(command -v "$PYTHON")
+  is_free_threaded "$PYTHON" || die "PYTHON=$PYTHON is a GIL build of CPython. threadloom needs a \
+free-threaded one (3.13t or newer, configured with --disable-gil). Unset PYTHON to have this \
+script build CPython $pyver --disable-gil into $cache, or point PYTHON at e.g. python3.13t."
+  python=$PYTHON
+elif [ -x "$prefix/bin/python${pyver%.*}t" ]; then
+  python=$prefix/bin/python${pyver%.*}t
+else
+  t0=$(date +%s)
+  work=$cache/build-cpython-$pyver
+  rm -rf "$work"; mkdir -p "$work"
+  say "downloading the python3.13 source package from trixie (apt verifies its hashes)"
+  (cd "$work" && trixie_apt source --download-only -q python3.13 >&2)
+  orig=$(ls "$work"/python3.13_*.orig.tar.xz 2>/dev/null | head -n1)
+  [ -n "$orig" ] || die "apt did not download python3.13's orig tarball into $work"
+  got=$(basename "$orig" | sed -E 's/^python3\.13_([0-9.]+)\.orig\.tar\.xz$/\1/')
+  [ "$got" = "$pyver" ] || die "trixie serves CPython $got, not $pyver. Rerun with TL_CPYTHON_VERSION=$got."
+  tar -C "$work" -xJf "$orig"
+  src=$(find "$work" -mindepth 1 -maxdepth 1 -type d -name 'Python-*' | head -n1)
+  say "building CPython $pyver --disable-gil with $jobs jobs (a few minutes)"
+  (
+    cd "$src"
+    ./configure -q --prefix="$prefix" --disable-gil --enable-shared --without-ensurepip \
+      --disable-test-modules LDFLAGS="-Wl,-rpath,$prefix/lib" >"$work/configure.log" 2>&1 \
+      || { tail -n 30 "$work/configure.log" >&2; exit 1; }
+    make -j"$jobs" >"$work/make.log" 2>&1 || { tail -n 40 "$work/make.log" >&2; exit 1; }
+    # Install into a staging root, then move into place: an interrupted build leaves no
+    # half-installed interpreter in the cache.
+    make install DESTDIR="$work/stage" >"$work/install.log" 2>&1 || { tail -n 30 "$work/install.log" >&2; exit 1; }
+  ) || die "building CPython failed; logs are in $work"
+  rm -rf "$prefix"
+  mv "$work/stage$prefix" "$prefix"
+  rm -rf "$work"
+  python=$prefix/bin/python${pyver%.*}t
+  say "built $python in $(( $(date +%s) - t0 ))s"
+fi
+is_free_threaded "$python" || die "$python is not a free-threaded build"
+"$python" -c 'import sys; sys.exit(1 if sys._is_gil_enabled() else 0)' \
+  || die "$python runs with the GIL enabled (PYTHON_GIL=1 set?); unset PYTHON_GIL"
+
+# ---------------------------------------------------------------------------------------------
+# 3. pytest from trixie's arch-all debs
+# ---------------------------------------------------------------------------------------------
+pytest_pkgs=(python3-pytest python3-pluggy python3-iniconfig python3-packaging)
+if [ ! -f "$pytest_dir/.complete" ]; then
+  say "fetching ${pytest_pkgs[*]} from trixie"
+  rm -rf "$pytest_dir"; mkdir -p "$pytest_dir/debs"
+  (cd "$pytest_dir/debs" && trixie_apt download -q "${pytest_pkgs[@]}" >&2)
+  for deb in "$pytest_dir"/debs/*.deb; do dpkg-deb -x "$deb" "$pytest_dir/root"; done
+  touch "$pytest_dir/.complete"
+fi
+pytest_path=$pytest_dir/root/usr/lib/python3/dist-packages
+PYTHONPATH=$pytest_path "$python" -c 'import pytest' \
+  || die "pytest from $pytest_dir does not import on $python"
+
+tmp=$envfile.tmp.$$
+{
+  echo "# written by scripts/bootstrap.sh; do not edit"
+  echo "PYTHON := $python"
+  echo "PYTEST_PATH := $pytest_path"
+} >"$tmp"
+mv "$tmp" "$envfile"
+say "ready: $python ($("$python" -c 'import sys; print(sys.version.split()[0])') free-threaded), pytest from trixie"

@@ -1,0 +1,74 @@
+"""`python -m threadloom info` / `topo` and the dicts behind them."""
+
+import json
+import os
+
+import threadloom
+from conftest import TOPOLOGIES, run_python
+
+
+def test_info_dict_is_complete():
+    d = threadloom.info()
+    it = d["interpreter"]
+    assert it["version"].count(".") == 2
+    assert isinstance(it["gil_enabled"], bool)
+    libs = d["libraries"]
+    assert libs["hwloc"].startswith("2.")
+    assert libs["mimalloc"].startswith("2.")
+    # each CUDA/NCCL probe has a value or a reason, never neither
+    for key in ("cuda_runtime", "cuda_driver", "nccl"):
+        assert (libs[key] is None) != (libs[key + "_error"] is None), key
+    assert d["gpus"] or d["gpus_error"]
+    t = d["topology"]
+    assert t["allowed_pus"] == len(os.sched_getaffinity(0))
+    assert 1 <= t["allowed_cores"] <= t["cores"] <= t["pus"]
+
+
+def test_info_command_text():
+    r = run_python("-m", "threadloom", "info")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for needle in ("interpreter", "GIL: ", "hwloc", "mimalloc", "CUDA runtime:", "CUDA driver:",
+                   "NCCL:", "GPUs", "cores", "NUMA node"):
+        assert needle in out, needle
+    if threadloom.info()["interpreter"]["free_threaded_build"]:
+        assert "GIL: disabled" in out
+
+
+def test_info_command_json():
+    r = run_python("-m", "threadloom", "info", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["topology"]["pus"] >= 1
+
+
+def test_topo_command_on_recorded_dgx2():
+    r = run_python("-m", "threadloom", "topo", "--xml", os.path.join(TOPOLOGIES, "nvidiaDGX2.xml"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Tesla V100") == 16
+    r = run_python("-m", "threadloom", "topo", "--json", "--xml",
+                   os.path.join(TOPOLOGIES, "nvidiaDGX2.xml"))
+    t = json.loads(r.stdout)
+    assert [g["numa_node"] for g in t["gpus"]] == [0] * 8 + [1] * 8
+    assert t["is_this_system"] is False
+
+
+def test_topo_command_bad_file_says_what_to_do():
+    r = run_python("-m", "threadloom", "topo", "--xml", "/nonexistent.xml")
+    assert r.returncode == 1
+    assert "TL_ENOENT" in r.stderr and "/nonexistent.xml" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_usage_error():
+    r = run_python("-m", "threadloom", "frobnicate")
+    assert r.returncode == 2
+    assert "invalid choice" in r.stderr
+
+
+def test_hwloc_xmlfile_is_honoured():
+    r = run_python("-m", "threadloom", "info",
+                   env_extra={"HWLOC_XMLFILE": os.path.join(TOPOLOGIES, "96em64t-4n4d3ca2co-pci.xml"),
+                              "HWLOC_THISSYSTEM": "0"})
+    assert r.returncode == 0, r.stderr
+    assert "4 NUMA node(s)" in r.stdout and "96 hardware thread(s)" in r.stdout
