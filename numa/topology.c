@@ -186,8 +186,9 @@ fail:
   hwloc_topology_destroy(t->hw);
   free(t);
   const char* what = xml_path ? xml_path : synthetic;
-  return tl__fail(err == ENOMEM ? TL_ENOMEM : TL_ETOPOLOGY, "%s%s%s: %s", where,
-                  what ? " " : "", what ? what : "", strerror(err));
+  return tl__fail(err == ENOMEM ? TL_ENOMEM : TL_ETOPOLOGY, "%s%s%s: %s%s", where,
+                  what ? " " : "", what ? what : "", strerror(err),
+                  synthetic ? " (a synthetic description ends with pu:N, e.g. \"pack:2 core:4 pu:2\")" : "");
 }
 
 int tl_topo_init(tl_topo_t** out, const char* xml_path) {

@@ -31,10 +31,12 @@ from threadloom._core import (  # noqa: F401  (the error classes are public API)
     TryAgainError,
     UnknownError,
 )
+from threadloom.placement import Pinning, default_plan, pin, plan
 from threadloom.sysinfo import info, topology
 
 __version__ = _core.__version__
 
-__all__ = ["Error", "info", "topology", "__version__"] + [
+__all__ = ["Error", "Pinning", "default_plan", "info", "pin", "plan", "topology",
+           "__version__"] + [
     cls.__name__ for _, _, _, cls in _core.error_table()
 ]

@@ -1,13 +1,15 @@
 """python -m threadloom: report what threadloom sees.
 
   python -m threadloom info [--json]     interpreter, GIL, libraries, GPUs, cores
-  python -m threadloom topo [--xml FILE] [--json]
+  python -m threadloom topo [--xml FILE | --synthetic DESC] [--plan [--gpus N] [--loaders N]
+                            [--io N] [--cpus LIST]] [--json]
 """
 
 import argparse
 import json
 import sys
 
+from threadloom import placement, topoview
 from threadloom import sysinfo as _info
 
 
@@ -16,8 +18,15 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{info,topo}")
     pi = sub.add_parser("info", help="interpreter, GIL state, library versions, GPUs, cores")
     pi.add_argument("--json", action="store_true", help="print JSON instead of text")
-    pt = sub.add_parser("topo", help="the hardware topology (or an hwloc XML file's)")
-    pt.add_argument("--xml", help="an hwloc XML file to read instead of this machine")
+    pt = sub.add_parser("topo", help="the hardware topology and the placement plan")
+    src = pt.add_mutually_exclusive_group()
+    src.add_argument("--xml", help="an hwloc XML file to read instead of this machine")
+    src.add_argument("--synthetic", help='an hwloc synthetic machine, e.g. "pack:2 numa:2 core:28 pu:2"')
+    pt.add_argument("--plan", action="store_true", help="place threadloom's threads and explain why")
+    pt.add_argument("--gpus", type=int, help="GPUs to plan for (default: all)")
+    pt.add_argument("--loaders", type=int, help="loader threads per GPU (default: auto)")
+    pt.add_argument("--io", type=int, default=1, help="checkpoint I/O threads (default 1)")
+    pt.add_argument("--cpus", help='restrict to these CPUs, e.g. "0-7,16" (as taskset)')
     pt.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = p.parse_args(argv)
 
@@ -26,20 +35,22 @@ def main(argv=None):
         print(json.dumps(d, indent=2) if args.json else _info.format_info(d))
         return 0
     try:
-        t = _info.topology(args.xml)
-    except Exception as e:  # threadloom.Error: the message says what to do
+        t = _info.topology(args.xml, args.synthetic)
+        pl = None
+        if args.plan or args.gpus is not None or args.loaders is not None or args.cpus:
+            pl = placement.plan(gpus=args.gpus, loaders_per_gpu=args.loaders, io_threads=args.io,
+                                cpus=args.cpus, xml=args.xml, synthetic=args.synthetic)
+    except Exception as e:  # threadloom.Error, ValueError: the message says what to do
         print("threadloom: %s" % e, file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(t, indent=2))
+        print(json.dumps({"topology": t, "plan": pl.slots() if pl is not None else None}, indent=2))
         return 0
-    print("%d package(s), %d NUMA node(s), %d core(s), %d PU(s); allowed: %d core(s), %d PU(s)" % (
-        t["packages"], t["numa_nodes"], t["cores"], t["pus"], t["allowed_cores"], t["allowed_pus"]))
-    for g in t["gpus"]:
-        print("GPU %d  %s  %s  NUMA node %d  local PUs %s" % (
-            g["index"], g["pci_bus_id"], g["name"] or "(unnamed)", g["numa_node"], g["local_cpus"]))
-    if not t["gpus"]:
-        print("no NVIDIA GPU on the PCI bus")
+    title = args.xml or (args.synthetic and "synthetic %s" % args.synthetic) or "this machine"
+    print(topoview.draw(t, pl, title=title))
+    if pl is not None:
+        print()
+        print(pl)
     return 0
 
 

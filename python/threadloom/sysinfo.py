@@ -12,10 +12,11 @@ import sysconfig
 from threadloom import _core
 
 
-def topology(xml=None):
+def topology(xml=None, synthetic=None):
     """The machine's topology as a dict (see ``_core.topology``); ``xml`` loads an hwloc XML
-    file instead, e.g. a recorded server for testing placement."""
-    return _core.topology(xml)
+    file instead (e.g. a recorded server), ``synthetic`` an hwloc synthetic description
+    ("pack:2 numa:2 core:28 pu:2")."""
+    return _core.topology(xml, synthetic)
 
 
 def _probe(fn, *args):

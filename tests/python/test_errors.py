@@ -89,4 +89,4 @@ def test_bad_argument_types():
     with pytest.raises(TypeError):
         threadloom.topology(42)
     with pytest.raises(TypeError):
-        _core.topology(os.path.join(TOPOLOGIES, "nvidiaDGX2.xml"), "extra")
+        _core.topology(os.path.join(TOPOLOGIES, "nvidiaDGX2.xml"), "pack:1", "extra")

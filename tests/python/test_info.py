@@ -48,7 +48,7 @@ def test_topo_command_on_recorded_dgx2():
     assert r.stdout.count("Tesla V100") == 16
     r = run_python("-m", "threadloom", "topo", "--json", "--xml",
                    os.path.join(TOPOLOGIES, "nvidiaDGX2.xml"))
-    t = json.loads(r.stdout)
+    t = json.loads(r.stdout)["topology"]
     assert [g["numa_node"] for g in t["gpus"]] == [0] * 8 + [1] * 8
     assert t["is_this_system"] is False
 

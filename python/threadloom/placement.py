@@ -1,0 +1,124 @@
+"""Thread placement: which core each threadloom thread runs on, and pinning threads there.
+
+    plan = threadloom.plan()                 # this machine, every GPU CUDA sees
+    print(plan)                              # one line per thread, with the reason
+    with threadloom.pin(gpu=3, role="loader"):
+        ...                                  # this thread runs on a core local to GPU 3
+
+Plans of other machines (``xml=`` a recorded hwloc topology, ``synthetic=`` an hwloc synthetic
+description) are for looking at; pinning with them is refused.
+"""
+
+import os
+import threading
+
+from threadloom import _core
+
+ROLES = ("main", "launch", "loader", "io")
+
+
+def _cuda_bus_ids():
+    """The visible GPUs' PCI bus ids in CUDA order, or None when CUDA sees no GPU."""
+    try:
+        n = _core.cuda_device_count()
+    except _core.Error:
+        return None
+    return [_core.cuda_device_info(i)["pci_bus_id"] for i in range(n)]
+
+
+def plan(gpus=None, loaders_per_gpu=None, io_threads=1, main_thread=True, cpus=None, xml=None,
+         synthetic=None):
+    """Plans thread placement and returns a ``threadloom._core.Plan``.
+
+    gpus: how many GPUs to plan for (default: all). loaders_per_gpu: loader threads per GPU
+    (default: the free cores shared out, at least one). io_threads: checkpoint I/O threads.
+    cpus: restrict to these CPUs ("0-7,16"), as taskset would. xml / synthetic: plan for another
+    machine. On this machine the GPUs are numbered as CUDA numbers them (CUDA_VISIBLE_DEVICES
+    included), matched to the topology by PCI bus id.
+    """
+    kw = dict(gpus=-1 if gpus is None else gpus,
+              loaders_per_gpu=-1 if loaders_per_gpu is None else loaders_per_gpu,
+              io_threads=io_threads, main_thread=bool(main_thread), cpus=cpus, xml=xml,
+              synthetic=synthetic)
+    if xml is None and synthetic is None and "HWLOC_XMLFILE" not in os.environ:
+        ids = _cuda_bus_ids()
+        if ids is not None:
+            kw["gpu_bus_ids"] = ids
+    return _core.Plan(**kw)
+
+
+_default_lock = threading.Lock()
+_default_plan = None
+
+
+def default_plan():
+    """The process's plan for this machine (made on first use with the defaults of plan())."""
+    global _default_plan
+    with _default_lock:
+        if _default_plan is None:
+            _default_plan = plan()
+        return _default_plan
+
+
+class Pinning:
+    """The result of pin(): where the thread now runs. As a context manager it restores the
+    thread's previous CPU affinity and memory policy on exit.
+
+    Attributes: slot (the plan slot, a dict with its `why`), cpus, numa_node, refused (what was
+    not done and why, or None), shared (True when every slot of this role and GPU was already
+    handed out, so this thread shares a core)."""
+
+    def __init__(self, slot, result, shared, previous):
+        self.slot = slot
+        self.cpus = result["cpus"]
+        self.numa_node = result["numa_node"]
+        self.refused = result["refused"]
+        self.shared = shared
+        self._previous = previous
+        self._thread = threading.get_ident()
+
+    def restore(self):
+        """Puts back the affinity the thread had before pin(); only from the pinned thread."""
+        if threading.get_ident() != self._thread:
+            raise RuntimeError("restore() must run on the thread that was pinned")
+        _core.pin_set(self._previous, -1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+        return False
+
+    def __repr__(self):
+        s = self.slot
+        who = "%s gpu%s #%d" % (s["role"], s["gpu"], s["rank"]) if s["gpu"] is not None else \
+            "%s #%d" % (s["role"], s["rank"])
+        extra = ", shared" if self.shared else ""
+        extra += ", refused: %s" % self.refused if self.refused else ""
+        return "<Pinning %s on CPUs %s, node %s%s>" % (who, self.cpus, self.numa_node, extra)
+
+
+def pin(gpu=None, role="loader", rank=None, plan=None):
+    """Pins the calling thread to a slot of the plan (default: default_plan()).
+
+    role: "launch", "loader" (or "feeder"), "io" or "main". gpu: the CUDA index of the GPU the
+    thread serves (None for io/main, and on machines without GPUs). rank: a particular slot of
+    that role and GPU; by default the next one in turn. Returns a Pinning, usable as a context
+    manager. Raises threadloom.InvalidArgumentError for a role/GPU the plan lacks, and the
+    kernel's refusal (e.g. NotPermittedError) when the affinity cannot be set.
+    """
+    if role not in ROLES and role != "feeder":
+        raise ValueError("role must be one of %s, not %r" % (", ".join(ROLES + ("feeder",)), role))
+    p = plan if plan is not None else default_plan()
+    if gpu is not None and p.gpus == 0:
+        raise _core.NoDeviceError(
+            "TL_ENODEV: the plan covers no GPU, so gpu=%r cannot be pinned to. What to do: pass "
+            "gpu=None on machines without GPUs, or make a plan that includes GPUs." % (gpu,))
+    if rank is None:
+        slot_id, shared = p.claim(role, gpu)
+    else:
+        slot_id, shared = p.find(role, gpu, rank), False
+    previous = _core.pin_current()
+    result = p.pin(slot_id)
+    return Pinning(p.slots()[slot_id], result, shared, previous)
