@@ -28,13 +28,16 @@ static int tl__bitmap_to_cpuset(hwloc_const_bitmap_t b, cpu_set_t* set) {
   return n;
 }
 
-static int tl__set_affinity(hwloc_const_bitmap_t pus) {
+/* tid 0: the calling thread. */
+static int tl__set_affinity_of(int tid, hwloc_const_bitmap_t pus) {
   cpu_set_t set;
   char want[128];
   hwloc_bitmap_list_snprintf(want, sizeof want, pus);
   if (tl__bitmap_to_cpuset(pus, &set) <= 0)
     return tl__fail(TL_EINVAL, "cannot pin to PUs \"%s\" (empty, or beyond CPU_SETSIZE)", want);
-  int rc = pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+  int rc = tid ? (sched_setaffinity(tid, sizeof set, &set) == 0 ? 0 : errno)
+               : pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+  if (rc == ESRCH) return tl__fail(TL_EINVAL, "no thread with id %d", tid);
   if (rc != 0)
     return tl__fail(tl_translate_sys_error(rc),
                     "the kernel refused CPU affinity \"%s\": %s (has the cgroup, taskset or "
@@ -42,6 +45,8 @@ static int tl__set_affinity(hwloc_const_bitmap_t pus) {
                     want, strerror(rc));
   return 0;
 }
+
+static int tl__set_affinity(hwloc_const_bitmap_t pus) { return tl__set_affinity_of(0, pus); }
 
 /* Prefers memory from `node` for the calling thread (-1: back to local allocation). Returns 0,
  * or fills why and returns -1. Single-node machines and kernels without NUMA are a no-op. */
@@ -69,7 +74,8 @@ static int tl__set_mempolicy(int node, char* why, size_t cap) {
   return 0;
 }
 
-int tl_pin_self(const tl_plan_t* plan, int id, tl_pin_result_t* out) {
+/* tid 0: the calling thread (CPU and memory); else that thread (CPU only). */
+static int tl__pin(const tl_plan_t* plan, int id, int tid, tl_pin_result_t* out) {
   tl__clear_detail();
   tl_pin_result_t local;
   if (!out) out = &local;
@@ -82,13 +88,25 @@ int tl_pin_self(const tl_plan_t* plan, int id, tl_pin_result_t* out) {
   if (!this_system)
     return tl__fail(TL_EINVAL, "this plan was made from a recorded or synthetic topology, not this "
                                "machine: make one from this machine's topology to pin threads");
-  if ((err = tl__set_affinity(pus))) return err;
+  if ((err = tl__set_affinity_of(tid, pus))) return err;
   hwloc_bitmap_list_snprintf(out->cpus, sizeof out->cpus, pus);
   tl_plan_slot_t s;
   tl_plan_slot(plan, id, &s);
-  if (s.numa_node >= 0 && tl__set_mempolicy(s.numa_node, out->refused, sizeof out->refused) == 0)
+  if (s.numa_node >= 0 && tid != 0)
+    snprintf(out->refused, sizeof out->refused, "memory policy for node %d: only a thread itself "
+             "can set it (pin from inside the thread for NUMA-local memory)", s.numa_node);
+  else if (s.numa_node >= 0 && tl__set_mempolicy(s.numa_node, out->refused, sizeof out->refused) == 0)
     out->numa_node = s.numa_node;
   return 0;
+}
+
+int tl_pin_self(const tl_plan_t* plan, int id, tl_pin_result_t* out) {
+  return tl__pin(plan, id, 0, out);
+}
+
+int tl_pin_tid(const tl_plan_t* plan, int id, int tid, tl_pin_result_t* out) {
+  if (tid <= 0) return tl__fail(TL_EINVAL, "tl_pin_tid: thread id %d", tid);
+  return tl__pin(plan, id, tid, out);
 }
 
 int tl_pin_current(char* buf, size_t cap) {

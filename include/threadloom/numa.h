@@ -161,6 +161,11 @@ typedef struct {
  * nothing changes and the call fails with TL_EPERM or TL_EINVAL; a refused memory policy is
  * reported in out->refused and the call succeeds. out may be NULL. */
 TL_EXTERN int tl_pin_self(const tl_plan_t* plan, int id, tl_pin_result_t* out);
+/* Pins another thread, named by its kernel thread id (gettid(); Python's Thread.native_id), to
+ * plan slot `id`: CPU affinity only, since a thread's memory policy can be set by itself alone
+ * (out->refused says so when the slot has a NUMA node). Errors: as tl_pin_self, and TL_EINVAL
+ * for a thread id that does not exist. */
+TL_EXTERN int tl_pin_tid(const tl_plan_t* plan, int id, int tid, tl_pin_result_t* out);
 /* The calling thread's current CPU affinity as a list string. Errors: TL_ERANGE (buf small). */
 TL_EXTERN int tl_pin_current(char* buf, size_t cap);
 /* Sets the calling thread's CPU affinity to a list string ("0-3,8") and, with numa_node >= 0,

@@ -468,15 +468,18 @@ static PyObject* plan_claim(PyObject* op, PyObject* args, PyObject* kwargs) {
   return err ? plan_fail(op, err) : Py_BuildValue("(iO)", id, wrapped ? Py_True : Py_False);
 }
 
-static PyObject* plan_pin(PyObject* op, PyObject* arg) {
-  long id = PyLong_AsLong(arg);
-  if (id == -1 && PyErr_Occurred()) return NULL;
+static PyObject* plan_pin(PyObject* op, PyObject* args, PyObject* kwargs) {
+  static char* kwlist[] = {"slot", "tid", NULL};
+  long id;
+  int tid = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "l|i:pin", kwlist, &id, &tid)) return NULL;
   if (id < 0 || id > 1 << 24) id = -1;
   tl_pin_result_t r;
   int err;
   char detail[512] = "";
   Py_BEGIN_ALLOW_THREADS
-  err = tl_pin_self(((PlanObject*)op)->plan, (int)id, &r);
+  err = tid ? tl_pin_tid(((PlanObject*)op)->plan, (int)id, tid, &r)
+            : tl_pin_self(((PlanObject*)op)->plan, (int)id, &r);
   if (err) snprintf(detail, sizeof detail, "%s", tl_err_detail());
   Py_END_ALLOW_THREADS
   if (err) {
@@ -517,8 +520,9 @@ static PyMethodDef plan_methods[] = {
      "claim(role, gpu=None) -> (slot id, wrapped): the next slot of that role and GPU, in turn; "
      "wrapped is True once every slot has been handed out (the caller then shares a core). "
      "Safe from any thread."},
-    {"pin", plan_pin, METH_O,
-     "pin(slot_id) -> dict(cpus, numa_node, refused): pins the calling thread to the slot."},
+    {"pin", (PyCFunction)(void (*)(void))plan_pin, METH_VARARGS | METH_KEYWORDS,
+     "pin(slot, tid=0) -> dict(cpus, numa_node, refused): pins the calling thread (or the "
+     "thread with kernel id tid: CPU affinity only) to the slot."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -79,6 +79,8 @@ class Pinning:
 
     def restore(self):
         """Puts back the affinity the thread had before pin(); only from the pinned thread."""
+        if self._previous is None:
+            raise RuntimeError("this pinning was applied to another thread: nothing to restore here")
         if threading.get_ident() != self._thread:
             raise RuntimeError("restore() must run on the thread that was pinned")
         _core.pin_set(self._previous, -1)
@@ -99,8 +101,10 @@ class Pinning:
         return "<Pinning %s on CPUs %s, node %s%s>" % (who, self.cpus, self.numa_node, extra)
 
 
-def pin(gpu=None, role="loader", rank=None, plan=None):
-    """Pins the calling thread to a slot of the plan (default: default_plan()).
+def pin(gpu=None, role="loader", rank=None, plan=None, thread=None):
+    """Pins the calling thread (or `thread`, a started threading.Thread: CPU affinity only, as a
+    thread's memory policy can only be set by itself) to a slot of the plan (default:
+    default_plan()).
 
     role: "launch", "loader" (or "feeder"), "io" or "main". gpu: the CUDA index of the GPU the
     thread serves (None for io/main, and on machines without GPUs). rank: a particular slot of
@@ -119,6 +123,11 @@ def pin(gpu=None, role="loader", rank=None, plan=None):
         slot_id, shared = p.claim(role, gpu)
     else:
         slot_id, shared = p.find(role, gpu, rank), False
+    if thread is not None:
+        if thread.native_id is None:
+            raise ValueError("thread %r has not started: start it before pinning it" % (thread,))
+        result = p.pin(slot_id, tid=thread.native_id)
+        return Pinning(p.slots()[slot_id], result, shared, None)
     previous = _core.pin_current()
     result = p.pin(slot_id)
     return Pinning(p.slots()[slot_id], result, shared, previous)

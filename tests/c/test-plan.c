@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdio.h>
+#include <unistd.h>
 
 #include "task.h"
 #include "threadloom/threadloom.h"
@@ -331,6 +332,45 @@ TEST_IMPL(pin_this_machine) {
   pthread_t th;
   ASSERT_EQ(pthread_create(&th, NULL, pin_worker, p), 0);
   ASSERT_EQ(pthread_join(th, NULL), 0);
+  tl_plan_close(p);
+  return 0;
+}
+
+static pthread_barrier_t tid_barrier;
+static volatile int tid_value;
+
+static void* tid_worker(void* arg) {
+  (void)arg;
+  tid_value = (int)gettid();
+  pthread_barrier_wait(&tid_barrier); /* 1: the id is published */
+  pthread_barrier_wait(&tid_barrier); /* 2: the main thread has pinned us */
+  return NULL;
+}
+
+TEST_IMPL(pin_other_thread) {
+  tl_topo_t* t = NULL;
+  ASSERT_OK(tl_topo_init(&t, NULL));
+  tl_plan_t* p = make_plan(t, 0, 2, 0, NULL);
+  tl_topo_close(t);
+  int id;
+  tl_plan_slot_t sl;
+  ASSERT_OK(tl_plan_find(p, TL_ROLE_LOADER, -1, 1, &id));
+  ASSERT_OK(tl_plan_slot(p, id, &sl));
+  ASSERT_EQ(pthread_barrier_init(&tid_barrier, NULL, 2), 0);
+  pthread_t th;
+  ASSERT_EQ(pthread_create(&th, NULL, tid_worker, NULL), 0);
+  pthread_barrier_wait(&tid_barrier);
+  tl_pin_result_t r;
+  ASSERT_OK(tl_pin_tid(p, id, tid_value, &r));
+  cpu_set_t set;
+  ASSERT_EQ(sched_getaffinity(tid_value, sizeof set, &set), 0);
+  ASSERT(CPU_ISSET(atoi(sl.cpus), &set));
+  if (sl.numa_node >= 0) ASSERT_CONTAINS(r.refused, "only a thread itself");
+  pthread_barrier_wait(&tid_barrier);
+  pthread_join(th, NULL);
+  ASSERT_EQ(tl_pin_tid(p, id, 0x3ffffff0, &r), TL_EINVAL); /* no such thread */
+  ASSERT_CONTAINS(tl_err_detail(), "no thread");
+  ASSERT_EQ(tl_pin_tid(p, id, 0, &r), TL_EINVAL);
   tl_plan_close(p);
   return 0;
 }

@@ -89,6 +89,30 @@ def test_pin_and_restore_on_this_machine():
     assert os.sched_getaffinity(0) == before  # the main thread was never touched
 
 
+def test_pin_another_thread():
+    p = threadloom.plan(gpus=0, loaders_per_gpu=2)
+    ready, done = threading.Event(), threading.Event()
+    seen = {}
+
+    def worker():
+        ready.set()
+        done.wait(30)
+        seen["affinity"] = os.sched_getaffinity(0)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    ready.wait(30)
+    pin = threadloom.pin(role="loader", rank=0, plan=p, thread=t)
+    done.set()
+    t.join()
+    assert seen["affinity"] == cpus_of(pin.cpus)
+    assert "only a thread itself" in pin.refused  # memory policy: the thread must do it
+    with pytest.raises(RuntimeError):
+        pin.restore()
+    with pytest.raises(ValueError):
+        threadloom.pin(role="loader", plan=p, thread=threading.Thread(target=print))
+
+
 def test_many_threads_pin_in_turn():
     p = threadloom.plan(gpus=0, loaders_per_gpu=2, io_threads=0, main_thread=False)
     n = 16
