@@ -1,0 +1,41 @@
+/* python/src/core.h: what the extension's files share: the module state and the helpers that
+ * turn TL_E* codes into Python exceptions. Not installed. */
+#ifndef THREADLOOM_PY_CORE_H
+#define THREADLOOM_PY_CORE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "threadloom/threadloom.h"
+
+#define TL_NCODES (-TL_ERRNO_MAX)
+
+typedef struct {
+  PyObject* plan_type;           /* threadloom._core.Plan */
+  PyObject* pool_type;           /* threadloom._core.Pool */
+  PyObject* error;               /* threadloom.Error: the base of every class below */
+  PyObject* by_code[TL_NCODES];  /* by_code[-code]: the class for that TL_E* code */
+} core_state;
+
+static inline core_state* get_state(PyObject* module) {
+  return (core_state*)PyModule_GetState(module);
+}
+
+/* Sets the Python exception for a failed tl_* call and returns NULL. `detail` is the copy of
+ * tl_err_detail() taken right after the call, on the same thread. */
+PyObject* tl_py_raise(core_state* st, int err, const char* detail);
+/* tl_py_raise with the calling thread's current tl_err_detail(). */
+PyObject* tl_py_fail(PyObject* module, int err);
+/* The module that defined `type` (a heap type of this extension); a borrowed reference. */
+PyObject* tl_py_type_module(PyTypeObject* type);
+/* Loads a topology from this machine, an XML file or a synthetic description (None for the
+ * ones not given); on failure sets the exception and returns NULL. Caller closes the result. */
+tl_topo_t* tl_py_load_topology(PyObject* module, PyObject* xml, PyObject* synthetic);
+
+/* plan.c */
+extern PyType_Spec tl_py_plan_spec;
+tl_plan_t* tl_py_plan_get(PyObject* plan); /* borrowed; NULL + TypeError if not a Plan */
+PyObject* tl_py_pin_current(PyObject* module, PyObject* unused);
+PyObject* tl_py_pin_set(PyObject* module, PyObject* args);
+
+#endif /* THREADLOOM_PY_CORE_H */
