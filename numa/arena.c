@@ -65,19 +65,55 @@ static tl__region_t* tl__regions = NULL; /* head of the list; under the lock */
 // The arena object
 // ---------------------------------------------------------------------------------------------
 
+/* Counters that only need a total are split into cache-line-sized shards, one per thread
+ * (modulo TL__SHARDS), so threads allocating at once do not bounce one cache line; a block
+ * freed on another thread is subtracted from that thread's shard, so one shard may wrap below
+ * zero, but the (unsigned, wrapping) sum over the shards is exact. */
+#define TL__SHARDS 16
+
+typedef struct {
+  _Alignas(64) _Atomic size_t blocks; /* blocks allocated minus blocks freed on these threads */
+  _Atomic uint64_t allocs;            /* successful allocations on these threads */
+  _Atomic uint64_t failed;            /* TL_ENOMEM answers on these threads */
+} tl__shard_t;
+
 struct tl_arena_s {
   tl__region_t* region; /* owned (region->owned == 1) until close; read-only fields only */
   /* The counters are _Atomic because any thread allocates and frees on one arena at once.
-   * bytes_in_use also orders a free before the reuse of its memory for ThreadSanitizer: the
-   * freeing thread decrements it (release) before mi_free, the allocating thread increments it
-   * (acq_rel) after mi_heap_malloc returned the memory (mimalloc's own atomics order the
-   * memory itself, but they are not instrumented). */
-  _Atomic size_t bytes_in_use;  /* sum of mi_usable_size over live blocks */
-  _Atomic size_t blocks_in_use; /* live blocks */
-  _Atomic size_t peak_bytes;    /* max of bytes_in_use, raised with a CAS loop */
-  _Atomic uint64_t allocs;      /* successful allocations */
-  _Atomic uint64_t failed;      /* allocations answered with TL_ENOMEM */
+   * bytes_in_use is one shared counter because peak_bytes needs the running total. It also
+   * orders a free before the reuse of its memory for ThreadSanitizer: the freeing thread
+   * decrements it (release) before mi_free, the allocating thread increments it (acq_rel)
+   * after mi_heap_malloc returned the memory (mimalloc's own atomics order the memory itself,
+   * but they are not instrumented). */
+  _Alignas(64) _Atomic size_t bytes_in_use; /* sum of mi_usable_size over live blocks */
+  _Atomic size_t peak_bytes;                /* max of bytes_in_use, raised with a CAS loop */
+  tl__shard_t shards[TL__SHARDS];           /* blocks_in_use, allocs, failed_allocs */
 };
+
+static _Atomic unsigned tl__next_shard = 0;         /* hands out shard slots to threads */
+static _Thread_local unsigned tl__shard_slot = 0;  /* this thread's slot + 1; 0: none yet */
+
+static tl__shard_t* tl__shard(tl_arena_t* a) {
+  if (tl__shard_slot == 0)
+    tl__shard_slot = atomic_fetch_add_explicit(&tl__next_shard, 1, memory_order_relaxed) + 1;
+  return &a->shards[(tl__shard_slot - 1) % TL__SHARDS];
+}
+
+typedef struct {
+  size_t blocks;   /* sum of the shards' blocks */
+  uint64_t allocs; /* sum of the shards' allocs */
+  uint64_t failed; /* sum of the shards' failed */
+} tl__sums_t;
+
+static tl__sums_t tl__sum(const tl_arena_t* a) {
+  tl__sums_t t = {0, 0, 0};
+  for (int i = 0; i < TL__SHARDS; i++) {
+    t.blocks += atomic_load_explicit(&a->shards[i].blocks, memory_order_relaxed);
+    t.allocs += atomic_load_explicit(&a->shards[i].allocs, memory_order_relaxed);
+    t.failed += atomic_load_explicit(&a->shards[i].failed, memory_order_relaxed);
+  }
+  return t;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Per-thread heaps
@@ -252,7 +288,8 @@ int tl_arena_init(tl_arena_t** out, const tl_arena_options_t* opts) {
   if (err) return err;
   size_t size = (opts->size + TL_ARENA_GRANULE - 1) & ~(TL_ARENA_GRANULE - 1);
 
-  tl_arena_t* a = calloc(1, sizeof *a);
+  tl_arena_t* a = aligned_alloc(64, sizeof *a);
+  if (a) memset(a, 0, sizeof *a); /* all-zero atomics are valid zero counters */
   if (!a) return tl__fail(TL_ENOMEM, "arena: %zu bytes for the arena object", sizeof *a);
 
   /* The lock is held while a new region is reserved: inits are rare, and it keeps two threads
@@ -280,7 +317,7 @@ int tl_arena_init(tl_arena_t** out, const tl_arena_options_t* opts) {
 int tl_arena_close(tl_arena_t* a) {
   tl__clear_detail();
   if (!a) return 0;
-  size_t blocks = atomic_load(&a->blocks_in_use);
+  size_t blocks = tl__sum(a).blocks;
   if (blocks != 0)
     return tl__fail(TL_EBUSY, "arena on node %d: %zu block(s), %zu bytes still in use; free "
                               "them before closing",
@@ -302,13 +339,13 @@ static int tl__in_region(const tl__region_t* r, const void* p) {
 }
 
 static int tl__exhausted(tl_arena_t* a, size_t size, const char* why) {
-  atomic_fetch_add_explicit(&a->failed, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&tl__shard(a)->failed, 1, memory_order_relaxed);
   const tl__region_t* r = a->region;
   return tl__fail(TL_ENOMEM,
                   "arena on node %d (%zu MiB%s) cannot serve %zu bytes%s: %zu bytes in %zu "
                   "block(s) in use; free blocks or create a larger arena",
                   r->numa_node, r->size >> 20, r->pinned ? ", pinned" : "", size, why,
-                  atomic_load(&a->bytes_in_use), atomic_load(&a->blocks_in_use));
+                  atomic_load(&a->bytes_in_use), tl__sum(a).blocks);
 }
 
 int tl_arena_alloc(tl_arena_t* a, size_t size, size_t alignment, void** out) {
@@ -342,8 +379,9 @@ int tl_arena_alloc(tl_arena_t* a, size_t size, size_t alignment, void** out) {
   if (!p) return tl__exhausted(a, size, "");
   size_t usable = mi_usable_size(p);
   size_t now = atomic_fetch_add_explicit(&a->bytes_in_use, usable, memory_order_acq_rel) + usable;
-  atomic_fetch_add_explicit(&a->blocks_in_use, 1, memory_order_relaxed);
-  atomic_fetch_add_explicit(&a->allocs, 1, memory_order_relaxed);
+  tl__shard_t* sh = tl__shard(a);
+  atomic_fetch_add_explicit(&sh->blocks, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&sh->allocs, 1, memory_order_relaxed);
   size_t peak = atomic_load_explicit(&a->peak_bytes, memory_order_relaxed);
   while (now > peak && !atomic_compare_exchange_weak_explicit(&a->peak_bytes, &peak, now,
                                                               memory_order_relaxed,
@@ -360,7 +398,7 @@ int tl_arena_free(tl_arena_t* a, void* p) {
     return tl__fail(TL_EINVAL, "tl_arena_free: %p is not inside this arena's region", p);
   size_t usable = mi_usable_size(p);
   /* Counters first (release), then mi_free: see the comment on struct tl_arena_s. */
-  atomic_fetch_sub_explicit(&a->blocks_in_use, 1, memory_order_relaxed);
+  atomic_fetch_sub_explicit(&tl__shard(a)->blocks, 1, memory_order_relaxed);
   atomic_fetch_sub_explicit(&a->bytes_in_use, usable, memory_order_release);
   mi_free(p);
   return 0;
@@ -381,10 +419,11 @@ int tl_arena_stats(const tl_arena_t* a, tl_arena_stats_t* out) {
   out->pinned = r->pinned;
   tl__strlcpy(out->pin_detail, r->pin_detail, sizeof out->pin_detail);
   out->bytes_in_use = atomic_load(&a->bytes_in_use);
-  out->blocks_in_use = atomic_load(&a->blocks_in_use);
+  tl__sums_t t = tl__sum(a);
+  out->blocks_in_use = t.blocks;
   out->peak_bytes = atomic_load(&a->peak_bytes);
-  out->allocs = atomic_load(&a->allocs);
-  out->failed_allocs = atomic_load(&a->failed);
+  out->allocs = t.allocs;
+  out->failed_allocs = t.failed;
   return 0;
 }
 
