@@ -29,6 +29,11 @@ static int tl__rt_device_info(int dev, tl_gpu_info_t* out) {
   return 0;
 }
 
+static int tl__rt_host_register(void* p, size_t size) {
+  return (int)cudaHostRegister(p, size, cudaHostRegisterDefault);
+}
+static int tl__rt_host_unregister(void* p) { return (int)cudaHostUnregister(p); }
+
 static const char* tl__rt_error_name(int code) { return cudaGetErrorName((cudaError_t)code); }
 static const char* tl__rt_error_string(int code) { return cudaGetErrorString((cudaError_t)code); }
 
@@ -40,4 +45,6 @@ const tl__cuda_api_t tl__cuda_builtin = {
     .device_info = tl__rt_device_info,
     .error_name = tl__rt_error_name,
     .error_string = tl__rt_error_string,
+    .host_register = tl__rt_host_register,
+    .host_unregister = tl__rt_host_unregister,
 };

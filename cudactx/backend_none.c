@@ -11,6 +11,15 @@ static int tl__none_device_info(int dev, tl_gpu_info_t* out) {
   (void)out;
   return TL__CUDA_NOT_BUILT;
 }
+static int tl__none_host_register(void* p, size_t size) {
+  (void)p;
+  (void)size;
+  return TL__CUDA_NOT_BUILT;
+}
+static int tl__none_host_unregister(void* p) {
+  (void)p;
+  return TL__CUDA_NOT_BUILT;
+}
 static const char* tl__none_error_name(int code) {
   (void)code;
   return "not built with CUDA";
@@ -24,4 +33,6 @@ const tl__cuda_api_t tl__cuda_builtin = {
     .device_info = tl__none_device_info,
     .error_name = tl__none_error_name,
     .error_string = tl__none_error_name,
+    .host_register = tl__none_host_register,
+    .host_unregister = tl__none_host_unregister,
 };

@@ -28,6 +28,8 @@ typedef struct {
   int (*device_info)(int dev, tl_gpu_info_t* out); /* cudaGetDeviceProperties + bus id */
   const char* (*error_name)(int code);        /* cudaGetErrorName */
   const char* (*error_string)(int code);      /* cudaGetErrorString */
+  int (*host_register)(void* p, size_t size); /* cudaHostRegister(p, size, Default): page-lock */
+  int (*host_unregister)(void* p);            /* cudaHostUnregister(p) */
 } tl__cuda_api_t;
 
 /* The table in use. Thread-safe (an atomic load). */

@@ -1,7 +1,8 @@
 /* threadloom/threadloom.h: the one header a C user includes.
  *
  * threadloom is a runtime for driving multi-GPU servers from one free-threaded Python process:
- *   numa/      topology, placement and NUMA-local pinned memory     (threadloom/numa.h)
+ *   numa/      topology, placement and NUMA-local pinned memory     (threadloom/numa.h,
+ *                                                                    threadloom/arena.h)
  *   cudactx/   shared CUDA contexts, streams, staging, DLPack       (threadloom/cudactx.h)
  *   scheduler/ pinned work-stealing threads and pipelines
  * Conventions (see docs/design.md): fallible calls return 0 or a negative TL_E* code
@@ -9,6 +10,7 @@
 #ifndef THREADLOOM_THREADLOOM_H
 #define THREADLOOM_THREADLOOM_H
 
+#include "threadloom/arena.h"
 #include "threadloom/common.h"
 #include "threadloom/cudactx.h"
 #include "threadloom/error.h"

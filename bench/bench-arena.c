@@ -1,0 +1,245 @@
+/* bench/bench-arena.c: threadloom arenas against glibc malloc (and cudaHostAlloc with a GPU).
+ *
+ * One operation = allocate a block, write one byte per 4 KiB page, free it: what a loader
+ * thread does per staging buffer. Every (block size, thread count) cell runs each allocator for
+ * the same wall time, all threads started together at a barrier; the table prints ops/s and
+ * the ratio arena/glibc, all measured in this run.
+ *
+ * The glibc baseline calls __libc_malloc/__libc_free explicitly: Debian's libmimalloc.so.2
+ * exports malloc/free, so in a program linked against libthreadloom plain malloc IS mimalloc.
+ *
+ *   tl-bench-arena [--sizes 64K,1M,16M] [--threads 1,2,...] [--duration SEC] [--iters N]
+ *                  [--node N]
+ * Defaults: the three sizes, threads 1, 2, 4, ... up to nproc (and nproc), 1 s per cell per
+ * allocator, no iteration cap, node 0. */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "threadloom/threadloom.h"
+
+#if defined(TL_BENCH_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+extern void* __libc_malloc(size_t size);
+extern void __libc_free(void* p);
+
+#define MAX_LIST 16
+
+// ---------------------------------------------------------------------------------------------
+// The allocators under test
+// ---------------------------------------------------------------------------------------------
+
+typedef enum { IMPL_ARENA, IMPL_GLIBC, IMPL_CUDA, IMPL_COUNT } impl_t;
+static const char* const impl_names[IMPL_COUNT] = {"arena", "glibc", "cudaHostAlloc"};
+
+static tl_arena_t* arena; /* one arena for the whole run, shared by all threads */
+
+static void* impl_alloc(impl_t impl, size_t size) {
+  void* p = NULL;
+  switch (impl) {
+    case IMPL_ARENA:
+      if (tl_arena_alloc(arena, size, 0, &p) != 0) {
+        fprintf(stderr, "tl_arena_alloc(%zu): %s\n", size, tl_err_detail());
+        exit(1);
+      }
+      return p;
+    case IMPL_GLIBC: p = __libc_malloc(size); break;
+    case IMPL_CUDA:
+#if defined(TL_BENCH_WITH_CUDA)
+      if (cudaHostAlloc(&p, size, cudaHostAllocDefault) != cudaSuccess) p = NULL;
+#endif
+      break;
+    default: break;
+  }
+  if (!p) {
+    fprintf(stderr, "%s(%zu) failed\n", impl_names[impl], size);
+    exit(1);
+  }
+  return p;
+}
+
+static void impl_free(impl_t impl, void* p) {
+  switch (impl) {
+    case IMPL_ARENA: tl_arena_free(arena, p); break;
+    case IMPL_GLIBC: __libc_free(p); break;
+    case IMPL_CUDA:
+#if defined(TL_BENCH_WITH_CUDA)
+      cudaFreeHost(p);
+#endif
+      break;
+    default: break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One cell: N threads, one allocator, one block size
+// ---------------------------------------------------------------------------------------------
+
+typedef struct {
+  impl_t impl;             /* allocator */
+  size_t size;             /* block size */
+  double duration;         /* seconds */
+  uint64_t max_iters;      /* per thread, 0 = no cap */
+  pthread_barrier_t start; /* all threads (and the caller) start together */
+  _Atomic uint64_t ops;    /* total operations, summed as threads finish */
+} cell_t;
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void* cell_thread(void* arg) {
+  cell_t* c = arg;
+  uint64_t n = 0;
+  pthread_barrier_wait(&c->start);
+  double end = now_s() + c->duration;
+  do {
+    volatile char* p = impl_alloc(c->impl, c->size);
+    for (size_t off = 0; off < c->size; off += 4096) p[off] = (char)off;
+    impl_free(c->impl, (void*)p);
+    n++;
+  } while ((c->max_iters == 0 || n < c->max_iters) && now_s() < end);
+  atomic_fetch_add(&c->ops, n);
+  return NULL;
+}
+
+static double run_cell(impl_t impl, size_t size, int threads, double duration, uint64_t iters) {
+  cell_t c = {.impl = impl, .size = size, .duration = duration, .max_iters = iters};
+  atomic_init(&c.ops, 0);
+  pthread_barrier_init(&c.start, NULL, (unsigned)threads + 1);
+  pthread_t t[64];
+  for (int i = 0; i < threads; i++) pthread_create(&t[i], NULL, cell_thread, &c);
+  pthread_barrier_wait(&c.start);
+  double t0 = now_s();
+  for (int i = 0; i < threads; i++) pthread_join(t[i], NULL);
+  double dt = now_s() - t0;
+  pthread_barrier_destroy(&c.start);
+  return (double)atomic_load(&c.ops) / dt;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arguments and the table
+// ---------------------------------------------------------------------------------------------
+
+static size_t parse_size(const char* s) {
+  char* end;
+  double v = strtod(s, &end);
+  switch (*end) {
+    case 'k': case 'K': v *= 1024; break;
+    case 'm': case 'M': v *= 1024 * 1024; break;
+    case 'g': case 'G': v *= 1024.0 * 1024 * 1024; break;
+    default: break;
+  }
+  return (size_t)v;
+}
+
+static int parse_list(const char* s, size_t* out, int is_size) {
+  int n = 0;
+  char buf[256];
+  snprintf(buf, sizeof buf, "%s", s);
+  for (char* tok = strtok(buf, ","); tok && n < MAX_LIST; tok = strtok(NULL, ","))
+    out[n++] = is_size ? parse_size(tok) : (size_t)atoi(tok);
+  return n;
+}
+
+static void fmt_size(size_t s, char* out, size_t cap) {
+  if (s >= (1 << 20) && s % (1 << 20) == 0) snprintf(out, cap, "%zu MiB", s >> 20);
+  else if (s >= 1024 && s % 1024 == 0) snprintf(out, cap, "%zu KiB", s >> 10);
+  else snprintf(out, cap, "%zu B", s);
+}
+
+static void usage(void) {
+  fprintf(stderr, "usage: tl-bench-arena [--sizes 64K,1M,16M] [--threads 1,2,..] "
+                  "[--duration SEC] [--iters N] [--node N]\n");
+  exit(2);
+}
+
+int main(int argc, char** argv) {
+  size_t sizes[MAX_LIST] = {64 << 10, 1 << 20, 16 << 20}, threads[MAX_LIST];
+  int nsizes = 3, nthreads = 0, node = 0;
+  double duration = 1.0;
+  uint64_t iters = 0;
+  long nproc = sysconf(_SC_NPROCESSORS_ONLN);
+  if (nproc < 1) nproc = 1;
+  for (long t = 1; t < nproc && nthreads < MAX_LIST - 1; t *= 2) threads[nthreads++] = (size_t)t;
+  threads[nthreads++] = (size_t)nproc;
+  for (int i = 1; i < argc; i++) {
+    if (i + 1 >= argc) usage();
+    if (!strcmp(argv[i], "--sizes")) nsizes = parse_list(argv[++i], sizes, 1);
+    else if (!strcmp(argv[i], "--threads")) nthreads = parse_list(argv[++i], threads, 0);
+    else if (!strcmp(argv[i], "--duration")) duration = atof(argv[++i]);
+    else if (!strcmp(argv[i], "--iters")) iters = strtoull(argv[++i], NULL, 10);
+    else if (!strcmp(argv[i], "--node")) node = atoi(argv[++i]);
+    else usage();
+  }
+  size_t max_size = 0, max_threads = 0;
+  for (int i = 0; i < nsizes; i++) {
+    if (sizes[i] == 0) usage();
+    if (sizes[i] > max_size) max_size = sizes[i];
+  }
+  for (int i = 0; i < nthreads; i++) {
+    if (threads[i] < 1 || threads[i] > 64) usage();
+    if (threads[i] > max_threads) max_threads = threads[i];
+  }
+
+  /* Each thread holds one block at a time; mimalloc gives each thread's heap its own 32 MiB
+   * segments, so budget 2 blocks plus 64 MiB per thread. */
+  tl_arena_options_t o = {.numa_node = node,
+                          .size = max_threads * (2 * max_size + ((size_t)64 << 20)),
+                          .pin = TL_ARENA_PIN_AUTO};
+  double t0 = now_s();
+  int err = tl_arena_init(&arena, &o);
+  if (err) {
+    fprintf(stderr, "tl_arena_init: %s: %s\n", tl_err_name(err), tl_err_detail());
+    return 1;
+  }
+  tl_arena_stats_t st;
+  tl_arena_stats(arena, &st);
+  printf("arena: node %d, %zu MiB, reserved+bound+touched in %.3f s, %s\n", st.numa_node,
+         st.size >> 20, now_s() - t0, st.pin_detail);
+
+  int with_cuda = 0;
+  int ndev = 0;
+  err = tl_cuda_device_count(&ndev);
+#if defined(TL_BENCH_WITH_CUDA)
+  if (err == 0) with_cuda = 1;
+  else printf("cudaHostAlloc baseline skipped: %s (%s)\n", tl_err_name(err), tl_err_detail());
+#else
+  printf("cudaHostAlloc baseline skipped: built with TL_WITH_CUDA=OFF\n");
+#endif
+  printf("op = alloc + write 1 byte per 4 KiB page + free; %.2f s per cell per allocator%s\n",
+         duration, iters ? " (capped)" : "");
+  printf("\n%-8s %7s %14s %14s %11s", "size", "threads", "arena ops/s", "glibc ops/s",
+         "arena/glibc");
+  if (with_cuda) printf(" %14s %10s", "cudaHost ops/s", "arena/cuda");
+  printf("\n");
+  for (int si = 0; si < nsizes; si++)
+    for (int ti = 0; ti < nthreads; ti++) {
+      int th = (int)threads[ti];
+      double a = run_cell(IMPL_ARENA, sizes[si], th, duration, iters);
+      double g = run_cell(IMPL_GLIBC, sizes[si], th, duration, iters);
+      char sz[32];
+      fmt_size(sizes[si], sz, sizeof sz);
+      printf("%-8s %7d %14.0f %14.0f %10.2fx", sz, th, a, g, a / g);
+      if (with_cuda) {
+        double c = run_cell(IMPL_CUDA, sizes[si], th, duration, iters);
+        printf(" %14.0f %9.2fx", c, a / c);
+      }
+      printf("\n");
+    }
+  tl_arena_stats(arena, &st);
+  printf("\narena after the run: %zu bytes in use, peak %zu bytes, %llu allocs, %llu failed\n",
+         st.bytes_in_use, st.peak_bytes, (unsigned long long)st.allocs,
+         (unsigned long long)st.failed_allocs);
+  err = tl_arena_close(arena);
+  return err == 0 ? 0 : 1;
+}

@@ -1,0 +1,450 @@
+/* numa/arena.c: NUMA-local, optionally page-locked arenas for tensor and batch buffers.
+ *
+ * Staging buffers must live on the GPU's own NUMA node and be page-locked, or every
+ * host-to-device copy crosses the socket interconnect and bounces through the driver's own
+ * staging memory. Allocating them one cudaHostAlloc at a time is slow (each call page-locks
+ * and maps) and malloc does not know about nodes, so an arena reserves one region up front:
+ *
+ *   reserve   mmap size + 64 MiB and align the start to 64 MiB, mimalloc's segment alignment
+ *             (with merely page alignment the first allocation crashes inside mimalloc 2.0.9);
+ *   bind      mbind(MPOL_BIND) to the node BEFORE the first touch, so every page lands there;
+ *   touch     write one byte per page: the region is committed and placed once, up front;
+ *   pin       cudaHostRegister through the CUDA backend table (cudactx/internal.h);
+ *   manage    mi_manage_os_memory_ex(exclusive): a mimalloc arena that only heaps created with
+ *             mi_heap_new_in_arena(id) allocate from, and that never falls back to the OS.
+ *
+ * Each thread gets its own mimalloc heap in the arena (created on its first allocation and
+ * cached thread-locally by mimalloc arena id), so allocation takes no lock; mimalloc lets any
+ * thread free any block. mimalloc 2.0.9 cannot unregister an arena, so a closed arena's region
+ * is retained in a process-wide list and reused by a later tl_arena_init() that fits it.
+ * Regions therefore live for the process. */
+#include <errno.h>
+#include <mimalloc.h>
+#include <numa.h>
+#include <numaif.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "core/internal.h"
+#include "cudactx/internal.h"
+#include "threadloom/arena.h"
+
+// ---------------------------------------------------------------------------------------------
+// Regions: the process-wide list
+//
+// Invariants (all under tl__regions_lock):
+//  - every region on the list is managed by mimalloc (an exclusive arena) and stays mapped,
+//    bound and (if pinned) registered until the process exits; nothing is ever removed;
+//  - `owned` is 1 while exactly one live tl_arena_t uses the region, 0 while it waits for reuse.
+// The fields other than `owned` are written once before the region is published on the list
+// and are read-only afterwards, so a tl_arena_t reads them without the lock.
+// ---------------------------------------------------------------------------------------------
+
+typedef struct tl__region_s {
+  struct tl__region_s* next; /* next region on the list; written under the lock */
+  char* start;               /* first byte, aligned to TL_ARENA_GRANULE */
+  size_t size;               /* bytes, a multiple of TL_ARENA_GRANULE */
+  int numa_node;             /* the node it is bound to, -1 for none */
+  int pinned;                /* 1: registered with cudaHostRegister (mimalloc is_large=true) */
+  int auto_unpinned;         /* 1: PIN_AUTO tried to pin it and could not (AUTO may reuse it) */
+  char pin_detail[192];      /* why it is (not) pinned, copied into the stats */
+  mi_arena_id_t mi_id;       /* mimalloc's id for it; keys the per-thread heap cache */
+  int owned;                 /* 1 while a tl_arena_t uses it; under the lock */
+} tl__region_t;
+
+static pthread_mutex_t tl__regions_lock = PTHREAD_MUTEX_INITIALIZER;
+static tl__region_t* tl__regions = NULL; /* head of the list; under the lock */
+
+// ---------------------------------------------------------------------------------------------
+// The arena object
+// ---------------------------------------------------------------------------------------------
+
+/* Counters that only need a total are split into cache-line-sized shards, one per thread
+ * (modulo TL__SHARDS), so threads allocating at once do not bounce one cache line; a block
+ * freed on another thread is subtracted from that thread's shard, so one shard may wrap below
+ * zero, but the (unsigned, wrapping) sum over the shards is exact. */
+#define TL__SHARDS 16
+
+typedef struct {
+  _Alignas(64) _Atomic size_t blocks; /* blocks allocated minus blocks freed on these threads */
+  _Atomic uint64_t allocs;            /* successful allocations on these threads */
+  _Atomic uint64_t failed;            /* TL_ENOMEM answers on these threads */
+} tl__shard_t;
+
+struct tl_arena_s {
+  tl__region_t* region; /* owned (region->owned == 1) until close; read-only fields only */
+  /* The counters are _Atomic because any thread allocates and frees on one arena at once.
+   * bytes_in_use is one shared counter because peak_bytes needs the running total. It also
+   * orders a free before the reuse of its memory for ThreadSanitizer: the freeing thread
+   * decrements it (release) before mi_free, the allocating thread increments it (acq_rel)
+   * after mi_heap_malloc returned the memory (mimalloc's own atomics order the memory itself,
+   * but they are not instrumented). */
+  _Alignas(64) _Atomic size_t bytes_in_use; /* sum of mi_usable_size over live blocks */
+  _Atomic size_t peak_bytes;                /* max of bytes_in_use, raised with a CAS loop */
+  tl__shard_t shards[TL__SHARDS];           /* blocks_in_use, allocs, failed_allocs */
+};
+
+static _Atomic unsigned tl__next_shard = 0;         /* hands out shard slots to threads */
+static _Thread_local unsigned tl__shard_slot = 0;  /* this thread's slot + 1; 0: none yet */
+
+static tl__shard_t* tl__shard(tl_arena_t* a) {
+  if (tl__shard_slot == 0)
+    tl__shard_slot = atomic_fetch_add_explicit(&tl__next_shard, 1, memory_order_relaxed) + 1;
+  return &a->shards[(tl__shard_slot - 1) % TL__SHARDS];
+}
+
+typedef struct {
+  size_t blocks;   /* sum of the shards' blocks */
+  uint64_t allocs; /* sum of the shards' allocs */
+  uint64_t failed; /* sum of the shards' failed */
+} tl__sums_t;
+
+static tl__sums_t tl__sum(const tl_arena_t* a) {
+  tl__sums_t t = {0, 0, 0};
+  for (int i = 0; i < TL__SHARDS; i++) {
+    t.blocks += atomic_load_explicit(&a->shards[i].blocks, memory_order_relaxed);
+    t.allocs += atomic_load_explicit(&a->shards[i].allocs, memory_order_relaxed);
+    t.failed += atomic_load_explicit(&a->shards[i].failed, memory_order_relaxed);
+  }
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-thread heaps
+//
+// mimalloc heaps allocate only on the thread that created them, so each thread keeps one heap
+// per mimalloc arena id in a thread-local table. The heaps belong to the region (its arena
+// id), not to a tl_arena_t, so they stay valid when a retained region is reused.
+//
+// Thread exit: we never delete these heaps ourselves. mimalloc 2.0's thread-exit hook
+// (a pthread key destructor set up when the thread's backing heap is initialised, which
+// mi_heap_new_in_arena does) runs mi_thread_done -> _mi_heap_done (src/init.c), which walks
+// tld->heaps and calls mi_heap_delete on every non-backing heap; mi_heap_delete (src/heap.c)
+// moves pages that still hold live blocks to the backing heap, which then abandons them with
+// _mi_heap_collect_abandon, so blocks handed to other threads stay valid and can still be
+// freed from anywhere. (Read in the 2.0-series mimalloc source; checked by the stress test,
+// whose threads exit while others still hold and free their blocks.) The thread-local table
+// dies with the thread too, so no dangling heap pointer survives.
+// ---------------------------------------------------------------------------------------------
+
+#define TL__HEAP_SLOTS 128 /* mimalloc 2.0 has at most 64 arenas (ids 1..64) */
+static _Thread_local mi_heap_t* tl__heaps[TL__HEAP_SLOTS];
+
+static mi_heap_t* tl__thread_heap(const tl__region_t* r) {
+  int id = (int)r->mi_id;
+  if (id < 0 || id >= TL__HEAP_SLOTS) return NULL;
+  if (!tl__heaps[id]) tl__heaps[id] = mi_heap_new_in_arena(r->mi_id);
+  return tl__heaps[id];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reserving a region
+// ---------------------------------------------------------------------------------------------
+
+static int tl__node_check(int node) {
+  if (node < 0) return 0;
+  if (numa_available() < 0) {
+    if (node == 0) return 0; /* a kernel without NUMA has one node: nothing to bind */
+    return tl__fail(TL_EINVAL, "arena: NUMA node %d requested but the kernel has no NUMA "
+                               "support (use numa_node 0 or -1)", node);
+  }
+  if (node > numa_max_node() || !numa_bitmask_isbitset(numa_all_nodes_ptr, (unsigned)node))
+    return tl__fail(TL_EINVAL, "arena: NUMA node %d is not a node this process may allocate on "
+                               "(highest node %d)", node, numa_max_node());
+  return 0;
+}
+
+static int tl__bind(char* start, size_t size, int node) {
+  if (node < 0 || numa_available() < 0) return 0;
+  enum { BITS = 8 * sizeof(unsigned long) };
+  unsigned long mask[1024 / BITS];
+  memset(mask, 0, sizeof mask);
+  if (node >= 1024) return tl__fail(TL_EINVAL, "arena: NUMA node %d is out of range", node);
+  mask[node / BITS] = 1UL << (node % BITS);
+  if (mbind(start, size, MPOL_BIND, mask, 1024 + 1, 0) != 0) {
+    int e = errno;
+    return tl__fail(e == ENOMEM ? TL_ENOMEM : tl_translate_sys_error(e),
+                    "arena: mbind(%zu bytes, MPOL_BIND, node %d): %s", size, node, strerror(e));
+  }
+  return 0;
+}
+
+/* Page-locks the region per `pin`. Returns 0 (pinned or not, *pinned says which, detail in
+ * r->pin_detail) or, for PIN_REQUIRE, the translated CUDA error. */
+static int tl__pin(tl__region_t* r, tl_arena_pin_t pin) {
+  r->pinned = 0;
+  if (pin == TL_ARENA_PIN_NEVER) {
+    tl__strlcpy(r->pin_detail, "not pinned: TL_ARENA_PIN_NEVER", sizeof r->pin_detail);
+    return 0;
+  }
+  const tl__cuda_api_t* api = tl__cuda_api();
+  int err;
+  if (!api->host_register || !api->host_unregister)
+    err = tl__fail(TL_ENOSYS, "cudaHostRegister: the CUDA backend \"%s\" cannot page-lock",
+                   api->name);
+  else
+    err = tl__cuda_error("cudaHostRegister", api->host_register(r->start, r->size));
+  if (err == 0) {
+    r->pinned = 1;
+    snprintf(r->pin_detail, sizeof r->pin_detail, "pinned: cudaHostRegister(%zu bytes)",
+             r->size);
+    return 0;
+  }
+  snprintf(r->pin_detail, sizeof r->pin_detail, "not pinned: %s", tl_err_detail());
+  if (pin == TL_ARENA_PIN_REQUIRE) return err;
+  r->auto_unpinned = 1;
+  tl__clear_detail(); /* AUTO succeeded without pinning: the reason lives in the stats */
+  return 0;
+}
+
+static int tl__region_new(tl__region_t** out, int node, size_t size, tl_arena_pin_t pin) {
+  tl__region_t* r = calloc(1, sizeof *r);
+  if (!r) return tl__fail(TL_ENOMEM, "arena: %zu bytes for the region record", sizeof *r);
+  size_t span = size + TL_ARENA_GRANULE;
+  char* raw = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) {
+    int e = errno;
+    free(r);
+    return tl__fail(TL_ENOMEM, "arena: mmap(%zu bytes): %s", span, strerror(e));
+  }
+  /* Keep only the aligned part: [start, start + size). */
+  char* start = (char*)(((uintptr_t)raw + TL_ARENA_GRANULE - 1) & ~(uintptr_t)(TL_ARENA_GRANULE - 1));
+  if (start > raw) munmap(raw, (size_t)(start - raw));
+  size_t tail = (size_t)(raw + span - (start + size));
+  if (tail) munmap(start + size, tail);
+  r->start = start;
+  r->size = size;
+  r->numa_node = node;
+
+  int err = tl__bind(start, size, node);
+  if (err) goto fail_unmap;
+  /* First touch, after binding: every page is placed on the node now. */
+  long pg = sysconf(_SC_PAGESIZE);
+  size_t page = pg > 0 ? (size_t)pg : 4096;
+  for (size_t off = 0; off < size; off += page) ((volatile char*)start)[off] = 0;
+
+  if ((err = tl__pin(r, pin)) != 0) goto fail_unmap;
+  /* is_large = pinned keeps mimalloc from decommitting (madvise) page-locked memory; the
+   * region is zero (fresh anonymous pages, touched with zeros). */
+  if (!mi_manage_os_memory_ex(start, size, true, r->pinned != 0, true, node, true, &r->mi_id)) {
+    err = tl__fail(TL_ENOMEM, "arena: mimalloc refused the region (mi_manage_os_memory_ex, "
+                              "%zu bytes; mimalloc 2.0 manages at most 64 arenas per process)",
+                   size);
+    goto fail_unpin;
+  }
+  *out = r;
+  return 0;
+
+fail_unpin:
+  if (r->pinned) tl__cuda_api()->host_unregister(start);
+fail_unmap:
+  munmap(start, size);
+  free(r);
+  return err;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Init / close
+// ---------------------------------------------------------------------------------------------
+
+static int tl__pin_compatible(const tl__region_t* r, tl_arena_pin_t pin) {
+  switch (pin) {
+    case TL_ARENA_PIN_NEVER: return !r->pinned;
+    case TL_ARENA_PIN_REQUIRE: return r->pinned;
+    case TL_ARENA_PIN_AUTO: return r->pinned || r->auto_unpinned;
+  }
+  return 0;
+}
+
+/* Takes the smallest retained region that fits; NULL if none. Under the lock. */
+static tl__region_t* tl__region_take(int node, size_t size, tl_arena_pin_t pin) {
+  tl__region_t* best = NULL;
+  for (tl__region_t* r = tl__regions; r; r = r->next)
+    if (!r->owned && r->numa_node == node && r->size >= size && tl__pin_compatible(r, pin) &&
+        (!best || r->size < best->size))
+      best = r;
+  if (best) best->owned = 1;
+  return best;
+}
+
+int tl_arena_init(tl_arena_t** out, const tl_arena_options_t* opts) {
+  tl__clear_detail();
+  if (out) *out = NULL;
+  if (!out || !opts) return tl__fail(TL_EINVAL, "tl_arena_init: NULL argument");
+  if (opts->size == 0) return tl__fail(TL_EINVAL, "tl_arena_init: size is 0");
+  if (opts->size > SIZE_MAX / 4)
+    return tl__fail(TL_EINVAL, "tl_arena_init: size %zu is too large", opts->size);
+  if (opts->pin != TL_ARENA_PIN_AUTO && opts->pin != TL_ARENA_PIN_NEVER &&
+      opts->pin != TL_ARENA_PIN_REQUIRE)
+    return tl__fail(TL_EINVAL, "tl_arena_init: pin %d is not a tl_arena_pin_t", (int)opts->pin);
+  int node = opts->numa_node < 0 ? -1 : opts->numa_node;
+  int err = tl__node_check(node);
+  if (err) return err;
+  size_t size = (opts->size + TL_ARENA_GRANULE - 1) & ~(TL_ARENA_GRANULE - 1);
+
+  tl_arena_t* a = aligned_alloc(64, sizeof *a);
+  if (a) memset(a, 0, sizeof *a); /* all-zero atomics are valid zero counters */
+  if (!a) return tl__fail(TL_ENOMEM, "arena: %zu bytes for the arena object", sizeof *a);
+
+  /* The lock is held while a new region is reserved: inits are rare, and it keeps two threads
+   * from both reserving where one region would do. */
+  pthread_mutex_lock(&tl__regions_lock);
+  tl__region_t* r = tl__region_take(node, size, opts->pin);
+  if (!r) {
+    err = tl__region_new(&r, node, size, opts->pin);
+    if (err == 0) {
+      r->owned = 1;
+      r->next = tl__regions;
+      tl__regions = r;
+    }
+  }
+  pthread_mutex_unlock(&tl__regions_lock);
+  if (err) {
+    free(a);
+    return err;
+  }
+  a->region = r;
+  *out = a;
+  return 0;
+}
+
+int tl_arena_close(tl_arena_t* a) {
+  tl__clear_detail();
+  if (!a) return 0;
+  size_t blocks = tl__sum(a).blocks;
+  if (blocks != 0)
+    return tl__fail(TL_EBUSY, "arena on node %d: %zu block(s), %zu bytes still in use; free "
+                              "them before closing",
+                    a->region->numa_node, blocks, atomic_load(&a->bytes_in_use));
+  pthread_mutex_lock(&tl__regions_lock);
+  a->region->owned = 0;
+  pthread_mutex_unlock(&tl__regions_lock);
+  free(a);
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Alloc / free
+// ---------------------------------------------------------------------------------------------
+
+static int tl__in_region(const tl__region_t* r, const void* p) {
+  uintptr_t u = (uintptr_t)p, s = (uintptr_t)r->start;
+  return u >= s && u < s + r->size;
+}
+
+static int tl__exhausted(tl_arena_t* a, size_t size, const char* why) {
+  atomic_fetch_add_explicit(&tl__shard(a)->failed, 1, memory_order_relaxed);
+  const tl__region_t* r = a->region;
+  return tl__fail(TL_ENOMEM,
+                  "arena on node %d (%zu MiB%s) cannot serve %zu bytes%s: %zu bytes in %zu "
+                  "block(s) in use; free blocks or create a larger arena",
+                  r->numa_node, r->size >> 20, r->pinned ? ", pinned" : "", size, why,
+                  atomic_load(&a->bytes_in_use), tl__sum(a).blocks);
+}
+
+int tl_arena_alloc(tl_arena_t* a, size_t size, size_t alignment, void** out) {
+  tl__clear_detail();
+  if (out) *out = NULL;
+  if (!a || !out) return tl__fail(TL_EINVAL, "tl_arena_alloc: NULL argument");
+  if (size == 0) return tl__fail(TL_EINVAL, "tl_arena_alloc: size is 0");
+  if (alignment == 0) alignment = 64;
+  if ((alignment & (alignment - 1)) != 0 || alignment > TL_ARENA_MAX_ALIGNMENT)
+    return tl__fail(TL_EINVAL, "tl_arena_alloc: alignment %zu is not a power of two up to %zu",
+                    alignment, TL_ARENA_MAX_ALIGNMENT);
+  const tl__region_t* r = a->region;
+  if (size > r->size) return tl__exhausted(a, size, " (larger than the region)");
+  mi_heap_t* heap = tl__thread_heap(r);
+  if (!heap)
+    return tl__fail(TL_ENOMEM, "arena: no mimalloc heap for this thread (arena id %d)",
+                    (int)r->mi_id);
+  void* p = mi_heap_malloc_aligned(heap, size, alignment);
+  if (!p) {
+    /* Blocks freed by other threads, and segments abandoned by threads that exited, go back to
+     * the arena only when collected: collect once, then retry. */
+    mi_heap_collect(heap, true);
+    p = mi_heap_malloc_aligned(heap, size, alignment);
+  }
+  if (p && !tl__in_region(r, p)) {
+    /* mimalloc 2.0.9 answers NULL when an exclusive arena is full (checked); should a version
+     * fall back to the OS instead, the block is not ours to hand out. */
+    mi_free(p);
+    return tl__exhausted(a, size, " (mimalloc offered memory outside the region)");
+  }
+  if (!p) return tl__exhausted(a, size, "");
+  size_t usable = mi_usable_size(p);
+  size_t now = atomic_fetch_add_explicit(&a->bytes_in_use, usable, memory_order_acq_rel) + usable;
+  tl__shard_t* sh = tl__shard(a);
+  atomic_fetch_add_explicit(&sh->blocks, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&sh->allocs, 1, memory_order_relaxed);
+  size_t peak = atomic_load_explicit(&a->peak_bytes, memory_order_relaxed);
+  while (now > peak && !atomic_compare_exchange_weak_explicit(&a->peak_bytes, &peak, now,
+                                                              memory_order_relaxed,
+                                                              memory_order_relaxed)) {
+  }
+  *out = p;
+  return 0;
+}
+
+int tl_arena_free(tl_arena_t* a, void* p) {
+  tl__clear_detail();
+  if (!a || !p) return tl__fail(TL_EINVAL, "tl_arena_free: NULL argument");
+  if (!tl__in_region(a->region, p))
+    return tl__fail(TL_EINVAL, "tl_arena_free: %p is not inside this arena's region", p);
+  size_t usable = mi_usable_size(p);
+  /* Counters first (release), then mi_free: see the comment on struct tl_arena_s. */
+  atomic_fetch_sub_explicit(&tl__shard(a)->blocks, 1, memory_order_relaxed);
+  atomic_fetch_sub_explicit(&a->bytes_in_use, usable, memory_order_release);
+  mi_free(p);
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stats and diagnostics
+// ---------------------------------------------------------------------------------------------
+
+int tl_arena_stats(const tl_arena_t* a, tl_arena_stats_t* out) {
+  tl__clear_detail();
+  if (!a || !out) return tl__fail(TL_EINVAL, "tl_arena_stats: NULL argument");
+  memset(out, 0, sizeof *out);
+  const tl__region_t* r = a->region;
+  out->base = r->start;
+  out->numa_node = r->numa_node;
+  out->size = r->size;
+  out->pinned = r->pinned;
+  tl__strlcpy(out->pin_detail, r->pin_detail, sizeof out->pin_detail);
+  out->bytes_in_use = atomic_load(&a->bytes_in_use);
+  tl__sums_t t = tl__sum(a);
+  out->blocks_in_use = t.blocks;
+  out->peak_bytes = atomic_load(&a->peak_bytes);
+  out->allocs = t.allocs;
+  out->failed_allocs = t.failed;
+  return 0;
+}
+
+int tl_arena_node_of(const void* p, int* node) {
+  tl__clear_detail();
+  if (!p || !node) return tl__fail(TL_EINVAL, "tl_arena_node_of: NULL argument");
+  *node = -1;
+  long pg = sysconf(_SC_PAGESIZE);
+  uintptr_t page = (uintptr_t)p & ~(uintptr_t)((pg > 0 ? pg : 4096) - 1);
+  void* pages[1] = {(void*)page};
+  int status[1] = {-1};
+  if (move_pages(0, 1, pages, NULL, status, 0) != 0) {
+    int e = errno;
+    return tl__fail(e == ENOSYS ? TL_ENOSYS : tl_translate_sys_error(e),
+                    "tl_arena_node_of: move_pages(%p): %s", p, strerror(e));
+  }
+  if (status[0] < 0)
+    return tl__fail(status[0] == -ENOENT || status[0] == -EFAULT
+                        ? TL_ENOENT
+                        : tl_translate_sys_error(-status[0]),
+                    "tl_arena_node_of: page of %p: %s", p, strerror(-status[0]));
+  *node = status[0];
+  return 0;
+}

@@ -1,0 +1,540 @@
+/* tests/c/test-arena.c: NUMA-local arenas (numa/arena.c).
+ *
+ * Runs without a GPU: placement is checked with move_pages on node 0 (every Linux machine has
+ * one), pinning without a driver must degrade (AUTO) or fail (REQUIRE), and the pinned path is
+ * proven with a fake CUDA backend that records the cudaHostRegister call. Each test runs in its
+ * own forked child, so the process-wide list of retained regions starts empty in each. */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "cudactx/internal.h"
+#include "task.h"
+#include "threadloom/threadloom.h"
+
+#define MiB ((size_t)1 << 20)
+
+static tl_arena_t* arena_new(int node, size_t size, tl_arena_pin_t pin) {
+  tl_arena_options_t o = {.numa_node = node, .size = size, .pin = pin};
+  tl_arena_t* a = NULL;
+  ASSERT_OK(tl_arena_init(&a, &o));
+  ASSERT(a != NULL);
+  return a;
+}
+
+static int inside(const tl_arena_stats_t* s, const void* p, size_t n) {
+  uintptr_t b = (uintptr_t)s->base, u = (uintptr_t)p;
+  return u >= b && u + n <= b + s->size;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Basics
+// ---------------------------------------------------------------------------------------------
+
+TEST_IMPL(arena_basics) {
+  /* Aligned blocks cost up to size + alignment of the region: 16 MiB alignments need room. */
+  tl_arena_t* a = arena_new(0, 320 * MiB + 1, TL_ARENA_PIN_NEVER);
+  tl_arena_stats_t s;
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.size, 384 * MiB); /* rounded up to the granule */
+  ASSERT_EQ(s.numa_node, 0);
+  ASSERT_EQ(s.pinned, 0);
+  ASSERT_CONTAINS(s.pin_detail, "TL_ARENA_PIN_NEVER");
+  ASSERT_EQ((uintptr_t)s.base % TL_ARENA_GRANULE, 0);
+  ASSERT_EQ(s.bytes_in_use, 0);
+
+  static const size_t sizes[] = {1, 100, 4096, 65536, 1 * MiB, 3 * MiB + 17};
+  static const size_t aligns[] = {0, 8, 64, 4096, 65536, 2 * MiB, TL_ARENA_MAX_ALIGNMENT};
+  void* blocks[sizeof sizes / sizeof sizes[0] * sizeof aligns / sizeof aligns[0]];
+  size_t n = 0, want = 0;
+  for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+    for (size_t j = 0; j < sizeof aligns / sizeof aligns[0]; j++) {
+      void* p = NULL;
+      ASSERT_OK(tl_arena_alloc(a, sizes[i], aligns[j], &p));
+      size_t al = aligns[j] ? aligns[j] : 64;
+      if ((uintptr_t)p % al != 0) TL_FAIL_AT("%p is not aligned to %zu", p, al);
+      ASSERT(inside(&s, p, sizes[i]));
+      memset(p, (int)(n & 0xff), sizes[i]);
+      blocks[n++] = p;
+      want += sizes[i];
+    }
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.blocks_in_use, n);
+  ASSERT_EQ(s.allocs, n);
+  ASSERT(s.bytes_in_use >= want); /* usable sizes, at least what was asked */
+  ASSERT_EQ(s.peak_bytes, s.bytes_in_use);
+  for (size_t i = 0; i < n; i++) ASSERT_EQ(((unsigned char*)blocks[i])[0], i & 0xff);
+  for (size_t i = 0; i < n; i++) ASSERT_OK(tl_arena_free(a, blocks[i]));
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.bytes_in_use, 0);
+  ASSERT_EQ(s.blocks_in_use, 0);
+  ASSERT(s.peak_bytes >= want);
+  ASSERT_EQ(s.failed_allocs, 0);
+  ASSERT_OK(tl_arena_close(a));
+  ASSERT_OK(tl_arena_close(NULL));
+  return 0;
+}
+
+TEST_IMPL(arena_bad_arguments) {
+  tl_arena_options_t o = {.numa_node = 0, .size = 64 * MiB, .pin = TL_ARENA_PIN_NEVER};
+  tl_arena_t* a = (tl_arena_t*)&o;
+  ASSERT_EQ(tl_arena_init(NULL, &o), TL_EINVAL);
+  ASSERT_EQ(tl_arena_init(&a, NULL), TL_EINVAL);
+  ASSERT(a == NULL); /* cleared on failure */
+  o.size = 0;
+  ASSERT_EQ(tl_arena_init(&a, &o), TL_EINVAL);
+  ASSERT_CONTAINS(tl_err_detail(), "size is 0");
+  o.size = SIZE_MAX;
+  ASSERT_EQ(tl_arena_init(&a, &o), TL_EINVAL);
+  o.size = 64 * MiB;
+  o.pin = (tl_arena_pin_t)7;
+  ASSERT_EQ(tl_arena_init(&a, &o), TL_EINVAL);
+  o.pin = TL_ARENA_PIN_NEVER;
+
+  a = arena_new(0, 64 * MiB, TL_ARENA_PIN_NEVER);
+  void* p = &o;
+  ASSERT_EQ(tl_arena_alloc(NULL, 64, 0, &p), TL_EINVAL);
+  ASSERT(p == NULL);
+  ASSERT_EQ(tl_arena_alloc(a, 64, 0, NULL), TL_EINVAL);
+  ASSERT_EQ(tl_arena_alloc(a, 0, 0, &p), TL_EINVAL);
+  ASSERT_EQ(tl_arena_alloc(a, 64, 3, &p), TL_EINVAL);
+  ASSERT_CONTAINS(tl_err_detail(), "power of two");
+  ASSERT_EQ(tl_arena_alloc(a, 64, 48, &p), TL_EINVAL);
+  ASSERT_EQ(tl_arena_alloc(a, 64, TL_ARENA_MAX_ALIGNMENT * 2, &p), TL_EINVAL);
+  ASSERT_EQ(tl_arena_free(a, NULL), TL_EINVAL);
+  ASSERT_EQ(tl_arena_free(NULL, p), TL_EINVAL);
+  int outside = 0;
+  ASSERT_EQ(tl_arena_free(a, &outside), TL_EINVAL); /* not a block of this arena */
+  ASSERT_CONTAINS(tl_err_detail(), "not inside");
+  tl_arena_stats_t s;
+  ASSERT_EQ(tl_arena_stats(NULL, &s), TL_EINVAL);
+  ASSERT_EQ(tl_arena_stats(a, NULL), TL_EINVAL);
+  int node;
+  ASSERT_EQ(tl_arena_node_of(NULL, &node), TL_EINVAL);
+  ASSERT_EQ(tl_arena_node_of(&node, NULL), TL_EINVAL);
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.allocs, 0);
+  ASSERT_EQ(s.failed_allocs, 0); /* argument errors are not exhaustion */
+  ASSERT_OK(tl_arena_close(a));
+  return 0;
+}
+
+TEST_IMPL(arena_numa_node) {
+  if (!tl_numa_available()) SKIP("the kernel reports no NUMA support");
+  tl_arena_t* a = arena_new(0, 64 * MiB, TL_ARENA_PIN_NEVER);
+  tl_arena_stats_t s;
+  ASSERT_OK(tl_arena_stats(a, &s));
+  /* every page of the region, touched at init, is on node 0 */
+  for (size_t off = 0; off < s.size; off += 8 * MiB) {
+    int node = -1;
+    ASSERT_OK(tl_arena_node_of((char*)s.base + off, &node));
+    ASSERT_EQ(node, 0);
+  }
+  void* p;
+  ASSERT_OK(tl_arena_alloc(a, 2 * MiB, 0, &p));
+  int node = -1;
+  ASSERT_OK(tl_arena_node_of((char*)p + MiB, &node));
+  ASSERT_EQ(node, 0);
+  ASSERT_OK(tl_arena_free(a, p));
+  ASSERT_OK(tl_arena_close(a));
+
+  /* no binding: the memory is somewhere the kernel chose, a real node */
+  a = arena_new(-1, 64 * MiB, TL_ARENA_PIN_NEVER);
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.numa_node, -1);
+  ASSERT_OK(tl_arena_alloc(a, 4096, 0, &p));
+  ASSERT_OK(tl_arena_node_of(p, &node));
+  ASSERT(node >= 0);
+  ASSERT_OK(tl_arena_free(a, p));
+  ASSERT_OK(tl_arena_close(a));
+
+  /* a node the machine does not have */
+  tl_arena_options_t o = {.numa_node = 4000, .size = 64 * MiB, .pin = TL_ARENA_PIN_NEVER};
+  ASSERT_EQ(tl_arena_init(&a, &o), TL_EINVAL);
+  ASSERT_CONTAINS(tl_err_detail(), "NUMA node 4000");
+
+  /* an unmapped page */
+  ASSERT_EQ(tl_arena_node_of((void*)(uintptr_t)4096, &node), TL_ENOENT);
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stress: blocks allocated on one thread, freed on another
+// ---------------------------------------------------------------------------------------------
+
+#if defined(__SANITIZE_THREAD__)
+#define STRESS_ITERS 150
+#else
+#define STRESS_ITERS 1500
+#endif
+#define STRESS_THREADS 6
+#define STRESS_SLOTS 16
+#define STRESS_LOCAL 3
+
+typedef struct {
+  void* p;      /* block */
+  size_t size;  /* bytes asked for */
+  uint32_t tag; /* written at both ends by the allocating thread */
+  int owner;    /* allocating thread */
+} stress_block_t;
+
+static tl_arena_t* stress_arena;
+static pthread_barrier_t stress_barrier;
+static pthread_mutex_t stress_lock = PTHREAD_MUTEX_INITIALIZER;
+static stress_block_t stress_slots[STRESS_SLOTS]; /* the exchange; under stress_lock */
+static int stress_cross_frees[STRESS_THREADS];      /* per thread, no sharing */
+
+static uint64_t xorshift(uint64_t* s) {
+  uint64_t x = *s;
+  x ^= x << 13;
+  x ^= x >> 7;
+  x ^= x << 17;
+  return *s = x;
+}
+
+static void stress_check_free(stress_block_t* b, int self) {
+  unsigned char* c = b->p;
+  uint32_t head, tail;
+  memcpy(&head, c, sizeof head);
+  memcpy(&tail, c + b->size - sizeof tail, sizeof tail);
+  if (head != b->tag || tail != b->tag)
+    TL_FAIL_AT("block %p of %zu bytes: tag %08x/%08x, want %08x", b->p, b->size, head, tail,
+               b->tag);
+  if (self >= 0 && b->owner != self) stress_cross_frees[self]++; /* -1: the main thread */
+  ASSERT_OK(tl_arena_free(stress_arena, b->p));
+  b->p = NULL;
+}
+
+static void* stress_thread(void* arg) {
+  int self = (int)(intptr_t)arg;
+  uint64_t rng = 0x9e3779b97f4a7c15ULL * (uint64_t)(self + 1);
+  stress_block_t local[STRESS_LOCAL];
+  memset(local, 0, sizeof local);
+  pthread_barrier_wait(&stress_barrier);
+  for (int it = 0; it < STRESS_ITERS; it++) {
+    stress_block_t b;
+    b.size = 64 * 1024 + (size_t)(xorshift(&rng) % (4 * MiB - 64 * 1024));
+    b.tag = (uint32_t)xorshift(&rng);
+    b.owner = self;
+    ASSERT_OK(tl_arena_alloc(stress_arena, b.size, 0, &b.p));
+    unsigned char* c = b.p;
+    memcpy(c, &b.tag, sizeof b.tag);
+    memcpy(c + b.size - sizeof b.tag, &b.tag, sizeof b.tag);
+    if (xorshift(&rng) % 2) {
+      /* swap with a slot of the exchange: the block taken out was (likely) another thread's */
+      stress_block_t out;
+      int k = (int)(xorshift(&rng) % STRESS_SLOTS);
+      pthread_mutex_lock(&stress_lock);
+      out = stress_slots[k];
+      stress_slots[k] = b;
+      pthread_mutex_unlock(&stress_lock);
+      if (out.p) stress_check_free(&out, self);
+    } else {
+      int k = (int)(xorshift(&rng) % STRESS_LOCAL);
+      if (local[k].p) stress_check_free(&local[k], self);
+      local[k] = b;
+    }
+  }
+  for (int k = 0; k < STRESS_LOCAL; k++)
+    if (local[k].p) stress_check_free(&local[k], self);
+  return NULL; /* blocks left in the exchange outlive this thread and its heap */
+}
+
+TEST_IMPL(arena_stress_threads) {
+  stress_arena = arena_new(0, 1024 * MiB, TL_ARENA_PIN_AUTO);
+  ASSERT_EQ(pthread_barrier_init(&stress_barrier, NULL, STRESS_THREADS), 0);
+  pthread_t t[STRESS_THREADS];
+  for (int i = 0; i < STRESS_THREADS; i++)
+    ASSERT_EQ(pthread_create(&t[i], NULL, stress_thread, (void*)(intptr_t)i), 0);
+  for (int i = 0; i < STRESS_THREADS; i++) ASSERT_EQ(pthread_join(t[i], NULL), 0);
+  pthread_barrier_destroy(&stress_barrier);
+  /* Every thread has exited: the main thread frees what they left in the exchange. */
+  for (int k = 0; k < STRESS_SLOTS; k++)
+    if (stress_slots[k].p) stress_check_free(&stress_slots[k], -1);
+  int cross = 0;
+  for (int i = 0; i < STRESS_THREADS; i++) cross += stress_cross_frees[i];
+  ASSERT(cross > 0);
+  tl_arena_stats_t s;
+  ASSERT_OK(tl_arena_stats(stress_arena, &s));
+  ASSERT_EQ(s.bytes_in_use, 0);
+  ASSERT_EQ(s.blocks_in_use, 0);
+  ASSERT_EQ(s.allocs, (uint64_t)STRESS_THREADS * STRESS_ITERS);
+  ASSERT_EQ(s.failed_allocs, 0);
+  ASSERT(s.peak_bytes > 4 * MiB);
+  /* the memory the exited threads held is usable again */
+  void* p;
+  ASSERT_OK(tl_arena_alloc(stress_arena, 256 * MiB, 0, &p));
+  ASSERT_OK(tl_arena_free(stress_arena, p));
+  ASSERT_OK(tl_arena_close(stress_arena));
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exhaustion
+// ---------------------------------------------------------------------------------------------
+
+#define EXH_MAX 64
+
+static int fill(tl_arena_t* a, size_t size, void** blocks, tl_arena_stats_t* s) {
+  int n = 0;
+  for (;;) {
+    ASSERT(n < EXH_MAX);
+    int err = tl_arena_alloc(a, size, 0, &blocks[n]);
+    if (err == TL_ENOMEM) break;
+    ASSERT_OK(err);
+    ASSERT(inside(s, blocks[n], size));
+    memset(blocks[n], 0x5a, size);
+    n++;
+  }
+  return n;
+}
+
+TEST_IMPL(arena_exhaustion) {
+  tl_arena_t* a = arena_new(0, 64 * MiB, TL_ARENA_PIN_NEVER);
+  tl_arena_stats_t s;
+  ASSERT_OK(tl_arena_stats(a, &s));
+  void* blocks[EXH_MAX];
+  int n = fill(a, 4 * MiB, blocks, &s);
+  ASSERT(n >= 8); /* most of 64 MiB holds 4 MiB blocks */
+  ASSERT_CONTAINS(tl_err_detail(), "arena on node 0 (64 MiB)");
+  ASSERT_CONTAINS(tl_err_detail(), "block(s) in use");
+  ASSERT_CONTAINS(tl_err_detail(), "create a larger arena");
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.failed_allocs, 1);
+  ASSERT_EQ(s.blocks_in_use, n);
+  /* a second failure, and one larger than the whole region */
+  void* p;
+  ASSERT_EQ(tl_arena_alloc(a, 4 * MiB, 0, &p), TL_ENOMEM);
+  ASSERT(p == NULL);
+  ASSERT_EQ(tl_arena_alloc(a, 65 * MiB, 0, &p), TL_ENOMEM);
+  ASSERT_CONTAINS(tl_err_detail(), "larger than the region");
+
+  /* recovery: after frees the same amount fits again */
+  for (int i = 0; i < n; i++) ASSERT_OK(tl_arena_free(a, blocks[i]));
+  int again = fill(a, 4 * MiB, blocks, &s);
+  ASSERT_EQ(again, n);
+  for (int i = 0; i < again; i++) ASSERT_OK(tl_arena_free(a, blocks[i]));
+  /* and other sizes fit too */
+  ASSERT_OK(tl_arena_alloc(a, 32 * MiB, 0, &p));
+  ASSERT_OK(tl_arena_free(a, p));
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.bytes_in_use, 0);
+  ASSERT_EQ(s.failed_allocs, 4);
+  ASSERT_OK(tl_arena_close(a));
+  return 0;
+}
+
+static tl_arena_t* exh_arena;
+static void* exh_blocks[EXH_MAX];
+static int exh_n;
+
+static void* exh_filler(void* arg) {
+  (void)arg;
+  tl_arena_stats_t s;
+  ASSERT_OK(tl_arena_stats(exh_arena, &s));
+  exh_n = fill(exh_arena, 4 * MiB, exh_blocks, &s);
+  return NULL;
+}
+
+TEST_IMPL(arena_exhaustion_other_thread) {
+  /* A thread fills the arena and exits; the main thread frees its blocks and must be able to
+   * use the whole arena (the exited thread's heap was abandoned by mimalloc). */
+  exh_arena = arena_new(0, 64 * MiB, TL_ARENA_PIN_NEVER);
+  pthread_t t;
+  ASSERT_EQ(pthread_create(&t, NULL, exh_filler, NULL), 0);
+  ASSERT_EQ(pthread_join(t, NULL), 0);
+  ASSERT(exh_n >= 8);
+  void* p;
+  ASSERT_EQ(tl_arena_alloc(exh_arena, 4 * MiB, 0, &p), TL_ENOMEM);
+  for (int i = 0; i < exh_n; i++) ASSERT_OK(tl_arena_free(exh_arena, exh_blocks[i]));
+  tl_arena_stats_t s;
+  ASSERT_OK(tl_arena_stats(exh_arena, &s));
+  void* mine[EXH_MAX];
+  int n = fill(exh_arena, 4 * MiB, mine, &s);
+  ASSERT_EQ(n, exh_n);
+  for (int i = 0; i < n; i++) ASSERT_OK(tl_arena_free(exh_arena, mine[i]));
+  ASSERT_OK(tl_arena_close(exh_arena));
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Close and reuse
+// ---------------------------------------------------------------------------------------------
+
+TEST_IMPL(arena_close_busy) {
+  tl_arena_t* a = arena_new(0, 64 * MiB, TL_ARENA_PIN_NEVER);
+  void *p, *q;
+  ASSERT_OK(tl_arena_alloc(a, MiB, 0, &p));
+  ASSERT_OK(tl_arena_alloc(a, 100, 0, &q));
+  ASSERT_EQ(tl_arena_close(a), TL_EBUSY);
+  ASSERT_CONTAINS(tl_err_detail(), "2 block(s)");
+  ASSERT_OK(tl_arena_free(a, p));
+  ASSERT_EQ(tl_arena_close(a), TL_EBUSY); /* still usable after a refused close */
+  ASSERT_OK(tl_arena_free(a, q));
+  ASSERT_OK(tl_arena_close(a));
+  return 0;
+}
+
+TEST_IMPL(arena_reuse_region) {
+  tl_arena_t* a = arena_new(0, 128 * MiB, TL_ARENA_PIN_NEVER);
+  tl_arena_stats_t s1, s2;
+  ASSERT_OK(tl_arena_stats(a, &s1));
+  void* p;
+  ASSERT_OK(tl_arena_alloc(a, MiB, 0, &p));
+  ASSERT_OK(tl_arena_free(a, p));
+  ASSERT_OK(tl_arena_close(a));
+
+  /* same node, smaller size, same pin state: the retained region, fresh counters */
+  a = arena_new(0, 64 * MiB, TL_ARENA_PIN_NEVER);
+  ASSERT_OK(tl_arena_stats(a, &s2));
+  ASSERT(s2.base == s1.base);
+  ASSERT_EQ(s2.size, 128 * MiB);
+  ASSERT_EQ(s2.allocs, 0);
+  ASSERT_EQ(s2.peak_bytes, 0);
+  ASSERT_OK(tl_arena_alloc(a, MiB, 0, &p));
+  ASSERT(inside(&s2, p, MiB));
+
+  /* while it is in use, another init reserves a new region */
+  tl_arena_t* b = arena_new(0, 64 * MiB, TL_ARENA_PIN_NEVER);
+  tl_arena_stats_t s3;
+  ASSERT_OK(tl_arena_stats(b, &s3));
+  ASSERT(s3.base != s1.base);
+  ASSERT_EQ(s3.size, 64 * MiB);
+  ASSERT_OK(tl_arena_close(b));
+  ASSERT_OK(tl_arena_free(a, p));
+  ASSERT_OK(tl_arena_close(a));
+
+  /* the smallest retained region that fits is taken; a larger request needs a new one */
+  b = arena_new(0, 10 * MiB, TL_ARENA_PIN_NEVER);
+  ASSERT_OK(tl_arena_stats(b, &s2));
+  ASSERT(s2.base == s3.base);
+  a = arena_new(0, 192 * MiB, TL_ARENA_PIN_NEVER);
+  ASSERT_OK(tl_arena_stats(a, &s2));
+  ASSERT(s2.base != s1.base && s2.base != s3.base);
+  ASSERT_OK(tl_arena_close(a));
+  ASSERT_OK(tl_arena_close(b));
+
+  /* a different node (none) does not reuse node 0's region */
+  a = arena_new(-1, 64 * MiB, TL_ARENA_PIN_NEVER);
+  ASSERT_OK(tl_arena_stats(a, &s2));
+  ASSERT(s2.base != s1.base && s2.base != s3.base);
+  ASSERT_OK(tl_arena_close(a));
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pinning
+// ---------------------------------------------------------------------------------------------
+
+TEST_IMPL(arena_pin_no_driver) {
+  int drv = 0;
+  if (tl_cuda_built() && tl_cuda_driver_version(&drv) == 0)
+    SKIP("a CUDA driver is installed (version %d)", drv);
+  tl_arena_t* a = arena_new(0, 64 * MiB, TL_ARENA_PIN_AUTO);
+  ASSERT_EQ(tl_err_detail()[0], '\0'); /* AUTO without a driver is not a failure */
+  tl_arena_stats_t s;
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.pinned, 0);
+  ASSERT_CONTAINS(s.pin_detail, "not pinned: cudaHostRegister");
+  ASSERT_CONTAINS(s.pin_detail, tl_cuda_built() ? "cudaErrorInsufficientDriver"
+                                                : "TL_WITH_CUDA=OFF");
+  void* p;
+  ASSERT_OK(tl_arena_alloc(a, MiB, 0, &p));
+  ASSERT_OK(tl_arena_free(a, p));
+  ASSERT_OK(tl_arena_close(a));
+
+  tl_arena_options_t o = {.numa_node = 0, .size = 64 * MiB, .pin = TL_ARENA_PIN_REQUIRE};
+  a = (tl_arena_t*)&o;
+  ASSERT_EQ(tl_arena_init(&a, &o), tl_cuda_built() ? TL_ENODRIVER : TL_ENOSYS);
+  ASSERT(a == NULL);
+  ASSERT_CONTAINS(tl_err_detail(), "cudaHostRegister");
+  /* the unpinned AUTO region is reused by AUTO (same outcome), never by REQUIRE */
+  a = arena_new(0, 64 * MiB, TL_ARENA_PIN_AUTO);
+  tl_arena_stats_t s2;
+  ASSERT_OK(tl_arena_stats(a, &s2));
+  ASSERT(s2.base == s.base);
+  ASSERT_OK(tl_arena_close(a));
+  return 0;
+}
+
+/* A fake CUDA runtime whose cudaHostRegister succeeds (or fails) and records its arguments. */
+static int fake_reg_rc, fake_reg_calls, fake_unreg_calls;
+static void* fake_reg_ptr;
+static size_t fake_reg_size;
+
+static int fake_version(int* v) {
+  *v = 13000;
+  return 0;
+}
+static int fake_register(void* p, size_t size) {
+  fake_reg_calls++;
+  fake_reg_ptr = p;
+  fake_reg_size = size;
+  return fake_reg_rc;
+}
+static int fake_unregister(void* p) {
+  (void)p;
+  fake_unreg_calls++;
+  return 0;
+}
+static const char* fake_name(int code) {
+  return code == 2 ? "cudaErrorMemoryAllocation" : "cudaErrorFake";
+}
+
+static const tl__cuda_api_t fake_pin_api = {
+    .name = "fake-pin",
+    .runtime_version = fake_version,
+    .driver_version = fake_version,
+    .error_name = fake_name,
+    .error_string = fake_name,
+    .host_register = fake_register,
+    .host_unregister = fake_unregister,
+};
+
+TEST_IMPL(arena_pin_fake_backend) {
+  tl__cuda_set_api(&fake_pin_api);
+  tl_arena_t* a = arena_new(0, 64 * MiB, TL_ARENA_PIN_REQUIRE);
+  tl_arena_stats_t s;
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.pinned, 1);
+  ASSERT_CONTAINS(s.pin_detail, "pinned: cudaHostRegister");
+  ASSERT_EQ(fake_reg_calls, 1);
+  ASSERT(fake_reg_ptr == s.base); /* the whole region, once */
+  ASSERT_EQ(fake_reg_size, s.size);
+  void* p;
+  ASSERT_OK(tl_arena_alloc(a, 8 * MiB, 0, &p));
+  ASSERT(inside(&s, p, 8 * MiB));
+  memset(p, 1, 8 * MiB);
+  ASSERT_OK(tl_arena_free(a, p));
+  ASSERT_OK(tl_arena_close(a));
+
+  /* the retained pinned region serves AUTO and REQUIRE without registering again, not NEVER */
+  a = arena_new(0, 64 * MiB, TL_ARENA_PIN_AUTO);
+  tl_arena_stats_t s2;
+  ASSERT_OK(tl_arena_stats(a, &s2));
+  ASSERT(s2.base == s.base);
+  ASSERT_EQ(s2.pinned, 1);
+  ASSERT_EQ(fake_reg_calls, 1);
+  tl_arena_t* b = arena_new(0, 64 * MiB, TL_ARENA_PIN_NEVER);
+  ASSERT_OK(tl_arena_stats(b, &s2));
+  ASSERT(s2.base != s.base);
+  ASSERT_EQ(s2.pinned, 0);
+  ASSERT_EQ(fake_reg_calls, 1);
+  ASSERT_OK(tl_arena_close(b));
+  ASSERT_OK(tl_arena_close(a));
+
+  /* a failing cudaHostRegister: REQUIRE fails with the CUDA error, AUTO degrades */
+  fake_reg_rc = 2;
+  tl_arena_options_t o = {.numa_node = 0, .size = 128 * MiB, .pin = TL_ARENA_PIN_REQUIRE};
+  ASSERT_EQ(tl_arena_init(&a, &o), TL_ECUDA);
+  ASSERT_CONTAINS(tl_err_detail(), "cudaHostRegister: cudaErrorMemoryAllocation (2)");
+  ASSERT_EQ(fake_unreg_calls, 0);
+  o.pin = TL_ARENA_PIN_AUTO;
+  ASSERT_OK(tl_arena_init(&a, &o));
+  ASSERT_OK(tl_arena_stats(a, &s2));
+  ASSERT_EQ(s2.pinned, 0);
+  ASSERT_CONTAINS(s2.pin_detail, "cudaErrorMemoryAllocation");
+  ASSERT_OK(tl_arena_close(a));
+  ASSERT(tl__cuda_set_api(NULL) == &fake_pin_api);
+  return 0;
+}
