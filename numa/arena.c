@@ -65,54 +65,97 @@ static tl__region_t* tl__regions = NULL; /* head of the list; under the lock */
 // The arena object
 // ---------------------------------------------------------------------------------------------
 
-/* Counters that only need a total are split into cache-line-sized shards, one per thread
- * (modulo TL__SHARDS), so threads allocating at once do not bounce one cache line; a block
+/* Counters that only need a total are split into cache-line-sized shards, one per thread (see
+ * tl__shard), so threads allocating at once do not bounce one cache line; a block
  * freed on another thread is subtracted from that thread's shard, so one shard may wrap below
  * zero, but the (unsigned, wrapping) sum over the shards is exact. */
-#define TL__SHARDS 16
+#define TL__SHARDS 128
 
 typedef struct {
   _Alignas(64) _Atomic size_t blocks; /* blocks allocated minus blocks freed on these threads */
+  _Atomic size_t bytes;               /* usable bytes allocated minus freed on these threads
+                                         (wraps below zero per shard; only the sum means anything) */
   _Atomic uint64_t allocs;            /* successful allocations on these threads */
   _Atomic uint64_t failed;            /* TL_ENOMEM answers on these threads */
 } tl__shard_t;
 
+/* Every 2^TL__PEAK_SHIFT allocations a shard samples the total for peak_bytes. */
+#define TL__PEAK_SHIFT 6
+
 struct tl_arena_s {
   tl__region_t* region; /* owned (region->owned == 1) until close; read-only fields only */
-  /* The counters are _Atomic because any thread allocates and frees on one arena at once.
-   * bytes_in_use is one shared counter because peak_bytes needs the running total. It also
-   * orders a free before the reuse of its memory for ThreadSanitizer: the freeing thread
-   * decrements it (release) before mi_free, the allocating thread increments it (acq_rel)
-   * after mi_heap_malloc returned the memory (mimalloc's own atomics order the memory itself,
-   * but they are not instrumented). */
-  _Alignas(64) _Atomic size_t bytes_in_use; /* sum of mi_usable_size over live blocks */
-  _Atomic size_t peak_bytes;                /* max of bytes_in_use, raised with a CAS loop */
-  tl__shard_t shards[TL__SHARDS];           /* blocks_in_use, allocs, failed_allocs */
+  /* The counters are _Atomic because any thread allocates and frees on one arena at once. They
+   * are sharded per thread so that threads allocating at once share no cache line (one shared
+   * counter halved 2-thread throughput for 64 KiB blocks). bytes_in_use is the sum of the
+   * shards; peak_bytes is sampled from that sum every 64 allocations of a shard and at every
+   * tl_arena_stats call, so it can miss a spike shorter than that.
+   *
+   * ThreadSanitizer builds also keep `tsan_order`, one shared counter that orders a free before
+   * the reuse of its memory: the freeing thread decrements it (release) before mi_free, the
+   * allocating thread increments it (acq_rel) after mi_heap_malloc returned the memory
+   * (mimalloc's own atomics order the memory itself, but they are not instrumented). */
+  _Alignas(64) _Atomic size_t peak_bytes; /* highest sampled sum of the shards' bytes */
+#if defined(__SANITIZE_THREAD__)
+  _Atomic size_t tsan_order;              /* see above; TSan builds only */
+#endif
+  tl__shard_t shards[TL__SHARDS];         /* bytes, blocks_in_use, allocs, failed_allocs */
 };
 
 static _Atomic unsigned tl__next_shard = 0;         /* hands out shard slots to threads */
 static _Thread_local unsigned tl__shard_slot = 0;  /* this thread's slot + 1; 0: none yet */
 
-static tl__shard_t* tl__shard(tl_arena_t* a) {
+/* Shard i < TL__SHARDS - 1 belongs to the i-th thread that touched any arena, alone: only that
+ * thread writes it, so its counters are updated with a relaxed load and store (no locked
+ * instruction), and other threads only read them. Slots are never recycled: the threads after
+ * the first TL__SHARDS - 1 share the last shard, which is updated with atomic read-modify-
+ * writes. */
+static tl__shard_t* tl__shard(tl_arena_t* a, int* exclusive) {
   if (tl__shard_slot == 0)
     tl__shard_slot = atomic_fetch_add_explicit(&tl__next_shard, 1, memory_order_relaxed) + 1;
-  return &a->shards[(tl__shard_slot - 1) % TL__SHARDS];
+  unsigned i = tl__shard_slot - 1;
+  *exclusive = i < TL__SHARDS - 1;
+  return &a->shards[*exclusive ? i : TL__SHARDS - 1];
+}
+
+/* Adds `delta` (two's complement for subtraction) to a shard counter. */
+static inline void tl__shard_add(_Atomic size_t* c, size_t delta, int exclusive) {
+  if (exclusive)
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + delta, memory_order_relaxed);
+  else
+    atomic_fetch_add_explicit(c, delta, memory_order_relaxed);
+}
+
+static inline void tl__shard_add64(_Atomic uint64_t* c, uint64_t delta, int exclusive) {
+  if (exclusive)
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + delta, memory_order_relaxed);
+  else
+    atomic_fetch_add_explicit(c, delta, memory_order_relaxed);
 }
 
 typedef struct {
+  size_t bytes;    /* sum of the shards' bytes */
   size_t blocks;   /* sum of the shards' blocks */
   uint64_t allocs; /* sum of the shards' allocs */
   uint64_t failed; /* sum of the shards' failed */
 } tl__sums_t;
 
 static tl__sums_t tl__sum(const tl_arena_t* a) {
-  tl__sums_t t = {0, 0, 0};
+  tl__sums_t t = {0, 0, 0, 0};
   for (int i = 0; i < TL__SHARDS; i++) {
+    t.bytes += atomic_load_explicit(&a->shards[i].bytes, memory_order_relaxed);
     t.blocks += atomic_load_explicit(&a->shards[i].blocks, memory_order_relaxed);
     t.allocs += atomic_load_explicit(&a->shards[i].allocs, memory_order_relaxed);
     t.failed += atomic_load_explicit(&a->shards[i].failed, memory_order_relaxed);
   }
   return t;
+}
+
+static void tl__raise_peak(tl_arena_t* a, size_t now) {
+  size_t peak = atomic_load_explicit(&a->peak_bytes, memory_order_relaxed);
+  while (now > peak && !atomic_compare_exchange_weak_explicit(&a->peak_bytes, &peak, now,
+                                                              memory_order_relaxed,
+                                                              memory_order_relaxed)) {
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -317,11 +360,11 @@ int tl_arena_init(tl_arena_t** out, const tl_arena_options_t* opts) {
 int tl_arena_close(tl_arena_t* a) {
   tl__clear_detail();
   if (!a) return 0;
-  size_t blocks = tl__sum(a).blocks;
-  if (blocks != 0)
+  tl__sums_t t = tl__sum(a);
+  if (t.blocks != 0)
     return tl__fail(TL_EBUSY, "arena on node %d: %zu block(s), %zu bytes still in use; free "
                               "them before closing",
-                    a->region->numa_node, blocks, atomic_load(&a->bytes_in_use));
+                    a->region->numa_node, t.blocks, t.bytes);
   pthread_mutex_lock(&tl__regions_lock);
   a->region->owned = 0;
   pthread_mutex_unlock(&tl__regions_lock);
@@ -339,13 +382,15 @@ static int tl__in_region(const tl__region_t* r, const void* p) {
 }
 
 static int tl__exhausted(tl_arena_t* a, size_t size, const char* why) {
-  atomic_fetch_add_explicit(&tl__shard(a)->failed, 1, memory_order_relaxed);
+  int ex;
+  tl__shard_t* sh = tl__shard(a, &ex);
+  tl__shard_add64(&sh->failed, 1, ex);
   const tl__region_t* r = a->region;
   return tl__fail(TL_ENOMEM,
                   "arena on node %d (%zu MiB%s) cannot serve %zu bytes%s: %zu bytes in %zu "
                   "block(s) in use; free blocks or create a larger arena",
                   r->numa_node, r->size >> 20, r->pinned ? ", pinned" : "", size, why,
-                  atomic_load(&a->bytes_in_use), tl__sum(a).blocks);
+                  tl__sum(a).bytes, tl__sum(a).blocks);
 }
 
 int tl_arena_alloc(tl_arena_t* a, size_t size, size_t alignment, void** out) {
@@ -378,15 +423,16 @@ int tl_arena_alloc(tl_arena_t* a, size_t size, size_t alignment, void** out) {
   }
   if (!p) return tl__exhausted(a, size, "");
   size_t usable = mi_usable_size(p);
-  size_t now = atomic_fetch_add_explicit(&a->bytes_in_use, usable, memory_order_acq_rel) + usable;
-  tl__shard_t* sh = tl__shard(a);
-  atomic_fetch_add_explicit(&sh->blocks, 1, memory_order_relaxed);
-  atomic_fetch_add_explicit(&sh->allocs, 1, memory_order_relaxed);
-  size_t peak = atomic_load_explicit(&a->peak_bytes, memory_order_relaxed);
-  while (now > peak && !atomic_compare_exchange_weak_explicit(&a->peak_bytes, &peak, now,
-                                                              memory_order_relaxed,
-                                                              memory_order_relaxed)) {
-  }
+#if defined(__SANITIZE_THREAD__)
+  atomic_fetch_add_explicit(&a->tsan_order, usable, memory_order_acq_rel);
+#endif
+  int ex;
+  tl__shard_t* sh = tl__shard(a, &ex);
+  tl__shard_add(&sh->bytes, usable, ex);
+  tl__shard_add(&sh->blocks, 1, ex);
+  tl__shard_add64(&sh->allocs, 1, ex);
+  if ((atomic_load_explicit(&sh->allocs, memory_order_relaxed) & ((1u << TL__PEAK_SHIFT) - 1)) == 0)
+    tl__raise_peak(a, tl__sum(a).bytes);
   *out = p;
   return 0;
 }
@@ -397,9 +443,14 @@ int tl_arena_free(tl_arena_t* a, void* p) {
   if (!tl__in_region(a->region, p))
     return tl__fail(TL_EINVAL, "tl_arena_free: %p is not inside this arena's region", p);
   size_t usable = mi_usable_size(p);
-  /* Counters first (release), then mi_free: see the comment on struct tl_arena_s. */
-  atomic_fetch_sub_explicit(&tl__shard(a)->blocks, 1, memory_order_relaxed);
-  atomic_fetch_sub_explicit(&a->bytes_in_use, usable, memory_order_release);
+  /* Counters first, then mi_free: see the comment on struct tl_arena_s. */
+  int ex;
+  tl__shard_t* sh = tl__shard(a, &ex);
+  tl__shard_add(&sh->bytes, (size_t)0 - usable, ex);
+  tl__shard_add(&sh->blocks, (size_t)0 - 1, ex);
+#if defined(__SANITIZE_THREAD__)
+  atomic_fetch_sub_explicit(&a->tsan_order, usable, memory_order_release);
+#endif
   mi_free(p);
   return 0;
 }
@@ -418,8 +469,9 @@ int tl_arena_stats(const tl_arena_t* a, tl_arena_stats_t* out) {
   out->size = r->size;
   out->pinned = r->pinned;
   tl__strlcpy(out->pin_detail, r->pin_detail, sizeof out->pin_detail);
-  out->bytes_in_use = atomic_load(&a->bytes_in_use);
   tl__sums_t t = tl__sum(a);
+  out->bytes_in_use = t.bytes;
+  tl__raise_peak((tl_arena_t*)a, t.bytes); /* the peak counter is the one field stats updates */
   out->blocks_in_use = t.blocks;
   out->peak_bytes = atomic_load(&a->peak_bytes);
   out->allocs = t.allocs;

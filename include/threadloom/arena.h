@@ -50,7 +50,8 @@ typedef struct {
   char pin_detail[192];   /* why it is (not) pinned: "cudaHostRegister: cudaErrorInsufficient..." */
   size_t bytes_in_use;    /* sum of mi_usable_size over live blocks */
   size_t blocks_in_use;   /* live blocks */
-  size_t peak_bytes;      /* highest bytes_in_use seen since init */
+  size_t peak_bytes;      /* highest bytes_in_use seen since init, sampled every 64
+                             allocations of a thread and at each stats call */
   uint64_t allocs;        /* successful tl_arena_alloc calls since init */
   uint64_t failed_allocs; /* tl_arena_alloc calls that answered TL_ENOMEM */
 } tl_arena_stats_t;

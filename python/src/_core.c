@@ -105,8 +105,6 @@ PyObject* tl_py_fail(PyObject* module, int err) {
   return tl_py_raise(get_state(module), err, detail);
 }
 
-PyObject* tl_py_type_module(PyTypeObject* type) { return PyType_GetModule(type); }
-
 // ---------------------------------------------------------------------------------------------
 // Versions
 // ---------------------------------------------------------------------------------------------
