@@ -55,7 +55,7 @@ test-asan: bootstrap
 test-tsan: bootstrap
 	@cmake -S . -B build-tsan -DTL_TSAN=ON -DTL_WITH_PYTHON=OFF >/dev/null
 	@cmake --build build-tsan -j $(JOBS)
-	@cd build-tsan && TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 $(CTEST)
+	@cd build-tsan && TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:suppressions=$(CURDIR)/tests/tsan.supp $(CTEST)
 
 gpu-test: build
 	@cd $(BUILD) && $(CTEST) -L gpu

@@ -404,6 +404,9 @@ int tl_arena_alloc(tl_arena_t* a, size_t size, size_t alignment, void** out) {
                     alignment, TL_ARENA_MAX_ALIGNMENT);
   const tl__region_t* r = a->region;
   if (size > r->size) return tl__exhausted(a, size, " (larger than the region)");
+#if defined(__SANITIZE_THREAD__)
+  (void)atomic_load_explicit(&a->tsan_order, memory_order_acquire); /* every earlier free */
+#endif
   mi_heap_t* heap = tl__thread_heap(r);
   if (!heap)
     return tl__fail(TL_ENOMEM, "arena: no mimalloc heap for this thread (arena id %d)",
