@@ -388,7 +388,8 @@ static int tl__exhausted(tl_arena_t* a, size_t size, const char* why) {
   const tl__region_t* r = a->region;
   return tl__fail(TL_ENOMEM,
                   "arena on node %d (%zu MiB%s) cannot serve %zu bytes%s: %zu bytes in %zu "
-                  "block(s) in use; free blocks or create a larger arena",
+                  "block(s) in use; free blocks or create a larger arena (mimalloc gives each "
+                  "allocating thread segments of its own: allow 64 MiB per allocating thread)",
                   r->numa_node, r->size >> 20, r->pinned ? ", pinned" : "", size, why,
                   tl__sum(a).bytes, tl__sum(a).blocks);
 }

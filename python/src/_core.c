@@ -397,6 +397,10 @@ static int core_exec(PyObject* module) {
   if (add_error_classes(module, st) < 0) return -1;
   st->plan_type = PyType_FromModuleAndSpec(module, &tl_py_plan_spec, NULL);
   if (!st->plan_type || PyModule_AddObjectRef(module, "Plan", st->plan_type) < 0) return -1;
+  st->arena_type = PyType_FromModuleAndSpec(module, &tl_py_arena_spec, NULL);
+  if (!st->arena_type || PyModule_AddObjectRef(module, "Arena", st->arena_type) < 0) return -1;
+  st->buffer_type = PyType_FromModuleAndSpec(module, &tl_py_buffer_spec, NULL);
+  if (!st->buffer_type || PyModule_AddObjectRef(module, "Buffer", st->buffer_type) < 0) return -1;
   if (PyModule_AddStringConstant(module, "__version__", tl_version_string()) < 0) return -1;
   return 0;
 }
@@ -404,6 +408,9 @@ static int core_exec(PyObject* module) {
 static int core_traverse(PyObject* module, visitproc visit, void* arg) {
   core_state* st = get_state(module);
   Py_VISIT(st->plan_type);
+  Py_VISIT(st->pool_type);
+  Py_VISIT(st->arena_type);
+  Py_VISIT(st->buffer_type);
   Py_VISIT(st->error);
   for (int i = 0; i < TL_NCODES; i++) Py_VISIT(st->by_code[i]);
   return 0;
@@ -412,6 +419,9 @@ static int core_traverse(PyObject* module, visitproc visit, void* arg) {
 static int core_clear(PyObject* module) {
   core_state* st = get_state(module);
   Py_CLEAR(st->plan_type);
+  Py_CLEAR(st->pool_type);
+  Py_CLEAR(st->arena_type);
+  Py_CLEAR(st->buffer_type);
   Py_CLEAR(st->error);
   for (int i = 0; i < TL_NCODES; i++) Py_CLEAR(st->by_code[i]);
   return 0;

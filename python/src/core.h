@@ -13,6 +13,8 @@
 typedef struct {
   PyObject* plan_type;           /* threadloom._core.Plan */
   PyObject* pool_type;           /* threadloom._core.Pool */
+  PyObject* arena_type;          /* threadloom._core.Arena */
+  PyObject* buffer_type;         /* threadloom._core.Buffer */
   PyObject* error;               /* threadloom.Error: the base of every class below */
   PyObject* by_code[TL_NCODES];  /* by_code[-code]: the class for that TL_E* code */
 } core_state;
@@ -35,5 +37,9 @@ extern PyType_Spec tl_py_plan_spec;
 tl_plan_t* tl_py_plan_get(PyObject* plan); /* borrowed; NULL + TypeError if not a Plan */
 PyObject* tl_py_pin_current(PyObject* module, PyObject* unused);
 PyObject* tl_py_pin_set(PyObject* module, PyObject* args);
+
+/* arena.c */
+extern PyType_Spec tl_py_arena_spec;
+extern PyType_Spec tl_py_buffer_spec;
 
 #endif /* THREADLOOM_PY_CORE_H */

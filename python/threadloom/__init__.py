@@ -6,6 +6,7 @@ Py_MOD_GIL_NOT_USED`` and this package imports nothing that lacks it.
 """
 
 from threadloom import _core
+from threadloom._core import Arena, Buffer  # noqa: F401
 from threadloom._core import (  # noqa: F401  (the error classes are public API)
     AccessDeniedError,
     BusyError,
@@ -36,7 +37,7 @@ from threadloom.sysinfo import info, topology
 
 __version__ = _core.__version__
 
-__all__ = ["Error", "Pinning", "default_plan", "info", "pin", "plan", "topology",
+__all__ = ["Arena", "Buffer", "Error", "Pinning", "default_plan", "info", "pin", "plan", "topology",
            "__version__"] + [
     cls.__name__ for _, _, _, cls in _core.error_table()
 ]

@@ -1,0 +1,107 @@
+"""threadloom.Arena: NUMA-local blocks for batches, from many threads."""
+
+import random
+import threading
+
+import pytest
+
+import threadloom
+
+MiB = 1 << 20
+
+
+def test_alloc_write_read_free():
+    a = threadloom.Arena(numa_node=0, size=64 * MiB)
+    b = a.alloc(MiB)
+    assert len(b) == b.nbytes == MiB and b.ptr % 64 == 0
+    m = memoryview(b)
+    m[:5] = b"hello"
+    assert bytes(m[:5]) == b"hello"
+    with pytest.raises(BufferError):
+        b.free()  # a view is alive
+    m.release()
+    assert b.numa_node == 0
+    s = a.stats()
+    assert s["blocks_in_use"] == 1 and s["bytes_in_use"] >= MiB and s["numa_node"] == 0
+    b.free()
+    b.free()  # idempotent
+    assert b.ptr == 0
+    with pytest.raises(ValueError):
+        memoryview(b)
+    assert a.stats()["blocks_in_use"] == 0
+    with a.alloc(4096, alignment=4096) as c:
+        assert c.ptr % 4096 == 0
+    assert a.stats()["blocks_in_use"] == 0
+    a.close()
+
+
+def test_pinning_policy_without_a_driver():
+    n, _ = __import__("conftest").gpu_count_or_reason()
+    if n:
+        pytest.skip("a GPU is present: the pinned path is tested by make gpu-test")
+    a = threadloom.Arena(size=64 * MiB)  # pin='auto': plain memory, and why
+    s = a.stats()
+    assert s["pinned"] is False and "cudaHostRegister" in s["pin_detail"]
+    with pytest.raises((threadloom.NoDriverError, threadloom.NotBuiltError)):
+        threadloom.Arena(size=64 * MiB, pin="require")
+    with pytest.raises(ValueError):
+        threadloom.Arena(pin="sometimes")
+
+
+def test_exhaustion_is_an_error_and_recovers():
+    a = threadloom.Arena(numa_node=0, size=64 * MiB, pin="never")
+    blocks = []
+    with pytest.raises(threadloom.OutOfMemoryError) as ei:
+        while True:
+            blocks.append(a.alloc(8 * MiB))
+    assert "free blocks or create a larger arena" in str(ei.value)
+    assert "64 MiB per allocating thread" in str(ei.value)
+    assert 4 <= len(blocks) <= 8
+    assert a.stats()["failed_allocs"] >= 1
+    blocks.clear()  # dropping a Buffer frees its block
+    a.alloc(8 * MiB).free()
+
+
+def test_close_rules():
+    a = threadloom.Arena(size=64 * MiB, pin="never")
+    b = a.alloc(1000)
+    with pytest.raises(threadloom.BusyError):
+        a.close()
+    b.free()
+    a.close()
+    with pytest.raises(threadloom.ClosedError):
+        a.alloc(10)
+    with pytest.raises(threadloom.ClosedError):
+        a.stats()
+
+
+def test_many_threads_allocate_and_free_each_others_blocks():
+    # mimalloc gives every allocating thread segments of its own: 64 MiB per thread, plus room
+    n, rounds = 8, 300
+    a = threadloom.Arena(numa_node=0, size=(n + 2) * 64 * MiB, pin="never")
+    barrier = threading.Barrier(n)
+    exchange, lock, errors = [], threading.Lock(), []
+
+    def worker(seed):
+        rng = random.Random(seed)  # per-thread: nothing hot is shared
+        try:
+            barrier.wait()
+            for _ in range(rounds):
+                b = a.alloc(rng.randrange(64 << 10, 1 << 20))
+                memoryview(b)[0] = seed
+                with lock:
+                    exchange.append(b)
+                    other = exchange.pop(rng.randrange(len(exchange)))
+                other.free()  # often a block another thread allocated
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    s = a.stats()
+    assert s["allocs"] == n * rounds and s["blocks_in_use"] == 0 and s["bytes_in_use"] == 0
+    assert s["peak_bytes"] > 0
