@@ -105,3 +105,16 @@ def test_many_threads_allocate_and_free_each_others_blocks():
     s = a.stats()
     assert s["allocs"] == n * rounds and s["blocks_in_use"] == 0 and s["bytes_in_use"] == 0
     assert s["peak_bytes"] > 0
+
+
+def test_node_arena_is_shared_and_local(monkeypatch):
+    monkeypatch.setenv("THREADLOOM_ARENA_MB", "256")
+    node = threadloom.current_numa_node()
+    assert node >= 0
+    a = threadloom.arena()
+    assert a is threadloom.arena(numa_node=node)
+    with a.alloc(1 << 16) as b:
+        assert b.numa_node == node
+    monkeypatch.setenv("THREADLOOM_ARENA_MB", "lots")
+    with pytest.raises(ValueError):
+        threadloom.arena(numa_node=node + 1000)

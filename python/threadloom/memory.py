@@ -1,0 +1,57 @@
+"""NUMA-local memory for batches: one shared Arena per NUMA node.
+
+    buf = threadloom.arena().alloc(nbytes)     # from the node the calling thread runs on
+
+Each thread that allocates gets its own heap inside its node's arena (mimalloc), so pinned
+loader threads allocate without sharing anything; any thread may free any Buffer. The arena of
+a node is created on first use, page-locked when a GPU is present. Its size is
+THREADLOOM_ARENA_MB (default 1024) MiB; each allocating thread needs about 64 MiB of it for its
+own segments, plus the blocks it holds.
+"""
+
+import os
+import threading
+
+from threadloom import _core
+
+_lock = threading.Lock()
+_arenas = {}
+_core_nodes = None
+
+
+def _default_size():
+    raw = os.environ.get("THREADLOOM_ARENA_MB", "1024")
+    try:
+        mb = int(raw)
+        if mb <= 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError("THREADLOOM_ARENA_MB must be a positive number of MiB, not %r" % raw) from None
+    return mb << 20
+
+
+def current_numa_node():
+    """The NUMA node of the CPUs the calling thread may run on (the first of them), or -1."""
+    global _core_nodes
+    if _core_nodes is None:
+        nodes = {}
+        for c in _core.topology()["core_list"]:
+            for part in c["pus"].split(","):
+                a, _, b = part.partition("-")
+                for pu in range(int(a), int(b or a) + 1):
+                    nodes[pu] = c["numa_node"]
+        _core_nodes = nodes
+    first = _core.pin_current().split(",")[0].split("-")[0]
+    return _core_nodes.get(int(first), -1)
+
+
+def arena(numa_node=None, pin="auto"):
+    """The process's Arena for `numa_node` (default: the calling thread's node), created on
+    first use with THREADLOOM_ARENA_MB MiB and the given pin policy."""
+    node = current_numa_node() if numa_node is None else numa_node
+    with _lock:
+        a = _arenas.get(node)
+        if a is None:
+            a = _core.Arena(numa_node=node, size=_default_size(), pin=pin)
+            _arenas[node] = a
+        return a
