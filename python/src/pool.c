@@ -12,7 +12,10 @@
  * threads or the garbage collector.
  *
  * Thread-safety: submit/try_submit/stats/size may be called from any thread at once; close is
- * idempotent and serialised by the `closing` flag (an atomic exchange). */
+ * idempotent, serialised by close_mu (a second caller waits until the workers are joined).
+ * `pool` is written (to NULL) only under close_mu after tl_pool_close; submitters check
+ * `closing` first, and tl_pool_close itself rejects submits racing with it (TL_ECLOSED). */
+#include <pthread.h>
 #include <stdatomic.h>
 
 #include "core.h"
@@ -23,7 +26,9 @@ typedef struct {
   PyObject* on_start;        /* callable(worker_index) run on each worker at start, or NULL */
   PyObject* plan;            /* the Plan the workers were pinned by (kept alive), or NULL */
   PyInterpreterState* interp; /* the interpreter the workers attach to */
-  _Atomic int closing;       /* set once by the first close; later closes are no-ops */
+  _Atomic int closing;       /* set by the first close; submits then fail with ClosedError */
+  pthread_mutex_t close_mu;  /* held (detached) across tl_pool_close: a second close waits for
+                                the first to finish joining, then returns */
 } PoolObject;
 
 typedef struct {
@@ -145,6 +150,7 @@ static PyObject* pool_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) 
   self->plan = plan != Py_None ? Py_NewRef(plan) : NULL;
   self->interp = PyInterpreterState_Get();
   atomic_init(&self->closing, 0);
+  pthread_mutex_init(&self->close_mu, NULL);
   o.ud = self;
   int err;
   char detail[512] = "";
@@ -162,15 +168,21 @@ static PyObject* pool_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) 
   return (PyObject*)self;
 }
 
-/* Closes the pool (joins its workers) with the interpreter detached. Returns 0 or a TL_E*. */
+/* Closes the pool (joins its workers) with the interpreter detached. Returns 0 or a TL_E*
+ * (TL_EBUSY from one of the pool's own workers, which cannot join itself). */
 static int pool_close_impl(PoolObject* self, int cancel) {
-  if (atomic_exchange(&self->closing, 1)) return 0;
-  int err;
+  tl_pool_t* pool = self->pool;
+  if (pool && tl_pool_worker_index(pool) >= 0) return TL_EBUSY;
+  int err = 0;
   Py_BEGIN_ALLOW_THREADS
-  err = tl_pool_close(self->pool, cancel);
+  pthread_mutex_lock(&self->close_mu);
+  atomic_store(&self->closing, 1);
+  if (self->pool) {
+    err = tl_pool_close(self->pool, cancel);
+    if (!err) self->pool = NULL;
+  }
+  pthread_mutex_unlock(&self->close_mu);
   Py_END_ALLOW_THREADS
-  if (err == TL_EBUSY) atomic_store(&self->closing, 0); /* called from a worker: not closed */
-  else self->pool = NULL;
   return err;
 }
 
@@ -189,13 +201,14 @@ static void pool_dealloc(PyObject* op) {
   /* Normally closed by its owner (Executor.shutdown, the atexit hook). A pool dropped while
    * open is closed here, canceling what is queued; from one of its own workers that cannot
    * join, so the pool is leaked with a warning rather than deadlocking. */
-  if (self->pool && !atomic_load(&self->closing)) {
+  if (self->pool) {
     if (pool_close_impl(self, 1) == TL_EBUSY)
       PyErr_WarnEx(PyExc_ResourceWarning, "threadloom Pool dropped by one of its own workers: "
                    "its threads are left running; shut pools down explicitly", 1);
   }
   Py_CLEAR(self->on_start);
   Py_CLEAR(self->plan);
+  if (!self->pool) pthread_mutex_destroy(&self->close_mu);
   tp->tp_free(op);
   Py_DECREF(tp);
 }

@@ -32,13 +32,15 @@ from threadloom._core import (  # noqa: F401  (the error classes are public API)
     TryAgainError,
     UnknownError,
 )
+from threadloom.executor import Executor
 from threadloom.memory import arena, current_numa_node
+from threadloom.pipeline import Pipeline
 from threadloom.placement import Pinning, default_plan, pin, plan
 from threadloom.sysinfo import info, topology
 
 __version__ = _core.__version__
 
-__all__ = ["Arena", "Buffer", "Error", "arena", "current_numa_node", "Pinning", "default_plan", "info", "pin", "plan", "topology",
+__all__ = ["Arena", "Buffer", "Error", "Executor", "Pipeline", "arena", "current_numa_node", "Pinning", "default_plan", "info", "pin", "plan", "topology",
            "__version__"] + [
     cls.__name__ for _, _, _, cls in _core.error_table()
 ]

@@ -1,0 +1,380 @@
+"""threadloom.Pipeline: stages with their own threads, bounded queues between them.
+
+    pipe = (threadloom.Pipeline(paths, ordered=True)
+            .map(read, workers=4)                          # I/O-bound: more threads
+            .map(decode, workers=8, state=make_decoder)    # decode(state, item), state per thread
+            .map(to_batch, workers=2))
+    for batch in pipe:                                     # in source order
+        train(batch)
+    print(pipe.stats())                                    # per stage, readable while running
+
+Memory is fixed: at most ``capacity`` items are between the source and the consumer at any time
+(a slow consumer stops the source, it does not grow queues). Each stage's workers are threads of
+one threadloom scheduler pool, pinned when asked. Errors: by default the first exception raised
+by a stage stops the pipeline promptly and is re-raised to the consumer with its original
+traceback; ``on_error="skip"`` drops failing items and counts them, raising once more than
+``max_errors`` failed. The pipeline also stops promptly when the consumer breaks out of the
+loop, drops the iterator, is interrupted (KeyboardInterrupt), or the interpreter exits.
+
+Per-worker state: ``state=factory`` calls ``factory()`` once on each worker thread of the stage
+and passes the result as the first argument of every call on that thread, so hot Python objects
+(tokenizers, random generators, vocabularies) are never shared between threads: on 3.13t,
+threads sharing such objects stop scaling past a few threads.
+"""
+
+import collections
+import threading
+import time
+import weakref
+
+from threadloom import _core
+
+_CLOSED = object()  # a closed queue's answer
+_SKIP = object()    # an item that failed under on_error="skip": its slot in the order
+_END = object()     # no more items from upstream
+
+
+class _Queue:
+    """A bounded FIFO that can be closed: put() waits while full, get() while empty; after
+    close() both return at once (put: False, get: _CLOSED once drained... or at once with
+    drain=False)."""
+
+    def __init__(self, maxsize):
+        self._items = collections.deque()
+        self._maxsize = maxsize
+        self._cond = threading.Condition(threading.Lock())
+        self._closed = False
+
+    def put(self, item):
+        with self._cond:
+            while len(self._items) >= self._maxsize and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return False
+            self._items.append(item)
+            self._cond.notify_all()
+            return True
+
+    def get(self, timeout=None):
+        """An item, _CLOSED after close(), or None when `timeout` seconds passed first."""
+        with self._cond:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._items and not self._closed:
+                if deadline is None:
+                    self._cond.wait()
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self._cond.wait(left)
+            if self._closed:
+                return _CLOSED
+            item = self._items.popleft()
+            self._cond.notify_all()
+            return item
+
+    def close(self):
+        with self._cond:
+            self._closed = True
+            self._items.clear()
+            self._cond.notify_all()
+
+    def __len__(self):
+        return len(self._items)
+
+
+class _Stage:
+    def __init__(self, fn, workers, state, on_error, max_errors, name, queue_size):
+        self.fn = fn
+        self.workers = workers
+        self.state = state
+        self.on_error = on_error
+        self.max_errors = max_errors
+        self.name = name
+        self.queue_size = queue_size
+        # one counter list per worker, written by that worker only: [items, errors, busy, wait]
+        self.counters = [[0, 0, 0.0, 0.0] for _ in range(workers)]
+        self.inq = None
+        self.remaining = workers  # workers still running; under the pipeline's end lock
+
+
+_live = weakref.WeakSet()
+
+
+def _python_exit():
+    for p in list(_live):
+        p.close()
+
+
+threading._register_atexit(_python_exit)
+
+
+class Pipeline:
+    """A source iterable followed by stages added with map(); iterate it to run it.
+
+    ordered: yield results in source order (default) or as they complete. capacity: items in
+    flight at most (default: 2 per worker plus the queues). timeout: seconds the consumer waits
+    for the next result before TimeoutError (None: forever). pin: pin the workers through a
+    placement plan of this machine; plan / role / gpu: pin them to that plan's slots instead.
+    """
+
+    def __init__(self, source, *, ordered=True, capacity=None, timeout=None, pin=False,
+                 plan=None, role="loader", gpu=None, name="pipeline"):
+        self._source = source
+        self._ordered = ordered
+        self._capacity = capacity
+        self._timeout = timeout
+        self._pin = pin
+        self._plan = plan
+        self._role = role
+        self._gpu = gpu
+        self._name = name
+        self._stages = []
+        self._started = False
+        self._closed = False
+        self._lock = threading.Lock()
+        self._error = None
+        self._pool = None
+
+    def map(self, fn, *, workers=1, state=None, on_error="raise", max_errors=None, name=None,
+            queue_size=None):
+        """Adds a stage calling fn(item), or fn(state, item) with state=factory; returns self."""
+        if self._started:
+            raise RuntimeError("cannot add a stage to a pipeline that is running")
+        if not callable(fn):
+            raise TypeError("fn must be callable, not %r" % (fn,))
+        if workers < 1:
+            raise ValueError("workers must be >= 1, not %r" % (workers,))
+        if on_error not in ("raise", "skip"):
+            raise ValueError("on_error must be 'raise' or 'skip', not %r" % (on_error,))
+        if state is not None and not callable(state):
+            raise TypeError("state must be a factory (a callable), not %r" % (state,))
+        if max_errors is not None and on_error != "skip":
+            raise ValueError("max_errors applies to on_error='skip'")
+        qs = queue_size if queue_size is not None else 2 * workers
+        if qs < 1:
+            raise ValueError("queue_size must be >= 1")
+        self._stages.append(_Stage(fn, workers, state, on_error, max_errors,
+                                   name or getattr(fn, "__name__", "stage%d" % len(self._stages)), qs))
+        return self
+
+    # -- running ----------------------------------------------------------------------------
+
+    def __iter__(self):
+        if self._started:
+            raise RuntimeError("a Pipeline runs once; build a new one to run again")
+        if not self._stages:
+            raise ValueError("add at least one stage with map() before iterating")
+        self._started = True
+        workers = sum(s.workers for s in self._stages)
+        for s in self._stages:
+            s.inq = _Queue(s.queue_size)
+        self._out = _Queue(1 << 30)  # bounded by the in-flight semaphore
+        cap = self._capacity or (2 * workers + sum(s.queue_size for s in self._stages))
+        self._inflight = threading.BoundedSemaphore(cap)
+        plan = self._plan
+        if self._pin and plan is None:
+            from threadloom.placement import plan as make_plan
+            plan = make_plan(gpus=0, loaders_per_gpu=workers + 1, io_threads=0, main_thread=False)
+        self._pool = _core.Pool(workers + 1, plan=plan, role=self._role, gpu=self._gpu,
+                                capacity=workers + 1, name=self._name[:12])
+        _live.add(self)
+        self._pool.submit(self._feed)
+        for k, s in enumerate(self._stages):
+            for w in range(s.workers):
+                self._pool.submit(lambda k=k, w=w: self._work(k, w))
+        return _Iterator(self)
+
+    def _fail(self, exc):
+        """Records the first error and stops every queue (workers and consumer wake up)."""
+        with self._lock:
+            if self._error is None:
+                self._error = exc
+        self._stop_queues()
+
+    def _stop_queues(self):
+        for s in self._stages:
+            s.inq.close()
+        self._out.close()
+
+    def _feed(self):
+        q = self._stages[0].inq
+        seq = 0
+        try:
+            for item in self._source:
+                while not self._inflight.acquire(timeout=0.1):
+                    if self._closed:
+                        return
+                if not q.put((seq, item)):
+                    return
+                seq += 1
+        except BaseException as exc:
+            self._fail(exc)
+            return
+        self._ended(-1)
+
+    def _ended(self, k):
+        """Stage k (-1: the source) has no more items: the next stage's workers get one end
+        marker each; after the last stage the consumer gets one."""
+        nxt = k + 1
+        if nxt < len(self._stages):
+            for _ in range(self._stages[nxt].workers):
+                self._stages[nxt].inq.put(_END)
+        else:
+            self._out.put(_END)
+
+    def _work(self, k, w):
+        stage = self._stages[k]
+        c = stage.counters[w]
+        nxt = self._stages[k + 1].inq if k + 1 < len(self._stages) else self._out
+        fn = stage.fn
+        try:
+            state = stage.state() if stage.state is not None else None
+        except BaseException as exc:
+            self._fail(exc)
+            return
+        clock = time.perf_counter
+        while True:
+            t0 = clock()
+            got = stage.inq.get()
+            t1 = clock()
+            c[3] += t1 - t0
+            if got is _CLOSED:
+                return
+            if got is _END:
+                with self._lock:
+                    stage.remaining -= 1
+                    last = stage.remaining == 0
+                if last:
+                    self._ended(k)
+                return
+            seq, item = got
+            if item is not _SKIP:
+                try:
+                    item = fn(item) if state is None else fn(state, item)
+                except BaseException as exc:
+                    c[1] += 1
+                    if stage.on_error == "raise":
+                        self._fail(exc)
+                        return
+                    errors = sum(x[1] for x in stage.counters)
+                    if stage.max_errors is not None and errors > stage.max_errors:
+                        err = RuntimeError("stage %r: %d items failed, more than max_errors=%d; "
+                                           "the last failure is the cause"
+                                           % (stage.name, errors, stage.max_errors))
+                        err.__cause__ = exc
+                        self._fail(err)
+                        return
+                    item = _SKIP
+                else:
+                    c[0] += 1
+            c[2] += clock() - t1
+            if not nxt.put((seq, item)):
+                return
+
+    # -- inspection and shutdown ----------------------------------------------------------
+
+    def stats(self):
+        """Per stage: name, workers, items, errors, busy_s, wait_s, queue_depth, queue_size."""
+        out = []
+        for s in self._stages:
+            rows = [list(c) for c in s.counters]
+            out.append({
+                "name": s.name, "workers": s.workers,
+                "items": sum(r[0] for r in rows), "errors": sum(r[1] for r in rows),
+                "busy_s": sum(r[2] for r in rows), "wait_s": sum(r[3] for r in rows),
+                "queue_depth": len(s.inq) if s.inq is not None else 0,
+                "queue_size": s.queue_size,
+            })
+        return out
+
+    def close(self):
+        """Stops the pipeline and joins its threads; safe to call more than once."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._pool is None:
+            return
+        self._stop_queues()
+        if self._pool.worker_index() >= 0:
+            return  # closed from inside a stage: the queues are stopped, workers exit by themselves
+        self._pool.close(cancel=True)
+        _live.discard(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class _Iterator:
+    """What iterating a Pipeline returns. Dropping it (or breaking out of the loop) closes the
+    pipeline."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+        self._next_seq = 0
+        self._held = {}  # ordered mode: results that arrived before their turn
+        self._ended = False  # the end marker arrived: everything is in _held
+        self._done = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return self._next()
+        except StopIteration:
+            raise
+        except BaseException:
+            self._pipe.close()
+            raise
+
+    def _next(self):
+        p = self._pipe
+        while True:
+            if self._done:
+                raise StopIteration
+            if p._ordered and self._next_seq in self._held:
+                item = self._held.pop(self._next_seq)
+                self._next_seq += 1
+                p._inflight.release()
+                if item is _SKIP:
+                    continue
+                return item
+            if self._ended:
+                if self._held:
+                    raise RuntimeError("threadloom bug: item %d never arrived" % self._next_seq)
+                self._done = True
+                p.close()
+                raise StopIteration
+            got = p._out.get(timeout=p._timeout)
+            if got is None and p._timeout is not None and not p._closed:
+                stats = ", ".join("%s: %d done, %d queued" % (s["name"], s["items"], s["queue_depth"])
+                                  for s in p.stats())
+                raise TimeoutError("no result from the pipeline within %s s (%s)" % (p._timeout, stats))
+            if got is _CLOSED:
+                if p._error is not None:
+                    raise p._error
+                self._done = True
+                raise StopIteration
+            if got is _END:
+                self._ended = True
+                continue
+            seq, item = got
+            if p._ordered:
+                self._held[seq] = item
+                continue
+            p._inflight.release()
+            if item is _SKIP:
+                continue
+            return item
+
+    def close(self):
+        self._pipe.close()
+
+    def __del__(self):
+        self._pipe.close()

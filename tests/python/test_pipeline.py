@@ -1,0 +1,183 @@
+"""threadloom.Pipeline: ordering, errors, early stop, bounded memory, per-worker state."""
+
+import random
+import signal
+import threading
+import time
+import traceback
+
+import pytest
+
+import threadloom
+from conftest import run_python
+
+
+def jitter(x):
+    time.sleep(random.random() * 0.002)  # completion order differs from source order
+    return x
+
+
+def test_ordered_output_is_in_order():
+    out = list(threadloom.Pipeline(range(300)).map(jitter, workers=4).map(lambda x: x * 2, workers=3))
+    assert out == [2 * i for i in range(300)]
+
+
+def test_completion_order_yields_everything():
+    out = list(threadloom.Pipeline(range(300), ordered=False).map(jitter, workers=4))
+    assert sorted(out) == list(range(300))
+
+
+def fails_on_13(x):
+    if x == 13:
+        raise ValueError("bad item 13")
+    return x
+
+
+def test_stage_error_raises_with_original_traceback_and_stops():
+    p = threadloom.Pipeline(range(10_000)).map(fails_on_13, workers=3).map(jitter, workers=2)
+    with pytest.raises(ValueError, match="bad item 13") as ei:
+        for _ in p:
+            pass
+    assert "fails_on_13" in [f.name for f in traceback.extract_tb(ei.value.__traceback__)]
+    assert p._pool.closed  # its threads are joined
+
+
+def test_skip_policy_counts_and_limits():
+    p = threadloom.Pipeline(range(100), ordered=True).map(
+        lambda x: 1 // (x % 10), workers=2, on_error="skip", max_errors=20)
+    out = list(p)
+    assert len(out) == 90
+    assert p.stats()[0]["errors"] == 10 and p.stats()[0]["items"] == 90
+    p = threadloom.Pipeline(range(100)).map(lambda x: 1 // (x % 10), on_error="skip", max_errors=3)
+    with pytest.raises(RuntimeError, match="max_errors=3") as ei:
+        list(p)
+    assert isinstance(ei.value.__cause__, ZeroDivisionError)
+
+
+def test_consumer_breaking_early_stops_the_pipeline():
+    pulled = []
+
+    def source():
+        for i in range(10**9):
+            pulled.append(i)
+            yield i
+
+    p = threadloom.Pipeline(source()).map(jitter, workers=2)
+    for x in p:
+        if x == 5:
+            break
+    # the loop's iterator is gone: the pipeline closed and joined its threads
+    assert p._pool.closed
+    n = len(pulled)
+    time.sleep(0.05)
+    assert len(pulled) == n  # the source stopped
+
+
+def test_memory_stays_bounded_with_a_slow_consumer():
+    pulled = []
+    cap = 8
+
+    def source():
+        for i in range(10**6):
+            pulled.append(i)
+            yield i
+
+    p = threadloom.Pipeline(source(), capacity=cap).map(lambda x: x, workers=2)
+    it = iter(p)
+    for _ in range(3):
+        next(it)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:  # let the producers run ahead as far as they can
+        time.sleep(0.01)
+    assert len(pulled) <= 3 + cap + 1
+    p.close()
+
+
+def test_state_is_created_once_per_worker_and_never_shared():
+    made, lock = [], threading.Lock()
+
+    def factory():
+        st = {"thread": threading.get_ident(), "rng": random.Random(0)}
+        with lock:
+            made.append(st)
+        return st
+
+    def use(st, x):
+        assert st["thread"] == threading.get_ident()
+        return x + int(st["rng"].random() * 0)
+
+    out = list(threadloom.Pipeline(range(500)).map(use, workers=4, state=factory))
+    assert out == list(range(500))
+    assert 1 <= len(made) <= 4
+    assert len({st["thread"] for st in made}) == len(made)
+
+
+def test_stats_while_running_and_timeout():
+    gate = threading.Event()
+
+    def wait_for_gate(x):
+        if x == 3:
+            gate.wait(30)
+        return x
+
+    p = threadloom.Pipeline(range(10), timeout=0.3).map(wait_for_gate, name="gated")
+    it = iter(p)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(TimeoutError, match="gated"):
+        next(it)
+    s = p.stats()[0]
+    assert s["name"] == "gated" and s["items"] == 3 and s["workers"] == 1
+    gate.set()
+    p.close()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        threadloom.Pipeline([]).map(print, workers=0)
+    with pytest.raises(ValueError):
+        threadloom.Pipeline([]).map(print, on_error="ignore")
+    with pytest.raises(ValueError):
+        iter(threadloom.Pipeline([1]))
+    with pytest.raises(TypeError):
+        threadloom.Pipeline([1]).map(print, state=42)
+    p = threadloom.Pipeline([1, 2]).map(lambda x: x)
+    assert list(p) == [1, 2]
+    with pytest.raises(RuntimeError, match="runs once"):
+        iter(p)
+
+
+def test_source_error_propagates():
+    def source():
+        yield 1
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(threadloom.Pipeline(source()).map(lambda x: x))
+
+
+def test_keyboard_interrupt_stops_promptly():
+    code = (
+        "import os, signal, threading, time, threadloom\n"
+        "def slow(x):\n"
+        "    time.sleep(0.01); return x\n"
+        "threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+        "try:\n"
+        "    for x in threadloom.Pipeline(iter(int, 1)).map(slow, workers=2): pass\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', threading.active_count())\n"
+    )
+    r = run_python("-c", code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("interrupted")
+
+
+def test_interpreter_exit_with_a_running_pipeline():
+    code = (
+        "import threadloom\n"
+        "it = iter(threadloom.Pipeline(iter(int, 1)).map(lambda x: x, workers=2))\n"
+        "next(it)\n"
+        "print('leaving')\n"
+    )
+    r = run_python("-c", code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "leaving"
