@@ -4,7 +4,7 @@
  *   numa/      topology, placement and NUMA-local pinned memory     (threadloom/numa.h,
  *                                                                    threadloom/arena.h)
  *   cudactx/   shared CUDA contexts, streams, staging, DLPack       (threadloom/cudactx.h)
- *   scheduler/ pinned work-stealing threads and pipelines
+ *   scheduler/ pinned work-stealing threads and pipelines      (threadloom/scheduler.h)
  * Conventions (see docs/design.md): fallible calls return 0 or a negative TL_E* code
  * (threadloom/error.h); thread-safety and ownership defaults are in threadloom/common.h. */
 #ifndef THREADLOOM_THREADLOOM_H
@@ -15,6 +15,7 @@
 #include "threadloom/cudactx.h"
 #include "threadloom/error.h"
 #include "threadloom/numa.h"
+#include "threadloom/scheduler.h"
 
 TL_BEGIN_DECLS
 

@@ -1,0 +1,156 @@
+/* scheduler/internal.h: the scheduler part's private state, shared by deque.c, pool.c and
+ * group.c. Lock order (never take an earlier one while holding a later one):
+ *   group->mu  ->  pool->park_mu
+ * A deque's mutex and the injection queue's mutex are leaves: nothing else is taken while one
+ * is held, and no two of them are ever held at once. */
+#ifndef THREADLOOM_SCHEDULER_INTERNAL_H
+#define THREADLOOM_SCHEDULER_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+
+#include "core/internal.h"
+#include "threadloom/scheduler.h"
+
+#define TL__CACHE_LINE 64
+
+// ---------------------------------------------------------------------------------------------
+// Tasks and queues (deque.c)
+// ---------------------------------------------------------------------------------------------
+
+/* A task, stored by value in the queues: submitting allocates nothing. */
+typedef struct {
+  tl_task_fn fn;       /* called to run it */
+  tl_task_fn cancel;   /* called instead when it is canceled; may be NULL */
+  void* arg;           /* the caller's argument to either */
+  tl_group_t* group;   /* counted in this group, or NULL */
+} tl__task_t;
+
+/* One worker's deque: a growable ring under a mutex. The owner pushes and pops at the bottom
+ * (LIFO), thieves take from the top (FIFO). top and bottom grow without wrapping; the slot of
+ * index i is buf[i & mask]. */
+typedef struct {
+  pthread_mutex_t mu;        /* guards buf, mask, top, bottom */
+  tl__task_t* buf;           /* owned; mask + 1 slots */
+  size_t mask;               /* capacity - 1 (capacity a power of two) */
+  size_t top;                /* next slot a thief takes */
+  size_t bottom;             /* next slot the owner fills */
+  _Atomic size_t size;       /* bottom - top, stored under mu, read without it (relaxed) so
+                                thieves and the owner skip empty deques without locking */
+} tl__deque_t;
+
+int tl__deque_init(tl__deque_t* d, size_t capacity);
+void tl__deque_destroy(tl__deque_t* d);
+/* Owner only. TL_ENOMEM when the ring cannot grow. */
+int tl__deque_push(tl__deque_t* d, const tl__task_t* t);
+/* Owner: newest task. Returns false when empty. */
+bool tl__deque_pop(tl__deque_t* d, tl__task_t* out);
+/* Thief: oldest task. Returns false when empty. */
+bool tl__deque_steal(tl__deque_t* d, tl__task_t* out);
+
+/* The bounded multi-producer multi-consumer injection queue. */
+typedef struct {
+  pthread_mutex_t mu;        /* guards everything below except `size` reads */
+  pthread_cond_t not_full;   /* signalled when a slot frees or the pool closes */
+  tl__task_t* buf;           /* owned; cap slots */
+  size_t cap;                /* capacity */
+  size_t head;               /* index of the oldest task */
+  size_t count;              /* tasks held */
+  int blocked;               /* submitters waiting in not_full */
+  bool closed;               /* set by close under mu: no more puts */
+  _Atomic size_t size;       /* count, stored under mu, read without it (relaxed) */
+} tl__inject_t;
+
+int tl__inject_init(tl__inject_t* q, size_t cap);
+void tl__inject_destroy(tl__inject_t* q);
+/* wait: block while full. 0, TL_EAGAIN (full, !wait) or TL_ECLOSED. */
+int tl__inject_put(tl__inject_t* q, const tl__task_t* t, bool wait);
+bool tl__inject_take(tl__inject_t* q, tl__task_t* out);
+/* Refuses later puts and wakes blocked ones (they return TL_ECLOSED). Returns false when it
+ * was already closed. */
+bool tl__inject_close(tl__inject_t* q);
+
+// ---------------------------------------------------------------------------------------------
+// Pool and groups
+// ---------------------------------------------------------------------------------------------
+
+/* One worker. Aligned to a cache line so the counters of neighbours never share one. */
+typedef struct {
+  _Alignas(TL__CACHE_LINE) tl_pool_t* pool; /* its pool */
+  int index;                      /* 0 .. nworkers-1 */
+  pthread_t thread;               /* its thread (valid once started) */
+  uint64_t rng;                   /* xorshift state for picking victims; owner only */
+  tl__deque_t deque;              /* its own tasks */
+  /* Counters written by the owner only (load + store, no read-modify-write) and read by
+   * tl_pool_stats from other threads, hence atomic (relaxed). */
+  _Atomic uint64_t executed;      /* fn called */
+  _Atomic uint64_t canceled;      /* cancel path taken */
+  _Atomic uint64_t stolen;        /* tasks it stole */
+  _Atomic uint64_t parked;        /* times it slept */
+} tl__worker_t;
+
+/* A waiter of a group that is a pool worker: the last task of the group wakes that pool's
+ * parked workers so the helper sees the group is done. Lives on the waiter's stack, linked
+ * under group->mu. */
+typedef struct tl__helper_s {
+  tl_pool_t* pool;                /* the helper's pool */
+  struct tl__helper_s* next;      /* next helper of the same group */
+} tl__helper_t;
+
+struct tl_group_s {
+  _Atomic int pending;            /* tasks accepted and not yet finished or canceled; the step
+                                     from 1 to 0 happens under mu (see group.c) */
+  _Atomic bool canceled;          /* tl_group_cancel was called; read by workers per task */
+  pthread_mutex_t mu;             /* guards helpers and the 1 -> 0 step of pending */
+  pthread_cond_t done;            /* broadcast when pending reaches 0 (CLOCK_MONOTONIC) */
+  tl__helper_t* helpers;          /* pool workers waiting in tl_group_wait */
+};
+
+struct tl_pool_s {
+  int nworkers;                   /* workers (fixed at init) */
+  tl__worker_t* workers;          /* owned array */
+  tl__inject_t inject;            /* tasks from non-worker threads */
+  /* The parking handshake (pool.c): `pending` and `sleepers` are seq_cst atomics so that a
+   * submitter and a parking worker always see at least one of each other's writes. */
+  _Atomic int64_t pending;        /* tasks queued (deques + injection), not yet taken */
+  _Atomic int sleepers;           /* workers inside the park section (idle or helping) */
+  _Atomic bool closing;           /* tl_pool_close began: workers exit once pending is 0 */
+  _Atomic bool cancel_all;        /* close(cancel_pending=1): every task taken is canceled */
+  pthread_mutex_t park_mu;        /* guards the park condition's sleep */
+  pthread_cond_t park_cond;       /* where idle workers sleep (CLOCK_MONOTONIC) */
+  _Atomic uint64_t injected;      /* tasks accepted through the injection queue */
+  pthread_mutex_t start_mu;       /* guards started, stats_pinned, pin_refused */
+  pthread_cond_t start_cond;      /* signalled as workers finish on_start */
+  int started;                    /* workers that finished on_start (or failed to start) */
+  int pinned;                     /* workers pinned from the plan */
+  char pin_refused[256];          /* the first refusal */
+  tl_plan_t* plan;                /* borrowed during init only (workers pin before init ends) */
+  tl_role_t role;                 /* slots claimed from the plan */
+  int gpu;                        /* ... for this GPU */
+  void (*on_start)(void*, int);   /* user hook, may be NULL */
+  void (*on_stop)(void*, int);    /* user hook, may be NULL */
+  void* ud;                       /* their argument */
+  char name[16];                  /* thread name prefix, truncated */
+};
+
+/* The worker the calling thread is, in any pool, or NULL. */
+tl__worker_t* tl__self_worker(void);
+/* Finds a task for w: own deque, then the injection queue, then stealing. Decrements
+ * pool->pending for a task found. */
+bool tl__find_task(tl__worker_t* w, tl__task_t* out);
+/* Runs (or cancels) a task taken from the pool and settles its group. */
+void tl__run_task(tl__worker_t* w, tl__task_t* t);
+/* Parks w until the pool has pending tasks, is closing, or (group non-NULL) the group has no
+ * pending tasks; deadline_ns 0: no deadline (CLOCK_MONOTONIC). Spins briefly first. */
+void tl__park(tl__worker_t* w, tl_group_t* group, int64_t deadline_ns);
+/* A task of g finished or was canceled (or a submit is rolled back). */
+void tl__group_settle(tl_group_t* g);
+/* Counts one more task in g; TL_ECANCELED if g is canceled. */
+int tl__group_add(tl_group_t* g);
+/* Monotonic now in ns. */
+int64_t tl__now_ns(void);
+/* Initialises a condition variable on CLOCK_MONOTONIC; returns a pthread error. */
+int tl__cond_init_monotonic(pthread_cond_t* c);
+
+#endif /* THREADLOOM_SCHEDULER_INTERNAL_H */
