@@ -397,6 +397,8 @@ static int core_exec(PyObject* module) {
   if (add_error_classes(module, st) < 0) return -1;
   st->plan_type = PyType_FromModuleAndSpec(module, &tl_py_plan_spec, NULL);
   if (!st->plan_type || PyModule_AddObjectRef(module, "Plan", st->plan_type) < 0) return -1;
+  st->pool_type = PyType_FromModuleAndSpec(module, &tl_py_pool_spec, NULL);
+  if (!st->pool_type || PyModule_AddObjectRef(module, "Pool", st->pool_type) < 0) return -1;
   st->arena_type = PyType_FromModuleAndSpec(module, &tl_py_arena_spec, NULL);
   if (!st->arena_type || PyModule_AddObjectRef(module, "Arena", st->arena_type) < 0) return -1;
   st->buffer_type = PyType_FromModuleAndSpec(module, &tl_py_buffer_spec, NULL);

@@ -38,6 +38,9 @@ tl_plan_t* tl_py_plan_get(PyObject* plan); /* borrowed; NULL + TypeError if not 
 PyObject* tl_py_pin_current(PyObject* module, PyObject* unused);
 PyObject* tl_py_pin_set(PyObject* module, PyObject* args);
 
+/* pool.c */
+extern PyType_Spec tl_py_pool_spec;
+
 /* arena.c */
 extern PyType_Spec tl_py_arena_spec;
 extern PyType_Spec tl_py_buffer_spec;

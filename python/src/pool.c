@@ -70,28 +70,43 @@ static void task_free(tl_py_task_t* t) {
   PyMem_RawFree(t);
 }
 
+/* Attaches the calling thread: a worker re-attaches its own thread state; any other thread (the
+ * one closing the pool may cancel queued tasks itself) goes through PyGILState. */
+static PyGILState_STATE attach(void) {
+  if (tl_py_worker_ts) {
+    PyEval_RestoreThread(tl_py_worker_ts);
+    return PyGILState_UNLOCKED; /* unused for workers */
+  }
+  return PyGILState_Ensure();
+}
+
+static void detach(PyGILState_STATE g) {
+  if (tl_py_worker_ts) PyEval_SaveThread();
+  else PyGILState_Release(g);
+}
+
 static void task_run(void* arg) {
   tl_py_task_t* t = arg;
-  PyEval_RestoreThread(tl_py_worker_ts);
+  PyGILState_STATE g = attach();
   PyObject* r = PyObject_CallNoArgs(t->fn);
   /* The Python layer catches everything a user callable raises; what reaches here is a bug
    * (or KeyboardInterrupt/SystemExit raised inside a worker), reported, never silently lost. */
   if (!r) PyErr_WriteUnraisable(t->fn);
   Py_XDECREF(r);
   task_free(t);
-  PyEval_SaveThread();
+  detach(g);
 }
 
 static void task_cancel(void* arg) {
   tl_py_task_t* t = arg;
-  PyEval_RestoreThread(tl_py_worker_ts);
+  PyGILState_STATE g = attach();
   if (t->cancel) {
     PyObject* r = PyObject_CallNoArgs(t->cancel);
     if (!r) PyErr_WriteUnraisable(t->cancel);
     Py_XDECREF(r);
   }
   task_free(t);
-  PyEval_SaveThread();
+  detach(g);
 }
 
 // ---------------------------------------------------------------------------------------------
