@@ -6,7 +6,7 @@
  * the best of R runs (default 3), from the first submit until tl_pool_close(pool, 0) returns
  * (every task has run and the workers are joined; starting the threads is not timed):
  *   tree    a binary tree of tasks: every task spawns two children into its own deque, so
- *           work spreads by stealing (2^(21*S)... nodes: depth 20 by default, 2M tasks)
+ *           work spreads by stealing (depth 20 by default: 2M tasks; smaller with --scale)
  *   batch   one root task per worker, each spawning a batch of empty tasks into its own deque
  *           (idle workers steal from the spawners)
  *   inject  one outside thread submits empty tasks through the bounded injection queue
@@ -17,8 +17,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <sched.h>
+#include <time.h>
 
 #include "threadloom/threadloom.h"
 
