@@ -292,8 +292,10 @@ int tl_pool_init(tl_pool_t** out, const tl_pool_options_t* opts) {
     if (n < 1) n = 1;
   }
 
-  tl_pool_t* p = calloc(1, sizeof *p);
+  /* Cache-line aligned fields inside: sizeof is a multiple of the line, as aligned_alloc needs. */
+  tl_pool_t* p = aligned_alloc(_Alignof(tl_pool_t), sizeof *p);
   if (!p) return tl__fail(TL_ENOMEM, "tl_pool_init");
+  memset(p, 0, sizeof *p);
   p->nworkers = n;
   p->plan = o.plan;
   p->role = o.role;
