@@ -8,9 +8,11 @@
  * computation the biggest).
  *
  * Invariants: top <= bottom, bottom - top <= mask + 1; the atomic `size` mirrors bottom - top
- * (resp. count) and is only stored under the mutex, so a relaxed read without the mutex is a
- * hint that may be stale but is never torn; a stale hint costs one lock, never a lost task,
- * because emptiness is decided again under the mutex. The injection queue's `closed` flag is
+ * (resp. count) and is only stored under the mutex, so a read without the mutex is a hint that
+ * may be stale but is never torn; a stale hint costs one lock, never a lost task, because
+ * emptiness is decided again under the mutex. A push stores `size` seq_cst: it is the
+ * submitter's half of the parking handshake described in pool.c (takes may store relaxed: a
+ * smaller size never has to wake anyone). The injection queue's `closed` flag is
  * set under its mutex, so a put either lands before close (and is drained) or is refused. */
 #include <stdlib.h>
 #include <string.h>
@@ -68,7 +70,7 @@ int tl__deque_push(tl__deque_t* d, const tl__task_t* t) {
   }
   d->buf[d->bottom & d->mask] = *t;
   d->bottom++;
-  atomic_store_explicit(&d->size, d->bottom - d->top, memory_order_relaxed);
+  atomic_store(&d->size, d->bottom - d->top); /* seq_cst: the parking handshake (pool.c) */
   pthread_mutex_unlock(&d->mu);
   return 0;
 }
@@ -150,7 +152,7 @@ int tl__inject_put(tl__inject_t* q, const tl__task_t* t, bool wait) {
   }
   q->buf[(q->head + q->count) % q->cap] = *t;
   q->count++;
-  atomic_store_explicit(&q->size, q->count, memory_order_relaxed);
+  atomic_store(&q->size, q->count); /* seq_cst: the parking handshake (pool.c) */
   pthread_mutex_unlock(&q->mu);
   return 0;
 }

@@ -36,8 +36,8 @@ typedef struct {
   size_t mask;               /* capacity - 1 (capacity a power of two) */
   size_t top;                /* next slot a thief takes */
   size_t bottom;             /* next slot the owner fills */
-  _Atomic size_t size;       /* bottom - top, stored under mu, read without it (relaxed) so
-                                thieves and the owner skip empty deques without locking */
+  _Atomic size_t size;       /* bottom - top, stored under mu (seq_cst by push), read without
+                                it so thieves skip empty deques and parkers see work (pool.c) */
 } tl__deque_t;
 
 int tl__deque_init(tl__deque_t* d, size_t capacity);
@@ -59,7 +59,7 @@ typedef struct {
   size_t count;              /* tasks held */
   int blocked;               /* submitters waiting in not_full */
   bool closed;               /* set by close under mu: no more puts */
-  _Atomic size_t size;       /* count, stored under mu, read without it (relaxed) */
+  _Atomic size_t size;       /* count, stored under mu (seq_cst by put), read without it */
 } tl__inject_t;
 
 int tl__inject_init(tl__inject_t* q, size_t cap);
@@ -108,15 +108,16 @@ struct tl_group_s {
 };
 
 struct tl_pool_s {
+  /* Read by every worker all the time, written rarely: one line of its own. */
   int nworkers;                   /* workers (fixed at init) */
   tl__worker_t* workers;          /* owned array */
-  tl__inject_t inject;            /* tasks from non-worker threads */
-  /* The parking handshake (pool.c): `pending` and `sleepers` are seq_cst atomics so that a
-   * submitter and a parking worker always see at least one of each other's writes. */
-  _Atomic int64_t pending;        /* tasks queued (deques + injection), not yet taken */
-  _Atomic int sleepers;           /* workers inside the park section (idle or helping) */
-  _Atomic bool closing;           /* tl_pool_close began: workers exit once pending is 0 */
+  _Atomic bool closing;           /* tl_pool_close began: workers exit once no queue holds a task */
   _Atomic bool cancel_all;        /* close(cancel_pending=1): every task taken is canceled */
+  /* The parking handshake (pool.c): the queues' seq_cst `size` stores and `sleepers` make a
+   * submitter and a parking worker always see at least one of each other's writes. Read by
+   * every submit, written only around parking. */
+  _Alignas(TL__CACHE_LINE) _Atomic int sleepers; /* workers inside the park section */
+  _Alignas(TL__CACHE_LINE) tl__inject_t inject;  /* tasks from non-worker threads */
   pthread_mutex_t park_mu;        /* guards the park condition's sleep */
   pthread_cond_t park_cond;       /* where idle workers sleep (CLOCK_MONOTONIC) */
   _Atomic uint64_t injected;      /* tasks accepted through the injection queue */
@@ -136,13 +137,12 @@ struct tl_pool_s {
 
 /* The worker the calling thread is, in any pool, or NULL. */
 tl__worker_t* tl__self_worker(void);
-/* Finds a task for w: own deque, then the injection queue, then stealing. Decrements
- * pool->pending for a task found. */
+/* Finds a task for w: own deque, then the injection queue, then stealing. */
 bool tl__find_task(tl__worker_t* w, tl__task_t* out);
 /* Runs (or cancels) a task taken from the pool and settles its group. */
 void tl__run_task(tl__worker_t* w, tl__task_t* t);
-/* Parks w until the pool has pending tasks, is closing, or (group non-NULL) the group has no
- * pending tasks; deadline_ns 0: no deadline (CLOCK_MONOTONIC). Spins briefly first. */
+/* Parks w until a queue of the pool holds a task, the pool is closing, or (group non-NULL)
+ * the group has no pending tasks; deadline_ns 0: no deadline (CLOCK_MONOTONIC). Spins briefly first. */
 void tl__park(tl__worker_t* w, tl_group_t* group, int64_t deadline_ns);
 /* A task of g finished or was canceled (or a submit is rolled back). */
 void tl__group_settle(tl_group_t* g);

@@ -2,34 +2,37 @@
  *
  * Each worker loops: take a task (its own deque, then the injection queue, then steal from the
  * others, starting at a random victim), run it; when nothing is found, spin briefly watching
- * `pending`, then park on park_cond. tl_group_wait from a worker runs the same loop until its
- * group is done (group.c), so a waiting task lends its thread to the pool.
+ * the queues' sizes, then park on park_cond. tl_group_wait from a worker runs the same loop
+ * until its group is done (group.c), so a waiting task lends its thread to the pool.
  *
- * Parking without lost wakeups (a Dekker-style handshake on two seq_cst atomics):
- *   submitter:  push task; pending += 1 (seq_cst); if (sleepers > 0, seq_cst load)
+ * Parking without lost wakeups (a Dekker-style handshake on seq_cst atomics). Every queue has
+ * an atomic `size`; a push or put stores it seq_cst (deque.c). Then:
+ *   submitter:  push task, size = k > 0 (seq_cst store); if (sleepers > 0, seq_cst load)
  *               { lock park_mu; signal; unlock }
- *   parker:     lock park_mu; sleepers += 1 (seq_cst); if (pending > 0, seq_cst load) give up;
- *               else cond_wait (releases park_mu atomically); sleepers -= 1; unlock
- * All four seq_cst operations are in one total order. If the parker's load of `pending` comes
- * before the submitter's increment, then the parker's increment of `sleepers` (earlier in its
- * program order) comes before the submitter's load of `sleepers`, which therefore reads > 0:
- * the submitter signals, and as it must take park_mu to do so, the signal lands after the
- * parker is inside cond_wait. Otherwise the parker sees pending > 0 and does not sleep.
- * Either way no task waits while a worker sleeps. The task is pushed before `pending` is
- * raised, so a worker that sees pending > 0 can find it; `pending` may dip below zero for a
- * moment when a task is taken between its push and its increment, hence every test is "> 0".
+ *   parker:     lock park_mu; sleepers += 1 (seq_cst); load every queue's size (seq_cst);
+ *               if one is > 0 give up, else cond_wait (releases park_mu atomically);
+ *               sleepers -= 1; unlock
+ * All these seq_cst operations fall in one total order. If the parker's load of that queue's
+ * size comes before the submitter's store, then the parker's increment of `sleepers` (earlier
+ * in its program order) comes before the submitter's load of `sleepers`, which therefore reads
+ * > 0: the submitter signals, and as it must take park_mu to do so, the signal lands after the
+ * parker is inside cond_wait (or before it took park_mu, when it would have seen the task).
+ * Otherwise the parker reads the submitter's size or a later one: > 0, it does not sleep; 0,
+ * someone already took the task. Either way no queued task waits while a worker sleeps.
  * Closing sets `closing` and broadcasts under park_mu, so a parker either sees it or is woken.
+ * There is no global counter of queued tasks: the hot path (a worker pushing to and popping
+ * from its own deque) writes only its own cache lines and reads the read-mostly `sleepers`.
  *
  * Shutdown: tl_pool_close closes the injection queue (under its mutex: a put lands before or
  * is refused), sets `closing`, wakes everyone and joins. A worker leaves its loop only when
- * `closing` is set and it found no task and `pending` <= 0. Tasks that running tasks submit
- * meanwhile go to their own worker's deque, and that worker checks its deque again after the
- * task returns, so nothing is left behind; with cancel_pending every task taken after close
- * began is canceled instead of run.
+ * `closing` is set, it found no task, and every queue's size reads 0. Tasks that running tasks
+ * submit meanwhile go to their own worker's deque, and that worker checks its deque again
+ * after the task returns, so nothing is left behind; with cancel_pending every task taken
+ * after close began is canceled instead of run.
  *
- * Atomics: pending, sleepers (the handshake, seq_cst); closing, cancel_all (flags read per
- * loop / per task by all workers); per-worker counters (written by the owner, read by stats).
- * Everything else is either fixed after init or guarded by the mutex named in its comment. */
+ * Atomics: the queues' sizes and sleepers (the handshake, seq_cst); closing, cancel_all (flags
+ * read per loop / per task by all workers); per-worker counters (written by the owner, read by
+ * stats). Everything else is fixed after init or guarded by the mutex named in its comment. */
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
@@ -41,7 +44,7 @@
 #include "scheduler/internal.h"
 
 #define TL__DEFAULT_INJECT 1024
-#define TL__SPIN 256 /* polls of `pending` before parking */
+#define TL__SPIN 128 /* polls of the queues' sizes before parking */
 
 static _Thread_local tl__worker_t* tl__self;
 
@@ -110,8 +113,15 @@ bool tl__find_task(tl__worker_t* w, tl__task_t* out) {
   }
   return false;
 found:
-  atomic_fetch_sub(&p->pending, 1);
   return true;
+}
+
+/* Whether some queue of p holds a task (seq_cst loads: the parker's half of the handshake). */
+static bool tl__has_work(tl_pool_t* p) {
+  if (atomic_load(&p->inject.size) > 0) return true;
+  for (int i = 0; i < p->nworkers; i++)
+    if (atomic_load(&p->workers[i].deque.size) > 0) return true;
+  return false;
 }
 
 void tl__run_task(tl__worker_t* w, tl__task_t* t) {
@@ -130,7 +140,7 @@ void tl__run_task(tl__worker_t* w, tl__task_t* t) {
 
 /* True when a worker parked in tl__park should stay asleep. Called under park_mu. */
 static bool tl__should_sleep(tl_pool_t* p, tl_group_t* g) {
-  if (atomic_load(&p->pending) > 0) return false;
+  if (tl__has_work(p)) return false;
   if (g) return atomic_load(&g->pending) > 0; /* a helper sleeps through closing */
   return !atomic_load(&p->closing);
 }
@@ -138,7 +148,7 @@ static bool tl__should_sleep(tl_pool_t* p, tl_group_t* g) {
 void tl__park(tl__worker_t* w, tl_group_t* g, int64_t deadline_ns) {
   tl_pool_t* p = w->pool;
   for (int i = 0; i < TL__SPIN; i++) {
-    if (atomic_load_explicit(&p->pending, memory_order_relaxed) > 0) return;
+    if (tl__has_work(p)) return;
     tl__cpu_relax();
   }
   pthread_mutex_lock(&p->park_mu);
@@ -158,8 +168,7 @@ void tl__park(tl__worker_t* w, tl_group_t* g, int64_t deadline_ns) {
 
 /* The submitter's half of the handshake, after the task is queued. */
 static void tl__wake_one(tl_pool_t* p) {
-  atomic_fetch_add(&p->pending, 1);
-  if (atomic_load(&p->sleepers) > 0) {
+  if (atomic_load(&p->sleepers) > 0) { /* seq_cst, after the queue's seq_cst size store */
     pthread_mutex_lock(&p->park_mu);
     pthread_cond_signal(&p->park_cond);
     pthread_mutex_unlock(&p->park_mu);
@@ -210,7 +219,7 @@ static void* tl__worker_main(void* arg) {
       tl__run_task(w, &t);
       continue;
     }
-    if (atomic_load(&p->closing) && atomic_load(&p->pending) <= 0) break;
+    if (atomic_load(&p->closing) && !tl__has_work(p)) break;
     tl__park(w, NULL, 0);
   }
   if (p->on_stop) p->on_stop(p->ud, w->index);
@@ -283,8 +292,10 @@ int tl_pool_init(tl_pool_t** out, const tl_pool_options_t* opts) {
     if (n < 1) n = 1;
   }
 
-  tl_pool_t* p = calloc(1, sizeof *p);
+  /* Cache-line aligned fields inside: sizeof is a multiple of the line, as aligned_alloc needs. */
+  tl_pool_t* p = aligned_alloc(_Alignof(tl_pool_t), sizeof *p);
   if (!p) return tl__fail(TL_ENOMEM, "tl_pool_init");
+  memset(p, 0, sizeof *p);
   p->nworkers = n;
   p->plan = o.plan;
   p->role = o.role;
@@ -293,7 +304,6 @@ int tl_pool_init(tl_pool_t** out, const tl_pool_options_t* opts) {
   p->on_stop = o.on_stop;
   p->ud = o.ud;
   tl__strlcpy(p->name, o.name ? o.name : "tl-worker", sizeof p->name);
-  atomic_init(&p->pending, 0);
   atomic_init(&p->sleepers, 0);
   atomic_init(&p->closing, false);
   atomic_init(&p->cancel_all, false);
