@@ -121,6 +121,7 @@ struct tl_pool_s {
   pthread_mutex_t park_mu;        /* guards the park condition's sleep */
   pthread_cond_t park_cond;       /* where idle workers sleep (CLOCK_MONOTONIC) */
   _Atomic uint64_t injected;      /* tasks accepted through the injection queue */
+  _Atomic uint64_t close_canceled; /* injected tasks canceled by the closing thread itself */
   pthread_mutex_t start_mu;       /* guards started, stats_pinned, pin_refused */
   pthread_cond_t start_cond;      /* signalled as workers finish on_start */
   int started;                    /* workers that finished on_start (or failed to start) */

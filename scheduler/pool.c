@@ -308,6 +308,7 @@ int tl_pool_init(tl_pool_t** out, const tl_pool_options_t* opts) {
   atomic_init(&p->closing, false);
   atomic_init(&p->cancel_all, false);
   atomic_init(&p->injected, 0);
+  atomic_init(&p->close_canceled, 0);
 
   /* Staged setup: `stage` counts the parts made, so a failure undoes exactly those. */
   int stage = 0, rc = pthread_mutex_init(&p->park_mu, NULL);
@@ -369,7 +370,20 @@ int tl_pool_close(tl_pool_t* pool, int cancel_pending) {
   if (self && self->pool == pool)
     return tl__fail(TL_EBUSY, "tl_pool_close called from worker %d of the same pool: close it "
                               "from a thread outside the pool", self->index);
-  if (cancel_pending) atomic_store(&pool->cancel_all, true);
+  if (cancel_pending) {
+    atomic_store(&pool->cancel_all, true);
+    /* Cancel what waits in the injection queue here and now, on the closing thread: every
+     * worker may be busy with a long task, and close(cancel) promises queued work is canceled,
+     * not kept until a worker frees up. Tasks already in the workers' deques are canceled by
+     * their workers (cancel_all). */
+    tl__inject_close(&pool->inject);
+    tl__task_t t;
+    while (tl__inject_take(&pool->inject, &t)) {
+      if (t.cancel) t.cancel(t.arg);
+      atomic_fetch_add_explicit(&pool->close_canceled, 1, memory_order_relaxed);
+      if (t.group) tl__group_settle(t.group);
+    }
+  }
   tl__pool_free(pool, pool->nworkers);
   return 0;
 }
@@ -437,6 +451,7 @@ int tl_pool_stats(const tl_pool_t* pool, tl_pool_stats_t* out) {
     out->stolen += atomic_load_explicit(&w->stolen, memory_order_relaxed);
     out->parked += atomic_load_explicit(&w->parked, memory_order_relaxed);
   }
+  out->canceled += atomic_load_explicit(&pool->close_canceled, memory_order_relaxed);
   out->injected = atomic_load_explicit(&pool->injected, memory_order_relaxed);
   tl_pool_t* mp = (tl_pool_t*)pool; /* the mutex is not part of the logical state */
   pthread_mutex_lock(&mp->start_mu);

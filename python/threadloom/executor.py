@@ -63,7 +63,9 @@ class _WorkItem:
             self.future.set_result(result)
 
     def cancel(self):
-        self.future.cancel()
+        # cancel, then notify: wait()/as_completed() count a future as done only once notified
+        if self.future.cancel():
+            self.future.set_running_or_notify_cancel()
 
 
 def _run_chunk(fn, chunk):

@@ -717,3 +717,56 @@ TEST_IMPL(sched_stress) {
   ASSERT_OK(tl_pool_close(st.pool, 0));
   return 0;
 }
+
+// ---------------------------------------------------------------------------------------------
+// close(cancel) cancels the injection queue at once, even while every worker is busy
+// ---------------------------------------------------------------------------------------------
+
+static sem_t busy_gate, busy_started, cancel_seen;
+static _Atomic int busy_ran, prompt_canceled;
+
+static void busy_task(void* arg) {
+  (void)arg;
+  sem_post(&busy_started);
+  sem_wait(&busy_gate);
+  atomic_fetch_add(&busy_ran, 1);
+}
+static void never_runs(void* arg) {
+  (void)arg;
+  TL_FAIL_AT("a task queued before close(cancel=1) ran");
+}
+static void counted_cancel(void* arg) {
+  (void)arg;
+  atomic_fetch_add(&prompt_canceled, 1);
+  sem_post(&cancel_seen);
+}
+static void* cancel_closer_main(void* arg) {
+  return (void*)(intptr_t)tl_pool_close(arg, 1);
+}
+
+TEST_IMPL(sched_close_cancel_is_prompt) {
+  enum { QUEUED = 10 };
+  sem_init(&busy_gate, 0, 0);
+  sem_init(&busy_started, 0, 0);
+  sem_init(&cancel_seen, 0, 0);
+  tl_pool_t* pool = make_pool(1, 0);
+  ASSERT_OK(tl_pool_submit(pool, NULL, busy_task, NULL, NULL));
+  sem_wait(&busy_started); /* the only worker is now stuck in busy_task */
+  for (int i = 0; i < QUEUED; i++) ASSERT_OK(tl_pool_submit(pool, NULL, never_runs, counted_cancel, NULL));
+  pthread_t closer;
+  ASSERT_EQ(pthread_create(&closer, NULL, cancel_closer_main, pool), 0);
+  for (int i = 0; i < QUEUED; i++) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += 10;
+    ASSERT_EQ(sem_timedwait(&cancel_seen, &ts), 0); /* canceled while the worker is still busy */
+  }
+  ASSERT_EQ(atomic_load(&busy_ran), 0);
+  sem_post(&busy_gate);
+  void* rc;
+  pthread_join(closer, &rc);
+  ASSERT_EQ((intptr_t)rc, 0);
+  ASSERT_EQ(atomic_load(&busy_ran), 1);
+  ASSERT_EQ(atomic_load(&prompt_canceled), QUEUED);
+  return 0;
+}
