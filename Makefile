@@ -7,6 +7,7 @@
 #   make test-asan  the C core and its tests under AddressSanitizer + UBSan
 #   make test-tsan  the C core and its tests under ThreadSanitizer
 #   make gpu-test   only the GPU tests (they skip, saying why, without a GPU)
+#   make bench      the benchmarks this machine can run, into bench/results/<machine>/
 #   make clean      remove the build directories (the interpreter cache stays)
 #
 # PYTHON=/path/to/python3.14t uses an existing free-threaded interpreter instead of building one.
@@ -21,7 +22,7 @@ PYTEST_PATH = $(shell sed -n 's/^PYTEST_PATH := //p' $(ENVFILE))
 PYENV = PYTHONPATH=$(CURDIR)/python:$(PYTEST_PATH)
 CTEST = ctest --output-on-failure -j $(JOBS)
 
-.PHONY: all bootstrap build demo test test-c test-py test-asan test-tsan gpu-test clean
+.PHONY: all bootstrap build demo test test-c test-py test-asan test-tsan gpu-test bench clean
 
 all: build
 
@@ -60,6 +61,9 @@ test-tsan: bootstrap
 gpu-test: build
 	@cd $(BUILD) && $(CTEST) -L gpu
 	@$(PYENV) $(PY) -m pytest tests/python -q -rs -m gpu
+
+bench: build
+	@bash bench/run.sh $(PY)
 
 clean:
 	rm -rf build build-asan build-tsan python/threadloom/_core*.so
