@@ -363,6 +363,10 @@ int tl_pool_init(tl_pool_t** out, const tl_pool_options_t* opts) {
   return 0;
 }
 
+void tl_pool_stop_accepting(tl_pool_t* pool) {
+  if (pool) tl__inject_close(&pool->inject);
+}
+
 int tl_pool_close(tl_pool_t* pool, int cancel_pending) {
   tl__clear_detail();
   if (!pool) return tl__fail(TL_EINVAL, "tl_pool_close: NULL pool");

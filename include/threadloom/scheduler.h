@@ -84,6 +84,13 @@ TL_EXTERN int tl_pool_submit(tl_pool_t* pool, tl_group_t* group, tl_task_fn fn,
 TL_EXTERN int tl_pool_try_submit(tl_pool_t* pool, tl_group_t* group, tl_task_fn fn,
                                  tl_task_fn cancel_fn, void* arg);
 
+/* Makes submits from threads other than the pool's workers fail with TL_ECLOSED from now on,
+ * and wakes those blocked on a full injection queue (they return TL_ECLOSED too); queued tasks
+ * still run and the workers may still submit. For callers whose other threads may be
+ * submitting when they decide to close: stop accepting, wait until those calls returned, then
+ * tl_pool_close. Idempotent; thread-safe on one object. */
+TL_EXTERN void tl_pool_stop_accepting(tl_pool_t* pool);
+
 /* Stops accepting submits from other threads (they get TL_ECLOSED), runs (cancel_pending 0) or
  * cancels (1: cancel_fn instead of fn) every queued task, including tasks that running tasks
  * submit meanwhile, calls on_stop on each worker, joins every thread and frees the pool.

@@ -13,9 +13,15 @@
  *
  * Thread-safety: submit/try_submit/stats/size may be called from any thread at once; close is
  * idempotent, serialised by close_mu (a second caller waits until the workers are joined).
- * `pool` is written (to NULL) only under close_mu after tl_pool_close; submitters check
- * `closing` first, and tl_pool_close itself rejects submits racing with it (TL_ECLOSED). */
+ * Close protocol (the C pool's memory is freed by tl_pool_close, so no submit may be inside it
+ * then): a submit counts itself in `users` before it reads `closing`; close sets `closing`,
+ * makes the C pool refuse other threads (tl_pool_stop_accepting, which also wakes submits
+ * blocked on a full queue), waits until `users` drains, and only then calls tl_pool_close. The
+ * pool's own workers may keep submitting while it drains (their tasks' follow-up work), safe
+ * because tl_pool_close frees the pool only after joining them. `pool` is set to NULL under
+ * close_mu once closed. */
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 
 #include "core.h"
@@ -26,7 +32,9 @@ typedef struct {
   PyObject* on_start;        /* callable(worker_index) run on each worker at start, or NULL */
   PyObject* plan;            /* the Plan the workers were pinned by (kept alive), or NULL */
   PyInterpreterState* interp; /* the interpreter the workers attach to */
-  _Atomic int closing;       /* set by the first close; submits then fail with ClosedError */
+  _Atomic int closing;       /* set by the first close; submits from non-workers then fail */
+  _Atomic long users;        /* submit calls between their check of `closing` and their return:
+                                close waits for them before tl_pool_close frees the pool */
   pthread_mutex_t close_mu;  /* held (detached) across tl_pool_close: a second close waits for
                                 the first to finish joining, then returns */
 } PoolObject;
@@ -165,6 +173,7 @@ static PyObject* pool_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) 
   self->plan = plan != Py_None ? Py_NewRef(plan) : NULL;
   self->interp = PyInterpreterState_Get();
   atomic_init(&self->closing, 0);
+  atomic_init(&self->users, 0);
   pthread_mutex_init(&self->close_mu, NULL);
   o.ud = self;
   int err;
@@ -193,6 +202,8 @@ static int pool_close_impl(PoolObject* self, int cancel) {
   pthread_mutex_lock(&self->close_mu);
   atomic_store(&self->closing, 1);
   if (self->pool) {
+    tl_pool_stop_accepting(self->pool);
+    while (atomic_load(&self->users) > 0) sched_yield(); /* they return promptly: refused */
     err = tl_pool_close(self->pool, cancel);
     if (!err) self->pool = NULL;
   }
@@ -253,12 +264,14 @@ static PyObject* pool_submit_impl(PyObject* op, PyObject* args, PyObject* kwargs
   PyObject *fn, *cancel = Py_None;
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O:submit", kwlist, &fn, &cancel)) return NULL;
   PoolObject* self = (PoolObject*)op;
-  tl_pool_t* pool = self->pool;
-  if (!pool || atomic_load(&self->closing)) return pool_fail(op, TL_ECLOSED);
   tl_py_task_t* t;
   if (make_task(fn, cancel, &t) < 0) return NULL;
+  atomic_fetch_add(&self->users, 1);
+  tl_pool_t* pool = self->pool; /* valid while we are counted in users, or are its worker */
   int err;
-  if (try_only || tl_pool_worker_index(pool) >= 0) {
+  if (!pool || (atomic_load(&self->closing) && tl_pool_worker_index(pool) < 0)) {
+    err = TL_ECLOSED;
+  } else if (try_only || tl_pool_worker_index(pool) >= 0) {
     /* never blocks: from a worker the task goes to the worker's own deque */
     err = try_only ? tl_pool_try_submit(pool, NULL, task_run, task_cancel, t)
                    : tl_pool_submit(pool, NULL, task_run, task_cancel, t);
@@ -267,6 +280,7 @@ static PyObject* pool_submit_impl(PyObject* op, PyObject* args, PyObject* kwargs
     err = tl_pool_submit(pool, NULL, task_run, task_cancel, t);
     Py_END_ALLOW_THREADS
   }
+  atomic_fetch_sub(&self->users, 1);
   if (err) {
     task_free(t); /* not accepted: neither callback will run */
     if (try_only && err == TL_EAGAIN) Py_RETURN_FALSE;

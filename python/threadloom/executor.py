@@ -149,7 +149,10 @@ class Executor(concurrent.futures.Executor):
     def submit(self, fn, /, *args, **kwargs):
         if self._broken:
             raise concurrent.futures.thread.BrokenThreadPool(self._broken)
-        if self._shutdown:
+        # After shutdown() only the executor's own workers may submit: tasks running during the
+        # drain can still add follow-up work (task trees complete), which shutdown(wait=True)
+        # runs, or cancels with cancel_futures, before it returns.
+        if self._shutdown and self._pool.worker_index() < 0:
             raise RuntimeError("cannot schedule new futures after shutdown")
         f = concurrent.futures.Future()
         item = _WorkItem(self, f, fn, args, kwargs)

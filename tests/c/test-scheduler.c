@@ -776,3 +776,51 @@ TEST_IMPL(sched_close_cancel_is_prompt) {
   ASSERT_EQ(atomic_load(&prompt_canceled), QUEUED);
   return 0;
 }
+
+// ---------------------------------------------------------------------------------------------
+// tl_pool_stop_accepting: blocked and later external submits are refused, queued work still runs
+// ---------------------------------------------------------------------------------------------
+
+typedef struct {
+  tl_pool_t* pool;
+  slot_t* slot;
+  sem_t about_to_block;
+  int rc;
+} stop_submit_t;
+
+static void* stop_submitter(void* arg) {
+  stop_submit_t* b = arg;
+  sem_post(&b->about_to_block);
+  b->rc = tl_pool_submit(b->pool, NULL, slot_run, slot_cancel, b->slot); /* queue full: waits */
+  return NULL;
+}
+
+TEST_IMPL(sched_stop_accepting) {
+  enum { CAP = 4 };
+  slot_t s[CAP + 2];
+  memset(s, 0, sizeof s);
+  gate_t gate;
+  gate_init(&gate);
+  tl_pool_t* p = make_pool(1, CAP);
+  hold_workers(p, &gate);
+  for (int i = 0; i < CAP; i++) ASSERT_OK(tl_pool_submit(p, NULL, slot_run, slot_cancel, &s[i]));
+  stop_submit_t b = {p, &s[CAP], {{0}}, -1};
+  sem_init(&b.about_to_block, 0, 0);
+  pthread_t th;
+  ASSERT_EQ(pthread_create(&th, NULL, stop_submitter, &b), 0);
+  sem_wait(&b.about_to_block);
+  /* Whether the submitter already sleeps on the full queue or not yet, it must come back
+   * refused: stop_accepting wakes the sleeper and refuses the late one. */
+  tl_pool_stop_accepting(p);
+  ASSERT_EQ(pthread_join(th, NULL), 0);
+  ASSERT_EQ(b.rc, TL_ECLOSED);
+  ASSERT_EQ(tl_pool_try_submit(p, NULL, slot_run, slot_cancel, &s[CAP + 1]), TL_ECLOSED);
+  tl_pool_stop_accepting(p); /* idempotent */
+  sem_post_n(&gate.open, 1);
+  ASSERT_OK(tl_pool_close(p, 0));
+  for (int i = 0; i < CAP; i++) ASSERT_EQ(s[i].ran, 1); /* queued before: still run */
+  ASSERT_EQ(s[CAP].ran + s[CAP].canceled + s[CAP + 1].ran + s[CAP + 1].canceled, 0);
+  gate_destroy(&gate);
+  sem_destroy(&b.about_to_block);
+  return 0;
+}
