@@ -538,3 +538,20 @@ TEST_IMPL(arena_pin_fake_backend) {
   ASSERT(tl__cuda_set_api(NULL) == &fake_pin_api);
   return 0;
 }
+
+/* On a machine with a GPU: REQUIRE page-locks the region for real (cudaHostRegister). */
+TEST_IMPL(gpu_arena_pinned) {
+  int n = 0;
+  int err = tl_cuda_device_count(&n);
+  if (err) SKIP("no GPU: %s (%s)", tl_strerror(err), tl_err_detail());
+  tl_arena_t* a = arena_new(-1, 64 * MiB, TL_ARENA_PIN_REQUIRE);
+  tl_arena_stats_t s;
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.pinned, 1);
+  void* p;
+  ASSERT_OK(tl_arena_alloc(a, 8 * MiB, 0, &p));
+  memset(p, 0x5a, 8 * MiB);
+  ASSERT_OK(tl_arena_free(a, p));
+  ASSERT_OK(tl_arena_close(a));
+  return 0;
+}

@@ -109,7 +109,7 @@ TEST_IMPL(cuda_fault_injection) {
   return 0;
 }
 
-TEST_IMPL(cuda_gpu_present) {
+TEST_IMPL(gpu_cuda_devices) {
   int n = 0;
   int err = tl_cuda_device_count(&n);
   if (err != 0) SKIP("no GPU: %s (%s)", tl_strerror(err), tl_err_detail());

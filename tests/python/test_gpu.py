@@ -27,3 +27,13 @@ def test_info_lists_gpus_with_locality(require_gpu):
     for g in d["gpus"]:
         assert "error" not in g
         assert "numa_node" in g, "GPU %s not found in the hwloc topology" % g["pci_bus_id"]
+
+
+@pytest.mark.gpu
+def test_arena_is_page_locked_with_a_gpu(require_gpu):
+    a = threadloom.Arena(size=64 << 20, pin="require")
+    s = a.stats()
+    assert s["pinned"] is True, s["pin_detail"]
+    with a.alloc(1 << 20) as b:
+        memoryview(b)[:3] = b"gpu"
+    a.close()
