@@ -35,6 +35,8 @@ tl_topo_t* tl_py_load_topology(PyObject* module, PyObject* xml, PyObject* synthe
 /* plan.c */
 extern PyType_Spec tl_py_plan_spec;
 tl_plan_t* tl_py_plan_get(PyObject* plan); /* borrowed; NULL + TypeError if not a Plan */
+/* "loader" -> TL_ROLE_LOADER; ValueError naming the roles otherwise. */
+int tl_py_parse_role(PyObject* role, tl_role_t* out);
 PyObject* tl_py_pin_current(PyObject* module, PyObject* unused);
 PyObject* tl_py_pin_set(PyObject* module, PyObject* args);
 

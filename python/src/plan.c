@@ -14,7 +14,7 @@ typedef struct {
   tl_plan_t* plan; /* owned; never NULL after construction */
 } PlanObject;
 
-static int parse_role(PyObject* role, tl_role_t* out) {
+int tl_py_parse_role(PyObject* role, tl_role_t* out) {
   const char* name = PyUnicode_AsUTF8(role);
   if (!name) return -1;
   if (tl_role_parse(name, out) != 0) {
@@ -147,7 +147,7 @@ static PyObject* plan_find(PyObject* op, PyObject* args, PyObject* kwargs) {
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|Oi:find", kwlist, &role, &gpu, &rank)) return NULL;
   tl_role_t r;
   int g, id;
-  if (parse_role(role, &r) < 0 || parse_gpu(gpu, &g) < 0) return NULL;
+  if (tl_py_parse_role(role, &r) < 0 || parse_gpu(gpu, &g) < 0) return NULL;
   int err = tl_plan_find(((PlanObject*)op)->plan, r, g, rank, &id);
   return err ? plan_fail(op, err) : PyLong_FromLong(id);
 }
@@ -158,7 +158,7 @@ static PyObject* plan_claim(PyObject* op, PyObject* args, PyObject* kwargs) {
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O:claim", kwlist, &role, &gpu)) return NULL;
   tl_role_t r;
   int g, id, wrapped;
-  if (parse_role(role, &r) < 0 || parse_gpu(gpu, &g) < 0) return NULL;
+  if (tl_py_parse_role(role, &r) < 0 || parse_gpu(gpu, &g) < 0) return NULL;
   int err = tl_plan_claim(((PlanObject*)op)->plan, r, g, &id, &wrapped);
   return err ? plan_fail(op, err) : Py_BuildValue("(iO)", id, wrapped ? Py_True : Py_False);
 }

@@ -126,16 +126,6 @@ static PyObject* pool_fail(PyObject* op, int err) {
   return module ? tl_py_fail(module, err) : NULL;
 }
 
-static int parse_role_name(PyObject* role, tl_role_t* out) {
-  const char* name = PyUnicode_AsUTF8(role);
-  if (!name) return -1;
-  if (tl_role_parse(name, out) != 0) {
-    PyErr_Format(PyExc_ValueError, "unknown role %R: use 'main', 'launch', 'loader' or 'io'", role);
-    return -1;
-  }
-  return 0;
-}
-
 static PyObject* pool_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   static char* kwlist[] = {"workers", "plan", "role", "gpu", "capacity", "name", "on_start", NULL};
   int workers = 0;
@@ -159,7 +149,7 @@ static PyObject* pool_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) 
   if (plan != Py_None) {
     if (!(o.plan = tl_py_plan_get(plan))) return NULL;
     o.role = TL_ROLE_LOADER;
-    if (role && parse_role_name(role, &o.role) < 0) return NULL;
+    if (role && tl_py_parse_role(role, &o.role) < 0) return NULL;
     o.gpu = -1;
     if (gpu != Py_None) {
       long g = PyLong_AsLong(gpu);
