@@ -36,48 +36,52 @@ _END = object()     # no more items from upstream
 
 class _Queue:
     """A bounded FIFO that can be closed: put() waits while full, get() while empty; after
-    close() both return at once (put: False, get: _CLOSED once drained... or at once with
-    drain=False)."""
+    close() both return at once (put: False, get: _CLOSED) and queued items are dropped (the
+    pipeline is stopping). Two conditions on one lock, so a put wakes only getters and a get
+    only putters."""
 
     def __init__(self, maxsize):
         self._items = collections.deque()
         self._maxsize = maxsize
-        self._cond = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self._not_empty = threading.Condition(lock)
+        self._not_full = threading.Condition(lock)
         self._closed = False
 
     def put(self, item):
-        with self._cond:
+        with self._not_full:
             while len(self._items) >= self._maxsize and not self._closed:
-                self._cond.wait()
+                self._not_full.wait()
             if self._closed:
                 return False
             self._items.append(item)
-            self._cond.notify_all()
+            self._not_empty.notify()
             return True
 
     def get(self, timeout=None):
         """An item, _CLOSED after close(), or None when `timeout` seconds passed first."""
-        with self._cond:
+        with self._not_empty:
             deadline = None if timeout is None else time.monotonic() + timeout
             while not self._items and not self._closed:
                 if deadline is None:
-                    self._cond.wait()
+                    self._not_empty.wait()
                 else:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return None
-                    self._cond.wait(left)
+                    self._not_empty.wait(left)
             if self._closed:
                 return _CLOSED
             item = self._items.popleft()
-            self._cond.notify_all()
+            self._not_full.notify()
             return item
 
     def close(self):
-        with self._cond:
+        with self._not_empty:
             self._closed = True
             self._items.clear()
-            self._cond.notify_all()
+            self._not_empty.notify_all()
+            self._not_full.notify_all()
 
     def __len__(self):
         return len(self._items)
