@@ -19,10 +19,12 @@
  * that re-runs sys.executable (multiprocessing's spawn, subprocess) gets a normal interpreter.
  *
  * mimalloc options: none are set. CPython's bundled mimalloc reads MIMALLOC_* from the
- * environment; on a threaded allocation benchmark (bench/bench_startup.py --alloc) none of
- * MIMALLOC_ARENA_EAGER_COMMIT=1, MIMALLOC_PURGE_DELAY=-1 or MIMALLOC_ALLOW_LARGE_OS_PAGES=1
- * moved the time by more than the run-to-run noise (numbers in docs/design.md, "Interp"), so
- * the launcher leaves the allocator as python would. */
+ * environment. On a threaded allocation benchmark (bench/bench_startup.py --alloc: 2 threads
+ * building and dropping dicts of lists, medians of 7 runs on the 2-core VM) none moved the time
+ * by more than the run-to-run spread: no option 1652 ms; MIMALLOC_ARENA_EAGER_COMMIT=1 +0.3%,
+ * MIMALLOC_PURGE_DELAY=-1 -9.3% (spread 1320 ms), MIMALLOC_ALLOW_LARGE_OS_PAGES=1 +4.9%. So the
+ * launcher sets none and leaves CPython's heaps as python would; re-measure on a quiet
+ * many-core machine before adding one. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -267,6 +269,9 @@ int main(int argc, char** argv) {
   PyConfig_Clear(&config);
   if (PyStatus_Exception(st)) return tl__status_fail(st, &config);
 
+  /* Pinned after the interpreter's start-up, which ran while the topology loaded, and before
+   * any of the user's code (the guard, .pth files and sitecustomize run unpinned). */
+  tl__interp_pin_main(&place);
   int rc = tl__before_user_code(&a);
   if (rc) {
     Py_FinalizeEx();

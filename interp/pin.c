@@ -24,8 +24,10 @@
  * Not covered: programs started by other libc entry points (execvpe, fexecve, popen) inherit
  * the main thread's core; `threadloom run --no-pin` avoids that.
  *
- * State: tl__start_set, tl__main_set and tl__active are written once by tl__interp_place()
- * before any other thread exists and only read afterwards, so they need no synchronisation. */
+ * State: tl__start_set is written by tl__interp_place() before any other thread exists;
+ * tl__main_set, tl__active and tl__reset_mempolicy by tl__interp_pin_main() on the main thread
+ * after the planning thread was joined and before user code can start a thread. The interposers
+ * only read them, so they need no synchronisation. */
 #include <dlfcn.h>
 #include <pthread.h>
 #include <sched.h>
@@ -217,55 +219,78 @@ static int tl__visible_gpus(void) {
   return n;
 }
 
-static void tl__say_unpinned(const char* what, int err) {
-  fprintf(stderr, "threadloom: the main thread is not pinned: %s failed: %s: %s%s%s (--no-pin silences this)\n",
-          what, tl_err_name(err), tl_strerror(err), tl_err_detail()[0] ? ": " : "", tl_err_detail());
+/* The planning thread's work: the topology load (most of the cost: hwloc reads /sys, PCI
+ * devices included, for the GPUs' locality) and the plan. Writes only p->plan/err/what, read by
+ * tl__interp_pin_main() after pthread_join (which orders the accesses). */
+static void* tl__plan_main(void* arg) {
+  tl__interp_place_t* p = arg;
+  tl_topo_t* topo = NULL;
+  tl_plan_spec_t spec;
+  tl_topo_summary_t sum;
+  int err = tl_topo_init(&topo, NULL);
+  if (err) {
+    p->what = "loading the topology";
+    goto out;
+  }
+  tl_plan_spec_default(&spec);
+  if (tl__cpuset_format(&tl__start_set, p->cpus, sizeof p->cpus) == 0) spec.cpus = p->cpus;
+  spec.gpus = tl__visible_gpus();
+  if (tl_topo_summary(topo, &sum) == 0 && spec.gpus > sum.gpus) spec.gpus = sum.gpus;
+  err = tl_plan_init(&p->plan, topo, &spec);
+  tl_topo_close(topo);
+  if (err) p->what = "planning";
+out:
+  p->err = err;
+  if (err) snprintf(p->detail, sizeof p->detail, "%s", tl_err_detail());
+  return NULL;
 }
 
-void tl__interp_place(int pin, tl__interp_place_t* out) {
-  memset(out, 0, sizeof *out);
+void tl__interp_place(int pin, tl__interp_place_t* p) {
+  memset(p, 0, sizeof *p);
   pthread_once(&tl__resolve_once, tl__resolve);
   CPU_ZERO(&tl__start_set);
   if (sched_getaffinity(0, sizeof tl__start_set, &tl__start_set) != 0) {
-    out->allowed_pus = (int)sysconf(_SC_NPROCESSORS_ONLN);
+    p->allowed_pus = (int)sysconf(_SC_NPROCESSORS_ONLN);
     return;
   }
-  out->allowed_pus = CPU_COUNT(&tl__start_set);
+  p->allowed_pus = CPU_COUNT(&tl__start_set);
   if (!pin) return;
+  if (pthread_create(&p->planner, NULL, tl__plan_main, p) == 0)
+    p->planning = 1;
+  else
+    tl__plan_main(p);
+  p->want_pin = 1;
+}
 
-  char cpus[4096];
-  tl_topo_t* topo = NULL;
-  tl_plan_t* plan = NULL;
-  tl_plan_spec_t spec;
+static void tl__say_unpinned(const char* what, int err, const char* detail) {
+  fprintf(stderr, "threadloom: the main thread is not pinned: %s failed: %s: %s%s%s (--no-pin silences this)\n",
+          what, tl_err_name(err), tl_strerror(err), detail[0] ? ": " : "", detail);
+}
+
+void tl__interp_pin_main(tl__interp_place_t* p) {
+  if (!p->want_pin) return;
+  if (p->planning) pthread_join(p->planner, NULL);
+  p->planning = 0;
+  p->want_pin = 0;
+  if (p->err) {
+    tl__say_unpinned(p->what, p->err, p->detail);
+    return;
+  }
   tl_pin_result_t res;
   int id = -1;
-  int err = tl_topo_init(&topo, NULL);
+  int err = tl_plan_find(p->plan, TL_ROLE_MAIN, -1, 0, &id);
+  if (!err) err = tl_pin_self(p->plan, id, &res);
+  tl_plan_close(p->plan);
+  p->plan = NULL;
   if (err) {
-    tl__say_unpinned("loading the topology", err);
-    return;
-  }
-  tl_topo_summary_t sum;
-  tl_plan_spec_default(&spec);
-  if (tl__cpuset_format(&tl__start_set, cpus, sizeof cpus) == 0) spec.cpus = cpus;
-  spec.gpus = tl__visible_gpus();
-  if (tl_topo_summary(topo, &sum) == 0 && spec.gpus > sum.gpus) spec.gpus = sum.gpus;
-  err = tl_plan_init(&plan, topo, &spec);
-  tl_topo_close(topo);
-  if (err) {
-    tl__say_unpinned("planning", err);
-    return;
-  }
-  err = tl_plan_find(plan, TL_ROLE_MAIN, -1, 0, &id);
-  if (!err) err = tl_pin_self(plan, id, &res);
-  tl_plan_close(plan);
-  if (err) {
-    tl__say_unpinned("pinning", err);
+    tl__say_unpinned("pinning", err, tl_err_detail());
     return;
   }
   if (sched_getaffinity(0, sizeof tl__main_set, &tl__main_set) != 0) return;
   tl__reset_mempolicy = res.numa_node >= 0;
-  /* Nothing to undo in children when the main slot is the whole starting affinity. */
+  /* Nothing to undo in children when the main slot is the whole starting affinity. Written
+   * while the main thread is still the only thread running Python (nothing else has started). */
   tl__active = !CPU_EQUAL(&tl__main_set, &tl__start_set);
-  out->pinned = 1;
-  snprintf(out->main_cpus, sizeof out->main_cpus, "%s", res.cpus);
+  p->pinned = 1;
+  snprintf(p->main_cpus, sizeof p->main_cpus, "%s", res.cpus);
 }
