@@ -1,6 +1,7 @@
 """python -m threadloom: report what threadloom sees.
 
   python -m threadloom info [--json]     interpreter, GIL, libraries, GPUs, cores
+  python -m threadloom run [--gil=P] (script.py | -m module) [args]   run with the GIL guard
   python -m threadloom topo [--xml FILE | --synthetic DESC] [--plan [--gpus N] [--loaders N]
                             [--io N] [--cpus LIST]] [--json]
 """
@@ -14,8 +15,12 @@ from threadloom import sysinfo as _info
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "run":  # its arguments belong to the script: no argparse here
+        from threadloom import launch
+        return launch.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m threadloom", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{info,topo}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{info,topo,run}")
     pi = sub.add_parser("info", help="interpreter, GIL state, library versions, GPUs, cores")
     pi.add_argument("--json", action="store_true", help="print JSON instead of text")
     pt = sub.add_parser("topo", help="the hardware topology and the placement plan")

@@ -1,0 +1,281 @@
+/* interp/main.c: the `threadloom` launcher.
+ *
+ * A small C program that embeds the free-threaded libpython3.13t it was built against, so that
+ * what must be settled before the first thread starts is settled before the interpreter
+ * exists: the main thread is pinned to the placement plan's main slot (interp/pin.c),
+ * os.cpu_count() and the OpenMP/BLAS thread counts are capped to the cores this process may
+ * use, and the GIL guard (python/threadloom/gilguard.py) is installed before user code runs.
+ *
+ *   threadloom [OPTIONS] run [OPTIONS] [PYTHON-OPTIONS] (script.py | -m module | -c code) [ARGS]
+ *   threadloom [OPTIONS] info [ARGS]      threadloom [OPTIONS] topo [ARGS]
+ *
+ * `run` hands everything after the launcher's own options to CPython's command-line parser
+ * (PyConfig.parse_argv) and runs it with Py_RunMain(), so sys.argv, sys.path[0], stdin/stdout,
+ * exit codes, tracebacks, SystemExit, KeyboardInterrupt and signal handlers are exactly
+ * python's. `info` and `topo` run the package's __main__ (python -m threadloom).
+ *
+ * The interpreter's path and the package directory are baked in at build time
+ * (TL_INTERP_PYTHON, TL_INTERP_PACKAGE_DIR). sys.executable is the real python3.13t, so code
+ * that re-runs sys.executable (multiprocessing's spawn, subprocess) gets a normal interpreter.
+ *
+ * mimalloc options: none are set. CPython's bundled mimalloc reads MIMALLOC_* from the
+ * environment. On a threaded allocation benchmark (bench/bench_startup.py --alloc: 2 threads
+ * building and dropping dicts of lists, medians of 7 runs on the 2-core VM) none moved the time
+ * by more than the run-to-run spread: no option 1652 ms; MIMALLOC_ARENA_EAGER_COMMIT=1 +0.3%,
+ * MIMALLOC_PURGE_DELAY=-1 -9.3% (spread 1320 ms), MIMALLOC_ALLOW_LARGE_OS_PAGES=1 +4.9%. So the
+ * launcher sets none and leaves CPython's heaps as python would; re-measure on a quiet
+ * many-core machine before adding one. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "interp/internal.h"
+#include "threadloom/common.h"
+
+#ifndef Py_GIL_DISABLED
+#error "the threadloom launcher needs a free-threaded Python (3.13t): run scripts/bootstrap.sh"
+#endif
+#ifndef TL_INTERP_PYTHON
+#error "TL_INTERP_PYTHON (the interpreter's path) must be defined by the build"
+#endif
+#ifndef TL_INTERP_PACKAGE_DIR
+#error "TL_INTERP_PACKAGE_DIR (the directory holding the threadloom package) must be defined"
+#endif
+
+static const char tl__usage[] =
+    "usage: threadloom [OPTIONS] run [OPTIONS] [PYTHON-OPTIONS] (script.py | -m module | -c code) [ARGS...]\n"
+    "       threadloom [OPTIONS] info [--json]\n"
+    "       threadloom [OPTIONS] topo [--plan] [--xml FILE] [...]   (threadloom topo --help)\n"
+    "\n"
+    "Runs Python code on the free-threaded interpreter threadloom was built with, after pinning\n"
+    "the main thread, capping os.cpu_count() and OMP/BLAS threads to the allowed cores, and with\n"
+    "a guard against extensions that turn the GIL back on.\n"
+    "\n"
+    "options:\n"
+    "  --gil=forbid|warn|allow  an extension without Py_mod_gil turned the GIL on: stop with a\n"
+    "                           message naming it (forbid, the default for run), print one line\n"
+    "                           naming it and go on (warn, the default for info/topo), or go on\n"
+    "                           silently (allow)\n"
+    "  --no-pin                 leave the main thread's CPU affinity and memory policy alone\n"
+    "  --torchrun-env           set RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK,\n"
+    "                           MASTER_ADDR, MASTER_PORT for one process on one node, where unset\n"
+    "  -h, --help               this text\n"
+    "  --version                threadloom's and Python's versions\n";
+
+typedef struct {
+  const char* cmd;  /* "run", "info" or "topo" */
+  const char* gil;  /* "forbid", "warn", "allow"; NULL: the command's default */
+  int pin;          /* 0 after --no-pin */
+  int torchrun_env; /* 1 after --torchrun-env */
+  int rest;         /* index in argv of the first argument for Python */
+} tl__args_t;
+
+// ---------------------------------------------------------------------------------------------
+// Arguments
+// ---------------------------------------------------------------------------------------------
+
+/* 1: argv[*i] was a launcher option (consumed, *i advanced past it); 0: not one; exits on
+ * a bad option. */
+static int tl__parse_option(int argc, char** argv, int* i, tl__args_t* a) {
+  const char* s = argv[*i];
+  if (strcmp(s, "--no-pin") == 0) {
+    a->pin = 0;
+  } else if (strcmp(s, "--torchrun-env") == 0) {
+    a->torchrun_env = 1;
+  } else if (strncmp(s, "--gil=", 6) == 0 || strcmp(s, "--gil") == 0) {
+    const char* v = s[5] == '=' ? s + 6 : (*i + 1 < argc ? argv[++*i] : "");
+    if (strcmp(v, "forbid") != 0 && strcmp(v, "warn") != 0 && strcmp(v, "allow") != 0) {
+      fprintf(stderr, "threadloom: --gil takes forbid, warn or allow, not \"%s\"\n", v);
+      exit(2);
+    }
+    a->gil = v;
+  } else {
+    return 0;
+  }
+  ++*i;
+  return 1;
+}
+
+static void tl__parse_args(int argc, char** argv, tl__args_t* a) {
+  memset(a, 0, sizeof *a);
+  a->pin = 1;
+  int i = 1;
+  while (i < argc && tl__parse_option(argc, argv, &i, a)) {
+  }
+  if (i >= argc || strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
+    fputs(tl__usage, i >= argc ? stderr : stdout);
+    exit(i >= argc ? 2 : 0);
+  }
+  if (strcmp(argv[i], "--version") == 0) {
+    printf("threadloom %s (Python %s)\n", TL_VERSION_STRING, PY_VERSION);
+    exit(0);
+  }
+  a->cmd = argv[i++];
+  if (strcmp(a->cmd, "run") == 0) {
+    while (i < argc && tl__parse_option(argc, argv, &i, a)) {
+    }
+  } else if (strcmp(a->cmd, "info") != 0 && strcmp(a->cmd, "topo") != 0) {
+    fprintf(stderr, "threadloom: unknown command \"%s\" (run, info or topo; threadloom --help)\n", a->cmd);
+    exit(2);
+  }
+  if (!a->gil) a->gil = strcmp(a->cmd, "run") == 0 ? "forbid" : "warn";
+  a->rest = i;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Environment and configuration
+// ---------------------------------------------------------------------------------------------
+
+/* OpenMP and BLAS size their pools from the CPU count (or, for OpenMP, from the creating
+ * thread's affinity, which would be the main thread's one core): cap them at the allowed PUs
+ * unless the user chose. */
+static void tl__cap_thread_pools(int allowed_pus) {
+  static const char* const vars[] = {"OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"};
+  char n[16];
+  snprintf(n, sizeof n, "%d", allowed_pus > 0 ? allowed_pus : 1);
+  for (size_t k = 0; k < sizeof vars / sizeof vars[0]; k++) setenv(vars[k], n, 0);
+}
+
+static int tl__status_fail(PyStatus st, PyConfig* config) {
+  PyConfig_Clear(config);
+  if (PyStatus_IsExit(st)) return st.exitcode;
+  Py_ExitStatusException(st); /* prints and exits */
+  return 1;
+}
+
+/* Prepends the package directory to config->pythonpath_env (PYTHONPATH as PyConfig_Read left
+ * it: empty under -E/-I), so `import threadloom` finds this build's package. */
+static PyStatus tl__add_package_dir(PyConfig* config) {
+  wchar_t* pkg = Py_DecodeLocale(TL_INTERP_PACKAGE_DIR, NULL);
+  if (!pkg) return PyStatus_NoMemory();
+  const wchar_t* old = config->pythonpath_env;
+  size_t len = wcslen(pkg) + (old ? wcslen(old) + 1 : 0) + 1;
+  wchar_t* joined = PyMem_RawMalloc(len * sizeof(wchar_t));
+  if (!joined) {
+    PyMem_RawFree(pkg);
+    return PyStatus_NoMemory();
+  }
+  if (old && old[0])
+    swprintf(joined, len, L"%ls%lc%ls", pkg, (wint_t)L':', old);
+  else
+    swprintf(joined, len, L"%ls", pkg);
+  PyStatus st = PyConfig_SetString(config, &config->pythonpath_env, joined);
+  PyMem_RawFree(joined);
+  PyMem_RawFree(pkg);
+  return st;
+}
+
+static PyStatus tl__configure(PyConfig* config, int argc, char** argv, const tl__args_t* a,
+                              int allowed_pus) {
+  PyStatus st;
+  PyConfig_InitPythonConfig(config);
+  st = PyConfig_SetBytesString(config, &config->program_name, TL_INTERP_PYTHON);
+  if (PyStatus_Exception(st)) return st;
+  st = PyConfig_SetBytesString(config, &config->executable, TL_INTERP_PYTHON);
+  if (PyStatus_Exception(st)) return st;
+  if (strcmp(a->cmd, "run") == 0) {
+    /* CPython parses [argv0, PYTHON-OPTIONS, script | -m mod | -c code, ARGS] as python would. */
+    char** pyargv = malloc(sizeof(char*) * (size_t)(argc - a->rest + 2));
+    if (!pyargv) return PyStatus_NoMemory();
+    int n = 0;
+    pyargv[n++] = argv[0];
+    for (int i = a->rest; i < argc; i++) pyargv[n++] = argv[i];
+    pyargv[n] = NULL;
+    config->parse_argv = 1;
+    st = PyConfig_SetBytesArgv(config, n, pyargv);
+    free(pyargv);
+  } else {
+    /* python -m threadloom CMD ARGS: argv[0] "-m" is what runpy expects (and replaces). */
+    char** pyargv = malloc(sizeof(char*) * (size_t)(argc - a->rest + 3));
+    if (!pyargv) return PyStatus_NoMemory();
+    int n = 0;
+    pyargv[n++] = "-m";
+    pyargv[n++] = (char*)a->cmd;
+    for (int i = a->rest; i < argc; i++) pyargv[n++] = argv[i];
+    pyargv[n] = NULL;
+    config->parse_argv = 0;
+    st = PyConfig_SetBytesArgv(config, n, pyargv);
+    free(pyargv);
+    if (!PyStatus_Exception(st)) st = PyConfig_SetString(config, &config->run_module, L"threadloom");
+  }
+  if (PyStatus_Exception(st)) return st;
+  st = PyConfig_Read(config);
+  if (PyStatus_Exception(st)) return st;
+  /* -X cpu_count / PYTHON_CPU_COUNT from the user win; otherwise the allowed PUs. */
+  if (config->cpu_count < 0 && allowed_pus > 0) config->cpu_count = allowed_pus;
+  return tl__add_package_dir(config);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Before user code: free-threaded check, GIL guard, torchrun environment
+// ---------------------------------------------------------------------------------------------
+
+/* Loads gilguard.py (and launch_env.py) by path rather than importing the package: the
+ * package's __init__ loads _core and its libraries, which costs start-up time the user's script
+ * may never need. Registered under their package names, so `threadloom.gilguard` is this one. */
+static const char tl__startup_code[] =
+    "import sys, _frozen_importlib as _b, _frozen_importlib_external as _e\n"
+    "def _load(name, path):\n"
+    "    spec = _e.spec_from_file_location(name, path)\n"
+    "    mod = _b.module_from_spec(spec)\n"
+    "    sys.modules[name] = mod\n"
+    "    spec.loader.exec_module(mod)\n"
+    "    return mod\n"
+    "_g = _load('threadloom.gilguard', pkg + '/threadloom/gilguard.py')\n"
+    "_g.install(policy, origin='threadloom run')\n"
+    "if torchrun:\n"
+    "    _load('threadloom.launch_env', pkg + '/threadloom/launch_env.py').apply_torchrun_env()\n";
+
+/* 0, or the exit status when the process must stop (the error was printed). */
+static int tl__before_user_code(const tl__args_t* a) {
+  PyObject* globals = PyDict_New();
+  if (!globals) goto fail;
+  PyObject* v;
+  if (!(v = PyUnicode_FromString(TL_INTERP_PACKAGE_DIR)) || PyDict_SetItemString(globals, "pkg", v) < 0) goto fail_v;
+  Py_DECREF(v);
+  if (!(v = PyUnicode_FromString(a->gil)) || PyDict_SetItemString(globals, "policy", v) < 0) goto fail_v;
+  Py_DECREF(v);
+  if (PyDict_SetItemString(globals, "torchrun", a->torchrun_env ? Py_True : Py_False) < 0) goto fail;
+  if (PyDict_SetItemString(globals, "__builtins__", PyEval_GetBuiltins()) < 0) goto fail;
+  PyObject* r = PyRun_String(tl__startup_code, Py_file_input, globals, globals);
+  if (!r) goto fail;
+  Py_DECREF(r);
+  Py_DECREF(globals);
+  return 0;
+fail_v:
+  Py_XDECREF(v);
+fail:
+  Py_XDECREF(globals);
+  /* A GILEnabledError (a SystemExit) exits here with its status, after printing its message. */
+  PyErr_Print();
+  return 1;
+}
+
+int main(int argc, char** argv) {
+  tl__args_t a;
+  tl__parse_args(argc, argv, &a);
+
+  tl__interp_place_t place;
+  tl__interp_place(a.pin, &place);
+  tl__cap_thread_pools(place.allowed_pus);
+
+  PyConfig config;
+  PyStatus st = tl__configure(&config, argc, argv, &a, place.allowed_pus);
+  if (PyStatus_Exception(st)) return tl__status_fail(st, &config);
+  st = Py_InitializeFromConfig(&config);
+  PyConfig_Clear(&config);
+  if (PyStatus_Exception(st)) return tl__status_fail(st, &config);
+
+  /* Pinned after the interpreter's start-up, which ran while the topology loaded, and before
+   * any of the user's code (the guard, .pth files and sitecustomize run unpinned). */
+  tl__interp_pin_main(&place);
+  int rc = tl__before_user_code(&a);
+  if (rc) {
+    Py_FinalizeEx();
+    return rc;
+  }
+  return Py_RunMain();
+}

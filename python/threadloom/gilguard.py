@@ -1,0 +1,181 @@
+"""The GIL guard: notice when an extension turns the GIL back on, and name it.
+
+On a free-threaded CPython (3.13t), importing an extension module that does not declare the
+``Py_mod_gil`` slot turns the GIL on for the whole process, for good, with a RuntimeWarning
+that is easy to miss; from then on threads no longer run Python in parallel. ``install(policy)``
+makes that visible:
+
+  forbid  the import stops the program (``GILEnabledError``, a ``SystemExit`` with status 1)
+          with one message naming the module, where it was imported and what to do;
+  warn    one line on stderr naming the module; the program goes on with the GIL on;
+  allow   silent.
+
+Mechanism, and why: the extension loader (``importlib``'s ExtensionFileLoader) calls
+``_imp.create_dynamic(spec)`` for every extension module, looking the function up on the
+``_imp`` module at each call. The guard wraps it and compares ``sys._is_gil_enabled()`` before
+and after: the GIL, once turned on this way, never goes off again, so the first load after which
+it is on is the culprit, whatever the warning filters say (libraries often silence warnings
+around imports, and ``warnings.resetwarnings()`` drops any filter we add). CPython's own warning
+is filtered out, since the guard's message replaces it. The filter matches by message prefix
+with a tiny matcher object instead of a regex, so installing the guard imports neither
+``warnings`` nor ``re`` (the launcher's start-up budget). Limits: two threads loading
+extensions for the first time at the same moment can get the blame swapped; a GIL already on
+when the guard is installed (a .pth file, sitecustomize) is reported without a module name.
+
+The guard uses only builtin modules, so the launcher loads this file before ``threadloom``
+itself (whose ``_core`` pulls in the C runtime). ``PYTHON_GIL=1`` / ``-X gil=1`` (the user asked
+for the GIL) is reported once, never refused; ``PYTHON_GIL=0`` keeps the GIL off, so there is
+nothing to guard.
+"""
+
+import _imp
+import _thread
+import sys
+
+POLICIES = ("forbid", "warn", "allow")
+_CPYTHON_WARNING = "The global interpreter lock (GIL) has been enabled to load module"
+
+
+class GILEnabledError(SystemExit):
+    """Raised (under ``--gil=forbid``) by the import that turned the GIL on. A SystemExit, so
+    ``except Exception`` / ``except ImportError`` fallbacks cannot swallow it and leave the
+    process running with the GIL; ``finally`` blocks and atexit handlers still run. ``module``
+    is the module's name (None when unknown), ``where`` the importing file:line."""
+
+    def __init__(self, message, module=None, where=None):
+        super().__init__(message)
+        self.module = module
+        self.where = where
+
+
+class _Prefix:
+    """A warnings-filter message matcher: the C warnings code calls ``.match(text)``."""
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+
+    def match(self, text):
+        return text.startswith(self.prefix)
+
+    def __repr__(self):
+        return "threadloom.gilguard._Prefix(%r)" % (self.prefix,)
+
+
+_lock = _thread.allocate_lock()  # guards _state
+_state = {"policy": None, "reported": False, "main": None, "origin": "threadloom", "real": None}
+
+
+def is_free_threaded():
+    """True on a free-threaded build (whether or not the GIL is on right now)."""
+    if hasattr(sys, "abiflags"):
+        return "t" in sys.abiflags
+    import sysconfig
+    return bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+
+
+def gil_build_message():
+    """The sentence a GIL build is refused with."""
+    return ("threadloom: %s is a Python %d.%d built with the GIL, and threadloom needs a "
+            "free-threaded one (3.13t or later, configured with --disable-gil): run "
+            "scripts/bootstrap.sh in the threadloom sources, which builds one into "
+            "~/.cache/threadloom, or install a python3.13t package"
+            % (sys.executable or "this interpreter", sys.version_info[0], sys.version_info[1]))
+
+
+def policy():
+    """The installed policy, or None when the guard is not installed."""
+    return _state["policy"]
+
+
+def _where():
+    """file:line of the innermost frame outside importlib and this file."""
+    try:
+        f = sys._getframe(2)
+    except ValueError:
+        return None
+    while f is not None:
+        name = f.f_code.co_filename
+        if not name.startswith("<frozen importlib") and name != __file__:
+            return "%s:%d" % (name, f.f_lineno)
+        f = f.f_back
+    return None
+
+
+def _report(module, origin, where):
+    """Applies the policy once per process. Returns the exception to raise, or None."""
+    with _lock:
+        if _state["reported"]:
+            return None
+        _state["reported"] = True
+        pol = _state["policy"]
+    if pol == "allow":
+        return None
+    if module is None:
+        what = "the GIL was already on when threadloom started (an extension imported by a .pth " \
+               "file, sitecustomize or PYTHONSTARTUP lacks Py_mod_gil)"
+        todo = "find it with `python -X importtime`, and"
+    else:
+        what = "module %r%s%s does not declare Py_mod_gil, so importing it turned the GIL on for " \
+               "the whole process" % (module, " (%s)" % origin if origin else "",
+                                      ", imported at %s," % where if where else "")
+        todo = "ask its authors to declare Py_mod_gil (Py_MOD_GIL_NOT_USED) once it is thread-safe, or"
+    if pol == "warn":
+        sys.stderr.write("threadloom: warning: %s and threads no longer run Python in parallel; "
+                         "%s run with --gil=allow to silence this\n" % (what, todo))
+        return None
+    msg = ("threadloom: %s (--gil=forbid stops here); %s run with --gil=warn to go on with "
+           "the GIL on" % (what, todo))
+    if _thread.get_ident() != _state["main"]:
+        # A SystemExit would end only this thread, and the process would run on with the GIL:
+        # stop the process instead (finally blocks and atexit handlers do not run).
+        import os
+        sys.stderr.write(msg + "\n")
+        sys.stderr.flush()
+        os._exit(1)
+    return GILEnabledError(msg, module, where)
+
+
+def _create_dynamic(spec, *args):
+    before = sys._is_gil_enabled()
+    try:
+        return _state["real"](spec, *args)
+    finally:
+        if not before and sys._is_gil_enabled():
+            err = _report(getattr(spec, "name", None), getattr(spec, "origin", None), _where())
+            if err is not None:
+                raise err
+
+
+def install(policy="forbid", origin="threadloom"):
+    """Installs the guard with `policy` ("forbid", "warn" or "allow"); a second call changes
+    the policy. Call it on the main thread before user code. Raises ValueError for another
+    policy, SystemExit (gil_build_message()) on a GIL build, and GILEnabledError when the GIL is
+    already on under "forbid"."""
+    if policy not in POLICIES:
+        raise ValueError("policy must be one of %s, not %r" % (", ".join(POLICIES), policy))
+    if not is_free_threaded():
+        raise SystemExit(gil_build_message())
+    with _lock:
+        first = _state["policy"] is None
+        _state["policy"] = policy
+        _state["origin"] = origin
+        if first:
+            _state["main"] = _thread.get_ident()
+            _state["real"] = _imp.create_dynamic
+            _imp.create_dynamic = _create_dynamic
+            import _warnings
+            _warnings.filters.insert(0, ("ignore", _Prefix(_CPYTHON_WARNING), RuntimeWarning, None, 0))
+            if hasattr(_warnings, "_filters_mutated"):
+                _warnings._filters_mutated()
+    if not first or not sys._is_gil_enabled():
+        return
+    if getattr(sys.flags, "gil", None) == 1:
+        with _lock:
+            _state["reported"] = True
+        if policy != "allow":
+            sys.stderr.write("threadloom: note: the GIL is on because PYTHON_GIL=1 or -X gil=1 asked "
+                             "for it; unset it to run threads in parallel\n")
+        return
+    err = _report(None, None, None)
+    if err is not None:
+        raise err

@@ -1,0 +1,72 @@
+"""``python -m threadloom run``: the launcher's `run`, from an interpreter that is already running.
+
+    python -m threadloom run [--gil=forbid|warn|allow] [--torchrun-env] [--no-pin]
+                             (script.py | -m module) [args...]
+
+Installs the same GIL guard as the C launcher (``threadloom run``), sets OMP_NUM_THREADS,
+OPENBLAS_NUM_THREADS and MKL_NUM_THREADS to the allowed cores where unset, and runs the script
+or module as ``__main__`` with runpy. What only the C launcher can do, because it must happen
+before the interpreter starts, is not done here: the main thread is not pinned (threads it
+starts would inherit its core) and os.cpu_count() is not capped (use ``-X cpu_count=N``).
+"""
+
+import os
+import runpy
+import sys
+
+from threadloom import gilguard, launch_env
+
+USAGE = ("usage: python -m threadloom run [--gil=forbid|warn|allow] [--torchrun-env] [--no-pin] "
+         "(script.py | -m module) [args...]")
+
+
+def _fail(msg):
+    sys.stderr.write("%s\n%s\n" % (USAGE, msg))
+    return 2
+
+
+def main(argv):
+    gil, torchrun = "forbid", False
+    i = 0
+    while i < len(argv) and argv[i].startswith("--"):
+        a = argv[i]
+        if a == "--torchrun-env":
+            torchrun = True
+        elif a == "--no-pin":
+            pass  # nothing is pinned from here anyway
+        elif a.startswith("--gil=") or a == "--gil":
+            if a == "--gil":
+                i += 1
+                a = "--gil=" + (argv[i] if i < len(argv) else "")
+            gil = a[len("--gil="):]
+            if gil not in gilguard.POLICIES:
+                return _fail("threadloom: --gil takes forbid, warn or allow, not %r" % gil)
+        elif a in ("--help", "--"):
+            if a == "--help":
+                print(USAGE + "\n\n" + __doc__.split("\n\n", 1)[1].rstrip())
+                return 0
+            i += 1
+            break
+        else:
+            return _fail("threadloom: unknown option %r" % a)
+        i += 1
+    rest = argv[i:]
+    if not rest or (rest[0] == "-m" and len(rest) < 2):
+        return _fail("threadloom: nothing to run: give a script or -m module")
+
+    gilguard.install(gil, origin="python -m threadloom run")
+    n = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, n)
+    if torchrun:
+        launch_env.apply_torchrun_env()
+
+    if rest[0] == "-m":
+        sys.argv = [rest[1]] + rest[2:]  # runpy puts the module's path in sys.argv[0]
+        sys.path[0] = os.getcwd()
+        runpy.run_module(rest[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(rest)
+        sys.path[0] = os.path.dirname(os.path.abspath(rest[0]))
+        runpy.run_path(rest[0], run_name="__main__")
+    return 0
