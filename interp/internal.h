@@ -24,6 +24,10 @@ typedef struct {
   const char* what;    /* the step that failed (static text) */
   char detail[256];    /* tl_err_detail() of the failure, copied off the planning thread */
   char cpus[4096];     /* the starting affinity as a list, the plan's restriction */
+  char cache_path[512]; /* the slot cache file for this boot/affinity/GPU set, "" if none */
+  int cached;          /* 1: the main slot came from the cache; no planning thread ran */
+  char cached_cpus[64]; /* the cached slot's PUs */
+  int cached_node;     /* the cached slot's NUMA node, -1 unknown */
 } tl__interp_place_t;
 
 /* Records the starting affinity and, with pin = 1, starts loading the topology and planning on

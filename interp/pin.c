@@ -24,6 +24,12 @@
  * Not covered: programs started by other libc entry points (execvpe, fexecve, popen) inherit
  * the main thread's core; `threadloom run --no-pin` avoids that.
  *
+ * The main slot is cached per boot: loading the topology (hwloc reads /sys, PCI devices
+ * included) cost most of the launcher's start-up overhead, and the answer only changes with the
+ * machine (boot id), the starting affinity, CUDA_VISIBLE_DEVICES and the library versions, which
+ * together key the cache file ($THREADLOOM_CACHE or ~/.cache/threadloom, launcher/ directory).
+ * A missing or unreadable cache falls back to planning; THREADLOOM_NO_SLOT_CACHE=1 disables it.
+ *
  * State: tl__start_set is written by tl__interp_place() before any other thread exists;
  * tl__main_set, tl__active and tl__reset_mempolicy by tl__interp_pin_main() on the main thread
  * after the planning thread was joined and before user code can start a thread. The interposers
@@ -32,15 +38,18 @@
 #include <pthread.h>
 #include <sched.h>
 #include <spawn.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include "interp/internal.h"
 #include "threadloom/error.h"
 #include "threadloom/numa.h"
+#include "threadloom/threadloom.h"
 
 typedef int (*tl__create_fn)(pthread_t*, const pthread_attr_t*, void* (*)(void*), void*);
 typedef int (*tl__execve_fn)(const char*, char* const[], char* const[]);
@@ -233,7 +242,7 @@ static void* tl__plan_main(void* arg) {
     goto out;
   }
   tl_plan_spec_default(&spec);
-  if (tl__cpuset_format(&tl__start_set, p->cpus, sizeof p->cpus) == 0) spec.cpus = p->cpus;
+  if (p->cpus[0]) spec.cpus = p->cpus;
   spec.gpus = tl__visible_gpus();
   if (tl_topo_summary(topo, &sum) == 0 && spec.gpus > sum.gpus) spec.gpus = sum.gpus;
   err = tl_plan_init(&p->plan, topo, &spec);
@@ -243,6 +252,79 @@ out:
   p->err = err;
   if (err) snprintf(p->detail, sizeof p->detail, "%s", tl_err_detail());
   return NULL;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The main slot cache
+// ---------------------------------------------------------------------------------------------
+
+static uint64_t tl__fnv1a(uint64_t h, const char* s) {
+  for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
+  return h;
+}
+
+/* Fills p->cache_path for this boot, affinity, GPU visibility and versions; "" when there is
+ * no usable cache directory or the cache is disabled. */
+static void tl__cache_path(tl__interp_place_t* p) {
+  p->cache_path[0] = '\0';
+  const char* off = getenv("THREADLOOM_NO_SLOT_CACHE");
+  if (off && *off && strcmp(off, "0") != 0) return;
+  char boot[64] = "";
+  FILE* f = fopen("/proc/sys/kernel/random/boot_id", "r");
+  if (!f) return;
+  if (!fgets(boot, sizeof boot, f)) boot[0] = '\0';
+  fclose(f);
+  if (!boot[0]) return;
+  char dir[400];
+  const char* base = getenv("THREADLOOM_CACHE");
+  const char* xdg = getenv("XDG_CACHE_HOME");
+  const char* home = getenv("HOME");
+  if (base && *base) snprintf(dir, sizeof dir, "%s/launcher", base);
+  else if (xdg && *xdg) snprintf(dir, sizeof dir, "%s/threadloom/launcher", xdg);
+  else if (home && *home) snprintf(dir, sizeof dir, "%s/.cache/threadloom/launcher", home);
+  else return;
+  char vers[64];
+  snprintf(vers, sizeof vers, "%s/%x", tl_version_string(), tl_hwloc_version());
+  const char* cvd = getenv("CUDA_VISIBLE_DEVICES");
+  uint64_t h = 1469598103934665603ull;
+  h = tl__fnv1a(h, boot);
+  h = tl__fnv1a(h, p->cpus);
+  h = tl__fnv1a(h, cvd ? cvd : "<unset>");
+  h = tl__fnv1a(h, vers);
+  snprintf(p->cache_path, sizeof p->cache_path, "%s/main-slot-%016llx", dir, (unsigned long long)h);
+}
+
+static int tl__cache_read(tl__interp_place_t* p) {
+  if (!p->cache_path[0]) return 0;
+  FILE* f = fopen(p->cache_path, "r");
+  if (!f) return 0;
+  int ok = fscanf(f, "%63s %d", p->cached_cpus, &p->cached_node) == 2;
+  fclose(f);
+  return ok;
+}
+
+/* Best effort: a failure only means the next start plans again. Written to a temporary name
+ * and renamed, so a reader never sees half a line. */
+static void tl__cache_write(const tl__interp_place_t* p, const char* cpus, int node) {
+  if (!p->cache_path[0]) return;
+  char dir[512], tmp[560];
+  snprintf(dir, sizeof dir, "%s", p->cache_path);
+  char* slash = strrchr(dir, '/');
+  if (!slash) return;
+  *slash = '\0';
+  char* parent = strrchr(dir, '/');
+  if (parent) {
+    *parent = '\0';
+    mkdir(dir, 0755); /* .../threadloom */
+    *parent = '/';
+  }
+  mkdir(dir, 0755);
+  snprintf(tmp, sizeof tmp, "%s.%d", p->cache_path, (int)getpid());
+  FILE* f = fopen(tmp, "w");
+  if (!f) return;
+  int ok = fprintf(f, "%s %d\n", cpus, node) > 0;
+  ok = fclose(f) == 0 && ok;
+  if (!ok || rename(tmp, p->cache_path) != 0) unlink(tmp);
 }
 
 void tl__interp_place(int pin, tl__interp_place_t* p) {
@@ -255,6 +337,14 @@ void tl__interp_place(int pin, tl__interp_place_t* p) {
   }
   p->allowed_pus = CPU_COUNT(&tl__start_set);
   if (!pin) return;
+  p->want_pin = 1;
+  if (tl__cpuset_format(&tl__start_set, p->cpus, sizeof p->cpus) == 0) {
+    tl__cache_path(p);
+    if (tl__cache_read(p)) {
+      p->cached = 1;
+      return;
+    }
+  }
   if (pthread_create(&p->planner, NULL, tl__plan_main, p) == 0)
     p->planning = 1;
   else
@@ -272,19 +362,35 @@ void tl__interp_pin_main(tl__interp_place_t* p) {
   if (p->planning) pthread_join(p->planner, NULL);
   p->planning = 0;
   p->want_pin = 0;
-  if (p->err) {
-    tl__say_unpinned(p->what, p->err, p->detail);
-    return;
-  }
   tl_pin_result_t res;
-  int id = -1;
-  int err = tl_plan_find(p->plan, TL_ROLE_MAIN, -1, 0, &id);
-  if (!err) err = tl_pin_self(p->plan, id, &res);
-  tl_plan_close(p->plan);
-  p->plan = NULL;
-  if (err) {
-    tl__say_unpinned("pinning", err, tl_err_detail());
-    return;
+  memset(&res, 0, sizeof res);
+  res.numa_node = -1;
+  if (p->cached) {
+    int err = tl_pin_set(p->cached_cpus, p->cached_node);
+    if (err) {
+      unlink(p->cache_path); /* stale: plan afresh next time */
+      tl__say_unpinned("pinning to the cached slot", err, tl_err_detail());
+      return;
+    }
+    snprintf(res.cpus, sizeof res.cpus, "%s", p->cached_cpus);
+    res.numa_node = p->cached_node;
+  } else {
+    if (p->err) {
+      tl__say_unpinned(p->what, p->err, p->detail);
+      return;
+    }
+    int id = -1;
+    tl_plan_slot_t slot;
+    int err = tl_plan_find(p->plan, TL_ROLE_MAIN, -1, 0, &id);
+    if (!err) err = tl_plan_slot(p->plan, id, &slot);
+    if (!err) err = tl_pin_self(p->plan, id, &res);
+    tl_plan_close(p->plan);
+    p->plan = NULL;
+    if (err) {
+      tl__say_unpinned("pinning", err, tl_err_detail());
+      return;
+    }
+    tl__cache_write(p, slot.cpus, slot.numa_node);
   }
   if (sched_getaffinity(0, sizeof tl__main_set, &tl__main_set) != 0) return;
   tl__reset_mempolicy = res.numa_node >= 0;

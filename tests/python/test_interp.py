@@ -386,3 +386,33 @@ def test_launch_env_values():
     assert added["GROUP_RANK"] == "1" and added["WORLD_SIZE"] == "2" and added["MASTER_PORT"] == "6000"
     with pytest.raises(ValueError):
         launch_env.torchrun_env(rank=2, world_size=2)
+
+
+# ---- the main slot cache -------------------------------------------------------------------
+
+@needs_bin
+def test_main_slot_cache_is_written_used_and_healed(tmp_path):
+    cache = tmp_path / "cache"
+    env = {"THREADLOOM_CACHE": str(cache)}
+    probe = "import os; print(sorted(os.sched_getaffinity(0)))"
+    first = tl("run", "-c", probe, env=env)  # plans, pins, writes the cache
+    assert first.returncode == 0, first.stderr
+    files = list((cache / "launcher").iterdir())
+    assert len(files) == 1 and files[0].name.startswith("main-slot-")
+    cpus, node = files[0].read_text().split()
+    assert first.stdout.strip() == str(sorted(parse_cpus(cpus)))
+    second = tl("run", "-c", probe, env=env)  # from the cache: same slot
+    assert second.stdout == first.stdout and second.stderr == ""
+    # A stale entry (a CPU this process may not use) is reported once, removed, and the next
+    # start plans again.
+    files[0].write_text("1023 0\n")
+    stale = tl("run", "-c", probe, env=env)
+    assert stale.returncode == 0
+    assert "cached slot" in stale.stderr and "not pinned" in stale.stderr
+    assert not files[0].exists()
+    again = tl("run", "-c", probe, env=env)
+    assert again.stdout == first.stdout and again.stderr == ""
+    # Disabled: nothing is written.
+    off = tmp_path / "off"
+    r = tl("run", "-c", probe, env={"THREADLOOM_CACHE": str(off), "THREADLOOM_NO_SLOT_CACHE": "1"})
+    assert r.stdout == first.stdout and not off.exists()
