@@ -397,9 +397,12 @@ _END = object()
 
 
 class _File:
-    """One safetensors file of a save. `queue` and `running` are guarded by `lock`: the training
-    thread appends chunks, one I/O task at a time drains them in order (so per-tensor hashes
-    stream in order), started when the queue goes from idle to non-empty."""
+    """One safetensors file of a save. `queue`, `running`, `writes` and `ended` are guarded by
+    `lock`: the training thread appends chunks, one drain task at a time hashes them in order
+    (so per-tensor hashes stream in order; it is started when the queue goes from idle to
+    non-empty) and submits one write task per chunk; whichever of the drain (on _END) and the
+    writes sees ended and writes == 0 last fsyncs and closes the file. `fd` is set by the drain
+    before the first write is submitted and cleared by that last one."""
 
     def __init__(self, name, path, tensors, metadata):
         self.name = name
@@ -416,6 +419,8 @@ class _File:
         self.lock = threading.Lock()
         self.queue = deque()
         self.running = False
+        self.writes = 0         # write tasks submitted and not finished
+        self.ended = False      # the drain has seen _END: the last write to finish closes it
 
 
 class _Save:
@@ -431,10 +436,12 @@ class _Save:
         self.future = cf.Future()
         self.progress = Progress(step, sum(f.size for f in files))
         self.future.progress = self.progress
+        self.retired = cf.Future()      # set after the commit's retention: the next commit waits
         self.lock = threading.Lock()    # guards error, pending, progress counters, tmp_made
         self.error = None
         self.pending = len(files) + 1   # files still writing + the previous save's commit
         self.tmp_made = False
+        self.hold = False               # drains wait until staging ends (training thread only)
 
     def fail(self, exc):
         with self.lock:
@@ -555,18 +562,24 @@ class Checkpointer:
             if prev is None:
                 job.part_done()
             else:
-                prev.future.add_done_callback(lambda _f: job.part_done())
+                prev.retired.add_done_callback(lambda _f: job.part_done())
             self._stage(job)
+            if job.hold:
+                job.hold = False
+                for f in job.files:
+                    self._enqueue(job, f, None)
         job.progress.staged = True
         job.progress.stall_s = time.perf_counter() - t0
         return job.future
 
     def wait(self, timeout=None):
-        """Waits for every save made so far; raises the error of the newest one if it failed."""
+        """Waits for every save made so far (and their retention); raises the error of the newest
+        one if it failed."""
         with self._save_lock:
             last = self._last
         if last is not None:
-            last.future.result(timeout)  # commits are in order: the newest is the last
+            last.retired.result(timeout)  # commits are in order: the newest is the last
+            last.future.result(0)
 
     @property
     def progress(self):
@@ -590,7 +603,7 @@ class Checkpointer:
             self._closed = True
             last = self._last
         if last is not None:
-            cf.wait([last.future])
+            cf.wait([last.retired])
         self._executor.shutdown(wait=True)
         os.close(self._lock_fd)
 
@@ -640,6 +653,12 @@ class Checkpointer:
             objs.append(f)
         job = _Save(self, step, tree, tensors, objs, metadata)
         job.tmpdir = tmp
+        # When the whole save fits in the staging budget, its writes start once save() has
+        # staged everything: the copy then has the CPU to itself, which is what keeps the
+        # training thread's stall at memcpy speed on machines with few cores. A save larger
+        # than the budget streams: its writes start at once (they free the slots it waits for).
+        slots = sum(-(-f.size // self._staging.slot_bytes) for f in objs)
+        job.hold = slots <= self._staging.count
         return job
 
     def _stage(self, job):
@@ -676,16 +695,20 @@ class Checkpointer:
             self._enqueue(job, f, _END)
 
     def _enqueue(self, job, f, item):
+        """Queues `item` (None: only start the drain) for `f`'s drain, starting it if idle."""
         with f.lock:
-            f.queue.append(item)
-            start = not f.running
-            f.running = True
+            if item is not None:
+                f.queue.append(item)
+            start = not f.running and not job.hold and bool(f.queue)
+            if start:
+                f.running = True
         if start:
             self._executor.submit(self._drain, job, f)
 
     def _drain(self, job, f):
-        """Writes `f`'s queued chunks in order (an I/O thread; one drain per file at a time)."""
-        ops = self._ops
+        """Hashes `f`'s queued chunks in order (an I/O thread; one drain per file at a time) and
+        hands each to a write task: writes are positional, so they run in parallel, overlapping
+        the next chunk's hash."""
         while True:
             with f.lock:
                 if not f.queue:
@@ -693,37 +716,63 @@ class Checkpointer:
                     return
                 item = f.queue.popleft()
             if item is _END:
-                try:
-                    if f.fd is not None:
-                        if job.error is None:
-                            ops.fsync(f.fd)
-                        ops.close(f.fd)
-                        f.fd = None
-                    elif job.error is None:  # nothing queued (cannot happen: the header is)
-                        raise AssertionError("file without data")
-                except BaseException as e:
-                    job.fail(e)
-                job.part_done()
+                with f.lock:
+                    f.ended = True
+                    last = f.writes == 0
+                if last:
+                    self._file_done(job, f)
                 continue
             slot, n, off, segs = item
+            if job.error is not None:  # the save failed: drop the chunk, free its slot
+                self._staging.release(slot)
+                continue
             try:
-                if job.error is None:
-                    if f.fd is None:
-                        job.ensure_tmpdir()
-                        f.fd = ops.open(f.path)
-                    view = slot[1]
-                    for t, a, b, last in segs:
-                        if t is not None:
-                            t.hasher.update(view[a:b])
-                            if last:
-                                t.checksum = t.hasher.digest()
-                                t.hasher = None
-                    ops.pwrite(f.fd, view[:n], off)
-                    job.wrote(n)
+                if f.fd is None:
+                    job.ensure_tmpdir()
+                    f.fd = self._ops.open(f.path)
+                view = slot[1]
+                for t, a, b, last in segs:
+                    if t is not None:
+                        t.hasher.update(view[a:b])
+                        if last:
+                            t.checksum = t.hasher.digest()
+                            t.hasher = None
+                with f.lock:
+                    f.writes += 1
+                self._executor.submit(self._write, job, f, slot, n, off)
             except BaseException as e:
                 job.fail(e)
-            finally:
                 self._staging.release(slot)
+
+    def _write(self, job, f, slot, n, off):
+        """Writes one staged chunk at its offset (an I/O thread), then frees its slot."""
+        try:
+            if job.error is None:
+                self._ops.pwrite(f.fd, slot[1][:n], off)
+                job.wrote(n)
+        except BaseException as e:
+            job.fail(e)
+        finally:
+            self._staging.release(slot)
+            with f.lock:
+                f.writes -= 1
+                last = f.ended and f.writes == 0
+            if last:
+                self._file_done(job, f)
+
+    def _file_done(self, job, f):
+        """After the last write of `f` (exactly once): fsync and close it."""
+        try:
+            if f.fd is not None:
+                if job.error is None:
+                    self._ops.fsync(f.fd)
+                self._ops.close(f.fd)
+                f.fd = None
+            elif job.error is None:  # cannot happen: every file's stream starts with its header
+                raise AssertionError("file without data")
+        except BaseException as e:
+            job.fail(e)
+        job.part_done()
 
     def _notify(self, progress):
         cb = self.on_progress
@@ -785,12 +834,18 @@ class Checkpointer:
             job.progress.done = True
             job.progress.finished = time.monotonic()
             job.future.set_exception(err)
+            job.retired.set_result(None)
             return
-        self._retain(job.step)
         job.progress.done = True
         job.progress.finished = time.monotonic()
         self._notify(job.progress)
         job.future.set_result(final)
+        try:
+            self._retain(job.step)  # after the result: deleting old checkpoints is nobody's wait
+        except Exception:
+            log.exception("retention after step-%d failed (the checkpoint is committed)", job.step)
+        finally:
+            job.retired.set_result(None)
 
     def _save_error(self, job, exc, committed):
         if isinstance(exc, _core.Error) or not isinstance(exc, OSError):
