@@ -22,3 +22,4 @@ run() {  # name command...
 run scheduler "$here/build/bench/tl-bench-scheduler"
 run arena "$here/build/bench/tl-bench-arena"
 run executor "$py" "$here/bench/bench_executor.py" --json "$out/executor.json"
+run checkpoint "$py" "$here/bench/bench_checkpoint.py" --json "$out/checkpoint.json"
