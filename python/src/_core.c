@@ -352,6 +352,9 @@ static PyMethodDef core_methods[] = {
     {"pin_set", tl_py_pin_set, METH_VARARGS,
      "pin_set(cpus, numa_node=-1): sets the calling thread's CPU affinity ('0-3,8') and its "
      "preferred memory node (-1: local allocation). Used to undo a pin."},
+    {"xxh3_64", (PyCFunction)(void (*)(void))tl_py_xxh3_64, METH_VARARGS | METH_KEYWORDS,
+     "xxh3_64(data, seed=0) -> int: the XXH3 64-bit hash (libxxhash) of a C-contiguous "
+     "bytes-like object; detaches from the interpreter while hashing large inputs."},
     {"error_table", core_error_table, METH_NOARGS,
      "The error table: tuple of (code, name, message, exception class)."},
     {"_raise_error", core_raise_error, METH_VARARGS,
@@ -403,6 +406,8 @@ static int core_exec(PyObject* module) {
   if (!st->arena_type || PyModule_AddObjectRef(module, "Arena", st->arena_type) < 0) return -1;
   st->buffer_type = PyType_FromModuleAndSpec(module, &tl_py_buffer_spec, NULL);
   if (!st->buffer_type || PyModule_AddObjectRef(module, "Buffer", st->buffer_type) < 0) return -1;
+  st->hasher_type = PyType_FromModuleAndSpec(module, &tl_py_hasher_spec, NULL);
+  if (!st->hasher_type || PyModule_AddObjectRef(module, "Hasher", st->hasher_type) < 0) return -1;
   if (PyModule_AddStringConstant(module, "__version__", tl_version_string()) < 0) return -1;
   return 0;
 }
@@ -413,6 +418,7 @@ static int core_traverse(PyObject* module, visitproc visit, void* arg) {
   Py_VISIT(st->pool_type);
   Py_VISIT(st->arena_type);
   Py_VISIT(st->buffer_type);
+  Py_VISIT(st->hasher_type);
   Py_VISIT(st->error);
   for (int i = 0; i < TL_NCODES; i++) Py_VISIT(st->by_code[i]);
   return 0;
@@ -424,6 +430,7 @@ static int core_clear(PyObject* module) {
   Py_CLEAR(st->pool_type);
   Py_CLEAR(st->arena_type);
   Py_CLEAR(st->buffer_type);
+  Py_CLEAR(st->hasher_type);
   Py_CLEAR(st->error);
   for (int i = 0; i < TL_NCODES; i++) Py_CLEAR(st->by_code[i]);
   return 0;

@@ -15,6 +15,7 @@ typedef struct {
   PyObject* pool_type;           /* threadloom._core.Pool */
   PyObject* arena_type;          /* threadloom._core.Arena */
   PyObject* buffer_type;         /* threadloom._core.Buffer */
+  PyObject* hasher_type;         /* threadloom._core.Hasher */
   PyObject* error;               /* threadloom.Error: the base of every class below */
   PyObject* by_code[TL_NCODES];  /* by_code[-code]: the class for that TL_E* code */
 } core_state;
@@ -46,5 +47,10 @@ extern PyType_Spec tl_py_pool_spec;
 /* arena.c */
 extern PyType_Spec tl_py_arena_spec;
 extern PyType_Spec tl_py_buffer_spec;
+
+/* hash.c */
+extern PyType_Spec tl_py_hasher_spec;
+/* xxh3_64(data, seed=0) -> int */
+PyObject* tl_py_xxh3_64(PyObject* module, PyObject* args, PyObject* kwargs);
 
 #endif /* THREADLOOM_PY_CORE_H */

@@ -32,6 +32,7 @@ from threadloom._core import (  # noqa: F401  (the error classes are public API)
     TryAgainError,
     UnknownError,
 )
+from threadloom.checkpoint import Checkpointer, CorruptCheckpointError, load
 from threadloom.executor import Executor
 from threadloom.memory import arena, current_numa_node
 from threadloom.pipeline import Pipeline
@@ -40,7 +41,7 @@ from threadloom.sysinfo import info, topology
 
 __version__ = _core.__version__
 
-__all__ = ["Arena", "Buffer", "Error", "Executor", "Pipeline", "arena", "current_numa_node", "Pinning", "default_plan", "info", "pin", "plan", "topology",
+__all__ = ["Arena", "Buffer", "Checkpointer", "CorruptCheckpointError", "Error", "Executor", "load", "Pipeline", "arena", "current_numa_node", "Pinning", "default_plan", "info", "pin", "plan", "topology",
            "__version__"] + [
     cls.__name__ for _, _, _, cls in _core.error_table()
 ]
