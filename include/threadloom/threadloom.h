@@ -11,6 +11,7 @@
 #define THREADLOOM_THREADLOOM_H
 
 #include "threadloom/arena.h"
+#include "threadloom/cluster.h"
 #include "threadloom/common.h"
 #include "threadloom/cudactx.h"
 #include "threadloom/error.h"

@@ -355,6 +355,11 @@ static PyMethodDef core_methods[] = {
     {"xxh3_64", (PyCFunction)(void (*)(void))tl_py_xxh3_64, METH_VARARGS | METH_KEYWORDS,
      "xxh3_64(data, seed=0) -> int: the XXH3 64-bit hash (libxxhash) of a C-contiguous "
      "bytes-like object; detaches from the interpreter while hashing large inputs."},
+    {"hostlist_expand", tl_py_hostlist_expand, METH_O,
+     "hostlist_expand(list) -> list of host names, as `scontrol show hostnames` prints them "
+     "('linux[1-2],gpu-[01-02]' -> ['linux1', 'linux2', 'gpu-01', 'gpu-02']). Raises "
+     "InvalidArgumentError naming the position of a malformed part, OutOfRangeError over 1<<20 "
+     "names."},
     {"error_table", core_error_table, METH_NOARGS,
      "The error table: tuple of (code, name, message, exception class)."},
     {"_raise_error", core_raise_error, METH_VARARGS,

@@ -53,4 +53,8 @@ extern PyType_Spec tl_py_hasher_spec;
 /* xxh3_64(data, seed=0) -> int */
 PyObject* tl_py_xxh3_64(PyObject* module, PyObject* args, PyObject* kwargs);
 
+/* cluster.c */
+/* hostlist_expand(list) -> list of str */
+PyObject* tl_py_hostlist_expand(PyObject* module, PyObject* arg);
+
 #endif /* THREADLOOM_PY_CORE_H */
