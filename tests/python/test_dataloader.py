@@ -1,0 +1,404 @@
+"""threadloom.DataLoader against torch DataLoader's documented behaviours, with pure-Python
+datasets (no torch or numpy here)."""
+
+import gc
+import random
+import threading
+import traceback
+
+import pytest
+
+import threadloom
+from threadloom.data import collate
+from threadloom.data import (BatchSampler, DataLoader, DataLoaderTimeoutError, DistributedSampler,
+                             IterableDataset, RandomSampler, Sampler, SequentialSampler,
+                             SubsetRandomSampler, WeightedRandomSampler, default_collate,
+                             get_worker_info)
+
+
+def rows(loader):
+    return [b.tolist() if isinstance(b, memoryview) else b for b in loader]
+
+
+class Squares:
+    """Map-style by duck typing: __getitem__ and __len__."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return i * i
+
+    def __len__(self):
+        return self.n
+
+
+class Shards(IterableDataset):
+    """An iterable that shards itself with get_worker_info(), as torch's docs show."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        info = get_worker_info()
+        if info is None:
+            return iter(range(self.n))
+        return iter(range(info.id, self.n, info.num_workers))
+
+
+@pytest.mark.parametrize("nw", [0, 1, 4])
+def test_order_is_the_same_for_any_worker_count(nw):
+    got = rows(DataLoader(Squares(23), batch_size=4, num_workers=nw))
+    want = [[i * i for i in range(k, min(k + 4, 23))] for k in range(0, 23, 4)]
+    assert got == want
+
+
+def test_drop_last_and_len():
+    loader = DataLoader(Squares(10), batch_size=4, drop_last=True, num_workers=2)
+    assert len(loader) == 2
+    assert [len(b) for b in loader] == [4, 4]
+    assert len(DataLoader(Squares(10), batch_size=4)) == 3
+
+
+def test_batch_size_none_yields_samples():
+    assert list(DataLoader(Squares(5), batch_size=None, num_workers=2)) == [0, 1, 4, 9, 16]
+
+
+def test_custom_sampler_and_batch_sampler():
+    class Evens(Sampler):
+        def __iter__(self):
+            return iter(range(0, 10, 2))
+
+        def __len__(self):
+            return 5
+
+    assert rows(DataLoader(Squares(10), batch_size=2, sampler=Evens(), num_workers=2)) == \
+        [[0, 4], [16, 36], [64]]
+    bs = [[3, 1], [0], [2, 2, 2]]
+    assert rows(DataLoader(Squares(4), batch_sampler=bs, num_workers=3)) == [[9, 1], [0], [4, 4, 4]]
+    assert list(BatchSampler(SequentialSampler(range(5)), 2, False)) == [[0, 1], [2, 3], [4]]
+
+
+def test_mutually_exclusive_arguments_say_what_torch_says():
+    ds = Squares(4)
+    with pytest.raises(ValueError, match="sampler option is mutually exclusive with shuffle"):
+        DataLoader(ds, sampler=SequentialSampler(ds), shuffle=True)
+    with pytest.raises(ValueError, match="batch_sampler option is mutually exclusive with batch_size"):
+        DataLoader(ds, batch_sampler=[[0]], batch_size=2)
+    with pytest.raises(ValueError, match="batch_size=None option disables auto-batching"):
+        DataLoader(ds, batch_size=None, drop_last=True)
+    with pytest.raises(ValueError, match="num_workers option should be non-negative"):
+        DataLoader(ds, num_workers=-1)
+    with pytest.raises(ValueError, match="prefetch_factor option could only be specified"):
+        DataLoader(ds, prefetch_factor=2)
+    with pytest.raises(ValueError, match="persistent_workers option needs num_workers > 0"):
+        DataLoader(ds, persistent_workers=True)
+    with pytest.raises(ValueError, match="expected unspecified shuffle option"):
+        DataLoader(Shards(3), shuffle=True)
+    with pytest.raises(ValueError, match="expected unspecified sampler option"):
+        DataLoader(Shards(3), sampler=[0])
+    with pytest.raises(ValueError, match="threads of one process; multiprocessing_context"):
+        DataLoader(ds, multiprocessing_context="spawn")
+    with pytest.raises(ValueError, match="batch_size should be a positive integer value"):
+        BatchSampler(range(3), 0, False)
+    with pytest.raises(ValueError, match="Invalid rank 2, rank should be in the interval"):
+        DistributedSampler(ds, num_replicas=2, rank=2)
+
+
+def test_device_is_not_built_yet():
+    with pytest.raises(threadloom.NotBuiltError, match="cudactx feeder is not built yet"):
+        DataLoader(Squares(4), device="cuda:0")
+    with pytest.raises(threadloom.NotBuiltError, match="not built yet"):
+        DataLoader(Squares(4), pin_memory_device="cuda")
+    assert rows(DataLoader(Squares(2), pin_memory=True, batch_size=2)) == [[0, 1]]
+
+
+def test_worker_info_in_workers_and_none_outside():
+    seen = {}
+
+    class Probe(Squares):
+        def __getitem__(self, i):
+            info = get_worker_info()
+            seen[i] = (info.id, info.num_workers, info.seed, info.dataset is self)
+            return i
+
+    base = get_worker_info()
+    assert base is None
+    list(DataLoader(Probe(12), batch_size=2, num_workers=3, generator=random.Random(5)))
+    assert get_worker_info() is None
+    base_seed = random.Random(5).getrandbits(63)
+    for wid, n, seed, is_replica in seen.values():
+        assert 0 <= wid < 3 and n == 3 and seed == base_seed + wid and is_replica
+    seen.clear()
+
+    class Probe0(Squares):
+        def __getitem__(self, i):
+            seen[i] = get_worker_info()
+            return i
+    list(DataLoader(Probe0(3), num_workers=0))
+    assert set(seen.values()) == {None}
+
+
+def test_iterable_dataset_sharded_by_worker_info_has_no_duplicates():
+    got = rows(DataLoader(Shards(10), batch_size=2, num_workers=3))
+    # torch's order: the workers' batches round-robin
+    assert got == [[0, 3], [1, 4], [2, 5], [6, 9], [7], [8]]
+    flat = sorted(x for b in got for x in b)
+    assert flat == list(range(10))
+    assert rows(DataLoader(Shards(5), batch_size=2, drop_last=True, num_workers=2)) == [[0, 2], [1, 3]]
+    assert rows(DataLoader(Shards(3), batch_size=2)) == [[0, 1], [2]]
+
+
+def test_worker_init_fn_runs_once_per_worker_thread():
+    calls = []
+    lock = threading.Lock()
+
+    def init(wid):
+        assert get_worker_info().id == wid
+        with lock:
+            calls.append((wid, threading.get_ident()))
+
+    list(DataLoader(Squares(40), batch_size=2, num_workers=4, worker_init_fn=init))
+    assert sorted(w for w, _ in calls) == [0, 1, 2, 3]
+    assert len({t for _, t in calls}) == 4
+
+
+def test_replicas_are_distinct_objects_per_worker_thread():
+    owners = {}
+    lock = threading.Lock()
+    start = threading.Barrier(3)
+
+    class Table(Squares):
+        def __init__(self):
+            super().__init__(30)
+            self.cache = {}
+
+        def __getitem__(self, i):
+            if not self.cache:
+                start.wait(timeout=10)  # all three workers are up, each with a replica
+            self.cache[i] = True        # mutating its own replica needs no lock
+            with lock:
+                owners.setdefault(id(self), set()).add(threading.get_ident())
+            return i
+
+    ds = Table()
+    assert len(rows(DataLoader(ds, batch_size=1, num_workers=3))) == 30
+    assert len(owners) == 3 and all(len(t) == 1 for t in owners.values())
+    assert id(ds) not in owners and ds.cache == {}
+    # a factory builds each replica; None shares the one object
+    made = []
+    list(DataLoader(Squares(6), num_workers=2, replicate=lambda: made.append(1) or Squares(6)))
+    assert len(made) == 2
+    shared = Table()
+    start = threading.Barrier(1)
+    owners.clear()
+    list(DataLoader(shared, num_workers=2, replicate=None))
+    assert list(owners) == [id(shared)]
+
+
+def test_worker_exception_reraised_with_its_traceback():
+    class Bad(Squares):
+        def __getitem__(self, i):
+            if i == 7:
+                raise KeyError("sample 7 is broken")
+            return i
+
+    before = threading.active_count()
+    with pytest.raises(KeyError, match="sample 7 is broken") as ei:
+        list(DataLoader(Bad(20), batch_size=2, num_workers=3))
+    frames = [f.name for f in traceback.extract_tb(ei.value.__traceback__)]
+    assert "__getitem__" in frames
+    assert any("threadloom.DataLoader worker" in n for n in ei.value.__notes__)
+    assert threading.active_count() == before
+
+    class BadIter(IterableDataset):
+        def __iter__(self):
+            yield 1
+            raise ValueError("stream broke")
+    with pytest.raises(ValueError, match="stream broke") as ei:
+        list(DataLoader(BadIter(), num_workers=2))
+    assert "__iter__" in [f.name for f in traceback.extract_tb(ei.value.__traceback__)]
+    assert threading.active_count() == before
+
+
+def test_timeout_raises_like_torch():
+    release = threading.Event()
+
+    class Slow(Squares):
+        def __getitem__(self, i):
+            if i == 1:
+                release.wait(10)
+            return i
+
+    before = threading.active_count()
+    loader = DataLoader(Slow(4), batch_size=1, num_workers=1, timeout=0.2)
+    it = iter(loader)
+    assert next(it).tolist() == [0]
+    with pytest.raises(RuntimeError, match="DataLoader timed out after 0.2 seconds") as ei:
+        next(it)
+    assert isinstance(ei.value, (TimeoutError, DataLoaderTimeoutError))
+    release.set()
+    del it
+    loader.close()
+    assert threading.active_count() == before
+
+
+def test_break_and_gc_stop_the_workers():
+    before = threading.active_count()
+    loader = DataLoader(Squares(1000), batch_size=2, num_workers=4)
+    for k, _ in enumerate(loader):
+        if k == 3:
+            break
+    loader.close()
+    assert threading.active_count() == before
+    it = iter(DataLoader(Shards(1000), batch_size=2, num_workers=3))
+    next(it)
+    del it
+    gc.collect()
+    assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("nw", [0, 3])
+def test_resume_mid_epoch_yields_exactly_the_rest(nw):
+    def make():
+        return DataLoader(Squares(50), batch_size=4, shuffle=True, num_workers=nw,
+                          generator=random.Random(11))
+
+    full = rows(make())
+    loader = make()
+    it = iter(loader)
+    head = [next(it).tolist() for _ in range(5)]
+    state = loader.state_dict()
+    assert state["batches_yielded"] == 5
+    fresh = make()
+    fresh.load_state_dict(state)
+    rest = rows(fresh)
+    assert head + rest == full
+    loader.close()
+
+
+def test_resume_iterable_skips_yielded_batches():
+    loader = DataLoader(Shards(20), batch_size=3, num_workers=2)
+    full = rows(loader)
+    it = iter(loader)
+    next(it), next(it)
+    state = loader.state_dict()
+    again = DataLoader(Shards(20), batch_size=3, num_workers=2)
+    again.load_state_dict(state)
+    assert rows(again) == full[2:]
+    loader.close()
+
+
+def test_shuffle_is_deterministic_across_worker_counts():
+    results = [rows(DataLoader(Squares(40), batch_size=3, shuffle=True, num_workers=nw,
+                               generator=random.Random(3)))
+               for nw in (0, 1, 2, 4)]
+    assert all(r == results[0] for r in results)
+    assert sorted(x for b in results[0] for x in b) == sorted(i * i for i in range(40))
+    assert results[0] != rows(DataLoader(Squares(40), batch_size=3))
+    # a second epoch shuffles differently, the same way again for the same seed
+    a = DataLoader(Squares(40), batch_size=3, shuffle=True, num_workers=2, generator=random.Random(3))
+    b = DataLoader(Squares(40), batch_size=3, shuffle=True, num_workers=1, generator=random.Random(3))
+    ea, eb = [rows(a), rows(a)], [rows(b), rows(b)]
+    assert ea == eb and ea[0] != ea[1]
+
+
+def test_per_worker_rng_is_seeded_and_worker_local():
+    draws = {}
+
+    class Aug(Squares):
+        def __getitem__(self, i):
+            info = get_worker_info()
+            draws.setdefault(info.id, []).append(info.rng.random())
+            return i
+
+    list(DataLoader(Aug(4), batch_size=4, num_workers=1, generator=random.Random(9)))
+    seed = random.Random(9).getrandbits(63)
+    r = random.Random(seed)
+    assert draws[0] == [r.random() for _ in range(4)]
+
+
+def test_in_order_false_yields_everything():
+    got = rows(DataLoader(Squares(30), batch_size=2, num_workers=3, in_order=False))
+    assert sorted(x for b in got for x in b) == [i * i for i in range(30)]
+
+
+def test_persistent_workers_keep_their_replicas():
+    inits = []
+    loader = DataLoader(Squares(8), batch_size=2, num_workers=2, persistent_workers=True,
+                        worker_init_fn=inits.append)
+    assert rows(loader) == rows(loader)
+    assert sorted(inits) == [0, 1]
+    loader.close()
+
+
+def test_default_collate_shapes_and_formats():
+    b = default_collate([1, 2, 3])
+    assert (b.format, b.shape, b.tolist()) == ("q", (3,), [1, 2, 3])
+    f = default_collate([1.5, 2])
+    assert (f.format, f.tolist()) == ("d", [1.5, 2.0])
+    t = default_collate([True, False])
+    assert (t.format, t.tolist()) == ("?", [True, False])
+    s = default_collate([b"ab", b"cd"])
+    assert (s.format, s.shape, s.tobytes()) == ("B", (2, 2), b"abcd")
+    assert default_collate([b"a", b"bcd"]) == [b"a", b"bcd"]
+    assert default_collate(["x", "y"]) == ["x", "y"]
+    v = default_collate([memoryview(bytes(6)).cast("B", (2, 3))] * 4)
+    assert v.shape == (4, 2, 3)
+    d = default_collate([{"x": 1, "y": "a"}, {"x": 2, "y": "b"}])
+    assert d["x"].tolist() == [1, 2] and d["y"] == ["a", "b"]
+    tup = default_collate([(1, 2.0), (3, 4.0)])
+    assert [c.tolist() for c in tup] == [[1, 3], [2.0, 4.0]]
+    with pytest.raises(RuntimeError, match="each element in list of batch should be of equal size"):
+        default_collate([(1, 2), (3,)])
+    with pytest.raises(TypeError, match="default_collate: batch must contain"):
+        default_collate([object()])
+    # the batch lives in arena memory (its exporter is a threadloom Buffer) unless it was full
+    assert isinstance(b.obj, threadloom.Buffer) or collate.arena_fallbacks() > 0
+
+
+def test_distributed_sharding_pads_and_splits():
+    ds = Squares(10)
+    shards = [list(DistributedSampler(ds, num_replicas=3, rank=r, shuffle=False)) for r in range(3)]
+    assert shards == [[0, 3, 6, 9], [1, 4, 7, 0], [2, 5, 8, 1]]
+    shards = [list(DistributedSampler(ds, num_replicas=3, rank=r, shuffle=False, drop_last=True))
+              for r in range(3)]
+    assert shards == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
+    parts = [rows(DataLoader(ds, batch_size=2, rank=r, world_size=2, shuffle=True,
+                             generator=random.Random(1))) for r in range(2)]
+    flat = sorted(x for p in parts for b in p for x in b)
+    assert flat == sorted(i * i for i in range(10))
+
+
+def test_distributed_rank_from_the_environment(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    loader = DataLoader(Squares(6), batch_size=2, distributed=True)
+    assert (loader.rank, loader.world_size) == (1, 2)
+    assert rows(loader) == [[1, 9], [25]]
+    assert list(DistributedSampler(Squares(4), shuffle=False)) == [1, 3]
+
+
+def test_random_samplers():
+    ds = range(10)
+    s = RandomSampler(ds, generator=random.Random(0))
+    a = list(s)
+    assert sorted(a) == list(range(10)) and list(s) != a
+    r = list(RandomSampler(ds, replacement=True, num_samples=25, generator=random.Random(0)))
+    assert len(r) == 25 and all(0 <= x < 10 for x in r)
+    assert len(list(RandomSampler(ds, num_samples=15, generator=random.Random(0)))) == 15
+    assert sorted(SubsetRandomSampler([5, 7, 9], generator=random.Random(0))) == [5, 7, 9]
+    w = list(WeightedRandomSampler([0, 0, 1], 5, generator=random.Random(0)))
+    assert w == [2] * 5
+
+
+def test_stats_and_progress(capsys):
+    loader = DataLoader(Squares(40), batch_size=4, num_workers=2, progress=True)
+    n = len(rows(loader))
+    st = loader.stats()
+    assert st["batches"] == n == 10 and st["samples"] == 40
+    assert st["time_to_first_batch_s"] is not None and st["samples_per_s"] > 0
+    assert st["stages"][0]["items"] == 10
+    assert "threadloom.DataLoader epoch 0: 10/10 batches" in capsys.readouterr().err
