@@ -118,3 +118,7 @@ def test_node_arena_is_shared_and_local(monkeypatch):
     monkeypatch.setenv("THREADLOOM_ARENA_MB", "lots")
     with pytest.raises(ValueError):
         threadloom.arena(numa_node=node + 1000)
+    # leave the process-wide arena of this node to later tests at its default size
+    from threadloom import memory
+    with memory._lock:
+        memory._arenas.pop(node).close()
