@@ -38,11 +38,12 @@ from threadloom.executor import Executor
 from threadloom.memory import arena, current_numa_node
 from threadloom.pipeline import Pipeline
 from threadloom.placement import Pinning, default_plan, pin, plan
+from threadloom.spmd import spmd
 from threadloom.sysinfo import info, topology
 
 __version__ = _core.__version__
 
-__all__ = ["Arena", "Buffer", "Checkpointer", "CorruptCheckpointError", "DataLoader", "Error", "Executor", "load", "Pipeline", "arena", "current_numa_node", "Pinning", "default_plan", "get_worker_info", "info", "pin", "plan", "topology",
+__all__ = ["Arena", "Buffer", "Checkpointer", "CorruptCheckpointError", "DataLoader", "Error", "Executor", "load", "Pipeline", "arena", "current_numa_node", "Pinning", "default_plan", "get_worker_info", "info", "pin", "plan", "spmd", "topology",
            "__version__"] + [
     cls.__name__ for _, _, _, cls in _core.error_table()
 ]
