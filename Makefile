@@ -2,7 +2,8 @@
 # machine: scripts/bootstrap.sh installs the apt packages and the free-threaded interpreter
 # (cached in ~/.cache/threadloom; a no-op once done), then CMake builds into build/.
 #
-#   make demo       the main job: `python -m threadloom info` and a multi-threaded example
+#   make demo       the main job so far: `python -m threadloom info`, a multi-threaded example,
+#                   data-parallel training on threads with checkpoints (CPU path)
 #   make test       C tests (ctest) and Python tests (pytest on the free-threaded interpreter)
 #   make test-asan  the C core and its tests under AddressSanitizer + UBSan
 #   make test-tsan  the C core and its tests under ThreadSanitizer
@@ -37,6 +38,9 @@ demo: build
 	@cd $(CURDIR) && $(PYENV) $(PY) -m threadloom info
 	@echo
 	@$(PYENV) $(PY) examples/free_threads.py
+	@echo
+	@echo "== data-parallel training on threads (DataLoader shards -> spmd ranks -> allreduce -> Checkpointer)"
+	@$(PYENV) $(PY) examples/train_threads.py --ckpt-dir $(BUILD)/demo-checkpoints
 
 test: build
 	@$(MAKE) --no-print-directory test-c test-py
