@@ -49,7 +49,7 @@ import threading
 import time
 from collections import deque
 
-from threadloom import _core
+from threadloom import _core, errors
 
 log = logging.getLogger("threadloom.checkpoint")
 
@@ -97,19 +97,12 @@ _ERRNO_NAMES = {errno.ENOSPC: "TL_ENOSPC", errno.EDQUOT: "TL_ENOSPC", errno.EACC
 
 
 def _code(name):
-    for code, n, _, _ in _core.error_table():
-        if n == name:
-            return code
-    raise AssertionError(name)
+    return errors.CODES[name]
 
 
 def _tl_error(name, detail):
     """The threadloom exception (code, name, hint, detail set) for TL_E* `name`."""
-    try:
-        _core._raise_error(_code(name), detail)
-    except _core.Error as e:
-        return e
-    raise AssertionError("unreachable")
+    return errors.error(name, detail)
 
 
 class CorruptCheckpointError(_core.InputOutputError):

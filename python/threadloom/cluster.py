@@ -29,22 +29,15 @@ import threading
 import time
 import zlib
 
-from threadloom import _core, launch_env
+from threadloom import _core, errors, launch_env
 
 # ---------------------------------------------------------------------------------------------
 # Errors: threadloom's classes (TimedOutError, InvalidArgumentError, ...) with their detail
 # ---------------------------------------------------------------------------------------------
 
-_CODES = {name: code for code, name, _, _ in _core.error_table()}
-
-
 def _error(name, detail):
-    """The threadloom exception for TL_E<name> with `detail` (to be raised by the caller)."""
-    try:
-        _core._raise_error(_CODES["TL_" + name], detail)
-    except _core.Error as e:
-        return e
-    raise AssertionError("unreachable")  # pragma: no cover
+    """The threadloom exception for TL_E<name> with `detail` (see threadloom.errors)."""
+    return errors.error(name, detail)
 
 
 # ---------------------------------------------------------------------------------------------

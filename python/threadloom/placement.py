@@ -12,7 +12,7 @@ description) are for looking at; pinning with them is refused.
 import os
 import threading
 
-from threadloom import _core
+from threadloom import _core, errors
 
 ROLES = ("main", "launch", "loader", "io")
 
@@ -116,9 +116,9 @@ def pin(gpu=None, role="loader", rank=None, plan=None, thread=None):
         raise ValueError("role must be one of %s, not %r" % (", ".join(ROLES + ("feeder",)), role))
     p = plan if plan is not None else default_plan()
     if gpu is not None and p.gpus == 0:
-        raise _core.NoDeviceError(
-            "TL_ENODEV: the plan covers no GPU, so gpu=%r cannot be pinned to. What to do: pass "
-            "gpu=None on machines without GPUs, or make a plan that includes GPUs." % (gpu,))
+        raise errors.error("ENODEV", "the plan covers no GPU, so gpu=%r cannot be pinned to: pass "
+                           "gpu=None on machines without GPUs, or make a plan that includes GPUs"
+                           % (gpu,))
     if rank is None:
         slot_id, shared = p.claim(role, gpu)
     else:

@@ -32,7 +32,7 @@ import numbers
 import threading
 import time
 
-from threadloom import _core, placement
+from threadloom import _core, errors, placement
 
 __all__ = ["spmd", "SpmdContext", "CpuComm", "OPS"]
 
@@ -40,16 +40,9 @@ OPS = ("sum", "max", "min", "avg")
 FORMATS = ("d", "f", "q", "i")          # the typed element formats reductions accept
 DEFAULT_BUCKET_BYTES = 25 << 20
 
-_CODES = {name: code for code, name, _, _ in _core.error_table()}
-
-
 def _error(name, detail):
-    """The threadloom exception for TL_E<name> with `detail` (code, hint and detail set)."""
-    try:
-        _core._raise_error(_CODES["TL_" + name], detail)
-    except _core.Error as e:
-        return e
-    raise AssertionError("unreachable")  # pragma: no cover
+    """The threadloom exception for TL_E<name> with `detail` (see threadloom.errors)."""
+    return errors.error(name, detail)
 
 
 # ---------------------------------------------------------------------------------------------
