@@ -376,3 +376,32 @@ def test_many_threads_share_one_capsule_consumed_once(arena):
         del cap
         gc.collect()
     b.free()
+
+
+def test_consumer_protocol_by_hand_deleter_on_another_thread_detached(arena):
+    # What torch/numpy do: rename the capsule, keep the managed tensor, call its deleter later,
+    # here from another thread and detached (ctypes drops the thread state around the call).
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    set_name = ctypes.pythonapi.PyCapsule_SetName
+    set_name.restype, set_name.argtypes = ctypes.c_int, [ctypes.py_object, ctypes.c_char_p]
+    b = arena.alloc(512)
+    cap = b.__dlpack__(max_version=(1, 0))
+    mt = ctypes.cast(get(cap, b"dltensor_versioned"), ctypes.POINTER(DLManagedTensorVersioned))
+    assert (mt.contents.major, mt.contents.minor) == (1, 0) and mt.contents.flags == 0
+    t = mt.contents.dl_tensor
+    assert t.data == b.ptr and t.ndim == 1 and t.shape[0] == 512 and t.strides[0] == 1
+    assert (t.device.device_type, t.device.device_id) == (1, 0)
+    assert (t.dtype.code, t.dtype.bits, t.dtype.lanes) == (1, 8, 1)
+    used = b"used_dltensor_versioned"
+    assert set_name(cap, used) == 0
+    del cap  # consumed: its destructor must not call the deleter
+    del b
+    gc.collect()
+    assert arena.stats()["blocks_in_use"] == 1
+    deleter = mt.contents.deleter
+    th = threading.Thread(target=deleter, args=(mt,))
+    th.start()
+    th.join()
+    gc.collect()
+    assert arena.stats()["blocks_in_use"] == 0
