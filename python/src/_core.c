@@ -355,6 +355,13 @@ static PyMethodDef core_methods[] = {
     {"xxh3_64", (PyCFunction)(void (*)(void))tl_py_xxh3_64, METH_VARARGS | METH_KEYWORDS,
      "xxh3_64(data, seed=0) -> int: the XXH3 64-bit hash (libxxhash) of a C-contiguous "
      "bytes-like object; detaches from the interpreter while hashing large inputs."},
+    {"from_dlpack", tl_py_from_dlpack, METH_O,
+     "from_dlpack(obj) -> memoryview: imports a host (kDLCPU) DLPack tensor without a copy, from "
+     "an object with __dlpack__/__dlpack_device__ or from a DLPack capsule, which is consumed "
+     "(renamed 'used_*'); the producer's deleter runs when the memoryview (and every view of it) "
+     "is gone. Format, shape and strides follow the tensor's dtype (int/uint 8-64, float16/32/64, "
+     "bool); compact row-major tensors only (BufferError otherwise). Device tensors raise "
+     "NotBuiltError (device DLPack is the cudactx part)."},
     {"hostlist_expand", tl_py_hostlist_expand, METH_O,
      "hostlist_expand(list) -> list of host names, as `scontrol show hostnames` prints them "
      "('linux[1-2],gpu-[01-02]' -> ['linux1', 'linux2', 'gpu-01', 'gpu-02']). Raises "
@@ -413,6 +420,10 @@ static int core_exec(PyObject* module) {
   if (!st->buffer_type || PyModule_AddObjectRef(module, "Buffer", st->buffer_type) < 0) return -1;
   st->hasher_type = PyType_FromModuleAndSpec(module, &tl_py_hasher_spec, NULL);
   if (!st->hasher_type || PyModule_AddObjectRef(module, "Hasher", st->hasher_type) < 0) return -1;
+  st->dlpack_tensor_type = PyType_FromModuleAndSpec(module, &tl_py_dlpack_tensor_spec, NULL);
+  if (!st->dlpack_tensor_type ||
+      PyModule_AddObjectRef(module, "DLPackTensor", st->dlpack_tensor_type) < 0)
+    return -1;
   if (PyModule_AddStringConstant(module, "__version__", tl_version_string()) < 0) return -1;
   return 0;
 }
@@ -424,6 +435,7 @@ static int core_traverse(PyObject* module, visitproc visit, void* arg) {
   Py_VISIT(st->arena_type);
   Py_VISIT(st->buffer_type);
   Py_VISIT(st->hasher_type);
+  Py_VISIT(st->dlpack_tensor_type);
   Py_VISIT(st->error);
   for (int i = 0; i < TL_NCODES; i++) Py_VISIT(st->by_code[i]);
   return 0;
@@ -436,6 +448,7 @@ static int core_clear(PyObject* module) {
   Py_CLEAR(st->arena_type);
   Py_CLEAR(st->buffer_type);
   Py_CLEAR(st->hasher_type);
+  Py_CLEAR(st->dlpack_tensor_type);
   Py_CLEAR(st->error);
   for (int i = 0; i < TL_NCODES; i++) Py_CLEAR(st->by_code[i]);
   return 0;

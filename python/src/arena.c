@@ -8,7 +8,13 @@
  * Invariants: a Buffer holds a strong reference to its Arena, so the C arena outlives every
  * block (and tl_arena_close answers TL_EBUSY while blocks live). `users` counts alloc calls in
  * progress: close() marks the arena closed, waits for users to drain, then closes; allocs never
- * take a lock, so threads allocating from one Arena do not serialise on the object. */
+ * take a lock, so threads allocating from one Arena do not serialise on the object.
+ *
+ * Buffer exports (memoryviews and DLPack capsules, see dlpack.c) are counted; free() refuses
+ * while any is alive. Taking an export and free() run under the Buffer's critical section, so
+ * an export either sees the block and is counted before free() looks, or sees NULL. Releases
+ * only decrement (from any thread); a DLPack export also holds a strong reference, so the block
+ * outlives the Buffer object while a consumer holds the tensor. */
 #include <sched.h>
 #include <stdatomic.h>
 
@@ -27,6 +33,7 @@ typedef struct {
   _Atomic(void*) ptr;    /* the block; NULL once freed (exchanged, so it is freed once) */
   Py_ssize_t size;       /* bytes requested */
   _Atomic long exports;  /* live buffer-protocol views; free() refuses while > 0 */
+  _Atomic long dlpack_exports; /* live DLPack managed tensors; free() refuses while > 0 */
 } BufferObject;
 
 static PyObject* type_fail(PyTypeObject* tp, int err) {
@@ -45,14 +52,16 @@ static void buffer_release_block(BufferObject* self) {
 
 static int buffer_getbuffer(PyObject* op, Py_buffer* view, int flags) {
   BufferObject* self = (BufferObject*)op;
+  int rc = -1;
+  Py_BEGIN_CRITICAL_SECTION(op);
   void* p = atomic_load(&self->ptr);
-  if (!p) {
-    PyErr_SetString(PyExc_ValueError, "this Buffer was freed");
-    return -1;
+  if (!p) PyErr_SetString(PyExc_ValueError, "this Buffer was freed");
+  else if (PyBuffer_FillInfo(view, op, p, self->size, 0, flags) == 0) {
+    atomic_fetch_add(&self->exports, 1);
+    rc = 0;
   }
-  if (PyBuffer_FillInfo(view, op, p, self->size, 0, flags) < 0) return -1;
-  atomic_fetch_add(&self->exports, 1);
-  return 0;
+  Py_END_CRITICAL_SECTION();
+  return rc;
 }
 
 static void buffer_releasebuffer(PyObject* op, Py_buffer* view) {
@@ -63,13 +72,52 @@ static void buffer_releasebuffer(PyObject* op, Py_buffer* view) {
 static PyObject* buffer_free(PyObject* op, PyObject* unused) {
   (void)unused;
   BufferObject* self = (BufferObject*)op;
-  if (atomic_load(&self->exports) > 0) {
+  PyObject* ret = NULL;
+  Py_BEGIN_CRITICAL_SECTION(op);
+  if (atomic_load(&self->exports) > 0)
     PyErr_SetString(PyExc_BufferError, "cannot free a Buffer while memoryviews of it exist: "
                                        "release them (memoryview.release()) first");
+  else if (atomic_load(&self->dlpack_exports) > 0)
+    PyErr_SetString(PyExc_BufferError, "cannot free a Buffer while DLPack exports of it are "
+                                       "alive: drop the tensors imported from it (and any "
+                                       "unconsumed __dlpack__ capsules) first");
+  else {
+    buffer_release_block(self);
+    ret = Py_NewRef(Py_None);
+  }
+  Py_END_CRITICAL_SECTION();
+  return ret;
+}
+
+static void buffer_dlpack_done(PyObject* op) {
+  atomic_fetch_sub(&((BufferObject*)op)->dlpack_exports, 1);
+}
+
+static PyObject* buffer_dlpack(PyObject* op, PyObject* args, PyObject* kwargs) {
+  static char* kwlist[] = {"stream", "max_version", "dl_device", "copy", NULL};
+  PyObject *stream = NULL, *max_version = NULL, *dl_device = NULL, *copy = NULL;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOOO:__dlpack__", kwlist, &stream,
+                                   &max_version, &dl_device, &copy))
+    return NULL;
+  int versioned;
+  if (tl_py_dlpack_check_args(stream, max_version, dl_device, copy, &versioned) < 0) return NULL;
+  BufferObject* self = (BufferObject*)op;
+  void* p;
+  Py_BEGIN_CRITICAL_SECTION(op);
+  p = atomic_load(&self->ptr);
+  if (p) atomic_fetch_add(&self->dlpack_exports, 1);
+  Py_END_CRITICAL_SECTION();
+  if (!p) {
+    PyErr_SetString(PyExc_ValueError, "this Buffer was freed");
     return NULL;
   }
-  buffer_release_block(self);
-  Py_RETURN_NONE;
+  /* On failure the export has already called buffer_dlpack_done. */
+  return tl_py_dlpack_export_bytes(op, p, self->size, versioned, 0, buffer_dlpack_done);
+}
+
+static PyObject* buffer_dlpack_device(PyObject* op, PyObject* unused) {
+  (void)op, (void)unused;
+  return Py_BuildValue("(ii)", 1 /* kDLCPU */, 0);
 }
 
 static PyObject* buffer_enter(PyObject* op, PyObject* unused) {
@@ -123,6 +171,13 @@ static void buffer_dealloc(PyObject* op) {
 
 static PyMethodDef buffer_methods[] = {
     {"free", buffer_free, METH_NOARGS, "Returns the block to its arena now (idempotent)."},
+    {"__dlpack__", (PyCFunction)(void (*)(void))buffer_dlpack, METH_VARARGS | METH_KEYWORDS,
+     "__dlpack__(*, stream=None, max_version=None, dl_device=None, copy=None) -> PyCapsule: the "
+     "block as a 1-D uint8 kDLCPU tensor, in place ('dltensor_versioned' when max_version >= "
+     "(1, 0), else 'dltensor'). The tensor holds a reference to this Buffer; free() refuses "
+     "while it lives. stream must be None; dl_device (1, 0) or None; copy=True is refused."},
+    {"__dlpack_device__", buffer_dlpack_device, METH_NOARGS,
+     "(1, 0): kDLCPU, device 0 (host memory)."},
     {"__enter__", buffer_enter, METH_NOARGS, NULL},
     {"__exit__", buffer_exit, METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL},
@@ -210,6 +265,7 @@ static PyObject* arena_alloc(PyObject* op, PyObject* args, PyObject* kwargs) {
   buf->arena = NULL;
   atomic_init(&buf->ptr, NULL);
   atomic_init(&buf->exports, 0);
+  atomic_init(&buf->dlpack_exports, 0);
   buf->size = size;
   atomic_fetch_add(&self->users, 1);
   if (atomic_load(&self->closed)) {

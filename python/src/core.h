@@ -16,6 +16,7 @@ typedef struct {
   PyObject* arena_type;          /* threadloom._core.Arena */
   PyObject* buffer_type;         /* threadloom._core.Buffer */
   PyObject* hasher_type;         /* threadloom._core.Hasher */
+  PyObject* dlpack_tensor_type;  /* threadloom._core.DLPackTensor */
   PyObject* error;               /* threadloom.Error: the base of every class below */
   PyObject* by_code[TL_NCODES];  /* by_code[-code]: the class for that TL_E* code */
 } core_state;
@@ -47,6 +48,21 @@ extern PyType_Spec tl_py_pool_spec;
 /* arena.c */
 extern PyType_Spec tl_py_arena_spec;
 extern PyType_Spec tl_py_buffer_spec;
+
+/* dlpack.c */
+extern PyType_Spec tl_py_dlpack_tensor_spec;
+/* Wraps [data, data + nbytes) as a 1-D uint8 kDLCPU DLPack capsule ("dltensor_versioned" if
+ * versioned, else "dltensor"). The managed tensor holds a strong reference to owner; its
+ * deleter (from any thread) calls done(owner), attached, then drops it. On failure returns NULL
+ * with the exception set, having called done(owner). */
+PyObject* tl_py_dlpack_export_bytes(PyObject* owner, void* data, Py_ssize_t nbytes, int versioned,
+                                    int readonly, void (*done)(PyObject* owner));
+/* Checks __dlpack__'s keywords for a host producer (BufferError for a stream, a dl_device other
+ * than (1, 0), copy=True) and sets *versioned from max_version. 0 or -1. */
+int tl_py_dlpack_check_args(PyObject* stream, PyObject* max_version, PyObject* dl_device,
+                            PyObject* copy, int* versioned);
+/* from_dlpack(obj) -> memoryview over a consumed host tensor. */
+PyObject* tl_py_from_dlpack(PyObject* module, PyObject* obj);
 
 /* hash.c */
 extern PyType_Spec tl_py_hasher_spec;

@@ -6,7 +6,7 @@ Py_MOD_GIL_NOT_USED`` and this package imports nothing that lacks it.
 """
 
 from threadloom import _core
-from threadloom._core import Arena, Buffer  # noqa: F401
+from threadloom._core import Arena, Buffer, from_dlpack  # noqa: F401
 from threadloom._core import (  # noqa: F401  (the error classes are public API)
     AccessDeniedError,
     BusyError,
@@ -43,7 +43,7 @@ from threadloom.sysinfo import info, topology
 
 __version__ = _core.__version__
 
-__all__ = ["Arena", "Buffer", "Checkpointer", "CorruptCheckpointError", "DataLoader", "Error", "Executor", "load", "Pipeline", "arena", "current_numa_node", "Pinning", "default_plan", "get_worker_info", "info", "pin", "plan", "spmd", "topology",
+__all__ = ["Arena", "Buffer", "Checkpointer", "CorruptCheckpointError", "DataLoader", "Error", "Executor", "from_dlpack", "load", "Pipeline", "arena", "current_numa_node", "Pinning", "default_plan", "get_worker_info", "info", "pin", "plan", "spmd", "topology",
            "__version__"] + [
     cls.__name__ for _, _, _, cls in _core.error_table()
 ]
