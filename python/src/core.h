@@ -10,6 +10,61 @@
 
 #define TL_NCODES (-TL_ERRNO_MAX)
 
+/* Critical sections exist from 3.13; on older interpreters (all with the GIL) the GIL already
+ * serialises what they guard. */
+#ifndef Py_BEGIN_CRITICAL_SECTION
+#define Py_BEGIN_CRITICAL_SECTION(op) {
+#define Py_END_CRITICAL_SECTION() }
+#endif
+
+/* PyMutex exists from 3.13. Before, a pthread mutex stands in (zero bytes are an unlocked
+ * mutex on glibc, as for PyMutex); like PyMutex_Lock, waiting detaches from the interpreter,
+ * so a thread that holds the lock while detached can always get the GIL back. */
+#if PY_VERSION_HEX < 0x030D0000
+#include <pthread.h>
+typedef pthread_mutex_t PyMutex;
+static inline void tl_py_mutex_lock(pthread_mutex_t* m) {
+  if (pthread_mutex_trylock(m) == 0) return;
+  Py_BEGIN_ALLOW_THREADS
+  pthread_mutex_lock(m);
+  Py_END_ALLOW_THREADS
+}
+#define PyMutex_Lock(m) tl_py_mutex_lock(m)
+#define PyMutex_Unlock(m) pthread_mutex_unlock(m)
+
+static inline int PyObject_HasAttrStringWithError(PyObject* o, const char* name) {
+  PyObject* r = PyObject_GetAttrString(o, name);
+  if (r) {
+    Py_DECREF(r);
+    return 1;
+  }
+  if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
+  PyErr_Clear();
+  return 0;
+}
+#endif
+
+/* 3.12's single-object error API, for 3.11. */
+#if PY_VERSION_HEX < 0x030C0000
+static inline PyObject* PyErr_GetRaisedException(void) {
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  if (!type) return NULL;
+  PyErr_NormalizeException(&type, &value, &tb);
+  if (tb) PyException_SetTraceback(value, tb);
+  Py_XDECREF(type);
+  Py_XDECREF(tb);
+  return value;
+}
+static inline void PyErr_SetRaisedException(PyObject* exc) {
+  if (!exc) {
+    PyErr_Clear();
+    return;
+  }
+  PyErr_Restore(Py_NewRef((PyObject*)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
+}
+#endif
+
 typedef struct {
   PyObject* plan_type;           /* threadloom._core.Plan */
   PyObject* pool_type;           /* threadloom._core.Pool */
