@@ -1,17 +1,19 @@
 /* bench/bench-arena.c: threadloom arenas against glibc malloc (and cudaHostAlloc with a GPU).
  *
- * One operation = allocate a block, write one byte per 4 KiB page, free it: what a loader
- * thread does per staging buffer. Every (block size, thread count) cell runs each allocator for
+ * One operation = allocate a block, write one byte per 4 KiB page, free a block: what a loader
+ * thread does per staging buffer. With --live K each thread keeps its K newest blocks alive and
+ * frees the oldest (K batches in flight, as a loader with prefetch holds them); K = 0 frees the
+ * block it just allocated (the worst case for mimalloc, whose page empties on every free). Every (block size, thread count) cell runs each allocator for
  * the same wall time, all threads started together at a barrier; the table prints ops/s and
  * the ratio arena/glibc, all measured in this run.
  *
  * The glibc baseline calls __libc_malloc/__libc_free explicitly: Debian's libmimalloc.so.2
  * exports malloc/free, so in a program linked against libthreadloom plain malloc IS mimalloc.
  *
- *   tl-bench-arena [--sizes 64K,1M,16M] [--threads 1,2,...] [--duration SEC] [--iters N]
- *                  [--node N]
- * Defaults: the three sizes, threads 1, 2, 4, ... up to nproc (and nproc), 1 s per cell per
- * allocator, no iteration cap, node 0. */
+ *   tl-bench-arena [--sizes 64K,1M,16M] [--threads 1,2,...] [--live 0,8] [--duration SEC]
+ *                  [--iters N] [--node N]
+ * Defaults: the three sizes, threads 1, 2, 4, ... up to nproc (and nproc), live 0 and 8, 1 s
+ * per cell per allocator, no iteration cap, node 0. */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -31,6 +33,7 @@ extern void* __libc_malloc(size_t size);
 extern void __libc_free(void* p);
 
 #define MAX_LIST 16
+#define MAX_LIVE 64
 
 // ---------------------------------------------------------------------------------------------
 // The allocators under test
@@ -87,6 +90,7 @@ typedef struct {
   size_t size;             /* block size */
   double duration;         /* seconds */
   uint64_t max_iters;      /* per thread, 0 = no cap */
+  int live;                /* blocks each thread keeps alive (0..MAX_LIVE) */
   pthread_barrier_t start; /* all threads (and the caller) start together */
   _Atomic uint64_t ops;    /* total operations, summed as threads finish */
 } cell_t;
@@ -102,19 +106,29 @@ static void* cell_thread(void* arg) {
   uint64_t n = 0;
   pthread_barrier_wait(&c->start);
   double end = now_s() + c->duration;
+  void* ring[MAX_LIVE] = {0};
   do {
     volatile char* p = impl_alloc(c->impl, c->size);
     for (size_t off = 0; off < c->size; off += 4096) p[off] = (char)off;
-    impl_free(c->impl, (void*)p);
+    void* old = (void*)p;
+    if (c->live > 0) { /* keep the newest `live` blocks, free the oldest */
+      int k = (int)(n % (uint64_t)c->live);
+      old = ring[k];
+      ring[k] = (void*)p;
+    }
+    if (old) impl_free(c->impl, old);
     n++;
     /* read the clock every 32 operations: it would otherwise cost as much as a small alloc */
   } while ((c->max_iters == 0 || n < c->max_iters) && ((n & 31) != 0 || now_s() < end));
+  for (int k = 0; k < c->live; k++)
+    if (ring[k]) impl_free(c->impl, ring[k]);
   atomic_fetch_add(&c->ops, n);
   return NULL;
 }
 
-static double run_cell(impl_t impl, size_t size, int threads, double duration, uint64_t iters) {
-  cell_t c = {.impl = impl, .size = size, .duration = duration, .max_iters = iters};
+static double run_cell(impl_t impl, size_t size, int threads, int live, double duration,
+                       uint64_t iters) {
+  cell_t c = {.impl = impl, .size = size, .duration = duration, .max_iters = iters, .live = live};
   atomic_init(&c.ops, 0);
   pthread_barrier_init(&c.start, NULL, (unsigned)threads + 1);
   pthread_t t[64];
@@ -159,14 +173,15 @@ static void fmt_size(size_t s, char* out, size_t cap) {
 }
 
 static void usage(void) {
-  fprintf(stderr, "usage: tl-bench-arena [--sizes 64K,1M,16M] [--threads 1,2,..] "
+  fprintf(stderr, "usage: tl-bench-arena [--sizes 64K,1M,16M] [--threads 1,2,..] [--live 0,8] "
                   "[--duration SEC] [--iters N] [--node N]\n");
   exit(2);
 }
 
 int main(int argc, char** argv) {
   size_t sizes[MAX_LIST] = {64 << 10, 1 << 20, 16 << 20}, threads[MAX_LIST];
-  int nsizes = 3, nthreads = 0, node = 0;
+  size_t lives[MAX_LIST] = {0, 8};
+  int nsizes = 3, nthreads = 0, nlives = 2, node = 0;
   double duration = 1.0;
   uint64_t iters = 0;
   long nproc = sysconf(_SC_NPROCESSORS_ONLN);
@@ -177,6 +192,7 @@ int main(int argc, char** argv) {
     if (i + 1 >= argc) usage();
     if (!strcmp(argv[i], "--sizes")) nsizes = parse_list(argv[++i], sizes, 1);
     else if (!strcmp(argv[i], "--threads")) nthreads = parse_list(argv[++i], threads, 0);
+    else if (!strcmp(argv[i], "--live")) nlives = parse_list(argv[++i], lives, 0);
     else if (!strcmp(argv[i], "--duration")) duration = atof(argv[++i]);
     else if (!strcmp(argv[i], "--iters")) iters = strtoull(argv[++i], NULL, 10);
     else if (!strcmp(argv[i], "--node")) node = atoi(argv[++i]);
@@ -191,11 +207,17 @@ int main(int argc, char** argv) {
     if (threads[i] < 1 || threads[i] > 64) usage();
     if (threads[i] > max_threads) max_threads = threads[i];
   }
+  size_t max_live = 0;
+  for (int i = 0; i < nlives; i++) {
+    if (lives[i] > MAX_LIVE) usage();
+    if (lives[i] > max_live) max_live = lives[i];
+  }
 
-  /* Each thread holds one block at a time; mimalloc gives each thread's heap its own 32 MiB
-   * segments, so budget 2 blocks plus 64 MiB per thread. */
+  /* Each thread holds up to live + 1 blocks; mimalloc gives each thread's heap segments of its
+   * own (64 MiB per thread), and a block of several MiB takes up to twice its size of the region
+   * (measured: 14 live 16 MiB blocks exhausted 448 MiB), so budget that. */
   tl_arena_options_t o = {.numa_node = node,
-                          .size = max_threads * (2 * max_size + ((size_t)64 << 20)),
+                          .size = max_threads * ((max_live + 2) * 2 * max_size + ((size_t)64 << 20)),
                           .pin = TL_ARENA_PIN_AUTO};
   double t0 = now_s();
   int err = tl_arena_init(&arena, &o);
@@ -217,26 +239,27 @@ int main(int argc, char** argv) {
 #else
   printf("cudaHostAlloc baseline skipped: built with TL_WITH_CUDA=OFF\n");
 #endif
-  printf("op = alloc + write 1 byte per 4 KiB page + free; %.2f s per cell per allocator%s\n",
-         duration, iters ? " (capped)" : "");
-  printf("\n%-8s %7s %14s %14s %11s", "size", "threads", "arena ops/s", "glibc ops/s",
+  printf("op = alloc + write 1 byte per 4 KiB page + free the oldest of `live` kept blocks; %.2f s "
+         "per cell per allocator%s\n", duration, iters ? " (capped)" : "");
+  printf("\n%-8s %7s %5s %14s %14s %11s", "size", "threads", "live", "arena ops/s", "glibc ops/s",
          "arena/glibc");
   if (with_cuda) printf(" %14s %10s", "cudaHost ops/s", "arena/cuda");
   printf("\n");
-  for (int si = 0; si < nsizes; si++)
-    for (int ti = 0; ti < nthreads; ti++) {
-      int th = (int)threads[ti];
-      double a = run_cell(IMPL_ARENA, sizes[si], th, duration, iters);
-      double g = run_cell(IMPL_GLIBC, sizes[si], th, duration, iters);
-      char sz[32];
-      fmt_size(sizes[si], sz, sizeof sz);
-      printf("%-8s %7d %14.0f %14.0f %10.2fx", sz, th, a, g, a / g);
-      if (with_cuda) {
-        double c = run_cell(IMPL_CUDA, sizes[si], th, duration, iters);
-        printf(" %14.0f %9.2fx", c, a / c);
+  for (int li = 0; li < nlives; li++)
+    for (int si = 0; si < nsizes; si++)
+      for (int ti = 0; ti < nthreads; ti++) {
+        int th = (int)threads[ti], lv = (int)lives[li];
+        double a = run_cell(IMPL_ARENA, sizes[si], th, lv, duration, iters);
+        double g = run_cell(IMPL_GLIBC, sizes[si], th, lv, duration, iters);
+        char sz[32];
+        fmt_size(sizes[si], sz, sizeof sz);
+        printf("%-8s %7d %5d %14.0f %14.0f %10.2fx", sz, th, lv, a, g, a / g);
+        if (with_cuda) {
+          double c = run_cell(IMPL_CUDA, sizes[si], th, lv, duration, iters);
+          printf(" %14.0f %9.2fx", c, a / c);
+        }
+        printf("\n");
       }
-      printf("\n");
-    }
   tl_arena_stats(arena, &st);
   printf("\narena after the run: %zu bytes in use, peak %zu bytes, %llu allocs, %llu failed\n",
          st.bytes_in_use, st.peak_bytes, (unsigned long long)st.allocs,

@@ -39,7 +39,9 @@ typedef struct {
   int numa_node;      /* OS index of the node the memory must live on; -1: no binding */
   size_t size;        /* bytes to reserve; rounded up to a multiple of TL_ARENA_GRANULE. Each
                          allocating thread takes segments of its own (mimalloc's per-thread
-                         heaps): allow one granule per allocating thread plus the blocks */
+                         heaps): allow one granule per allocating thread plus the blocks, and
+                         twice the size of blocks of several MiB (measured: 14 live 16 MiB blocks
+                         exhausted a 448 MiB arena) */
   tl_arena_pin_t pin; /* page-locking policy */
 } tl_arena_options_t;
 
