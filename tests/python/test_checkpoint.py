@@ -422,7 +422,7 @@ def test_safetensors_files_parse_with_an_independent_reader(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 CHILD = textwrap.dedent("""
-    import sys, threadloom
+    import os, sys, threadloom
     d = sys.argv[1]
     def state(step):
         return {"w": bytes([step % 251]) * (1 << 20), "v": memoryview(bytes([step % 7]) * 4096),
@@ -434,7 +434,9 @@ CHILD = textwrap.dedent("""
         step = 1
         while True:
             fut = ck.save(state(step), step)
-            fut.add_done_callback(lambda f, s=step: print("committed", s, flush=True))
+            # one write(2) per line: callbacks run on several threads, and a pipe write this
+            # small is atomic, so lines never interleave
+            fut.add_done_callback(lambda f, s=step: os.write(1, b"committed %d\\n" % s))
             step += 1
 """)
 
@@ -452,7 +454,11 @@ def test_kill9_at_random_points_leaves_a_loadable_checkpoint(tmp_path):
         time.sleep(rng.uniform(0.0, 0.4))
         p.kill()
         out = p.communicate(timeout=30)[0]
-        committed = [int(line.split()[1]) for line in out.splitlines() if line.startswith("committed")]
+        # Only whole lines: the kill can land in the middle of a print, leaving "committ" or
+        # "committed" without its step at the end of the output.
+        whole = out.split("\n")[:-1]
+        committed = [int(line.split()[1]) for line in whole
+                     if line.startswith("committed ") and line.split()[1].isdigit()]
         mid_save += any(n.startswith(".tmp-step-") for n in os.listdir(d))
         state, info = threadloom.load(d, with_info=True)
         s = info["step"]
