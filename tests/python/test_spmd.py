@@ -230,20 +230,22 @@ def test_failure_propagates_and_joins(where, baseline_threads):
 
 def test_timeout_names_missing_ranks(baseline_threads):
     errors = {}
+    first_timeout = threading.Event()
 
     def fn(ctx):
         try:
-            if ctx.rank in (1, 3):
-                time.sleep(0.6)
+            if ctx.rank in (1, 3):   # late: arrive only after the others have timed out
+                first_timeout.wait(30)
             ctx.comm.allreduce(1.0)
         except threadloom.TimedOutError as e:
             errors[ctx.rank] = str(e)
+            first_timeout.set()
             raise
 
     t0 = time.monotonic()
     with pytest.raises(threadloom.TimedOutError) as ei:
         threadloom.spmd(fn, devices="cpu", cpu_world=4, timeout=0.2)
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 20
     msg = str(ei.value)
     assert "allreduce" in msg and "ranks [1, 3] did not arrive" in msg
     assert sorted(errors) == [0, 1, 2, 3]            # every rank failed with TimedOutError
