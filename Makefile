@@ -49,7 +49,7 @@ test-c:
 	@cd $(BUILD) && $(CTEST)
 
 test-py:
-	@$(PYENV) $(PY) -m pytest tests/python -q -rs
+	@$(PYENV) $(PY) -m pytest tests/python -q -rfEs
 
 # Sanitizer builds: the C library and C tests only (the interpreter is not instrumented).
 test-asan: bootstrap
