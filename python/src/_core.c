@@ -105,6 +105,12 @@ PyObject* tl_py_fail(PyObject* module, int err) {
   return tl_py_raise(get_state(module), err, detail);
 }
 
+PyObject* tl_py_fail_obj(PyObject* self, int err) {
+  TL_DETAIL_COPY(detail); /* before anything else can overwrite it */
+  PyObject* module = PyType_GetModule(Py_TYPE(self));
+  return module ? tl_py_raise(get_state(module), err, detail) : NULL;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Versions
 // ---------------------------------------------------------------------------------------------

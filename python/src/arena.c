@@ -36,11 +36,6 @@ typedef struct {
   _Atomic long dlpack_exports; /* live DLPack managed tensors; free() refuses while > 0 */
 } BufferObject;
 
-static PyObject* type_fail(PyTypeObject* tp, int err) {
-  PyObject* module = PyType_GetModule(tp);
-  return module ? tl_py_fail(module, err) : NULL;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Buffer
 // ---------------------------------------------------------------------------------------------
@@ -148,7 +143,7 @@ static PyObject* buffer_get_numa_node(PyObject* op, void* closure) {
     return NULL;
   }
   int node, err = tl_arena_node_of(p, &node);
-  return err ? type_fail(Py_TYPE(op), err) : PyLong_FromLong(node);
+  return err ? tl_py_fail_obj(op, err) : PyLong_FromLong(node);
 }
 
 static Py_ssize_t buffer_len(PyObject* op) { return ((BufferObject*)op)->size; }
@@ -304,17 +299,17 @@ static PyObject* arena_close(PyObject* op, PyObject* unused) {
   ArenaObject* self = (ArenaObject*)op;
   if (!self->arena) Py_RETURN_NONE;
   int err = arena_close_impl(self);
-  if (err) return type_fail(Py_TYPE(op), err);
+  if (err) return tl_py_fail_obj(op, err);
   Py_RETURN_NONE;
 }
 
 static PyObject* arena_stats(PyObject* op, PyObject* unused) {
   (void)unused;
   ArenaObject* self = (ArenaObject*)op;
-  if (!self->arena || atomic_load(&self->closed)) return type_fail(Py_TYPE(op), TL_ECLOSED);
+  if (!self->arena || atomic_load(&self->closed)) return tl_py_fail_obj(op, TL_ECLOSED);
   tl_arena_stats_t s;
   int err = tl_arena_stats(self->arena, &s);
-  if (err) return type_fail(Py_TYPE(op), err);
+  if (err) return tl_py_fail_obj(op, err);
   return Py_BuildValue("{s:i,s:n,s:O,s:s,s:n,s:n,s:n,s:K,s:K}", "numa_node", s.numa_node, "size",
                        (Py_ssize_t)s.size, "pinned", s.pinned ? Py_True : Py_False, "pin_detail",
                        s.pin_detail, "bytes_in_use", (Py_ssize_t)s.bytes_in_use, "blocks_in_use",

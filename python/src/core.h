@@ -85,6 +85,8 @@ static inline core_state* get_state(PyObject* module) {
 PyObject* tl_py_raise(core_state* st, int err, const char* detail);
 /* tl_py_raise with the calling thread's current tl_err_detail(). */
 PyObject* tl_py_fail(PyObject* module, int err);
+/* tl_py_fail for a method of an object of one of this extension's heap types. */
+PyObject* tl_py_fail_obj(PyObject* self, int err);
 /* Loads a topology from this machine, an XML file or a synthetic description (None for the
  * ones not given); on failure sets the exception and returns NULL. Caller closes the result. */
 tl_topo_t* tl_py_load_topology(PyObject* module, PyObject* xml, PyObject* synthetic);

@@ -135,11 +135,6 @@ static PyObject* plan_slots(PyObject* op, PyObject* unused) {
   return out;
 }
 
-static PyObject* plan_fail(PyObject* op, int err) {
-  PyObject* module = PyType_GetModule(Py_TYPE(op));
-  return module ? tl_py_fail(module, err) : NULL;
-}
-
 static PyObject* plan_find(PyObject* op, PyObject* args, PyObject* kwargs) {
   static char* kwlist[] = {"role", "gpu", "rank", NULL};
   PyObject *role, *gpu = Py_None;
@@ -149,7 +144,7 @@ static PyObject* plan_find(PyObject* op, PyObject* args, PyObject* kwargs) {
   int g, id;
   if (tl_py_parse_role(role, &r) < 0 || parse_gpu(gpu, &g) < 0) return NULL;
   int err = tl_plan_find(((PlanObject*)op)->plan, r, g, rank, &id);
-  return err ? plan_fail(op, err) : PyLong_FromLong(id);
+  return err ? tl_py_fail_obj(op, err) : PyLong_FromLong(id);
 }
 
 static PyObject* plan_claim(PyObject* op, PyObject* args, PyObject* kwargs) {
@@ -160,7 +155,7 @@ static PyObject* plan_claim(PyObject* op, PyObject* args, PyObject* kwargs) {
   int g, id, wrapped;
   if (tl_py_parse_role(role, &r) < 0 || parse_gpu(gpu, &g) < 0) return NULL;
   int err = tl_plan_claim(((PlanObject*)op)->plan, r, g, &id, &wrapped);
-  return err ? plan_fail(op, err) : Py_BuildValue("(iO)", id, wrapped ? Py_True : Py_False);
+  return err ? tl_py_fail_obj(op, err) : Py_BuildValue("(iO)", id, wrapped ? Py_True : Py_False);
 }
 
 static PyObject* plan_pin(PyObject* op, PyObject* args, PyObject* kwargs) {
@@ -189,7 +184,7 @@ static PyObject* plan_pin(PyObject* op, PyObject* args, PyObject* kwargs) {
 static PyObject* plan_str(PyObject* op) {
   tl_plan_t* plan = ((PlanObject*)op)->plan;
   int need = tl_plan_format(plan, NULL, 0);
-  if (need < 0) return plan_fail(op, need);
+  if (need < 0) return tl_py_fail_obj(op, need);
   char* buf = PyMem_Malloc((size_t)need + 1);
   if (!buf) return PyErr_NoMemory();
   tl_plan_format(plan, buf, (size_t)need + 1);

@@ -121,11 +121,6 @@ static void task_cancel(void* arg) {
 // Pool type
 // ---------------------------------------------------------------------------------------------
 
-static PyObject* pool_fail(PyObject* op, int err) {
-  PyObject* module = PyType_GetModule(Py_TYPE(op));
-  return module ? tl_py_fail(module, err) : NULL;
-}
-
 static PyObject* pool_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   static char* kwlist[] = {"workers", "plan", "role", "gpu", "capacity", "name", "on_start", NULL};
   int workers = 0;
@@ -274,7 +269,7 @@ static PyObject* pool_submit_impl(PyObject* op, PyObject* args, PyObject* kwargs
   if (err) {
     task_free(t); /* not accepted: neither callback will run */
     if (try_only && err == TL_EAGAIN) Py_RETURN_FALSE;
-    return pool_fail(op, err);
+    return tl_py_fail_obj(op, err);
   }
   Py_RETURN_TRUE;
 }
@@ -292,17 +287,17 @@ static PyObject* pool_close(PyObject* op, PyObject* args, PyObject* kwargs) {
   int cancel = 0;
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|p:close", kwlist, &cancel)) return NULL;
   int err = pool_close_impl((PoolObject*)op, cancel);
-  if (err) return pool_fail(op, err);
+  if (err) return tl_py_fail_obj(op, err);
   Py_RETURN_NONE;
 }
 
 static PyObject* pool_stats(PyObject* op, PyObject* unused) {
   (void)unused;
   PoolObject* self = (PoolObject*)op;
-  if (!self->pool) return pool_fail(op, TL_ECLOSED);
+  if (!self->pool) return tl_py_fail_obj(op, TL_ECLOSED);
   tl_pool_stats_t s;
   int err = tl_pool_stats(self->pool, &s);
-  if (err) return pool_fail(op, err);
+  if (err) return tl_py_fail_obj(op, err);
   return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:i,s:s}", "executed", (unsigned long long)s.executed,
                        "canceled", (unsigned long long)s.canceled, "stolen",
                        (unsigned long long)s.stolen, "parked", (unsigned long long)s.parked,
