@@ -2,8 +2,8 @@
 # machine: scripts/bootstrap.sh installs the apt packages and the free-threaded interpreter
 # (cached in ~/.cache/threadloom; a no-op once done), then CMake builds into build/.
 #
-#   make demo       the main job so far: `python -m threadloom info`, a multi-threaded example,
-#                   data-parallel training on threads with checkpoints (CPU path)
+#   make demo       `python -m threadloom info`, a multi-threaded example, then the main job
+#                   (examples/main_job.py): uninterrupted, preempted, resumed to the same weights
 #   make test       C tests (ctest) and Python tests (pytest on the free-threaded interpreter)
 #   make test-asan  the C core and its tests under AddressSanitizer + UBSan
 #   make test-tsan  the C core and its tests under ThreadSanitizer
@@ -39,8 +39,15 @@ demo: build
 	@echo
 	@$(PYENV) $(PY) examples/free_threads.py
 	@echo
-	@echo "== data-parallel training on threads (DataLoader shards -> spmd ranks -> allreduce -> Checkpointer)"
-	@$(PYENV) $(PY) examples/train_threads.py --ckpt-dir $(BUILD)/demo-checkpoints
+	@rm -rf $(BUILD)/demo
+	@echo "== the main job (examples/main_job.py): DataLoader -> spmd ranks -> allreduce -> async checkpoints"
+	@$(PYENV) $(PY) examples/main_job.py --ckpt-dir $(BUILD)/demo/reference
+	@echo
+	@echo "== the same job, preempted: SIGUSR2 after step 700 (it checkpoints and exits with status 75)"
+	@$(PYENV) $(PY) examples/main_job.py --ckpt-dir $(BUILD)/demo/job --preempt-at 700; test $$? -eq 75
+	@echo
+	@echo "== the same command again: resumes from the newest complete checkpoint, ends with the same weights"
+	@$(PYENV) $(PY) examples/main_job.py --ckpt-dir $(BUILD)/demo/job --check-against $(BUILD)/demo/reference
 
 test: build
 	@$(MAKE) --no-print-directory test-c test-py
