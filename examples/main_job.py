@@ -242,6 +242,9 @@ def train(ctx, job):
                 job.say("main_job: simulating preemption: SIGUSR2 to this process after step %d"
                         % step)
                 os.kill(os.getpid(), signal.SIGUSR2)
+                # A real signal lands whenever it lands; this one is waited for, so the demo
+                # stops at the same step every time (the next one).
+                job.stop.wait(30)
             if ctx.rank == 0 and step == a.kill_at:
                 job.say("main_job: simulating a crash: SIGKILL to this process after step %d"
                         % step)

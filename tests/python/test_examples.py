@@ -1,0 +1,187 @@
+"""Every program in examples/ runs with small arguments and says what it should: the main job
+trains, is preempted and resumes to the same weights; the other examples check their own
+results (same batches, complete checkpoints, identical replicas, a rendezvous of two nodes).
+No timing is asserted: the speeds they print go to the reader, not to these tests."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+import threadloom
+from conftest import ROOT, run_python
+
+EXAMPLES = os.path.join(ROOT, "examples")
+# A small main job: 2 ranks, 3 epochs of a 600-sample data set, a 4096 x 8 embedding table.
+SMALL_JOB = ["--steps", "60", "--ckpt-every", "20", "--samples", "600", "--batch-size", "16",
+             "--lr", "8", "--buckets", "4096", "--dim", "8", "--tokens", "6", "--log-every", "1000"]
+
+
+def example(*args, env_extra=None):
+    return run_python(os.path.join(EXAMPLES, args[0]), *args[1:], env_extra=env_extra)
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location("example_" + name[:-3],
+                                                  os.path.join(EXAMPLES, name))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def steps_in(directory):
+    with threadloom.Checkpointer(directory) as c:
+        return c.steps()
+
+
+# -- the main job ------------------------------------------------------------------------------
+
+def test_main_job_preempted_and_resumed_ends_with_the_uninterrupted_weights(tmp_path):
+    ref, job = str(tmp_path / "ref"), str(tmp_path / "job")
+    p = example("main_job.py", "--ckpt-dir", ref, *SMALL_JOB)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert out.startswith("main_job: path: CPU"), out        # which path, on the first line
+    assert "no checkpoint in %s: starting at step 0" % ref in out
+    assert "the 2 replicas are identical" in out
+    assert re.search(r"summary: 3 checkpoint\(s\) of [0-9.]+ MB: training stalled", out)
+    m = re.search(r"summary: loss ([0-9.]+) at the first step -> ([0-9.]+)", out)
+    assert m and float(m.group(2)) < float(m.group(1)), out
+    assert re.search(r"^step 60/60 ", out, re.M), out          # plain status lines (no TTY)
+    assert steps_in(ref) == [20, 40, 60]
+    ref_sha = re.search(r"weights at step 60: sha256 ([0-9a-f]+)", out).group(1)
+
+    p = example("main_job.py", "--ckpt-dir", job, "--preempt-at", "25", *SMALL_JOB)
+    assert p.returncode == 75, (p.stdout, p.stderr)
+    assert "SIGUSR2: every rank stops at the next step and saves a checkpoint" in p.stdout
+    assert "preempted: stopped at step 26 with checkpoint step-26 complete" in p.stdout
+    assert steps_in(job) == [20, 26]
+    assert threadloom.load(job)["step"] == 26
+
+    p = example("main_job.py", "--ckpt-dir", job, "--check-against", ref, *SMALL_JOB)
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert "resuming from step-26 in %s" % job in p.stdout
+    assert "steps 26 -> 60" in p.stdout
+    assert "check: final weights IDENTICAL to the uninterrupted run's" in p.stdout
+    assert "weights at step 60: sha256 %s" % ref_sha in p.stdout
+
+    # Run again: nothing left to train, and the weights still match.
+    p = example("main_job.py", "--ckpt-dir", job, "--check-against", ref, *SMALL_JOB)
+    assert p.returncode == 0 and "nothing to train" in p.stdout and "IDENTICAL" in p.stdout
+
+
+def test_main_job_killed_resumes_from_the_newest_complete_checkpoint(tmp_path):
+    ref, job = str(tmp_path / "ref"), str(tmp_path / "job")
+    assert example("main_job.py", "--ckpt-dir", ref, *SMALL_JOB).returncode == 0
+    p = example("main_job.py", "--ckpt-dir", job, "--kill-at", "50", *SMALL_JOB)
+    assert p.returncode == -9, (p.stdout, p.stderr)
+    assert "simulating a crash: SIGKILL" in p.stdout
+    saved = steps_in(job)               # whatever had committed when the kill came (20, 40?)
+    assert saved and set(saved) <= {20, 40}
+    p = example("main_job.py", "--ckpt-dir", job, "--check-against", ref, *SMALL_JOB)
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert "resuming from step-%d" % max(saved) in p.stdout
+    assert "IDENTICAL" in p.stdout
+
+
+def test_main_job_refuses_checkpoints_written_with_other_settings(tmp_path):
+    d = str(tmp_path / "job")
+    assert example("main_job.py", "--ckpt-dir", d, *SMALL_JOB).returncode == 0
+    p = example("main_job.py", "--ckpt-dir", d, *SMALL_JOB, "--dim", "4")
+    assert p.returncode != 0
+    assert "written with other settings (dim=8)" in p.stderr
+    assert "use the same settings or another --ckpt-dir" in p.stderr
+
+
+def test_main_job_says_which_path_runs():
+    mj = load_example("main_job.py")
+
+    def no_driver():
+        raise threadloom.errors.error("ENODRIVER", "cudaGetDeviceCount: test")
+
+    ranks, line = mj.describe_path(3, gpu_count=no_driver)
+    assert ranks == 3 and line.startswith("path: CPU, no GPU (TL_ENODRIVER")
+    ranks, line = mj.describe_path(2, gpu_count=lambda: 0)
+    assert ranks == 2 and "CUDA sees no GPU" in line
+    # GPUs present: the GPU path needs the feeder and NCCL, which are not built; it says so and
+    # runs one CPU rank per GPU (this checks the probe, not a GPU).
+    ranks, line = mj.describe_path(2, gpu_count=lambda: 4)
+    assert ranks == 4
+    assert "4 GPU(s) found, but the GPU path is not built yet" in line
+    assert "the GPU feeder (DataLoader device=)" in line and "the NCCL communicator" in line
+
+
+# -- the other examples ------------------------------------------------------------------------
+
+def test_free_threads_example():
+    p = example("free_threads.py", "--items", "2000", "--threads", "2")
+    assert p.returncode == 0, p.stderr
+    gil = sys._is_gil_enabled() if hasattr(sys, "_is_gil_enabled") else True
+    assert ("GIL %s" % ("ENABLED" if gil else "disabled")) in p.stdout
+    assert re.search(r"speed-up [0-9.]+x on 2 thread", p.stdout)
+
+
+def test_dataloader_before_and_after_deliver_the_same_batches():
+    p = example("dataloader_threads.py", "--samples", "500", "--workers", "2", "--epochs", "2")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "same batches in the same order: True" in out
+    assert re.search(r"^(ProcessLoader|torch\.utils\.data\.DataLoader).*epoch 1: +\d+ samples/s",
+                     out, re.M), out
+    assert re.search(r"^threadloom\.data\.DataLoader \(threads\) +epoch 1: +\d+ samples/s", out,
+                     re.M), out
+    assert len(re.findall(r"epoch 2: +\d+ samples/s", out)) == 2
+
+
+def test_async_checkpoint_example(tmp_path):
+    p = example("async_checkpoint.py", "--state-mb", "2", "--steps", "20", "--every", "5",
+                "--work", "2000", "--dir", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("newest checkpoint: step-20, weights[0] = 20: matches its step") == 2
+    assert re.search(r"^sync : loop [0-9.]+ s, stall per save", p.stdout, re.M)
+    assert re.search(r"^async: loop [0-9.]+ s, stall per save .*; \d+ step\(s\) ran while",
+                     p.stdout, re.M)
+    for mode in ("sync", "async"):
+        assert steps_in(str(tmp_path / mode)) == [15, 20]        # keep=2
+
+
+def test_train_torch_example_runs_or_says_why_not():
+    p = example("train_torch.py", "--steps", "30")
+    assert p.returncode == 0, p.stderr
+    if importlib.util.find_spec("torch") is None:
+        assert p.stdout.startswith("train_torch: skipped: torch is not importable by")
+    else:
+        assert "replicas identical: True" in p.stdout
+
+
+def test_slurm_example_two_nodes_meet_and_shard():
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # no SLURM here
+    full.update(PYTHONPATH=os.path.join(ROOT, "python"),
+                THREADLOOM_JOB_TOKEN=uuid.uuid4().hex + uuid.uuid4().hex,
+                THREADLOOM_JOB_ID="test-examples-%s" % uuid.uuid4().hex)
+    script = os.path.join(EXAMPLES, "slurm", "train.py")
+    procs = [subprocess.Popen([sys.executable, script, "--nnodes", "2", "--node-rank", str(r),
+                               "--master", "127.0.0.1", "--steps", "20", "--timeout", "60"],
+                              env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    seeds = set()
+    for r, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, err
+        assert re.search(r"^node %d/2 on .*RANK=%d WORLD_SIZE=2" % (r, r), out, re.M), out
+        m = re.search(r"^node %d: 2 rank thread\(s\) trained 20 steps on seed (\d+)" % r, out,
+                      re.M)
+        assert m, out
+        seeds.add(m.group(1))
+    assert len(seeds) == 1                                   # node 0's seed reached node 1
+
+    sbatch = os.path.join(EXAMPLES, "slurm", "job.sbatch")
+    assert subprocess.run(["bash", "-n", sbatch]).returncode == 0
+    text = open(sbatch).read()
+    assert "#SBATCH --ntasks-per-node=1" in text
+    assert re.search(r'^srun --ntasks-per-node=1 .*"\$THREADLOOM" run examples/slurm/train.py',
+                     text, re.M)
