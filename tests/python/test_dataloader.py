@@ -108,8 +108,10 @@ def test_mutually_exclusive_arguments_say_what_torch_says():
 
 
 def test_device_is_not_built_yet():
-    with pytest.raises(threadloom.NotBuiltError, match="cudactx feeder is not built yet"):
+    with pytest.raises(threadloom.NotBuiltError, match="cudactx feeder is not built yet") as e:
         DataLoader(Squares(4), device="cuda:0")
+    assert e.value.name == "TL_ENOSYS" and e.value.code == threadloom.errors.CODES["TL_ENOSYS"]
+    assert "move each batch to the device" in e.value.hint and "device='cuda:0'" in e.value.detail
     with pytest.raises(threadloom.NotBuiltError, match="not built yet"):
         DataLoader(Squares(4), pin_memory_device="cuda")
     assert rows(DataLoader(Squares(2), pin_memory=True, batch_size=2)) == [[0, 1]]
@@ -402,3 +404,21 @@ def test_stats_and_progress(capsys):
     assert st["time_to_first_batch_s"] is not None and st["samples_per_s"] > 0
     assert st["stages"][0]["items"] == 10
     assert "threadloom.DataLoader epoch 0: 10/10 batches" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sample", [
+    lambda i: {"x": i, "y": {"z": float(i)}},            # dict of fields (nested)
+    lambda i: (i, b"ab", "text %d" % i),                  # list of fields, one of them strings
+    lambda i: ("text %d" % i, i),                         # strings first: still 3 samples/batch
+])
+def test_stats_count_samples_not_fields(sample):
+    class Fields:
+        def __len__(self):
+            return 9
+
+        def __getitem__(self, i):
+            return sample(i)
+
+    loader = DataLoader(Fields(), batch_size=3, num_workers=2)
+    assert len(list(loader)) == 3
+    assert loader.stats()["samples"] == 9

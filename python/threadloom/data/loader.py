@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from threadloom import _core
+from threadloom import _core, errors
 from threadloom import pipeline as _pipeline
 from threadloom.data.collate import default_collate, default_convert
 from threadloom.data.sampler import (BatchSampler, DistributedSampler, RandomSampler,
@@ -71,10 +71,14 @@ def _is_iterable_dataset(ds):
 
 
 def _not_built(what):
-    return _core.NotBuiltError(
-        "threadloom.DataLoader(%s): delivering batches onto a GPU through the cudactx feeder is "
-        "not built yet; leave it unset and move each batch to the device in the training loop"
-        % what)
+    """NotBuiltError with the attributes every threadloom error has (name, code, hint, detail);
+    the hint is this feature's, not TL_ENOSYS's generic "rebuild with the option"."""
+    hint = "leave it unset and move each batch to the device in the training loop"
+    detail = ("threadloom.DataLoader(%s): delivering batches onto a GPU through the cudactx "
+              "feeder is not built yet" % what)
+    exc = _core.NotBuiltError("TL_ENOSYS: %s. What to do: %s." % (detail, hint))
+    exc.name, exc.code, exc.hint, exc.detail = "TL_ENOSYS", errors.CODES["TL_ENOSYS"], hint, detail
+    return exc
 
 
 class DataLoader:
@@ -410,8 +414,20 @@ class _LoaderIter:
 
 
 def _batch_len(batch, loader):
+    """Samples in a batch. default_collate turns dict samples into a dict of batched fields and
+    tuple/list samples into a list of batched fields: their length is a field's, not the
+    number of fields (a list of str or bytes is itself the batch)."""
     if not loader._auto_collation:
         return 1
+    if loader.collate_fn is default_collate:
+        while True:
+            if isinstance(batch, dict) and batch:
+                batch = next(iter(batch.values()))
+            elif (isinstance(batch, (list, tuple)) and batch
+                  and not isinstance(batch[0], (str, bytes, bytearray))):
+                batch = batch[0]
+            else:
+                break
     try:
         return len(batch)
     except TypeError:
