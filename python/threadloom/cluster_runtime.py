@@ -295,8 +295,15 @@ def _signal_number(sig):
 
 
 class Preemption:
-    """What on_preempt() returns. `requested` is set when the signal arrived; with
-    defer=True the training loop calls check() at a step boundary, which does the work then."""
+    """What on_preempt() returns. `requested` is set when the signal arrived.
+
+    Why a thread: CPython runs signal handlers on the main thread only, and only once that
+    thread runs bytecode again; Linux delivers a process-directed signal to any thread, so a
+    main thread blocked in a lock (Event.wait, a join, a collective) may never run the handler.
+    The C-level handler, however, writes the signal number to the wakeup fd
+    (signal.set_wakeup_fd) from whichever thread took it; the "threadloom-preempt" thread reads
+    that fd and does the work (defer=False) or sets `requested` (defer=True, for check()).
+    Bytes for other signals are passed on to the wakeup fd that was installed before (asyncio's)."""
 
     def __init__(self, save, state, sig, requeue, defer, exit_status, commands, environ):
         self.save = save
@@ -308,26 +315,68 @@ class Preemption:
         self.commands = commands or SlurmCommands()
         self.environ = os.environ if environ is None else environ
         self.requested = threading.Event()
-        self._previous = None
-        self._done = threading.Lock()   # run() runs once
+        self._previous = None           # the signal's previous Python handler
+        self._old_fd = -1               # the wakeup fd installed before ours
+        self._socks = None              # (reader, writer) socketpair of the wakeup fd
+        self._done = threading.Lock()   # the work runs once
+
+    def _install(self):
+        import socket
+        r, w = socket.socketpair()
+        w.setblocking(False)
+        self._socks = (r, w)
+        self._previous = _signal.signal(self.signal, self._handler)
+        self._old_fd = _signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, name="threadloom-preempt", daemon=True).start()
 
     def _handler(self, signum, frame):
-        self.requested.set()
-        if not self.defer:
-            self.run()
+        self.requested.set()   # the main thread got to run it; the watcher does the work
+
+    def _watch(self):
+        r = self._socks[0]
+        while True:
+            try:
+                data = r.recv(256)
+            except OSError:
+                return
+            if not data:
+                return   # uninstalled
+            mine = self.signal.value in data
+            others = bytes(b for b in data if b != self.signal.value)
+            if others and self._old_fd >= 0:
+                try:
+                    os.write(self._old_fd, others)
+                except OSError:
+                    pass
+            if mine:
+                self.requested.set()
+                if not self.defer:
+                    status = self._work()
+                    _leave_job()
+                    _flush_stdio()
+                    os._exit(status)
 
     def check(self):
-        """With defer=True: does the checkpoint, requeue and exit if the signal came; else
-        returns False."""
+        """With defer=True, call it between training steps: when the signal came, does the
+        checkpoint and requeue and raises SystemExit; otherwise returns False."""
         if self.requested.is_set():
-            self.run()
+            raise SystemExit(self._work())
         return False
 
     def uninstall(self):
-        """Puts the previous handler back."""
-        if self._previous is not None:
-            _signal.signal(self.signal, self._previous)
-            self._previous = None
+        """Puts the previous handler and wakeup fd back and stops the thread. Main thread."""
+        if self._socks is None:
+            return
+        _signal.set_wakeup_fd(self._old_fd)
+        _signal.signal(self.signal, self._previous if self._previous is not None
+                       else _signal.SIG_DFL)
+        r, w = self._socks
+        self._socks = None
+        w.close()
+        try:
+            r.shutdown(2)
+        except OSError:
+            pass
 
     def _is_requeuer(self):
         rv = cluster.current()
@@ -348,12 +397,11 @@ class Preemption:
             r = r.result()
         return str(r) if r is not None else "done"
 
-    def run(self):
-        """Saves the final checkpoint (waiting until it is durable), requeues the job from node
-        0, and raises SystemExit(exit_status), or SystemExit(1) when a step failed (each
-        failure is one line on stderr)."""
-        if not self._done.acquire(blocking=False):
-            return  # already running (the signal came twice)
+    def _work(self):
+        """Saves the final checkpoint (waiting until it is durable) and requeues the job from
+        node 0. Returns exit_status, or 1 when a step failed (each failure is one line on
+        stderr). Runs once; a second caller blocks until the first is done."""
+        self._done.acquire()
         name = self.signal.name
         status = self.exit_status
         _say("threadloom: %s: preemption: saving a final checkpoint" % name)
@@ -377,7 +425,7 @@ class Preemption:
                     _say("threadloom: %s: requeue failed: %s" % (name, e.detail or e))
                     status = 1
         _flush_stdio()
-        raise SystemExit(status)
+        return status
 
 
 def on_preempt(save, *, state=None, signal="USR2", requeue=True, defer=False,
@@ -388,12 +436,17 @@ def on_preempt(save, *, state=None, signal="USR2", requeue=True, defer=False,
     save: a threadloom.Checkpointer, with `state` a callable returning (state, step) at the
     time of the signal; or a callable that saves and returns None, a value, or a Future (then
     waited for). requeue: on node 0 (cluster.current().rank, else SLURM_NODEID), run
-    `scontrol requeue $SLURM_JOB_ID` through `commands` (a SlurmCommands). defer: only set
-    `requested` in the handler and do the work in Preemption.check(), called by the training
-    loop between steps (the state is then consistent); otherwise the work runs in the handler,
-    on the main thread, as soon as Python runs signal handlers. Either way the process ends with
-    SystemExit(exit_status) (default PREEMPT_EXIT), or SystemExit(1) when the checkpoint or the
-    requeue failed. Must be called from the main thread. Returns the Preemption."""
+    `scontrol requeue $SLURM_JOB_ID` through `commands` (a SlurmCommands).
+
+    defer=False: the work runs on the "threadloom-preempt" thread as soon as the signal
+    arrives, whatever the main thread is doing (blocked in a collective included), while the
+    training threads go on: `state` must return something consistent (a copy made at a step
+    boundary, or the state of a step that is finished). Then the process leaves the job cleanly
+    and ends with os._exit(exit_status). defer=True: the signal only sets `requested`; the
+    training loop calls Preemption.check() between steps, which does the work on its thread and
+    raises SystemExit(exit_status). Either way the status is exit_status (default PREEMPT_EXIT)
+    when the checkpoint and the requeue succeeded, else 1. Must be called from the main thread
+    (it installs a signal handler and the wakeup fd). Returns the Preemption."""
     from threadloom.checkpoint import Checkpointer
     if isinstance(save, Checkpointer):
         if not callable(state):
@@ -403,11 +456,11 @@ def on_preempt(save, *, state=None, signal="USR2", requeue=True, defer=False,
         raise _error("EINVAL", "on_preempt: save must be a Checkpointer or a callable, not %s"
                      % type(save).__name__)
     sig = _signal_number(signal)
-    p = Preemption(save, state, sig, requeue, defer, exit_status, commands, environ)
     if threading.current_thread() is not threading.main_thread():
-        raise _error("EINVAL", "on_preempt must be called from the main thread (Python runs "
+        raise _error("EINVAL", "on_preempt must be called from the main thread (Python installs "
                      "signal handlers there)")
-    p._previous = _signal.signal(sig, p._handler)
+    p = Preemption(save, state, sig, requeue, defer, exit_status, commands, environ)
+    p._install()
     return p
 
 
@@ -464,7 +517,17 @@ def tee_to_log(log_dir, rank):
 
 
 class _ExitState:
-    failed = False
+    failed = False   # an uncaught exception was reported: no clean leave
+    left = False     # the leave ran (atexit, or before an os._exit)
+
+
+_leave_hooks = []   # the launcher's leave functions (one per launch()); run once each
+
+
+def _leave_job():
+    """Leaves the job now, as the launcher's atexit hook would (for exits by os._exit)."""
+    while _leave_hooks:
+        _leave_hooks.pop()()
 
 
 def _parse_timeout(value, flag, allow_zero=False):
@@ -557,6 +620,13 @@ def _install_exit_hooks(rv, leave_timeout):
                 pass
 
     def leave():
+        try:
+            _leave_hooks.remove(leave)
+        except ValueError:
+            pass   # _leave_job popped it
+        if state.left:
+            return
+        state.left = True
         if state.failed:
             if rv.server is not None:
                 rv.server.close()
@@ -567,6 +637,7 @@ def _install_exit_hooks(rv, leave_timeout):
             _say("threadloom: leaving the job: %s" % _first_line(e))
 
     sys.excepthook = excepthook
+    _leave_hooks.append(leave)
     atexit.register(leave)
 
 
