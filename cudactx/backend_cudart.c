@@ -33,6 +33,7 @@ static int tl__rt_host_register(void* p, size_t size) {
   return (int)cudaHostRegister(p, size, cudaHostRegisterDefault);
 }
 static int tl__rt_host_unregister(void* p) { return (int)cudaHostUnregister(p); }
+static int tl__rt_set_device(int dev) { return (int)cudaSetDevice(dev); }
 
 static const char* tl__rt_error_name(int code) { return cudaGetErrorName((cudaError_t)code); }
 static const char* tl__rt_error_string(int code) { return cudaGetErrorString((cudaError_t)code); }
@@ -47,4 +48,5 @@ const tl__cuda_api_t tl__cuda_builtin = {
     .error_string = tl__rt_error_string,
     .host_register = tl__rt_host_register,
     .host_unregister = tl__rt_host_unregister,
+    .set_device = tl__rt_set_device,
 };

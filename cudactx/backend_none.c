@@ -20,6 +20,10 @@ static int tl__none_host_unregister(void* p) {
   (void)p;
   return TL__CUDA_NOT_BUILT;
 }
+static int tl__none_set_device(int dev) {
+  (void)dev;
+  return TL__CUDA_NOT_BUILT;
+}
 static const char* tl__none_error_name(int code) {
   (void)code;
   return "not built with CUDA";
@@ -35,4 +39,5 @@ const tl__cuda_api_t tl__cuda_builtin = {
     .error_string = tl__none_error_name,
     .host_register = tl__none_host_register,
     .host_unregister = tl__none_host_unregister,
+    .set_device = tl__none_set_device,
 };

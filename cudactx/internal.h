@@ -30,6 +30,7 @@ typedef struct {
   const char* (*error_string)(int code);      /* cudaGetErrorString */
   int (*host_register)(void* p, size_t size); /* cudaHostRegister(p, size, Default): page-lock */
   int (*host_unregister)(void* p);            /* cudaHostUnregister(p) */
+  int (*set_device)(int dev);                 /* cudaSetDevice(dev), for the calling thread */
 } tl__cuda_api_t;
 
 /* The table in use. Thread-safe (an atomic load). */
@@ -40,5 +41,39 @@ const tl__cuda_api_t* tl__cuda_set_api(const tl__cuda_api_t* api);
 extern const tl__cuda_api_t tl__cuda_builtin;
 /* Translates a cudaError_t into a TL_E* code and records "<call>: <name>: <text>" as detail. */
 int tl__cuda_error(const char* call, int code);
+
+// ---------------------------------------------------------------------------------------------
+// The NCCL backend table
+// ---------------------------------------------------------------------------------------------
+
+/* ncclResult_t values this part interprets, and the table's own "library not loaded". */
+enum {
+  TL__NCCL_SUCCESS = 0,
+  TL__NCCL_NOT_LOADED = -1 /* libnccl.so.2 could not be opened (see the table's why()) */
+};
+
+/* ncclUniqueId: 128 opaque bytes, passed by value to ncclCommInitRank. */
+typedef struct {
+  char internal[TL_NCCL_ID_BYTES];
+} tl__nccl_id_t;
+
+/* Every NCCL call of this part, as raw ncclResult_t values (int). The built-in table opens
+ * libnccl.so.2 on first use; tests swap in their own table to inject failures. */
+typedef struct {
+  const char* name;                               /* "dlopen", or a test's name */
+  int (*get_version)(int* version);               /* ncclGetVersion */
+  int (*get_unique_id)(tl__nccl_id_t* id);        /* ncclGetUniqueId */
+  int (*comm_init_rank)(void** comm, int nranks, tl__nccl_id_t id, int rank); /* ncclCommInitRank */
+  int (*comm_abort)(void* comm);                  /* ncclCommAbort: from any thread */
+  int (*comm_destroy)(void* comm);                /* ncclCommDestroy */
+  const char* (*error_string)(int code);          /* ncclGetErrorString */
+  const char* (*why)(void);                       /* why the library is not loaded ("" if it is) */
+} tl__nccl_api_t;
+
+/* The table in use (an atomic load), and the swap for tests: returns the previous table; NULL
+ * restores the built-in one. */
+const tl__nccl_api_t* tl__nccl_api(void);
+const tl__nccl_api_t* tl__nccl_set_api(const tl__nccl_api_t* api);
+extern const tl__nccl_api_t tl__nccl_builtin;
 
 #endif /* THREADLOOM_CUDACTX_INTERNAL_H */

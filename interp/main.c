@@ -14,6 +14,13 @@
  * exit codes, tracebacks, SystemExit, KeyboardInterrupt and signal handlers are exactly
  * python's. `info` and `topo` run the package's __main__ (python -m threadloom).
  *
+ * Several nodes: `run --nnodes N --node-rank R --master HOST[:PORT]` (or a SLURM step over
+ * several nodes, whose environment supplies them) meets the other nodes before user code runs
+ * (python/threadloom/cluster_runtime.py, launch()). The launcher checks the flags' syntax here;
+ * their combination is checked by launch(), shared with `python -m threadloom run`. Under SLURM,
+ * CUDA_VISIBLE_DEVICES is set from SLURM_STEP_GPUS/SLURM_JOB_GPUS when SLURM left it unset,
+ * before the placement plan counts the GPUs and long before anything starts CUDA.
+ *
  * The interpreter's path and the package directory are baked in at build time
  * (TL_INTERP_PYTHON, TL_INTERP_PACKAGE_DIR). sys.executable is the real python3.13t, so code
  * that re-runs sys.executable (multiprocessing's spawn, subprocess) gets a normal interpreter.
@@ -28,6 +35,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -62,6 +70,16 @@ static const char tl__usage[] =
     "  --no-pin                 leave the main thread's CPU affinity and memory policy alone\n"
     "  --torchrun-env           set RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK,\n"
     "                           MASTER_ADDR, MASTER_PORT for one process on one node, where unset\n"
+    "\n"
+    "run on several nodes (one process per node; under a multi-node SLURM step these come from\n"
+    "SLURM and may be left out; every node needs the same THREADLOOM_JOB_TOKEN):\n"
+    "  --nnodes N               number of nodes\n"
+    "  --node-rank R            this node's rank, 0..N-1 (node 0 runs the rendezvous store)\n"
+    "  --master HOST[:PORT]     node 0's address (and the store's port; default: from the job)\n"
+    "  --rdzv-timeout S         give up when the nodes have not met after S seconds (300)\n"
+    "  --watchdog-timeout S     abort every node when one stops heartbeating for S seconds or\n"
+    "                           fails (60; 0: no watchdog)\n"
+    "  --log-dir DIR            also write this node's stdout and stderr to DIR/node-<rank>.log\n"
     "  -h, --help               this text\n"
     "  --version                threadloom's and Python's versions\n";
 
@@ -71,17 +89,74 @@ typedef struct {
   int pin;          /* 0 after --no-pin */
   int torchrun_env; /* 1 after --torchrun-env */
   int rest;         /* index in argv of the first argument for Python */
+  /* The cluster flags' values (pointers into argv), NULL when not given. */
+  const char* nnodes;           /* --nnodes */
+  const char* node_rank;        /* --node-rank */
+  const char* master;           /* --master */
+  const char* rdzv_timeout;     /* --rdzv-timeout */
+  const char* watchdog_timeout; /* --watchdog-timeout */
+  const char* log_dir;          /* --log-dir */
+  int cluster_flags;            /* 1 when any of them was given */
 } tl__args_t;
 
 // ---------------------------------------------------------------------------------------------
 // Arguments
 // ---------------------------------------------------------------------------------------------
 
+/* Exits with status 2 unless v is a decimal integer >= min. */
+static void tl__check_int(const char* flag, const char* v, long min) {
+  char* end;
+  errno = 0;
+  long n = strtol(v, &end, 10);
+  if (!*v || *end || errno || n < min || n > (1L << 30)) {
+    fprintf(stderr, "threadloom: %s takes an integer >= %ld, not \"%s\"\n", flag, min, v);
+    exit(2);
+  }
+}
+
+/* Exits with status 2 unless v is a number of seconds >= 0. */
+static void tl__check_seconds(const char* flag, const char* v) {
+  char* end;
+  errno = 0;
+  double d = strtod(v, &end);
+  if (!*v || *end || errno || !(d >= 0)) {
+    fprintf(stderr, "threadloom: %s takes a number of seconds, not \"%s\"\n", flag, v);
+    exit(2);
+  }
+}
+
+/* The cluster flags: `--flag VALUE` or `--flag=VALUE`. 1 when argv[*i] was one (its value
+ * stored, *i on the value), 0 when not; exits on a missing or malformed value. */
+static int tl__parse_cluster_option(int argc, char** argv, int* i, tl__args_t* a) {
+  static const char* const flags[] = {"--nnodes", "--node-rank", "--master", "--rdzv-timeout",
+                                      "--watchdog-timeout", "--log-dir"};
+  const char** slots[] = {&a->nnodes, &a->node_rank, &a->master, &a->rdzv_timeout,
+                          &a->watchdog_timeout, &a->log_dir};
+  const char* s = argv[*i];
+  for (size_t k = 0; k < sizeof flags / sizeof flags[0]; k++) {
+    size_t n = strlen(flags[k]);
+    if (strncmp(s, flags[k], n) != 0 || (s[n] != '\0' && s[n] != '=')) continue;
+    const char* v = s[n] == '=' ? s + n + 1 : (*i + 1 < argc ? argv[++*i] : NULL);
+    if (!v || !*v) {
+      fprintf(stderr, "threadloom: %s needs a value (threadloom --help)\n", flags[k]);
+      exit(2);
+    }
+    if (k == 0) tl__check_int(flags[k], v, 1);
+    if (k == 1) tl__check_int(flags[k], v, 0);
+    if (k == 3 || k == 4) tl__check_seconds(flags[k], v);
+    *slots[k] = v;
+    a->cluster_flags = 1;
+    return 1;
+  }
+  return 0;
+}
+
 /* 1: argv[*i] was a launcher option (consumed, *i advanced past it); 0: not one; exits on
  * a bad option. */
 static int tl__parse_option(int argc, char** argv, int* i, tl__args_t* a) {
   const char* s = argv[*i];
-  if (strcmp(s, "--no-pin") == 0) {
+  if (tl__parse_cluster_option(argc, argv, i, a)) {
+  } else if (strcmp(s, "--no-pin") == 0) {
     a->pin = 0;
   } else if (strcmp(s, "--torchrun-env") == 0) {
     a->torchrun_env = 1;
@@ -120,6 +195,11 @@ static void tl__parse_args(int argc, char** argv, tl__args_t* a) {
   } else if (strcmp(a->cmd, "info") != 0 && strcmp(a->cmd, "topo") != 0) {
     fprintf(stderr, "threadloom: unknown command \"%s\" (run, info or topo; threadloom --help)\n", a->cmd);
     exit(2);
+  } else if (a->cluster_flags) {
+    fprintf(stderr, "threadloom: --nnodes, --node-rank, --master, --rdzv-timeout, "
+                    "--watchdog-timeout and --log-dir are options of `threadloom run`, not of %s\n",
+            a->cmd);
+    exit(2);
   }
   if (!a->gil) a->gil = strcmp(a->cmd, "run") == 0 ? "forbid" : "warn";
   a->rest = i;
@@ -137,6 +217,17 @@ static void tl__cap_thread_pools(int allowed_pus) {
   char n[16];
   snprintf(n, sizeof n, "%d", allowed_pus > 0 ? allowed_pus : 1);
   for (size_t k = 0; k < sizeof vars / sizeof vars[0]; k++) setenv(vars[k], n, 0);
+}
+
+/* SLURM names a step's GPUs in SLURM_STEP_GPUS (SLURM_JOB_GPUS in the batch script) and, with
+ * gres, also sets CUDA_VISIBLE_DEVICES; where it did not, CUDA would see every GPU of the node.
+ * Sets CUDA_VISIBLE_DEVICES from them, never overriding a value SLURM or the user set. */
+static void tl__narrow_cuda_visible_devices(void) {
+  if (!getenv("SLURM_JOB_ID") && !getenv("SLURM_JOBID")) return;
+  if (getenv("CUDA_VISIBLE_DEVICES")) return;
+  const char* g = getenv("SLURM_STEP_GPUS");
+  if (!g) g = getenv("SLURM_JOB_GPUS");
+  if (g) setenv("CUDA_VISIBLE_DEVICES", g, 0);
 }
 
 static int tl__status_fail(PyStatus st, PyConfig* config) {
@@ -226,8 +317,39 @@ static const char tl__startup_code[] =
     "    return mod\n"
     "_g = _load('threadloom.gilguard', pkg + '/threadloom/gilguard.py')\n"
     "_g.install(policy, origin='threadloom run')\n"
+    "if cluster is not None:\n"
+    "    from threadloom import cluster_runtime as _cr\n"
+    "    _cr.launch_or_exit(origin='threadloom run', **cluster)\n"
     "if torchrun:\n"
     "    _load('threadloom.launch_env', pkg + '/threadloom/launch_env.py').apply_torchrun_env()\n";
+
+/* The keyword arguments of cluster_runtime.launch() for the flags given (a new dict), or None
+ * (a new reference) when this is not a run that may span nodes. */
+static PyObject* tl__cluster_kwargs(const tl__args_t* a) {
+  if (strcmp(a->cmd, "run") != 0 || (!a->cluster_flags && !getenv("SLURM_JOB_ID")))
+    return Py_NewRef(Py_None);
+  PyObject* d = PyDict_New();
+  if (!d) return NULL;
+  struct {
+    const char* key;
+    const char* value;
+    int integer;
+  } items[] = {{"nnodes", a->nnodes, 1},           {"node_rank", a->node_rank, 1},
+               {"master", a->master, 0},           {"rdzv_timeout", a->rdzv_timeout, 0},
+               {"watchdog_timeout", a->watchdog_timeout, 0}, {"log_dir", a->log_dir, 0}};
+  for (size_t k = 0; k < sizeof items / sizeof items[0]; k++) {
+    if (!items[k].value) continue;
+    PyObject* v = items[k].integer ? PyLong_FromString(items[k].value, NULL, 10)
+                                   : PyUnicode_DecodeFSDefault(items[k].value);
+    if (!v || PyDict_SetItemString(d, items[k].key, v) < 0) {
+      Py_XDECREF(v);
+      Py_DECREF(d);
+      return NULL;
+    }
+    Py_DECREF(v);
+  }
+  return d;
+}
 
 /* 0, or the exit status when the process must stop (the error was printed). */
 static int tl__before_user_code(const tl__args_t* a) {
@@ -239,6 +361,8 @@ static int tl__before_user_code(const tl__args_t* a) {
   if (!(v = PyUnicode_FromString(a->gil)) || PyDict_SetItemString(globals, "policy", v) < 0) goto fail_v;
   Py_DECREF(v);
   if (PyDict_SetItemString(globals, "torchrun", a->torchrun_env ? Py_True : Py_False) < 0) goto fail;
+  if (!(v = tl__cluster_kwargs(a)) || PyDict_SetItemString(globals, "cluster", v) < 0) goto fail_v;
+  Py_DECREF(v);
   if (PyDict_SetItemString(globals, "__builtins__", PyEval_GetBuiltins()) < 0) goto fail;
   PyObject* r = PyRun_String(tl__startup_code, Py_file_input, globals, globals);
   if (!r) goto fail;
@@ -258,6 +382,7 @@ int main(int argc, char** argv) {
   tl__args_t a;
   tl__parse_args(argc, argv, &a);
 
+  if (strcmp(a.cmd, "run") == 0) tl__narrow_cuda_visible_devices();
   tl__interp_place_t place;
   tl__interp_place(a.pin, &place);
   tl__cap_thread_pools(place.allowed_pus);

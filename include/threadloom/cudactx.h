@@ -38,6 +38,41 @@ TL_EXTERN int tl_cuda_device_info(int dev, tl_gpu_info_t* out);
  * loadable; tl_err_detail() has dlerror's text), TL_ENCCL. */
 TL_EXTERN int tl_nccl_version(int* version);
 
+// ---------------------------------------------------------------------------------------------
+// NCCL communicators. One tl_nccl_comm_t per GPU thread (rank); the unique id is made once per
+// job (node 0) and handed to every rank out of band (threadloom.cluster's store).
+// ---------------------------------------------------------------------------------------------
+
+#define TL_NCCL_ID_BYTES 128 /* sizeof(ncclUniqueId) */
+
+typedef struct {
+  unsigned char bytes[TL_NCCL_ID_BYTES];
+} tl_nccl_id_t;
+
+typedef struct tl_nccl_comm_s tl_nccl_comm_t;
+
+/* A new ncclUniqueId (ncclGetUniqueId: opens NCCL's bootstrap socket on this host; needs no
+ * GPU). Errors: TL_EINVAL (NULL), TL_ENOLIB (libnccl.so.2 not loadable), TL_ENCCL (the
+ * detail names the ncclResult_t). */
+TL_EXTERN int tl_nccl_unique_id(tl_nccl_id_t* out);
+/* Makes the calling thread's CUDA device `device`, then joins rank `rank` of an `nranks` world
+ * to the communicator of `id` (ncclCommInitRank: blocks until every rank has joined). On
+ * success *out is a communicator the caller closes with tl_nccl_comm_close. Errors: TL_EINVAL
+ * (NULL, rank outside [0, nranks)), TL_ENOLIB, TL_ENOSYS (built without CUDA), TL_ENODRIVER,
+ * TL_ENODEV, TL_ECUDA (cudaSetDevice), TL_ENCCL. */
+TL_EXTERN int tl_nccl_comm_init(tl_nccl_comm_t** out, const tl_nccl_id_t* id, int nranks,
+                                int rank, int device);
+/* Aborts the communicator (ncclCommAbort): operations blocked on it, in any thread, return or
+ * fail, and its resources are released. Thread-safety: may run while another thread is inside
+ * an NCCL call on `comm` and concurrently with another abort (only the first aborts), not
+ * concurrently with tl_nccl_comm_close. 0 when aborted now or before; TL_ENCCL. */
+TL_EXTERN int tl_nccl_comm_abort(tl_nccl_comm_t* comm);
+/* Destroys the communicator (ncclCommDestroy, or nothing more after an abort) and frees it.
+ * NULL is a no-op. Returns 0 or TL_ENCCL (comm is freed either way). */
+TL_EXTERN int tl_nccl_comm_close(tl_nccl_comm_t* comm);
+/* 1 once tl_nccl_comm_abort ran on comm, else 0. */
+TL_EXTERN int tl_nccl_comm_aborted(const tl_nccl_comm_t* comm);
+
 TL_END_DECLS
 
 #endif /* THREADLOOM_CUDACTX_H */

@@ -349,6 +349,9 @@ static PyMethodDef core_methods[] = {
      "sm_count."},
     {"nccl_version", core_nccl_version, METH_NOARGS,
      "NCCL's version, '2.28.3'. Raises LibraryNotFoundError when libnccl.so.2 is not loadable."},
+    {"nccl_unique_id", tl_py_nccl_unique_id, METH_NOARGS,
+     "A new ncclUniqueId as 128 bytes (ncclGetUniqueId; no GPU needed). Raises "
+     "LibraryNotFoundError when libnccl.so.2 is not loadable, NcclError when NCCL fails."},
     {"topology", (PyCFunction)(void (*)(void))core_topology, METH_VARARGS | METH_KEYWORDS,
      "topology(xml=None, synthetic=None) -> dict: packages, numa_nodes, cores, pus, "
      "allowed_cores, allowed_pus, is_this_system, gpus and core_list (lists of dicts). xml: an "
@@ -430,6 +433,9 @@ static int core_exec(PyObject* module) {
   if (!st->dlpack_tensor_type ||
       PyModule_AddObjectRef(module, "DLPackTensor", st->dlpack_tensor_type) < 0)
     return -1;
+  st->ncclcomm_type = PyType_FromModuleAndSpec(module, &tl_py_ncclcomm_spec, NULL);
+  if (!st->ncclcomm_type || PyModule_AddObjectRef(module, "NcclComm", st->ncclcomm_type) < 0)
+    return -1;
   if (PyModule_AddStringConstant(module, "__version__", tl_version_string()) < 0) return -1;
   return 0;
 }
@@ -442,6 +448,7 @@ static int core_traverse(PyObject* module, visitproc visit, void* arg) {
   Py_VISIT(st->buffer_type);
   Py_VISIT(st->hasher_type);
   Py_VISIT(st->dlpack_tensor_type);
+  Py_VISIT(st->ncclcomm_type);
   Py_VISIT(st->error);
   for (int i = 0; i < TL_NCODES; i++) Py_VISIT(st->by_code[i]);
   return 0;
@@ -455,6 +462,7 @@ static int core_clear(PyObject* module) {
   Py_CLEAR(st->buffer_type);
   Py_CLEAR(st->hasher_type);
   Py_CLEAR(st->dlpack_tensor_type);
+  Py_CLEAR(st->ncclcomm_type);
   Py_CLEAR(st->error);
   for (int i = 0; i < TL_NCODES; i++) Py_CLEAR(st->by_code[i]);
   return 0;

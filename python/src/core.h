@@ -72,6 +72,7 @@ typedef struct {
   PyObject* buffer_type;         /* threadloom._core.Buffer */
   PyObject* hasher_type;         /* threadloom._core.Hasher */
   PyObject* dlpack_tensor_type;  /* threadloom._core.DLPackTensor */
+  PyObject* ncclcomm_type;       /* threadloom._core.NcclComm */
   PyObject* error;               /* threadloom.Error: the base of every class below */
   PyObject* by_code[TL_NCODES];  /* by_code[-code]: the class for that TL_E* code */
 } core_state;
@@ -129,5 +130,10 @@ PyObject* tl_py_xxh3_64(PyObject* module, PyObject* args, PyObject* kwargs);
 /* cluster.c */
 /* hostlist_expand(list) -> list of str */
 PyObject* tl_py_hostlist_expand(PyObject* module, PyObject* arg);
+
+/* nccl.c */
+extern PyType_Spec tl_py_ncclcomm_spec;
+/* nccl_unique_id() -> bytes (128) */
+PyObject* tl_py_nccl_unique_id(PyObject* module, PyObject* unused);
 
 #endif /* THREADLOOM_PY_CORE_H */

@@ -411,11 +411,13 @@ class StoreClient:
         self.host, self.port = host, port
 
     @classmethod
-    def connect(cls, host, ports, secret, timeout=60.0):
+    def connect(cls, host, ports, secret, timeout=60.0, io_timeout=None):
         """Connects to the store of the job whose secret is `secret` on host, trying each of
         `ports` in order and starting over with growing pauses until `timeout` seconds have
         passed; then raises TimedOutError naming the host, the ports and why each failed. A
-        store that rejects the secret (another job's, or a different token) is skipped."""
+        store that rejects the secret (another job's, or a different token) is skipped.
+        io_timeout: seconds one request may take before the connection counts as lost (an
+        InputOutputError); None waits forever. It must exceed the 5 s a wait() is chunked to."""
         deadline = time.monotonic() + timeout
         ports = list(ports)
         why = {}
@@ -444,7 +446,7 @@ class StoreClient:
                                              "job's, or %s differs between nodes)" % TOKEN_VAR)
                     if not hmac.compare_digest(_recv_exact(sock, MAC), _mac(secret, b"S", cnonce, snonce)):
                         raise _ProtocolError("a store that could not prove it knows the secret")
-                    sock.settimeout(None)
+                    sock.settimeout(io_timeout)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     return cls(sock, host, port)
                 except (OSError, _ProtocolError) as e:
@@ -542,9 +544,113 @@ class Rendezvous:
     hosts: tuple              # every node's host name, by rank
     store: StoreClient        # this node's connection to the store (for later bootstrap steps)
     server: object = None     # the StoreServer on node 0, None elsewhere
+    job_key: str = ""         # the job key the secret is derived from ("slurm:<job>.<step>")
+    watchdog: object = None   # the cluster_runtime.Watchdog watching this job, if one runs
+    _secret: bytes = dataclasses.field(default=b"", repr=False)   # the job secret
+    _connect: tuple = dataclasses.field(default=(), repr=False)   # (host, port) to reach the store
+    _nccl_gen: int = dataclasses.field(default=0, repr=False)     # nccl_bootstrap() calls so far
+    _comms: object = dataclasses.field(default=None, repr=False)  # NcclComms to abort (WeakSet)
+    _lock: object = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     local_rank = 0            # one process per node
     local_world_size = 1
+
+    def connect(self, timeout=60.0, io_timeout=None):
+        """A new connection to this job's store (the caller closes it): for a thread that must
+        not queue behind `store`'s requests, e.g. the watchdog's heartbeats."""
+        host, port = self._connect
+        client = StoreClient.connect(host, [port], self._secret, timeout=timeout,
+                                     io_timeout=io_timeout)
+        client.host = self.master_addr
+        return client
+
+    def abort(self, reason, store=None):
+        """Tells every node of the job to abort: publishes `reason` under the store's abort key
+        (the first reason published wins) for every node's watchdog. Returns the reason in the
+        store. `store`: the connection to use (default this node's)."""
+        store = store or self.store
+        if store.add(ABORT_KEY + "/count") == 1:
+            store.set(ABORT_KEY, json.dumps({"rank": self.rank, "host": self.hosts[self.rank],
+                                             "reason": reason}))
+        return json.loads(store.wait(ABORT_KEY, 30.0))["reason"]
+
+    def nccl_bootstrap(self, gpus_per_node, timeout=300.0, *, unique_id=None):
+        """Shares one NCCL unique id with every node for a world of nnodes x gpus_per_node ranks
+        (one per GPU thread) and returns an NcclBootstrap: unique_id, world_size,
+        rank_of(local_gpu), init_comm(local_gpu). Every node calls it, in the same order as
+        its other nccl_bootstrap() calls; each call makes a new id.
+
+        Node 0 makes the id (`unique_id`, a callable returning 128 bytes; default
+        threadloom._core.nccl_unique_id, i.e. ncclGetUniqueId) and publishes it in the store;
+        every node publishes its GPU count and waits, until `timeout` seconds have passed, for
+        the id and for every other node's count. On any failure (NCCL missing, a node with a
+        different GPU count, a node that does not arrive in time) this node publishes the abort
+        key, so every node's watchdog aborts, and raises the error (TimedOutError naming the
+        missing nodes, InvalidArgumentError naming the node whose count differs, ...)."""
+        if isinstance(gpus_per_node, bool) or not isinstance(gpus_per_node, int) \
+                or gpus_per_node < 1:
+            raise _error("EINVAL", "gpus_per_node must be an int >= 1, not %r" % (gpus_per_node,))
+        with self._lock:
+            gen = self._nccl_gen
+            self._nccl_gen += 1
+        prefix = "nccl/%d/" % gen
+        deadline = time.monotonic() + timeout
+        try:
+            self.store.set(prefix + "gpus/%d" % self.rank, str(gpus_per_node))
+            if self.rank == 0:
+                uid = bytes((unique_id or _core.nccl_unique_id)())
+                if len(uid) != NCCL_ID_BYTES:
+                    raise _error("EINVAL", "the NCCL unique id has %d bytes, not %d"
+                                 % (len(uid), NCCL_ID_BYTES))
+                self.store.set(prefix + "id", uid)
+            for r in range(self.world_size):
+                try:
+                    n = int(self.store.wait(prefix + "gpus/%d" % r,
+                                            max(deadline - time.monotonic(), 0.0)))
+                except _core.TimedOutError:
+                    missing = [q for q in range(self.world_size)
+                               if self.store.get(prefix + "gpus/%d" % q) is None]
+                    raise _error("ETIMEDOUT", "NCCL bootstrap #%d: node(s) %s did not arrive "
+                                 "within %.1fs" % (gen, ", ".join(map(str, missing)),
+                                                   timeout)) from None
+                if n != gpus_per_node:
+                    raise _error("EINVAL", "NCCL bootstrap #%d: node %d (%s) drives %d GPUs, node "
+                                 "%d drives %d: every node must drive the same number"
+                                 % (gen, r, self.hosts[r], n, self.rank, gpus_per_node))
+            try:
+                uid = self.store.wait(prefix + "id", max(deadline - time.monotonic(), 0.0))
+            except _core.TimedOutError:
+                raise _error("ETIMEDOUT", "NCCL bootstrap #%d: node 0 (%s) published no unique "
+                             "id within %.1fs" % (gen, self.hosts[0], timeout)) from None
+        except BaseException as e:
+            try:
+                self.abort("node %d (%s) failed in the NCCL bootstrap: %s"
+                           % (self.rank, self.hosts[self.rank], _one_line(e)))
+            except _core.Error:
+                pass  # the store is gone: the other nodes' watchdogs see that themselves
+            raise
+        return NcclBootstrap(unique_id=uid, world_size=self.world_size * gpus_per_node,
+                             nnodes=self.world_size, gpus_per_node=gpus_per_node,
+                             node_rank=self.rank, generation=gen, _owner=self)
+
+    def _track(self, comm):
+        import weakref
+        with self._lock:
+            if self._comms is None:
+                self._comms = weakref.WeakSet()
+            self._comms.add(comm)
+
+    def abort_comms(self):
+        """Aborts every NcclComm made through this rendezvous' bootstraps that is still open
+        (ncclCommAbort). Returns how many. Thread-safe; the watchdog calls it."""
+        with self._lock:
+            comms = list(self._comms or ())
+        n = 0
+        for c in comms:
+            if not c.closed:
+                c.abort()
+                n += 1
+        return n
 
     def torchrun_env(self):
         """MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK, ... as a dict of strings."""
@@ -559,8 +665,12 @@ class Rendezvous:
 
     def close(self, timeout=60.0):
         """Leaves the job: tells the store, and on node 0 waits (up to `timeout` s) for every
-        node to leave before stopping the store, so no node loses it while still reading."""
+        node to leave before stopping the store, so no node loses it while still reading. The
+        watchdog, if any, is stopped first on other nodes, and on node 0 once all have left (it
+        keeps watching them while node 0 waits)."""
         try:
+            if self.server is None and self.watchdog is not None:
+                self.watchdog.stop()
             self.store.set("left/%d" % self.rank, b"1")
             if self.server is not None:
                 deadline = time.monotonic() + timeout
@@ -570,6 +680,8 @@ class Rendezvous:
             if self.server is None:
                 raise
         finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
             self.store.close()
             if self.server is not None:
                 self.server.close()
@@ -668,10 +780,92 @@ def rendezvous(nnodes=None, node_rank=None, master=None, *, token=None, job_id=N
         raise
     return Rendezvous(rank=node_rank, world_size=nnodes, master_addr=host,
                       master_port=torch_port, store_port=store.port, hosts=tuple(hosts),
-                      store=store, server=server)
+                      store=store, server=server, job_key=job_key, _secret=secret,
+                      _connect=(connect_host, store.port))
 
 
 def torchrun_env(rank=0, world_size=1, master_addr="127.0.0.1", master_port=29500):
     """launch_env.torchrun_env, re-exported: the torchrun variables for one process per node."""
     return launch_env.torchrun_env(rank=rank, world_size=world_size, master_addr=master_addr,
                                    master_port=master_port)
+
+
+# ---------------------------------------------------------------------------------------------
+# NCCL bootstrap result
+# ---------------------------------------------------------------------------------------------
+
+ABORT_KEY = "abort"       # the store key whose value tells every node to abort (JSON)
+NCCL_ID_BYTES = 128       # sizeof(ncclUniqueId)
+
+
+def _one_line(exc):
+    text = str(exc).strip().splitlines()
+    return "%s: %s" % (type(exc).__name__, text[0] if text else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class NcclBootstrap:
+    """What Rendezvous.nccl_bootstrap() returns: one NCCL world over every GPU of every node.
+    Global ranks are node-major: node n's local GPU g is rank n * gpus_per_node + g."""
+    unique_id: bytes          # the ncclUniqueId node 0 made (128 bytes)
+    world_size: int           # nnodes * gpus_per_node
+    nnodes: int
+    gpus_per_node: int
+    node_rank: int            # this node's rank
+    generation: int           # which nccl_bootstrap() call of the job made it (0, 1, ...)
+    _owner: object = dataclasses.field(default=None, repr=False, compare=False)
+
+    def rank_of(self, local_gpu):
+        """The global NCCL rank of this node's GPU thread `local_gpu` (0..gpus_per_node-1)."""
+        if isinstance(local_gpu, bool) or not isinstance(local_gpu, int) \
+                or not 0 <= local_gpu < self.gpus_per_node:
+            raise _error("EINVAL", "local_gpu must be in 0..%d (this node drives %d GPUs), not %r"
+                         % (self.gpus_per_node - 1, self.gpus_per_node, local_gpu))
+        return self.node_rank * self.gpus_per_node + local_gpu
+
+    @property
+    def ranks(self):
+        """This node's global ranks, by local GPU."""
+        first = self.node_rank * self.gpus_per_node
+        return range(first, first + self.gpus_per_node)
+
+    def init_comm(self, local_gpu, device=None):
+        """Makes the NCCL communicator of `local_gpu` on the calling thread (ncclCommInitRank on
+        CUDA device `device`, default local_gpu; blocks until every rank has joined) and
+        registers it so that the watchdog aborts it when the job aborts. The caller closes it.
+        Raises LibraryNotFoundError, NoDriverError/NoDeviceError, NcclError."""
+        comm = _core.NcclComm(self.unique_id, self.world_size, self.rank_of(local_gpu),
+                              local_gpu if device is None else device)
+        if self._owner is not None:
+            self._owner._track(comm)
+        return comm
+
+
+# ---------------------------------------------------------------------------------------------
+# The launcher's rendezvous, and the runtime (watchdog, preemption) in cluster_runtime.py
+# ---------------------------------------------------------------------------------------------
+
+_current = None           # the Rendezvous `threadloom run --nnodes ...` made, or None
+
+
+def current():
+    """The Rendezvous the launcher made before user code ran (`threadloom run` under a
+    multi-node SLURM step or with --nnodes/--node-rank/--master), or None."""
+    return _current
+
+
+def _set_current(rv):
+    global _current
+    _current = rv
+
+
+_RUNTIME_NAMES = ("Watchdog", "SlurmCommands", "on_preempt", "Preemption", "PREEMPT_EXIT",
+                  "ABORT_EXIT")
+
+
+def __getattr__(name):
+    # The runtime lives in its own module (it imports this one); its public names are here too.
+    if name in _RUNTIME_NAMES:
+        from threadloom import cluster_runtime
+        return getattr(cluster_runtime, name)
+    raise AttributeError("module 'threadloom.cluster' has no attribute %r" % name)

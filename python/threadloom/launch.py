@@ -1,7 +1,15 @@
 """``python -m threadloom run``: the launcher's `run`, from an interpreter that is already running.
 
     python -m threadloom run [--gil=forbid|warn|allow] [--torchrun-env] [--no-pin]
+                             [--nnodes N --node-rank R --master HOST[:PORT]]
+                             [--rdzv-timeout S] [--watchdog-timeout S] [--log-dir DIR]
                              (script.py | -m module) [args...]
+
+A run over several nodes (the three cluster flags, or a SLURM step over several nodes, where
+SLURM supplies them) meets the other nodes before the script starts: see
+threadloom.cluster_runtime.launch (the rendezvous is threadloom.cluster.current(), the torchrun
+variables are exported, a watchdog aborts every node when one fails, --log-dir DIR copies this
+node's output into DIR/node-<rank>.log).
 
 Installs the same GIL guard as the C launcher (``threadloom run``), sets OMP_NUM_THREADS,
 OPENBLAS_NUM_THREADS and MKL_NUM_THREADS to the allowed cores where unset, and runs the script
@@ -17,7 +25,13 @@ import sys
 from threadloom import gilguard, launch_env
 
 USAGE = ("usage: python -m threadloom run [--gil=forbid|warn|allow] [--torchrun-env] [--no-pin] "
-         "(script.py | -m module) [args...]")
+         "[--nnodes N --node-rank R --master HOST[:PORT]] [--rdzv-timeout S] "
+         "[--watchdog-timeout S] [--log-dir DIR] (script.py | -m module) [args...]")
+
+# cluster flags -> (launch() keyword, parser of the value)
+CLUSTER_FLAGS = {"--nnodes": ("nnodes", int), "--node-rank": ("node_rank", int),
+                 "--master": ("master", str), "--rdzv-timeout": ("rdzv_timeout", str),
+                 "--watchdog-timeout": ("watchdog_timeout", str), "--log-dir": ("log_dir", str)}
 
 
 def _fail(msg):
@@ -27,10 +41,27 @@ def _fail(msg):
 
 def main(argv):
     gil, torchrun = "forbid", False
+    cluster_kw = {}
     i = 0
     while i < len(argv) and argv[i].startswith("--"):
         a = argv[i]
-        if a == "--torchrun-env":
+        flag = a.split("=", 1)[0]
+        if flag in CLUSTER_FLAGS:
+            if "=" in a:
+                value = a.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                i += 1
+                value = argv[i]
+            else:
+                return _fail("threadloom: %s needs a value" % flag)
+            key, conv = CLUSTER_FLAGS[flag]
+            try:
+                cluster_kw[key] = conv(value)
+            except ValueError:
+                return _fail("threadloom: %s takes an integer, not %r" % (flag, value))
+            if value == "":
+                return _fail("threadloom: %s needs a value" % flag)
+        elif a == "--torchrun-env":
             torchrun = True
         elif a == "--no-pin":
             pass  # nothing is pinned from here anyway
@@ -55,6 +86,9 @@ def main(argv):
         return _fail("threadloom: nothing to run: give a script or -m module")
 
     gilguard.install(gil, origin="python -m threadloom run")
+    if cluster_kw or os.environ.get("SLURM_JOB_ID"):
+        from threadloom import cluster_runtime
+        cluster_runtime.launch_or_exit(origin="python -m threadloom run", **cluster_kw)
     n = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, n)

@@ -31,6 +31,7 @@ import copy
 import numbers
 import threading
 import time
+import weakref
 
 from threadloom import _core, errors, placement
 
@@ -230,6 +231,22 @@ class _World:
             if self.gen != gen:
                 return self.result
             raise self._aborted_error(op)
+
+
+_live_worlds = weakref.WeakSet()   # the worlds of running spmd() calls (abort_worlds)
+_live_lock = threading.Lock()      # guards _live_worlds
+
+
+def abort_worlds(detail):
+    """Aborts every running spmd() world: their ranks' collectives raise CanceledError with
+    `detail`. For the cluster watchdog, when another node of the job failed. Returns how many
+    worlds were aborted."""
+    with _live_lock:
+        worlds = list(_live_worlds)
+    n = 0
+    for w in worlds:
+        n += w.abort(-1, _error("ECANCELED", detail), detail=detail)
+    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,6 +532,8 @@ def spmd(fn, devices=None, args=(), kwargs=None, timeout=None, pin=True, *, cpu_
 
     world = _World(world_size, timeout)
     results = [None] * world_size
+    with _live_lock:
+        _live_worlds.add(world)
 
     def run(rank):
         ctx = SpmdContext(rank, world_size, devices[rank], CpuComm(world, rank))
@@ -545,9 +564,13 @@ def spmd(fn, devices=None, args=(), kwargs=None, timeout=None, pin=True, *, cpu_
         for t in threads[:started]:
             t.join()
         raise
+    finally:
+        with _live_lock:
+            _live_worlds.discard(world)
     if world.failure is not None:
         rank, exc = world.failure
-        exc.add_note("raised in threadloom.spmd rank %d of %d (device %s)"
-                     % (rank, world_size, devices[rank]))
+        if rank >= 0:
+            exc.add_note("raised in threadloom.spmd rank %d of %d (device %s)"
+                         % (rank, world_size, devices[rank]))
         raise exc
     return results

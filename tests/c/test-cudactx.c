@@ -152,3 +152,167 @@ TEST_IMPL(nccl_version) {
   ASSERT(v >= 21000); /* 2.10 or newer */
   return 0;
 }
+
+// ---------------------------------------------------------------------------------------------
+// NCCL: unique ids (no GPU needed), communicators through a fake table, one real rank on a GPU
+// ---------------------------------------------------------------------------------------------
+
+TEST_IMPL(nccl_unique_id) {
+  tl_nccl_id_t a, b;
+  int err = tl_nccl_unique_id(&a);
+  if (err == TL_ENOLIB) SKIP("libnccl.so.2 is not loadable here: %s", tl_err_detail());
+  ASSERT_OK(err);
+  ASSERT_OK(tl_nccl_unique_id(&b));
+  ASSERT(memcmp(a.bytes, b.bytes, sizeof a.bytes) != 0); /* a fresh id (its nonce) each time */
+  int nonzero = 0;
+  for (size_t i = 0; i < sizeof a.bytes; i++) nonzero |= a.bytes[i];
+  ASSERT(nonzero);
+  ASSERT_EQ(tl_nccl_unique_id(NULL), TL_EINVAL);
+  return 0;
+}
+
+static int fake_nccl_rc;                   /* what the next fake call returns */
+static int fake_aborts, fake_destroys;     /* calls seen */
+static int fake_nccl_comm_object;          /* the "ncclComm_t" the fake hands out */
+static int fake_set_device_rc, fake_device = -1;
+
+static int fake_nccl_version(int* v) {
+  *v = 22805;
+  return fake_nccl_rc;
+}
+static int fake_nccl_unique_id(tl__nccl_id_t* id) {
+  memset(id->internal, 0x5a, sizeof id->internal);
+  return fake_nccl_rc;
+}
+static int fake_nccl_init(void** comm, int nranks, tl__nccl_id_t id, int rank) {
+  (void)nranks;
+  (void)rank;
+  if (id.internal[0] != 0x5a) return 4; /* ncclInvalidArgument: the id did not come through */
+  *comm = fake_nccl_rc ? NULL : &fake_nccl_comm_object;
+  return fake_nccl_rc;
+}
+static int fake_nccl_abort(void* comm) {
+  fake_aborts += comm == &fake_nccl_comm_object;
+  return 0;
+}
+static int fake_nccl_destroy(void* comm) {
+  fake_destroys += comm == &fake_nccl_comm_object;
+  return 0;
+}
+static const char* fake_nccl_error_string(int code) {
+  return code == 2 ? "unhandled system error" : "fake NCCL failure";
+}
+static const char* fake_nccl_why(void) { return "fake: libnccl.so.2 absent"; }
+static int fake_set_device(int dev) {
+  fake_device = dev;
+  return fake_set_device_rc;
+}
+
+static const tl__nccl_api_t fake_nccl = {
+    .name = "fake",
+    .get_version = fake_nccl_version,
+    .get_unique_id = fake_nccl_unique_id,
+    .comm_init_rank = fake_nccl_init,
+    .comm_abort = fake_nccl_abort,
+    .comm_destroy = fake_nccl_destroy,
+    .error_string = fake_nccl_error_string,
+    .why = fake_nccl_why,
+};
+
+static const tl__cuda_api_t fake_cuda_with_devices = {
+    .name = "fake",
+    .runtime_version = fake_version,
+    .driver_version = fake_version,
+    .device_count = fake_device_count,
+    .device_info = fake_device_info,
+    .error_name = fake_error_name,
+    .error_string = fake_error_string,
+    .set_device = fake_set_device,
+};
+
+TEST_IMPL(nccl_fault_injection) {
+  ASSERT(tl__nccl_set_api(&fake_nccl) == &tl__nccl_builtin);
+  ASSERT(tl__cuda_set_api(&fake_cuda_with_devices) == &tl__cuda_builtin);
+  tl_nccl_id_t id;
+  tl_nccl_comm_t* c = NULL;
+
+  /* a failing ncclGetUniqueId / ncclGetVersion keeps its code and NCCL's text */
+  fake_nccl_rc = 2;
+  ASSERT_EQ(tl_nccl_unique_id(&id), TL_ENCCL);
+  ASSERT_CONTAINS(tl_err_detail(), "ncclGetUniqueId returned ncclResult_t 2: unhandled system error");
+  int v;
+  ASSERT_EQ(tl_nccl_version(&v), TL_ENCCL);
+  /* the library missing is TL_ENOLIB with the loader's reason */
+  fake_nccl_rc = TL__NCCL_NOT_LOADED;
+  ASSERT_EQ(tl_nccl_unique_id(&id), TL_ENOLIB);
+  ASSERT_CONTAINS(tl_err_detail(), "NCCL: fake: libnccl.so.2 absent");
+
+  fake_nccl_rc = 0;
+  ASSERT_OK(tl_nccl_unique_id(&id));
+  ASSERT_EQ(id.bytes[127], 0x5a);
+
+  /* bad arguments never reach NCCL */
+  ASSERT_EQ(tl_nccl_comm_init(&c, &id, 2, 2, 0), TL_EINVAL);
+  ASSERT_EQ(tl_nccl_comm_init(&c, &id, 0, 0, 0), TL_EINVAL);
+  ASSERT_EQ(tl_nccl_comm_init(&c, &id, 1, 0, -1), TL_EINVAL);
+  ASSERT_EQ(tl_nccl_comm_init(NULL, &id, 1, 0, 0), TL_EINVAL);
+  ASSERT(c == NULL);
+
+  /* cudaSetDevice failing stops before NCCL, translated as CUDA errors are */
+  fake_set_device_rc = TL__CUDA_INVALID_DEVICE;
+  ASSERT_EQ(tl_nccl_comm_init(&c, &id, 1, 0, 3), TL_ENODEV);
+  ASSERT_CONTAINS(tl_err_detail(), "cudaSetDevice");
+  ASSERT_EQ(fake_device, 3);
+  fake_set_device_rc = 0;
+
+  /* ncclCommInitRank failing: no communicator, NCCL's code in the detail */
+  fake_nccl_rc = 6;
+  ASSERT_EQ(tl_nccl_comm_init(&c, &id, 4, 1, 0), TL_ENCCL);
+  ASSERT_CONTAINS(tl_err_detail(), "ncclCommInitRank returned ncclResult_t 6");
+  ASSERT(c == NULL);
+
+  /* abort twice: one ncclCommAbort; close after abort: no ncclCommDestroy */
+  fake_nccl_rc = 0;
+  fake_aborts = fake_destroys = 0;
+  ASSERT_OK(tl_nccl_comm_init(&c, &id, 4, 1, 1));
+  ASSERT_EQ(fake_device, 1);
+  ASSERT_EQ(tl_nccl_comm_aborted(c), 0);
+  ASSERT_OK(tl_nccl_comm_abort(c));
+  ASSERT_OK(tl_nccl_comm_abort(c));
+  ASSERT_EQ(tl_nccl_comm_aborted(c), 1);
+  ASSERT_EQ(fake_aborts, 1);
+  ASSERT_OK(tl_nccl_comm_close(c));
+  ASSERT_EQ(fake_destroys, 0);
+
+  /* close without abort destroys */
+  ASSERT_OK(tl_nccl_comm_init(&c, &id, 1, 0, 0));
+  ASSERT_OK(tl_nccl_comm_close(c));
+  ASSERT_EQ(fake_destroys, 1);
+  ASSERT_EQ(fake_aborts, 1);
+  ASSERT_OK(tl_nccl_comm_close(NULL));
+  ASSERT_EQ(tl_nccl_comm_abort(NULL), TL_EINVAL);
+
+  ASSERT(tl__nccl_set_api(NULL) == &fake_nccl);
+  ASSERT(tl__cuda_set_api(NULL) == &fake_cuda_with_devices);
+  return 0;
+}
+
+TEST_IMPL(gpu_nccl_comm_one_rank) {
+  int n = 0;
+  int err = tl_cuda_device_count(&n);
+  if (err != 0) SKIP("no GPU: %s (%s)", tl_strerror(err), tl_err_detail());
+  tl_nccl_id_t id;
+  err = tl_nccl_unique_id(&id);
+  if (err == TL_ENOLIB) SKIP("libnccl.so.2 is not loadable here: %s", tl_err_detail());
+  ASSERT_OK(err);
+  tl_nccl_comm_t* c = NULL;
+  ASSERT_OK(tl_nccl_comm_init(&c, &id, 1, 0, 0));
+  ASSERT_OK(tl_nccl_comm_close(c));
+  /* a second one, aborted instead of destroyed */
+  ASSERT_OK(tl_nccl_unique_id(&id));
+  ASSERT_OK(tl_nccl_comm_init(&c, &id, 1, 0, n - 1));
+  ASSERT_OK(tl_nccl_comm_abort(c));
+  ASSERT_EQ(tl_nccl_comm_aborted(c), 1);
+  ASSERT_OK(tl_nccl_comm_close(c));
+  return 0;
+}

@@ -1,0 +1,670 @@
+"""The multi-node runtime: launcher flags on both launchers, the NCCL id exchange, the watchdog,
+preemption (threadloom.cluster_runtime, threadloom.cluster.current()).
+
+Nodes are real launcher processes on 127.0.0.1, each test with its own random job id and token.
+Nothing sleeps to order processes: a test reads a node's "ready" line from its stdout pipe
+(blocking) before it kills or signals it, and waits for exits with generous bounds. The
+watchdog tests use a 2 s heartbeat timeout; how fast a death is noticed is not asserted."""
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from conftest import ROOT, run_python
+
+import threadloom
+from threadloom import cluster, cluster_runtime
+
+BIN = os.environ.get("THREADLOOM_BIN") or os.path.join(ROOT, "build", "bin", "threadloom")
+HAVE_BIN = os.access(BIN, os.X_OK)
+TORCHRUN = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+            "MASTER_PORT")
+LAUNCHERS = [pytest.param("c", marks=pytest.mark.skipif(
+                 not HAVE_BIN, reason="launcher not built (%s): run `make build`" % BIN)),
+             "py"]
+WAIT = 120   # seconds any node may take to finish (a bound, not a measurement)
+
+
+def _env(job, extra=None):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM") and k not in TORCHRUN + ("PYTHON_GIL", "CUDA_VISIBLE_DEVICES")}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "python")] + [
+        p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["THREADLOOM_JOB_TOKEN"] = job["token"]
+    env["THREADLOOM_JOB_ID"] = job["id"]
+    env.update(extra or {})
+    return env
+
+
+@pytest.fixture
+def job():
+    return {"token": secrets.token_hex(16), "id": "test-" + secrets.token_hex(6)}
+
+
+def _argv(launcher, flags, script, *args):
+    head = [BIN, "run"] if launcher == "c" else [sys.executable, "-m", "threadloom", "run"]
+    return head + list(flags) + [script] + list(args)
+
+
+def start_node(launcher, job, flags, script, *args, env=None):
+    """Starts one node; stdout and stderr are pipes (text)."""
+    return subprocess.Popen(_argv(launcher, flags, script, *args), env=_env(job, env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def node_flags(n, r, extra=()):
+    return ["--nnodes", str(n), "--node-rank", str(r), "--master", "127.0.0.1", *extra]
+
+
+def wait_ready(p):
+    """Blocks until node p prints its "ready ..." line; returns it split. Fails when p exits
+    first. The lines before it are kept for finish()."""
+    p.early = ""
+    for line in p.stdout:
+        p.early += line
+        if line.startswith("ready"):
+            return line.split()
+    p.wait(WAIT)
+    pytest.fail("node exited with %s before it was ready: %s" % (p.returncode, p.stderr.read()))
+
+
+def finish(p):
+    if p.stdin is not None and p.stdin.closed:
+        p.stdin = None
+    out, err = p.communicate(timeout=WAIT)
+    return p.returncode, getattr(p, "early", "") + out, err
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher flags: the rendezvous before user code, current(), the torchrun environment
+# ---------------------------------------------------------------------------------------------
+
+SHOW = """
+    import json, os
+    from threadloom import cluster
+    rv = cluster.current()
+    print(json.dumps({"rank": rv.rank, "world": rv.world_size, "hosts": list(rv.hosts),
+                      "cvd": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                      "env": {k: os.environ.get(k) for k in %r}}))
+""" % (TORCHRUN,)
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("nnodes", [2, 3])
+def test_nodes_meet_before_user_code(launcher, nnodes, job, tmp_path):
+    script = write(tmp_path, "show.py", SHOW)
+    procs = [start_node(launcher, job, node_flags(nnodes, r), script) for r in range(nnodes)]
+    results = [finish(p) for p in procs]
+    seen = []
+    for r, (rc, out, err) in enumerate(results):
+        assert rc == 0, err
+        d = json.loads(out.strip().splitlines()[-1])
+        assert (d["rank"], d["world"], len(d["hosts"])) == (r, nnodes, nnodes)
+        env = d["env"]
+        assert (env["RANK"], env["WORLD_SIZE"], env["GROUP_RANK"]) == (str(r), str(nnodes), str(r))
+        assert (env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"], env["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+        seen.append(env["MASTER_PORT"])
+    assert len(set(seen)) == 1 and int(seen[0]) > 0   # one torch.distributed port for the job
+
+
+def test_mixed_launchers_meet(job, tmp_path):
+    if not HAVE_BIN:
+        pytest.skip("launcher not built (%s): run `make build`" % BIN)
+    script = write(tmp_path, "show.py", SHOW)
+    procs = [start_node("c", job, node_flags(2, 0), script),
+             start_node("py", job, node_flags(2, 1), script)]
+    for r, p in enumerate(procs):
+        rc, out, err = finish(p)
+        assert rc == 0, err
+        assert json.loads(out.strip().splitlines()[-1])["rank"] == r
+
+
+BAD_FLAGS = [
+    (["--nnodes", "2", "--node-rank", "0"], "missing --master"),
+    (["--nnodes", "2", "--master", "h"], "missing --node-rank"),
+    (["--node-rank", "0", "--master", "h"], "missing --nnodes"),
+    (["--nnodes", "2", "--node-rank", "2", "--master", "h"], "not below --nnodes 2"),
+    (["--nnodes", "2", "--node-rank", "0", "--master", "h:99999"], "outside 1-65535"),
+    (["--nnodes", "2", "--node-rank", "0", "--master", "h:port"], "is not a number"),
+    (["--nnodes", "2", "--node-rank", "0", "--master", "h", "--rdzv-timeout", "0"],
+     "--rdzv-timeout must be positive"),
+]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("flags,message", BAD_FLAGS)
+def test_bad_flag_combinations(launcher, flags, message, job, tmp_path):
+    script = write(tmp_path, "never.py", "print('user code ran')\n")
+    p = subprocess.run(_argv(launcher, flags, script), env=_env(job), capture_output=True,
+                       text=True, timeout=WAIT)
+    assert p.returncode == 2, p.stderr
+    assert message in p.stderr
+    assert "user code ran" not in p.stdout
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("flags,message", [
+    (["--nnodes", "x"], "--nnodes takes an integer"),
+    (["--nnodes", "0"], "--nnodes"),
+    (["--node-rank", "-1"], "--node-rank"),
+    (["--master"], "--master needs a value"),
+])
+def test_malformed_flag_values(launcher, flags, message, job):
+    argv = _argv(launcher, flags, "-c", "pass") if flags != ["--master"] else \
+        _argv(launcher, [], "")[:-1] + ["--master"]
+    p = subprocess.run(argv, env=_env(job), capture_output=True, text=True, timeout=WAIT)
+    assert p.returncode == 2, p.stderr
+    assert message in p.stderr
+
+
+def test_c_launcher_refuses_cluster_flags_outside_run(job):
+    if not HAVE_BIN:
+        pytest.skip("launcher not built (%s): run `make build`" % BIN)
+    p = subprocess.run([BIN, "--nnodes", "2", "info"], env=_env(job), capture_output=True,
+                       text=True, timeout=WAIT)
+    assert p.returncode == 2 and "options of `threadloom run`" in p.stderr
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_rendezvous_timeout_names_the_missing_node(launcher, job, tmp_path):
+    script = write(tmp_path, "never.py", "print('user code ran')\n")
+    p = subprocess.run(_argv(launcher, node_flags(2, 0, ["--rdzv-timeout", "1"]), script),
+                       env=_env(job), capture_output=True, text=True, timeout=WAIT)
+    assert p.returncode == 1, p.stderr
+    assert "rank(s) 1 of 2 did not arrive" in p.stderr
+    assert "user code ran" not in p.stdout
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_slurm_supplies_the_flags_and_narrows_gpus(launcher, job, tmp_path):
+    script = write(tmp_path, "show.py", SHOW)
+    slurm = {"SLURM_JOB_ID": job["id"], "SLURM_STEP_ID": "0", "SLURM_NNODES": "2",
+             "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.1",
+             "SLURM_STEP_GPUS": "2,3"}
+    procs = [start_node(launcher, job, [], script,
+                        env=dict(slurm, SLURM_NODEID=str(r), SLURM_PROCID=str(r),
+                                 SLURMD_NODENAME="n%d" % r))
+             for r in range(2)]
+    for r, p in enumerate(procs):
+        rc, out, err = finish(p)
+        assert rc == 0, err
+        d = json.loads(out.strip().splitlines()[-1])
+        assert (d["rank"], d["world"], d["hosts"]) == (r, 2, ["n0", "n1"])
+        assert d["cvd"] == "2,3"           # from SLURM_STEP_GPUS, before CUDA started
+        assert d["env"]["MASTER_ADDR"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_slurm_cuda_visible_devices_is_kept_and_one_node_needs_no_rendezvous(launcher, job,
+                                                                             tmp_path):
+    script = write(tmp_path, "one.py", """
+        import os
+        from threadloom import cluster
+        print(cluster.current(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    """)
+    env = {"SLURM_JOB_ID": job["id"], "SLURM_STEP_ID": "0", "SLURM_NNODES": "1",
+           "SLURM_JOB_NODELIST": "n1", "SLURM_NODEID": "0", "SLURM_PROCID": "0",
+           "SLURM_STEP_GPUS": "4,5", "CUDA_VISIBLE_DEVICES": "0,1"}
+    p = subprocess.run(_argv(launcher, [], script), env=_env(job, env), capture_output=True,
+                       text=True, timeout=WAIT)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["None", "0,1"]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_log_dir_gets_each_nodes_output(launcher, job, tmp_path):
+    script = write(tmp_path, "talk.py", """
+        import sys
+        from threadloom import cluster
+        r = cluster.current().rank
+        print("out from node", r)
+        print("err from node", r, file=sys.stderr)
+    """)
+    logs = tmp_path / "logs"
+    procs = [start_node(launcher, job, node_flags(2, r, ["--log-dir", str(logs)]), script)
+             for r in range(2)]
+    for r, p in enumerate(procs):
+        rc, out, err = finish(p)
+        assert rc == 0, err
+        assert "out from node %d" % r in out           # the terminal still gets it
+        assert "err from node %d" % r in err
+        text = (logs / ("node-%d.log" % r)).read_text()
+        assert "out from node %d\n" % r in text and "err from node %d\n" % r in text
+
+
+# ---------------------------------------------------------------------------------------------
+# NCCL bootstrap: one id for nnodes x GPUs ranks, exchanged through the store
+# ---------------------------------------------------------------------------------------------
+
+def _nccl_id_or_skip():
+    try:
+        return threadloom._core.nccl_unique_id()
+    except threadloom.LibraryNotFoundError as e:
+        pytest.skip("ncclGetUniqueId needs libnccl.so.2: %s" % e)
+
+
+def test_nccl_unique_id_needs_no_gpu():
+    a, b = _nccl_id_or_skip(), _nccl_id_or_skip()
+    assert len(a) == len(b) == cluster.NCCL_ID_BYTES and a != b
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_nccl_id_exchange_across_processes(launcher, job, tmp_path):
+    _nccl_id_or_skip()   # node 0 makes a real id with ncclGetUniqueId
+    script = write(tmp_path, "boot.py", """
+        import json
+        from threadloom import cluster
+        rv = cluster.current()
+        out = []
+        for _ in range(2):                      # two bootstraps: two ids, same ranks
+            b = rv.nccl_bootstrap(2, timeout=60)
+            out.append({"id": b.unique_id.hex(), "world": b.world_size,
+                        "ranks": [b.rank_of(g) for g in range(2)], "gen": b.generation})
+        print(json.dumps(out))
+    """)
+    procs = [start_node(launcher, job, node_flags(3, r), script) for r in range(3)]
+    got = []
+    for p in procs:
+        rc, out, err = finish(p)
+        assert rc == 0, err
+        got.append(json.loads(out.strip().splitlines()[-1]))
+    for k in range(2):
+        assert len({g[k]["id"] for g in got}) == 1               # every node has node 0's id
+        assert {g[k]["world"] for g in got} == {6}
+        assert sorted(r for g in got for r in g[k]["ranks"]) == list(range(6))
+        assert [g[k]["ranks"] for g in got] == [[0, 1], [2, 3], [4, 5]]
+        assert {g[k]["gen"] for g in got} == {k}
+    assert got[0][0]["id"] != got[0][1]["id"]
+
+
+def _threads_rendezvous(n, job):
+    """n Rendezvous objects, one per node, met from threads of this process."""
+    out, errs = [None] * n, []
+
+    def node(r):
+        try:
+            out[r] = cluster.rendezvous(n, r, "127.0.0.1", token=job["token"], job_id=job["id"],
+                                        timeout=60, environ={})
+        except Exception as e:  # noqa: BLE001
+            errs.append(e)
+
+    ts = [threading.Thread(target=node, args=(r,)) for r in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errs, errs
+    return out
+
+
+def _close_all(rvs):
+    ts = [threading.Thread(target=rv.close) for rv in rvs]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+
+
+def test_nccl_bootstrap_gpu_count_mismatch_aborts_the_job(job):
+    rvs = _threads_rendezvous(2, job)
+    errs = [None, None]
+    fixed_id = bytes(range(128))
+
+    def node(r):
+        try:
+            rvs[r].nccl_bootstrap(2 + r, timeout=60, unique_id=lambda: fixed_id)
+        except threadloom.Error as e:
+            errs[r] = e
+
+    ts = [threading.Thread(target=node, args=(r,)) for r in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert all(isinstance(e, threadloom.InvalidArgumentError) for e in errs)
+    assert "node 1 (" in str(errs[0]) and "drives 3 GPUs" in str(errs[0])
+    reason = json.loads(rvs[0].store.get(cluster.ABORT_KEY))["reason"]
+    assert "failed in the NCCL bootstrap" in reason
+    _close_all(rvs)
+
+
+def test_nccl_bootstrap_timeout_names_missing_node_and_publishes_abort(job):
+    rvs = _threads_rendezvous(3, job)
+    errs = {}
+
+    def node(r):   # nodes 0 and 1 arrive, node 2 never does
+        try:
+            rvs[r].nccl_bootstrap(1, timeout=1, unique_id=lambda: bytes(128))
+        except threadloom.Error as e:
+            errs[r] = e
+
+    ts = [threading.Thread(target=node, args=(r,)) for r in (0, 1)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for r in (0, 1):
+        assert isinstance(errs[r], threadloom.TimedOutError)
+        assert "node(s) 2 did not arrive" in str(errs[r])
+    assert "did not arrive" in json.loads(rvs[2].store.wait(cluster.ABORT_KEY, 30))["reason"]
+    _close_all(rvs)
+
+
+def test_nccl_bootstrap_rank_arithmetic_and_bad_arguments(job):
+    (rv,) = _threads_rendezvous(1, job)
+    b = rv.nccl_bootstrap(4, unique_id=lambda: b"\x07" * 128)
+    assert (b.world_size, list(b.ranks), b.rank_of(3)) == (4, [0, 1, 2, 3], 3)
+    with pytest.raises(threadloom.InvalidArgumentError, match="local_gpu must be in 0..3"):
+        b.rank_of(4)
+    with pytest.raises(threadloom.InvalidArgumentError, match="gpus_per_node"):
+        rv.nccl_bootstrap(0)
+    with pytest.raises(threadloom.InvalidArgumentError, match="has 5 bytes"):
+        rv.nccl_bootstrap(1, unique_id=lambda: b"short")
+    rv.close()
+
+
+@pytest.mark.gpu
+def test_nccl_comm_one_gpu_world(job, require_gpu):
+    _nccl_id_or_skip()
+    (rv,) = _threads_rendezvous(1, job)
+    b = rv.nccl_bootstrap(1)
+    comm = b.init_comm(0)
+    assert (comm.rank, comm.nranks, comm.device) == (0, 1, 0)
+    assert rv.abort_comms() == 1 and comm.aborted
+    comm.close()
+    assert comm.closed
+    rv.close()
+
+
+def test_nccl_comm_without_gpu_says_why():
+    uid = _nccl_id_or_skip()
+    n, _ = (0, None)
+    try:
+        n = threadloom._core.cuda_device_count()
+    except threadloom.Error:
+        pass
+    if n:
+        pytest.skip("this machine has a GPU: the GPU test covers NcclComm")
+    with pytest.raises((threadloom.NoDriverError, threadloom.NoDeviceError, threadloom.NotBuiltError)):
+        threadloom._core.NcclComm(uid, 1, 0, 0)
+    with pytest.raises(ValueError, match="128 bytes"):
+        threadloom._core.NcclComm(b"x", 1, 0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Watchdog: a dead or failing node takes every node down, with one line naming it
+# ---------------------------------------------------------------------------------------------
+
+STUCK = """
+    import os, threading
+    from threadloom import cluster
+    rv = cluster.current()
+    print("ready", rv.rank, os.getpid(), flush=True)
+    threading.Event().wait()      # as good as a rank stuck in a collective forever
+"""
+
+
+def _watchdog_job(launcher, job, tmp_path, n=3, script=STUCK, args=()):
+    path = write(tmp_path, "node.py", script)
+    procs = [start_node(launcher, job, node_flags(n, r, ["--watchdog-timeout", "2"]), path, *args)
+             for r in range(n)]
+    for p in procs:
+        wait_ready(p)
+    return procs
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_sigkill_of_a_node_aborts_the_others(launcher, job, tmp_path):
+    procs = _watchdog_job(launcher, job, tmp_path)
+    procs[2].send_signal(signal.SIGKILL)
+    assert procs[2].wait(WAIT) == -signal.SIGKILL
+    for r in (0, 1):
+        rc, _, err = finish(procs[r])
+        assert rc == cluster_runtime.ABORT_EXIT, err
+        lines = [l for l in err.splitlines() if "aborts" in l]
+        assert len(lines) == 1, err
+        assert lines[0].startswith("threadloom: node %d (" % r)
+        assert "node 2 (" in lines[0] and "heartbeat" in lines[0]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_sigkill_of_node_0_is_seen_as_the_store_going(launcher, job, tmp_path):
+    procs = _watchdog_job(launcher, job, tmp_path)
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait(WAIT)
+    for r in (1, 2):
+        rc, _, err = finish(procs[r])
+        assert rc == cluster_runtime.ABORT_EXIT, err
+        assert "lost the rendezvous store on node 0" in err
+
+
+FAILS = """
+    import sys, threading
+    from threadloom import cluster
+    rv = cluster.current()
+    print("ready", rv.rank, flush=True)
+    sys.stdin.readline()                      # the test says when
+    if rv.rank == int(sys.argv[1]):
+        raise ValueError("boom on purpose")
+    threading.Event().wait()
+"""
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("failing", [0, 1])
+def test_uncaught_exception_on_one_node_aborts_all(launcher, failing, job, tmp_path):
+    path = write(tmp_path, "fails.py", FAILS)
+    procs = [subprocess.Popen(_argv(launcher, node_flags(3, r, ["--watchdog-timeout", "2"]), path,
+                                    str(failing)), env=_env(job), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(3)]
+    for p in procs:
+        wait_ready(p)
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    for r, p in enumerate(procs):
+        rc, _, err = finish(p)
+        if r == failing:
+            assert rc == 1 and "ValueError: boom on purpose" in err, err
+            assert "aborts" not in err
+        else:
+            assert rc == cluster_runtime.ABORT_EXIT, err
+            assert ("node %d (" % failing) in err and "failed: ValueError: boom on purpose" in err
+
+
+def test_watchdog_cancels_spmd_collectives_without_exiting(job):
+    rvs = _threads_rendezvous(2, job)
+    wd = cluster_runtime.Watchdog(rvs[0], timeout=1.0, exit=False).start()  # node 1 never beats
+    rvs[0].watchdog = wd
+
+    def train(ctx):
+        if ctx.rank == 1:
+            wd.aborted.wait(WAIT)               # busy elsewhere until the job aborts
+            return "left"
+        ctx.barrier()                           # waits for rank 1 until the abort
+
+    with pytest.raises(threadloom.CanceledError, match="node 1 .* sent no heartbeat"):
+        threadloom.spmd(train, devices="cpu", cpu_world=2, pin=False)
+    assert wd.aborted.is_set() and "node 1" in wd.reason
+    rvs[1].close()
+    rvs[0].close()
+
+
+def test_clean_exit_is_not_a_failure(job, tmp_path):
+    """Nodes finishing at different times leave cleanly: no watchdog fires."""
+    script = write(tmp_path, "end.py", """
+        import sys
+        from threadloom import cluster
+        rv = cluster.current()
+        print("ready", rv.rank, flush=True)
+        sys.stdin.readline()
+    """)
+    procs = [subprocess.Popen(_argv("py", node_flags(3, r, ["--watchdog-timeout", "2"]), script),
+                              env=_env(job), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(3)]
+    for p in procs:
+        wait_ready(p)
+    for p in (procs[0], procs[2], procs[1]):     # node 0 first: it waits for the others
+        p.stdin.write("end\n")
+        p.stdin.flush()
+        p.stdin.close()
+    for p in procs:
+        rc, _, err = finish(p)
+        assert rc == 0 and "aborts" not in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption: checkpoint, scontrol requeue, distinct exit status, resume on restart
+# ---------------------------------------------------------------------------------------------
+
+def fake_scontrol(tmp_path, status=0, message=""):
+    """A real program standing in for scontrol: appends its arguments to a file, prints
+    `message` on stderr and exits with `status`."""
+    record = tmp_path / "scontrol.calls"
+    path = tmp_path / "scontrol"
+    path.write_text("#!/bin/sh\necho \"$@\" >> %s\n%sexit %d\n" % (
+        record, ("echo '%s' >&2\n" % message) if message else "", status))
+    path.chmod(0o755)
+    return str(path), record
+
+
+TRAIN = """
+    import sys, threading
+    import threadloom
+    from threadloom import cluster
+
+    ckdir, scontrol, defer = sys.argv[1], sys.argv[2], sys.argv[3] == "defer"
+    try:
+        state = threadloom.load(ckdir)
+        print("resumed at step", state["step"], flush=True)
+    except threadloom.NotFoundError:
+        state = {"step": 0, "w": [0.0] * 4}
+    ck = threadloom.Checkpointer(ckdir)
+    p = cluster.on_preempt(ck, state=lambda: (state, state["step"]), defer=defer,
+                           commands=cluster.SlurmCommands(scontrol=scontrol))
+    first = state["step"]
+    while True:
+        state["step"] += 1
+        state["w"] = [x + 1.0 for x in state["w"]]
+        if state["step"] == first + 3:
+            print("ready", state["step"], flush=True)
+        if defer:
+            p.check()
+            if state["step"] >= first + 3:
+                p.requested.wait()
+        elif state["step"] >= first + 3:
+            threading.Event().wait()      # the signal handler ends this
+"""
+
+
+@pytest.mark.parametrize("defer", ["now", "defer"])
+def test_usr2_checkpoints_requeues_and_resumes(defer, tmp_path):
+    script = write(tmp_path, "train.py", TRAIN)
+    scontrol, record = fake_scontrol(tmp_path)
+    ck = str(tmp_path / "ck")
+    env = {"SLURM_JOB_ID": "4242", "SLURM_NODEID": "0"}
+
+    def run_once():
+        p = subprocess.Popen([sys.executable, script, ck, scontrol, defer],
+                             env=_env({"token": "x" * 32, "id": "p"}, env),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ready = wait_ready(p)
+        p.send_signal(signal.SIGUSR2)
+        rc, out, err = finish(p)
+        return int(ready[1]), rc, out, err
+
+    step, rc, out, err = run_once()
+    # now: the main thread is parked at `step`; defer: check() runs at the next step boundary
+    step += defer == "defer"
+    assert rc == cluster_runtime.PREEMPT_EXIT, err
+    assert "checkpoint saved (step %d" % step in err and "requeued SLURM job 4242" in err
+    assert record.read_text().split() == ["requeue", "4242"]
+    saved = threadloom.load(ck)
+    assert saved["step"] == step
+    assert list(saved["w"]) == [float(step)] * 4
+    # the requeued job starts again and resumes from that checkpoint
+    step2, rc, out, err = run_once()
+    assert "resumed at step %d" % saved["step"] in out
+    assert step2 == step + 3 and rc == cluster_runtime.PREEMPT_EXIT, err
+    assert record.read_text().split() == ["requeue", "4242"] * 2
+
+
+def test_requeue_failure_is_reported_and_not_the_preempt_status(tmp_path):
+    script = write(tmp_path, "train.py", TRAIN)
+    scontrol, record = fake_scontrol(tmp_path, status=1,
+                                     message="slurm_requeue error: Job is pending execution")
+    ck = str(tmp_path / "ck")
+    p = subprocess.Popen([sys.executable, script, ck, scontrol, "now"],
+                         env=_env({"token": "x" * 32, "id": "p"}, {"SLURM_JOB_ID": "77"}),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_ready(p)
+    p.send_signal(signal.SIGUSR2)
+    rc, _, err = finish(p)
+    assert rc == 1
+    assert "requeue failed" in err and "Job is pending execution" in err and "status 1" in err
+    assert threadloom.load(ck)["step"] >= 3          # the checkpoint was still saved
+    assert record.read_text().split() == ["requeue", "77"]
+
+
+def test_requeue_backend_errors(tmp_path):
+    with pytest.raises(threadloom.NotFoundError, match="install slurm-client"):
+        cluster.SlurmCommands(scontrol=str(tmp_path / "absent")).requeue("1")
+    scontrol, _ = fake_scontrol(tmp_path, status=3, message="nope")
+    with pytest.raises(threadloom.InputOutputError, match="failed with status 3: nope"):
+        cluster.SlurmCommands(scontrol=scontrol).requeue("1")
+
+
+def test_on_preempt_bad_arguments(tmp_path):
+    with threadloom.Checkpointer(tmp_path / "ck") as ck:
+        with pytest.raises(threadloom.InvalidArgumentError, match="state must be a callable"):
+            cluster.on_preempt(ck)
+    with pytest.raises(threadloom.InvalidArgumentError, match="unknown signal"):
+        cluster.on_preempt(lambda: None, signal="NOPE")
+    with pytest.raises(threadloom.InvalidArgumentError, match="Checkpointer or a callable"):
+        cluster.on_preempt(42)
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_preemption_of_a_two_node_job(launcher, job, tmp_path):
+    """Both nodes get USR2 (SLURM signals every step task): each saves, node 0 alone
+    requeues, both leave cleanly (the watchdog stays quiet) with PREEMPT_EXIT."""
+    scontrol, record = fake_scontrol(tmp_path)
+    script = write(tmp_path, "node.py", """
+        import sys, threading
+        from threadloom import cluster
+        rv = cluster.current()
+        saved = []
+        cluster.on_preempt(lambda: saved.append(rv.rank) or "node %d" % rv.rank,
+                           commands=cluster.SlurmCommands(scontrol=sys.argv[1]))
+        print("ready", rv.rank, flush=True)
+        threading.Event().wait()
+    """)
+    env = {"SLURM_JOB_ID": "555", "SLURM_NNODES": "2", "SLURM_NTASKS": "2",
+           "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.1"}
+    procs = [start_node(launcher, job, node_flags(2, r, ["--watchdog-timeout", "2"]), script,
+                        scontrol, env=dict(env, SLURM_NODEID=str(r), SLURM_PROCID=str(r)))
+             for r in range(2)]
+    for p in procs:
+        wait_ready(p)
+    for p in procs:
+        p.send_signal(signal.SIGUSR2)
+    for r, p in enumerate(procs):
+        rc, _, err = finish(p)
+        assert rc == cluster_runtime.PREEMPT_EXIT, err
+        assert "checkpoint saved (node %d)" % r in err and "aborts" not in err
+    assert record.read_text().split() == ["requeue", "555"]
