@@ -4,7 +4,7 @@ preemption (threadloom.cluster_runtime, threadloom.cluster.current()).
 Nodes are real launcher processes on 127.0.0.1, each test with its own random job id and token.
 Nothing sleeps to order processes: a test reads a node's "ready" line from its stdout pipe
 (blocking) before it kills or signals it, and waits for exits with generous bounds. The
-watchdog tests use a 2 s heartbeat timeout; how fast a death is noticed is not asserted."""
+watchdog tests use a WATCHDOG_S (5 s) heartbeat timeout, generous for a loaded 2-core machine; how fast a death is noticed is not asserted."""
 
 import json
 import os
@@ -30,6 +30,7 @@ LAUNCHERS = [pytest.param("c", marks=pytest.mark.skipif(
                  not HAVE_BIN, reason="launcher not built (%s): run `make build`" % BIN)),
              "py"]
 WAIT = 120   # seconds any node may take to finish (a bound, not a measurement)
+WATCHDOG_S = 5   # heartbeat timeout of the watchdog tests: a stall this long on a loaded machine would be a false death
 
 
 def _env(job, extra=None):
@@ -420,7 +421,7 @@ STUCK = """
 
 def _watchdog_job(launcher, job, tmp_path, n=3, script=STUCK, args=()):
     path = write(tmp_path, "node.py", script)
-    procs = [start_node(launcher, job, node_flags(n, r, ["--watchdog-timeout", "2"]), path, *args)
+    procs = [start_node(launcher, job, node_flags(n, r, ["--watchdog-timeout", str(WATCHDOG_S)]), path, *args)
              for r in range(n)]
     for p in procs:
         wait_ready(p)
@@ -468,7 +469,7 @@ FAILS = """
 @pytest.mark.parametrize("failing", [0, 1])
 def test_uncaught_exception_on_one_node_aborts_all(launcher, failing, job, tmp_path):
     path = write(tmp_path, "fails.py", FAILS)
-    procs = [subprocess.Popen(_argv(launcher, node_flags(3, r, ["--watchdog-timeout", "2"]), path,
+    procs = [subprocess.Popen(_argv(launcher, node_flags(3, r, ["--watchdog-timeout", str(WATCHDOG_S)]), path,
                                     str(failing)), env=_env(job), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(3)]
@@ -514,7 +515,7 @@ def test_clean_exit_is_not_a_failure(job, tmp_path):
         print("ready", rv.rank, flush=True)
         sys.stdin.readline()
     """)
-    procs = [subprocess.Popen(_argv("py", node_flags(3, r, ["--watchdog-timeout", "2"]), script),
+    procs = [subprocess.Popen(_argv("py", node_flags(3, r, ["--watchdog-timeout", str(WATCHDOG_S)]), script),
                               env=_env(job), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(3)]
     for p in procs:
@@ -656,7 +657,7 @@ def test_preemption_of_a_two_node_job(launcher, job, tmp_path):
     """)
     env = {"SLURM_JOB_ID": "555", "SLURM_NNODES": "2", "SLURM_NTASKS": "2",
            "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.1"}
-    procs = [start_node(launcher, job, node_flags(2, r, ["--watchdog-timeout", "2"]), script,
+    procs = [start_node(launcher, job, node_flags(2, r, ["--watchdog-timeout", str(WATCHDOG_S)]), script,
                         scontrol, env=dict(env, SLURM_NODEID=str(r), SLURM_PROCID=str(r)))
              for r in range(2)]
     for p in procs:
