@@ -367,6 +367,37 @@ TEST_IMPL(arena_exhaustion_other_thread) {
   return 0;
 }
 
+static void* exit_worker(void* arg) {
+  (void)arg;
+  void* p;
+  ASSERT_OK(tl_arena_alloc(exh_arena, MiB, 0, &p)); /* creates this thread's heap and anchor */
+  ASSERT_OK(tl_arena_free(exh_arena, p));
+  return NULL;
+}
+
+TEST_IMPL(arena_thread_exit_gives_segment_back) {
+  /* Each heap keeps a 1-byte anchor block, and with it a segment (all of this 64 MiB arena),
+   * until its thread exits. After the worker exits, a block that needs the whole arena (above
+   * 32 MiB mimalloc takes a segment for one block) must fit: the worker's anchor was freed at
+   * its exit, and the main thread gives up its own anchor rather than fail. */
+  exh_arena = arena_new(0, 64 * MiB, TL_ARENA_PIN_NEVER);
+  pthread_t t;
+  ASSERT_EQ(pthread_create(&t, NULL, exit_worker, NULL), 0);
+  ASSERT_EQ(pthread_join(t, NULL), 0);
+  void* p;
+  ASSERT_OK(tl_arena_alloc(exh_arena, 40 * MiB, 0, &p));
+  memset(p, 1, 40 * MiB);
+  ASSERT_OK(tl_arena_free(exh_arena, p));
+  /* and again, now that the main thread's heap has no anchor */
+  ASSERT_OK(tl_arena_alloc(exh_arena, 40 * MiB, 0, &p));
+  ASSERT_OK(tl_arena_free(exh_arena, p));
+  tl_arena_stats_t s;
+  ASSERT_OK(tl_arena_stats(exh_arena, &s));
+  ASSERT_EQ(s.failed_allocs, 0);
+  ASSERT_OK(tl_arena_close(exh_arena));
+  return 0;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Close and reuse
 // ---------------------------------------------------------------------------------------------
