@@ -1,19 +1,29 @@
-/* bench/bench-arena.c: threadloom arenas against glibc malloc (and cudaHostAlloc with a GPU).
+/* bench/bench-arena.c: threadloom arenas against glibc malloc, mimalloc's default heap
+ * (mi_malloc) and, with a GPU, cudaHostAlloc.
  *
  * One operation = allocate a block, write one byte per 4 KiB page, free a block: what a loader
- * thread does per staging buffer. With --live K each thread keeps its K newest blocks alive and
+ * thread does per staging buffer. The byte written in page k is at offset 64 * (k % 64) of the
+ * page (--touch spread), so that the writes to a 64 KiB-aligned block do not all fall into one
+ * L1 cache set; --touch page writes the first byte of every page instead (all in one set, with
+ * mimalloc's segment header: it slows mimalloc's heaps, not glibc's unaligned blocks), --touch
+ * fill writes the whole block (memset). With --live K each thread keeps its K newest blocks alive and
  * frees the oldest (K batches in flight, as a loader with prefetch holds them); K = 0 frees the
  * block it just allocated (the worst case for mimalloc, whose page empties on every free). Every (block size, thread count) cell runs each allocator for
  * the same wall time, all threads started together at a barrier; the table prints ops/s and
  * the ratio arena/glibc, all measured in this run.
  *
- * The glibc baseline calls __libc_malloc/__libc_free explicitly: Debian's libmimalloc.so.2
- * exports malloc/free, so in a program linked against libthreadloom plain malloc IS mimalloc.
+ * The glibc baseline calls libc.so.6's own malloc/free, looked up with dlsym on libc's handle:
+ * Debian's libmimalloc.so.2 exports malloc/free and __libc_malloc/__libc_free too, so in a
+ * program linked against libthreadloom all four names are mimalloc (this benchmark's "glibc"
+ * column measured mimalloc's default heap until 2026-11-23). Each run checks that a glibc
+ * block is not mimalloc's.
  *
- *   tl-bench-arena [--sizes 64K,1M,16M] [--threads 1,2,...] [--live 0,8] [--duration SEC]
- *                  [--iters N] [--node N]
- * Defaults: the three sizes, threads 1, 2, 4, ... up to nproc (and nproc), live 0 and 8, 1 s
- * per cell per allocator, no iteration cap, node 0. */
+ *   tl-bench-arena [--sizes 64,4K,64K,1M,16M] [--threads 1,2,...] [--live 0,8] [--duration SEC]
+ *                  [--iters N] [--node N] [--touch spread|page|fill]
+ * Defaults: those five sizes, threads 1, 2, 4, ... up to nproc (and nproc), live 0 and 8, 1 s
+ * per cell per allocator, no iteration cap, node 0, touch spread. */
+#include <dlfcn.h>
+#include <mimalloc.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -29,8 +39,8 @@
 #include <cuda_runtime_api.h>
 #endif
 
-extern void* __libc_malloc(size_t size);
-extern void __libc_free(void* p);
+static void* (*glibc_malloc)(size_t); /* libc.so.6's own malloc, see the top of the file */
+static void (*glibc_free)(void*);
 
 #define MAX_LIST 16
 #define MAX_LIVE 64
@@ -39,8 +49,10 @@ extern void __libc_free(void* p);
 // The allocators under test
 // ---------------------------------------------------------------------------------------------
 
-typedef enum { IMPL_ARENA, IMPL_GLIBC, IMPL_CUDA, IMPL_COUNT } impl_t;
-static const char* const impl_names[IMPL_COUNT] = {"arena", "glibc", "cudaHostAlloc"};
+typedef enum { IMPL_ARENA, IMPL_GLIBC, IMPL_MI, IMPL_CUDA, IMPL_COUNT } impl_t;
+static const char* const impl_names[IMPL_COUNT] = {"arena", "glibc", "mi_malloc", "cudaHostAlloc"};
+typedef enum { TOUCH_SPREAD, TOUCH_PAGE, TOUCH_FILL } touch_t;
+static touch_t touch = TOUCH_SPREAD;
 
 static tl_arena_t* arena; /* one arena for the whole run, shared by all threads */
 
@@ -53,7 +65,8 @@ static void* impl_alloc(impl_t impl, size_t size) {
         exit(1);
       }
       return p;
-    case IMPL_GLIBC: p = __libc_malloc(size); break;
+    case IMPL_GLIBC: p = glibc_malloc(size); break;
+    case IMPL_MI: p = mi_malloc(size); break;
     case IMPL_CUDA:
 #if defined(TL_BENCH_WITH_CUDA)
       if (cudaHostAlloc(&p, size, cudaHostAllocDefault) != cudaSuccess) p = NULL;
@@ -71,7 +84,8 @@ static void* impl_alloc(impl_t impl, size_t size) {
 static void impl_free(impl_t impl, void* p) {
   switch (impl) {
     case IMPL_ARENA: tl_arena_free(arena, p); break;
-    case IMPL_GLIBC: __libc_free(p); break;
+    case IMPL_GLIBC: glibc_free(p); break;
+    case IMPL_MI: mi_free(p); break;
     case IMPL_CUDA:
 #if defined(TL_BENCH_WITH_CUDA)
       cudaFreeHost(p);
@@ -109,7 +123,12 @@ static void* cell_thread(void* arg) {
   void* ring[MAX_LIVE] = {0};
   do {
     volatile char* p = impl_alloc(c->impl, c->size);
-    for (size_t off = 0; off < c->size; off += 4096) p[off] = (char)off;
+    if (touch == TOUCH_FILL) memset((void*)p, 1, c->size);
+    else
+      for (size_t off = 0; off < c->size; off += 4096) {
+        size_t line = touch == TOUCH_SPREAD ? (off >> 12 & 63) << 6 : 0; /* see the top */
+        p[off + (line < c->size - off ? line : 0)] = 1;
+      }
     void* old = (void*)p;
     if (c->live > 0) { /* keep the newest `live` blocks, free the oldest */
       int k = (int)(n % (uint64_t)c->live);
@@ -173,15 +192,16 @@ static void fmt_size(size_t s, char* out, size_t cap) {
 }
 
 static void usage(void) {
-  fprintf(stderr, "usage: tl-bench-arena [--sizes 64K,1M,16M] [--threads 1,2,..] [--live 0,8] "
-                  "[--duration SEC] [--iters N] [--node N]\n");
+  fprintf(stderr, "usage: tl-bench-arena [--sizes 64,4K,64K,1M,16M] [--threads 1,2,..] "
+                  "[--live 0,8] [--duration SEC] [--iters N] [--node N] "
+                  "[--touch spread|page|fill]\n");
   exit(2);
 }
 
 int main(int argc, char** argv) {
-  size_t sizes[MAX_LIST] = {64 << 10, 1 << 20, 16 << 20}, threads[MAX_LIST];
+  size_t sizes[MAX_LIST] = {64, 4 << 10, 64 << 10, 1 << 20, 16 << 20}, threads[MAX_LIST];
   size_t lives[MAX_LIST] = {0, 8};
-  int nsizes = 3, nthreads = 0, nlives = 2, node = 0;
+  int nsizes = 5, nthreads = 0, nlives = 2, node = 0;
   double duration = 1.0;
   uint64_t iters = 0;
   long nproc = sysconf(_SC_NPROCESSORS_ONLN);
@@ -196,7 +216,13 @@ int main(int argc, char** argv) {
     else if (!strcmp(argv[i], "--duration")) duration = atof(argv[++i]);
     else if (!strcmp(argv[i], "--iters")) iters = strtoull(argv[++i], NULL, 10);
     else if (!strcmp(argv[i], "--node")) node = atoi(argv[++i]);
-    else usage();
+    else if (!strcmp(argv[i], "--touch")) {
+      const char* t = argv[++i];
+      if (!strcmp(t, "spread")) touch = TOUCH_SPREAD;
+      else if (!strcmp(t, "page")) touch = TOUCH_PAGE;
+      else if (!strcmp(t, "fill")) touch = TOUCH_FILL;
+      else usage();
+    } else usage();
   }
   size_t max_size = 0, max_threads = 0;
   for (int i = 0; i < nsizes; i++) {
@@ -216,6 +242,19 @@ int main(int argc, char** argv) {
   /* Each thread holds up to live + 1 blocks; mimalloc gives each thread's heap segments of its
    * own (64 MiB per thread), and a block of several MiB takes up to twice its size of the region
    * (measured: 14 live 16 MiB blocks exhausted 448 MiB), so budget that. */
+  void* libc = dlopen("libc.so.6", RTLD_NOW | RTLD_NOLOAD);
+  if (libc) { /* the POSIX idiom for function pointers from dlsym (ISO C has no cast for it) */
+    *(void**)&glibc_malloc = dlsym(libc, "malloc");
+    *(void**)&glibc_free = dlsym(libc, "free");
+  }
+  void* probe = glibc_malloc ? glibc_malloc(64) : NULL;
+  if (!probe || mi_is_in_heap_region(probe)) {
+    fprintf(stderr, "cannot reach glibc's own malloc (dlsym on libc.so.6: %s)\n",
+                    probe ? "it returned a mimalloc block" : dlerror());
+    return 1;
+  }
+  glibc_free(probe);
+
   tl_arena_options_t o = {.numa_node = node,
                           .size = max_threads * ((max_live + 2) * 2 * max_size + ((size_t)64 << 20)),
                           .pin = TL_ARENA_PIN_AUTO};
@@ -239,10 +278,15 @@ int main(int argc, char** argv) {
 #else
   printf("cudaHostAlloc baseline skipped: built with TL_WITH_CUDA=OFF\n");
 #endif
-  printf("op = alloc + write 1 byte per 4 KiB page + free the oldest of `live` kept blocks; %.2f s "
-         "per cell per allocator%s\n", duration, iters ? " (capped)" : "");
-  printf("\n%-8s %7s %5s %14s %14s %11s", "size", "threads", "live", "arena ops/s", "glibc ops/s",
-         "arena/glibc");
+  static const char* const touch_names[] = {"1 byte per 4 KiB page, spread over cache lines",
+                                            "1 byte at the start of each 4 KiB page",
+                                            "memset of the whole block"};
+  printf("op = alloc + write (%s) + free the oldest of `live` kept blocks; %.2f s per cell per "
+         "allocator%s\nglibc = libc.so.6's malloc/free; mi = mimalloc %d's default heap "
+         "(mi_malloc/mi_free)\n", touch_names[touch], duration, iters ? " (capped)" : "",
+         mi_version());
+  printf("\n%-8s %7s %5s %14s %14s %14s %11s %8s", "size", "threads", "live", "arena ops/s",
+         "glibc ops/s", "mi ops/s", "arena/glibc", "arena/mi");
   if (with_cuda) printf(" %14s %10s", "cudaHost ops/s", "arena/cuda");
   printf("\n");
   for (int li = 0; li < nlives; li++)
@@ -251,9 +295,11 @@ int main(int argc, char** argv) {
         int th = (int)threads[ti], lv = (int)lives[li];
         double a = run_cell(IMPL_ARENA, sizes[si], th, lv, duration, iters);
         double g = run_cell(IMPL_GLIBC, sizes[si], th, lv, duration, iters);
+        double m = run_cell(IMPL_MI, sizes[si], th, lv, duration, iters);
         char sz[32];
         fmt_size(sizes[si], sz, sizeof sz);
-        printf("%-8s %7d %5d %14.0f %14.0f %10.2fx", sz, th, lv, a, g, a / g);
+        printf("%-8s %7d %5d %14.0f %14.0f %14.0f %10.2fx %7.2fx", sz, th, lv, a, g, m, a / g,
+               a / m);
         if (with_cuda) {
           double c = run_cell(IMPL_CUDA, sizes[si], th, lv, duration, iters);
           printf(" %14.0f %9.2fx", c, a / c);

@@ -68,7 +68,7 @@ int tl_translate_sys_error(int sys_errno) {
 // Per-thread detail
 // ---------------------------------------------------------------------------------------------
 
-static _Thread_local char tl__detail[512];
+_Thread_local char tl__detail[512]; /* declared in core/internal.h */
 
 const char* tl_err_detail(void) { return tl__detail; }
 

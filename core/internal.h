@@ -10,6 +10,11 @@
 int tl__fail(int err, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Clears the calling thread's detail; called at the start of calls that may set one. */
 void tl__clear_detail(void);
+/* The calling thread's detail text, for hot paths that clear it inline (tl__detail[0] = '\0')
+ * next to their own thread-locals: hidden thread-locals of one library share a single
+ * __tls_get_addr call per function (the local-dynamic model), a call each otherwise. */
+extern _Thread_local char tl__detail[512]
+    __attribute__((visibility("hidden"), tls_model("local-dynamic")));
 /* Copies at most cap-1 bytes of src into dst and terminates it; returns dst. */
 char* tl__strlcpy(char* dst, const char* src, size_t cap);
 

@@ -43,7 +43,7 @@ TEST_IMPL(arena_basics) {
   ASSERT_EQ((uintptr_t)s.base % TL_ARENA_GRANULE, 0);
   ASSERT_EQ(s.bytes_in_use, 0);
 
-  static const size_t sizes[] = {1, 100, 4096, 65536, 1 * MiB, 3 * MiB + 17};
+  static const size_t sizes[] = {1, 100, 300, 4096, 65536, 200 * 1024, 1 * MiB, 3 * MiB + 17};
   static const size_t aligns[] = {0, 8, 64, 4096, 65536, 2 * MiB, TL_ARENA_MAX_ALIGNMENT};
   void* blocks[sizeof sizes / sizeof sizes[0] * sizeof aligns / sizeof aligns[0]];
   size_t n = 0, want = 0;
@@ -70,6 +70,16 @@ TEST_IMPL(arena_basics) {
   ASSERT_EQ(s.blocks_in_use, 0);
   ASSERT(s.peak_bytes >= want);
   ASSERT_EQ(s.failed_allocs, 0);
+
+  /* A 64 KiB block with the default alignment takes the 64 KiB size class: mimalloc places it
+   * 64-byte aligned anyway, so the arena does not over-allocate for the alignment (which cost
+   * the 80 KiB class and mimalloc's slower aligned path). */
+  void* p = NULL;
+  ASSERT_OK(tl_arena_alloc(a, 65536, 0, &p));
+  ASSERT_EQ((uintptr_t)p % 64, 0);
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.bytes_in_use, 65536);
+  ASSERT_OK(tl_arena_free(a, p));
   ASSERT_OK(tl_arena_close(a));
   ASSERT_OK(tl_arena_close(NULL));
   return 0;
@@ -353,6 +363,37 @@ TEST_IMPL(arena_exhaustion_other_thread) {
   int n = fill(exh_arena, 4 * MiB, mine, &s);
   ASSERT_EQ(n, exh_n);
   for (int i = 0; i < n; i++) ASSERT_OK(tl_arena_free(exh_arena, mine[i]));
+  ASSERT_OK(tl_arena_close(exh_arena));
+  return 0;
+}
+
+static void* exit_worker(void* arg) {
+  (void)arg;
+  void* p;
+  ASSERT_OK(tl_arena_alloc(exh_arena, MiB, 0, &p)); /* creates this thread's heap and anchor */
+  ASSERT_OK(tl_arena_free(exh_arena, p));
+  return NULL;
+}
+
+TEST_IMPL(arena_thread_exit_gives_segment_back) {
+  /* Each heap keeps a 1-byte anchor block, and with it a segment (all of this 64 MiB arena),
+   * until its thread exits. After the worker exits, a block that needs the whole arena (above
+   * 32 MiB mimalloc takes a segment for one block) must fit: the worker's anchor was freed at
+   * its exit, and the main thread gives up its own anchor rather than fail. */
+  exh_arena = arena_new(0, 64 * MiB, TL_ARENA_PIN_NEVER);
+  pthread_t t;
+  ASSERT_EQ(pthread_create(&t, NULL, exit_worker, NULL), 0);
+  ASSERT_EQ(pthread_join(t, NULL), 0);
+  void* p;
+  ASSERT_OK(tl_arena_alloc(exh_arena, 40 * MiB, 0, &p));
+  memset(p, 1, 40 * MiB);
+  ASSERT_OK(tl_arena_free(exh_arena, p));
+  /* and again, now that the main thread's heap has no anchor */
+  ASSERT_OK(tl_arena_alloc(exh_arena, 40 * MiB, 0, &p));
+  ASSERT_OK(tl_arena_free(exh_arena, p));
+  tl_arena_stats_t s;
+  ASSERT_OK(tl_arena_stats(exh_arena, &s));
+  ASSERT_EQ(s.failed_allocs, 0);
   ASSERT_OK(tl_arena_close(exh_arena));
   return 0;
 }
