@@ -156,11 +156,16 @@ def test_iterable_dataset_sharded_by_worker_info_has_no_duplicates():
 def test_worker_init_fn_runs_once_per_worker_thread():
     calls = []
     lock = threading.Lock()
+    # Every worker waits here until all four ran init: a worker thread that finished early and
+    # exited could otherwise hand its thread id to the next one, and the ids would not be distinct.
+    # Four workers sharing fewer threads would break the barrier (60 s) instead of passing.
+    all_in = threading.Barrier(4, timeout=60)
 
     def init(wid):
         assert get_worker_info().id == wid
         with lock:
             calls.append((wid, threading.get_ident()))
+        all_in.wait()
 
     list(DataLoader(Squares(40), batch_size=2, num_workers=4, worker_init_fn=init))
     assert sorted(w for w, _ in calls) == [0, 1, 2, 3]
