@@ -8,7 +8,9 @@
  *   reserve   mmap size + 64 MiB and align the start to 64 MiB, mimalloc's segment alignment
  *             (with merely page alignment the first allocation crashes inside mimalloc 2.0.9);
  *   bind      mbind(MPOL_BIND) to the node BEFORE the first touch, so every page lands there;
- *   touch     write one byte per page: the region is committed and placed once, up front;
+ *   touch     only when asked (prefault): write one byte per page, so the region is committed
+ *             and placed up front; otherwise each page lands on the node when first written (the
+ *             binding is the policy), and a 1 GiB arena costs nothing until it is used;
  *   pin       cudaHostRegister through the CUDA backend table (cudactx/internal.h);
  *   manage    mi_manage_os_memory_ex(exclusive): a mimalloc arena that only heaps created with
  *             mi_heap_new_in_arena(id) allocate from, and that never falls back to the OS.
@@ -312,7 +314,8 @@ static int tl__pin(tl__region_t* r, tl_arena_pin_t pin) {
   return 0;
 }
 
-static int tl__region_new(tl__region_t** out, int node, size_t size, tl_arena_pin_t pin) {
+static int tl__region_new(tl__region_t** out, int node, size_t size, tl_arena_pin_t pin,
+                          int prefault) {
   tl__region_t* r = calloc(1, sizeof *r);
   if (!r) return tl__fail(TL_ENOMEM, "arena: %zu bytes for the region record", sizeof *r);
   size_t span = size + TL_ARENA_GRANULE;
@@ -333,14 +336,15 @@ static int tl__region_new(tl__region_t** out, int node, size_t size, tl_arena_pi
 
   int err = tl__bind(start, size, node);
   if (err) goto fail_unmap;
-  /* First touch, after binding: every page is placed on the node now. */
-  long pg = sysconf(_SC_PAGESIZE);
-  size_t page = pg > 0 ? (size_t)pg : 4096;
-  for (size_t off = 0; off < size; off += page) ((volatile char*)start)[off] = 0;
+  if (prefault) { /* first touch, after binding: every page is placed on the node now */
+    long pg = sysconf(_SC_PAGESIZE);
+    size_t page = pg > 0 ? (size_t)pg : 4096;
+    for (size_t off = 0; off < size; off += page) ((volatile char*)start)[off] = 0;
+  }
 
   if ((err = tl__pin(r, pin)) != 0) goto fail_unmap;
   /* is_large = pinned keeps mimalloc from decommitting (madvise) page-locked memory; the
-   * region is zero (fresh anonymous pages, touched with zeros). */
+   * region is zero (fresh anonymous pages, untouched or touched with zeros). */
   if (!mi_manage_os_memory_ex(start, size, true, r->pinned != 0, true, node, true, &r->mi_id)) {
     err = tl__fail(TL_ENOMEM, "arena: mimalloc refused the region (mi_manage_os_memory_ex, "
                               "%zu bytes; mimalloc 2.0 manages at most 64 arenas per process)",
@@ -406,7 +410,7 @@ int tl_arena_init(tl_arena_t** out, const tl_arena_options_t* opts) {
   pthread_mutex_lock(&tl__regions_lock);
   tl__region_t* r = tl__region_take(node, size, opts->pin);
   if (!r) {
-    err = tl__region_new(&r, node, size, opts->pin);
+    err = tl__region_new(&r, node, size, opts->pin, opts->prefault);
     if (err == 0) {
       r->owned = 1;
       r->next = tl__regions;
