@@ -10,7 +10,7 @@ the script's reason; any other start failure FAILS with the daemons' logs.
     job = cluster.sbatch(text)                       # or cluster.submit_file(path)
     res = cluster.wait_job(job, {"COMPLETED"})       # fails with the logs on timeout
     res.state, res.exit_code, res.logs               # logs: {file name: text}
-    cluster.wait_log(job, "holding")                 # until a job's log holds a line
+    cluster.wait_log(job, "holding", count=2)        # until 2 of a job's logs hold a line
     cluster.run("scancel", "--signal=USR2", "--batch", job)
 
 Jobs write their logs to `cluster.log_dir` as <name>-<jobid>.out (batch) and
@@ -21,6 +21,8 @@ import dataclasses
 import fcntl
 import glob
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -102,7 +104,10 @@ class SlurmCluster:
             self._unlock()
             raise ClusterError("scripts/slurm-cluster.sh start failed (exit %d): %s\n%s"
                                % (r.returncode, r.stderr.strip(), logs))
-        os.makedirs(self.log_dir, exist_ok=True)
+        # Job ids start again at 1 (slurmctld -c): logs of an earlier session would be read
+        # as this session's.
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+        os.makedirs(self.log_dir)
 
     def stop(self):
         r = self._script("stop")
@@ -164,14 +169,19 @@ class SlurmCluster:
         return info
 
     def logs(self, job_id):
+        """{path under log_dir: text} of the job's logs there (and in subdirectories):
+        <job name>-<job id>.out and <job name>-<job id>-<anything>.out."""
         out = {}
-        pattern = os.path.join(self.log_dir, "*-%s*.out" % job_id)
-        for path in sorted(glob.glob(pattern)):
-            with open(path, errors="replace") as f:
-                out[os.path.basename(path)] = f.read()
+        name = self.job_info(job_id).get("JobName", "[^/]+")
+        mine = re.compile(r"^%s-%s(-[^/]*)?\.out$" % (re.escape(name) if name != "[^/]+" else name,
+                                                       re.escape(str(job_id))))
+        for path in sorted(glob.glob(os.path.join(self.log_dir, "**", "*.out"), recursive=True)):
+            if mine.search(os.path.basename(path)):
+                with open(path, errors="replace") as f:
+                    out[os.path.relpath(path, self.log_dir)] = f.read()
         return out
 
-    def _describe(self, job_id, info):
+    def describe(self, job_id, info):
         parts = ["scontrol show job %s: %s" % (job_id, " ".join("%s=%s" % kv for kv in info.items()))]
         for name, text in self.logs(job_id).items():
             parts.append("--- %s\n%s" % (name, text))
@@ -194,23 +204,23 @@ class SlurmCluster:
                     self.run("scancel", str(job_id), check=False)
                 raise AssertionError("job %s not in %s after %.0f s (state %r)\n%s"
                                      % (job_id, sorted(states), timeout, state,
-                                        self._describe(job_id, info)))
+                                        self.describe(job_id, info)))
             time.sleep(0.2)
 
-    def wait_log(self, job_id, text, timeout=60.0):
-        """Polls the job's logs until one holds `text`; returns {file: text}. AssertionError
-        with every log after `timeout` s or when the job ends first."""
+    def wait_log(self, job_id, text, timeout=60.0, count=1):
+        """Polls the job's logs until `count` of them hold `text`; returns {file: text}.
+        AssertionError with every log after `timeout` s or when the job ends first."""
         deadline = time.monotonic() + timeout
         while True:
             logs = self.logs(job_id)
-            if any(text in t for t in logs.values()):
+            if sum(text in t for t in logs.values()) >= count:
                 return logs
             info = self.job_info(job_id)
             if info.get("JobState") in TERMINAL or time.monotonic() > deadline:
                 logs = self.logs(job_id)   # written just before the job ended?
-                if any(text in t for t in logs.values()):
+                if sum(text in t for t in logs.values()) >= count:
                     return logs
                 raise AssertionError("no log of job %s holds %r (state %r)\n%s"
                                      % (job_id, text, info.get("JobState"),
-                                        self._describe(job_id, info)))
+                                        self.describe(job_id, info)))
             time.sleep(0.2)

@@ -246,7 +246,7 @@ def test_rendezvous_across_nodes(slurm_cluster, nodes, nodelist, expect):
     c = slurm_cluster
     job = c.sbatch(rendezvous_batch(c, nodes, "rdv%d" % nodes, nodelist), "rdv%d" % nodes)
     res = c.wait_job(job, timeout=90)
-    assert res.state == "COMPLETED", c._describe(job, res.info)
+    assert res.state == "COMPLETED", c.describe(job, res.info)
     reports = task_reports(res, nodes)
 
     raw = reports[0]["raw_nodelist"]
@@ -276,7 +276,7 @@ def test_a_dead_node_ends_the_job(slurm_cluster):
     job = c.sbatch(rendezvous_batch(c, 3, "die", job_args="--die-rank 1"), "die")
     res = c.wait_job(job, timeout=60)
     text = "".join(res.logs.values())
-    assert res.state == "FAILED", c._describe(job, res.info)
+    assert res.state == "FAILED", c.describe(job, res.info)
     assert "rank 1: SIGKILL to myself" in text
     assert "the wait ended" not in text and "done" not in text
     assert re.search(r"-%s-1\.out" % job, " ".join(res.logs)), res.logs
@@ -296,7 +296,7 @@ def test_submit_runs_to_completion(slurm_cluster, tmp_path):
     job = r.stdout.strip()
     assert job.isdigit(), r.stdout
     res = c.wait_job(job, timeout=90)
-    assert res.state == "COMPLETED", c._describe(job, res.info)
+    assert res.state == "COMPLETED", c.describe(job, res.info)
     info = res.info
     assert info["NumNodes"] == "2" and info["TimeLimit"] == "00:03:00"
     assert info["Requeue"] == "1" and info["JobName"] == "submitted"
@@ -318,12 +318,14 @@ def test_submitted_job_forwards_the_signal_to_every_task(slurm_cluster):
                          log_dir=c.log_dir, launcher=(c.python, "-m", "threadloom"),
                          env=(("PYTHONPATH", os.path.join(ROOT, "python")),))
     job, _ = slurm.submit(spec, path=os.path.join(c.log_dir, "usr2.sbatch"), environ=c.env())
-    c.wait_log(job, "holding")
+    c.wait_log(job, "holding", count=2)   # both tasks wait for the signal
     c.run("scancel", "--signal=USR2", "--batch", job)
     res = c.wait_job(job, timeout=60)
-    text = "".join(res.logs.values())
-    assert res.state == "COMPLETED", c._describe(job, res.info)
-    assert "SIGUSR2: forwarding to the job step" in text and "got USR2" in text
+    assert res.state == "COMPLETED", c.describe(job, res.info)
+    batch = res.logs["usr2-%s.out" % job]
+    tasks = [t for name, t in res.logs.items() if name != "usr2-%s.out" % job]
+    assert "SIGUSR2: forwarding to the job step" in batch
+    assert len(tasks) == 2 and all("got USR2" in t for t in tasks), res.logs
 
 
 def test_cluster_script_is_idempotent_and_cleans_up_after_a_kill(slurm_cluster, tmp_path):

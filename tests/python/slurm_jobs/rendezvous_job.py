@@ -5,8 +5,8 @@ threadloom.cluster.rendezvous() and prints one JSON line of what it saw.
 
 --die-rank R: after the rendezvous, rank R kills itself with SIGKILL and the other ranks wait
 on a store key nobody sets (as a rank waits for a collective), with a 300 s timeout; only
-srun's --kill-on-bad-exit ends them early. --hold: rank 0 then prints "holding" and waits for
-a signal; USR2 makes it print "got USR2" and exit 0 (checks the batch script's forwarding).
+srun's --kill-on-bad-exit ends them early. --hold: every rank then prints "holding" and waits
+for a signal; USR2 makes it print "got USR2" and exit 0 (checks the batch script's forwarding).
 """
 
 import json
@@ -57,7 +57,7 @@ def main():
             rv.store.wait("never-set", timeout=300.0)
             print("rank %d: the wait ended (it must not)" % rv.rank, flush=True)
             return 3
-        if hold and rv.rank == 0:
+        if hold:
             print("holding", flush=True)
             if not got.wait(120.0):
                 print("no USR2 within 120 s", flush=True)
