@@ -140,8 +140,10 @@ do_stop() {
   [ "$n" -ge 1 ] || n=9   # no record: look for every namespace this DIR could have made
   if pid_of "$dir/run/slurmctld.pid" "$slurmctld_bin" >/dev/null && [ -f "$conf" ]; then
     # Cancel the jobs first, so that slurmd tears their steps down while it still can.
-    timeout 10 scancel --full --quiet --state=RUNNING 2>/dev/null || true
-    timeout 10 scancel --quiet 2>/dev/null || true
+    local ids
+    ids=$(timeout 10 squeue -h -o %i 2>/dev/null || true)
+    # shellcheck disable=SC2086
+    [ -z "$ids" ] || timeout 10 scancel $ids 2>/dev/null || true
   fi
   local args=()
   for k in $(seq "$n"); do
