@@ -8,11 +8,12 @@
  *
  *   threadloom [OPTIONS] run [OPTIONS] [PYTHON-OPTIONS] (script.py | -m module | -c code) [ARGS]
  *   threadloom [OPTIONS] info [ARGS]      threadloom [OPTIONS] topo [ARGS]
+ *   threadloom [OPTIONS] slurm script|submit [ARGS]
  *
  * `run` hands everything after the launcher's own options to CPython's command-line parser
  * (PyConfig.parse_argv) and runs it with Py_RunMain(), so sys.argv, sys.path[0], stdin/stdout,
  * exit codes, tracebacks, SystemExit, KeyboardInterrupt and signal handlers are exactly
- * python's. `info` and `topo` run the package's __main__ (python -m threadloom).
+ * python's. `info`, `topo` and `slurm` run the package's __main__ (python -m threadloom).
  *
  * Several nodes: `run --nnodes N --node-rank R --master HOST[:PORT]` (or a SLURM step over
  * several nodes, whose environment supplies them) meets the other nodes before user code runs
@@ -57,6 +58,8 @@ static const char tl__usage[] =
     "usage: threadloom [OPTIONS] run [OPTIONS] [PYTHON-OPTIONS] (script.py | -m module | -c code) [ARGS...]\n"
     "       threadloom [OPTIONS] info [--json]\n"
     "       threadloom [OPTIONS] topo [--plan] [--xml FILE] [...]   (threadloom topo --help)\n"
+    "       threadloom [OPTIONS] slurm script|submit [OPTIONS] train.py [ARGS...]\n"
+    "                                an sbatch script for one process per node (slurm script --help)\n"
     "\n"
     "Runs Python code on the free-threaded interpreter threadloom was built with, after pinning\n"
     "the main thread, capping os.cpu_count() and OMP/BLAS threads to the allowed cores, and with\n"
@@ -84,7 +87,7 @@ static const char tl__usage[] =
     "  --version                threadloom's and Python's versions\n";
 
 typedef struct {
-  const char* cmd;  /* "run", "info" or "topo" */
+  const char* cmd;  /* "run", "info", "topo" or "slurm" */
   const char* gil;  /* "forbid", "warn", "allow"; NULL: the command's default */
   int pin;          /* 0 after --no-pin */
   int torchrun_env; /* 1 after --torchrun-env */
@@ -192,8 +195,10 @@ static void tl__parse_args(int argc, char** argv, tl__args_t* a) {
   if (strcmp(a->cmd, "run") == 0) {
     while (i < argc && tl__parse_option(argc, argv, &i, a)) {
     }
-  } else if (strcmp(a->cmd, "info") != 0 && strcmp(a->cmd, "topo") != 0) {
-    fprintf(stderr, "threadloom: unknown command \"%s\" (run, info or topo; threadloom --help)\n", a->cmd);
+  } else if (strcmp(a->cmd, "info") != 0 && strcmp(a->cmd, "topo") != 0 &&
+             strcmp(a->cmd, "slurm") != 0) {
+    fprintf(stderr, "threadloom: unknown command \"%s\" (run, info, topo or slurm; threadloom --help)\n",
+            a->cmd);
     exit(2);
   } else if (a->cluster_flags) {
     fprintf(stderr, "threadloom: --nnodes, --node-rank, --master, --rdzv-timeout, "

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # bootstrap.sh: bring a fresh Debian 12 machine up to build and test threadloom.
 #
-#   1. apt packages (build tools, hwloc, libnuma, mimalloc, xxhash, slurm-client's scontrol,
-#      CPython's build deps),
+#   1. apt packages (build tools, hwloc, libnuma, mimalloc, xxhash, SLURM's client, daemons and
+#      munge for the local test cluster, CPython's build deps),
 #      installed only when one is missing;
 #   2. a free-threaded CPython (--disable-gil), built from Debian trixie's python3.13 source
 #      package (downloaded and hash-verified by apt through a private sources dir; the
@@ -46,8 +46,9 @@ flock 9
 apt_pkgs=(
   build-essential cmake pkg-config dpkg-dev ca-certificates xz-utils
   libhwloc-dev hwloc-nox libnuma-dev libmimalloc-dev libxxhash-dev
-  # scontrol, to check the host-list parser against SLURM's (tests/python/test_cluster.py)
-  slurm-client
+  # scontrol, to check the host-list parser against SLURM's (tests/python/test_cluster.py);
+  # the daemons and ip, for the local cluster of scripts/slurm-cluster.sh (tests/python/test_slurm.py)
+  slurm-client slurmd slurmctld munge iproute2
   # CPython's build dependencies (the optional modules the stdlib needs)
   libssl-dev zlib1g-dev libbz2-dev libffi-dev liblzma-dev libsqlite3-dev libreadline-dev
   libncurses-dev uuid-dev libgdbm-dev libgdbm-compat-dev libexpat1-dev

@@ -4,6 +4,8 @@
   python -m threadloom run [--gil=P] (script.py | -m module) [args]   run with the GIL guard
   python -m threadloom topo [--xml FILE | --synthetic DESC] [--plan [--gpus N] [--loaders N]
                             [--io N] [--cpus LIST]] [--json]
+  python -m threadloom slurm script|submit [OPTIONS] train.py [args]   an sbatch script for
+                            one threadloom process per node (threadloom slurm script --help)
 """
 
 import argparse
@@ -19,8 +21,11 @@ def main(argv=None):
     if argv and argv[0] == "run":  # its arguments belong to the script: no argparse here
         from threadloom import launch
         return launch.main(argv[1:])
+    if argv and argv[0] == "slurm":  # its own parser (threadloom/slurm.py)
+        from threadloom import slurm
+        return slurm.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m threadloom", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{info,topo,run}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{info,topo,run,slurm}")
     pi = sub.add_parser("info", help="interpreter, GIL state, library versions, GPUs, cores")
     pi.add_argument("--json", action="store_true", help="print JSON instead of text")
     pt = sub.add_parser("topo", help="the hardware topology and the placement plan")

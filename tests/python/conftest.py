@@ -45,3 +45,22 @@ def run_python(*args, env_extra=None, drop=("PYTHON_GIL",), **kw):
     env.update(env_extra or {})
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
                           timeout=120, **kw)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real SLURM (munge, slurmctld, 4 slurmd in network namespaces) for the whole session,
+    from scripts/slurm-cluster.sh under build/slurm-test; see tests/python/slurm_harness.py.
+    Skips where the machine cannot run it (not root, packages missing), saying why."""
+    import slurm_harness
+    c = slurm_harness.SlurmCluster(os.path.join(ROOT, "build", "slurm-test"), nodes=4)
+    try:
+        c.start()
+    except slurm_harness.ClusterUnavailable as e:
+        pytest.skip("no local SLURM cluster: %s" % e)
+    except slurm_harness.ClusterError as e:
+        pytest.fail(str(e))
+    try:
+        yield c
+    finally:
+        c.stop()
