@@ -551,6 +551,8 @@ class Rendezvous:
     _nccl_gen: int = dataclasses.field(default=0, repr=False)     # nccl_bootstrap() calls so far
     _comms: object = dataclasses.field(default=None, repr=False)  # NcclComms to abort (WeakSet)
     _lock: object = dataclasses.field(default_factory=threading.Lock, repr=False)
+    _launcher: bool = dataclasses.field(default=False, repr=False)  # made by `threadloom run`:
+                              # it leaves the job at exit; the user's close() is a no-op
 
     local_rank = 0            # one process per node
     local_world_size = 1
@@ -667,7 +669,13 @@ class Rendezvous:
         """Leaves the job: tells the store, and on node 0 waits (up to `timeout` s) for every
         node to leave before stopping the store, so no node loses it while still reading. The
         watchdog, if any, is stopped first on other nodes, and on node 0 once all have left (it
-        keeps watching them while node 0 waits)."""
+        keeps watching them while node 0 waits). On the Rendezvous the launcher made
+        (cluster.current()) this does nothing: the launcher leaves the job when the program
+        exits, so a `with cluster.rendezvous() as rv:` block in the program is harmless."""
+        if not self._launcher:
+            self._leave(timeout)
+
+    def _leave(self, timeout):
         try:
             if self.server is None and self.watchdog is not None:
                 self.watchdog.stop()
@@ -712,7 +720,20 @@ def rendezvous(nnodes=None, node_rank=None, master=None, *, token=None, job_id=N
     job and step id, else `job_id` or $THREADLOOM_JOB_ID), registers and waits for all nodes.
     Raises TimedOutError when the store is not reached or some node does not arrive within
     `timeout` seconds (naming the missing ranks), InvalidArgumentError for a bad setup (no
-    token, a rank claimed twice, several tasks per node)."""
+    token, a rank claimed twice, several tasks per node).
+
+    Under `threadloom run` in cluster mode the launcher has already met the other nodes: then
+    (environ not given) this returns that Rendezvous, cluster.current(), instead of meeting
+    twice; nnodes/node_rank, if given, must agree with it."""
+    cur = _current
+    if cur is not None and environ is None:
+        if (nnodes is not None and nnodes != cur.world_size) or \
+                (node_rank is not None and node_rank != cur.rank):
+            raise _error("EINVAL", "the launcher already met the other nodes as node %d of %d; "
+                         "rendezvous(nnodes=%r, node_rank=%r) disagrees: drop the arguments "
+                         "or use cluster.current()" % (cur.rank, cur.world_size, nnodes,
+                                                        node_rank))
+        return cur
     env = os.environ if environ is None else environ
     se = slurm_env(env)
     if se is not None and se.ntasks != se.nnodes:
@@ -856,6 +877,8 @@ def current():
 
 def _set_current(rv):
     global _current
+    if rv is not None:
+        rv._launcher = True
     _current = rv
 
 

@@ -632,7 +632,7 @@ def _install_exit_hooks(rv, leave_timeout):
                 rv.server.close()
             return
         try:
-            rv.close(timeout=leave_timeout)
+            rv._leave(leave_timeout)
         except _core.Error as e:
             _say("threadloom: leaving the job: %s" % _first_line(e))
 

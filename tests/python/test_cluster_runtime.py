@@ -121,6 +121,39 @@ def test_nodes_meet_before_user_code(launcher, nnodes, job, tmp_path):
     assert len(set(seen)) == 1 and int(seen[0]) > 0   # one torch.distributed port for the job
 
 
+INNER = """
+    import json, sys
+    from threadloom import cluster
+    with cluster.rendezvous(timeout=30) as rv:          # written for a plain `python` launch
+        same = rv is cluster.current()
+        rv.store.set("inner/%d" % rv.rank, b"1")
+        rv.store.wait("inner/%d" % (1 - rv.rank), 30)   # both nodes are inside the block
+    with cluster.rendezvous() as again:                 # a second block: still the same job
+        pass
+    try:
+        cluster.rendezvous(nnodes=5)
+        clash = None
+    except Exception as e:
+        clash = "%s: %s" % (type(e).__name__, e)
+    print(json.dumps({"rank": rv.rank, "same": same, "again": again is rv, "clash": clash}))
+"""
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_program_rendezvous_under_the_launcher_is_the_launchers(launcher, job, tmp_path):
+    """A program that calls cluster.rendezvous() itself (as it would under plain python/srun)
+    gets the launcher's Rendezvous instead of meeting twice ("node rank 1 was claimed by two
+    nodes" before), its `with` block does not leave the job, and the job ends cleanly."""
+    script = write(tmp_path, "inner.py", INNER)
+    procs = [start_node(launcher, job, node_flags(2, r), script) for r in range(2)]
+    for r, (rc, out, err) in enumerate(finish(p) for p in procs):
+        assert rc == 0, err
+        d = json.loads(out.strip().splitlines()[-1])
+        assert (d["rank"], d["same"], d["again"]) == (r, True, True)
+        assert d["clash"].startswith("InvalidArgumentError") and "node %d of 2" % r in d["clash"]
+        assert "threadloom:" not in err    # no abort, no trouble leaving
+
+
 def test_mixed_launchers_meet(job, tmp_path):
     if not HAVE_BIN:
         pytest.skip("launcher not built (%s): run `make build`" % BIN)
