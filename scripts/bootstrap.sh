@@ -46,6 +46,8 @@ flock 9
 apt_pkgs=(
   build-essential cmake pkg-config dpkg-dev ca-certificates xz-utils
   libhwloc-dev hwloc-nox libnuma-dev libmimalloc-dev libxxhash-dev
+  # io_uring for O_DIRECT checkpoint writes (optional in CMake: TL_WITH_URING)
+  liburing-dev
   # scontrol, to check the host-list parser against SLURM's (tests/python/test_cluster.py)
   slurm-client
   # CPython's build dependencies (the optional modules the stdlib needs)
