@@ -133,25 +133,20 @@ int tl_wfile_open(tl_wfile_t** out, const char* path, tl_wfile_mode_t want) {
   pthread_mutex_init(&f->ring_lock, NULL);
 #endif
   atomic_init(&f->mode, (int)want);
-  const int create = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
+  /* Created buffered first (O_EXCL: never another's file), then opened again with O_DIRECT:
+   * a file system that refuses O_DIRECT may still create the file before it says EINVAL (ramfs
+   * does), so asking for O_DIRECT on the creating open would leave the path taken. */
   int rc = 0;
-  if (want == TL_WFILE_BUFFERED) {
-    f->fd = sys->open(path, create, 0644);
-    if (f->fd < 0) rc = sys_fail(f, "open", UINT64_MAX, errno);
-  } else {
-    f->dfd = sys->open(path, create | O_DIRECT, 0644);
-    if (f->dfd < 0 && errno == EINVAL) {
-      /* The file system refuses O_DIRECT (ramfs, tmpfs before Linux 6.6, some FUSE mounts). */
+  f->fd = sys->open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (f->fd < 0) {
+    rc = sys_fail(f, "open", UINT64_MAX, errno);
+  } else if (want != TL_WFILE_BUFFERED) {
+    f->dfd = sys->open(path, O_WRONLY | O_DIRECT | O_CLOEXEC, 0);
+    if (f->dfd < 0 && errno == EINVAL) /* ramfs, tmpfs before Linux 6.6, some FUSE mounts */
       lower_mode(f, TL_WFILE_BUFFERED, "%s refuses O_DIRECT (open: EINVAL); writing through "
                  "the page cache", "this file system");
-      f->fd = sys->open(path, create, 0644);
-      if (f->fd < 0) rc = sys_fail(f, "open", UINT64_MAX, errno);
-    } else if (f->dfd < 0) {
+    else if (f->dfd < 0)
       rc = sys_fail(f, "open", UINT64_MAX, errno);
-    } else {
-      f->fd = sys->open(path, O_WRONLY | O_CLOEXEC, 0);
-      if (f->fd < 0) rc = sys_fail(f, "open", UINT64_MAX, errno);
-    }
   }
   if (rc == 0 && want == TL_WFILE_URING && atomic_load(&f->mode) == TL_WFILE_URING) {
 #ifdef TL_HAVE_URING

@@ -169,6 +169,9 @@ static _Atomic long written;
 
 static int fake_open(const char* path, int flags, mode_t mode) {
   if ((flags & O_DIRECT) && atomic_load(&refuse_open_direct)) {
+    /* As ramfs does: the file is created (with O_CREAT) before EINVAL is returned. */
+    int fd = open(path, flags & ~O_DIRECT, mode);
+    if (fd >= 0) close(fd);
     errno = EINVAL;
     return -1;
   }
