@@ -308,13 +308,18 @@ def io_paths(state, size, work_dir, repeat, threads, window):
     training = []
     for (io, prio), row in rows.items():
         ratios = [w / wo for w, wo in zip(row["with_save"], row["without"])]
+        # A lower writer priority stretches each save over more of the window (fewer saves in
+        # it), so the loop time lost per save compares the paths fairly as well as the ratio.
+        lost = [(1 - r) * window / n for r, n in zip(ratios, row["saves"])]
         row.update(io=io, io_priority=prio, threads=threads, ratio=med(ratios), ratios=ratios,
-                   window_s=window)
+                   window_s=window, loop_s_lost_per_save=med(lost))
         training.append(row)
         print("training loop (%d threads), io=%-8s io_priority=%-6s: %5.1f%% of its rate without "
-              "saves (median of %s; goal >= 97%%); writer threads %.3f CPU-s per save"
+              "saves (median of %s; goal >= 97%%); %s saves per %g s window, loop time lost "
+              "%.3f s per save; writer threads %.3f CPU-s per save"
               % (threads, io, prio, 100 * row["ratio"],
-                 "/".join("%.0f" % (100 * x) for x in ratios), med(row["writer_cpu_s"])))
+                 "/".join("%.0f" % (100 * x) for x in ratios), "/".join(map(str, row["saves"])),
+                 window, med(lost), med(row["writer_cpu_s"])))
     return out, training
 
 
