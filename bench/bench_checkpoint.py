@@ -10,14 +10,24 @@
              background, vs the same loop without a save. Goal: >= 97%. The writer needs CPU
              (copy, hash, the kernel's page-cache copy); with as many loop threads as cores it
              takes cycles from the loop, so small machines measure below the goal.
+  io paths   each write path (io="buffered", "direct" = O_DIRECT, "uring" = O_DIRECT through
+             io_uring) vs the raw baselines of the same size on the same disk, all interleaved in
+             one run: os.write + fsync (buffered), O_DIRECT os.pwrite from an aligned block + fsync,
+             and dd (conv=fsync, with and without oflag=direct, from /dev/zero). Reports MB/s, the
+             ratio to the best raw write, and the CPU seconds the writer threads and the caller
+             spend per GiB (from /proc/self/task: robust on a busy machine, where rates are not).
+             Then the training-loop ratio per write path and writer priority (io_priority).
 
     python bench/bench_checkpoint.py [--size MiB] [--dir DIR] [--repeat N] [--json FILE]
 """
 
 import argparse
+import glob
 import json
+import mmap
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -120,6 +130,199 @@ def loop_rate(threads, seconds, during=None):
     return (c1 - c0) / (t1 - t0), t1 - t0
 
 
+# ---------------------------------------------------------------------------------------------
+# I/O paths: raw baselines, per-path bandwidth and CPU, training-loop ratio per path/priority
+# ---------------------------------------------------------------------------------------------
+
+RAW_BLOCK = 32 * MiB
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu():
+    """{tid: (name, CPU seconds)} of this process's threads, from /proc (10 ms resolution)."""
+    out = {}
+    for task in glob.glob("/proc/self/task/*"):
+        try:
+            with open(task + "/comm") as f:
+                name = f.read().strip()
+            with open(task + "/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread exited meanwhile
+            continue
+        out[task] = (name, (int(fields[11]) + int(fields[12])) / TICK)
+    return out
+
+
+def cpu_delta(before, after):
+    """(writer threads' CPU s, other threads' CPU s) between two thread_cpu() samples."""
+    writer = other = 0.0
+    for tid, (name, cpu) in after.items():
+        d = cpu - before.get(tid, (name, 0.0))[1]
+        if name.startswith(("tl-ckpt", "iou-wrk")):  # io_uring's workers write for them
+            writer += d
+        else:
+            other += d
+    return writer, other
+
+
+def raw_direct_write(state, path):
+    """O_DIRECT sequential os.pwrite of every tensor's bytes through one page-aligned 32 MiB block
+    (the sources are not aligned, so each block is copied first, as dd does), then fsync.
+    Returns seconds, or None where the file system refuses O_DIRECT."""
+    drop_file(path)
+    block = mmap.mmap(-1, RAW_BLOCK)
+    view = memoryview(block)
+    t0 = time.perf_counter()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    except OSError:
+        return None
+    off = 0
+    for v in state.values():
+        for pos in range(0, len(v), RAW_BLOCK):
+            k = min(RAW_BLOCK, len(v) - pos)  # 64 MiB tensors: whole blocks
+            view[:k] = v[pos:pos + k]
+            done = 0
+            while done < k:
+                done += os.pwrite(fd, view[done:k], off + done)
+            off += k
+    os.fsync(fd)
+    os.close(fd)
+    t = time.perf_counter() - t0
+    view.release()
+    block.close()
+    drop_file(path)
+    return t
+
+
+def dd_write(path, nbytes, direct):
+    """`dd if=/dev/zero of=path bs=32M count=N conv=fsync [oflag=direct]`: seconds, None
+    without dd."""
+    drop_file(path)
+    cmd = ["dd", "if=/dev/zero", "of=" + path, "bs=%d" % RAW_BLOCK,
+           "count=%d" % (nbytes // RAW_BLOCK), "conv=fsync"] + (["oflag=direct"] if direct else [])
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, capture_output=True)
+    except FileNotFoundError:
+        return None
+    t = time.perf_counter() - t0
+    drop_file(path)
+    return t if r.returncode == 0 else None
+
+
+IO_MODES = ("buffered", "direct", "uring")
+TRAINING_CONFIGS = (("buffered", "normal"), ("direct", "normal"), ("direct", "low"),
+                    ("direct", "idle"))
+
+
+def io_paths(state, size, work_dir, repeat, threads, window):
+    """The 'io paths' section: returns (bandwidth dict, training list) for the JSON."""
+    raw_path = os.path.join(work_dir, "raw.bin")
+    times = {k: [] for k in ("raw_buffered", "raw_direct", "dd_buffered", "dd_direct")}
+    cks = {io: threadloom.Checkpointer(os.path.join(work_dir, "io-" + io), keep=1, io=io,
+                                       io_priority="normal", staging_bytes=size + 64 * MiB)
+           for io in IO_MODES}
+    per = {io: {"s": [], "writer_cpu_s": [], "caller_cpu_s": []} for io in IO_MODES}
+    try:
+        for io, ck in cks.items():
+            ckpt_write(ck, state, 0)  # warm: staging slots allocated and faulted in
+        for r in range(repeat):  # interleaved, so drift of a shared disk hits every path alike
+            times["raw_buffered"].append(raw_write(state, raw_path))
+            times["raw_direct"].append(raw_direct_write(state, raw_path))
+            times["dd_buffered"].append(dd_write(raw_path, size, False))
+            times["dd_direct"].append(dd_write(raw_path, size, True))
+            for io, ck in cks.items():
+                before = thread_cpu()
+                t, _, prog = ckpt_write(ck, state, r + 1)
+                w, c = cpu_delta(before, thread_cpu())
+                per[io]["s"].append(t)
+                per[io]["writer_cpu_s"].append(w)
+                per[io]["caller_cpu_s"].append(c)
+                per[io]["mode"], per[io]["why"] = prog.io, prog.io_why
+                per[io]["direct_bytes"] = prog.direct_bytes
+    finally:
+        for ck in cks.values():
+            ck.close()
+    raw = {}
+    for k, ts in times.items():
+        ts = [t for t in ts if t is not None]
+        raw[k + "_MBps"] = size / min(ts) / 1e6 if ts else None
+    best_name = max((k for k in raw if raw[k]), key=lambda k: raw[k])
+    best = raw[best_name]
+    print("raw writes of the same %d MiB on this disk: %s" % (size // MiB, ", ".join(
+        "%s %s" % (k[:-5], "%.0f MB/s" % v if v else "n/a") for k, v in raw.items())))
+    out = {"raw": raw, "best_raw": best_name[:-5], "best_raw_MBps": best, "modes": {},
+           "loadavg": os.getloadavg()}
+    gib = size / (1 << 30)
+    for io in IO_MODES:
+        d = per[io]
+        bw = size / min(d["s"]) / 1e6
+        row = {"MBps": bw, "ratio_vs_best_raw": bw / best,
+               "ratio_vs_raw_buffered": bw / raw["raw_buffered_MBps"],
+               "writer_cpu_s_per_GiB": sorted(d["writer_cpu_s"])[len(d["s"]) // 2] / gib,
+               "caller_cpu_s_per_GiB": sorted(d["caller_cpu_s"])[len(d["s"]) // 2] / gib,
+               "mode": d["mode"], "why": d["why"], "direct_bytes": d["direct_bytes"],
+               "s": d["s"]}
+        out["modes"][io] = row
+        print("io=%-8s %5.0f MB/s: %3.0f%% of the best raw write (%s), %3.0f%% of raw buffered; "
+              "writer threads %.2f CPU-s/GiB, caller %.2f CPU-s/GiB%s"
+              % (io, bw, 100 * row["ratio_vs_best_raw"], best_name[:-5],
+                 100 * row["ratio_vs_raw_buffered"], row["writer_cpu_s_per_GiB"],
+                 row["caller_cpu_s_per_GiB"],
+                 "" if d["mode"] == io else " (used %s: %s)" % (d["mode"], d["why"])))
+    # Training loop per (path, priority): saves back to back for >= `window` seconds while the
+    # loop runs, then the loop alone for as long; the configurations take turns in every repeat.
+    cks = {cfg: threadloom.Checkpointer(os.path.join(work_dir, "tr-%s-%s" % cfg), keep=1,
+                                        io=cfg[0], io_priority=cfg[1],
+                                        staging_bytes=size + 64 * MiB)
+           for cfg in TRAINING_CONFIGS}
+    rows = {cfg: {"with_save": [], "without": [], "writer_cpu_s": [], "saves": []}
+            for cfg in TRAINING_CONFIGS}
+    step = [0]
+    try:
+        for ck in cks.values():
+            ckpt_write(ck, state, 0)
+        for _ in range(repeat):
+            for cfg, ck in cks.items():
+                count = [0]
+
+                def saves():
+                    t0 = time.perf_counter()
+                    while time.perf_counter() - t0 < window:
+                        step[0] += 1
+                        ck.save(state, step[0]).result()
+                        count[0] += 1
+
+                before = thread_cpu()
+                rate_with, secs = loop_rate(threads, 0, during=saves)
+                row = rows[cfg]
+                row["writer_cpu_s"].append(cpu_delta(before, thread_cpu())[0] / count[0])
+                row["saves"].append(count[0])
+                row["with_save"].append(rate_with)
+                row["without"].append(loop_rate(threads, secs)[0])
+    finally:
+        for ck in cks.values():
+            ck.close()
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    training = []
+    for (io, prio), row in rows.items():
+        ratios = [w / wo for w, wo in zip(row["with_save"], row["without"])]
+        # A lower writer priority stretches each save over more of the window (fewer saves in
+        # it), so the loop time lost per save compares the paths fairly as well as the ratio.
+        lost = [(1 - r) * window / n for r, n in zip(ratios, row["saves"])]
+        row.update(io=io, io_priority=prio, threads=threads, ratio=med(ratios), ratios=ratios,
+                   window_s=window, loop_s_lost_per_save=med(lost))
+        training.append(row)
+        print("training loop (%d threads), io=%-8s io_priority=%-6s: %5.1f%% of its rate without "
+              "saves (median of %s; goal >= 97%%); %s saves per %g s window, loop time lost "
+              "%.3f s per save; writer threads %.3f CPU-s per save"
+              % (threads, io, prio, 100 * row["ratio"],
+                 "/".join("%.0f" % (100 * x) for x in ratios), "/".join(map(str, row["saves"])),
+                 window, med(lost), med(row["writer_cpu_s"])))
+    return out, training
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512, help="checkpoint MiB (a multiple of 64)")
@@ -129,6 +332,11 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="training-loop threads")
     ap.add_argument("--json", help="also write the results as JSON to this file")
+    ap.add_argument("--window", type=float, default=2.0,
+                    help="seconds of back-to-back saves per training-loop measurement in the "
+                    "io paths section")
+    ap.add_argument("--no-io-paths", action="store_true",
+                    help="skip the per-write-path section (buffered, O_DIRECT, io_uring)")
     a = ap.parse_args()
     base = a.dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(base, exist_ok=True)
@@ -189,6 +397,10 @@ def main():
                                   sorted(base_rates)[len(base_rates) // 2], 100 * ratio))
         res["training"] = {"threads": a.threads, "with_save": save_rates,
                            "without": base_rates, "ratio": ratio}
+        # -- I/O paths (buffered / O_DIRECT / io_uring) vs raw writes; training per path ---------
+        if not a.no_io_paths:
+            res["io_paths"], res["training_by_io"] = io_paths(state, size, work_dir, a.repeat,
+                                                               a.threads, a.window)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     if a.json:

@@ -46,6 +46,8 @@ flock 9
 apt_pkgs=(
   build-essential cmake pkg-config dpkg-dev ca-certificates xz-utils
   libhwloc-dev hwloc-nox libnuma-dev libmimalloc-dev libxxhash-dev
+  # io_uring for O_DIRECT checkpoint writes (optional in CMake: TL_WITH_URING)
+  liburing-dev
   # scontrol, to check the host-list parser against SLURM's (tests/python/test_cluster.py);
   # the daemons and ip, for the local cluster of scripts/slurm-cluster.sh (tests/python/test_slurm.py)
   slurm-client slurmd slurmctld munge iproute2

@@ -5,12 +5,14 @@
  *                                                                    threadloom/arena.h)
  *   cudactx/   shared CUDA contexts, streams, staging, DLPack       (threadloom/cudactx.h)
  *   scheduler/ pinned work-stealing threads and pipelines      (threadloom/scheduler.h)
+ *   ckptio/    checkpoint file writes: buffered, O_DIRECT, io_uring (threadloom/ckptio.h)
  * Conventions (see docs/design.md): fallible calls return 0 or a negative TL_E* code
  * (threadloom/error.h); thread-safety and ownership defaults are in threadloom/common.h. */
 #ifndef THREADLOOM_THREADLOOM_H
 #define THREADLOOM_THREADLOOM_H
 
 #include "threadloom/arena.h"
+#include "threadloom/ckptio.h"
 #include "threadloom/cluster.h"
 #include "threadloom/common.h"
 #include "threadloom/cudactx.h"

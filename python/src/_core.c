@@ -429,6 +429,12 @@ static int core_exec(PyObject* module) {
   if (!st->buffer_type || PyModule_AddObjectRef(module, "Buffer", st->buffer_type) < 0) return -1;
   st->hasher_type = PyType_FromModuleAndSpec(module, &tl_py_hasher_spec, NULL);
   if (!st->hasher_type || PyModule_AddObjectRef(module, "Hasher", st->hasher_type) < 0) return -1;
+  st->wfile_type = PyType_FromModuleAndSpec(module, &tl_py_wfile_spec, NULL);
+  if (!st->wfile_type || PyModule_AddObjectRef(module, "WFile", st->wfile_type) < 0) return -1;
+  if (PyModule_AddIntConstant(module, "WFILE_ALIGN", (long)TL_WFILE_ALIGN) < 0) return -1;
+  if (PyModule_AddObjectRef(module, "WFILE_URING_BUILT",
+                            tl_wfile_uring_built() ? Py_True : Py_False) < 0)
+    return -1;
   st->dlpack_tensor_type = PyType_FromModuleAndSpec(module, &tl_py_dlpack_tensor_spec, NULL);
   if (!st->dlpack_tensor_type ||
       PyModule_AddObjectRef(module, "DLPackTensor", st->dlpack_tensor_type) < 0)
@@ -447,6 +453,7 @@ static int core_traverse(PyObject* module, visitproc visit, void* arg) {
   Py_VISIT(st->arena_type);
   Py_VISIT(st->buffer_type);
   Py_VISIT(st->hasher_type);
+  Py_VISIT(st->wfile_type);
   Py_VISIT(st->dlpack_tensor_type);
   Py_VISIT(st->ncclcomm_type);
   Py_VISIT(st->error);
@@ -461,6 +468,7 @@ static int core_clear(PyObject* module) {
   Py_CLEAR(st->arena_type);
   Py_CLEAR(st->buffer_type);
   Py_CLEAR(st->hasher_type);
+  Py_CLEAR(st->wfile_type);
   Py_CLEAR(st->dlpack_tensor_type);
   Py_CLEAR(st->ncclcomm_type);
   Py_CLEAR(st->error);

@@ -71,6 +71,7 @@ typedef struct {
   PyObject* arena_type;          /* threadloom._core.Arena */
   PyObject* buffer_type;         /* threadloom._core.Buffer */
   PyObject* hasher_type;         /* threadloom._core.Hasher */
+  PyObject* wfile_type;          /* threadloom._core.WFile */
   PyObject* dlpack_tensor_type;  /* threadloom._core.DLPackTensor */
   PyObject* ncclcomm_type;       /* threadloom._core.NcclComm */
   PyObject* error;               /* threadloom.Error: the base of every class below */
@@ -126,6 +127,9 @@ PyObject* tl_py_from_dlpack(PyObject* module, PyObject* obj);
 extern PyType_Spec tl_py_hasher_spec;
 /* xxh3_64(data, seed=0) -> int */
 PyObject* tl_py_xxh3_64(PyObject* module, PyObject* args, PyObject* kwargs);
+
+/* wfile.c */
+extern PyType_Spec tl_py_wfile_spec;
 
 /* cluster.c */
 /* hostlist_expand(list) -> list of str */
