@@ -11,9 +11,11 @@
  * exports malloc/free, so in a program linked against libthreadloom plain malloc IS mimalloc.
  *
  *   tl-bench-arena [--sizes 64K,1M,16M] [--threads 1,2,...] [--live 0,8] [--duration SEC]
- *                  [--iters N] [--node N]
- * Defaults: the three sizes, threads 1, 2, 4, ... up to nproc (and nproc), live 0 and 8, 1 s
- * per cell per allocator, no iteration cap, node 0. */
+ *                  [--iters N] [--node N] [--json FILE]
+ * Defaults: the three sizes, threads 1, 2, 4, ... up to max(8, nproc) and never above 16 (plus
+ * nproc: past the core count the curve shows oversubscription), live 0 and 8, 1 s per cell per
+ * allocator, no iteration cap, node 0. --json FILE also writes every row as JSON
+ * (bench/report.py). */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -172,9 +174,21 @@ static void fmt_size(size_t s, char* out, size_t cap) {
   else snprintf(out, cap, "%zu B", s);
 }
 
+/* Writes s as a JSON string literal (quotes, backslashes and control characters escaped). */
+static void json_string(FILE* f, const char* s) {
+  fputc('"', f);
+  for (; *s; s++) {
+    unsigned char ch = (unsigned char)*s;
+    if (ch == '"' || ch == '\\') fprintf(f, "\\%c", ch);
+    else if (ch < 0x20) fprintf(f, "\\u%04x", ch);
+    else fputc(ch, f);
+  }
+  fputc('"', f);
+}
+
 static void usage(void) {
   fprintf(stderr, "usage: tl-bench-arena [--sizes 64K,1M,16M] [--threads 1,2,..] [--live 0,8] "
-                  "[--duration SEC] [--iters N] [--node N]\n");
+                  "[--duration SEC] [--iters N] [--node N] [--json FILE]\n");
   exit(2);
 }
 
@@ -184,10 +198,12 @@ int main(int argc, char** argv) {
   int nsizes = 3, nthreads = 0, nlives = 2, node = 0;
   double duration = 1.0;
   uint64_t iters = 0;
+  const char* json_path = NULL;
   long nproc = sysconf(_SC_NPROCESSORS_ONLN);
   if (nproc < 1) nproc = 1;
-  for (long t = 1; t < nproc && nthreads < MAX_LIST - 1; t *= 2) threads[nthreads++] = (size_t)t;
-  threads[nthreads++] = (size_t)nproc;
+  long top = nproc > 8 ? (nproc < 16 ? nproc : 16) : 8;
+  for (long t = 1; t <= top; t *= 2) threads[nthreads++] = (size_t)t;
+  if (nproc <= 16 && (nproc & (nproc - 1)) != 0) threads[nthreads++] = (size_t)nproc;
   for (int i = 1; i < argc; i++) {
     if (i + 1 >= argc) usage();
     if (!strcmp(argv[i], "--sizes")) nsizes = parse_list(argv[++i], sizes, 1);
@@ -196,6 +212,7 @@ int main(int argc, char** argv) {
     else if (!strcmp(argv[i], "--duration")) duration = atof(argv[++i]);
     else if (!strcmp(argv[i], "--iters")) iters = strtoull(argv[++i], NULL, 10);
     else if (!strcmp(argv[i], "--node")) node = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--json")) json_path = argv[++i];
     else usage();
   }
   size_t max_size = 0, max_threads = 0;
@@ -230,6 +247,11 @@ int main(int argc, char** argv) {
   printf("arena: node %d, %zu MiB, reserved+bound+touched in %.3f s, %s\n", st.numa_node,
          st.size >> 20, now_s() - t0, st.pin_detail);
 
+  FILE* js = NULL;
+  if (json_path && !(js = fopen(json_path, "w"))) {
+    perror(json_path);
+    return 1;
+  }
   int with_cuda = 0;
   int ndev = 0;
   err = tl_cuda_device_count(&ndev);
@@ -245,6 +267,13 @@ int main(int argc, char** argv) {
          "arena/glibc");
   if (with_cuda) printf(" %14s %10s", "cudaHost ops/s", "arena/cuda");
   printf("\n");
+  if (js) {
+    fprintf(js, "{\"cores\": %ld, \"duration_s\": %g, \"numa_node\": %d, \"arena_mib\": %zu, "
+                "\"pin_detail\": ", nproc, duration, st.numa_node, st.size >> 20);
+    json_string(js, st.pin_detail);
+    fprintf(js, ", \"rows\": [");
+  }
+  int first = 1;
   for (int li = 0; li < nlives; li++)
     for (int si = 0; si < nsizes; si++)
       for (int ti = 0; ti < nthreads; ti++) {
@@ -254,16 +283,32 @@ int main(int argc, char** argv) {
         char sz[32];
         fmt_size(sizes[si], sz, sizeof sz);
         printf("%-8s %7d %5d %14.0f %14.0f %10.2fx", sz, th, lv, a, g, a / g);
+        double c = 0;
         if (with_cuda) {
-          double c = run_cell(IMPL_CUDA, sizes[si], th, lv, duration, iters);
+          c = run_cell(IMPL_CUDA, sizes[si], th, lv, duration, iters);
           printf(" %14.0f %9.2fx", c, a / c);
         }
-        printf("\n");
+        printf("%s\n", th > nproc ? " (>cores)" : "");
+        fflush(stdout);
+        if (js) {
+          fprintf(js, "%s\n  {\"size\": %zu, \"threads\": %d, \"live\": %d, \"arena\": %.1f, "
+                      "\"glibc\": %.1f", first ? "" : ",", sizes[si], th, lv, a, g);
+          if (with_cuda) fprintf(js, ", \"cudaHostAlloc\": %.1f", c);
+          fprintf(js, "}");
+          first = 0;
+        }
       }
   tl_arena_stats(arena, &st);
   printf("\narena after the run: %zu bytes in use, peak %zu bytes, %llu allocs, %llu failed\n",
          st.bytes_in_use, st.peak_bytes, (unsigned long long)st.allocs,
          (unsigned long long)st.failed_allocs);
+  if (js) {
+    fprintf(js, "\n]}\n");
+    if (fclose(js) != 0) {
+      perror(json_path);
+      return 1;
+    }
+  }
   err = tl_arena_close(arena);
   return err == 0 ? 0 : 1;
 }
