@@ -13,6 +13,7 @@
 # directory, so the report never mixes two runs. A benchmark that fails is reported as failed (its
 # text output says why), the others still run, and the script exits 1 at the end.
 set -euo pipefail
+main() {  # all in a function: bash parses it whole, so editing this file mid-run is harmless
 here=$(cd "$(dirname "$0")/.." && pwd)
 usage() { echo "usage: bench/run.sh [--quick] [--out DIR] PYTHON" >&2; exit 2; }
 quick=0 out="" args=("$@")
@@ -74,7 +75,8 @@ failed=()
 run() {  # name command...: text output to $out/name.txt, failures collected
   local name=$1; shift
   echo "== $name: $*"
-  if ! { echo "# $*"; echo "# $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) CPU(s), GPU: $gpu"; "$@"; } 2>&1 | tee "$out/$name.txt"; then
+  local shown="$*"
+  if ! { echo "# ${shown//$here\//}"; echo "# $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) CPU(s), GPU: $gpu"; "$@"; } 2>&1 | tee "$out/$name.txt"; then
     echo "bench: $name FAILED (output above and in $out/$name.txt)" | tee -a "$out/$name.txt"
     failed+=("$name")
   fi
@@ -121,3 +123,5 @@ if [ ${#failed[@]} -gt 0 ]; then
   echo "bench: FAILED: ${failed[*]} (see their .txt files in $out)" >&2
   exit 1
 fi
+}
+main "$@"

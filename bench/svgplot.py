@@ -37,6 +37,8 @@ def si(v):
     if v == 0:
         return "0"
     a = abs(v)
+    if 0.01 <= a < 1:
+        return "%.3g" % v
     for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""), (1e-3, "m"), (1e-6, "u")):
         if a >= div * 0.9999:
             s = "%.3g" % (v / div)
