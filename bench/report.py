@@ -170,9 +170,10 @@ def section_dataloader(r, cores):
         text.append("At %d worker%s (this machine has %d cores) threadloom.DataLoader loads %s "
                     "samples/s: %s." % (w, "s" if w > 1 else "", cores, num(val(tl, w)), cmp_))
     if best_w is not None and ws[-1] > cores:
-        text.append("Its best is %s samples/s at %d workers; past the %d cores the curves "
-                    "flatten or fall, as threads (or processes) only take turns on the cores."
-                    % (num(val(tl, best_w)), best_w, cores))
+        text.append("Its best is %s samples/s at %d worker%s; past %d workers there are no "
+                    "more cores to use, so the points beyond show oversubscription and noise, "
+                    "not scaling." % (num(val(tl, best_w)), best_w, "s" if best_w > 1 else "",
+                                      cores))
     mp = "multiprocessing.Pool (spawn)"
     if val(tl, w, "first_batch_s") is not None and val(mp, w, "first_batch_s") is not None:
         text.append("The first batch comes after %s with threads vs %s with spawned processes "
@@ -183,7 +184,7 @@ def section_dataloader(r, cores):
         r.md += ["", torch_note]
     r.svg("dataloader.svg", line_chart(
         "Loader throughput vs worker threads/processes", "workers", "samples/s", series,
-        log_x=True, x_ticks=ws, note=None if tdl and "rows" in tdl else
+        log_x=True, x_ticks=ws, mark_x=(cores, "%d cores" % cores), note=None if tdl and "rows" in tdl else
         "torch DataLoader: not run here (see the report)"), "loader throughput vs workers")
     if val(tl, w) is not None and val(mp, w) is not None:
         return ("DataLoader", "%s samples/s" % num(val(tl, w)), "multiprocessing.Pool %s"
@@ -200,7 +201,8 @@ def section_executor(r, cores):
     r.md += ["Calls of about %.0f us of Python each through threadloom.Executor, "
              "concurrent.futures.ThreadPoolExecutor and multiprocessing.Pool (spawn), items/s "
              "(higher is better). `shared`: every call builds and walks a small list; `state`: "
-             "every call draws from a per-thread random.Random." % ex["item_us"]]
+             "every call draws from a per-thread random.Random. Best of %s runs per cell."
+             % (ex["item_us"], ex.get("reps", 1))]
     summary = None
     for load_ in ("shared", "state"):
         rows = [x for x in ex["rows"] if x["load"] == load_]
@@ -222,15 +224,17 @@ def section_executor(r, cores):
         w = at_cores(ws, cores)
         best = max(rows, key=lambda x: x["threadloom"])
         r.md += ["", "At %d workers threadloom.Executor runs %s items/s, %s ThreadPoolExecutor%s; "
-                 "its best is %s items/s at %d workers.%s"
+                 "its best is %s items/s at %d worker%s.%s"
                  % (w, num(by[w]["threadloom"]), ratio(by[w]["threadloom"], by[w]["tpe"]),
                     ", %s multiprocessing.Pool" % ratio(by[w]["threadloom"], by[w]["mp"])
                     if by[w].get("mp") else "", num(best["threadloom"]), best["workers"],
+                    "s" if best["workers"] > 1 else "",
                     " Past %d workers the machine's cores are oversubscribed." % cores
                     if ws[-1] > cores else "")]
         r.svg("executor_%s.svg" % load_, line_chart(
             "Executor throughput vs threads (workload: %s)" % load_, "workers", "items/s", series,
-            log_x=True, x_ticks=ws), "executor throughput vs threads, %s" % load_)
+            log_x=True, x_ticks=ws, mark_x=(cores, "%d cores" % cores)),
+            "executor throughput vs threads, %s" % load_)
         if summary is None:
             summary = ("Executor (%s)" % load_, "%s items/s" % num(by[w]["threadloom"]),
                        "ThreadPoolExecutor %s" % num(by[w]["tpe"]),
@@ -266,16 +270,21 @@ def section_scheduler(r, cores):
     w = at_cores(ws, cores)
     parts = ["%s %s" % (s, ratio(by[s, w]["threadloom"], by[s, w]["baseline"]))
              for s in shapes if (s, w) in by]
-    slower = ["%s at %d" % (x["shape"], x["workers"]) for x in rows
-              if x["threadloom"] < x["baseline"]]
+    slower = []
+    for s in shapes:
+        ns = [str(x["workers"]) for x in rows if x["shape"] == s and x["threadloom"] < x["baseline"]]
+        if ns:
+            slower.append("%s at %s worker%s" % (s, ", ".join(ns), "s" if ns != ["1"] else ""))
     r.md += ["", "At %d workers threadloom over the baseline: %s.%s" % (
         w, ", ".join(parts),
-        " The baseline is faster for %s worker(s): with one worker its mutex is never contended, "
-        "and its queue is unbounded where the pool's injection queue blocks the producer."
-        % ", ".join(slower) if slower else "")]
+        " The baseline is faster for %s. Its single lock is never contended with one worker and "
+        "by at most %d running threads here; and its queue is unbounded, where the pool's "
+        "injection queue is bounded and blocks the producer (`inject`)."
+        % ("; ".join(slower), cores) if slower else "")]
     r.svg("scheduler.svg", line_chart(
         "C scheduler: empty tasks/s vs threads", "workers", "tasks/s", series, log_x=True,
-        log_y=True, x_ticks=ws, note="solid: threadloom pool; dashed: mutex+condvar FIFO pool"),
+        log_y=True, x_ticks=ws, mark_x=(cores, "%d cores" % cores),
+        note="solid: threadloom pool; dashed: mutex+condvar FIFO pool"),
         "scheduler tasks/s vs threads")
     if ("tree", w) in by:
         x = by["tree", w]
@@ -395,6 +404,7 @@ def section_arena(r, cores):
         r.svg("arena_live%d.svg" % lv, line_chart(
             "Arena vs glibc: alloc+touch+free per second (live %d)" % lv, "threads",
             "operations/s", series, log_x=True, log_y=True, x_ticks=ws,
+            mark_x=(cores, "%d cores" % cores),
             note="solid: threadloom arena; dashed: glibc malloc"), "arena rate vs threads, live %d" % lv)
         mid = sizes[len(sizes) // 2]
         if (mid, lv, w) in by and (summary is None or lv > 0):
@@ -489,6 +499,10 @@ def build(d):
              "- **command**: `%s`" % meta.get("command", "?"),
              "- **interpreter**: Python %s, GIL %s" % (meta.get("python", "?"),
                                                       "on" if meta.get("gil") else "off")]
+    if "loadavg_start" in meta:
+        r.md += ["- **load average** (1 min) when the run started: %.2f%s"
+                 % (meta["loadavg_start"], " (other work was running on the machine: the numbers "
+                    "are noisier than an idle machine's)" if meta["loadavg_start"] > 0.5 else "")]
     r.md += ["", "Written by bench/report.py from the JSON files in this directory; each "
              "benchmark's full text output is beside it (`<name>.txt`). Every baseline ran in the "
              "same run on the same machine, interleaved with threadloom where the benchmark "

@@ -66,7 +66,8 @@ json.dump({"machine": e["BENCH_MACHINE"], "gpu": e["BENCH_GPU"], "commit": e["BE
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "cores": len(os.sched_getaffinity(0)), "cpu_model": model, "memory_gib": round(mem, 1),
            "kernel": platform.release(), "python": sys.version.split()[0],
-           "gil": getattr(sys, "_is_gil_enabled", lambda: True)()},
+           "gil": getattr(sys, "_is_gil_enabled", lambda: True)(),
+           "loadavg_start": os.getloadavg()[0]},
           open(sys.argv[1], "w"), indent=1)
 PY
 
@@ -84,12 +85,13 @@ run() {  # name command...: text output to $out/name.txt, failures collected
 if [ $quick = 1 ]; then
   q_sched=(--threads 1,2 --scale 0.02 --reps 1)
   q_arena=(--threads 1,2 --sizes 64K,1M --live 8 --duration 0.05)
-  q_exec=(--items 2000 --threads 1,2)
+  q_exec=(--items 2000 --threads 1,2 --reps 1)
   q_start=(-n 3)
   q_ckpt=(--size 16 --sizes 4,16 --repeat 1)
   q_load=(--samples 400 --threads 1,2 --reps 1)
 else
-  q_sched=() q_arena=() q_exec=() q_start=() q_ckpt=() q_load=()
+  # best of 5 for the loaders: on a small shared machine run-to-run noise is ~30%
+  q_sched=() q_arena=() q_exec=() q_start=() q_ckpt=() q_load=(--reps 5)
 fi
 run scheduler "$here/build/bench/tl-bench-scheduler" ${q_sched[@]+"${q_sched[@]}"} --json "$out/scheduler.json"
 run arena "$here/build/bench/tl-bench-arena" ${q_arena[@]+"${q_arena[@]}"} --json "$out/arena.json"
@@ -124,4 +126,4 @@ if [ ${#failed[@]} -gt 0 ]; then
   exit 1
 fi
 }
-main "$@"
+main "$@"; exit $?  # one line: bash has read it all before main runs

@@ -83,9 +83,11 @@ def _fmt(v):
 
 
 def line_chart(title, x_label, y_label, series, log_x=False, log_y=False, x_ticks=None,
-               note=None, width=760, height=420):
+               note=None, mark_x=None, width=760, height=420):
     """Returns the SVG text of a line chart of `series` (a list of Series).
 
+    mark_x: (x, label) draws a labelled vertical line there (e.g. the machine's core count), when
+    x lies inside the axis.
     log_x: base-2 x axis (ticks at `x_ticks`, default every x in the data); log_y: base-10 y axis
     (every y must be > 0). Raises ValueError for no points, or values a log axis cannot show."""
     pts = [(x, y) for s in series for x, y in s.points if y is not None]
@@ -154,6 +156,14 @@ def line_chart(title, x_label, y_label, series, log_x=False, log_y=False, x_tick
     out.append('<rect x="%s" y="%s" width="%s" height="%s" fill="none"/>'
                % (left, top, _fmt(plot_w), _fmt(plot_h)))
     out.append('</g>')
+    if mark_x is not None:
+        mx, mlabel = mark_x
+        if (mx > 0 or not log_x) and x0 <= fx(mx) <= x1:
+            x = px(mx)
+            out.append('<line class="mark" x1="%s" y1="%s" x2="%s" y2="%s" stroke="#888" '
+                       'stroke-dasharray="3,3"/>' % (_fmt(x), _fmt(top), _fmt(x), _fmt(top + plot_h)))
+            out.append('<text class="mark-label" x="%s" y="%s" fill="#666" font-size="11">%s</text>'
+                       % (_fmt(x + 4), _fmt(top + 13), escape(mlabel)))
     for t in yt:
         out.append('<text class="y-tick" x="%s" y="%s" text-anchor="end">%s</text>'
                    % (_fmt(left - 8), _fmt(py(t) + 4), escape(si(t))))

@@ -159,6 +159,7 @@ def test_report_svgs(tmp_path):
     assert texts(root, "x-label") == ["workers (log scale)"]
     assert texts(root, "y-label") == ["samples/s"]
     assert texts(root, "x-tick") == ["1", "2", "4"]
+    assert texts(root, "mark-label") == ["2 cores"]
     assert texts(root, "legend") == list(series)
     assert len(texts(root, "y-tick")) >= 3
     md = open(os.path.join(d, "README.md")).read()
