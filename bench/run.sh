@@ -49,7 +49,9 @@ echo "bench: results go to $out"
 via=""
 [ -n "${MAKELEVEL:-}" ] && via="make bench -> "
 commit=$(git -C "$here" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
-[ -n "$(git -C "$here" status --porcelain --untracked-files=no 2>/dev/null)" ] && commit="$commit (uncommitted changes)"
+# (changes under bench/results/ are this or an earlier run's outputs, not code)
+[ -n "$(git -C "$here" status --porcelain --untracked-files=no -- . ':!bench/results' 2>/dev/null)" ] &&
+  commit="$commit (uncommitted changes)"
 BENCH_MACHINE=$machine BENCH_GPU=$gpu BENCH_COMMIT=$commit BENCH_QUICK=$quick \
 BENCH_COMMAND="${via}bench/run.sh ${args[*]}" "$py" - "$out/meta.json" <<'PY'
 import json, os, platform, sys, time
