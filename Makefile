@@ -8,7 +8,8 @@
 #   make test-asan  the C core and its tests under AddressSanitizer + UBSan
 #   make test-tsan  the C core and its tests under ThreadSanitizer
 #   make gpu-test   only the GPU tests (they skip, saying why, without a GPU)
-#   make bench      the benchmarks this machine can run, into bench/results/<machine>/
+#   make bench      the benchmarks this machine can run, and their report (Markdown + SVG plots),
+#                   into bench/results/<machine>/ (BENCH_ARGS=--quick: a check in seconds)
 #   make clean      remove the build directories (the interpreter cache stays)
 #
 # PYTHON=/path/to/python3.14t uses an existing free-threaded interpreter instead of building one.
@@ -74,7 +75,7 @@ gpu-test: build
 	@$(PYENV) $(PY) -m pytest tests/python -q -rs -m gpu
 
 bench: build
-	@bash bench/run.sh $(PY)
+	@bash bench/run.sh $(BENCH_ARGS) $(PY)
 
 clean:
 	rm -rf build build-asan build-tsan python/threadloom/_core*.so

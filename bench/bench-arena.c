@@ -19,9 +19,11 @@
  * block is not mimalloc's.
  *
  *   tl-bench-arena [--sizes 64,4K,64K,1M,16M] [--threads 1,2,...] [--live 0,8] [--duration SEC]
- *                  [--iters N] [--node N] [--touch spread|page|fill]
- * Defaults: those five sizes, threads 1, 2, 4, ... up to nproc (and nproc), live 0 and 8, 1 s
- * per cell per allocator, no iteration cap, node 0, touch spread. */
+ *                  [--iters N] [--node N] [--touch spread|page|fill] [--json FILE]
+ * Defaults: those five sizes, threads 1, 2, 4, ... up to max(8, nproc) and never above 16 (plus
+ * nproc: past the core count the curve shows oversubscription), live 0 and 8, 1 s per cell per
+ * allocator, no iteration cap, node 0, touch spread. --json FILE also writes every row as JSON
+ * (bench/report.py). */
 #include <dlfcn.h>
 #include <mimalloc.h>
 #include <pthread.h>
@@ -191,10 +193,22 @@ static void fmt_size(size_t s, char* out, size_t cap) {
   else snprintf(out, cap, "%zu B", s);
 }
 
+/* Writes s as a JSON string literal (quotes, backslashes and control characters escaped). */
+static void json_string(FILE* f, const char* s) {
+  fputc('"', f);
+  for (; *s; s++) {
+    unsigned char ch = (unsigned char)*s;
+    if (ch == '"' || ch == '\\') fprintf(f, "\\%c", ch);
+    else if (ch < 0x20) fprintf(f, "\\u%04x", ch);
+    else fputc(ch, f);
+  }
+  fputc('"', f);
+}
+
 static void usage(void) {
   fprintf(stderr, "usage: tl-bench-arena [--sizes 64,4K,64K,1M,16M] [--threads 1,2,..] "
                   "[--live 0,8] [--duration SEC] [--iters N] [--node N] "
-                  "[--touch spread|page|fill]\n");
+                  "[--touch spread|page|fill] [--json FILE]\n");
   exit(2);
 }
 
@@ -204,10 +218,12 @@ int main(int argc, char** argv) {
   int nsizes = 5, nthreads = 0, nlives = 2, node = 0;
   double duration = 1.0;
   uint64_t iters = 0;
+  const char* json_path = NULL;
   long nproc = sysconf(_SC_NPROCESSORS_ONLN);
   if (nproc < 1) nproc = 1;
-  for (long t = 1; t < nproc && nthreads < MAX_LIST - 1; t *= 2) threads[nthreads++] = (size_t)t;
-  threads[nthreads++] = (size_t)nproc;
+  long top = nproc > 8 ? (nproc < 16 ? nproc : 16) : 8;
+  for (long t = 1; t <= top; t *= 2) threads[nthreads++] = (size_t)t;
+  if (nproc <= 16 && (nproc & (nproc - 1)) != 0) threads[nthreads++] = (size_t)nproc;
   for (int i = 1; i < argc; i++) {
     if (i + 1 >= argc) usage();
     if (!strcmp(argv[i], "--sizes")) nsizes = parse_list(argv[++i], sizes, 1);
@@ -222,7 +238,8 @@ int main(int argc, char** argv) {
       else if (!strcmp(t, "page")) touch = TOUCH_PAGE;
       else if (!strcmp(t, "fill")) touch = TOUCH_FILL;
       else usage();
-    } else usage();
+    } else if (!strcmp(argv[i], "--json")) json_path = argv[++i];
+    else usage();
   }
   size_t max_size = 0, max_threads = 0;
   for (int i = 0; i < nsizes; i++) {
@@ -269,6 +286,11 @@ int main(int argc, char** argv) {
   printf("arena: node %d, %zu MiB, reserved+bound+touched in %.3f s, %s\n", st.numa_node,
          st.size >> 20, now_s() - t0, st.pin_detail);
 
+  FILE* js = NULL;
+  if (json_path && !(js = fopen(json_path, "w"))) {
+    perror(json_path);
+    return 1;
+  }
   int with_cuda = 0;
   int ndev = 0;
   err = tl_cuda_device_count(&ndev);
@@ -289,6 +311,13 @@ int main(int argc, char** argv) {
          "glibc ops/s", "mi ops/s", "arena/glibc", "arena/mi");
   if (with_cuda) printf(" %14s %10s", "cudaHost ops/s", "arena/cuda");
   printf("\n");
+  if (js) {
+    fprintf(js, "{\"cores\": %ld, \"duration_s\": %g, \"numa_node\": %d, \"arena_mib\": %zu, "
+                "\"pin_detail\": ", nproc, duration, st.numa_node, st.size >> 20);
+    json_string(js, st.pin_detail);
+    fprintf(js, ", \"rows\": [");
+  }
+  int first = 1;
   for (int li = 0; li < nlives; li++)
     for (int si = 0; si < nsizes; si++)
       for (int ti = 0; ti < nthreads; ti++) {
@@ -300,16 +329,32 @@ int main(int argc, char** argv) {
         fmt_size(sizes[si], sz, sizeof sz);
         printf("%-8s %7d %5d %14.0f %14.0f %14.0f %10.2fx %7.2fx", sz, th, lv, a, g, m, a / g,
                a / m);
+        double c = 0;
         if (with_cuda) {
-          double c = run_cell(IMPL_CUDA, sizes[si], th, lv, duration, iters);
+          c = run_cell(IMPL_CUDA, sizes[si], th, lv, duration, iters);
           printf(" %14.0f %9.2fx", c, a / c);
         }
-        printf("\n");
+        printf("%s\n", th > nproc ? " (>cores)" : "");
+        fflush(stdout);
+        if (js) {
+          fprintf(js, "%s\n  {\"size\": %zu, \"threads\": %d, \"live\": %d, \"arena\": %.1f, "
+                      "\"glibc\": %.1f, \"mi\": %.1f", first ? "" : ",", sizes[si], th, lv, a, g, m);
+          if (with_cuda) fprintf(js, ", \"cudaHostAlloc\": %.1f", c);
+          fprintf(js, "}");
+          first = 0;
+        }
       }
   tl_arena_stats(arena, &st);
   printf("\narena after the run: %zu bytes in use, peak %zu bytes, %llu allocs, %llu failed\n",
          st.bytes_in_use, st.peak_bytes, (unsigned long long)st.allocs,
          (unsigned long long)st.failed_allocs);
+  if (js) {
+    fprintf(js, "\n]}\n");
+    if (fclose(js) != 0) {
+      perror(json_path);
+      return 1;
+    }
+  }
   err = tl_arena_close(arena);
   return err == 0 ? 0 : 1;
 }

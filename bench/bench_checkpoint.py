@@ -6,6 +6,10 @@
              budget (256 MiB: the checkpoint streams through it) and one that holds it all.
   stall      the time save() blocks the training thread vs a plain memcpy of the same bytes into
              already-faulted host memory (the host stand-in for the D2H copy). Goal: <= 1.2x.
+  sizes      the stall against state size: for each size of --sizes, the time save() blocks the
+             training thread vs a synchronous torch.save-like write on the training thread (a
+             pickled header, then every tensor's bytes into one file; torch.save does not fsync)
+             and the same write + fsync (what a durable synchronous checkpoint costs).
   training   a CPU "training loop" (threads running Python work) while a save writes in the
              background, vs the same loop without a save. Goal: >= 97%. The writer needs CPU
              (copy, hash, the kernel's page-cache copy); with as many loop threads as cores it
@@ -18,7 +22,8 @@
              spend per GiB (from /proc/self/task: robust on a busy machine, where rates are not).
              Then the training-loop ratio per write path and writer priority (io_priority).
 
-    python bench/bench_checkpoint.py [--size MiB] [--dir DIR] [--repeat N] [--json FILE]
+    python bench/bench_checkpoint.py [--size MiB] [--sizes 64,128,...] [--dir DIR] [--repeat N]
+                                     [--json FILE]
 """
 
 import argparse
@@ -26,6 +31,7 @@ import glob
 import json
 import mmap
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -41,9 +47,11 @@ TENSOR = 64 * MiB
 
 
 def make_state(size):
+    """`size` bytes of host tensors of 64 MiB (one tensor of `size` when smaller)."""
     block = os.urandom(MiB)
-    return {"layer%02d" % i: memoryview(bytearray(block * (TENSOR // MiB)))
-            for i in range(size // TENSOR)}
+    tensor = min(TENSOR, size)
+    return {"layer%02d" % i: memoryview(bytearray(block * (tensor // MiB)))
+            for i in range(size // tensor)}
 
 
 def drop_file(path):
@@ -68,6 +76,55 @@ def raw_write(state, path):
     t = time.perf_counter() - t0
     drop_file(path)
     return t
+
+
+def torch_save_like(state, path, fsync):
+    """What torch.save does with host tensors, on the calling thread: a small pickled header, then
+    every tensor's bytes in order into one file; torch.save stops there (no fsync). Returns the
+    seconds the caller is blocked. The file's dirty pages are synced (untimed) before it is
+    removed, so the next measurement starts on a quiet disk."""
+    drop_file(path)
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        pickle.dump({k: len(v) for k, v in state.items()}, f)
+        for v in state.values():
+            f.write(v)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    t = time.perf_counter() - t0
+    os.sync()
+    drop_file(path)
+    return t
+
+
+def stall_sweep(sizes, work_dir, repeat):
+    """Per size: save() stall and commit time (staging holds the state) vs torch_save_like."""
+    rows = []
+    path = os.path.join(work_dir, "sync.bin")
+    for mib in sizes:
+        state = make_state(mib * MiB)
+        with threadloom.Checkpointer(os.path.join(work_dir, "sweep"), keep=1,
+                                     staging_bytes=(mib + 64) * MiB) as ck:
+            ckpt_write(ck, state, 0)  # warm: staging slots allocated and faulted in
+            stalls, totals, plain, synced = [], [], [], []
+            for r in range(repeat):
+                t, stall, _ = ckpt_write(ck, state, r + 1)
+                totals.append(t)
+                stalls.append(stall)
+                plain.append(torch_save_like(state, path, fsync=False))
+                synced.append(torch_save_like(state, path, fsync=True))
+        row = {"size_mib": mib, "save_stall_s": min(stalls), "save_commit_s": min(totals),
+               "sync_write_s": min(plain), "sync_write_fsync_s": min(synced),
+               "memcpy_s": min(memcpy_time(state) for _ in range(repeat))}
+        rows.append(row)
+        print("stall at %5d MiB: save() %.3f s (committed after %.3f s), torch.save-like %.3f s, "
+              "+ fsync %.3f s, memcpy %.3f s: save() blocks %.1fx less than the synchronous "
+              "write" % (mib, row["save_stall_s"], row["save_commit_s"], row["sync_write_s"],
+                         row["sync_write_fsync_s"], row["memcpy_s"],
+                         row["sync_write_s"] / row["save_stall_s"]), flush=True)
+        del state
+    return rows
 
 
 def ckpt_write(ck, state, step):
@@ -325,7 +382,10 @@ def io_paths(state, size, work_dir, repeat, threads, window):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=512, help="checkpoint MiB (a multiple of 64)")
+    ap.add_argument("--size", type=int, default=512,
+                    help="checkpoint MiB (a multiple of 64, or a power of two below 64)")
+    ap.add_argument("--sizes", help="state sizes in MiB for the stall sweep (default: 64, 128, "
+                    "... up to --size)")
     ap.add_argument("--dir", help="directory on the disk to measure (default: a temp dir in "
                     "bench/results, i.e. on the repository's disk)")
     ap.add_argument("--repeat", type=int, default=3)
@@ -341,11 +401,27 @@ def main():
     base = a.dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(base, exist_ok=True)
     work_dir = tempfile.mkdtemp(prefix="ckpt-bench-", dir=base)
-    size = (a.size // 64) * 64 * MiB
+    size = (a.size // 64) * 64 * MiB if a.size >= 64 else a.size * MiB
+    if size <= 0 or (size < TENSOR and size & (size - 1)):
+        ap.error("--size: a multiple of 64 MiB, or a power of two below 64, not %d" % a.size)
+    if a.sizes:
+        try:
+            sizes = sorted({int(x) for x in a.sizes.split(",")})
+        except ValueError:
+            ap.error("--sizes: MiB counts separated by commas, e.g. 64,128,256")
+        if any(m <= 0 or (m < 64 and m & (m - 1)) or (m >= 64 and m % 64) for m in sizes):
+            ap.error("--sizes: each a multiple of 64, or a power of two below 64")
+    else:
+        sizes, m = [], 64
+        while m <= size // MiB:
+            sizes.append(m)
+            m *= 2
+        sizes = sizes or [size // MiB]
     state = make_state(size)
     res = {"size_mib": size // MiB, "cores": os.cpu_count(), "dir": work_dir}
-    print("checkpoint of %d MiB in %d tensors of 64 MiB, in %s, %d CPU(s)"
-          % (size // MiB, len(state), work_dir, os.cpu_count()))
+    print("checkpoint of %d MiB in %d tensors of %d MiB, in %s, %d CPU(s)"
+          % (size // MiB, len(state), len(next(iter(state.values()))) // MiB, work_dir,
+             os.cpu_count()))
     try:
         # -- bandwidth ---------------------------------------------------------------------------
         raw_path = os.path.join(work_dir, "raw.bin")
@@ -401,6 +477,9 @@ def main():
         if not a.no_io_paths:
             res["io_paths"], res["training_by_io"] = io_paths(state, size, work_dir, a.repeat,
                                                                a.threads, a.window)
+        # -- stall vs state size -----------------------------------------------------------------
+        del state
+        res["sizes"] = stall_sweep(sizes, work_dir, a.repeat)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     if a.json:

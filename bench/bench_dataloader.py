@@ -1,12 +1,14 @@
 """Loader throughput with a Python-heavy per-sample transform, in one run:
 
-  threadloom.DataLoader with 1..N worker threads (each with its own dataset replica),
+  threadloom.DataLoader with 1..N worker threads (each with its own dataset replica, and
+  replicate=None sharing one dataset),
   a naive thread loader (concurrent.futures threads sharing one dataset object),
   a multiprocessing.Pool loader (the torch-style process baseline: samples pickled back).
 
-Prints samples/s and time to first batch for each. Usage:
-  python bench/bench_dataloader.py [--samples N] [--batch B] [--max-workers W] [--reps R] [--json PATH]
-(best of R runs each)
+The torch DataLoader baseline is bench_dataloader_torch.py (it runs on whichever interpreter has
+torch). Prints samples/s and time to first batch for each worker count of the sweep (default
+1, 2, 4, 8 and the core count, up to 16), best of R runs each. Usage:
+  python bench/bench_dataloader.py [--samples N] [--batch B] [--threads 1,2,4] [--reps R] [--json PATH]
 """
 
 import argparse
@@ -21,25 +23,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import threadloom  # noqa: E402
 
-
-class Tokens:
-    """A map-style dataset with a shared vocabulary table and a Python-heavy transform."""
-
-    def __init__(self, n, work=300):
-        self.n = n
-        self.work = work
-        self.vocab = {("w%d" % i): i for i in range(5000)}
-        self.words = list(self.vocab)
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        words, vocab = self.words, self.vocab
-        acc = 0
-        for k in range(self.work):
-            acc = (acc * 31 + vocab[words[(i * 7 + k) % 5000]]) & 0xFFFFFFFF
-        return acc
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _workload import Tokens, parse_threads, thread_sweep  # noqa: E402
 
 
 _ds = None
@@ -102,17 +87,24 @@ def main():
     ap.add_argument("--samples", type=int, default=6000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--work", type=int, default=300)
-    ap.add_argument("--max-workers", type=int, default=max(2, os.cpu_count() or 1))
+    ap.add_argument("--threads", help="worker counts, e.g. 1,2,4 (default: 1, 2, 4, 8 and the "
+                    "core count, up to 16)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json")
     a = ap.parse_args()
-    print("python %s, GIL %s, %d CPUs; %d samples, batch %d, %d dict lookups per sample"
-          % (sys.version.split()[0], "on" if getattr(sys, "_is_gil_enabled", lambda: True)() else "off",
-             os.cpu_count(), a.samples, a.batch, a.work))
+    cores = len(os.sched_getaffinity(0))
+    try:
+        ws = parse_threads(a.threads) if a.threads else thread_sweep(cores)
+    except ValueError as e:
+        ap.error("--threads: %s" % e)
+    gil = getattr(sys, "_is_gil_enabled", lambda: True)()
+    print("python %s, GIL %s, %d CPUs; %d samples, batch %d, %d dict lookups per sample; workers %s"
+          % (sys.version.split()[0], "on" if gil else "off", cores, a.samples, a.batch, a.work,
+             ",".join(map(str, ws))))
     t = time.perf_counter()
     threadloom.arena().alloc(1)  # the arena maps and places all its pages once, at first use
-    print("arena set-up (once per process, not counted below): %.0f ms" % ((time.perf_counter() - t) * 1e3))
-    ws = sorted({1, 2, a.max_workers} | ({4} if a.max_workers >= 4 else set()))
+    arena_s = time.perf_counter() - t
+    print("arena set-up (once per process, not counted below): %.0f ms" % (arena_s * 1e3))
     results = []
 
     def report(name, w, fn, *args):
@@ -132,7 +124,9 @@ def main():
         report("multiprocessing.Pool (spawn)", w, run_processes)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"python": sys.version.split()[0], "gil": gil, "cores": cores,
+                       "samples": a.samples, "batch": a.batch, "work": a.work, "reps": a.reps,
+                       "arena_setup_s": arena_s, "rows": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ Two workloads:
   state   - every call draws from a random.Random owned by its worker thread (threading.local),
             the per-worker-state pattern the scheduler is designed for
 
-    python bench/bench_executor.py [--items N] [--threads 1,2,4,8,16] [--json FILE]
+Each cell is the best of --reps runs (default 3), the three executors interleaved in every round
+so drift on the machine hits them alike.
+
+    python bench/bench_executor.py [--items N] [--threads 1,2,4,8,16] [--reps R] [--json FILE]
 """
 
 import argparse
@@ -86,15 +89,18 @@ def main():
     ap.add_argument("--threads", default="1,2,4,8,16")
     ap.add_argument("--chunksize", type=int, default=64)
     ap.add_argument("--no-mp", action="store_true", help="skip multiprocessing.Pool")
+    ap.add_argument("--reps", type=int, default=3, help="best of this many runs per cell")
     ap.add_argument("--json", help="also write the rows as JSON to this file")
     a = ap.parse_args()
     threads = [int(t) for t in a.threads.split(",")]
+    if a.reps < 1 or a.items < 1 or any(t < 1 for t in threads):
+        ap.error("--reps, --items and --threads must be positive")
     gil = sys._is_gil_enabled() if hasattr(sys, "_is_gil_enabled") else True
     per = calibrate()
     cores = len(os.sched_getaffinity(0))
-    print("executor benchmark: %s %s, GIL %s, %d usable cores, %d items of %.1f us, chunksize %d"
-          % (sys.implementation.name, sys.version.split()[0], "on" if gil else "off", cores,
-             a.items, per * 1e6, a.chunksize), flush=True)
+    print("executor benchmark: %s %s, GIL %s, %d usable cores, %d items of %.1f us, chunksize %d, "
+          "best of %d" % (sys.implementation.name, sys.version.split()[0], "on" if gil else "off",
+                          cores, a.items, per * 1e6, a.chunksize, a.reps), flush=True)
     rows = []
     for wl, fn in (("shared", work), ("state", work_state)):
         base = None
@@ -102,9 +108,14 @@ def main():
             "load", "workers", "tl items/s", "TPE items/s", "mp items/s", "tl/TPE", "tl/mp",
             "scaling"), flush=True)
         for n in threads:
-            tl = a.items / run_tl(fn, n, a.items, a.chunksize)
-            tpe = a.items / run_tpe(fn, n, a.items)
-            mp = None if a.no_mp else a.items / run_mp(fn, n, a.items, a.chunksize)
+            t_tl, t_tpe, t_mp = [], [], []
+            for _ in range(a.reps):
+                t_tl.append(run_tl(fn, n, a.items, a.chunksize))
+                t_tpe.append(run_tpe(fn, n, a.items))
+                if not a.no_mp:
+                    t_mp.append(run_mp(fn, n, a.items, a.chunksize))
+            tl, tpe = a.items / min(t_tl), a.items / min(t_tpe)
+            mp = a.items / min(t_mp) if t_mp else None
             if base is None:
                 base = tl / n
             scaling = tl / (base * n)
@@ -116,7 +127,8 @@ def main():
                          "tl_over_tpe": tl / tpe, "scaling": scaling, "cores": cores})
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"gil": gil, "cores": cores, "item_us": per * 1e6, "rows": rows}, f, indent=2)
+            json.dump({"gil": gil, "cores": cores, "item_us": per * 1e6, "reps": a.reps, "rows": rows},
+                  f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,131 @@
 #!/usr/bin/env bash
 # bench/run.sh: runs every benchmark this machine can run, each against its baseline in the same
-# run, and writes the outputs to bench/results/<machine>/ (machine = cores + GPU, or nogpu).
-# Usage: bench/run.sh PYTHON   (make bench passes the free-threaded interpreter)
+# run, writes each one's text output and JSON to bench/results/<machine>/ (machine = cores + GPU,
+# or nogpu), then the report: README.md and SVG plots there (bench/report.py).
+#
+# Usage: bench/run.sh [--quick] [--out DIR] PYTHON   (make bench passes the free-threaded interpreter)
+#   --quick    tiny sizes, 1-2 threads: checks the pipeline end to end in well under a minute; its
+#              numbers mean nothing (default output bench/results/<machine>-quick/, not committed)
+#   --out DIR  write there instead
+# TORCH_PYTHON=/path/to/python picks the interpreter for the torch DataLoader baseline; by default
+# the first of PYTHON, python3.12, python3, python3.11, python3.13 that can import torch.
+# A run first removes the previous run's *.txt, *.json, *.svg and README.md from the output
+# directory, so the report never mixes two runs. A benchmark that fails is reported as failed (its
+# text output says why), the others still run, and the script exits 1 at the end.
 set -euo pipefail
+main() {  # all in a function: bash parses it whole, so editing this file mid-run is harmless
 here=$(cd "$(dirname "$0")/.." && pwd)
-py=${1:?usage: bench/run.sh PYTHON}
+usage() { echo "usage: bench/run.sh [--quick] [--out DIR] PYTHON" >&2; exit 2; }
+quick=0 out="" args=("$@")
+while [ $# -gt 0 ]; do
+  case $1 in
+    --quick) quick=1; shift ;;
+    --out) [ $# -ge 2 ] || usage; out=$2; shift 2 ;;
+    -*) usage ;;
+    *) break ;;
+  esac
+done
+[ $# -eq 1 ] || usage
+py=$1
+for bin in tl-bench-scheduler tl-bench-arena; do
+  [ -x "$here/build/bench/$bin" ] || { echo "bench: no build/bench/$bin: run \`make build\` first" >&2; exit 1; }
+done
 gpu=$(PYTHONPATH=$here/python "$py" -c 'import threadloom as t
 try:
     print(t._core.cuda_device_info(0)["name"].replace(" ", "-"))
 except t.Error:
     print("nogpu")')
 machine="$(nproc)cpu-$gpu"
-out=$here/bench/results/$machine
+if [ -z "$out" ]; then
+  out=$here/bench/results/$machine
+  [ $quick = 1 ] && out=$out-quick
+fi
 mkdir -p "$out"
-echo "bench: results go to bench/results/$machine"
-run() {  # name command...
+out=$(cd "$out" && pwd)
+rm -f "$out"/*.txt "$out"/*.json "$out"/*.svg "$out"/README.md
+echo "bench: results go to $out"
+
+# -- what was measured, where, on which commit (the report's header) ----------------------------
+via=""
+[ -n "${MAKELEVEL:-}" ] && via="make bench -> "
+commit=$(git -C "$here" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+# (changes under bench/results/ are this or an earlier run's outputs, not code)
+[ -n "$(git -C "$here" status --porcelain --untracked-files=no -- . ':!bench/results' 2>/dev/null)" ] &&
+  commit="$commit (uncommitted changes)"
+BENCH_MACHINE=$machine BENCH_GPU=$gpu BENCH_COMMIT=$commit BENCH_QUICK=$quick \
+BENCH_COMMAND="${via}bench/run.sh ${args[*]}" "$py" - "$out/meta.json" <<'PY'
+import json, os, platform, sys, time
+model = "unknown"
+try:
+    with open("/proc/cpuinfo") as f:
+        model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), model)
+except OSError:
+    pass
+mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+e = os.environ
+json.dump({"machine": e["BENCH_MACHINE"], "gpu": e["BENCH_GPU"], "commit": e["BENCH_COMMIT"],
+           "command": e["BENCH_COMMAND"], "quick": e["BENCH_QUICK"] == "1",
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "cores": len(os.sched_getaffinity(0)), "cpu_model": model, "memory_gib": round(mem, 1),
+           "kernel": platform.release(), "python": sys.version.split()[0],
+           "gil": getattr(sys, "_is_gil_enabled", lambda: True)(),
+           "loadavg_start": os.getloadavg()[0]},
+          open(sys.argv[1], "w"), indent=1)
+PY
+
+# -- the benchmarks ------------------------------------------------------------------------------
+failed=()
+run() {  # name command...: text output to $out/name.txt, failures collected
   local name=$1; shift
   echo "== $name: $*"
-  { echo "# $*"; echo "# $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) CPU(s), GPU: $gpu"; "$@"; } 2>&1 | tee "$out/$name.txt"
+  local shown="$*"
+  if ! { echo "# ${shown//$here\//}"; echo "# $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) CPU(s), GPU: $gpu"; "$@"; } 2>&1 | tee "$out/$name.txt"; then
+    echo "bench: $name FAILED (output above and in $out/$name.txt)" | tee -a "$out/$name.txt"
+    failed+=("$name")
+  fi
 }
-run scheduler "$here/build/bench/tl-bench-scheduler"
-run arena "$here/build/bench/tl-bench-arena"
-run executor "$py" "$here/bench/bench_executor.py" --json "$out/executor.json"
-run startup "$py" "$here/bench/bench_startup.py" --json "$out/startup.json"
-run checkpoint "$py" "$here/bench/bench_checkpoint.py" --json "$out/checkpoint.json"
-run dataloader "$py" "$here/bench/bench_dataloader.py" --json "$out/dataloader.json"
+if [ $quick = 1 ]; then
+  q_sched=(--threads 1,2 --scale 0.02 --reps 1)
+  q_arena=(--threads 1,2 --sizes 64K,1M --live 8 --duration 0.05)
+  q_exec=(--items 2000 --threads 1,2 --reps 1)
+  q_start=(-n 3)
+  q_ckpt=(--size 16 --sizes 4,16 --repeat 1)
+  q_load=(--samples 400 --threads 1,2 --reps 1)
+else
+  # best of 5 for the loaders: on a small shared machine run-to-run noise is ~30%
+  q_sched=() q_arena=() q_exec=() q_start=() q_ckpt=() q_load=(--reps 5)
+fi
+run scheduler "$here/build/bench/tl-bench-scheduler" ${q_sched[@]+"${q_sched[@]}"} --json "$out/scheduler.json"
+run arena "$here/build/bench/tl-bench-arena" ${q_arena[@]+"${q_arena[@]}"} --json "$out/arena.json"
+run executor "$py" "$here/bench/bench_executor.py" ${q_exec[@]+"${q_exec[@]}"} --json "$out/executor.json"
+run startup "$py" "$here/bench/bench_startup.py" ${q_start[@]+"${q_start[@]}"} --json "$out/startup.json"
+run checkpoint "$py" "$here/bench/bench_checkpoint.py" ${q_ckpt[@]+"${q_ckpt[@]}"} --json "$out/checkpoint.json"
+run dataloader "$py" "$here/bench/bench_dataloader.py" ${q_load[@]+"${q_load[@]}"} --json "$out/dataloader.json"
+
+# The torch DataLoader baseline runs on whichever interpreter has torch (a GIL python3.12 on the
+# GPU machine): without one, a JSON that says so, and the report leaves the series out with it.
+torch_py="" tried=()
+for cand in ${TORCH_PYTHON:-} "$py" python3.12 python3 python3.11 python3.13; do
+  command -v "$cand" >/dev/null 2>&1 || continue
+  tried+=("$cand")
+  if "$cand" -c 'import torch' >/dev/null 2>&1; then torch_py=$cand; break; fi
+done
+if [ -n "$torch_py" ]; then
+  run dataloader_torch "$torch_py" "$here/bench/bench_dataloader_torch.py" ${q_load[@]+"${q_load[@]}"} \
+    --json "$out/dataloader_torch.json"
+else
+  reason="no interpreter on this machine imports torch (tried: ${tried[*]}); TORCH_PYTHON=/path/to/python picks one"
+  echo "== dataloader_torch: skipped: $reason" | tee "$out/dataloader_torch.txt"
+  REASON=$reason "$py" -c 'import json, os, sys; json.dump({"skipped": os.environ["REASON"]}, open(sys.argv[1], "w"))' \
+    "$out/dataloader_torch.json"
+fi
+
+# -- the report ----------------------------------------------------------------------------------
+"$py" "$here/bench/report.py" "$out"
+echo "bench: report in ${out#"$here"/}/README.md"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "bench: FAILED: ${failed[*]} (see their .txt files in $out)" >&2
+  exit 1
+fi
+}
+main "$@"; exit $?  # one line: bash has read it all before main runs

@@ -1,0 +1,547 @@
+"""bench/report.py: the benchmark report of one machine, from the JSON its benchmarks wrote.
+
+    python3 bench/report.py bench/results/<machine>
+
+Reads meta.json (written by bench/run.sh: machine, date, commit, command) and each benchmark's
+JSON in that directory, and writes there README.md (one section per benchmark: a table of
+threadloom against its baseline with the ratio, a sentence on what it shows, the plot) and the
+SVG plots (bench/svgplot.py). Standard library only: it runs on any Python 3.8+.
+
+A benchmark whose JSON is missing gets a section saying so (it failed or was not run; its .txt
+says why), and a JSON file the report does not know is listed at the end, so nothing is dropped
+silently. The GPU plots (launch rate vs threads, H2D bandwidth vs batch size) are placeholders
+saying why until launch.json / h2d.json exist; those take the generic format of plot_json().
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from svgplot import PALETTE, Series, line_chart, placeholder  # noqa: E402
+
+KNOWN = {"meta", "dataloader", "dataloader_torch", "executor", "scheduler", "checkpoint", "arena",
+         "startup", "launch", "h2d"}
+
+
+class ReportError(Exception):
+    """A results directory the report cannot read; the message says what to do."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+
+def load(d, name):
+    path = os.path.join(d, name + ".json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ReportError("%s: not readable JSON (%s): rerun the benchmark (bench/run.sh)"
+                          % (path, e))
+
+
+def table(header, rows):
+    out = ["| " + " | ".join(header) + " |",
+           "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def num(v, digits=0):
+    return "-" if v is None else "{:,.{}f}".format(v, digits)
+
+
+def ratio(a, b):
+    return "-" if a is None or b is None or b == 0 else "%.2fx" % (a / b)
+
+
+def ms(v):
+    return "-" if v is None else "%.1f ms" % (v * 1e3)
+
+
+def at_cores(ws, cores):
+    """The sweep point the ratios are quoted at: the largest <= cores (else the smallest)."""
+    below = [w for w in ws if w <= cores]
+    return max(below) if below else min(ws)
+
+
+def size_label(b):
+    if b >= 1 << 20 and b % (1 << 20) == 0:
+        return "%d MiB" % (b >> 20)
+    if b >= 1024 and b % 1024 == 0:
+        return "%d KiB" % (b >> 10)
+    return "%d B" % b
+
+
+class Report:
+    def __init__(self, d):
+        self.d = d
+        self.md = []
+        self.plots = []  # SVG files written
+
+    def svg(self, name, text, alt):
+        with open(os.path.join(self.d, name), "w") as f:
+            f.write(text)
+        self.plots.append(name)
+        self.md += ["", "![%s](%s)" % (alt, name)]
+
+    def missing(self, name):
+        self.md += ["", "Not in this run: no %s.json here (the benchmark failed or was not run; "
+                    "%s.txt says why)." % (name, name)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The sections
+# ------------------------------------------------------------------------------------------------
+
+LOADERS = [("threadloom.DataLoader (replicas)", "threadloom.DataLoader (replicas)"),
+           ("threadloom.DataLoader replicate=None", "threadloom.DataLoader replicate=None"),
+           ("naive threads, shared dataset", "naive threads"),
+           ("multiprocessing.Pool (spawn)", "multiprocessing.Pool (spawn)"),
+           ("torch DataLoader", "torch DataLoader")]
+
+
+def section_dataloader(r, cores):
+    r.md += ["", "## DataLoader: loader throughput vs threads", ""]
+    dl = load(r.d, "dataloader")
+    tdl = load(r.d, "dataloader_torch")
+    if dl is None:
+        r.missing("dataloader")
+        return None
+    rows = list(dl["rows"])
+    torch_note = None
+    if tdl is None:
+        torch_note = "torch DataLoader: not run (no dataloader_torch.json)."
+    elif "skipped" in tdl:
+        torch_note = "torch DataLoader: left out: %s." % tdl["skipped"]
+    else:
+        rows += tdl["rows"]
+        torch_note = ("torch DataLoader: torch %s on Python %s with the GIL %s (torch is not built "
+                      "for the free-threaded interpreter), so its per-sample cost is that "
+                      "interpreter's." % (tdl.get("torch"), tdl.get("python"),
+                                          "on" if tdl.get("gil") else "off"))
+    by = {(x["loader"], x["workers"]): x for x in rows}
+    ws = sorted({x["workers"] for x in rows if x["workers"] > 0})
+    present = [(k, short) for k, short in LOADERS if any(x["loader"] == k for x in rows)]
+    r.md += ["A Python-heavy per-sample transform (%d dict lookups in a shared vocabulary per "
+             "sample), %d samples in batches of %d, best of %d runs; worker start-up is included "
+             "for every loader. Samples/s (higher is better); the ratios are threadloom.DataLoader "
+             "(replicas) over each baseline." % (dl["work"], dl["samples"], dl["batch"], dl["reps"]),
+             ""]
+    tl = "threadloom.DataLoader (replicas)"
+    base_cols = [(k, s) for k, s in present if not k.startswith("threadloom")]
+
+    def val(k, w, f="samples_per_s"):
+        x = by.get((k, w))
+        return None if x is None else x[f]
+
+    hdr = ["workers"] + [s for _, s in present] + ["tl / %s" % s for _, s in base_cols]
+    body = []
+    zero = {"threadloom.DataLoader (replicas)": by.get(("threadloom.DataLoader num_workers=0", 0)),
+            "torch DataLoader": by.get(("torch DataLoader", 0))}
+    if any(zero.values()):
+        body.append(["0 (in the loop)"] + [num(zero[k]["samples_per_s"]) if zero.get(k) else "-"
+                                           for k, _ in present]
+                    + [ratio(zero[tl]["samples_per_s"] if zero.get(tl) else None,
+                             zero[k]["samples_per_s"] if zero.get(k) else None)
+                       for k, _ in base_cols])
+    for w in ws:
+        body.append([w] + [num(val(k, w)) for k, _ in present]
+                    + [ratio(val(tl, w), val(k, w)) for k, _ in base_cols])
+    r.md += table(hdr, body)
+    r.md += ["", "Time to the first batch:", ""]
+    r.md += table(["workers"] + [s for _, s in present],
+                  [[w] + [ms(val(k, w, "first_batch_s")) for k, _ in present] for w in ws])
+    series = []
+    for i, (k, s) in enumerate(present):
+        pts = [(w, val(k, w)) for w in ws if val(k, w) is not None]
+        if pts:
+            series.append(Series(s, pts, color=PALETTE[i], dash="" if k.startswith("threadloom") else "7,4"))
+    w = at_cores(ws, cores)
+    best_w = max((x for x in ws if val(tl, x) is not None), key=lambda x: val(tl, x), default=None)
+    text = []
+    if val(tl, w) is not None:
+        cmp_ = ", ".join("%s %s" % (ratio(val(tl, w), val(k, w)), s) for k, s in base_cols
+                         if val(k, w) is not None)
+        text.append("At %d worker%s (this machine has %d cores) threadloom.DataLoader loads %s "
+                    "samples/s: %s." % (w, "s" if w > 1 else "", cores, num(val(tl, w)), cmp_))
+    if best_w is not None and ws[-1] > cores:
+        text.append("Its best is %s samples/s at %d worker%s; past %d workers there are no "
+                    "more cores to use, so the points beyond show oversubscription and noise, "
+                    "not scaling." % (num(val(tl, best_w)), best_w, "s" if best_w > 1 else "",
+                                      cores))
+    mp = "multiprocessing.Pool (spawn)"
+    if val(tl, w, "first_batch_s") is not None and val(mp, w, "first_batch_s") is not None:
+        text.append("The first batch comes after %s with threads vs %s with spawned processes "
+                    "(which start an interpreter and import first)."
+                    % (ms(val(tl, w, "first_batch_s")), ms(val(mp, w, "first_batch_s"))))
+    r.md += ["", " ".join(text)]
+    if torch_note:
+        r.md += ["", torch_note]
+    r.svg("dataloader.svg", line_chart(
+        "Loader throughput vs worker threads/processes", "workers", "samples/s", series,
+        log_x=True, x_ticks=ws, mark_x=(cores, "%d cores" % cores), note=None if tdl and "rows" in tdl else
+        "torch DataLoader: not run here (see the report)"), "loader throughput vs workers")
+    if val(tl, w) is not None and val(mp, w) is not None:
+        return ("DataLoader", "%s samples/s" % num(val(tl, w)), "multiprocessing.Pool %s"
+                % num(val(mp, w)), ratio(val(tl, w), val(mp, w)), "%d workers" % w)
+    return None
+
+
+def section_executor(r, cores):
+    r.md += ["", "## Executor: small Python tasks vs threads", ""]
+    ex = load(r.d, "executor")
+    if ex is None:
+        r.missing("executor")
+        return None
+    r.md += ["Calls of about %.0f us of Python each through threadloom.Executor, "
+             "concurrent.futures.ThreadPoolExecutor and multiprocessing.Pool (spawn), items/s "
+             "(higher is better). `shared`: every call builds and walks a small list; `state`: "
+             "every call draws from a per-thread random.Random. Best of %s runs per cell."
+             % (ex["item_us"], ex.get("reps", 1))]
+    summary = None
+    for load_ in ("shared", "state"):
+        rows = [x for x in ex["rows"] if x["load"] == load_]
+        if not rows:
+            continue
+        r.md += ["", "Workload `%s`:" % load_, ""]
+        r.md += table(["workers", "threadloom", "ThreadPoolExecutor", "multiprocessing.Pool",
+                       "tl / TPE", "tl / mp"],
+                      [[x["workers"], num(x["threadloom"]), num(x["tpe"]), num(x.get("mp")),
+                        ratio(x["threadloom"], x["tpe"]), ratio(x["threadloom"], x.get("mp"))]
+                       for x in rows])
+        ws = [x["workers"] for x in rows]
+        by = {x["workers"]: x for x in rows}
+        series = [Series("threadloom.Executor", [(w, by[w]["threadloom"]) for w in ws], PALETTE[0]),
+                  Series("ThreadPoolExecutor", [(w, by[w]["tpe"]) for w in ws], PALETTE[1], "7,4")]
+        if any(by[w].get("mp") for w in ws):
+            series.append(Series("multiprocessing.Pool", [(w, by[w].get("mp")) for w in ws],
+                                 PALETTE[3], "2,3"))
+        w = at_cores(ws, cores)
+        best = max(rows, key=lambda x: x["threadloom"])
+        r.md += ["", "At %d workers threadloom.Executor runs %s items/s, %s ThreadPoolExecutor%s; "
+                 "its best is %s items/s at %d worker%s.%s"
+                 % (w, num(by[w]["threadloom"]), ratio(by[w]["threadloom"], by[w]["tpe"]),
+                    ", %s multiprocessing.Pool" % ratio(by[w]["threadloom"], by[w]["mp"])
+                    if by[w].get("mp") else "", num(best["threadloom"]), best["workers"],
+                    "s" if best["workers"] > 1 else "",
+                    " Past %d workers the machine's cores are oversubscribed." % cores
+                    if ws[-1] > cores else "")]
+        r.svg("executor_%s.svg" % load_, line_chart(
+            "Executor throughput vs threads (workload: %s)" % load_, "workers", "items/s", series,
+            log_x=True, x_ticks=ws, mark_x=(cores, "%d cores" % cores)),
+            "executor throughput vs threads, %s" % load_)
+        if summary is None:
+            summary = ("Executor (%s)" % load_, "%s items/s" % num(by[w]["threadloom"]),
+                       "ThreadPoolExecutor %s" % num(by[w]["tpe"]),
+                       ratio(by[w]["threadloom"], by[w]["tpe"]), "%d workers" % w)
+    return summary
+
+
+def section_scheduler(r, cores):
+    r.md += ["", "## Scheduler (C): empty tasks per second vs threads", ""]
+    sc = load(r.d, "scheduler")
+    if sc is None:
+        r.missing("scheduler")
+        return None
+    r.md += ["tl-bench-scheduler: empty C tasks through the work-stealing pool vs the textbook "
+             "pool (N pthreads sharing one FIFO queue under a mutex and a condition variable), "
+             "best of %d. `tree`: every task spawns two children; `batch`: one root per worker "
+             "spawns a batch; `inject`: one outside thread submits every task. Million tasks/s "
+             "(higher is better)." % sc["reps"], ""]
+    rows = sc["rows"]
+    r.md += table(["shape", "workers", "threadloom", "mutex+condvar pool", "tl / baseline"],
+                  [[x["shape"], x["workers"], num(x["threadloom"] / 1e6, 2),
+                    num(x["baseline"] / 1e6, 2), ratio(x["threadloom"], x["baseline"])]
+                   for x in rows])
+    shapes = [s for s in ("tree", "batch", "inject") if any(x["shape"] == s for x in rows)]
+    ws = sorted({x["workers"] for x in rows})
+    by = {(x["shape"], x["workers"]): x for x in rows}
+    series = []
+    for i, s in enumerate(shapes):
+        series.append(Series("threadloom %s" % s, [(w, by[s, w]["threadloom"]) for w in ws
+                                                   if (s, w) in by], PALETTE[i]))
+        series.append(Series("baseline %s" % s, [(w, by[s, w]["baseline"]) for w in ws
+                                                 if (s, w) in by], PALETTE[i], "7,4"))
+    w = at_cores(ws, cores)
+    parts = ["%s %s" % (s, ratio(by[s, w]["threadloom"], by[s, w]["baseline"]))
+             for s in shapes if (s, w) in by]
+    slower = []
+    for s in shapes:
+        ns = [str(x["workers"]) for x in rows if x["shape"] == s and x["threadloom"] < x["baseline"]]
+        if ns:
+            slower.append("%s at %s worker%s" % (s, ", ".join(ns), "s" if ns != ["1"] else ""))
+    r.md += ["", "At %d workers threadloom over the baseline: %s.%s" % (
+        w, ", ".join(parts),
+        " The baseline is faster for %s. Its single lock is never contended with one worker and "
+        "by at most %d running threads here; and its queue is unbounded, where the pool's "
+        "injection queue is bounded and blocks the producer (`inject`)."
+        % ("; ".join(slower), cores) if slower else "")]
+    r.svg("scheduler.svg", line_chart(
+        "C scheduler: empty tasks/s vs threads", "workers", "tasks/s", series, log_x=True,
+        log_y=True, x_ticks=ws, mark_x=(cores, "%d cores" % cores),
+        note="solid: threadloom pool; dashed: mutex+condvar FIFO pool"),
+        "scheduler tasks/s vs threads")
+    if ("tree", w) in by:
+        x = by["tree", w]
+        return ("Scheduler (C, tree)", "%s Mtasks/s" % num(x["threadloom"] / 1e6, 1),
+                "mutex+condvar pool %s" % num(x["baseline"] / 1e6, 1),
+                ratio(x["threadloom"], x["baseline"]), "%d workers" % w)
+    return None
+
+
+def section_checkpoint(r, cores):
+    r.md += ["", "## Checkpoint: training stall vs state size", ""]
+    ck = load(r.d, "checkpoint")
+    if ck is None:
+        r.missing("checkpoint")
+        return None
+    summary = None
+    sizes = ck.get("sizes") or []
+    if sizes:
+        r.md += ["How long the training thread is blocked by a checkpoint: threadloom's "
+                 "Checkpointer.save() (it copies into staging and returns; the write, hashing "
+                 "and fsync run in the background) vs a synchronous torch.save-like write on the "
+                 "training thread (a pickled header, then every tensor's bytes into one file; "
+                 "torch.save does not fsync) and the same + fsync. Best of the repeats, seconds "
+                 "(lower is better); memcpy of the same bytes is the floor.", ""]
+        r.md += table(["state", "save() stall", "torch.save-like", "+ fsync", "memcpy",
+                       "torch.save-like / save()", "save() committed after"],
+                      [["%d MiB" % x["size_mib"], "%.3f s" % x["save_stall_s"],
+                        "%.3f s" % x["sync_write_s"], "%.3f s" % x["sync_write_fsync_s"],
+                        "%.3f s" % x["memcpy_s"], ratio(x["sync_write_s"], x["save_stall_s"]),
+                        "%.3f s" % x["save_commit_s"]] for x in sizes])
+        mibs = [x["size_mib"] for x in sizes]
+        big = sizes[-1]
+        r.md += ["", "At %d MiB save() blocks the training thread for %.3f s, %s less than the "
+                 "synchronous write (%.3f s, %.3f s with fsync) and %s a memcpy of the same "
+                 "bytes; the checkpoint is durable %.3f s after the call, while training runs."
+                 % (big["size_mib"], big["save_stall_s"],
+                    ratio(big["sync_write_s"], big["save_stall_s"]), big["sync_write_s"],
+                    big["sync_write_fsync_s"], ratio(big["save_stall_s"], big["memcpy_s"]),
+                    big["save_commit_s"])]
+        def msec(key):
+            return [(m, x[key] * 1e3) for m, x in zip(mibs, sizes)]
+
+        series = [Series("threadloom save() stall", msec("save_stall_s"), PALETTE[0]),
+                  Series("torch.save-like (no fsync)", msec("sync_write_s"), PALETTE[1], "7,4"),
+                  Series("torch.save-like + fsync", msec("sync_write_fsync_s"), PALETTE[3], "7,4"),
+                  Series("memcpy (floor)", msec("memcpy_s"), PALETTE[7], "2,3")]
+        r.svg("checkpoint_stall.svg", line_chart(
+            "Checkpoint: training-thread stall vs state size", "state size (MiB)",
+            "milliseconds blocked", series, log_x=True, log_y=True, x_ticks=mibs),
+            "checkpoint stall vs state size")
+        summary = ("Checkpoint stall (%d MiB)" % big["size_mib"], "%.3f s" % big["save_stall_s"],
+                   "torch.save-like %.3f s" % big["sync_write_s"],
+                   ratio(big["save_stall_s"], big["sync_write_s"]), "lower is better")
+    else:
+        r.md += ["No stall-vs-size sweep in checkpoint.json (an older bench_checkpoint.py)."]
+    if ck.get("bandwidth"):
+        r.md += ["", "Save bandwidth of %d MiB, call to committed, vs a raw sequential write + "
+                 "fsync of the same bytes (goal >= 90%%):" % ck["size_mib"], ""]
+        r.md += table(["staging", "Checkpointer MB/s", "raw write+fsync MB/s", "ratio"],
+                      [[b["staging"], num(b["ckpt_MBps"]), num(b["raw_MBps"]),
+                        "%.0f%%" % (100 * b["ratio"])] for b in ck["bandwidth"]])
+    if ck.get("training"):
+        t = ck["training"]
+        med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+        r.md += ["", "Throughput of %d Python training-loop threads while a save runs vs without "
+                 "(goal >= 97%%): %s it/s vs %s it/s, %.0f%%. The writer needs CPU (copy, hash, "
+                 "the kernel's page-cache copy): with as many loop threads as cores it takes "
+                 "cycles from the loop%s."
+                 % (t["threads"], num(med(t["with_save"])), num(med(t["without"])),
+                    100 * t["ratio"], ", so this %d-core machine measures below the goal" % cores
+                    if t["ratio"] < 0.97 and t["threads"] >= cores else "")]
+    return summary
+
+
+def section_arena(r, cores):
+    r.md += ["", "## Arena: allocation rate vs glibc malloc", ""]
+    ar = load(r.d, "arena")
+    if ar is None:
+        r.missing("arena")
+        return None
+    rows = ar["rows"]
+    cuda = any("cudaHostAlloc" in x for x in rows)
+    r.md += ["tl-bench-arena: one operation allocates a block, writes one byte per 4 KiB page and "
+             "frees a block; with `live` K each thread keeps its K newest blocks (K batches in "
+             "flight). Operations/s over %.2f s per cell (higher is better), the arena vs glibc "
+             "malloc%s. Arena: %s." % (ar["duration_s"], " and cudaHostAlloc" if cuda else "",
+                                       ar.get("pin_detail") or "pinned"), ""]
+    hdr = ["size", "live", "threads", "arena", "glibc", "arena / glibc"]
+    if cuda:
+        hdr += ["cudaHostAlloc", "arena / cuda"]
+    body = []
+    for x in rows:
+        row = [size_label(x["size"]), x["live"], x["threads"], num(x["arena"]), num(x["glibc"]),
+               ratio(x["arena"], x["glibc"])]
+        if cuda:
+            row += [num(x.get("cudaHostAlloc")), ratio(x["arena"], x.get("cudaHostAlloc"))]
+        body.append(row)
+    r.md += table(hdr, body)
+    lives = sorted({x["live"] for x in rows})
+    sizes = sorted({x["size"] for x in rows})
+    ws = sorted({x["threads"] for x in rows})
+    by = {(x["size"], x["live"], x["threads"]): x for x in rows}
+    w = at_cores(ws, cores)
+    summary = None
+    for lv in lives:
+        series = []
+        for i, s in enumerate(sizes):
+            pts = lambda k: [(t, by[s, lv, t].get(k)) for t in ws if (s, lv, t) in by]  # noqa: E731
+            series.append(Series("arena %s" % size_label(s), pts("arena"), PALETTE[i]))
+            series.append(Series("glibc %s" % size_label(s), pts("glibc"), PALETTE[i], "7,4"))
+            if cuda:
+                series.append(Series("cudaHostAlloc %s" % size_label(s), pts("cudaHostAlloc"),
+                                     PALETTE[i], "2,3"))
+        parts = ["%s %s" % (size_label(s), ratio(by[s, lv, w]["arena"], by[s, lv, w]["glibc"]))
+                 for s in sizes if (s, lv, w) in by]
+        r.md += ["", "live %d, %d threads, arena over glibc: %s." % (lv, w, ", ".join(parts))]
+        r.svg("arena_live%d.svg" % lv, line_chart(
+            "Arena vs glibc: alloc+touch+free per second (live %d)" % lv, "threads",
+            "operations/s", series, log_x=True, log_y=True, x_ticks=ws,
+            mark_x=(cores, "%d cores" % cores),
+            note="solid: threadloom arena; dashed: glibc malloc"), "arena rate vs threads, live %d" % lv)
+        mid = sizes[len(sizes) // 2]
+        if (mid, lv, w) in by and (summary is None or lv > 0):
+            x = by[mid, lv, w]
+            summary = ("Arena (%s, live %d)" % (size_label(mid), lv), "%s ops/s" % num(x["arena"]),
+                       "glibc %s" % num(x["glibc"]), ratio(x["arena"], x["glibc"]), "%d threads" % w)
+    return summary
+
+
+def section_startup(r, cores):
+    r.md += ["", "## Start-up: `threadloom run` vs `python3.13t`", ""]
+    st = load(r.d, "startup")
+    if st is None:
+        r.missing("startup")
+        return None
+    m = st["median_s"]
+    r.md += ["Median wall time of running an empty script, %d runs each, alternating (goal: "
+             "ratio <= 1.2)." % st["n"], ""]
+    r.md += table(["threadloom run", "python3.13t", "ratio"],
+                  [[ms(m["threadloom run"]), ms(m["python3.13t"]), "%.2fx" % st["ratio"]]])
+    extra = (m["threadloom run"] - m["python3.13t"]) * 1e3
+    r.md += ["", "%s: the goal is %s." % (
+        "The launcher adds %.1f ms to the interpreter's start-up" % extra if extra >= 0 else
+        "The launcher measured %.1f ms faster than the bare interpreter (run-to-run noise)"
+        % -extra, "met" if st["ratio"] <= 1.2 else "NOT met")]
+    return ("Start-up", ms(m["threadloom run"]), "python3.13t %s" % ms(m["python3.13t"]),
+            "%.2fx" % st["ratio"], "lower is better")
+
+
+GPU_PLOTS = [("launch", "GPU: kernel launch rate vs threads", "launch rate vs threads",
+              "threads", "launches/s"),
+             ("h2d", "GPU: H2D bandwidth vs batch size", "H2D bandwidth vs batch size",
+              "batch size (bytes)", "GB/s")]
+
+
+def plot_json(r, name, title, x_label, y_label, data):
+    """A GPU benchmark's JSON in the generic format: {"x_label", "y_label", "log_x", "log_y",
+    "threadloom": series name, "baseline": series name, "series": {name: [[x, y], ...]}}."""
+    series = [Series(n, pts, PALETTE[i], "" if n == data.get("threadloom") else "7,4")
+              for i, (n, pts) in enumerate(data["series"].items())]
+    xs = sorted({p[0] for s in series for p in s.points})
+    names = list(data["series"])
+    tl, base = data.get("threadloom"), data.get("baseline")
+    val = {(n, x): y for n, pts in data["series"].items() for x, y in pts}
+    hdr = [data.get("x_label", x_label)] + names + (["tl / baseline"] if tl and base else [])
+    r.md += table(hdr, [[num(x)] + [num(val.get((n, x)), 2) for n in names]
+                        + ([ratio(val.get((tl, x)), val.get((base, x)))] if tl and base else [])
+                        for x in xs])
+    r.svg(name + ".svg", line_chart(title, data.get("x_label", x_label), data.get("y_label", y_label),
+                                    series, log_x=data.get("log_x", True),
+                                    log_y=data.get("log_y", False), x_ticks=xs), title)
+
+
+def section_gpu(r, meta):
+    r.md += ["", "## GPU: launch rate and host-to-device bandwidth"]
+    for name, title, alt, x_label, y_label in GPU_PLOTS:
+        data = load(r.d, name)
+        r.md += ["", "### " + title[5:], ""]
+        if data is not None:
+            plot_json(r, name, title, x_label, y_label, data)
+            continue
+        if meta.get("gpu", "nogpu") == "nogpu":
+            why = ["needs a GPU: not run on this machine"]
+        else:
+            why = ["no %s.json: the GPU benchmark for this is not in bench/ yet" % name]
+        r.md += [why[0] + "."]
+        r.svg(name + ".svg", placeholder(title, why), alt + " (placeholder)")
+
+
+# ------------------------------------------------------------------------------------------------
+# The report
+# ------------------------------------------------------------------------------------------------
+
+def build(d):
+    """Writes d/README.md and the SVGs from d/*.json; returns the list of SVG file names."""
+    meta = load(d, "meta")
+    if meta is None:
+        raise ReportError("%s: no meta.json: this is not a results directory written by "
+                          "bench/run.sh (run `make bench`, or bench/run.sh --out %s PYTHON)" % (d, d))
+    r = Report(d)
+    cores = meta.get("cores", 1)
+    gpu = meta.get("gpu", "nogpu")
+    r.md += ["# Benchmark report: %s" % meta.get("machine", os.path.basename(d)), ""]
+    if meta.get("quick"):
+        r.md += ["**Quick run (`--quick`): tiny sizes to check the pipeline; these numbers mean "
+                 "nothing.**", ""]
+    r.md += ["- **machine**: %d CPU(s), %s, %s GiB memory, Linux %s; GPU: %s"
+             % (cores, meta.get("cpu_model", "?"), meta.get("memory_gib", "?"),
+                meta.get("kernel", "?"), "none" if gpu == "nogpu" else gpu),
+             "- **date**: %s" % meta.get("date", "?"),
+             "- **commit**: `%s`" % meta.get("commit", "?"),
+             "- **command**: `%s`" % meta.get("command", "?"),
+             "- **interpreter**: Python %s, GIL %s" % (meta.get("python", "?"),
+                                                      "on" if meta.get("gil") else "off")]
+    if "loadavg_start" in meta:
+        r.md += ["- **load average** (1 min) when the run started: %.2f%s"
+                 % (meta["loadavg_start"], " (other work was running on the machine: the numbers "
+                    "are noisier than an idle machine's)" if meta["loadavg_start"] > 0.5 else "")]
+    r.md += ["", "Written by bench/report.py from the JSON files in this directory; each "
+             "benchmark's full text output is beside it (`<name>.txt`). Every baseline ran in the "
+             "same run on the same machine, interleaved with threadloom where the benchmark "
+             "allows. Ratios are threadloom over the baseline at the sweep point named (the "
+             "largest worker count that fits the cores)."]
+    summary_at = len(r.md)
+    summaries = [section_dataloader(r, cores), section_executor(r, cores),
+                 section_scheduler(r, cores), section_checkpoint(r, cores),
+                 section_arena(r, cores), section_startup(r, cores)]
+    section_gpu(r, meta)
+    summary = ["", "## Summary", ""] + table(
+        ["benchmark", "threadloom", "baseline", "ratio", "at"],
+        [list(s) for s in summaries if s]) + ["", "Each line is detailed in its section below."]
+    r.md[summary_at:summary_at] = summary
+    others = sorted(f for f in os.listdir(d) if f.endswith(".json") and f[:-5] not in KNOWN)
+    if others:
+        r.md += ["", "## Other results", "", "Not drawn by this report: %s." % ", ".join(others)]
+    with open(os.path.join(d, "README.md"), "w") as f:
+        f.write("\n".join(r.md) + "\n")
+    return r.plots
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1].startswith("-"):
+        print("usage: python3 bench/report.py bench/results/<machine>", file=sys.stderr)
+        return 2
+    d = argv[1]
+    if not os.path.isdir(d):
+        print("report: %s is not a directory: give the results directory bench/run.sh wrote"
+              % d, file=sys.stderr)
+        return 2
+    try:
+        plots = build(d)
+    except ReportError as e:
+        print("report: %s" % e, file=sys.stderr)
+        return 1
+    print("report: wrote %s and %d plots" % (os.path.join(d, "README.md"), len(plots)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,263 @@
+"""bench/report.py and bench/svgplot.py on synthetic results, and a --quick bench end to end.
+
+The synthetic directory holds what bench/run.sh writes (meta.json and each benchmark's JSON) with
+round numbers, so the tables' values and ratios can be checked exactly; the SVGs are parsed with
+xml.etree and their series, points and labels counted. No numbers are timed here.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import report  # noqa: E402
+import svgplot  # noqa: E402
+
+SVG = "{http://www.w3.org/2000/svg}"
+LOADERS = ["threadloom.DataLoader (replicas)", "threadloom.DataLoader replicate=None",
+           "naive threads, shared dataset", "multiprocessing.Pool (spawn)"]
+WS = [1, 2, 4]
+
+
+def write(d, name, obj):
+    with open(os.path.join(d, name + ".json"), "w") as f:
+        json.dump(obj, f)
+
+
+def synthetic(d, torch=False):
+    write(d, "meta", {"machine": "2cpu-nogpu", "gpu": "nogpu", "commit": "abc123", "cores": 2,
+                      "command": "bench/run.sh PY", "quick": False, "date": "2026-01-01 00:00 UTC",
+                      "cpu_model": "Test CPU", "memory_gib": 8, "kernel": "6.1", "python": "3.13.5",
+                      "gil": False})
+    rows = [{"loader": "threadloom.DataLoader num_workers=0", "workers": 0, "samples_per_s": 1000.0,
+             "first_batch_s": 0.001}]
+    for i, name in enumerate(LOADERS):
+        for w in WS:
+            rows.append({"loader": name, "workers": w, "samples_per_s": 1000.0 * w / (i + 1),
+                         "first_batch_s": 0.01 * (i + 1)})
+    write(d, "dataloader", {"python": "3.13.5", "gil": False, "cores": 2, "samples": 100,
+                            "batch": 10, "work": 300, "reps": 1, "rows": rows})
+    if torch:
+        write(d, "dataloader_torch", {"torch": "2.5", "python": "3.12.3", "gil": True, "rows": [
+            {"loader": "torch DataLoader", "workers": w, "samples_per_s": 500.0 * max(w, 1),
+             "first_batch_s": 0.5} for w in [0] + WS]})
+    else:
+        write(d, "dataloader_torch", {"skipped": "torch is not importable by /usr/bin/python3"})
+    write(d, "executor", {"gil": False, "cores": 2, "item_us": 10.0, "rows": [
+        {"load": load, "workers": w, "threadloom": 3000.0 * w, "tpe": 1000.0 * w, "mp": 1500.0 * w}
+        for load in ("shared", "state") for w in WS]})
+    write(d, "scheduler", {"cores": 2, "reps": 1, "scale": 1, "rows": [
+        {"shape": s, "workers": w, "tasks": 100, "threadloom": 2e6 * w, "baseline": 1e6 * w}
+        for s in ("tree", "batch", "inject") for w in WS]})
+    write(d, "checkpoint", {"size_mib": 128, "cores": 2, "sizes": [
+        {"size_mib": m, "save_stall_s": m / 1000, "save_commit_s": m / 100, "sync_write_s": m / 250,
+         "sync_write_fsync_s": m / 200, "memcpy_s": m / 2000} for m in (64, 128)],
+        "bandwidth": [{"staging": "staging 256 MiB (streams)", "raw_MBps": 800.0, "ckpt_MBps": 760.0,
+                       "ratio": 0.95}],
+        "training": {"threads": 2, "with_save": [90.0], "without": [100.0], "ratio": 0.9}})
+    write(d, "arena", {"cores": 2, "duration_s": 1.0, "pin_detail": "not pinned: no GPU", "rows": [
+        {"size": s, "threads": w, "live": lv, "arena": 3000.0 * w, "glibc": 2000.0 * w}
+        for lv in (0, 8) for s in (65536, 1 << 20) for w in WS]})
+    write(d, "startup", {"median_s": {"python3.13t": 0.040, "threadloom run": 0.044}, "ratio": 1.1,
+                         "n": 5})
+
+
+def md_table(md, heading, nth=0):
+    """The nth Markdown table after `heading`, as a list of rows (lists of cells), header first."""
+    lines = md.splitlines()
+    i = lines.index(heading)
+    tables, cur = [], []
+    for line in lines[i + 1:]:
+        if line.startswith("## ") and line != heading:
+            break
+        if line.startswith("|"):
+            cur.append([c.strip() for c in line.strip("|").split("|")])
+        elif cur:
+            tables.append(cur)
+            cur = []
+    if cur:
+        tables.append(cur)
+    t = tables[nth]
+    return [t[0]] + t[2:]  # drop the |---| line
+
+
+def svg_series(path):
+    root = ET.parse(path).getroot()
+    assert root.tag == SVG + "svg"
+    out = {}
+    for g in root.iter(SVG + "g"):
+        if g.get("class") == "series":
+            out[g.get("data-name")] = (len(g.findall(SVG + "circle")), len(g.findall(SVG + "polyline")))
+    return root, out
+
+
+def texts(root, cls):
+    return [t.text for t in root.iter(SVG + "text") if t.get("class") == cls]
+
+
+def test_report_tables(tmp_path):
+    d = str(tmp_path)
+    synthetic(d)
+    plots = report.build(d)
+    md = open(os.path.join(d, "README.md")).read()
+    assert md.startswith("# Benchmark report: 2cpu-nogpu\n")
+    for s in ("**commit**: `abc123`", "**command**: `bench/run.sh PY`", "Test CPU",
+              "2026-01-01 00:00 UTC"):
+        assert s in md
+    # DataLoader: one row per worker count plus the in-loop row; ratios tl(replicas) / baseline
+    t = md_table(md, "## DataLoader: loader throughput vs threads")
+    assert t[0] == ["workers", "threadloom.DataLoader (replicas)", "threadloom.DataLoader replicate=None",
+                    "naive threads", "multiprocessing.Pool (spawn)", "tl / naive threads",
+                    "tl / multiprocessing.Pool (spawn)"]
+    assert [r[0] for r in t[1:]] == ["0 (in the loop)", "1", "2", "4"]
+    assert t[2] == ["1", "1,000", "500", "333", "250", "3.00x", "4.00x"]
+    assert "torch DataLoader: left out: torch is not importable by /usr/bin/python3." in md
+    # Scheduler: threadloom is twice the baseline everywhere
+    t = md_table(md, "## Scheduler (C): empty tasks per second vs threads")
+    assert t[0] == ["shape", "workers", "threadloom", "mutex+condvar pool", "tl / baseline"]
+    assert len(t) == 1 + 9 and all(r[4] == "2.00x" for r in t[1:])
+    assert t[1][:4] == ["tree", "1", "2.00", "1.00"]
+    # Checkpoint stall: torch.save-like / save() = (m/250) / (m/1000) = 4
+    t = md_table(md, "## Checkpoint: training stall vs state size")
+    assert [r[0] for r in t[1:]] == ["64 MiB", "128 MiB"]
+    assert all(r[5] == "4.00x" for r in t[1:])
+    # Arena, executor, start-up
+    t = md_table(md, "## Arena: allocation rate vs glibc malloc")
+    assert len(t) == 1 + 12 and all(r[5] == "1.50x" for r in t[1:])
+    t = md_table(md, "## Executor: small Python tasks vs threads")
+    assert [r[4] for r in t[1:]] == ["3.00x"] * 3 and [r[5] for r in t[1:]] == ["2.00x"] * 3
+    t = md_table(md, "## Start-up: `threadloom run` vs `python3.13t`")
+    assert t[1] == ["44.0 ms", "40.0 ms", "1.10x"]
+    # Summary: one line per benchmark
+    t = md_table(md, "## Summary")
+    assert [r[0] for r in t[1:]] == ["DataLoader", "Executor (shared)", "Scheduler (C, tree)",
+                                     "Checkpoint stall (128 MiB)", "Arena (1 MiB, live 8)", "Start-up"]
+    assert t[1][3] == "4.00x"  # 2 workers: 2000 / 500
+    # GPU placeholders say why, and every plot is linked
+    assert md.count("needs a GPU: not run on this machine.") == 2
+    assert sorted(plots) == sorted(["dataloader.svg", "executor_shared.svg", "executor_state.svg",
+                                    "scheduler.svg", "checkpoint_stall.svg", "arena_live0.svg",
+                                    "arena_live8.svg", "launch.svg", "h2d.svg"])
+    for p in plots:
+        assert "](%s)" % p in md
+
+
+def test_report_svgs(tmp_path):
+    d = str(tmp_path)
+    synthetic(d, torch=True)
+    report.build(d)
+    root, series = svg_series(os.path.join(d, "dataloader.svg"))
+    assert list(series) == ["threadloom.DataLoader (replicas)", "threadloom.DataLoader replicate=None",
+                            "naive threads", "multiprocessing.Pool (spawn)", "torch DataLoader"]
+    assert all(v == (len(WS), 1) for v in series.values())  # the 0-worker rows are table-only
+    assert texts(root, "x-label") == ["workers (log scale)"]
+    assert texts(root, "y-label") == ["samples/s"]
+    assert texts(root, "x-tick") == ["1", "2", "4"]
+    assert texts(root, "mark-label") == ["2 cores"]
+    assert texts(root, "legend") == list(series)
+    assert len(texts(root, "y-tick")) >= 3
+    md = open(os.path.join(d, "README.md")).read()
+    assert "torch 2.5 on Python 3.12.3 with the GIL on" in md
+    assert md_table(md, "## DataLoader: loader throughput vs threads")[1][5] == "500"
+    root, series = svg_series(os.path.join(d, "scheduler.svg"))
+    assert len(series) == 6 and all(v == (3, 1) for v in series.values())
+    assert texts(root, "y-label") == ["tasks/s (log scale)"]
+    root, series = svg_series(os.path.join(d, "checkpoint_stall.svg"))
+    assert len(series) == 4 and all(v == (2, 1) for v in series.values())
+    assert texts(root, "x-label") == ["state size (MiB) (log scale)"]
+    root, series = svg_series(os.path.join(d, "arena_live8.svg"))
+    assert len(series) == 4 and texts(root, "title") == [
+        "Arena vs glibc: alloc+touch+free per second (live 8)"]
+    for name in ("launch.svg", "h2d.svg"):
+        root, series = svg_series(os.path.join(d, name))
+        assert series == {} and texts(root, "note") == ["needs a GPU: not run on this machine"]
+
+
+def test_report_missing_and_unknown(tmp_path):
+    d = str(tmp_path)
+    synthetic(d)
+    os.unlink(os.path.join(d, "scheduler.json"))
+    os.unlink(os.path.join(d, "dataloader_torch.json"))
+    write(d, "mystery", {"x": 1})
+    report.build(d)
+    md = open(os.path.join(d, "README.md")).read()
+    assert "Not in this run: no scheduler.json here" in md
+    assert "torch DataLoader: not run (no dataloader_torch.json)." in md
+    assert "Not drawn by this report: mystery.json." in md
+    assert not os.path.exists(os.path.join(d, "scheduler.svg"))
+
+
+def test_report_generic_gpu_json(tmp_path):
+    d = str(tmp_path)
+    synthetic(d)
+    write(d, "h2d", {"x_label": "batch size (bytes)", "y_label": "GB/s", "threadloom": "feeder",
+                     "baseline": "cudaMemcpy", "series": {
+                         "feeder": [[1024, 2.0], [4096, 8.0]], "cudaMemcpy": [[1024, 1.0], [4096, 4.0]]}})
+    report.build(d)
+    md = open(os.path.join(d, "README.md")).read()
+    t = md_table(md, "## GPU: launch rate and host-to-device bandwidth")
+    assert t[0] == ["batch size (bytes)", "feeder", "cudaMemcpy", "tl / baseline"]
+    assert [r[3] for r in t[1:]] == ["2.00x", "2.00x"]
+    _, series = svg_series(os.path.join(d, "h2d.svg"))
+    assert series == {"feeder": (2, 1), "cudaMemcpy": (2, 1)}
+    assert md.count("needs a GPU: not run on this machine.") == 1  # launch still a placeholder
+
+
+def test_report_errors(tmp_path):
+    d = str(tmp_path)
+    with pytest.raises(report.ReportError, match="no meta.json.*make bench"):
+        report.build(d)
+    synthetic(d)
+    with open(os.path.join(d, "executor.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(report.ReportError, match="executor.json: not readable JSON"):
+        report.build(d)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report.py"),
+                        os.path.join(d, "nope")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "is not a directory" in r.stderr
+
+
+def test_svgplot_lines_breaks_and_axes():
+    svg = svgplot.line_chart("t", "x", "y", [svgplot.Series("a", [(1, 1), (2, None), (3, 2), (4, 3)]),
+                                             svgplot.Series("b", [(1, 5), (4, 6)])])
+    root = ET.fromstring(svg)
+    g = [e for e in root.iter(SVG + "g") if e.get("class") == "series"]
+    # a: the gap at x=2 leaves one point alone (no line) and a run of two
+    assert [(len(e.findall(SVG + "circle")), len(e.findall(SVG + "polyline"))) for e in g] == [(3, 1), (2, 1)]
+    assert texts(root, "y-tick")[0] == "0"  # a linear y axis starts at 0
+    with pytest.raises(ValueError, match="log y axis needs y > 0"):
+        svgplot.line_chart("t", "x", "y", [svgplot.Series("a", [(1, 0), (2, 1)])], log_y=True)
+    with pytest.raises(ValueError, match="no points"):
+        svgplot.line_chart("t", "x", "y", [svgplot.Series("a", [(1, None)])])
+    assert [svgplot.si(v) for v in (0, 1500, 2e6, 0.25, 0.002)] == ["0", "1.5k", "2M", "0.25", "2m"]
+
+
+def test_quick_bench_end_to_end(tmp_path):
+    """bench/run.sh --quick: every benchmark runs, writes JSON, and the report draws them (about
+    10-20 s on a 2-core machine)."""
+    for b in ("tl-bench-scheduler", "tl-bench-arena"):
+        if not os.access(os.path.join(ROOT, "build", "bench", b), os.X_OK):
+            pytest.skip("build/bench/%s is not built: run `make build`" % b)
+    out = str(tmp_path / "results")
+    r = subprocess.run(["bash", os.path.join(ROOT, "bench", "run.sh"), "--quick", "--out", out,
+                        sys.executable], capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k != "MAKELEVEL"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "bench: report in %s/README.md" % out in r.stdout
+    for name in ("scheduler", "arena", "executor", "startup", "checkpoint", "dataloader",
+                 "dataloader_torch", "meta"):
+        with open(os.path.join(out, name + ".json")) as f:
+            json.load(f)
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["quick"] is True and meta["cores"] >= 1
+    md = open(os.path.join(out, "README.md")).read()
+    assert "Not in this run" not in md
+    for name in ("dataloader", "executor_shared", "scheduler", "checkpoint_stall", "arena_live8"):
+        _, series = svg_series(os.path.join(out, name + ".svg"))
+        assert series and all(c >= 1 for c, _ in series.values())
