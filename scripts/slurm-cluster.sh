@@ -196,7 +196,10 @@ write_config() {
     echo "SlurmctldPort=$port_base"
     echo "AuthType=auth/munge"
     echo "CredType=cred/munge"
-    echo "AuthInfo=socket=$sock_dir/munge.socket"
+    # cred_expire (default 120 s) is also how long SLURM holds a requeued job before it may
+    # start again (EligibleTime = requeue + cred_expire + 1); 10 s keeps the requeue test short
+    # and still leaves a loaded machine time to launch a step on its credential.
+    echo "AuthInfo=socket=$sock_dir/munge.socket,cred_expire=10"
     echo "SlurmUser=root"
     echo "SlurmdUser=root"
     echo "StateSaveLocation=$dir/state"
@@ -219,8 +222,11 @@ write_config() {
     echo "ReturnToService=2"
     # Nodes share this machine's cores: take the node definitions below as they are.
     echo "SlurmdParameters=config_overrides"
-    # Quick teardown: 2 s between SIGTERM and SIGKILL; requeued jobs may start again at once.
+    # Quick teardown: 2 s between SIGTERM and SIGKILL.
     echo "KillWait=2"
+    # A job that becomes eligible by time (a requeued one) starts at the next scheduling pass:
+    # every second here instead of every 30 s (backfill) / 60 s (main loop).
+    echo "SchedulerParameters=bf_interval=1,sched_interval=1"
     echo "MinJobAge=600"
     local k
     for k in $(seq "$nodes"); do

@@ -376,6 +376,16 @@ static PyMethodDef core_methods[] = {
      "('linux[1-2],gpu-[01-02]' -> ['linux1', 'linux2', 'gpu-01', 'gpu-02']). Raises "
      "InvalidArgumentError naming the position of a malformed part, OutOfRangeError over 1<<20 "
      "names."},
+    {"signal_ignore", tl_py_signal_ignore, METH_O,
+     "signal_ignore(signum): sets the signal's disposition to SIG_IGN with sigaction(), from any "
+     "thread (signal.signal() works on the main thread only; signal.getsignal() does not see "
+     "the change). InvalidArgumentError for SIGKILL, SIGSTOP or a number out of range."},
+    {"preempt_notice", tl_py_preempt_notice, METH_O,
+     "preempt_notice(signum): installs a C handler (SA_RESTART) that writes one line to stderr, "
+     "'threadloom: SIGUSR2 (the job's preemption warning) arrived, but the program did not call "
+     "threadloom.cluster.on_preempt(): ignored; ...', and otherwise ignores the signal. The "
+     "launchers install it under SLURM until on_preempt() replaces it. It survives interpreter "
+     "finalization (Python resets only its own handlers)."},
     {"error_table", core_error_table, METH_NOARGS,
      "The error table: tuple of (code, name, message, exception class)."},
     {"_raise_error", core_raise_error, METH_VARARGS,

@@ -134,6 +134,10 @@ extern PyType_Spec tl_py_wfile_spec;
 /* cluster.c */
 /* hostlist_expand(list) -> list of str */
 PyObject* tl_py_hostlist_expand(PyObject* module, PyObject* arg);
+/* signal_ignore(signum) -> None: SIG_IGN, from any thread */
+PyObject* tl_py_signal_ignore(PyObject* module, PyObject* arg);
+/* preempt_notice(signum) -> None: a handler that writes one line and ignores the signal */
+PyObject* tl_py_preempt_notice(PyObject* module, PyObject* arg);
 
 /* nccl.c */
 extern PyType_Spec tl_py_ncclcomm_spec;

@@ -513,6 +513,14 @@ class StoreClient:
         st, data = self._call(OP_ADD, key, struct.pack(">q", delta))
         return struct.unpack(">q", data)[0]
 
+    def interrupt(self):
+        """Ends the request another thread has in flight on this connection (it raises
+        InputOutputError), and every later one: for stopping a thread that waits here."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def close(self):
         try:
             self._sock.close()

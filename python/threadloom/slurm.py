@@ -10,7 +10,10 @@ signal some seconds before the time limit (default USR2 120 s before, to the bat
 which forwards it to every task through srun) and --requeue; srun runs with
 --kill-on-bad-exit=1, so one node that dies ends the step on every node. Each run of the script
 exports a fresh random THREADLOOM_JOB_TOKEN (read from /dev/urandom on the node, never written
-into the script), which cluster.rendezvous() turns into the job's store secret.
+into the script), which cluster.rendezvous() turns into the job's store secret, and the signal
+as THREADLOOM_PREEMPT_SIGNAL (for the launcher and cluster.on_preempt()). Logs are opened with
+--open-mode=append, so the runs of a requeued job follow each other in them, each starting
+with a line "threadloom: job J run N on NODES at TIME".
 
 `JobSpec` holds the options; `batch_script(spec)` returns the text; `submit(spec)` runs sbatch.
 Validation errors are InvalidArgumentError with a sentence saying what to change.
@@ -30,6 +33,7 @@ import sys
 from threadloom import _core, errors
 
 TOKEN_VAR = "THREADLOOM_JOB_TOKEN"   # = cluster.TOKEN_VAR; not imported, cluster loads _core
+PREEMPT_SIGNAL_VAR = "THREADLOOM_PREEMPT_SIGNAL"   # = cluster_runtime.PREEMPT_SIGNAL_VAR
 
 # SLURM's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (sbatch --time).
 _TIME_RE = re.compile(r"^(\d+|\d+:\d+|\d+:\d+:\d+|\d+-\d+|\d+-\d+:\d+|\d+-\d+:\d+:\d+)$")
@@ -128,6 +132,9 @@ def validate(spec):
         if not _ENV_RE.match(name):
             raise _invalid("--env %r: the name must be a shell variable name (letters, digits, "
                            "_; not starting with a digit)" % name)
+        if name == PREEMPT_SIGNAL_VAR:
+            raise _invalid("--env %s: the script exports the job's --signal there; change "
+                           "--signal instead" % PREEMPT_SIGNAL_VAR)
         if name == TOKEN_VAR:
             raise _invalid("--env %s: the script makes a fresh random token for every job; a "
                            "fixed one would let any job that knows it join this job's "
@@ -156,6 +163,7 @@ def batch_script(spec):
         "--time=%s" % spec.time,
         "--output=%s" % os.path.join(logs, "%x-%j.out"),
         "--signal=B:%s@%d" % (spec.signal, spec.signal_lead),
+        "--open-mode=append",
     ]
     if spec.gpus_per_node:
         sb.append("--gpus-per-node=%d" % spec.gpus_per_node)
@@ -168,7 +176,7 @@ def batch_script(spec):
     sb.append("--requeue" if spec.requeue else "--no-requeue")
     sb.extend(spec.sbatch_args)
 
-    srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+    srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--open-mode=append",
             "--output=%s" % os.path.join(logs, "%x-%j-%N-%t.out")]
     if spec.cpus_per_task:
         srun.append("--cpus-per-task=%d" % spec.cpus_per_task)
@@ -184,11 +192,16 @@ def batch_script(spec):
     lines += [
         "",
         "set -u",
+        "# The logs are appended to (--open-mode=append): a requeued job's runs follow each other.",
+        "echo \"threadloom: job $SLURM_JOB_ID run $((${SLURM_RESTART_COUNT:-0} + 1)) on "
+        "$SLURM_JOB_NODELIST at $(date '+%Y-%m-%dT%H:%M:%S')\" >&2",
         "# A fresh secret for this run's rendezvous (never a fixed value); srun passes it on.",
         "export %s=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \\n')" % TOKEN_VAR,
         'if [ ${#%s} -ne 64 ]; then echo "threadloom: could not read /dev/urandom for %s" >&2; '
         "exit 1; fi" % (TOKEN_VAR, TOKEN_VAR),
     ]
+    lines += ["# The signal SLURM sends before the time limit, for on_preempt() and the launcher.",
+              "export %s=%s" % (PREEMPT_SIGNAL_VAR, spec.signal)]
     lines += ["export %s=%s" % (k, q(v)) for k, v in spec.env]
     lines += [
         "",

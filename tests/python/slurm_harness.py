@@ -11,6 +11,7 @@ the script's reason; any other start failure FAILS with the daemons' logs.
     res = cluster.wait_job(job, {"COMPLETED"})       # fails with the logs on timeout
     res.state, res.exit_code, res.logs               # logs: {file name: text}
     cluster.wait_log(job, "holding", count=2)        # until 2 of a job's logs hold a line
+    cluster.wait_info(job, lambda i: i["Restarts"] != "0", "requeue")   # any condition
     cluster.run("scancel", "--signal=USR2", "--batch", job)
 
 Jobs write their logs to `cluster.log_dir` as <name>-<jobid>.out (batch) and
@@ -204,6 +205,21 @@ class SlurmCluster:
                     self.run("scancel", str(job_id), check=False)
                 raise AssertionError("job %s not in %s after %.0f s (state %r)\n%s"
                                      % (job_id, sorted(states), timeout, state,
+                                        self.describe(job_id, info)))
+            time.sleep(0.2)
+
+    def wait_info(self, job_id, pred, what, timeout=60.0):
+        """Polls `scontrol show job` until pred(info) is true; returns that info. After
+        `timeout` s raises AssertionError saying `what` was awaited, with the job's record and
+        every log (the job is left alone)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.job_info(job_id)
+            if info and pred(info):
+                return info
+            if time.monotonic() > deadline:
+                raise AssertionError("job %s: no %s after %.0f s (state %r)\n%s"
+                                     % (job_id, what, timeout, info.get("JobState"),
                                         self.describe(job_id, info)))
             time.sleep(0.2)
 

@@ -595,14 +595,15 @@ TRAIN = """
     while True:
         state["step"] += 1
         state["w"] = [x + 1.0 for x in state["w"]]
-        if state["step"] == first + 3:
-            print("ready", state["step"], flush=True)
         if defer:
             p.check()
-            if state["step"] >= first + 3:
+        if state["step"] == first + 3:
+            print("ready", state["step"], flush=True)   # (after check: the signal comes next)
+        if state["step"] >= first + 3:
+            if defer:
                 p.requested.wait()
-        elif state["step"] >= first + 3:
-            threading.Event().wait()      # the signal handler ends this
+            else:
+                threading.Event().wait()      # the preemption thread ends this
 """
 
 
@@ -702,3 +703,248 @@ def test_preemption_of_a_two_node_job(launcher, job, tmp_path):
         assert rc == cluster_runtime.PREEMPT_EXIT, err
         assert "checkpoint saved (node %d)" % r in err and "aborts" not in err
     assert record.read_text().split() == ["requeue", "555"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The preemption signal while exiting, and with nobody to handle it
+# ---------------------------------------------------------------------------------------------
+
+ONE_NODE_SLURM = {"SLURM_JOB_ID": "31", "SLURM_NNODES": "1", "SLURM_NTASKS": "1",
+                  "SLURM_PROCID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "127.0.0.1"}
+
+# The process stops twice on its way out, each time until the test has sent the signal and
+# written a byte to its stdin: in an atexit hook registered before on_preempt's (atexit runs
+# hooks last-in first-out, so on_preempt's has run), and in a __del__ that runs while
+# __main__'s globals are cleared, after Python has put SIG_DFL back for every signal whose
+# handler was a Python function.
+EXITING = """
+    import atexit, os, sys
+    from threadloom import cluster
+
+    def stop(what, write=os.write, read=os.read):
+        write(1, b"%s\\n" % what.encode())
+        read(0, 1)
+        write(1, b"after %s\\n" % what.encode())
+
+    class Last:
+        def __del__(self, stop=stop):   # (globals may be gone by now)
+            stop("finalizing")
+
+    last = Last()
+    atexit.register(stop, "atexit")
+    if sys.argv[1] == "on_preempt":
+        cluster.on_preempt(lambda: "saved", requeue=False)
+    print("ready", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", [
+    pytest.param(("python", "on_preempt"), id="python-on_preempt"),
+    pytest.param(("c", "on_preempt"), id="launcher-on_preempt",
+                 marks=pytest.mark.skipif(not HAVE_BIN, reason="launcher not built")),
+    pytest.param(("c", "none"), id="launcher-no-handler",
+                 marks=pytest.mark.skipif(not HAVE_BIN, reason="launcher not built")),
+    pytest.param(("py", "none"), id="python-m-launcher-no-handler"),
+])
+def test_preemption_signal_while_exiting_is_ignored(how, tmp_path):
+    """A process that is already exiting when the signal comes ends normally: no preemption
+    work starts (the job is done), and it is not killed by the signal (with srun
+    --kill-on-bad-exit a task dying of it fails the whole job). Under SLURM the launchers'
+    notice covers a program that never called on_preempt, through finalization too."""
+    launcher, mode = how
+    script = write(tmp_path, "exiting.py", EXITING)
+    argv = [sys.executable, script, mode] if launcher == "python" else _argv(launcher, [], script, mode)
+    p = subprocess.Popen(argv, env=_env({"token": "x" * 32, "id": "e"}, ONE_NODE_SLURM),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    wait_ready(p)
+    for stage in ("atexit", "finalizing"):
+        line = p.stdout.readline()
+        assert line == stage + "\n", (line, p.early)
+        p.send_signal(signal.SIGUSR2)
+        if mode == "none":   # the notice is written by the handler, before kill() returns here
+            notice = p.stderr.readline()
+            assert "SIGUSR2 (the job's preemption warning) arrived" in notice, notice
+            assert "did not call threadloom.cluster.on_preempt()" in notice
+        p.stdin.write("x")
+        p.stdin.flush()
+        assert p.stdout.readline() == "after %s\n" % stage
+    p.stdin.close()
+    rc, out, err = finish(p)
+    assert rc == 0, (rc, err)
+    assert "preemption" not in err and "saved" not in err, err
+
+
+NO_HANDLER = """
+    import os, sys
+    print("ready", flush=True)
+    os.read(0, 1)
+    print("still running", flush=True)
+"""
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("var, sig", [(None, signal.SIGUSR2), ("HUP", signal.SIGHUP),
+                                      ("SIGTERM", signal.SIGTERM), ("12", signal.SIGUSR2)])
+def test_launcher_notices_a_preemption_signal_nobody_handles(launcher, var, sig, tmp_path):
+    """Under SLURM the launchers ignore the job's preemption signal (THREADLOOM_PREEMPT_SIGNAL,
+    else USR2) until on_preempt takes it, and write one line saying so: the program goes on
+    instead of dying 120 s before its time limit."""
+    script = write(tmp_path, "busy.py", NO_HANDLER)
+    env = dict(ONE_NODE_SLURM, **({"THREADLOOM_PREEMPT_SIGNAL": var} if var else {}))
+    p = subprocess.Popen(_argv(launcher, [], script), env=_env({"token": "x" * 32, "id": "n"}, env),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    wait_ready(p)
+    p.send_signal(sig)
+    notice = p.stderr.readline()
+    assert notice.startswith("threadloom: %s (the job's preemption warning) arrived, but the "
+                             "program did not call threadloom.cluster.on_preempt(): ignored"
+                             % sig.name), notice
+    p.stdin.write("x")
+    p.stdin.close()
+    rc, out, err = finish(p)
+    assert rc == 0 and "still running" in out, (rc, err)
+    assert err == "", err   # one line per signal, nothing else
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_bad_preemption_signal_variable_stops_the_launcher(launcher, tmp_path):
+    script = write(tmp_path, "t.py", "print('ran')\n")
+    for value, words in (("NOPE", "unknown signal"), ("KILL", "cannot be caught"),
+                         ("999", "not a signal number")):
+        p = subprocess.run(_argv(launcher, [], script), capture_output=True, text=True,
+                           timeout=WAIT, env=_env({"token": "x" * 32, "id": "b"},
+                                                  dict(ONE_NODE_SLURM, THREADLOOM_PREEMPT_SIGNAL=value)))
+        assert p.returncode == 2 and "ran" not in p.stdout, p.stderr
+        assert "THREADLOOM_PREEMPT_SIGNAL=%r" % value in p.stderr and words in p.stderr, p.stderr
+
+
+def test_signal_helpers_refuse_what_cannot_be_caught():
+    from threadloom import _core
+    for bad in (0, signal.SIGKILL, signal.SIGSTOP, 100000):
+        for fn in (_core.signal_ignore, _core.preempt_notice):
+            with pytest.raises(threadloom.InvalidArgumentError, match="cannot be caught"):
+                fn(int(bad))
+    with pytest.raises(threadloom.InvalidArgumentError, match="cannot be caught"):
+        cluster.on_preempt(lambda: None, signal="KILL")
+    with pytest.raises(threadloom.InvalidArgumentError, match="peer_timeout"):
+        cluster.on_preempt(lambda: None, peer_timeout=0)
+
+
+def test_on_preempt_follows_the_job_signal_and_uninstall_restores_the_notice(tmp_path):
+    script = write(tmp_path, "follow.py", """
+        import os, signal, sys
+        from threadloom import cluster, cluster_runtime
+        os.environ["THREADLOOM_PREEMPT_SIGNAL"] = "HUP"
+        cluster_runtime.guard_preempt_signal()
+        p = cluster.on_preempt(lambda: "x", requeue=False)
+        print(p.signal.name, signal.getsignal(signal.SIGHUP) == p._handler, flush=True)
+        p.uninstall()
+        os.kill(os.getpid(), signal.SIGHUP)     # the notice again: a line, not a death
+        print("alive", flush=True)
+    """)
+    r = run_python(script)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["SIGHUP", "True", "alive"]
+    assert "SIGHUP (the job's preemption warning) arrived" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Several nodes: node 0 requeues once every node has saved
+# ---------------------------------------------------------------------------------------------
+
+def slurm_like_scontrol(tmp_path, marker_dir):
+    """A stand-in for scontrol that behaves as SLURM's requeue does to the caller's job: it
+    records its arguments and which nodes had finished saving when it ran (the marker files
+    node.py writes after its save), then sends SIGTERM to its caller (SLURM ends the step on
+    every node with SIGTERM at once)."""
+    record = tmp_path / "scontrol.calls"
+    path = tmp_path / "scontrol"
+    path.write_text("#!/bin/sh\necho \"$@\" saved: $(ls %s | sort | tr '\\n' ' ') >> %s\n"
+                    "kill -TERM $PPID\nexit 0\n" % (marker_dir, record))
+    path.chmod(0o755)
+    return str(path), record
+
+
+SLOW_SAVE = """
+    import os, sys, threading
+    from threadloom import cluster
+    rv = cluster.current()
+    scontrol, markers, slow, peer_timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+
+    def save():
+        if rv.rank == slow:
+            print("saving slowly", flush=True)
+            sys.stdin.read(1)                   # until the test lets this node finish
+        open(os.path.join(markers, "node-%d" % rv.rank), "w").close()
+        return "node %d" % rv.rank
+
+    cluster.on_preempt(save, commands=cluster.SlurmCommands(scontrol=scontrol),
+                       peer_timeout=peer_timeout)
+    print("ready", rv.rank, flush=True)
+    threading.Event().wait()
+"""
+
+
+def _slow_save_job(launcher, job, tmp_path, peer_timeout):
+    markers = tmp_path / "saved"
+    markers.mkdir()
+    scontrol, record = slurm_like_scontrol(tmp_path, markers)
+    script = write(tmp_path, "node.py", SLOW_SAVE)
+    env = {"SLURM_JOB_ID": "556", "SLURM_NNODES": "2", "SLURM_NTASKS": "2",
+           "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.1"}
+    procs = [subprocess.Popen(_argv(launcher, node_flags(2, r), script, scontrol, str(markers),
+                                    "1", str(peer_timeout)),
+                              env=_env(job, dict(env, SLURM_NODEID=str(r), SLURM_PROCID=str(r))),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    for p in procs:
+        wait_ready(p)
+    for p in procs:
+        p.send_signal(signal.SIGUSR2)
+    assert procs[1].stdout.readline() == "saving slowly\n"
+    return procs, record
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_node0_requeues_only_after_every_node_saved(launcher, job, tmp_path):
+    """`scontrol requeue` ends the step on every node at once, so node 0 waits for the other
+    nodes' checkpoints; they in turn exit only after the requeue (srun --kill-on-bad-exit would
+    kill node 0 on their non-zero exit). SIGTERM, which the requeue sends, is ignored."""
+    procs, record = _slow_save_job(launcher, job, tmp_path, 120)
+    # node 0 has saved and says it is waiting for node 1, which is still saving
+    early = ""
+    for line in iter(procs[0].stderr.readline, ""):
+        early += line
+        if "waiting up to 120 s for node(s) 1 to save before the requeue" in line:
+            break
+    assert "checkpoint saved (node 0)" in early, early
+    assert not record.exists(), record.read_text()
+    procs[1].stdin.write("x")
+    procs[1].stdin.close()
+    for r, p in enumerate(procs):
+        rc, _, err = finish(p)
+        err = (early if r == 0 else "") + err
+        assert rc == cluster_runtime.PREEMPT_EXIT, err
+        assert "checkpoint saved (node %d)" % r in err and "aborts" not in err, err
+    assert record.read_text().split() == ["requeue", "556", "saved:", "node-0", "node-1"]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_node0_requeues_without_a_node_that_does_not_save_in_time(launcher, job, tmp_path):
+    procs, record = _slow_save_job(launcher, job, tmp_path, 0.5)
+    rc, _, err = finish(procs[0])
+    assert rc == cluster_runtime.PREEMPT_EXIT, err
+    assert "node(s) 1 did not report a checkpoint within 0.5 s; requeueing without them" in err
+    assert record.read_text().split() == ["requeue", "556", "saved:", "node-0"]
+    try:
+        procs[1].stdin.write("x")   # node 1 finishes its save late: the requeue is done
+        procs[1].stdin.close()
+    except BrokenPipeError:
+        pass                        # ... or its watchdog saw node 0 go and ended it
+    rc, _, err = finish(procs[1])
+    # node 0, and its store, are gone: node 1 fails to report (1) or its watchdog sees the
+    # store gone first (ABORT_EXIT); SLURM would have ended it with SIGKILL by now anyway
+    assert rc in (1, cluster_runtime.ABORT_EXIT), err

@@ -21,6 +21,7 @@ from threadloom import slurm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOB_PY = os.path.join(ROOT, "tests", "python", "slurm_jobs", "rendezvous_job.py")
+REQUEUE_PY = os.path.join(ROOT, "tests", "python", "slurm_jobs", "requeue_job.py")
 BIN = os.environ.get("THREADLOOM_BIN", os.path.join(ROOT, "build", "bin", "threadloom"))
 
 
@@ -80,15 +81,18 @@ def test_script_sets_every_option():
         "--time": ["1-02:00:00"], "--output": ["/scratch/logs/%x-%j.out"],
         "--signal": ["B:USR1@300"], "--gpus-per-node": ["8"], "--cpus-per-task": ["16"],
         "--partition": ["gpu"], "--chdir": ["/scratch/run"], "--requeue": [True],
-        "--exclusive": [True]}
+        "--open-mode": ["append"], "--exclusive": [True]}
     opts, cmd = srun_options(srun)
     assert set(opts) == {"--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=16",
-                         "--output=/scratch/logs/%x-%j-%N-%t.out", "--mpi=none"}
+                         "--output=/scratch/logs/%x-%j-%N-%t.out", "--mpi=none",
+                         "--open-mode=append"}
     assert cmd == ["/opt/tl/bin/threadloom", "run", "--gil=warn", "train.py", "--lr", "0.1",
                    "two words"]
     # Exports: the user's, quoted; the trap forwards the chosen signal to srun.
     assert "export NCCL_DEBUG=INFO" in rest and "export DATA='/data/a b'" in rest
     assert "trap tl_forward USR1" in rest
+    # the launcher and on_preempt() learn the job's signal from the script
+    assert "export THREADLOOM_PREEMPT_SIGNAL=USR1" in rest
     assert any('kill -USR1 "$tl_srun"' in line for line in rest)
 
 
@@ -148,6 +152,7 @@ def test_job_token_is_fresh_for_every_run_and_not_in_the_script():
     (dict(log_dir="my logs"), "--log-dir"),
     (dict(env=(("THREADLOOM_JOB_TOKEN", "x" * 64),)), "fresh random token"),
     (dict(env=(("1BAD", "x"),)), "--env"),
+    (dict(env=(("THREADLOOM_PREEMPT_SIGNAL", "TERM"),)), "change --signal instead"),
     (dict(args=("a\nb",)), "newline"),
     (dict(sbatch_args=("exclusive",)), "--sbatch-arg"),
     (dict(program=""), "program"),
@@ -326,6 +331,93 @@ def test_submitted_job_forwards_the_signal_to_every_task(slurm_cluster):
     tasks = [t for name, t in res.logs.items() if name != "usr2-%s.out" % job]
     assert "SIGUSR2: forwarding to the job step" in batch
     assert len(tasks) == 2 and all("got USR2" in t for t in tasks), res.logs
+
+
+def test_preemption_signal_without_on_preempt_does_not_kill_the_job(slurm_cluster):
+    """A program that never called on_preempt gets the forwarded USR2 (here sent at once, as
+    SLURM does 120 s before the limit): under the launcher it writes one line per node and
+    goes on, and the job completes instead of failing early."""
+    if not os.access(BIN, os.X_OK):
+        pytest.skip("launcher not built (%s): run `make build`" % BIN)
+    c = slurm_cluster
+    release = os.path.join(c.log_dir, "release-%d" % os.getpid())
+    spec = slurm.JobSpec(program=JOB_PY, args=("--hold-unhandled", release), nodes=2, time="3",
+                         job_name="nohandler", log_dir=c.log_dir, launcher=(BIN,))
+    job, _ = slurm.submit(spec, path=os.path.join(c.log_dir, "nohandler.sbatch"), environ=c.env())
+    c.wait_log(job, "holding", count=2)
+    c.run("scancel", "--signal=USR2", "--batch", job)
+    c.wait_log(job, "did not call threadloom.cluster.on_preempt(): ignored", count=2)
+    open(release, "w").close()
+    res = c.wait_job(job, timeout=60)
+    assert res.state == "COMPLETED" and res.exit_code == "0:0", c.describe(job, res.info)
+    tasks = [t for n, t in res.logs.items() if n != "nohandler-%s.out" % job]
+    assert len(tasks) == 2 and all("released" in t and "done" in t for t in tasks), res.logs
+    assert "User defined signal 2" not in "".join(res.logs.values())
+
+
+def _load_requeue_job():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("requeue_job", REQUEUE_PY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_preempted_job_checkpoints_is_requeued_and_resumes(slurm_cluster):
+    """The whole preemption path on real SLURM: a 2-node job from slurm.batch_script (--requeue,
+    --signal=B:USR2) runs requeue_job.py under the C launcher. The test sends USR2 to the batch
+    shell as SLURM does at the time limit; the shell forwards it; every node checkpoints; node 0
+    runs the real `scontrol requeue`; SLURM runs the job again (Restarts=1: it holds a requeued
+    job for AuthInfo's cred_expire, 10 s on the local cluster, 120 s by default); each node
+    resumes from its checkpoint and ends with the weights of an uninterrupted run."""
+    if not os.access(BIN, os.X_OK):
+        pytest.skip("launcher not built (%s): run `make build`" % BIN)
+    c = slurm_cluster
+    steps, hold = 40, 15
+    ck = os.path.join(c.log_dir, "requeue-ckpt-%d" % os.getpid())
+    spec = slurm.JobSpec(program=REQUEUE_PY, args=(ck, "--steps", str(steps), "--hold-at", str(hold)),
+                         nodes=2, time="3", job_name="requeue", log_dir=c.log_dir, launcher=(BIN,))
+    job, _ = slurm.submit(spec, path=os.path.join(c.log_dir, "requeue.sbatch"), environ=c.env())
+    c.wait_log(job, "holding at step %d" % hold, count=2)
+    c.run("scancel", "--signal=USR2", "--batch", job)
+    requeued = c.wait_info(job, lambda i: i.get("Restarts", "0") != "0", "requeue (Restarts > 0)")
+    # While SLURM holds it the job is PENDING (Reason=BeginTime); the poll may also catch the
+    # first run's end or, on a slow machine, the second run.
+    assert requeued["JobState"] in ("PENDING", "REQUEUED", "COMPLETING", "CONFIGURING", "RUNNING",
+                                    "COMPLETED"), c.describe(job, requeued)
+    res = c.wait_job(job, timeout=90)
+    assert res.state == "COMPLETED" and res.exit_code == "0:0", c.describe(job, res.info)
+    assert res.info["Restarts"] == "1" and res.info["Requeue"] == "1", res.info
+
+    batch = res.logs["requeue-%s.out" % job]
+    nodes = {int(re.search(r"-(\d+)\.out$", n).group(1)): t for n, t in res.logs.items()
+             if n != "requeue-%s.out" % job}
+    everything = c.describe(job, res.info)
+    # --open-mode=append: both runs are in the logs.
+    assert "run 1 on" in batch and "run 2 on" in batch, everything
+    assert batch.count("SIGUSR2: forwarding to the job step") == 1, everything
+    assert sorted(nodes) == [0, 1], everything
+    model = _load_requeue_job()
+    for rank, text in nodes.items():
+        assert "rank %d: run 1 starts at step 0" % rank in text, everything
+        assert "rank %d: holding at step %d" % (rank, hold) in text, everything
+        assert "USR2: checkpoint saved (step %d in %s/node-%d)" % (hold, ck, rank) in text, everything
+        assert "rank %d: run 2 resumed from step %d" % (rank, hold) in text, everything
+        # Run 2 trained from the checkpoint on: steps hold+1.. only, none of run 1 repeated.
+        run2 = text.split("run 2 resumed", 1)[1]
+        assert "rank %d: step %d\n" % (rank, hold + 1) in run2
+        assert "rank %d: step %d\n" % (rank, hold) not in run2, everything
+        report = json.loads(next(l for l in run2.splitlines() if l.startswith("{")))
+        assert report["rank"] == rank and report["step"] == steps and report["run"] == 2
+        assert report["weights"] == model.train(model.initial(rank), rank, 0, steps), everything
+        saved = threadloom.load(os.path.join(ck, "node-%d" % rank))
+        assert saved["step"] == hold
+        assert [float(x) for x in saved["w"]] == model.train(model.initial(rank), rank, 0, hold)
+        for bad in ("aborts", "Traceback", "failed", "signal 12", "did not report"):
+            assert bad not in text, everything
+    assert "USR2: requeued SLURM job %s" % job in nodes[0], everything
+    assert "requeued SLURM job" not in nodes[1], everything
+    assert "User defined signal 2" not in batch, everything   # no task died of the signal
 
 
 def test_cluster_script_is_idempotent_and_cleans_up_after_a_kill(slurm_cluster, tmp_path):

@@ -1,12 +1,15 @@
 """A job step of tests/python/test_slurm.py: one task per node meets the others through
 threadloom.cluster.rendezvous() and prints one JSON line of what it saw.
 
-    rendezvous_job.py [--die-rank R] [--hold]
+    rendezvous_job.py [--die-rank R] [--hold] [--hold-unhandled FILE]
 
 --die-rank R: after the rendezvous, rank R kills itself with SIGKILL and the other ranks wait
 on a store key nobody sets (as a rank waits for a collective), with a 300 s timeout; only
 srun's --kill-on-bad-exit ends them early. --hold: every rank then prints "holding" and waits
 for a signal; USR2 makes it print "got USR2" and exit 0 (checks the batch script's forwarding).
+--hold-unhandled FILE: every rank prints "holding" and, handling no signal itself, waits until
+FILE exists (polled; at most 120 s), then prints "released" (the launcher's notice keeps the
+preemption signal from killing it meanwhile).
 """
 
 import json
@@ -15,6 +18,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 from threadloom import _core, cluster
 
@@ -33,6 +37,7 @@ def main():
     argv = sys.argv[1:]
     die_rank = int(argv[argv.index("--die-rank") + 1]) if "--die-rank" in argv else None
     hold = "--hold" in argv
+    release = argv[argv.index("--hold-unhandled") + 1] if "--hold-unhandled" in argv else None
     got = threading.Event()
     if hold:
         signal.signal(signal.SIGUSR2, lambda *_: got.set())
@@ -63,6 +68,15 @@ def main():
                 print("no USR2 within 120 s", flush=True)
                 return 4
             print("got USR2", flush=True)
+        if release:
+            print("holding", flush=True)
+            deadline = time.monotonic() + 120.0
+            while not os.path.exists(release):
+                if time.monotonic() > deadline:
+                    print("not released within 120 s", flush=True)
+                    return 4
+                time.sleep(0.05)
+            print("released", flush=True)
         print("rank %d: done" % rv.rank, flush=True)
     return 0
 
