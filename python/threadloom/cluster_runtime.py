@@ -703,9 +703,13 @@ def tee_to_log(log_dir, rank):
     finally:
         for s, h in old.items():
             _signal.signal(s, h if h is not None else _signal.SIG_DFL)
+    # Both tees append to one file: each Python line must reach them in one write, or a line of
+    # stdout and one of stderr interleave mid-line in the log. Line buffering without
+    # write_through (which PYTHONUNBUFFERED=1 or -u turn on) does that for lines up to the
+    # buffer's size; writes from C code or child processes are theirs to keep whole.
     for f in (sys.stdout, sys.stderr):
         try:
-            f.reconfigure(line_buffering=True)
+            f.reconfigure(line_buffering=True, write_through=False)
         except (AttributeError, ValueError):
             pass
     return path
