@@ -48,6 +48,13 @@ int tl__deque_push(tl__deque_t* d, const tl__task_t* t);
 bool tl__deque_pop(tl__deque_t* d, tl__task_t* out);
 /* Thief: oldest task. Returns false when empty. */
 bool tl__deque_steal(tl__deque_t* d, tl__task_t* out);
+/* Owner only: grows the ring until n more tasks fit. 0 or TL_ENOMEM. */
+int tl__deque_reserve(tl__deque_t* d, size_t n);
+/* Owner only, after tl__deque_reserve(d, n): pushes t[n-1] .. t[0], so t[0] is popped first. */
+void tl__deque_push_rev(tl__deque_t* d, const tl__task_t* t, size_t n);
+/* Thief: up to max of the oldest tasks, never more than half (rounded up) of those held, in
+ * one lock, oldest first into out. Returns how many. */
+size_t tl__deque_steal_batch(tl__deque_t* d, tl__task_t* out, size_t max);
 
 /* The bounded multi-producer multi-consumer injection queue. */
 typedef struct {
@@ -67,6 +74,9 @@ void tl__inject_destroy(tl__inject_t* q);
 /* wait: block while full. 0, TL_EAGAIN (full, !wait) or TL_ECLOSED. */
 int tl__inject_put(tl__inject_t* q, const tl__task_t* t, bool wait);
 bool tl__inject_take(tl__inject_t* q, tl__task_t* out);
+/* Up to max tasks, oldest first, and never more than ceil(count / share): one of `share` takers
+ * leaves the rest to the others. Returns how many. */
+size_t tl__inject_take_batch(tl__inject_t* q, tl__task_t* out, size_t max, size_t share);
 /* Refuses later puts and wakes blocked ones (they return TL_ECLOSED). Returns false when it
  * was already closed. */
 bool tl__inject_close(tl__inject_t* q);

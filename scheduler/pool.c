@@ -23,12 +23,21 @@
  * There is no global counter of queued tasks: the hot path (a worker pushing to and popping
  * from its own deque) writes only its own cache lines and reads the read-mostly `sleepers`.
  *
+ * Batches: when its own deque is empty a worker takes up to TL__BATCH tasks at once, its share
+ * (count / workers, rounded up) of the injection queue or half of a victim's deque, runs the
+ * first and pushes the rest into its own deque, where thieves see them; so a task from the
+ * injection queue may wait in a deque, and the memory bound is inject_capacity plus TL__BATCH
+ * per worker beyond what tasks spawn themselves. Moving tasks never loses one to a parker: the
+ * taker is running, not parked, and the push stores its deque's size seq_cst (then wakes a
+ * parked worker to share them).
+ *
  * Shutdown: tl_pool_close closes the injection queue (under its mutex: a put lands before or
  * is refused), sets `closing`, wakes everyone and joins. A worker leaves its loop only when
  * `closing` is set, it found no task, and every queue's size reads 0. Tasks that running tasks
  * submit meanwhile go to their own worker's deque, and that worker checks its deque again
  * after the task returns, so nothing is left behind; with cancel_pending every task taken
- * after close began is canceled instead of run.
+ * after close began is canceled instead of run, and the closing thread itself cancels what
+ * waits in the injection queue and in every deque at once.
  *
  * Atomics: the queues' sizes and sleepers (the handshake, seq_cst); closing, cancel_all (flags
  * read per loop / per task by all workers); per-worker counters (written by the owner, read by
@@ -45,6 +54,7 @@
 
 #define TL__DEFAULT_INJECT 1024
 #define TL__SPIN 128 /* polls of the queues' sizes before parking */
+#define TL__BATCH 32 /* most tasks one steal or one take from the injection queue moves */
 
 static _Thread_local tl__worker_t* tl__self;
 
@@ -95,24 +105,33 @@ static uint64_t tl__xorshift(uint64_t* s) {
 // Finding, running, parking
 // ---------------------------------------------------------------------------------------------
 
+static void tl__wake_one(tl_pool_t* p);
+
 bool tl__find_task(tl__worker_t* w, tl__task_t* out) {
   tl_pool_t* p = w->pool;
-  if (tl__deque_pop(&w->deque, out)) goto found;
-  if (tl__inject_take(&p->inject, out)) goto found;
+  if (tl__deque_pop(&w->deque, out)) return true;
+  /* From here on tasks are taken in batches: the first is run, the rest go to w's own deque
+   * (room reserved first, so the move cannot fail; without room only one task is taken). */
+  tl__task_t buf[TL__BATCH];
+  size_t k = 0, max = tl__deque_reserve(&w->deque, TL__BATCH - 1) == 0 ? TL__BATCH : 1;
+  k = tl__inject_take_batch(&p->inject, buf, max, (size_t)p->nworkers);
   int n = p->nworkers;
-  if (n > 1) {
+  if (!k && n > 1) {
     int start = (int)(tl__xorshift(&w->rng) % (uint64_t)n);
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < n && !k; i++) {
       int v = start + i < n ? start + i : start + i - n;
       if (v == w->index) continue;
-      if (tl__deque_steal(&p->workers[v].deque, out)) {
-        tl__bump(&w->stolen);
-        goto found;
-      }
+      k = tl__deque_steal_batch(&p->workers[v].deque, buf, max);
+      if (k) atomic_store_explicit(&w->stolen, atomic_load_explicit(&w->stolen, memory_order_relaxed) + k,
+                                   memory_order_relaxed);
     }
   }
-  return false;
-found:
+  if (!k) return false;
+  *out = buf[0];
+  if (k > 1) {
+    tl__deque_push_rev(&w->deque, buf + 1, k - 1);
+    tl__wake_one(p); /* the rest can be stolen: a parked worker may help */
+  }
   return true;
 }
 
@@ -387,6 +406,15 @@ int tl_pool_close(tl_pool_t* pool, int cancel_pending) {
       atomic_fetch_add_explicit(&pool->close_canceled, 1, memory_order_relaxed);
       if (t.group) tl__group_settle(t.group);
     }
+    /* Workers move batches of injected tasks into their deques (find_task): a busy worker's
+     * deque may hold tasks that came through the injection queue, so they are stolen and
+     * canceled here too. Tasks pushed later by running tasks are canceled by their workers. */
+    for (int i = 0; i < pool->nworkers; i++)
+      while (tl__deque_steal(&pool->workers[i].deque, &t)) {
+        if (t.cancel) t.cancel(t.arg);
+        atomic_fetch_add_explicit(&pool->close_canceled, 1, memory_order_relaxed);
+        if (t.group) tl__group_settle(t.group);
+      }
   }
   tl__pool_free(pool, pool->nworkers);
   return 0;
