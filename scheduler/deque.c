@@ -172,6 +172,7 @@ int tl__inject_init(tl__inject_t* q, size_t cap) {
   }
   q->cap = cap;
   atomic_init(&q->size, 0);
+  atomic_init(&q->accepted, 0);
   return 0;
 }
 
@@ -198,8 +199,11 @@ int tl__inject_put(tl__inject_t* q, const tl__task_t* t, bool wait) {
     pthread_mutex_unlock(&q->mu);
     return TL_ECLOSED;
   }
-  q->buf[(q->head + q->count) % q->cap] = *t;
+  size_t tail = q->head + q->count;
+  q->buf[tail < q->cap ? tail : tail - q->cap] = *t;
   q->count++;
+  atomic_store_explicit(&q->accepted, atomic_load_explicit(&q->accepted, memory_order_relaxed) + 1,
+                        memory_order_relaxed);
   atomic_store(&q->size, q->count); /* seq_cst: the parking handshake (pool.c) */
   pthread_mutex_unlock(&q->mu);
   return 0;

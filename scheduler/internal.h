@@ -66,7 +66,12 @@ typedef struct {
   size_t count;              /* tasks held */
   int blocked;               /* submitters waiting in not_full */
   bool closed;               /* set by close under mu: no more puts */
-  _Atomic size_t size;       /* count, stored under mu (seq_cst by put), read without it */
+  _Atomic uint64_t accepted; /* puts that landed: stored under mu (no read-modify-write on the
+                                submit path), read by tl_pool_stats without it */
+  /* Polled by spinning workers on every pass: a line of its own, so their reads do not pull
+   * the line the submitter locks and fills. */
+  _Alignas(TL__CACHE_LINE) _Atomic size_t size; /* count, stored under mu (seq_cst by put),
+                                                   read without it */
 } tl__inject_t;
 
 int tl__inject_init(tl__inject_t* q, size_t cap);
@@ -127,10 +132,12 @@ struct tl_pool_s {
    * submitter and a parking worker always see at least one of each other's writes. Read by
    * every submit, written only around parking. */
   _Alignas(TL__CACHE_LINE) _Atomic int sleepers; /* workers inside the park section */
+  _Atomic int spinning;           /* workers polling in tl__park before the park section: a
+                                     submitter wakes no one while > 0 (pool.c, "Spinning");
+                                     read with sleepers by every submit, written when idle */
   _Alignas(TL__CACHE_LINE) tl__inject_t inject;  /* tasks from non-worker threads */
   pthread_mutex_t park_mu;        /* guards the park condition's sleep */
   pthread_cond_t park_cond;       /* where idle workers sleep (CLOCK_MONOTONIC) */
-  _Atomic uint64_t injected;      /* tasks accepted through the injection queue */
   _Atomic uint64_t close_canceled; /* injected tasks canceled by the closing thread itself */
   pthread_mutex_t start_mu;       /* guards started, stats_pinned, pin_refused */
   pthread_cond_t start_cond;      /* signalled as workers finish on_start */

@@ -20,6 +20,17 @@
  * Otherwise the parker reads the submitter's size or a later one: > 0, it does not sleep; 0,
  * someone already took the task. Either way no queued task waits while a worker sleeps.
  * Closing sets `closing` and broadcasts under park_mu, so a parker either sees it or is woken.
+ *
+ * Spinning: a worker spinning in tl__park is counted in `spinning` (seq_cst increment before
+ * its polls, decrement after them), and a submitter wakes no one while spinning > 0: without
+ * that, a stream of submits pays a mutex and a futex wake per task although a worker is about
+ * to take it. No task is lost: if the submitter's seq_cst load of `spinning` read > 0, some
+ * spinner's decrement comes after that load, hence after the size store, in the total order,
+ * and that spinner's next seq_cst check of the sizes (polling, or in the park section, which
+ * it cannot skip before sleeping) sees the task or a later state. Invariant: while a task is
+ * queued and a worker sleeps, some worker is running or spinning and will find it; and
+ * parallelism is kept by the finder, not the submitter: a worker that takes a task from the
+ * injection queue or by stealing, and sees more queued, wakes a parked worker (find_task).
  * There is no global counter of queued tasks: the hot path (a worker pushing to and popping
  * from its own deque) writes only its own cache lines and reads the read-mostly `sleepers`.
  *
@@ -106,6 +117,7 @@ static uint64_t tl__xorshift(uint64_t* s) {
 // ---------------------------------------------------------------------------------------------
 
 static void tl__wake_one(tl_pool_t* p);
+static bool tl__has_work(tl_pool_t* p);
 
 bool tl__find_task(tl__worker_t* w, tl__task_t* out) {
   tl_pool_t* p = w->pool;
@@ -128,10 +140,11 @@ bool tl__find_task(tl__worker_t* w, tl__task_t* out) {
   }
   if (!k) return false;
   *out = buf[0];
-  if (k > 1) {
-    tl__deque_push_rev(&w->deque, buf + 1, k - 1);
-    tl__wake_one(p); /* the rest can be stolen: a parked worker may help */
-  }
+  if (k > 1) tl__deque_push_rev(&w->deque, buf + 1, k - 1);
+  /* Submitters do not wake anyone while a worker spins (tl__wake_one): so a worker that found
+   * work this way, leaving more queued (in its deque or elsewhere), wakes a parked one to share
+   * it. Checked only when someone sleeps. */
+  if (atomic_load(&p->sleepers) > 0 && (k > 1 || tl__has_work(p))) tl__wake_one(p);
   return true;
 }
 
@@ -166,10 +179,15 @@ static bool tl__should_sleep(tl_pool_t* p, tl_group_t* g) {
 
 void tl__park(tl__worker_t* w, tl_group_t* g, int64_t deadline_ns) {
   tl_pool_t* p = w->pool;
+  atomic_fetch_add(&p->spinning, 1); /* seq_cst: see "Spinning" at the top */
   for (int i = 0; i < TL__SPIN; i++) {
-    if (tl__has_work(p)) return;
+    if (tl__has_work(p)) {
+      atomic_fetch_sub(&p->spinning, 1);
+      return;
+    }
     tl__cpu_relax();
   }
+  atomic_fetch_sub(&p->spinning, 1); /* seq_cst, before the park section's checks */
   pthread_mutex_lock(&p->park_mu);
   atomic_fetch_add(&p->sleepers, 1); /* seq_cst: see the handshake at the top */
   if (tl__should_sleep(p, g)) {
@@ -187,7 +205,8 @@ void tl__park(tl__worker_t* w, tl_group_t* g, int64_t deadline_ns) {
 
 /* The submitter's half of the handshake, after the task is queued. */
 static void tl__wake_one(tl_pool_t* p) {
-  if (atomic_load(&p->sleepers) > 0) { /* seq_cst, after the queue's seq_cst size store */
+  /* seq_cst loads, after the queue's seq_cst size store; a spinning worker will see the task */
+  if (atomic_load(&p->sleepers) > 0 && atomic_load(&p->spinning) == 0) {
     pthread_mutex_lock(&p->park_mu);
     pthread_cond_signal(&p->park_cond);
     pthread_mutex_unlock(&p->park_mu);
@@ -324,9 +343,9 @@ int tl_pool_init(tl_pool_t** out, const tl_pool_options_t* opts) {
   p->ud = o.ud;
   tl__strlcpy(p->name, o.name ? o.name : "tl-worker", sizeof p->name);
   atomic_init(&p->sleepers, 0);
+  atomic_init(&p->spinning, 0);
   atomic_init(&p->closing, false);
   atomic_init(&p->cancel_all, false);
-  atomic_init(&p->injected, 0);
   atomic_init(&p->close_canceled, 0);
 
   /* Staged setup: `stage` counts the parts made, so a failure undoes exactly those. */
@@ -442,7 +461,6 @@ static int tl__submit(tl_pool_t* p, tl_group_t* g, tl_task_fn fn, tl_task_fn can
     else rc = tl__inject_put(&p->inject, &t, wait);
     if (rc == TL_ECLOSED) rc = tl__fail(rc, "tl_pool_submit: the pool is closing");
     else if (rc == TL_EAGAIN) rc = tl__fail(rc, "tl_pool_submit: the injection queue is full");
-    else atomic_fetch_add_explicit(&p->injected, 1, memory_order_relaxed);
   }
   if (rc) {
     if (g) tl__group_settle(g); /* roll back: no callback will come for this task */
@@ -484,7 +502,7 @@ int tl_pool_stats(const tl_pool_t* pool, tl_pool_stats_t* out) {
     out->parked += atomic_load_explicit(&w->parked, memory_order_relaxed);
   }
   out->canceled += atomic_load_explicit(&pool->close_canceled, memory_order_relaxed);
-  out->injected = atomic_load_explicit(&pool->injected, memory_order_relaxed);
+  out->injected = atomic_load_explicit(&pool->inject.accepted, memory_order_relaxed);
   tl_pool_t* mp = (tl_pool_t*)pool; /* the mutex is not part of the logical state */
   pthread_mutex_lock(&mp->start_mu);
   out->pinned_workers = mp->pinned;
