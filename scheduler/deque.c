@@ -23,9 +23,11 @@
 
 #include "scheduler/internal.h"
 
-/* The queues' mutexes guard a few loads and stores: an adaptive mutex (glibc) spins briefly on
- * contention before sleeping in the kernel, so a taker meeting the submitter inside its
- * critical section waits a few hundred cycles instead of paying a futex wait and wake. */
+/* The injection queue's mutex guards a few loads and stores and is where outside submitters
+ * and takers meet: an adaptive mutex (glibc) spins briefly on contention before sleeping in
+ * the kernel, so a taker meeting the submitter inside its critical section waits a few hundred
+ * cycles instead of paying a futex wait and wake (measured: about 1.5x on the inject shape).
+ * The deques keep the default mutex: mostly uncontended, and measured slightly faster there. */
 static int tl__queue_mutex_init(pthread_mutex_t* mu) {
 #ifdef PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP
   pthread_mutexattr_t a;
@@ -50,7 +52,7 @@ int tl__deque_init(tl__deque_t* d, size_t capacity) {
   while (cap < capacity) cap *= 2;
   d->buf = malloc(cap * sizeof *d->buf);
   if (!d->buf) return TL_ENOMEM;
-  int rc = tl__queue_mutex_init(&d->mu);
+  int rc = pthread_mutex_init(&d->mu, NULL);
   if (rc) {
     free(d->buf);
     d->buf = NULL;

@@ -119,9 +119,10 @@ static uint64_t tl__xorshift(uint64_t* s) {
 static void tl__wake_one(tl_pool_t* p);
 static bool tl__has_work(tl_pool_t* p);
 
-bool tl__find_task(tl__worker_t* w, tl__task_t* out) {
+/* find_task's slow path, out of line: the hot path (a pop from the own deque) keeps a small
+ * frame without the batch buffer. */
+static __attribute__((noinline)) bool tl__find_elsewhere(tl__worker_t* w, tl__task_t* out) {
   tl_pool_t* p = w->pool;
-  if (tl__deque_pop(&w->deque, out)) return true;
   /* From here on tasks are taken in batches: the first is run, the rest go to w's own deque
    * (room reserved first, so the move cannot fail; without room only one task is taken). */
   tl__task_t buf[TL__BATCH];
@@ -146,6 +147,10 @@ bool tl__find_task(tl__worker_t* w, tl__task_t* out) {
    * it. Checked only when someone sleeps. */
   if (atomic_load(&p->sleepers) > 0 && (k > 1 || tl__has_work(p))) tl__wake_one(p);
   return true;
+}
+
+bool tl__find_task(tl__worker_t* w, tl__task_t* out) {
+  return tl__deque_pop(&w->deque, out) || tl__find_elsewhere(w, out);
 }
 
 /* Whether some queue of p holds a task (seq_cst loads: the parker's half of the handshake). */
