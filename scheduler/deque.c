@@ -12,12 +12,35 @@
  * may be stale but is never torn; a stale hint costs one lock, never a lost task, because
  * emptiness is decided again under the mutex. A push stores `size` seq_cst: it is the
  * submitter's half of the parking handshake described in pool.c (takes may store relaxed: a
- * smaller size never has to wake anyone). The injection queue's `closed` flag is
+ * smaller size never has to wake anyone). Batches: a thief takes up to half of a victim's
+ * deque, a worker up to its share of the injection queue, in one lock, and moves all but one
+ * into its own deque (tl__deque_reserve first, so that move cannot fail and no taken task is
+ * ever held where it cannot be pushed). The injection queue's `closed` flag is
  * set under its mutex, so a put either lands before close (and is drained) or is refused. */
+#include <assert.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "scheduler/internal.h"
+
+/* The injection queue's mutex guards a few loads and stores and is where outside submitters
+ * and takers meet: an adaptive mutex (glibc) spins briefly on contention before sleeping in
+ * the kernel, so a taker meeting the submitter inside its critical section waits a few hundred
+ * cycles instead of paying a futex wait and wake (measured: about 1.5x on the inject shape).
+ * The deques keep the default mutex: mostly uncontended, and measured slightly faster there. */
+static int tl__queue_mutex_init(pthread_mutex_t* mu) {
+#ifdef PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP
+  pthread_mutexattr_t a;
+  int rc = pthread_mutexattr_init(&a);
+  if (rc) return rc;
+  rc = pthread_mutexattr_settype(&a, PTHREAD_MUTEX_ADAPTIVE_NP);
+  if (!rc) rc = pthread_mutex_init(mu, &a);
+  pthread_mutexattr_destroy(&a);
+  return rc;
+#else
+  return pthread_mutex_init(mu, NULL);
+#endif
+}
 
 // ---------------------------------------------------------------------------------------------
 // Worker deque
@@ -88,6 +111,33 @@ bool tl__deque_pop(tl__deque_t* d, tl__task_t* out) {
   return ok;
 }
 
+int tl__deque_reserve(tl__deque_t* d, size_t n) {
+  int rc = 0;
+  pthread_mutex_lock(&d->mu);
+  while (!rc && d->mask + 1 - (d->bottom - d->top) < n) rc = tl__deque_grow(d);
+  pthread_mutex_unlock(&d->mu);
+  return rc;
+}
+
+void tl__deque_push_rev(tl__deque_t* d, const tl__task_t* t, size_t n) {
+  pthread_mutex_lock(&d->mu);
+  assert(d->mask + 1 - (d->bottom - d->top) >= n); /* tl__deque_reserve made room */
+  for (size_t i = n; i-- > 0;) d->buf[d->bottom++ & d->mask] = t[i];
+  atomic_store(&d->size, d->bottom - d->top); /* seq_cst: the parking handshake (pool.c) */
+  pthread_mutex_unlock(&d->mu);
+}
+
+size_t tl__deque_steal_batch(tl__deque_t* d, tl__task_t* out, size_t max) {
+  if (atomic_load_explicit(&d->size, memory_order_relaxed) == 0) return 0;
+  pthread_mutex_lock(&d->mu);
+  size_t n = (d->bottom - d->top + 1) / 2; /* half, rounded up: the owner keeps the rest */
+  if (n > max) n = max;
+  for (size_t i = 0; i < n; i++) out[i] = d->buf[d->top++ & d->mask];
+  atomic_store_explicit(&d->size, d->bottom - d->top, memory_order_relaxed);
+  pthread_mutex_unlock(&d->mu);
+  return n;
+}
+
 bool tl__deque_steal(tl__deque_t* d, tl__task_t* out) {
   if (atomic_load_explicit(&d->size, memory_order_relaxed) == 0) return false;
   pthread_mutex_lock(&d->mu);
@@ -109,7 +159,7 @@ int tl__inject_init(tl__inject_t* q, size_t cap) {
   memset(q, 0, sizeof *q);
   q->buf = malloc(cap * sizeof *q->buf);
   if (!q->buf) return TL_ENOMEM;
-  int rc = pthread_mutex_init(&q->mu, NULL);
+  int rc = tl__queue_mutex_init(&q->mu);
   if (rc) {
     free(q->buf);
     q->buf = NULL;
@@ -124,6 +174,7 @@ int tl__inject_init(tl__inject_t* q, size_t cap) {
   }
   q->cap = cap;
   atomic_init(&q->size, 0);
+  atomic_init(&q->accepted, 0);
   return 0;
 }
 
@@ -150,27 +201,37 @@ int tl__inject_put(tl__inject_t* q, const tl__task_t* t, bool wait) {
     pthread_mutex_unlock(&q->mu);
     return TL_ECLOSED;
   }
-  q->buf[(q->head + q->count) % q->cap] = *t;
+  size_t tail = q->head + q->count;
+  q->buf[tail < q->cap ? tail : tail - q->cap] = *t;
   q->count++;
+  atomic_store_explicit(&q->accepted, atomic_load_explicit(&q->accepted, memory_order_relaxed) + 1,
+                        memory_order_relaxed);
   atomic_store(&q->size, q->count); /* seq_cst: the parking handshake (pool.c) */
   pthread_mutex_unlock(&q->mu);
   return 0;
 }
 
-bool tl__inject_take(tl__inject_t* q, tl__task_t* out) {
-  if (atomic_load_explicit(&q->size, memory_order_relaxed) == 0) return false;
+size_t tl__inject_take_batch(tl__inject_t* q, tl__task_t* out, size_t max, size_t share) {
+  if (atomic_load_explicit(&q->size, memory_order_relaxed) == 0) return 0;
   pthread_mutex_lock(&q->mu);
-  bool ok = q->count > 0;
-  if (ok) {
-    *out = q->buf[q->head];
-    q->head = (q->head + 1) % q->cap;
-    q->count--;
-    atomic_store_explicit(&q->size, q->count, memory_order_relaxed);
-    if (q->blocked) pthread_cond_signal(&q->not_full);
+  size_t n = (q->count + share - 1) / share; /* this taker's share, rounded up */
+  if (n > max) n = max;
+  for (size_t i = 0; i < n; i++) {
+    out[i] = q->buf[q->head];
+    q->head = q->head + 1 == q->cap ? 0 : q->head + 1;
   }
+  q->count -= n;
+  atomic_store_explicit(&q->size, q->count, memory_order_relaxed);
+  /* Blocked submitters resume once the queue is half empty, not at every free slot: a full
+   * queue then refills in runs instead of one futex wake per take (the hysteresis keeps the
+   * producer and the takers off each other's mutex). Every take at or below half signals
+   * again while someone is blocked, so no submitter is left waiting beside free slots. */
+  if (n && q->blocked && q->count <= q->cap / 2) pthread_cond_signal(&q->not_full);
   pthread_mutex_unlock(&q->mu);
-  return ok;
+  return n;
 }
+
+bool tl__inject_take(tl__inject_t* q, tl__task_t* out) { return tl__inject_take_batch(q, out, 1, 1) == 1; }
 
 bool tl__inject_close(tl__inject_t* q) {
   pthread_mutex_lock(&q->mu);

@@ -48,6 +48,13 @@ int tl__deque_push(tl__deque_t* d, const tl__task_t* t);
 bool tl__deque_pop(tl__deque_t* d, tl__task_t* out);
 /* Thief: oldest task. Returns false when empty. */
 bool tl__deque_steal(tl__deque_t* d, tl__task_t* out);
+/* Owner only: grows the ring until n more tasks fit. 0 or TL_ENOMEM. */
+int tl__deque_reserve(tl__deque_t* d, size_t n);
+/* Owner only, after tl__deque_reserve(d, n): pushes t[n-1] .. t[0], so t[0] is popped first. */
+void tl__deque_push_rev(tl__deque_t* d, const tl__task_t* t, size_t n);
+/* Thief: up to max of the oldest tasks, never more than half (rounded up) of those held, in
+ * one lock, oldest first into out. Returns how many. */
+size_t tl__deque_steal_batch(tl__deque_t* d, tl__task_t* out, size_t max);
 
 /* The bounded multi-producer multi-consumer injection queue. */
 typedef struct {
@@ -59,7 +66,12 @@ typedef struct {
   size_t count;              /* tasks held */
   int blocked;               /* submitters waiting in not_full */
   bool closed;               /* set by close under mu: no more puts */
-  _Atomic size_t size;       /* count, stored under mu (seq_cst by put), read without it */
+  _Atomic uint64_t accepted; /* puts that landed: stored under mu (no read-modify-write on the
+                                submit path), read by tl_pool_stats without it */
+  /* Polled by spinning workers on every pass: a line of its own, so their reads do not pull
+   * the line the submitter locks and fills. */
+  _Alignas(TL__CACHE_LINE) _Atomic size_t size; /* count, stored under mu (seq_cst by put),
+                                                   read without it */
 } tl__inject_t;
 
 int tl__inject_init(tl__inject_t* q, size_t cap);
@@ -67,6 +79,9 @@ void tl__inject_destroy(tl__inject_t* q);
 /* wait: block while full. 0, TL_EAGAIN (full, !wait) or TL_ECLOSED. */
 int tl__inject_put(tl__inject_t* q, const tl__task_t* t, bool wait);
 bool tl__inject_take(tl__inject_t* q, tl__task_t* out);
+/* Up to max tasks, oldest first, and never more than ceil(count / share): one of `share` takers
+ * leaves the rest to the others. Returns how many. */
+size_t tl__inject_take_batch(tl__inject_t* q, tl__task_t* out, size_t max, size_t share);
 /* Refuses later puts and wakes blocked ones (they return TL_ECLOSED). Returns false when it
  * was already closed. */
 bool tl__inject_close(tl__inject_t* q);
@@ -117,10 +132,12 @@ struct tl_pool_s {
    * submitter and a parking worker always see at least one of each other's writes. Read by
    * every submit, written only around parking. */
   _Alignas(TL__CACHE_LINE) _Atomic int sleepers; /* workers inside the park section */
+  _Atomic int spinning;           /* workers polling in tl__park before the park section: a
+                                     submitter wakes no one while > 0 (pool.c, "Spinning");
+                                     read with sleepers by every submit, written when idle */
   _Alignas(TL__CACHE_LINE) tl__inject_t inject;  /* tasks from non-worker threads */
   pthread_mutex_t park_mu;        /* guards the park condition's sleep */
   pthread_cond_t park_cond;       /* where idle workers sleep (CLOCK_MONOTONIC) */
-  _Atomic uint64_t injected;      /* tasks accepted through the injection queue */
   _Atomic uint64_t close_canceled; /* injected tasks canceled by the closing thread itself */
   pthread_mutex_t start_mu;       /* guards started, stats_pinned, pin_refused */
   pthread_cond_t start_cond;      /* signalled as workers finish on_start */

@@ -20,15 +20,35 @@
  * Otherwise the parker reads the submitter's size or a later one: > 0, it does not sleep; 0,
  * someone already took the task. Either way no queued task waits while a worker sleeps.
  * Closing sets `closing` and broadcasts under park_mu, so a parker either sees it or is woken.
+ *
+ * Spinning: a worker spinning in tl__park is counted in `spinning` (seq_cst increment before
+ * its polls, decrement after them), and a submitter wakes no one while spinning > 0: without
+ * that, a stream of submits pays a mutex and a futex wake per task although a worker is about
+ * to take it. No task is lost: if the submitter's seq_cst load of `spinning` read > 0, some
+ * spinner's decrement comes after that load, hence after the size store, in the total order,
+ * and that spinner's next seq_cst check of the sizes (polling, or in the park section, which
+ * it cannot skip before sleeping) sees the task or a later state. Invariant: while a task is
+ * queued and a worker sleeps, some worker is running or spinning and will find it; and
+ * parallelism is kept by the finder, not the submitter: a worker that takes a task from the
+ * injection queue or by stealing, and sees more queued, wakes a parked worker (find_task).
  * There is no global counter of queued tasks: the hot path (a worker pushing to and popping
  * from its own deque) writes only its own cache lines and reads the read-mostly `sleepers`.
+ *
+ * Batches: when its own deque is empty a worker takes up to TL__BATCH tasks at once, its share
+ * (count / workers, rounded up) of the injection queue or half of a victim's deque, runs the
+ * first and pushes the rest into its own deque, where thieves see them; so a task from the
+ * injection queue may wait in a deque, and the memory bound is inject_capacity plus TL__BATCH
+ * per worker beyond what tasks spawn themselves. Moving tasks never loses one to a parker: the
+ * taker is running, not parked, and the push stores its deque's size seq_cst (then wakes a
+ * parked worker to share them).
  *
  * Shutdown: tl_pool_close closes the injection queue (under its mutex: a put lands before or
  * is refused), sets `closing`, wakes everyone and joins. A worker leaves its loop only when
  * `closing` is set, it found no task, and every queue's size reads 0. Tasks that running tasks
  * submit meanwhile go to their own worker's deque, and that worker checks its deque again
  * after the task returns, so nothing is left behind; with cancel_pending every task taken
- * after close began is canceled instead of run.
+ * after close began is canceled instead of run, and the closing thread itself cancels what
+ * waits in the injection queue and in every deque at once.
  *
  * Atomics: the queues' sizes and sleepers (the handshake, seq_cst); closing, cancel_all (flags
  * read per loop / per task by all workers); per-worker counters (written by the owner, read by
@@ -45,6 +65,7 @@
 
 #define TL__DEFAULT_INJECT 1024
 #define TL__SPIN 128 /* polls of the queues' sizes before parking */
+#define TL__BATCH 32 /* most tasks one steal or one take from the injection queue moves */
 
 static _Thread_local tl__worker_t* tl__self;
 
@@ -95,25 +116,41 @@ static uint64_t tl__xorshift(uint64_t* s) {
 // Finding, running, parking
 // ---------------------------------------------------------------------------------------------
 
-bool tl__find_task(tl__worker_t* w, tl__task_t* out) {
+static void tl__wake_one(tl_pool_t* p);
+static bool tl__has_work(tl_pool_t* p);
+
+/* find_task's slow path, out of line: the hot path (a pop from the own deque) keeps a small
+ * frame without the batch buffer. */
+static __attribute__((noinline)) bool tl__find_elsewhere(tl__worker_t* w, tl__task_t* out) {
   tl_pool_t* p = w->pool;
-  if (tl__deque_pop(&w->deque, out)) goto found;
-  if (tl__inject_take(&p->inject, out)) goto found;
+  /* From here on tasks are taken in batches: the first is run, the rest go to w's own deque
+   * (room reserved first, so the move cannot fail; without room only one task is taken). */
+  tl__task_t buf[TL__BATCH];
+  size_t k = 0, max = tl__deque_reserve(&w->deque, TL__BATCH - 1) == 0 ? TL__BATCH : 1;
+  k = tl__inject_take_batch(&p->inject, buf, max, (size_t)p->nworkers);
   int n = p->nworkers;
-  if (n > 1) {
+  if (!k && n > 1) {
     int start = (int)(tl__xorshift(&w->rng) % (uint64_t)n);
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < n && !k; i++) {
       int v = start + i < n ? start + i : start + i - n;
       if (v == w->index) continue;
-      if (tl__deque_steal(&p->workers[v].deque, out)) {
-        tl__bump(&w->stolen);
-        goto found;
-      }
+      k = tl__deque_steal_batch(&p->workers[v].deque, buf, max);
+      if (k) atomic_store_explicit(&w->stolen, atomic_load_explicit(&w->stolen, memory_order_relaxed) + k,
+                                   memory_order_relaxed);
     }
   }
-  return false;
-found:
+  if (!k) return false;
+  *out = buf[0];
+  if (k > 1) tl__deque_push_rev(&w->deque, buf + 1, k - 1);
+  /* Submitters do not wake anyone while a worker spins (tl__wake_one): so a worker that found
+   * work this way, leaving more queued (in its deque or elsewhere), wakes a parked one to share
+   * it. Checked only when someone sleeps. */
+  if (atomic_load(&p->sleepers) > 0 && (k > 1 || tl__has_work(p))) tl__wake_one(p);
   return true;
+}
+
+bool tl__find_task(tl__worker_t* w, tl__task_t* out) {
+  return tl__deque_pop(&w->deque, out) || tl__find_elsewhere(w, out);
 }
 
 /* Whether some queue of p holds a task (seq_cst loads: the parker's half of the handshake). */
@@ -147,10 +184,15 @@ static bool tl__should_sleep(tl_pool_t* p, tl_group_t* g) {
 
 void tl__park(tl__worker_t* w, tl_group_t* g, int64_t deadline_ns) {
   tl_pool_t* p = w->pool;
+  atomic_fetch_add(&p->spinning, 1); /* seq_cst: see "Spinning" at the top */
   for (int i = 0; i < TL__SPIN; i++) {
-    if (tl__has_work(p)) return;
+    if (tl__has_work(p)) {
+      atomic_fetch_sub(&p->spinning, 1);
+      return;
+    }
     tl__cpu_relax();
   }
+  atomic_fetch_sub(&p->spinning, 1); /* seq_cst, before the park section's checks */
   pthread_mutex_lock(&p->park_mu);
   atomic_fetch_add(&p->sleepers, 1); /* seq_cst: see the handshake at the top */
   if (tl__should_sleep(p, g)) {
@@ -168,7 +210,8 @@ void tl__park(tl__worker_t* w, tl_group_t* g, int64_t deadline_ns) {
 
 /* The submitter's half of the handshake, after the task is queued. */
 static void tl__wake_one(tl_pool_t* p) {
-  if (atomic_load(&p->sleepers) > 0) { /* seq_cst, after the queue's seq_cst size store */
+  /* seq_cst loads, after the queue's seq_cst size store; a spinning worker will see the task */
+  if (atomic_load(&p->sleepers) > 0 && atomic_load(&p->spinning) == 0) {
     pthread_mutex_lock(&p->park_mu);
     pthread_cond_signal(&p->park_cond);
     pthread_mutex_unlock(&p->park_mu);
@@ -305,9 +348,9 @@ int tl_pool_init(tl_pool_t** out, const tl_pool_options_t* opts) {
   p->ud = o.ud;
   tl__strlcpy(p->name, o.name ? o.name : "tl-worker", sizeof p->name);
   atomic_init(&p->sleepers, 0);
+  atomic_init(&p->spinning, 0);
   atomic_init(&p->closing, false);
   atomic_init(&p->cancel_all, false);
-  atomic_init(&p->injected, 0);
   atomic_init(&p->close_canceled, 0);
 
   /* Staged setup: `stage` counts the parts made, so a failure undoes exactly those. */
@@ -387,6 +430,15 @@ int tl_pool_close(tl_pool_t* pool, int cancel_pending) {
       atomic_fetch_add_explicit(&pool->close_canceled, 1, memory_order_relaxed);
       if (t.group) tl__group_settle(t.group);
     }
+    /* Workers move batches of injected tasks into their deques (find_task): a busy worker's
+     * deque may hold tasks that came through the injection queue, so they are stolen and
+     * canceled here too. Tasks pushed later by running tasks are canceled by their workers. */
+    for (int i = 0; i < pool->nworkers; i++)
+      while (tl__deque_steal(&pool->workers[i].deque, &t)) {
+        if (t.cancel) t.cancel(t.arg);
+        atomic_fetch_add_explicit(&pool->close_canceled, 1, memory_order_relaxed);
+        if (t.group) tl__group_settle(t.group);
+      }
   }
   tl__pool_free(pool, pool->nworkers);
   return 0;
@@ -414,7 +466,6 @@ static int tl__submit(tl_pool_t* p, tl_group_t* g, tl_task_fn fn, tl_task_fn can
     else rc = tl__inject_put(&p->inject, &t, wait);
     if (rc == TL_ECLOSED) rc = tl__fail(rc, "tl_pool_submit: the pool is closing");
     else if (rc == TL_EAGAIN) rc = tl__fail(rc, "tl_pool_submit: the injection queue is full");
-    else atomic_fetch_add_explicit(&p->injected, 1, memory_order_relaxed);
   }
   if (rc) {
     if (g) tl__group_settle(g); /* roll back: no callback will come for this task */
@@ -456,7 +507,7 @@ int tl_pool_stats(const tl_pool_t* pool, tl_pool_stats_t* out) {
     out->parked += atomic_load_explicit(&w->parked, memory_order_relaxed);
   }
   out->canceled += atomic_load_explicit(&pool->close_canceled, memory_order_relaxed);
-  out->injected = atomic_load_explicit(&pool->injected, memory_order_relaxed);
+  out->injected = atomic_load_explicit(&pool->inject.accepted, memory_order_relaxed);
   tl_pool_t* mp = (tl_pool_t*)pool; /* the mutex is not part of the logical state */
   pthread_mutex_lock(&mp->start_mu);
   out->pinned_workers = mp->pinned;

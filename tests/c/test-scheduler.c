@@ -777,6 +777,128 @@ TEST_IMPL(sched_close_cancel_is_prompt) {
   return 0;
 }
 
+/* Workers take injected tasks in batches into their own deques (pool.c, "Batches"): tasks that
+ * a worker moved there and has not started yet, while it is stuck in a long task, are canceled
+ * by close(cancel) at once too, not kept until the worker frees up. */
+TEST_IMPL(sched_close_cancels_batched) {
+  enum { QUEUED = 10 };
+  sem_init(&busy_gate, 0, 0);
+  sem_init(&busy_started, 0, 0);
+  sem_init(&cancel_seen, 0, 0);
+  gate_t gate;
+  gate_init(&gate);
+  tl_pool_t* pool = make_pool(1, 0);
+  hold_workers(pool, &gate); /* the only worker waits in the gate while we queue */
+  ASSERT_OK(tl_pool_submit(pool, NULL, busy_task, NULL, NULL));
+  for (int i = 0; i < QUEUED; i++) ASSERT_OK(tl_pool_submit(pool, NULL, never_runs, counted_cancel, NULL));
+  sem_post(&gate.open);
+  /* The worker took its share of the injection queue (all 11 tasks: one worker) in one batch,
+   * runs busy_task and holds the other 10 in its own deque. */
+  sem_wait(&busy_started);
+  pthread_t closer;
+  ASSERT_EQ(pthread_create(&closer, NULL, cancel_closer_main, pool), 0);
+  for (int i = 0; i < QUEUED; i++) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += 10;
+    ASSERT_EQ(sem_timedwait(&cancel_seen, &ts), 0); /* canceled while the worker is still busy */
+  }
+  ASSERT_EQ(atomic_load(&busy_ran), 0);
+  sem_post(&busy_gate);
+  void* rc;
+  pthread_join(closer, &rc);
+  ASSERT_EQ((intptr_t)rc, 0);
+  ASSERT_EQ(atomic_load(&busy_ran), 1);
+  ASSERT_EQ(atomic_load(&prompt_canceled), QUEUED);
+  gate_destroy(&gate);
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// No lost wake-up: producers submit bursts while the workers run dry, spin and park
+// ---------------------------------------------------------------------------------------------
+
+#define WAKE_PRODUCERS 3
+#define WAKE_ROUNDS (SANITIZED ? 150 : 1500)
+#define WAKE_BURST 12 /* at most this many outside submits per round, each may spawn one child */
+
+typedef struct wake_item_s {
+  _Atomic int ran;            /* times its fn ran: must end at exactly 1 */
+  struct wake_item_s* child;  /* submitted by this task from its worker, or NULL */
+  tl_pool_t* pool;            /* where the child goes */
+  tl_group_t* group;          /* the producer's group */
+} wake_item_t;
+
+static void wake_item_run(void* arg) {
+  wake_item_t* it = arg;
+  atomic_fetch_add(&it->ran, 1);
+  if (it->child) ASSERT_OK(tl_pool_submit(it->pool, it->group, wake_item_run, NULL, it->child));
+}
+
+typedef struct {
+  tl_pool_t* pool;   /* the pool under test */
+  int id;            /* seeds this producer */
+  wake_item_t* items; /* WAKE_ROUNDS * WAKE_BURST * 2 slots */
+  long used;         /* items handed out */
+} wake_producer_t;
+
+static void* wake_producer_main(void* arg) {
+  wake_producer_t* w = arg;
+  tl_group_t* g = NULL;
+  ASSERT_OK(tl_group_init(&g));
+  uint64_t rng = mix(0x1a57ull + (uint64_t)w->id);
+  for (int r = 0; r < WAKE_ROUNDS; r++) {
+    rng = mix(rng);
+    int burst = 1 + (int)(rng % WAKE_BURST);
+    for (int i = 0; i < burst; i++) {
+      rng = mix(rng);
+      wake_item_t* it = &w->items[w->used++];
+      *it = (wake_item_t){0, NULL, w->pool, g};
+      if (rng & 2) { /* a child spawned on a worker: the deque and finder wake-up paths */
+        it->child = &w->items[w->used++];
+        *it->child = (wake_item_t){0, NULL, w->pool, g};
+      }
+      if (rng & 1) {
+        ASSERT_OK(tl_pool_submit(w->pool, g, wake_item_run, NULL, it)); /* may block: backpressure */
+      } else {
+        int rc;
+        while ((rc = tl_pool_try_submit(w->pool, g, wake_item_run, NULL, it)) == TL_EAGAIN) sched_yield();
+        ASSERT_OK(rc);
+      }
+    }
+    /* Wait for the burst: the workers run out of work and spin or park before the next one,
+     * so every round crosses the submit-versus-park handshake again. A lost wake-up hangs
+     * here (the runner's timeout fails the test). */
+    ASSERT_OK(tl_group_wait(g, w->pool, -1));
+  }
+  ASSERT_OK(tl_group_close(g));
+  return NULL;
+}
+
+TEST_IMPL(sched_no_lost_wakeup) {
+  tl_pool_t* pool = make_pool(3, 4); /* more workers than cores; a tiny injection queue */
+  pthread_t th[WAKE_PRODUCERS];
+  wake_producer_t prod[WAKE_PRODUCERS];
+  for (int i = 0; i < WAKE_PRODUCERS; i++) {
+    prod[i] = (wake_producer_t){pool, i, calloc((size_t)WAKE_ROUNDS * WAKE_BURST * 2, sizeof(wake_item_t)), 0};
+    ASSERT(prod[i].items != NULL);
+    ASSERT_EQ(pthread_create(&th[i], NULL, wake_producer_main, &prod[i]), 0);
+  }
+  long total = 0;
+  for (int i = 0; i < WAKE_PRODUCERS; i++) {
+    ASSERT_EQ(pthread_join(th[i], NULL), 0);
+    for (long j = 0; j < prod[i].used; j++) ASSERT_EQ(atomic_load(&prod[i].items[j].ran), 1);
+    total += prod[i].used;
+  }
+  tl_pool_stats_t s;
+  ASSERT_OK(tl_pool_stats(pool, &s));
+  ASSERT_EQ(s.executed, total);
+  ASSERT_EQ(s.canceled, 0);
+  ASSERT_OK(tl_pool_close(pool, 0));
+  for (int i = 0; i < WAKE_PRODUCERS; i++) free(prod[i].items);
+  return 0;
+}
+
 // ---------------------------------------------------------------------------------------------
 // tl_pool_stop_accepting: blocked and later external submits are refused, queued work still runs
 // ---------------------------------------------------------------------------------------------
