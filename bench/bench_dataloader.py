@@ -2,8 +2,14 @@
 
   threadloom.DataLoader with 1..N worker threads (each with its own dataset replica, and
   replicate=None sharing one dataset),
-  a naive thread loader (concurrent.futures threads sharing one dataset object),
-  a multiprocessing.Pool loader (the torch-style process baseline: samples pickled back).
+  a naive thread loader (concurrent.futures threads sharing one dataset object, collating each
+  batch with threadloom's default_collate as the DataLoader does),
+  a multiprocessing.Pool loader (the torch-style process baseline: each batch collated into an
+  array.array in the worker process, as a torch worker collates into a tensor, and pickled back).
+
+Every loader's time includes its start-up (threads, replicas, processes) and the whole epoch. The
+naive thread loader submits every batch at once (Executor.map), so unlike the DataLoader
+(prefetch_factor * workers batches in flight) its memory is not bounded.
 
 The torch DataLoader baseline is bench_dataloader_torch.py (it runs on whichever interpreter has
 torch). Prints samples/s and time to first batch for each worker count of the sweep (default
@@ -12,6 +18,7 @@ torch). Prints samples/s and time to first batch for each worker count of the sw
 """
 
 import argparse
+import array
 import concurrent.futures
 import json
 import multiprocessing
@@ -22,6 +29,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
 
 import threadloom  # noqa: E402
+from threadloom.data.collate import default_collate  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _workload import Tokens, parse_threads, thread_sweep  # noqa: E402
@@ -36,7 +44,7 @@ def _mp_init(n, work):
 
 
 def _mp_batch(idx):
-    return [_ds[i] for i in idx]
+    return array.array("q", [_ds[i] for i in idx])
 
 
 def batches(n, b):
@@ -62,7 +70,7 @@ def run_naive_threads(n, b, work, workers):
     first = None
     count = 0
     with concurrent.futures.ThreadPoolExecutor(workers) as ex:
-        for batch in ex.map(lambda idx: [ds[i] for i in idx], batches(n, b)):
+        for batch in ex.map(lambda idx: default_collate([ds[i] for i in idx]), batches(n, b)):
             if first is None:
                 first = time.perf_counter() - t0
             count += len(batch)

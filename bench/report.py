@@ -129,7 +129,8 @@ def section_dataloader(r, cores):
     present = [(k, short) for k, short in LOADERS if any(x["loader"] == k for x in rows)]
     r.md += ["A Python-heavy per-sample transform (%d dict lookups in a shared vocabulary per "
              "sample), %d samples in batches of %d, best of %d runs; worker start-up is included "
-             "for every loader. Samples/s (higher is better); the ratios are threadloom.DataLoader "
+             "for every loader, and every loader collates its batches (the naive threads with "
+             "threadloom's default_collate, the processes into an array.array). Samples/s (higher is better); the ratios are threadloom.DataLoader "
              "(replicas) over each baseline." % (dl["work"], dl["samples"], dl["batch"], dl["reps"]),
              ""]
     tl = "threadloom.DataLoader (replicas)"

@@ -16,6 +16,11 @@ traceback; ``on_error="skip"`` drops failing items and counts them, raising once
 ``max_errors`` failed. The pipeline also stops promptly when the consumer breaks out of the
 loop, drops the iterator, is interrupted (KeyboardInterrupt), or the interpreter exits.
 
+The source is iterated on a thread of its own by default. ``feed="consumer"`` iterates it on the
+consumer's thread instead, topping up to ``capacity`` items in flight each time the consumer
+takes a result (as torch's DataLoader does with its sampler): one thread and one thread hand-off
+less per item, for a source that is cheap and does not block (threadloom.DataLoader's samplers).
+
 Per-worker state: ``state=factory`` calls ``factory()`` once on each worker thread of the stage
 and passes the result as the first argument of every call on that thread, so hot Python objects
 (tokenizers, random generators, vocabularies) are never shared between threads: on 3.13t,
@@ -104,6 +109,24 @@ class _Stage:
 
 _live = weakref.WeakSet()
 
+_plans = {}  # (threads, the process's CPUs) -> placement plan; loading the topology takes ms
+_plans_lock = threading.Lock()
+
+
+def _loader_plan(threads):
+    """A placement plan for `threads` loader threads on this machine, made once per thread count
+    and CPU set (a plan is read-only once made, so pools share it)."""
+    import os
+    key = (threads, frozenset(os.sched_getaffinity(0)))
+    with _plans_lock:
+        plan = _plans.get(key)
+    if plan is None:
+        from threadloom.placement import plan as make_plan
+        plan = make_plan(gpus=0, loaders_per_gpu=threads, io_threads=0, main_thread=False)
+        with _plans_lock:
+            plan = _plans.setdefault(key, plan)
+    return plan
+
 
 def _python_exit():
     for p in list(_live):
@@ -120,11 +143,16 @@ class Pipeline:
     flight at most (default: 2 per worker plus the queues). timeout: seconds the consumer waits
     for the next result before TimeoutError (None: forever). pin: pin the workers through a
     placement plan of this machine; plan / role / gpu: pin them to that plan's slots instead.
+    feed: "thread" (a thread of its own iterates the source) or "consumer" (the consumer's
+    thread does, see the module docstring).
     """
 
     def __init__(self, source, *, ordered=True, capacity=None, timeout=None, pin=False,
-                 plan=None, role="loader", gpu=None, name="pipeline"):
+                 plan=None, role="loader", gpu=None, name="pipeline", feed="thread"):
+        if feed not in ("thread", "consumer"):
+            raise ValueError("feed must be 'thread' or 'consumer', not %r" % (feed,))
         self._source = source
+        self._feed_consumer = feed == "consumer"
         self._ordered = ordered
         self._capacity = capacity
         self._timeout = timeout
@@ -171,23 +199,37 @@ class Pipeline:
             raise ValueError("add at least one stage with map() before iterating")
         self._started = True
         workers = sum(s.workers for s in self._stages)
+        cap = self._capacity or (2 * workers + sum(s.queue_size for s in self._stages))
+        if self._feed_consumer:
+            # at most `cap` items in flight plus one end marker per worker: the consumer's
+            # put into the first queue never waits
+            self._stages[0].queue_size = max(self._stages[0].queue_size, cap + self._stages[0].workers)
         for s in self._stages:
             s.inq = _Queue(s.queue_size)
-        self._out = _Queue(1 << 30)  # bounded by the in-flight semaphore
-        cap = self._capacity or (2 * workers + sum(s.queue_size for s in self._stages))
-        self._inflight = threading.BoundedSemaphore(cap)
+        self._out = _Queue(1 << 30)  # bounded by the in-flight semaphore (or count)
+        self._inflight = None if self._feed_consumer else threading.BoundedSemaphore(cap)
+        threads = workers if self._feed_consumer else workers + 1
         plan = self._plan
         if self._pin and plan is None:
-            from threadloom.placement import plan as make_plan
-            plan = make_plan(gpus=0, loaders_per_gpu=workers + 1, io_threads=0, main_thread=False)
-        self._pool = _core.Pool(workers + 1, plan=plan, role=self._role, gpu=self._gpu,
-                                capacity=workers + 1, name=self._name[:12])
+            plan = _loader_plan(threads)
+        self._pool = _core.Pool(threads, plan=plan, role=self._role, gpu=self._gpu,
+                                capacity=threads, name=self._name[:12])
         _live.add(self)
-        self._pool.submit(self._feed)
+        if not self._feed_consumer:
+            self._pool.submit(self._feed)
         for k, s in enumerate(self._stages):
             for w in range(s.workers):
                 self._pool.submit(lambda k=k, w=w: self._work(k, w))
-        return _Iterator(self)
+        it = _Iterator(self)
+        if self._feed_consumer:
+            it._capacity = cap
+            try:
+                it._source = iter(self._source)
+                it._fill()
+            except BaseException:
+                self.close()
+                raise
+        return it
 
     def _fail(self, exc):
         """Records the first error and stops every queue (workers and consumer wake up)."""
@@ -324,6 +366,46 @@ class _Iterator:
         self._held = {}  # ordered mode: results that arrived before their turn
         self._ended = False  # the end marker arrived: everything is in _held
         self._done = False
+        # feed="consumer": the source's iterator (None once exhausted or failed), the next
+        # sequence number, items handed to the first stage and not yet taken back, the limit
+        self._source = None
+        self._seq = 0
+        self._inflight = 0
+        self._capacity = 0
+
+    def _fill(self):
+        """feed="consumer": hands source items to the first stage until `capacity` are in
+        flight. A source error stops the pipeline (the consumer gets it at its next result);
+        KeyboardInterrupt and SystemExit go straight up."""
+        p = self._pipe
+        src = self._source
+        if src is None:
+            return
+        q = p._stages[0].inq
+        while self._inflight < self._capacity:
+            try:
+                item = next(src)
+            except StopIteration:
+                self._source = None
+                p._ended(-1)
+                return
+            except Exception as exc:
+                self._source = None
+                p._fail(exc)
+                return
+            if not q.put((self._seq, item)):
+                self._source = None
+                return
+            self._seq += 1
+            self._inflight += 1
+
+    def _release(self):
+        """One result left the in-flight set: the source may hand over another item."""
+        if self._pipe._inflight is not None:
+            self._pipe._inflight.release()
+        else:
+            self._inflight -= 1
+            self._fill()
 
     def __iter__(self):
         return self
@@ -345,7 +427,7 @@ class _Iterator:
             if p._ordered and self._next_seq in self._held:
                 item = self._held.pop(self._next_seq)
                 self._next_seq += 1
-                p._inflight.release()
+                self._release()
                 if item is _SKIP:
                     continue
                 return item
@@ -372,7 +454,7 @@ class _Iterator:
             if p._ordered:
                 self._held[seq] = item
                 continue
-            p._inflight.release()
+            self._release()
             if item is _SKIP:
                 continue
             return item

@@ -427,3 +427,21 @@ def test_stats_count_samples_not_fields(sample):
     loader = DataLoader(Fields(), batch_size=3, num_workers=2)
     assert len(list(loader)) == 3
     assert loader.stats()["samples"] == 9
+
+
+def test_sampler_runs_on_the_consumer_thread():
+    # as torch's main process walks the sampler: not in a worker, so get_worker_info() is None
+    seen = []
+
+    class Recording(Sampler):
+        def __iter__(self):
+            for i in range(12):
+                seen.append((threading.get_ident(), get_worker_info()))
+                yield i
+
+        def __len__(self):
+            return 12
+
+    out = rows(DataLoader(Squares(12), batch_size=3, sampler=Recording(), num_workers=3))
+    assert out == [[0, 1, 4], [9, 16, 25], [36, 49, 64], [81, 100, 121]]
+    assert seen == [(threading.get_ident(), None)] * 12

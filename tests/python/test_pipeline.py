@@ -182,3 +182,45 @@ def test_interpreter_exit_with_a_running_pipeline():
     r = run_python("-c", code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "leaving"
+
+
+def test_consumer_feed_runs_the_source_on_the_consumer_and_keeps_capacity_in_flight():
+    pulled, threads, cap = [], set(), 8
+
+    def source():
+        for i in range(200):
+            threads.add(threading.get_ident())
+            pulled.append(i)
+            yield i
+
+    p = (threadloom.Pipeline(source(), capacity=cap, feed="consumer")
+         .map(jitter, workers=3).map(lambda x: x * 2, workers=2))
+    it = iter(p)
+    assert len(pulled) == cap  # handed over before the first result is asked for
+    assert p._pool.size == 5  # the stages' workers; no feeder thread
+    out = []
+    for k in range(1, 20):
+        out.append(next(it))
+        # the source advances only on this thread, one item per result taken: no race to wait for
+        assert len(pulled) == k + cap
+    out += list(it)
+    assert out == [2 * i for i in range(200)]
+    assert threads == {threading.get_ident()}
+    assert p._pool.closed
+
+
+def test_consumer_feed_unordered_and_source_error():
+    out = list(threadloom.Pipeline(range(300), ordered=False, feed="consumer").map(jitter, workers=4))
+    assert sorted(out) == list(range(300))
+
+    def source():
+        yield 1
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone") as ei:
+        list(threadloom.Pipeline(source(), feed="consumer").map(lambda x: x))
+    assert "source" in [f.name for f in traceback.extract_tb(ei.value.__traceback__)]
+    with pytest.raises(ValueError, match="feed must be 'thread' or 'consumer'"):
+        threadloom.Pipeline([1], feed="main")
+    with pytest.raises(TypeError):  # not iterable: raised by iter(), the pipeline closed
+        iter(threadloom.Pipeline(42, feed="consumer").map(lambda x: x))

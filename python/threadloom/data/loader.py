@@ -6,10 +6,12 @@
         ...
 
 Workers are threads of one threadloom scheduler pool (pinned by default), not processes.
-Map-style datasets run on a threadloom.Pipeline: a feeder thread walks the batch sampler, the
-workers fetch and collate batches (work-stealing from one bounded queue) and the consumer gets
-them in sampler order (in_order=True) whatever the thread count; at most
-prefetch_factor * num_workers batches are in flight. Iterable datasets run one iterator per
+Map-style datasets run on a threadloom.Pipeline: the consumer's thread walks the batch sampler
+(as torch's main process does) and hands each batch of indices to the workers, which fetch and
+collate batches (work-stealing from one queue); the consumer gets them in sampler order
+(in_order=True) whatever the thread count. At most prefetch_factor * num_workers batches are in
+flight: the consumer hands over the next indices each time it takes a batch, so no thread sits
+between the sampler and the workers. Iterable datasets run one iterator per
 worker replica, each into its own bounded queue, taken round-robin as torch does.
 Thread-safety: one DataLoader is iterated by one thread at a time (as torch's).
 """
@@ -464,7 +466,8 @@ def _map_pipeline(loader, indices, base_seed):
     nw = loader.num_workers
     pipe = _pipeline.Pipeline(indices, ordered=loader.in_order,
                               capacity=max(1, loader.prefetch_factor * nw),
-                              timeout=loader.timeout or None, pin=loader.pin, name="dataloader")
+                              timeout=loader.timeout or None, pin=loader.pin, name="dataloader",
+                              feed="consumer")
     pipe.map(fetch, workers=nw, state=make_state, name="fetch+collate", queue_size=max(1, nw))
     return pipe
 
@@ -498,10 +501,7 @@ class _IterableEngine:
         depth = max(1, loader.prefetch_factor)
         self._queues = [_pipeline._Queue(depth) for _ in range(nw)]
         self.counters = [[0, 0.0, 0.0] for _ in range(nw)]  # per worker: batches, busy, wait
-        plan = None
-        if loader.pin:
-            from threadloom.placement import plan as make_plan
-            plan = make_plan(gpus=0, loaders_per_gpu=nw, io_threads=0, main_thread=False)
+        plan = _pipeline._loader_plan(nw) if loader.pin else None
         self._pool = _core.Pool(nw, plan=plan, role="loader", capacity=nw, name="dataloader")
         _pipeline._live.add(self)
         for w in range(nw):
