@@ -89,6 +89,15 @@ class Report:
         self.plots.append(name)
         self.md += ["", "![%s](%s)" % (alt, name)]
 
+    def section(self, title, name):
+        """Starts the section `title` and returns the results in <name>.json, or None (after a
+        line saying they are missing) when the benchmark wrote none."""
+        self.md += ["", "## " + title, ""]
+        data = load(self.d, name)
+        if data is None:
+            self.missing(name)
+        return data
+
     def missing(self, name):
         self.md += ["", "Not in this run: no %s.json here (the benchmark failed or was not run; "
                     "%s.txt says why)." % (name, name)]
@@ -106,12 +115,10 @@ LOADERS = [("threadloom.DataLoader (replicas)", "threadloom.DataLoader (replicas
 
 
 def section_dataloader(r, cores):
-    r.md += ["", "## DataLoader: loader throughput vs threads", ""]
-    dl = load(r.d, "dataloader")
-    tdl = load(r.d, "dataloader_torch")
+    dl = r.section("DataLoader: loader throughput vs threads", "dataloader")
     if dl is None:
-        r.missing("dataloader")
         return None
+    tdl = load(r.d, "dataloader_torch")
     rows = list(dl["rows"])
     torch_note = None
     if tdl is None:
@@ -194,10 +201,8 @@ def section_dataloader(r, cores):
 
 
 def section_executor(r, cores):
-    r.md += ["", "## Executor: small Python tasks vs threads", ""]
-    ex = load(r.d, "executor")
+    ex = r.section("Executor: small Python tasks vs threads", "executor")
     if ex is None:
-        r.missing("executor")
         return None
     r.md += ["Calls of about %.0f us of Python each through threadloom.Executor, "
              "concurrent.futures.ThreadPoolExecutor and multiprocessing.Pool (spawn), items/s "
@@ -244,10 +249,8 @@ def section_executor(r, cores):
 
 
 def section_scheduler(r, cores):
-    r.md += ["", "## Scheduler (C): empty tasks per second vs threads", ""]
-    sc = load(r.d, "scheduler")
+    sc = r.section("Scheduler (C): empty tasks per second vs threads", "scheduler")
     if sc is None:
-        r.missing("scheduler")
         return None
     r.md += ["tl-bench-scheduler: empty C tasks through the work-stealing pool vs the textbook "
              "pool (N pthreads sharing one FIFO queue under a mutex and a condition variable), "
@@ -296,10 +299,8 @@ def section_scheduler(r, cores):
 
 
 def section_checkpoint(r, cores):
-    r.md += ["", "## Checkpoint: training stall vs state size", ""]
-    ck = load(r.d, "checkpoint")
+    ck = r.section("Checkpoint: training stall vs state size", "checkpoint")
     if ck is None:
-        r.missing("checkpoint")
         return None
     summary = None
     sizes = ck.get("sizes") or []
@@ -361,10 +362,8 @@ def section_checkpoint(r, cores):
 
 
 def section_arena(r, cores):
-    r.md += ["", "## Arena: allocation rate vs glibc malloc", ""]
-    ar = load(r.d, "arena")
+    ar = r.section("Arena: allocation rate vs glibc malloc", "arena")
     if ar is None:
-        r.missing("arena")
         return None
     rows = ar["rows"]
     cuda = any("cudaHostAlloc" in x for x in rows)
@@ -416,10 +415,8 @@ def section_arena(r, cores):
 
 
 def section_startup(r, cores):
-    r.md += ["", "## Start-up: `threadloom run` vs `python3.13t`", ""]
-    st = load(r.d, "startup")
+    st = r.section("Start-up: `threadloom run` vs `python3.13t`", "startup")
     if st is None:
-        r.missing("startup")
         return None
     m = st["median_s"]
     r.md += ["Median wall time of running an empty script, %d runs each, alternating (goal: "
