@@ -1,9 +1,13 @@
-"""bench/_workload.py: the loader benchmarks' dataset and thread sweep, with no threadloom import.
+"""bench/_workload.py: the loader benchmarks' dataset, thread sweep and command line, with no
+threadloom import.
 
 bench_dataloader.py (free-threaded interpreter, threadloom) and bench_dataloader_torch.py (any
 interpreter that has torch, e.g. a GIL python3.12 on the GPU machine) both load this module, so
-every loader in the report runs the same per-sample work.
+every loader in the report runs the same per-sample work, and take the same options.
 """
+
+import argparse
+import os
 
 
 class Tokens:
@@ -50,3 +54,22 @@ def parse_threads(text):
             raise ValueError("thread counts are positive integers separated by commas, got %r" % tok)
         out.append(int(tok))
     return sorted(set(out))
+
+
+def parse_args(description=None):
+    """The loader benchmarks' command line -> (args, allowed cores, worker counts to sweep)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--samples", type=int, default=6000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--work", type=int, default=300)
+    ap.add_argument("--threads", help="worker counts, e.g. 1,2,4 (default: 1, 2, 4, 8 and the "
+                    "core count, up to 16)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        ws = parse_threads(a.threads) if a.threads else thread_sweep(cores)
+    except ValueError as e:
+        ap.error("--threads: %s" % e)
+    return a, cores, ws

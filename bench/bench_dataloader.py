@@ -17,7 +17,6 @@ torch). Prints samples/s and time to first batch for each worker count of the sw
   python bench/bench_dataloader.py [--samples N] [--batch B] [--threads 1,2,4] [--reps R] [--json PATH]
 """
 
-import argparse
 import array
 import concurrent.futures
 import json
@@ -32,7 +31,7 @@ import threadloom  # noqa: E402
 from threadloom.data.collate import default_collate  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _workload import Tokens, parse_threads, thread_sweep  # noqa: E402
+from _workload import Tokens, parse_args  # noqa: E402
 
 
 _ds = None
@@ -91,20 +90,7 @@ def run_processes(n, b, work, workers):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=6000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--work", type=int, default=300)
-    ap.add_argument("--threads", help="worker counts, e.g. 1,2,4 (default: 1, 2, 4, 8 and the "
-                    "core count, up to 16)")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--json")
-    a = ap.parse_args()
-    cores = len(os.sched_getaffinity(0))
-    try:
-        ws = parse_threads(a.threads) if a.threads else thread_sweep(cores)
-    except ValueError as e:
-        ap.error("--threads: %s" % e)
+    a, cores, ws = parse_args(None)
     gil = getattr(sys, "_is_gil_enabled", lambda: True)()
     print("python %s, GIL %s, %d CPUs; %d samples, batch %d, %d dict lookups per sample; workers %s"
           % (sys.version.split()[0], "on" if gil else "off", cores, a.samples, a.batch, a.work,

@@ -12,14 +12,13 @@ and writes the rows in bench_dataloader.py's JSON format. Without torch it write
                                                [--reps R] [--json PATH]
 """
 
-import argparse
 import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _workload import Tokens, parse_threads, thread_sweep  # noqa: E402
+from _workload import Tokens, parse_args  # noqa: E402
 
 
 def run_torch(torch_data, n, b, work, workers):
@@ -35,19 +34,7 @@ def run_torch(torch_data, n, b, work, workers):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=6000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--work", type=int, default=300)
-    ap.add_argument("--threads", help="worker counts (default: as bench_dataloader.py)")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--json")
-    a = ap.parse_args()
-    cores = len(os.sched_getaffinity(0))
-    try:
-        ws = parse_threads(a.threads) if a.threads else thread_sweep(cores)
-    except ValueError as e:
-        ap.error("--threads: %s" % e)
+    a, cores, ws = parse_args(__doc__.splitlines()[0])
     gil = getattr(sys, "_is_gil_enabled", lambda: True)()
     res = {"python": sys.version.split()[0], "executable": sys.executable, "gil": gil,
            "cores": cores, "samples": a.samples, "batch": a.batch, "work": a.work, "reps": a.reps}
