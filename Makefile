@@ -4,7 +4,8 @@
 #
 #   make demo       `python -m threadloom info`, a multi-threaded example, then the main job
 #                   (examples/main_job.py): uninterrupted, preempted, resumed to the same weights
-#   make test       C tests (ctest) and Python tests (pytest on the free-threaded interpreter)
+#   make test       C tests (ctest), Python tests (pytest on the free-threaded interpreter), and
+#                   the torch tests (tests/torch: threadloom next to torch, on TORCH_PYTHON)
 #   make test-asan  the C core and its tests under AddressSanitizer + UBSan
 #   make test-tsan  the C core and its tests under ThreadSanitizer
 #   make gpu-test   only the GPU tests (they skip, saying why, without a GPU)
@@ -21,10 +22,11 @@ ENVFILE := build/bootstrap.env
 # Read when a recipe runs, i.e. after the bootstrap has written the file.
 PY = $(shell sed -n 's/^PYTHON := //p' $(ENVFILE))
 PYTEST_PATH = $(shell sed -n 's/^PYTEST_PATH := //p' $(ENVFILE))
+TORCH_PY = $(shell sed -n 's/^TORCH_PYTHON := //p' $(ENVFILE))
 PYENV = PYTHONPATH=$(CURDIR)/python:$(PYTEST_PATH)
 CTEST = ctest --output-on-failure -j $(JOBS)
 
-.PHONY: all bootstrap build demo test test-c test-py test-asan test-tsan gpu-test bench clean
+.PHONY: all bootstrap build build-torch demo test test-c test-py test-torch test-asan test-tsan gpu-test bench clean
 
 all: build
 
@@ -50,14 +52,25 @@ demo: build
 	@echo "== the same command again: resumes from the newest complete checkpoint, ends with the same weights"
 	@$(PYENV) $(PY) examples/main_job.py --ckpt-dir $(BUILD)/demo/job --check-against $(BUILD)/demo/reference
 
-test: build
-	@$(MAKE) --no-print-directory test-c test-py
+# The extension for the Python that has torch (a GIL build: its threads take turns). Only the
+# module is built; it lands next to the free-threaded one (another EXT_SUFFIX).
+build-torch: bootstrap
+	@cmake -S . -B build-torch -DTL_PYTHON=$(TORCH_PY) >/dev/null
+	@cmake --build build-torch -j $(JOBS) --target tl_core
+
+test: build build-torch
+	@$(MAKE) --no-print-directory test-c test-py test-torch
 
 test-c:
 	@cd $(BUILD) && $(CTEST)
 
 test-py:
 	@$(PYENV) $(PY) -m pytest tests/python -q -rfEs
+
+# threadloom next to torch in one interpreter: the same batches as torch's DataLoader, torch
+# tensors through the Checkpointer, the torch example.
+test-torch: build-torch
+	@$(PYENV) $(TORCH_PY) -m pytest tests/torch -q -rfEs -p no:cacheprovider
 
 # Sanitizer builds: the C library and C tests only (the interpreter is not instrumented).
 test-asan: bootstrap
@@ -78,4 +91,4 @@ bench: build
 	@bash bench/run.sh $(BENCH_ARGS) $(PY)
 
 clean:
-	rm -rf build build-asan build-tsan python/threadloom/_core*.so
+	rm -rf build build-torch build-asan build-tsan python/threadloom/_core*.so

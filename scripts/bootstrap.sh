@@ -7,13 +7,14 @@
 #   2. a free-threaded CPython (--disable-gil), built from Debian trixie's python3.13 source
 #      package (downloaded and hash-verified by apt through a private sources dir; the
 #      system's apt configuration is never edited), cached outside the clone, keyed by version;
-#   3. pytest and its arch-all dependencies from trixie's .debs (dpkg -x), next to it.
+#   3. pytest and its arch-all dependencies from trixie's .debs (dpkg -x), next to it;
+#   4. torch on the system's Python (Debian's python3-torch), the DataLoader's baseline.
 #
 # A second run finds everything in the cache and does nothing (no network, no apt).
 # PYTHON=/path/to/python3.14t uses an existing free-threaded interpreter instead of step 2;
 # a GIL build is refused. The result is written to build/bootstrap.env for the Makefile.
 #
-# Environment: THREADLOOM_CACHE (default ~/.cache/threadloom), PYTHON, TL_CPYTHON_VERSION
+# Environment: THREADLOOM_CACHE (default ~/.cache/threadloom), PYTHON, TORCH_PYTHON, TL_CPYTHON_VERSION
 # (default 3.13.5), DEBIAN_MIRROR (default http://deb.debian.org/debian), JOBS.
 set -euo pipefail
 
@@ -51,6 +52,10 @@ apt_pkgs=(
   # scontrol, to check the host-list parser against SLURM's (tests/python/test_cluster.py);
   # the daemons and ip, for the local cluster of scripts/slurm-cluster.sh (tests/python/test_slurm.py)
   slurm-client slurmd slurmctld munge iproute2
+  # torch (1.13, CPU) on the system's Python 3.11, the baseline of the DataLoader tests and
+  # benchmarks (tests/torch, bench/bench_dataloader_torch.py), with its headers to build the
+  # extension for that interpreter too (build-torch/, make test-torch)
+  python3-dev python3-torch python3-numpy
   # CPython's build dependencies (the optional modules the stdlib needs)
   libssl-dev zlib1g-dev libbz2-dev libffi-dev liblzma-dev libsqlite3-dev libreadline-dev
   libncurses-dev uuid-dev libgdbm-dev libgdbm-compat-dev libexpat1-dev
@@ -155,11 +160,17 @@ pytest_path=$pytest_dir/root/usr/lib/python3/dist-packages
 PYTHONPATH=$pytest_path "$python" -c 'import pytest' \
   || die "pytest from $pytest_dir does not import on $python"
 
+# 4. the Python that has torch (the system's, from python3-torch): TORCH_PYTHON overrides it
+torch_python=${TORCH_PYTHON:-/usr/bin/python3}
+PYTHONPATH=$pytest_path "$torch_python" -c 'import torch, pytest' \
+  || die "$torch_python cannot import torch and pytest (python3-torch not installed? TORCH_PYTHON names another)"
+
 tmp=$envfile.tmp.$$
 {
   echo "# written by scripts/bootstrap.sh; do not edit"
   echo "PYTHON := $python"
   echo "PYTEST_PATH := $pytest_path"
+  echo "TORCH_PYTHON := $torch_python"
 } >"$tmp"
 mv "$tmp" "$envfile"
 say "ready: $python ($("$python" -c 'import sys; print(sys.version.split()[0])') free-threaded), pytest from trixie"

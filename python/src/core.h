@@ -17,6 +17,13 @@
 #define Py_END_CRITICAL_SECTION() }
 #endif
 
+/* Py_T_INT and Py_READONLY are the 3.12 names of structmember.h's T_INT and READONLY. */
+#if PY_VERSION_HEX < 0x030C0000
+#include <structmember.h>
+#define Py_T_INT T_INT
+#define Py_READONLY READONLY
+#endif
+
 /* PyMutex exists from 3.13. Before, a pthread mutex stands in (zero bytes are an unlocked
  * mutex on glibc, as for PyMutex); like PyMutex_Lock, waiting detaches from the interpreter,
  * so a thread that holds the lock while detached can always get the GIL back. */
