@@ -55,7 +55,7 @@ demo: build
 # The extension for the Python that has torch (a GIL build: its threads take turns). Only the
 # module is built; it lands next to the free-threaded one (another EXT_SUFFIX).
 build-torch: bootstrap
-	@cmake -S . -B build-torch -DTL_PYTHON=$(TORCH_PY) >/dev/null
+	@cmake -S . -B build-torch -DTL_PYTHON=$(TORCH_PY) -DTL_PYTHON_GIL_OK=ON >/dev/null
 	@cmake --build build-torch -j $(JOBS) --target tl_core
 
 test: build build-torch
