@@ -49,7 +49,8 @@ int tl__cuda_error(const char* call, int code);
 /* ncclResult_t values this part interprets, and the table's own "library not loaded". */
 enum {
   TL__NCCL_SUCCESS = 0,
-  TL__NCCL_NOT_LOADED = -1 /* libnccl.so.2 could not be opened (see the table's why()) */
+  TL__NCCL_IN_PROGRESS = 7, /* ncclInProgress: a non-blocking communicator is still working */
+  TL__NCCL_NOT_LOADED = -1  /* libnccl.so.2 could not be opened (see the table's why()) */
 };
 
 /* ncclUniqueId: 128 opaque bytes, passed by value to ncclCommInitRank. */
@@ -57,16 +58,33 @@ typedef struct {
   char internal[TL_NCCL_ID_BYTES];
 } tl__nccl_id_t;
 
-/* Every NCCL call of this part, as raw ncclResult_t values (int). The built-in table opens
- * libnccl.so.2 on first use; tests swap in their own table to inject failures. */
+/* Every NCCL call of this part, as raw ncclResult_t values (int); ncclDataType_t and ncclRedOp_t
+ * are passed as their int values (enums, int-sized in NCCL's ABI), ncclComm_t and cudaStream_t
+ * as void*. The built-in table opens libnccl.so.2 on first use; tests swap in their own table to
+ * record calls and inject failures. Communicators are always made non-blocking (blocking=0 in
+ * the ncclConfig_t the built-in table builds), so no call on them blocks: each may return
+ * ncclInProgress, and nccl.c then polls comm_get_async_error. */
 typedef struct {
   const char* name;                               /* "dlopen", or a test's name */
   int (*get_version)(int* version);               /* ncclGetVersion */
   int (*get_unique_id)(tl__nccl_id_t* id);        /* ncclGetUniqueId */
-  int (*comm_init_rank)(void** comm, int nranks, tl__nccl_id_t id, int rank); /* ncclCommInitRank */
-  int (*comm_abort)(void* comm);                  /* ncclCommAbort: from any thread */
+  /* ncclCommInitRankConfig with a config whose only set field is `blocking` */
+  int (*comm_init_rank_config)(void** comm, int nranks, tl__nccl_id_t id, int rank, int blocking);
+  int (*comm_get_async_error)(void* comm, int* state); /* ncclCommGetAsyncError */
+  int (*comm_abort)(void* comm);                  /* ncclCommAbort */
   int (*comm_destroy)(void* comm);                /* ncclCommDestroy */
+  int (*all_reduce)(const void* send, void* recv, size_t count, int dtype, int op, void* comm,
+                    void* stream);                /* ncclAllReduce */
+  int (*broadcast)(const void* send, void* recv, size_t count, int dtype, int root, void* comm,
+                   void* stream);                 /* ncclBroadcast */
+  int (*all_gather)(const void* send, void* recv, size_t sendcount, int dtype, void* comm,
+                    void* stream);                /* ncclAllGather */
+  int (*reduce_scatter)(const void* send, void* recv, size_t recvcount, int dtype, int op,
+                        void* comm, void* stream); /* ncclReduceScatter */
+  int (*group_start)(void);                       /* ncclGroupStart (per calling thread) */
+  int (*group_end)(void);                         /* ncclGroupEnd */
   const char* (*error_string)(int code);          /* ncclGetErrorString */
+  const char* (*last_error)(void* comm);          /* ncclGetLastError: NCCL's last message */
   const char* (*why)(void);                       /* why the library is not loaded ("" if it is) */
 } tl__nccl_api_t;
 

@@ -56,22 +56,87 @@ typedef struct tl_nccl_comm_s tl_nccl_comm_t;
  * detail names the ncclResult_t). */
 TL_EXTERN int tl_nccl_unique_id(tl_nccl_id_t* out);
 /* Makes the calling thread's CUDA device `device`, then joins rank `rank` of an `nranks` world
- * to the communicator of `id` (ncclCommInitRank: blocks until every rank has joined). On
- * success *out is a communicator the caller closes with tl_nccl_comm_close. Errors: TL_EINVAL
- * (NULL, rank outside [0, nranks)), TL_ENOLIB, TL_ENOSYS (built without CUDA), TL_ENODRIVER,
- * TL_ENODEV, TL_ECUDA (cudaSetDevice), TL_ENCCL. */
+ * to the communicator of `id`. The communicator is non-blocking (ncclCommInitRankConfig with
+ * blocking=0): this call polls ncclCommGetAsyncError until every rank has joined, and when that
+ * takes longer than `timeout_ms` (negative: no limit) it aborts the half-made communicator
+ * (ncclCommAbort) and fails with TL_ETIMEDOUT, so a rank that never arrives cannot hang the
+ * others forever. The same timeout bounds every later wait for ncclInProgress on it. On success
+ * *out is a communicator the caller closes with tl_nccl_comm_close. Errors: TL_EINVAL (NULL,
+ * rank outside [0, nranks)), TL_ENOLIB, TL_ENOSYS (built without CUDA), TL_ENODRIVER,
+ * TL_ENODEV, TL_ECUDA (cudaSetDevice), TL_ETIMEDOUT, TL_ENCCL. */
 TL_EXTERN int tl_nccl_comm_init(tl_nccl_comm_t** out, const tl_nccl_id_t* id, int nranks,
-                                int rank, int device);
-/* Aborts the communicator (ncclCommAbort): operations blocked on it, in any thread, return or
- * fail, and its resources are released. Thread-safety: may run while another thread is inside
- * an NCCL call on `comm` and concurrently with another abort (only the first aborts), not
+                                int rank, int device, int timeout_ms);
+/* Aborts the communicator (ncclCommAbort): its pending and future calls, in any thread, fail
+ * with TL_ECANCELED, and NCCL releases its resources. Thread-safety: thread-safe on one object,
+ * also while another thread is inside a call on `comm` (invariants in cudactx/nccl.c), but not
  * concurrently with tl_nccl_comm_close. 0 when aborted now or before; TL_ENCCL. */
 TL_EXTERN int tl_nccl_comm_abort(tl_nccl_comm_t* comm);
 /* Destroys the communicator (ncclCommDestroy, or nothing more after an abort) and frees it.
- * NULL is a no-op. Returns 0 or TL_ENCCL (comm is freed either way). */
+ * NULL is a no-op. No other call on comm may run or follow. Returns 0 or TL_ENCCL (comm is freed
+ * either way). */
 TL_EXTERN int tl_nccl_comm_close(tl_nccl_comm_t* comm);
-/* 1 once tl_nccl_comm_abort ran on comm, else 0. */
+/* 1 once tl_nccl_comm_abort ran on comm (by the caller, or after an asynchronous NCCL error or a
+ * timeout), else 0. Thread-safe on one object. */
 TL_EXTERN int tl_nccl_comm_aborted(const tl_nccl_comm_t* comm);
+/* Asks NCCL for the communicator's asynchronous error (ncclCommGetAsyncError): 0 while healthy
+ * (or still working); on an error (a peer died, a network failure) the communicator is aborted
+ * and TL_ENCCL names NCCL's error. For a watchdog thread; thread-safe on one object. Errors:
+ * TL_EINVAL (NULL), TL_ECANCELED (aborted before), TL_ENCCL. */
+TL_EXTERN int tl_nccl_comm_check(tl_nccl_comm_t* comm);
+
+// ---------------------------------------------------------------------------------------------
+// Collectives. Element types are DLPack's (DLDataType: code, bits, lanes), as tensors from
+// torch/cupy/JAX describe themselves; NCCL takes int8/uint8/int32/uint32/int64/uint64,
+// float16/32/64 and bfloat16, lanes 1. Buffers are device pointers (or anything NCCL accepts)
+// of `count` elements; NCCL reads and writes them asynchronously on `stream` (a cudaStream_t;
+// NULL is the legacy default stream), so they must stay allocated until that work is done: the
+// calls return once the work is enqueued, not finished. Every call fails cleanly (TL_ECANCELED)
+// on an aborted communicator, never touching the freed NCCL one, also when another thread
+// aborts it meanwhile; an asynchronous NCCL error found while waiting aborts the communicator
+// (TL_ENCCL), as does a wait longer than the communicator's timeout (TL_ETIMEDOUT). Errors of
+// every collective: TL_EINVAL (NULL comm or buffer with count > 0, an element type NCCL lacks,
+// op avg on an integer type, a size that overflows), TL_ECANCELED, TL_ETIMEDOUT, TL_ENCCL.
+// ---------------------------------------------------------------------------------------------
+
+/* DLPack's DLDataTypeCode values the collectives accept, and its DLDataType layout. */
+enum { TL_DTYPE_INT = 0, TL_DTYPE_UINT = 1, TL_DTYPE_FLOAT = 2, TL_DTYPE_BFLOAT = 4 };
+typedef struct {
+  uint8_t code;   /* TL_DTYPE_* (DLDataTypeCode) */
+  uint8_t bits;   /* bits per element: 8, 16, 32, 64 */
+  uint16_t lanes; /* 1 */
+} tl_dtype_t;
+
+/* Reductions. avg divides the sum by the number of ranks (ncclAvg); float types only. */
+typedef enum { TL_NCCL_SUM, TL_NCCL_PROD, TL_NCCL_MAX, TL_NCCL_MIN, TL_NCCL_AVG } tl_nccl_op_t;
+
+/* Bytes per element of `dtype` as NCCL sees it, or TL_EINVAL (the detail says which types NCCL
+ * takes). */
+TL_EXTERN int tl_nccl_dtype_size(tl_dtype_t dtype, size_t* size);
+/* recv[i] = op over ranks of send[i], i < count (ncclAllReduce). send == recv: in place. */
+TL_EXTERN int tl_nccl_allreduce(tl_nccl_comm_t* comm, const void* send, void* recv, size_t count,
+                                tl_dtype_t dtype, tl_nccl_op_t op, void* stream);
+/* recv = root's send, count elements (ncclBroadcast; send is read in root only). Also TL_EINVAL
+ * for a root outside the world. */
+TL_EXTERN int tl_nccl_broadcast(tl_nccl_comm_t* comm, const void* send, void* recv, size_t count,
+                                tl_dtype_t dtype, int root, void* stream);
+/* recv (nranks * sendcount elements) = every rank's send in rank order (ncclAllGather). */
+TL_EXTERN int tl_nccl_allgather(tl_nccl_comm_t* comm, const void* send, void* recv,
+                                size_t sendcount, tl_dtype_t dtype, void* stream);
+/* recv (recvcount elements) = chunk `rank` of the reduction of send (nranks * recvcount elements)
+ * (ncclReduceScatter). */
+TL_EXTERN int tl_nccl_reduce_scatter(tl_nccl_comm_t* comm, const void* send, void* recv,
+                                     size_t recvcount, tl_dtype_t dtype, tl_nccl_op_t op,
+                                     void* stream);
+/* Groups the calling thread's collectives (ncclGroupStart/End) so NCCL launches them together;
+ * groups nest, and the outermost end launches and then waits for every communicator used in the
+ * group to leave ncclInProgress. Per thread, as NCCL's groups are. An abort of a communicator
+ * with collectives queued in an open group takes effect at the group's end (NCCL still holds
+ * the communicator until then). Errors: TL_EINVAL (end without start, more than
+ * TL_NCCL_GROUP_MAX communicators in one group), TL_ENOLIB, TL_ECANCELED, TL_ETIMEDOUT,
+ * TL_ENCCL. */
+#define TL_NCCL_GROUP_MAX 32
+TL_EXTERN int tl_nccl_group_start(void);
+TL_EXTERN int tl_nccl_group_end(void);
 
 TL_END_DECLS
 

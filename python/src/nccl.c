@@ -56,7 +56,7 @@ static PyObject* ncclcomm_new(PyTypeObject* type, PyObject* args, PyObject* kwar
   tl_nccl_comm_t* c = NULL;
   int err;
   Py_BEGIN_ALLOW_THREADS
-  err = tl_nccl_comm_init(&c, &id, nranks, rank, device);
+  err = tl_nccl_comm_init(&c, &id, nranks, rank, device, -1); /* no timeout */
   Py_END_ALLOW_THREADS
   if (err) {
     tl_py_fail_obj((PyObject*)self, err); /* same OS thread: the detail is still there */
