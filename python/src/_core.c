@@ -352,6 +352,9 @@ static PyMethodDef core_methods[] = {
     {"nccl_unique_id", tl_py_nccl_unique_id, METH_NOARGS,
      "A new ncclUniqueId as 128 bytes (ncclGetUniqueId; no GPU needed). Raises "
      "LibraryNotFoundError when libnccl.so.2 is not loadable, NcclError when NCCL fails."},
+    {"_nccl_comm_closed", tl_py_nccl_comm_closed, METH_VARARGS,
+     "_nccl_comm_closed(nranks, rank, device): an NcclComm that is already closed, so tests can "
+     "reach the collectives' argument checks without a GPU."},
     {"topology", (PyCFunction)(void (*)(void))core_topology, METH_VARARGS | METH_KEYWORDS,
      "topology(xml=None, synthetic=None) -> dict: packages, numa_nodes, cores, pus, "
      "allowed_cores, allowed_pus, is_this_system, gpus and core_list (lists of dicts). xml: an "

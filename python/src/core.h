@@ -129,6 +129,25 @@ int tl_py_dlpack_check_args(PyObject* stream, PyObject* max_version, PyObject* d
                             PyObject* copy, int* versioned);
 /* from_dlpack(obj) -> memoryview over a consumed host tensor. */
 PyObject* tl_py_from_dlpack(PyObject* module, PyObject* obj);
+/* A CUDA tensor borrowed for one NCCL call: the capsule is kept, not consumed, so releasing it
+ * (its destructor) frees the producer's managed tensor; the producer's own tensor object keeps
+ * the memory alive after that. */
+typedef struct {
+  PyObject* capsule;  /* strong; NULL once released */
+  void* data;         /* device address of the first element */
+  tl_dtype_t dtype;   /* DLPack's DLDataType */
+  int64_t count;      /* elements */
+  int readonly;       /* the producer set DLPACK_FLAG_BITMASK_READ_ONLY */
+} tl_py_cuda_tensor_t;
+/* 0 if obj.__dlpack_device__() is (kDLCUDA, device); else -1 with TypeError (no DLPack) or
+ * InvalidArgumentError saying to move the tensor or use CpuComm (host) / naming the device
+ * mismatch. `what` ("NcclComm.allreduce") starts the messages. Calls no __dlpack__. */
+int tl_py_dlpack_cuda_device(PyObject* module, PyObject* obj, const char* what, int device);
+/* obj.__dlpack__(stream=...) for the CUDA stream handle `stream` (0: the legacy default stream,
+ * passed to DLPack as 1), then checks the tensor (cuda:device, compact row-major). 0 or -1. */
+int tl_py_dlpack_cuda_borrow(PyObject* module, PyObject* obj, unsigned long long stream,
+                             int device, const char* what, tl_py_cuda_tensor_t* out);
+void tl_py_dlpack_cuda_release(tl_py_cuda_tensor_t* t);
 
 /* hash.c */
 extern PyType_Spec tl_py_hasher_spec;
@@ -150,5 +169,7 @@ PyObject* tl_py_preempt_notice(PyObject* module, PyObject* arg);
 extern PyType_Spec tl_py_ncclcomm_spec;
 /* nccl_unique_id() -> bytes (128) */
 PyObject* tl_py_nccl_unique_id(PyObject* module, PyObject* unused);
+/* _nccl_comm_closed(nranks, rank, device) -> a closed NcclComm (argument-check tests) */
+PyObject* tl_py_nccl_comm_closed(PyObject* module, PyObject* args);
 
 #endif /* THREADLOOM_PY_CORE_H */

@@ -13,7 +13,12 @@
  * capsule "used_*" and moves the managed tensor into a DLPackTensor, whose dealloc calls the
  * deleter. The result is a memoryview over that object: its buffer has the tensor's format,
  * shape and strides, and is read-only when the producer set DLPACK_FLAG_BITMASK_READ_ONLY. A
- * tensor that fails a check is not consumed (its capsule still frees it). */
+ * tensor that fails a check is not consumed (its capsule still frees it).
+ *
+ * CUDA tensors (for NcclComm, nccl.c): tl_py_dlpack_cuda_device checks __dlpack_device__
+ * without exporting anything, tl_py_dlpack_cuda_borrow asks for a capsule with the consumer's
+ * stream (so the producer orders its pending work before ours) and keeps it, unconsumed, for the
+ * length of one NCCL call. */
 #include "core.h"
 #include "dlpack.h"
 
@@ -259,10 +264,11 @@ PyType_Spec tl_py_dlpack_tensor_spec = {
 // ---------------------------------------------------------------------------------------------
 
 static int raise_device(PyObject* module, long type, long id) {
-  char detail[200];
-  snprintf(detail, sizeof detail, "DLPack tensor on device (%ld, %ld): from_dlpack takes host "
-           "(kDLCPU=1) tensors; device DLPack needs the cudactx part (issue 5)", type, id);
-  tl_py_raise(get_state(module), TL_ENOSYS, detail);
+  char detail[300];
+  snprintf(detail, sizeof detail, "DLPack tensor on device (%ld, %ld): from_dlpack makes host "
+           "memoryviews and takes host (kDLCPU=1) tensors only; pass CUDA tensors to NcclComm's "
+           "collectives, or copy the tensor to the host first (x.cpu())", type, id);
+  tl_py_raise(get_state(module), TL_EINVAL, detail);
   return -1;
 }
 
@@ -311,8 +317,27 @@ static const char* dtype_format(DLDataType dt) {
   return NULL;
 }
 
-/* Checks `t` and fills the buffer description of `out`; BufferError (or NotBuiltError for a
- * device tensor) and -1 if threadloom cannot expose it. Touches nothing of the capsule. */
+/* BufferError unless `t` is compact row-major: each stride (in elements) is the product of the
+ * later extents; a dimension of extent 1 may carry any stride. */
+static int check_compact(const DLTensor* t, const char* who) {
+  if (!t->strides) return 0;
+  int64_t expect = 1;
+  for (int i = t->ndim - 1; i >= 0; i--) {
+    if (t->shape[i] != 1 && t->strides[i] != expect) {
+      PyErr_Format(PyExc_BufferError,
+                   "DLPack tensor is not compact row-major: dimension %d has stride %lld "
+                   "elements where %lld is needed (%s takes C-contiguous tensors only; make it "
+                   "contiguous first, e.g. .contiguous() or numpy.ascontiguousarray)",
+                   i, (long long)t->strides[i], (long long)expect, who);
+      return -1;
+    }
+    expect *= t->shape[i];
+  }
+  return 0;
+}
+
+/* Checks `t` and fills the buffer description of `out`; BufferError (or InvalidArgumentError
+ * for a device tensor) and -1 if threadloom cannot expose it. Touches nothing of the capsule. */
 static int describe(PyObject* module, const DLTensor* t, TensorObject* out) {
   if (t->device.device_type != kDLCPU)
     return raise_device(module, (long)t->device.device_type, (long)t->device.device_id);
@@ -345,23 +370,7 @@ static int describe(PyObject* module, const DLTensor* t, TensorObject* out) {
     n *= (Py_ssize_t)t->shape[i];
   }
   if (empty) n = 0;
-  /* Compact row-major: each stride (in elements) is the product of the later extents; a
-   * dimension of extent 1, or any dimension of an empty tensor, may carry any stride. */
-  if (t->strides && !empty) {
-    int64_t expect = 1;
-    for (int i = t->ndim - 1; i >= 0; i--) {
-      if (t->shape[i] != 1 && t->strides[i] != expect) {
-        PyErr_Format(PyExc_BufferError,
-                     "DLPack tensor is not compact row-major: dimension %d has stride %lld "
-                     "elements where %lld is needed (from_dlpack takes C-contiguous tensors "
-                     "only; make it contiguous first, e.g. .contiguous() or "
-                     "numpy.ascontiguousarray)",
-                     i, (long long)t->strides[i], (long long)expect);
-        return -1;
-      }
-      expect *= t->shape[i];
-    }
-  }
+  if (!empty && check_compact(t, "from_dlpack") < 0) return -1;
   out->data = (char*)t->data + t->byte_offset;
   out->ndim = t->ndim;
   out->itemsize = itemsize;
@@ -376,8 +385,34 @@ static int describe(PyObject* module, const DLTensor* t, TensorObject* out) {
   return 0;
 }
 
-/* Asks a producer for a capsule: max_version=(1, 0) first, the bare call for producers that
- * predate the keyword (they raise TypeError). A device other than kDLCPU: NotBuiltError. */
+/* Calls obj.__dlpack__(stream=stream, max_version=(1, 0)) (stream left out when NULL), and
+ * without max_version for producers that predate the keyword (they raise TypeError). Returns
+ * the capsule (checked to be one) or NULL with the exception set. */
+static PyObject* call_dlpack(PyObject* obj, PyObject* stream) {
+  PyObject* meth = PyObject_GetAttrString(obj, "__dlpack__");
+  if (!meth) return NULL;
+  PyObject* args = PyTuple_New(0);
+  PyObject* kwargs = Py_BuildValue("{s:(ii)}", "max_version", DLPACK_MAJOR_VERSION,
+                                   DLPACK_MINOR_VERSION);
+  if (kwargs && stream && PyDict_SetItemString(kwargs, "stream", stream) < 0) Py_CLEAR(kwargs);
+  PyObject* cap = (args && kwargs) ? PyObject_Call(meth, args, kwargs) : NULL;
+  if (!cap && args && kwargs && PyErr_ExceptionMatches(PyExc_TypeError)) {
+    PyErr_Clear();
+    Py_CLEAR(kwargs);
+    kwargs = stream ? Py_BuildValue("{s:O}", "stream", stream) : NULL;
+    if (!stream || kwargs) cap = PyObject_Call(meth, args, kwargs);
+  }
+  Py_XDECREF(kwargs);
+  Py_XDECREF(args);
+  Py_DECREF(meth);
+  if (cap && !PyCapsule_CheckExact(cap)) {
+    PyErr_Format(PyExc_TypeError, "__dlpack__() returned %T, not a PyCapsule", cap);
+    Py_CLEAR(cap);
+  }
+  return cap;
+}
+
+/* Asks a host producer for a capsule. A device other than kDLCPU: InvalidArgumentError. */
 static PyObject* ask_capsule(PyObject* module, PyObject* obj) {
   PyObject* dev = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
   if (!dev) return NULL;
@@ -389,20 +424,7 @@ static PyObject* ask_capsule(PyObject* module, PyObject* obj) {
     raise_device(module, type, id);
     return NULL;
   }
-  PyObject* meth = PyObject_GetAttrString(obj, "__dlpack__");
-  if (!meth) return NULL;
-  PyObject* args = PyTuple_New(0);
-  PyObject* kwargs = Py_BuildValue("{s:(ii)}", "max_version", DLPACK_MAJOR_VERSION,
-                                   DLPACK_MINOR_VERSION);
-  PyObject* cap = (args && kwargs) ? PyObject_Call(meth, args, kwargs) : NULL;
-  Py_XDECREF(kwargs);
-  if (!cap && args && PyErr_ExceptionMatches(PyExc_TypeError)) {
-    PyErr_Clear();
-    cap = PyObject_Call(meth, args, NULL);
-  }
-  Py_XDECREF(args);
-  Py_DECREF(meth);
-  return cap;
+  return call_dlpack(obj, NULL);
 }
 
 PyObject* tl_py_from_dlpack(PyObject* module, PyObject* obj) {
@@ -419,11 +441,6 @@ PyObject* tl_py_from_dlpack(PyObject* module, PyObject* obj) {
     }
     capsule = ask_capsule(module, obj);
     if (!capsule) return NULL;
-    if (!PyCapsule_CheckExact(capsule)) {
-      PyErr_Format(PyExc_TypeError, "__dlpack__() returned %T, not a PyCapsule", capsule);
-      Py_DECREF(capsule);
-      return NULL;
-    }
   }
   TensorObject* t = PyObject_New(TensorObject, (PyTypeObject*)st->dlpack_tensor_type);
   if (!t) {
@@ -484,4 +501,123 @@ PyObject* tl_py_from_dlpack(PyObject* module, PyObject* obj) {
   PyObject* view = PyMemoryView_FromObject((PyObject*)t);
   Py_DECREF(t);
   return view;
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA tensors for NcclComm: borrowed for one call, never consumed
+// ---------------------------------------------------------------------------------------------
+
+static const char* device_name(long type) {
+  switch (type) {
+    case kDLCPU: return "kDLCPU, host memory";
+    case kDLCUDA: return "kDLCUDA";
+    case kDLCUDAHost: return "kDLCUDAHost, pinned host memory";
+    case kDLCUDAManaged: return "kDLCUDAManaged";
+    case kDLROCM: return "kDLROCM";
+    default: return "not CUDA";
+  }
+}
+
+int tl_py_dlpack_cuda_device(PyObject* module, PyObject* obj, const char* what, int device) {
+  int has = PyObject_HasAttrStringWithError(obj, "__dlpack_device__");
+  if (has < 0) return -1;
+  if (!has) {
+    PyErr_Format(PyExc_TypeError, "%s takes a CUDA tensor (an object with __dlpack__ and "
+                 "__dlpack_device__: torch, cupy, JAX), not %T; host values (numbers, lists, "
+                 "buffers) go through CpuComm", what, obj);
+    return -1;
+  }
+  PyObject* dev = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
+  if (!dev) return -1;
+  long type, id;
+  int bad = int_pair(dev, "__dlpack_device__()", &type, &id);
+  Py_DECREF(dev);
+  if (bad < 0) return -1;
+  char detail[400];
+  if (type != kDLCUDA) {
+    snprintf(detail, sizeof detail, "%s: the tensor is on DLPack device (%ld: %s, %ld); NCCL "
+             "reduces CUDA device memory: move it to cuda:%d first (x.to('cuda:%d')), or use "
+             "CpuComm (spmd's CPU world) for host tensors and threadloom Buffers",
+             what, type, device_name(type), id, device, device);
+    tl_py_raise(get_state(module), TL_EINVAL, detail);
+    return -1;
+  }
+  if (id != device) {
+    snprintf(detail, sizeof detail, "%s: the tensor is on cuda:%ld but this communicator drives "
+             "cuda:%d; move it there first", what, id, device);
+    tl_py_raise(get_state(module), TL_EINVAL, detail);
+    return -1;
+  }
+  return 0;
+}
+
+int tl_py_dlpack_cuda_borrow(PyObject* module, PyObject* obj, unsigned long long stream,
+                             int device, const char* what, tl_py_cuda_tensor_t* out) {
+  memset(out, 0, sizeof *out);
+  /* DLPack's stream for CUDA: 1 is the legacy default stream (0 is disallowed as ambiguous). */
+  PyObject* s = PyLong_FromUnsignedLongLong(stream ? stream : 1);
+  if (!s) return -1;
+  PyObject* capsule = call_dlpack(obj, s);
+  Py_DECREF(s);
+  if (!capsule) return -1;
+  const DLTensor* t = NULL;
+  int readonly = 0;
+  if (PyCapsule_IsValid(capsule, DLPACK_VERSIONED_CAPSULE_NAME)) {
+    DLManagedTensorVersioned* m = PyCapsule_GetPointer(capsule, DLPACK_VERSIONED_CAPSULE_NAME);
+    if (m && m->version.major != DLPACK_MAJOR_VERSION) {
+      PyErr_Format(PyExc_BufferError, "%s: DLPack tensor of ABI version %u.%u: threadloom reads "
+                   "major version %d", what, m->version.major, m->version.minor,
+                   DLPACK_MAJOR_VERSION);
+      m = NULL;
+    }
+    if (m) {
+      t = &m->dl_tensor;
+      readonly = (m->flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0;
+    }
+  } else if (PyCapsule_IsValid(capsule, DLPACK_CAPSULE_NAME)) {
+    DLManagedTensor* m = PyCapsule_GetPointer(capsule, DLPACK_CAPSULE_NAME);
+    if (m) t = &m->dl_tensor;
+  } else {
+    PyErr_Format(PyExc_TypeError, "%s: __dlpack__() returned a capsule that is not an unused "
+                 "DLPack tensor", what);
+  }
+  if (!t) goto fail;
+  if (t->device.device_type != kDLCUDA || t->device.device_id != device) {
+    char detail[200];
+    snprintf(detail, sizeof detail, "%s: __dlpack__ exported a tensor on (%d, %d), not on "
+             "cuda:%d as __dlpack_device__ said", what, (int)t->device.device_type,
+             (int)t->device.device_id, device);
+    tl_py_raise(get_state(module), TL_EINVAL, detail);
+    goto fail;
+  }
+  if (t->ndim < 0 || (t->ndim > 0 && !t->shape)) {
+    PyErr_Format(PyExc_BufferError, "%s: DLPack tensor with ndim=%d and no shape", what,
+                 (int)t->ndim);
+    goto fail;
+  }
+  int64_t n = 1;
+  for (int i = 0; i < t->ndim; i++) {
+    if (t->shape[i] < 0 || (t->shape[i] > 0 && n > INT64_MAX / t->shape[i])) {
+      PyErr_Format(PyExc_BufferError, "%s: DLPack tensor has a bad extent %lld in dimension %d",
+                   what, (long long)t->shape[i], i);
+      goto fail;
+    }
+    n *= t->shape[i];
+  }
+  if (n > 0 && check_compact(t, what) < 0) goto fail;
+  out->capsule = capsule;
+  out->data = (char*)t->data + t->byte_offset;
+  out->dtype.code = t->dtype.code;
+  out->dtype.bits = t->dtype.bits;
+  out->dtype.lanes = t->dtype.lanes;
+  out->count = n;
+  out->readonly = readonly;
+  return 0;
+fail:
+  Py_DECREF(capsule); /* unconsumed: its destructor frees the tensor */
+  return -1;
+}
+
+void tl_py_dlpack_cuda_release(tl_py_cuda_tensor_t* t) {
+  Py_CLEAR(t->capsule);
 }

@@ -21,14 +21,21 @@ the world with threadloom.TimedOutError naming the collective and the ranks that
 arrive; every rank fails with TimedOutError. A thread cannot be killed: a rank busy outside the
 communicator finds the abort at its next collective call, and spmd() waits for it.
 
-The communicator (``ctx.comm``) API, which the NCCL communicator will match (see CpuComm):
-allreduce(x, op), broadcast(x, src), allgather(x, out), reduce_scatter(x, op, out), barrier(),
-allreduce_buckets(grads, bucket_bytes, op).
+The communicator (``ctx.comm``): in a CPU world the CpuComm (host values: buffers, host
+tensors through DLPack, numbers, lists); in a GPU world a threadloom._core.NcclComm per rank
+(CUDA tensors through DLPack, on ctx.device), made by the rank's thread (ncclGetUniqueId once
+here, then each thread's non-blocking ncclCommInitRank). Both have allreduce(x, op),
+broadcast(x, src), allgather(x, out), reduce_scatter(x, op, out), allreduce_buckets(grads,
+bucket_bytes, op); the NcclComm's also take stream= and need out= for allgather/reduce_scatter.
+``ctx.host_comm`` is the CpuComm in both worlds (numbers such as a loss, host buffers), and
+ctx.barrier() uses it. A failing rank aborts every rank's NcclComm (ncclCommAbort), so ranks
+blocked on NCCL return with CanceledError as CPU ones do.
 """
 
 import array
 import copy
 import numbers
+import sys
 import threading
 import time
 import weakref
@@ -54,11 +61,16 @@ def _typed_view(obj, what, bytes_ok=False):
     """A flat memoryview of `obj` in its element format, or None when obj has no buffer.
 
     Reductions need one of FORMATS; broadcast/allgather (bytes_ok) take any buffer, viewed as
-    bytes ('B') when its format is not one of FORMATS (a threadloom Buffer, bytes, bytearray)."""
+    bytes ('B') when its format is not one of FORMATS (a threadloom Buffer, bytes, bytearray).
+    Objects without the buffer protocol but with __dlpack__ (a torch CPU tensor) are viewed
+    through threadloom.from_dlpack, in place; a CUDA tensor raises InvalidArgumentError saying
+    to use the NcclComm."""
     try:
         m = memoryview(obj)
     except TypeError:
-        return None
+        if not hasattr(obj, "__dlpack__") or isinstance(obj, (bytes, bytearray, memoryview)):
+            return None
+        m = _core.from_dlpack(obj)   # a host tensor (torch CPU, numpy): a view of its memory
     fmt = m.format.lstrip("@=<")
     if len(fmt) == 1 and fmt in FORMATS and m.format[0] in "@=<" + fmt:
         if not m.c_contiguous:
@@ -167,6 +179,7 @@ class _World:
         self.failure = None               # (rank, exception) of the first failure
         self.abort_kind = None            # "CANCELED" or "TIMEDOUT": what other ranks raise
         self.abort_detail = None
+        self.nccl = []                    # the ranks' NcclComms (under cond), aborted with it
 
     def abort(self, rank, exc, kind="CANCELED", detail=None):
         """Records the first failure and wakes every waiting rank. Returns True when this was
@@ -180,7 +193,21 @@ class _World:
                                            "collectives of the other ranks are canceled"
                                            % (rank, type(exc).__name__, exc))
             self.cond.notify_all()
-            return True
+            comms = list(self.nccl)
+        for c in comms:                   # ncclCommAbort: ranks inside NCCL return
+            try:
+                c.abort()
+            except _core.Error:           # noqa: PERF203 (the first failure is what counts)
+                pass
+        return True
+
+    def add_nccl(self, comm):
+        """Registers a rank's NcclComm; aborts it at once when the world already failed."""
+        with self.cond:
+            self.nccl.append(comm)
+            failed = self.failure is not None
+        if failed:
+            comm.abort()
 
     def _aborted_error(self, op):
         return _error("E" + self.abort_kind, "%s (in %s)" % (self.abort_detail, op))
@@ -375,8 +402,9 @@ class CpuComm:
         buffers (d, f; q, i with op other than avg) or Python lists of numbers (bucketed as 8-byte
         floats, updated by slice assignment). Returns grads.
 
-        This is the interface the GPU path will overlap with the backward pass: there, a bucket
-        is launched on the communication stream as soon as its last gradient is ready."""
+        Host tensors with __dlpack__ (torch CPU tensors: [p.grad for p in model.parameters()])
+        are buffers here, updated in place. NcclComm.allreduce_buckets has this signature for
+        CUDA tensors (_nccl_allreduce_buckets below)."""
         _check_op(op)
         if bucket_bytes <= 0:
             raise ValueError("bucket_bytes must be positive, not %r" % (bucket_bytes,))
@@ -459,22 +487,99 @@ class CpuComm:
 
 
 # ---------------------------------------------------------------------------------------------
+# NcclComm.allreduce_buckets (the C method calls this)
+# ---------------------------------------------------------------------------------------------
+
+def _nccl_allreduce_buckets(comm, grads, bucket_bytes=DEFAULT_BUCKET_BYTES, op="avg",
+                            timeout=None, *, stream=None):
+    """NcclComm.allreduce_buckets: CpuComm.allreduce_buckets for CUDA tensors. torch tensors of
+    one dtype (in list order) are flattened into buckets of about bucket_bytes (torch.cat), each
+    bucket is reduced with one NcclComm.allreduce and copied back into its gradients in place;
+    other DLPack tensors (cupy, JAX) are reduced one by one, in place. Returns grads.
+
+    Streams: by default everything runs on torch's current stream of the device, in order with
+    the backward pass that made the gradients. With stream= a side stream (torch.cuda.Stream),
+    it first waits for the current stream, then flattens, reduces and copies back on the side
+    stream, so the host returns at once and later compute on the current stream overlaps the
+    communication: call torch.cuda.current_stream().wait_stream(stream) before using the
+    gradients. timeout: NcclComm's bound is the one given when it was made (spmd's timeout=);
+    passing one here raises ValueError."""
+    if op not in ("sum", "prod", "max", "min", "avg"):
+        raise ValueError("op must be one of sum, prod, max, min, avg, not %r" % (op,))
+    if bucket_bytes <= 0:
+        raise ValueError("bucket_bytes must be positive, not %r" % (bucket_bytes,))
+    if timeout is not None:
+        raise ValueError("NcclComm.allreduce_buckets: the timeout of an NcclComm is set when it "
+                         "is made (NcclComm(..., timeout=), spmd(timeout=)), not per call")
+    torch = sys.modules.get("torch")
+    groups, order = {}, []
+    for i, g in enumerate(grads):
+        if torch is not None and isinstance(g, torch.Tensor):
+            if g.dtype not in groups:
+                groups[g.dtype] = []
+                order.append(g.dtype)
+            groups[g.dtype].append(g)
+        else:
+            comm.allreduce(g, op, stream=stream)          # not torch: one tensor at a time
+    if not order:
+        return grads
+    side = None
+    if stream is not None:
+        side = stream if hasattr(stream, "wait_stream") else torch.cuda.ExternalStream(stream)
+        side.wait_stream(torch.cuda.current_stream(comm.device))
+
+    def flush(bucket):
+        if len(bucket) == 1 and bucket[0].is_contiguous():
+            comm.allreduce(bucket[0], op, stream=side)
+            return
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        comm.allreduce(flat, op, stream=side)
+        pos = 0
+        for g in bucket:
+            n = g.numel()
+            g.copy_(flat[pos:pos + n].view_as(g))
+            pos += n
+
+    def run():
+        for dtype in order:                               # same order in every rank
+            bucket, nbytes = [], 0
+            for g in groups[dtype]:
+                bucket.append(g)
+                nbytes += g.numel() * g.element_size()
+                if nbytes >= bucket_bytes:
+                    flush(bucket)
+                    bucket, nbytes = [], 0
+            if bucket:
+                flush(bucket)
+
+    if side is None:
+        run()
+    else:
+        with torch.cuda.stream(side):
+            run()
+    return grads
+
+
+# ---------------------------------------------------------------------------------------------
 # spmd()
 # ---------------------------------------------------------------------------------------------
 
 class SpmdContext:
     """What fn receives: rank, world_size, device (the CUDA index, None in a CPU world), comm
-    (the communicator), barrier(), pinning (the threadloom.Pinning of this thread, or None)."""
+    (the communicator: CpuComm in a CPU world, this rank's NcclComm in a GPU world), host_comm
+    (the CpuComm, in both worlds: numbers and host buffers), barrier(), pinning (the
+    threadloom.Pinning of this thread, or None)."""
 
-    def __init__(self, rank, world_size, device, comm):
+    def __init__(self, rank, world_size, device, comm, host_comm=None):
         self.rank = rank
         self.world_size = world_size
         self.device = device
         self.comm = comm
+        self.host_comm = comm if host_comm is None else host_comm
         self.pinning = None
 
     def barrier(self, timeout=None):
-        self.comm.barrier(timeout=timeout)
+        self.host_comm.barrier(timeout=timeout)
 
     def __repr__(self):
         return "<SpmdContext rank %d of %d, device %s>" % (self.rank, self.world_size, self.device)
@@ -498,10 +603,14 @@ def spmd(fn, devices=None, args=(), kwargs=None, timeout=None, pin=True, *, cpu_
     timeout: seconds a rank may wait in a collective before the world fails with
     threadloom.TimedOutError (None: no limit).
 
-    The first exception in any rank cancels the others' collectives (threadloom.CanceledError)
-    and is re-raised here, with its traceback and a note naming the rank, once every thread is
-    joined. The communicator is the CPU one (host values) in both worlds until the NCCL
-    communicator lands with the cudactx part.
+    The first exception in any rank cancels the others' collectives (threadloom.CanceledError;
+    in a GPU world their NcclComms are aborted) and is re-raised here, with its traceback and a
+    note naming the rank, once every thread is joined. In a GPU world each rank thread makes
+    its NcclComm (threadloom._core.NcclComm: one ncclGetUniqueId here, a non-blocking
+    ncclCommInitRank per thread, bounded by `timeout` when given) after pinning, and closes it
+    when fn returns. A rank that fails before joining leaves the others waiting in NCCL's init
+    until `timeout` (without one, until they are interrupted): give a timeout on GPUs. The GPU
+    world is untested on this project's CI (no GPU there).
     """
     kwargs = dict(kwargs or {})
     if devices is None or devices == "cpu":
@@ -532,11 +641,13 @@ def spmd(fn, devices=None, args=(), kwargs=None, timeout=None, pin=True, *, cpu_
 
     world = _World(world_size, timeout)
     results = [None] * world_size
+    uid = None if cpu else _core.nccl_unique_id()    # one id for the whole world
     with _live_lock:
         _live_worlds.add(world)
 
     def run(rank):
         ctx = SpmdContext(rank, world_size, devices[rank], CpuComm(world, rank))
+        nccl = None
         try:
             if pin:
                 if cpu:
@@ -544,9 +655,19 @@ def spmd(fn, devices=None, args=(), kwargs=None, timeout=None, pin=True, *, cpu_
                 else:
                     ctx.pinning = placement.pin(gpu=devices[rank], role="launch", rank=0,
                                                 plan=plan)
+            if not cpu:
+                nccl = _core.NcclComm(uid, world_size, rank, devices[rank], timeout=timeout)
+                world.add_nccl(nccl)
+                ctx.comm = nccl
             results[rank] = fn(ctx, *args, **kwargs)
         except BaseException as e:       # noqa: BLE001 (handed to the caller)
             world.abort(rank, e)
+        finally:
+            if nccl is not None:
+                try:
+                    nccl.close()
+                except BaseException as e:   # noqa: BLE001 (handed to the caller)
+                    world.abort(rank, e)
 
     threads = [threading.Thread(target=run, args=(r,), name="spmd-rank-%d" % r, daemon=True)
                for r in range(world_size)]
