@@ -1,17 +1,26 @@
 """The threaded training loop with torch: one process, one driver thread per rank.
 
 The same loop as examples/train_threads.py with a torch model and optimizer: each rank thread
-(threadloom.spmd, a CPU world here) reads its shard through threadloom.DataLoader (batches come
-back as torch tensors over arena memory), runs forward and backward, averages the gradients
-with ctx.comm.allreduce_buckets and steps its optimizer, so every replica stays identical.
+(threadloom.spmd) reads its shard through threadloom.DataLoader (batches come back as torch
+tensors over arena memory), runs forward and backward, averages the gradients in place with
+ctx.comm.allreduce_buckets([p.grad ...]) and steps its optimizer, so every replica stays
+identical. The mean loss goes through ctx.host_comm (a Python float).
+
+Two worlds, one loop:
+- CPU (the default without CUDA, or --cpu): --ranks threads, ctx.comm is the CpuComm, which
+  reads and writes the CPU gradient tensors in place through DLPack. This is what runs, and is
+  tested (tests/torch/test_train_torch.py), on this project's machines.
+- GPUs (torch.cuda available and CUDA GPUs visible to threadloom): one rank per GPU
+  (spmd(devices=...)), the model and batches on ctx.device, ctx.comm an NcclComm reducing the
+  CUDA gradients on torch's current stream. That path has never run here (no GPU on this
+  project's CI machines): treat it as untested.
 
 Needs torch. On the free-threaded interpreter torch is rarely installed; with a GIL Python that
-has torch, build threadloom for it (README: "building the extension for a GIL Python"; the
-rank threads then take turns in Python, torch's kernels still run in parallel). Without torch
-this program says so and exits 0. The gradients travel through host lists because the CPU
-communicator is the one built (the NCCL communicator, for device tensors, is not yet).
+has torch, build threadloom for it (`make build-torch` for the system's python3; the rank
+threads then take turns in Python, torch's kernels still run in parallel). Without torch this
+program says so and exits 0.
 
-    python examples/train_torch.py [--steps 100] [--ranks 2]
+    python examples/train_torch.py [--steps 100] [--ranks 2] [--cpu]
 """
 
 import argparse
@@ -54,11 +63,15 @@ class Regression(Dataset):
 
 
 def train(ctx, ds, steps, batch_size, lr):
+    dev = torch.device("cpu" if ctx.device is None else "cuda:%d" % ctx.device)
+    if ctx.device is not None:
+        torch.cuda.set_device(dev)
     g = torch.Generator().manual_seed(0)                   # same initial weights in every rank
     model = torch.nn.Linear(FEATURES, 1)
     with torch.no_grad():
         model.weight.copy_(torch.randn(1, FEATURES, generator=g) * 0.1)
         model.bias.zero_()
+    model.to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     loader = threadloom.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True,
                                    rank=ctx.rank, world_size=ctx.world_size,
@@ -71,40 +84,55 @@ def train(ctx, ds, steps, batch_size, lr):
         except StopIteration:
             it = iter(loader)
             x, y = next(it)
+        x, y = x.float().to(dev), y.float().to(dev)
         opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x.float()).squeeze(1), y.float())
+        loss = torch.nn.functional.mse_loss(model(x).squeeze(1), y)
         loss.backward()
-        params = list(model.parameters())
-        flat = [p.grad.reshape(-1).tolist() for p in params]
-        ctx.comm.allreduce_buckets(flat)                    # averaged over the ranks, in place
-        with torch.no_grad():
-            for p, f in zip(params, flat):
-                p.grad.copy_(torch.tensor(f, dtype=p.grad.dtype).view_as(p.grad))
+        ctx.comm.allreduce_buckets([p.grad for p in model.parameters()])  # average, in place
         opt.step()
-        losses.append(ctx.comm.allreduce(loss.item(), op="avg"))
+        losses.append(ctx.host_comm.allreduce(loss.item(), op="avg"))
     loader.close()
-    return losses, [p.detach().reshape(-1).tolist() for p in model.parameters()]
+    return losses, [p.detach().cpu().reshape(-1).tolist() for p in model.parameters()]
+
+
+def gpu_devices():
+    """The CUDA indices of the GPU world, or [] for the CPU one."""
+    if not torch.cuda.is_available():
+        return []
+    try:
+        return list(range(threadloom._core.cuda_device_count()))
+    except threadloom.Error:
+        return []
+
+
+def run(steps=100, ranks=2, batch_size=32, lr=0.05, cpu=False, n=2048):
+    """Trains; returns (world, per-rank (losses, flat parameters), the data set)."""
+    torch.set_num_threads(1)                  # the ranks are the parallelism
+    ds = Regression(n)
+    devices = [] if cpu else gpu_devices()
+    world = "%d GPU(s), NcclComm" % len(devices) if devices else "CPU, %d ranks" % ranks
+    res = threadloom.spmd(train, devices=devices or "cpu", cpu_world=ranks,
+                          args=(ds, steps, batch_size, lr), timeout=60)
+    return world, res, ds
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--ranks", type=int, default=2, help="ranks of the CPU world")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--cpu", action="store_true", help="the CPU world even where GPUs are")
     a = ap.parse_args(argv)
     if torch is None:
         print("train_torch: skipped: torch is not importable by %s (%s)" % (sys.executable, WHY))
         return 0
-    torch.set_num_threads(1)                  # the ranks are the parallelism
-    ds = Regression(2048)
-    res = threadloom.spmd(train, devices="cpu", cpu_world=a.ranks,
-                          args=(ds, a.steps, a.batch_size, a.lr), timeout=60)
+    world, res, ds = run(a.steps, a.ranks, a.batch_size, a.lr, a.cpu)
     losses, params = res[0]
     same = all(p == params for _, p in res)
     err = max(abs(w - t) for w, t in zip(params[0], ds.true_w))
-    print("train_torch: torch %s, %d ranks, %d steps: loss %.5f -> %.5f; replicas identical: "
-          "%s; max |w - true w| %.4f" % (torch.__version__, a.ranks, a.steps, losses[0],
+    print("train_torch: torch %s, %s, %d steps: loss %.5f -> %.5f; replicas identical: "
+          "%s; max |w - true w| %.4f" % (torch.__version__, world, a.steps, losses[0],
                                          losses[-1], same, err))
     return 0 if same else 1
 
