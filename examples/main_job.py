@@ -334,8 +334,8 @@ class Status:
 
 def describe_path(ranks, gpu_count=None):
     """(ranks, the one line that says which path runs). The GPU path needs the cudactx feeder
-    (DataLoader device=) and the NCCL communicator; until both exist the job runs on CPUs and
-    says so. `gpu_count` (a function) is for tests."""
+    (DataLoader device=, not built: issue #5) and the NCCL communicator (built, never run on a
+    GPU); until both exist the job runs on CPUs and says so. `gpu_count` (a function) is for tests."""
     if gpu_count is None:
         gpu_count = threadloom._core.cuda_device_count
     try:
@@ -350,7 +350,7 @@ def describe_path(ranks, gpu_count=None):
         threadloom.DataLoader([0], device=0)
     except threadloom.NotBuiltError:
         missing.append("the GPU feeder (DataLoader device=)")
-    if getattr(sys.modules["threadloom.spmd"], "NcclComm", None) is None:
+    if not hasattr(getattr(threadloom._core, "NcclComm", None), "allreduce"):
         missing.append("the NCCL communicator")
     why = " and ".join(missing) if missing else "this example's GPU code"
     return n, ("path: CPU: %d GPU(s) found, but the GPU path is not built yet (%s); running the "
