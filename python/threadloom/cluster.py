@@ -858,13 +858,15 @@ class NcclBootstrap:
         first = self.node_rank * self.gpus_per_node
         return range(first, first + self.gpus_per_node)
 
-    def init_comm(self, local_gpu, device=None):
+    def init_comm(self, local_gpu, device=None, timeout=300.0):
         """Makes the NCCL communicator of `local_gpu` on the calling thread (ncclCommInitRank on
-        CUDA device `device`, default local_gpu; blocks until every rank has joined) and
+        CUDA device `device`, default local_gpu; blocks until every rank has joined, at most
+        `timeout` seconds, then aborts it and raises TimedOutError, a TimeoutError; None: no
+        limit) and
         registers it so that the watchdog aborts it when the job aborts. The caller closes it.
-        Raises LibraryNotFoundError, NoDriverError/NoDeviceError, NcclError."""
+        Raises LibraryNotFoundError, NoDriverError/NoDeviceError, NcclError, TimeoutError."""
         comm = _core.NcclComm(self.unique_id, self.world_size, self.rank_of(local_gpu),
-                              local_gpu if device is None else device)
+                              local_gpu if device is None else device, timeout=timeout)
         if self._owner is not None:
             self._owner._track(comm)
         return comm
