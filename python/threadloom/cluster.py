@@ -862,8 +862,8 @@ class NcclBootstrap:
         """Makes the NCCL communicator of `local_gpu` on the calling thread (ncclCommInitRank on
         CUDA device `device`, default local_gpu; blocks until every rank has joined, at most
         `timeout` seconds, then aborts it and raises TimedOutError, a TimeoutError; None: no
-        limit) and
-        registers it so that the watchdog aborts it when the job aborts. The caller closes it.
+        limit) and registers it so that the watchdog aborts it when the job aborts. The caller
+        closes it.
         Raises LibraryNotFoundError, NoDriverError/NoDeviceError, NcclError, TimeoutError."""
         comm = _core.NcclComm(self.unique_id, self.world_size, self.rank_of(local_gpu),
                               local_gpu if device is None else device, timeout=timeout)
