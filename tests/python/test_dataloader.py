@@ -92,7 +92,10 @@ def test_mutually_exclusive_arguments_say_what_torch_says():
     with pytest.raises(ValueError, match="num_workers option should be non-negative"):
         DataLoader(ds, num_workers=-1)
     with pytest.raises(ValueError, match="prefetch_factor option could only be specified"):
-        DataLoader(ds, prefetch_factor=2)
+        DataLoader(ds, prefetch_factor=4)
+    DataLoader(ds, prefetch_factor=2)  # torch 1.13's default, accepted without workers as there
+    with pytest.raises(ValueError, match="timeout applies to worker threads"):
+        DataLoader(ds, timeout=1)
     with pytest.raises(ValueError, match="persistent_workers option needs num_workers > 0"):
         DataLoader(ds, persistent_workers=True)
     with pytest.raises(ValueError, match="expected unspecified shuffle option"):
@@ -100,6 +103,8 @@ def test_mutually_exclusive_arguments_say_what_torch_says():
     with pytest.raises(ValueError, match="expected unspecified sampler option"):
         DataLoader(Shards(3), sampler=[0])
     with pytest.raises(ValueError, match="threads of one process; multiprocessing_context"):
+        DataLoader(ds, num_workers=2, multiprocessing_context="spawn")
+    with pytest.raises(ValueError, match="multiprocessing_context can only be used with multi-"):
         DataLoader(ds, multiprocessing_context="spawn")
     with pytest.raises(ValueError, match="batch_size should be a positive integer value"):
         BatchSampler(range(3), 0, False)
