@@ -353,9 +353,14 @@ def test_default_collate_shapes_and_formats():
     assert (f.format, f.tolist()) == ("d", [1.5, 2.0])
     t = default_collate([True, False])
     assert (t.format, t.tolist()) == ("?", [True, False])
-    s = default_collate([b"ab", b"cd"])
-    assert (s.format, s.shape, s.tobytes()) == ("B", (2, 2), b"abcd")
+    assert default_collate([b"ab", b"cd"]) == [b"ab", b"cd"]  # bytes stay a list, as in torch
     assert default_collate([b"a", b"bcd"]) == [b"a", b"bcd"]
+    s = default_collate([bytearray(b"ab"), bytearray(b"cd")])  # other buffers are stacked
+    assert (s.format, s.shape, s.tobytes()) == ("B", (2, 2), b"abcd")
+    m = default_collate([1, 2.5])  # mixed numbers: float64 (torch, when loaded: its rule)
+    assert (m.format, m.tolist()) == ("d", [1.0, 2.5])
+    assert default_collate([("a", 1), ("b", 2)])[0] == ("a", "b")  # fields are tuples, as torch's zip
+    assert default_collate([[1, "a"], [2, "b"]])[1] == ("a", "b")
     assert default_collate(["x", "y"]) == ["x", "y"]
     v = default_collate([memoryview(bytes(6)).cast("B", (2, 3))] * 4)
     assert v.shape == (4, 2, 3)
