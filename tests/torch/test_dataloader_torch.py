@@ -479,6 +479,15 @@ def test_worker_info_seeds_and_init_fn_as_torch(seed):
     assert [r["seed"] for r in got[0]] == [got[0][0]["seed"] + k for k in range(3)]
 
 
+def test_persistent_workers_keep_seeds_generators_and_replicas_as_torch():
+    # one base seed for the loader's life, worker_init_fn once per worker, and the workers'
+    # generators go on drawing from where the last epoch left them
+    got, want = both(WorkerProbe(), epochs=3, seed=2, batch_size=None, num_workers=2,
+                     persistent_workers=True, worker_init_fn=_tag_worker)
+    assert_same_batches(sum(got, []), sum(want, []))
+    assert got[0][0]["seed"] == got[2][0]["seed"] and got[0][0]["draws"] != got[2][0]["draws"]
+
+
 def test_worker_seed_with_torch_manual_seed():
     got, want = both(WorkerProbe(), global_seed=31, batch_size=None, num_workers=2)
     assert_same_batches(got[0], want[0])
