@@ -787,3 +787,12 @@ def test_numpy_seed_is_torchs():
     for _ in range(500):
         base, wid = rng.getrandbits(63), rng.randrange(256)
         assert numpy_seed(base, wid) == _generate_state(base, wid)
+
+
+def test_sampler_state_from_torch_draws_is_refused_by_a_pure_python_sampler():
+    mine = tld.RandomSampler(range(10), generator=torch.Generator().manual_seed(1))
+    iter(mine)
+    other = tld.RandomSampler(range(10), generator=random.Random(1))
+    other.load_state_dict(mine.state_dict())
+    with pytest.raises(ValueError, match="replays torch's draws"):
+        iter(other)

@@ -39,7 +39,8 @@ __all__ = ["default_collate", "default_convert"]
 
 _FORMATS = {bool: "?", int: "q", float: "d"}
 _STR_OBJ = re.compile(r"[SaUO]")  # numpy dtypes of strings or objects: torch cannot hold them
-_ERR = "default_collate: batch must contain tensors, numpy arrays, numbers, dicts or lists; found %s"
+_ERR = ("default_collate: batch must contain tensors, numpy arrays, numbers, dicts or lists; "
+        "found %s")
 _NP_DTYPES = {"?": "bool", "q": "int64", "d": "float64", "B": "uint8", "b": "int8", "h": "int16",
               "H": "uint16", "i": "int32", "I": "uint32", "l": "int64", "L": "uint64",
               "Q": "uint64", "f": "float32", "e": "float16"}

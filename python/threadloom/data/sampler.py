@@ -115,9 +115,9 @@ class _Seeded(Sampler):
         torch = torch_source(self.generator)
         if torch is None:
             if pending is not None and "seed" not in pending:
-                raise ValueError("this sampler state was saved from torch's draws; torch is not "
-                                 "imported or generator= is not a torch.Generator now: build "
-                                 "the sampler as it was when the state was saved")
+                raise ValueError("this sampler state replays torch's draws, but the sampler "
+                                 "now draws in pure Python (torch is not imported, or generator= "
+                                 "is not a torch.Generator): build it as when the state was saved")
             seed = pending["seed"] if pending is not None else draw_seed(self.generator)
             self._state = {"seed": seed}
             return None, random.Random(seed)
@@ -127,8 +127,9 @@ class _Seeded(Sampler):
                 return torch, torch_generator_at(pending["torch_state"], self.generator)
             if self.generator is None and seeded:
                 return torch, torch.Generator().manual_seed(pending["seed"])
-            raise ValueError("this sampler state was saved from pure-Python draws; import "
-                             "nothing new and pass the same generator= as when it was saved")
+            raise ValueError("this sampler state does not replay how the sampler draws now "
+                             "(torch or pure Python, which generator=): build it as it was when "
+                             "the state was saved")
         if self.generator is None and seeded:
             seed = draw_seed(None)
             self._state = {"seed": seed}
@@ -172,9 +173,9 @@ class RandomSampler(_Seeded):
     def _torch_gen(self, torch, g, n, count):
         # torch.utils.data.RandomSampler's calls, in its order
         if self.replacement:
-            for _ in range(count // 32):
-                yield from torch.randint(high=n, size=(32,), dtype=torch.int64, generator=g).tolist()
-            yield from torch.randint(high=n, size=(count % 32,), dtype=torch.int64, generator=g).tolist()
+            for size in [32] * (count // 32) + [count % 32]:
+                yield from torch.randint(high=n, size=(size,), dtype=torch.int64,
+                                         generator=g).tolist()
             return
         for _ in range(count // n):
             yield from torch.randperm(n, generator=g).tolist()
