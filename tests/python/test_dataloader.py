@@ -361,6 +361,8 @@ def test_default_collate_shapes_and_formats():
     assert (m.format, m.tolist()) == ("d", [1.0, 2.5])
     assert default_collate([("a", 1), ("b", 2)])[0] == ("a", "b")  # fields are tuples, as torch's zip
     assert default_collate([[1, "a"], [2, "b"]])[1] == ("a", "b")
+    # batch_size=None: torch's default_convert, recursive, tuples become lists
+    assert collate.default_convert((1, ("a", {"k": (2,)}))) == [1, ["a", {"k": [2]}]]
     assert default_collate(["x", "y"]) == ["x", "y"]
     v = default_collate([memoryview(bytes(6)).cast("B", (2, 3))] * 4)
     assert v.shape == (4, 2, 3)
