@@ -92,7 +92,10 @@ def test_mutually_exclusive_arguments_say_what_torch_says():
     with pytest.raises(ValueError, match="num_workers option should be non-negative"):
         DataLoader(ds, num_workers=-1)
     with pytest.raises(ValueError, match="prefetch_factor option could only be specified"):
-        DataLoader(ds, prefetch_factor=2)
+        DataLoader(ds, prefetch_factor=4)
+    DataLoader(ds, prefetch_factor=2)  # torch 1.13's default, accepted without workers as there
+    with pytest.raises(ValueError, match="timeout applies to worker threads"):
+        DataLoader(ds, timeout=1)
     with pytest.raises(ValueError, match="persistent_workers option needs num_workers > 0"):
         DataLoader(ds, persistent_workers=True)
     with pytest.raises(ValueError, match="expected unspecified shuffle option"):
@@ -100,6 +103,8 @@ def test_mutually_exclusive_arguments_say_what_torch_says():
     with pytest.raises(ValueError, match="expected unspecified sampler option"):
         DataLoader(Shards(3), sampler=[0])
     with pytest.raises(ValueError, match="threads of one process; multiprocessing_context"):
+        DataLoader(ds, num_workers=2, multiprocessing_context="spawn")
+    with pytest.raises(ValueError, match="multiprocessing_context can only be used with multi-"):
         DataLoader(ds, multiprocessing_context="spawn")
     with pytest.raises(ValueError, match="batch_size should be a positive integer value"):
         BatchSampler(range(3), 0, False)
@@ -348,9 +353,16 @@ def test_default_collate_shapes_and_formats():
     assert (f.format, f.tolist()) == ("d", [1.5, 2.0])
     t = default_collate([True, False])
     assert (t.format, t.tolist()) == ("?", [True, False])
-    s = default_collate([b"ab", b"cd"])
-    assert (s.format, s.shape, s.tobytes()) == ("B", (2, 2), b"abcd")
+    assert default_collate([b"ab", b"cd"]) == [b"ab", b"cd"]  # bytes stay a list, as in torch
     assert default_collate([b"a", b"bcd"]) == [b"a", b"bcd"]
+    s = default_collate([bytearray(b"ab"), bytearray(b"cd")])  # other buffers are stacked
+    assert (s.format, s.shape, s.tobytes()) == ("B", (2, 2), b"abcd")
+    m = default_collate([1, 2.5])  # mixed numbers: float64 (torch, when loaded: its rule)
+    assert (m.format, m.tolist()) == ("d", [1.0, 2.5])
+    assert default_collate([("a", 1), ("b", 2)])[0] == ("a", "b")  # fields are tuples, as torch's zip
+    assert default_collate([[1, "a"], [2, "b"]])[1] == ("a", "b")
+    # batch_size=None: torch's default_convert, recursive, tuples become lists
+    assert collate.default_convert((1, ("a", {"k": (2,)}))) == [1, ["a", {"k": [2]}]]
     assert default_collate(["x", "y"]) == ["x", "y"]
     v = default_collate([memoryview(bytes(6)).cast("B", (2, 3))] * 4)
     assert v.shape == (4, 2, 3)

@@ -1,25 +1,33 @@
-"""default_collate: a list of samples -> one batch, written straight into arena memory.
+"""default_collate: a list of samples -> one batch, as torch's default_collate.
 
-Runs on the loader thread that built the batch, so every batch lands in that thread's heap of
-its NUMA node's arena (threadloom.arena(); page-locked when a GPU is present): pin_memory=True
-has nothing left to do and costs no copy.
+Runs on the loader thread that built the batch. Numbers and buffers are written straight into
+that thread's heap of its NUMA node's arena (threadloom.arena(); page-locked when a GPU is
+present), so pin_memory=True has nothing left to do for them.
 
-    numbers (int / float / bool)  -> memoryview over a Buffer, format 'q' / 'd' / '?', shape (B,)
-    equal-size buffers (bytes, bytearray, memoryview, array.array, Buffer, ...)
-                                  -> memoryview over one Buffer, shape (B, *item_shape), the
-                                     items' format (bytes: 'B', shape (B, n))
-    bytes of unequal length, str  -> list (as torch does for strings)
-    dict                          -> dict of collated values
-    tuple / list                  -> list of collated fields (torch's rule), namedtuple -> same type
-    torch.Tensor / numpy.ndarray  -> stacked with torch.stack / numpy.stack into arena memory,
-                                     when torch / numpy import (they are optional)
-With torch importable, numbers and buffers come back as torch tensors over the same arena
-memory (torch.frombuffer), else as memoryviews, which numpy.asarray / torch.frombuffer accept
-without a copy. Differences from torch: bytes of equal length are stacked (torch lists them).
+    bool / int / float (all one type) -> one arena Buffer, format '?' / 'q' / 'd', shape (B,)
+    mixed numbers                 -> torch's rule: torch.tensor(batch) after an int or bool
+                                     (int + float: torch's default float dtype), float64 after
+                                     a float; without torch, float64 if any is a float
+    str, bytes                    -> the batch itself, a list (torch's rule, whatever the lengths)
+    dict / Mapping                -> the same type of collated values
+    namedtuple                    -> the same type; tuple -> list of collated fields; list and
+                                     other sequences -> their type (torch's rule). A field is
+                                     collated from a tuple, as torch's zip gives it, so strings
+                                     inside a tuple or list come back as a tuple, as in torch
+    torch.Tensor / numpy.ndarray  -> stacked with torch.stack / numpy.stack (a tensor when torch
+                                     is loaded); numpy scalars -> torch.as_tensor(batch)
+    equal-size buffers (bytearray, memoryview, array.array, Buffer, ...)
+                                  -> one arena Buffer, shape (B, *item_shape), the items' format.
+                                     torch has no rule for buffers (it collates them as
+                                     sequences of ints): a threadloom extension.
+With torch loaded, arena batches come back as torch tensors over the arena memory
+(torch.frombuffer), so every leaf has torch's type and dtype (tests/torch checks each case);
+without torch as memoryviews, which numpy.asarray / torch.frombuffer take without a copy.
 """
 
 import array
 import collections.abc
+import re
 import struct
 import sys
 import warnings
@@ -30,6 +38,9 @@ from threadloom.memory import arena
 __all__ = ["default_collate", "default_convert"]
 
 _FORMATS = {bool: "?", int: "q", float: "d"}
+_STR_OBJ = re.compile(r"[SaUO]")  # numpy dtypes of strings or objects: torch cannot hold them
+_ERR = ("default_collate: batch must contain tensors, numpy arrays, numbers, dicts or lists; "
+        "found %s")
 _NP_DTYPES = {"?": "bool", "q": "int64", "d": "float64", "B": "uint8", "b": "int8", "h": "int16",
               "H": "uint16", "i": "int32", "I": "uint32", "l": "int64", "L": "uint64",
               "Q": "uint64", "f": "float32", "e": "float16"}
@@ -118,12 +129,69 @@ def _stack_buffers(views):
 
 
 def default_convert(data):
-    """What a loader without auto-batching (batch_size=None) does to each sample: numpy arrays
-    become torch tensors when torch is loaded; everything else is returned as it is."""
-    torch, np = _torch(), _numpy()
-    if torch is not None and np is not None and isinstance(data, np.ndarray):
+    """What a loader without auto-batching (batch_size=None) does to each sample, as torch's
+    default_convert: numpy arrays and scalars become torch tensors when torch is loaded (not
+    arrays of str or objects), inside dicts, namedtuples, tuples (which become lists, torch's
+    rule) and other sequences; everything else is returned as it is."""
+    torch = _torch()
+    t = type(data)
+    if torch is not None and isinstance(data, torch.Tensor):
+        return data
+    if t.__module__ == "numpy" and t.__name__ not in ("str_", "string_", "bytes_"):
+        if torch is None or (t.__name__ == "ndarray" and _STR_OBJ.search(data.dtype.str)):
+            return data
         return torch.as_tensor(data)
+    if isinstance(data, collections.abc.Mapping):
+        try:
+            return t({k: default_convert(data[k]) for k in data})
+        except TypeError:
+            return {k: default_convert(data[k]) for k in data}
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
+        return t(*(default_convert(d) for d in data))
+    if isinstance(data, tuple):
+        return [default_convert(d) for d in data]
+    if isinstance(data, collections.abc.Sequence) and not isinstance(data, (str, bytes)):
+        try:
+            return t([default_convert(d) for d in data])
+        except TypeError:
+            return [default_convert(d) for d in data]
     return data
+
+
+def _numbers_batch(batch, elem, torch):
+    """A batch of Python numbers (elem is its first): one arena buffer when they all have
+    elem's type (bool, int or float: format '?', 'q' or 'd'). Mixed, torch's rule when torch is
+    loaded: torch.tensor(batch) after an int or bool (so int + float gives torch's default
+    float dtype), float64 after a float; without torch, float64 if any is a float, else int64."""
+    t = type(elem)
+    if t in _FORMATS and all(type(x) is t for x in batch):
+        return _numbers(batch, _FORMATS[t])
+    if torch is not None:
+        if isinstance(elem, float):
+            return torch.tensor(batch, dtype=torch.float64)
+        return torch.tensor(batch)
+    if not all(isinstance(x, (int, float)) for x in batch):
+        raise TypeError("default_collate: a batch of numbers holds %s" % sorted(
+            {type(x).__name__ for x in batch}))
+    if any(isinstance(x, float) for x in batch):
+        return _numbers([float(x) for x in batch], "d")
+    return _numbers([int(x) for x in batch], "q")
+
+
+def _sequences(batch, elem, t):
+    """torch's rule for a batch of sequences: each position collated across the batch (the
+    positions are tuples, as torch's zip gives them); tuples give a list, other sequences their
+    own type where it takes a list."""
+    n = len(elem)
+    if any(len(x) != n for x in batch):
+        raise RuntimeError("each element in list of batch should be of equal size")
+    fields = [default_collate(s) for s in zip(*batch)]
+    if isinstance(elem, tuple):
+        return fields
+    try:
+        return t(fields)
+    except TypeError:
+        return fields
 
 
 def default_collate(batch):
@@ -135,14 +203,15 @@ def default_collate(batch):
         out = torch.empty((len(batch),) + tuple(elem.shape), dtype=elem.dtype)
         return torch.stack(batch, 0, out=out)
     if np is not None and isinstance(elem, np.ndarray):
+        if _STR_OBJ.search(elem.dtype.str):
+            raise TypeError(_ERR % elem.dtype)
         out = np.stack(batch)
         return torch.from_numpy(out) if torch is not None else out
-    if t in _FORMATS and all(type(x) is t for x in batch):
-        return _numbers(batch, _FORMATS[t])
-    if isinstance(elem, (int, float)) and not isinstance(elem, bool) and \
-            all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in batch):
-        return _numbers([float(x) for x in batch], "d")
-    if isinstance(elem, str):
+    if torch is not None and np is not None and isinstance(elem, (np.bool_, np.number, np.object_)):
+        return torch.as_tensor(batch)
+    if isinstance(elem, (int, float)):  # bool too: an int, as torch treats it
+        return _numbers_batch(batch, elem, torch)
+    if isinstance(elem, (str, bytes)):  # as torch: the batch itself, even equal-length bytes
         return batch
     if isinstance(elem, collections.abc.Mapping):
         try:
@@ -150,21 +219,17 @@ def default_collate(batch):
         except TypeError:
             return {k: default_collate([d[k] for d in batch]) for k in elem}
     if isinstance(elem, tuple) and hasattr(elem, "_fields"):  # namedtuple
-        return t(*(default_collate(list(s)) for s in zip(*batch)))
+        return t(*(default_collate(s) for s in zip(*batch)))
     if isinstance(elem, (tuple, list)):
-        n = len(elem)
-        if any(len(x) != n for x in batch):
-            raise RuntimeError("each element in list of batch should be of equal size")
-        return [default_collate(list(s)) for s in zip(*batch)]
+        return _sequences(batch, elem, t)
     try:
         views = [memoryview(x) for x in batch]
     except TypeError:
-        raise TypeError("default_collate: batch must contain tensors, numpy arrays, numbers, "
-                        "buffers, dicts or lists; found %s" % t) from None
+        if isinstance(elem, collections.abc.Sequence):
+            return _sequences(batch, elem, t)
+        raise TypeError(_ERR % t) from None
     out = _stack_buffers(views)
-    if out is None:  # unequal sizes: torch keeps bytes as a list
-        if isinstance(elem, (bytes, bytearray)):
-            return batch
+    if out is None:
         raise RuntimeError("default_collate: buffers in a batch must have the same format and "
                            "shape; got %s%s and others" % (views[0].format, views[0].shape))
     return out

@@ -25,7 +25,8 @@ from threadloom import _core, errors
 from threadloom import pipeline as _pipeline
 from threadloom.data.collate import default_collate, default_convert
 from threadloom.data.sampler import (BatchSampler, DistributedSampler, RandomSampler,
-                                     SequentialSampler, distributed_env, draw_seed)
+                                     SequentialSampler, distributed_env, draw_seed,
+                                     load_replay_state, replay_state)
 from threadloom.data.worker import WorkerState
 
 __all__ = ["DataLoader", "Dataset", "IterableDataset", "Subset", "DataLoaderTimeoutError"]
@@ -83,6 +84,9 @@ def _not_built(what):
     return exc
 
 
+_FROZEN = ("batch_size", "batch_sampler", "sampler", "drop_last", "dataset", "persistent_workers")
+
+
 class DataLoader:
     """torch.utils.data.DataLoader with worker threads. torch's arguments keep their meaning,
     except: multiprocessing_context (there are no processes) is refused; device= and
@@ -107,16 +111,26 @@ class DataLoader:
                              "disable multiprocessing.")
         if timeout < 0:
             raise ValueError("timeout option should be non-negative")
-        if num_workers == 0 and prefetch_factor is not None:
+        if timeout > 0 and num_workers == 0:  # torch: an AssertionError at the first iter()
+            raise ValueError("timeout applies to worker threads; with num_workers=0 the batches "
+                             "are loaded in the calling thread, which cannot time out: set "
+                             "num_workers > 0 or leave timeout=0")
+        # torch 1.13's default prefetch_factor is 2, torch 2's None: both mean unset here
+        if num_workers == 0 and prefetch_factor not in (None, 2):
             raise ValueError("prefetch_factor option could only be specified in multiprocessing."
                              "let num_workers > 0 to enable multiprocessing, otherwise set "
                              "prefetch_factor to None.")
+        if num_workers == 0:
+            prefetch_factor = None
         if num_workers > 0 and prefetch_factor is None:
             prefetch_factor = 2
         if prefetch_factor is not None and prefetch_factor < 0:
             raise ValueError("prefetch_factor option should be non-negative")
         if persistent_workers and num_workers == 0:
             raise ValueError("persistent_workers option needs num_workers > 0")
+        if multiprocessing_context is not None and num_workers == 0:
+            raise ValueError("multiprocessing_context can only be used with multi-process "
+                             "loading (num_workers > 0), but got num_workers=0")
         if multiprocessing_context is not None:
             raise ValueError("threadloom.DataLoader runs its workers as threads of one process; "
                              "multiprocessing_context=%r cannot apply: leave it None"
@@ -197,7 +211,16 @@ class DataLoader:
         self._iter = None          # the current (or last) _LoaderIter
         self._resume = None        # a state loaded by load_state_dict(), for the next __iter__
         self._states = {}          # persistent_workers: worker id -> WorkerState
+        self._base_seed = None     # persistent_workers: drawn by the first epoch, as torch does
         self._last_stats = None
+        self._initialized = True
+
+    def __setattr__(self, attr, val):
+        # torch's rule: what the sampler and the batches were built from cannot change after
+        if attr in _FROZEN and self.__dict__.get("_initialized"):
+            raise ValueError("%s attribute should not be set after %s is initialized"
+                             % (attr, type(self).__name__))
+        object.__setattr__(self, attr, val)
 
     # -- torch's surface ---------------------------------------------------------------------
 
@@ -298,21 +321,31 @@ class _LoaderIter:
         self._first = None
         self._wait = 0.0
         self._last_print = 0.0
-        # torch draws the workers' base seed from the generator first, then the sampler draws
-        self.base_seed = resume["base_seed"] if resume else draw_seed(loader.generator)
+        # torch draws the workers' base seed from the generator first, then the sampler draws;
+        # persistent workers keep the base seed of their first epoch (torch draws it once)
+        if resume:
+            self.base_seed = resume["base_seed"]
+        elif loader.persistent_workers and loader._base_seed is not None:
+            self.base_seed = loader._base_seed
+        else:
+            self.base_seed = draw_seed(loader.generator)
+        if loader.persistent_workers and loader.num_workers > 0:
+            loader._base_seed = self.base_seed
         skip = resume["batches_yielded"] if resume else 0
         index_sampler = loader._index_sampler
-        if resume and resume.get("sampler") is not None and hasattr(index_sampler, "load_state_dict"):
-            index_sampler.load_state_dict(resume["sampler"])
+        if resume and resume.get("sampler") is not None:
+            load_replay_state(index_sampler, resume["sampler"])
         if loader._iterable:
             self.sampler_state = None
             self._engine = _IterableEngine(loader, self.base_seed)
             self._source = self._engine
             self._discard = skip  # an iterable cannot skip without producing
         else:
+            self.sampler_state = replay_state(index_sampler, before=True)
             indices = iter(index_sampler)
-            sd = getattr(index_sampler, "state_dict", None)
-            self.sampler_state = sd() if sd is not None else None
+            sampler_state = replay_state(index_sampler, before=False)
+            if sampler_state is not None:
+                self.sampler_state = sampler_state
             for _ in itertools.islice(indices, skip):
                 pass
             self._discard = 0

@@ -1,34 +1,77 @@
-"""Samplers with torch.utils.data's names, arguments and semantics, in pure Python.
+"""Samplers with torch.utils.data's names, arguments and semantics.
 
 A sampler yields dataset indices (a batch sampler yields lists of them). Randomness comes from
 the sampler alone, drawn in the thread that iterates it, so the order of samples never depends
-on how many loader threads run. The random samplers draw one seed per iteration from
-`generator` (a ``random.Random``, a ``torch.Generator``, or None for the ``random`` module) and
-shuffle with their own ``random.Random(seed)``; ``state_dict()`` holds that seed, so a
-DataLoader can replay the same order when it resumes mid-epoch. The permutations are not
-bit-identical to torch's (torch.randperm); their distribution and structure are the same.
+on how many loader threads run. Where the draws come from:
+
+- torch: `generator` is a ``torch.Generator``, or it is None and torch is imported. The
+  samplers then make torch's own calls in torch's order (torch.randperm, torch.randint in
+  chunks of 32, torch.multinomial, and with generator=None a seed from torch's global RNG for
+  RandomSampler), so they yield exactly what torch.utils.data's samplers yield for the same
+  generator state or ``torch.manual_seed``.
+- pure Python: `generator` is a ``random.Random`` (anything with getrandbits), or it is None
+  and torch is not imported (the ``random`` module). One 63-bit seed per iteration, and a
+  ``random.Random(seed)`` shuffles. The order is as random as torch's, not the same numbers.
+
+``state_dict()`` says how to replay the iteration in progress: {"seed": n} (a seed drawn for
+it) or {"torch_state": bytes} (the torch generator's state before its first draw). After
+``load_state_dict()`` the next ``__iter__`` replays it; a torch.Generator given as `generator`
+is set back to that state, so it goes on to the next epoch as it would have without the stop.
+torch's global RNG is never set: a script resuming with generator=None restores it itself
+(``torch.set_rng_state``), as it does for the rest of its training state.
 """
 
 import math
 import os
 import random
+import sys
 
 __all__ = ["Sampler", "SequentialSampler", "RandomSampler", "SubsetRandomSampler",
-           "WeightedRandomSampler", "BatchSampler", "DistributedSampler", "draw_seed"]
+           "WeightedRandomSampler", "BatchSampler", "DistributedSampler", "draw_seed",
+           "replay_state", "load_replay_state"]
+
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def torch_source(generator):
+    """torch, when draws for `generator` come from torch (a torch.Generator, or None with torch
+    imported); else None."""
+    torch = _torch()
+    if torch is not None and (generator is None or isinstance(generator, torch.Generator)):
+        return torch
+    return None
 
 
 def draw_seed(generator=None):
-    """A 63-bit seed drawn from `generator`: a random.Random-like object (getrandbits), a
-    torch.Generator, or None for the ``random`` module's shared generator."""
+    """A 63-bit seed drawn from `generator` as torch's DataLoader draws its base seed: from a
+    torch.Generator, or torch's global RNG when it is None and torch is imported; else from a
+    random.Random-like object (getrandbits), or the ``random`` module when it is None."""
+    torch = torch_source(generator)
+    if torch is not None:
+        return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item()) & ((1 << 63) - 1)
     if generator is None:
         return random.getrandbits(63)
     if hasattr(generator, "getrandbits"):
         return generator.getrandbits(63)
-    if type(generator).__module__.startswith("torch"):
-        import torch
-        return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item()) & ((1 << 63) - 1)
     raise TypeError("generator must be a random.Random (or anything with getrandbits), a "
                     "torch.Generator or None, not %r" % (generator,))
+
+
+def torch_state(generator):
+    """The state of a torch.Generator (None: torch's global RNG) as bytes, for a state_dict."""
+    torch = _torch()
+    st = torch.get_rng_state() if generator is None else generator.get_state()
+    return bytes(st.numpy())
+
+
+def torch_generator_at(state, generator=None):
+    """`generator` (a new torch.Generator when None) set to `state` (bytes of torch_state)."""
+    torch = _torch()
+    g = torch.Generator() if generator is None else generator
+    g.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    return g
 
 
 class Sampler:
@@ -55,24 +98,50 @@ class SequentialSampler(Sampler):
 
 
 class _Seeded(Sampler):
-    """A sampler that draws one seed per iteration; state_dict() replays that iteration."""
+    """A sampler whose iterations draw from `generator`; state_dict() replays the iteration in
+    progress (the module docstring says what it holds)."""
 
-    _seed = None      # the seed of the iteration in progress (or last started)
-    _pending = None   # a seed loaded by load_state_dict(), used by the next __iter__
+    generator = None
+    _state = None     # how to replay the iteration in progress (or last started)
+    _pending = None   # a state loaded by load_state_dict(), used by the next __iter__
 
-    def _next_rng(self):
-        if self._pending is not None:
-            seed, self._pending = self._pending, None
-        else:
-            seed = draw_seed(self.generator)
-        self._seed = seed
-        return random.Random(seed)
+    def _start(self, seeded):
+        """This iteration's source of draws, taken now (so state_dict() sees it):
+        (torch, g) to draw with torch functions and generator g (None: torch's global RNG), or
+        (None, rng) with rng a random.Random. seeded: with generator=None, torch's sampler draws
+        one seed from the global RNG and uses a Generator of its own (RandomSampler) instead of
+        drawing from the global RNG directly (the others)."""
+        pending, self._pending = self._pending, None
+        torch = torch_source(self.generator)
+        if torch is None:
+            if pending is not None and "seed" not in pending:
+                raise ValueError("this sampler state replays torch's draws, but the sampler "
+                                 "now draws in pure Python (torch is not imported, or generator= "
+                                 "is not a torch.Generator): build it as when the state was saved")
+            seed = pending["seed"] if pending is not None else draw_seed(self.generator)
+            self._state = {"seed": seed}
+            return None, random.Random(seed)
+        if pending is not None:
+            self._state = dict(pending)
+            if "torch_state" in pending:  # the user's generator goes back to where it was
+                return torch, torch_generator_at(pending["torch_state"], self.generator)
+            if self.generator is None and seeded:
+                return torch, torch.Generator().manual_seed(pending["seed"])
+            raise ValueError("this sampler state does not replay how the sampler draws now "
+                             "(torch or pure Python, which generator=): build it as it was when "
+                             "the state was saved")
+        if self.generator is None and seeded:
+            seed = draw_seed(None)
+            self._state = {"seed": seed}
+            return torch, torch.Generator().manual_seed(seed)
+        self._state = {"torch_state": torch_state(self.generator)}
+        return torch, self.generator
 
     def state_dict(self):
-        return {"seed": self._seed}
+        return None if self._state is None else dict(self._state)
 
     def load_state_dict(self, state):
-        self._pending = state.get("seed")
+        self._pending = None if state is None or state.get("seed", 0) is None else dict(state)
 
 
 class RandomSampler(_Seeded):
@@ -95,8 +164,22 @@ class RandomSampler(_Seeded):
         return len(self.data_source) if self._num_samples is None else self._num_samples
 
     def __iter__(self):
-        rng = self._next_rng()  # drawn now, not at the first next(): state_dict() sees it
-        return self._gen(rng, len(self.data_source), self.num_samples)
+        torch, rng = self._start(seeded=True)
+        n = len(self.data_source)
+        if torch is not None:
+            return self._torch_gen(torch, rng, n, self.num_samples)
+        return self._gen(rng, n, self.num_samples)
+
+    def _torch_gen(self, torch, g, n, count):
+        # torch.utils.data.RandomSampler's calls, in its order
+        if self.replacement:
+            for size in [32] * (count // 32) + [count % 32]:
+                yield from torch.randint(high=n, size=(size,), dtype=torch.int64,
+                                         generator=g).tolist()
+            return
+        for _ in range(count // n):
+            yield from torch.randperm(n, generator=g).tolist()
+        yield from torch.randperm(n, generator=g).tolist()[:count % n]
 
     def _gen(self, rng, n, count):
         if self.replacement:
@@ -123,9 +206,12 @@ class SubsetRandomSampler(_Seeded):
         self.generator = generator
 
     def __iter__(self):
-        rng = self._next_rng()
-        perm = list(range(len(self.indices)))
-        rng.shuffle(perm)
+        torch, rng = self._start(seeded=False)
+        if torch is not None:
+            perm = torch.randperm(len(self.indices), generator=rng).tolist()
+        else:
+            perm = list(range(len(self.indices)))
+            rng.shuffle(perm)
         return (self.indices[i] for i in perm)
 
     def __len__(self):
@@ -142,7 +228,18 @@ class WeightedRandomSampler(_Seeded):
         if not isinstance(replacement, bool):
             raise ValueError("replacement should be a boolean value, but got replacement=%s"
                              % (replacement,))
-        self.weights = [float(w) for w in weights]
+        torch = _torch()
+        if torch is not None:  # torch's tensor of weights (float64), so torch.multinomial takes it
+            self.weights = torch.as_tensor(weights, dtype=torch.double)
+            if self.weights.dim() != 1:
+                raise ValueError("weights should be a 1d sequence but given weights have shape %s"
+                                 % (tuple(self.weights.shape),))
+        else:
+            try:
+                self.weights = [float(w) for w in weights]
+            except TypeError:
+                raise ValueError("weights should be a 1d sequence of numbers, not %r"
+                                 % (weights,)) from None
         self.num_samples = num_samples
         self.replacement = replacement
         self.generator = generator
@@ -151,12 +248,19 @@ class WeightedRandomSampler(_Seeded):
                              % (num_samples, len(self.weights)))
 
     def __iter__(self):
-        rng = self._next_rng()
+        torch, rng = self._start(seeded=False)
+        if torch is not None:
+            weights = self.weights
+            if not isinstance(weights, torch.Tensor):  # built before torch was imported
+                weights = torch.as_tensor(weights, dtype=torch.double)
+            return iter(torch.multinomial(weights, self.num_samples, self.replacement,
+                                          generator=rng).tolist())
+        weights = [float(w) for w in self.weights]
         if self.replacement:
-            return iter(rng.choices(range(len(self.weights)), weights=self.weights, k=self.num_samples))
+            return iter(rng.choices(range(len(weights)), weights=weights, k=self.num_samples))
         # without replacement: Efraimidis-Spirakis keys, the largest num_samples win
         keys = sorted(((rng.random() ** (1.0 / w) if w > 0 else -1.0), i)
-                      for i, w in enumerate(self.weights))
+                      for i, w in enumerate(weights))
         return iter([i for _, i in reversed(keys[-self.num_samples:])])
 
     def __len__(self):
@@ -205,6 +309,38 @@ class BatchSampler(Sampler):
         self.sampler.load_state_dict(state)
 
 
+def _inner(sampler):
+    """The sampler under a batch sampler (threadloom's or torch's BatchSampler), else itself."""
+    inner = getattr(sampler, "sampler", None)
+    return inner if inner is not None and hasattr(sampler, "batch_size") else sampler
+
+
+def replay_state(sampler, before):
+    """How a DataLoader replays `sampler`'s iteration (a batch sampler: the sampler under it).
+    One with state_dict() (threadloom's) says so once iter() has drawn (before=False). One
+    without (torch's samplers) but with a torch.Generator as its `generator` is replayed from
+    that generator's state, taken before iter() (before=True). None: the sampler is assumed to
+    repeat its order when iterated again (sequential, or a fixed list)."""
+    inner = _inner(sampler)
+    sd = getattr(inner, "state_dict", None)
+    if sd is not None:
+        return None if before else sd()
+    torch = _torch()
+    g = getattr(inner, "generator", None)
+    if before and torch is not None and isinstance(g, torch.Generator):
+        return {"torch_state": torch_state(g)}
+    return None
+
+
+def load_replay_state(sampler, state):
+    """Makes `sampler`'s next iteration replay the one replay_state() described."""
+    inner = _inner(sampler)
+    if hasattr(inner, "load_state_dict"):
+        inner.load_state_dict(state)
+    elif "torch_state" in state:
+        torch_generator_at(state["torch_state"], inner.generator)
+
+
 def _env_int(name, default):
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -225,11 +361,14 @@ def distributed_env(num_replicas=None, rank=None):
     return num_replicas, rank
 
 
-class DistributedSampler(_Seeded):
+class DistributedSampler(Sampler):
     """This rank's share of the dataset, torch's DistributedSampler way: every rank shuffles
-    with seed + epoch (call set_epoch each epoch), pads to a multiple of num_replicas by
-    repeating indices (or drops the tail with drop_last), then takes every num_replicas-th
-    index from `rank`. num_replicas / rank default to WORLD_SIZE / RANK from the environment."""
+    with seed + epoch (call set_epoch each epoch): torch.randperm with a Generator seeded so
+    when torch is imported, the very indices torch's gives, else random.Random(seed + epoch).
+    Pads to a multiple of num_replicas by repeating indices (or drops the tail with
+    drop_last), then takes every num_replicas-th index from `rank`. num_replicas / rank
+    default to WORLD_SIZE / RANK from the environment. Every rank of a job must see torch
+    imported, or none: the two shuffles differ."""
 
     def __init__(self, dataset, num_replicas=None, rank=None, shuffle=True, seed=0, drop_last=False):
         num_replicas, rank = distributed_env(num_replicas, rank)
@@ -256,7 +395,12 @@ class DistributedSampler(_Seeded):
         n = len(self.dataset)
         indices = list(range(n))
         if self.shuffle:
-            random.Random(self.seed + self.epoch).shuffle(indices)
+            torch = _torch()
+            if torch is not None:
+                g = torch.Generator().manual_seed(self.seed + self.epoch)
+                indices = torch.randperm(n, generator=g).tolist()
+            else:
+                random.Random(self.seed + self.epoch).shuffle(indices)
         if not self.drop_last:
             pad = self.total_size - len(indices)
             if pad <= len(indices):
