@@ -179,7 +179,7 @@ def test_report_tables(tmp_path):
     assert [r[1] for r in t[1:4]] == ["threadloom.DataLoader replicate=None",
                                       "threadloom.DataLoader (replicas)", "multiprocessing.Pool (fork)"]
     assert t[3] == ["2", "multiprocessing.Pool (fork)", "3", "200.0 MiB", "320.0 MiB", "80.0 MiB",
-                    "120.0 MiB", ""]
+                    "120.0 MiB", "", "", "1.00 s"]
     assert md.count("torch DataLoader: left out: no --torch-python given.") == 2
     t = md_table(md, "## DataLoader goals (issue #6)")
     assert t[1:] == [["H2D batches", ">= 90% of pinned bandwidth", "-", "needs a GPU: not run"]]
@@ -251,7 +251,7 @@ def test_report_svgs(tmp_path):
     t = md_table(md, "## DataLoader: total memory of all processes")
     row = {(r[0], r[1]): r for r in t[1:]}
     assert row["8", "threadloom.DataLoader replicate=None"][3:] == [
-        "100.0 MiB", "100.0 MiB", "100.0 MiB", "0.0 MiB", "0.10x"]
+        "100.0 MiB", "100.0 MiB", "100.0 MiB", "0.0 MiB", "0.10x", "0.06x", "1.00 s"]
     assert row["8", "torch DataLoader (fork)"][2:7] == ["9", "1000.0 MiB", "1800.0 MiB", "200.0 MiB",
                                                         "800.0 MiB"]
     root, series = svg_series(os.path.join(d, "memory.svg"))
@@ -263,14 +263,14 @@ def test_report_svgs(tmp_path):
          "4.00x (8,000 at 4 vs 2,000 at 4 workers)", "met"],
         ["throughput, workload python (best vs best)", ">= 1.5x torch",
          "2.00x (4,000 at 4 vs 2,000 at 4 workers)", "met"],
-        ["first batch, 8 workers (threadloom.DataLoader replicate=None)", "<= 0.20x torch (fork)",
+        ["first batch, 8 workers (threadloom, shared dataset)", "<= 0.20x torch (fork), 8+ workers",
          "0.10x (10.0 ms vs 100.0 ms)", "met"],
-        ["first batch, 8 workers (threadloom.DataLoader (replicas))", "<= 0.20x torch (fork)",
+        ["first batch, 8 workers (threadloom, replicas)", "<= 0.20x torch (fork), 8+ workers",
          "0.40x (40.0 ms vs 100.0 ms)", "NOT met"],
-        ["total memory, 8 workers (threadloom.DataLoader replicate=None)", "<= 0.33x torch (fork)",
-         "0.10x (100.0 MiB vs 1000.0 MiB PSS)", "met"],
-        ["total memory, 8 workers (threadloom.DataLoader (replicas))", "<= 0.33x torch (fork)",
-         "0.50x (500.0 MiB vs 1000.0 MiB PSS)", "NOT met"],
+        ["total memory, 8 workers (threadloom, shared dataset)", "<= 0.33x torch (fork)",
+         "0.10x PSS (100.0 MiB vs 1000.0 MiB), 0.06x RSS", "met"],
+        ["total memory, 8 workers (threadloom, replicas)", "<= 0.33x torch (fork)",
+         "0.50x PSS (500.0 MiB vs 1000.0 MiB), 0.50x RSS", "NOT met"],
         ["H2D batches", ">= 90% of pinned bandwidth", "-", "needs a GPU: not run"]]
     t = md_table(md, "## Summary")
     assert t[3] == ["First batch (fresh process)", "40.0 ms", "torch (fork) 100.0 ms", "0.40x",
