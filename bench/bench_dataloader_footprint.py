@@ -106,6 +106,8 @@ def child(spec):
     # the loader's module is imported before the clock starts, as a training script has it
     if spec["loader"].startswith("torch-"):
         import torch  # noqa: F401
+        import warnings
+        warnings.filterwarnings("ignore", message="This DataLoader will create")  # > cores: on purpose
     elif spec["loader"].startswith("threadloom"):
         sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
         import threadloom  # noqa: F401

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _workload import WORKLOADS, describe_batch, make_dataset, parse_args, per_sample_cost  # noqa: E402
@@ -49,6 +50,9 @@ def main():
         res["skipped"] = "torch is not importable by %s (%s)" % (sys.executable, e)
         print("torch DataLoader baseline skipped: %s" % res["skipped"])
     else:
+        # the sweep goes past the cores on purpose (the curve flattening is the point): torch's
+        # "suggested max number of worker" warning would repeat for every such count
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
         res["torch"] = torch.__version__
         res["start_method"] = torch.multiprocessing.get_start_method()
         print("torch %s on python %s, GIL %s, %d CPUs, start method %s; %d samples, batch %d, %d "

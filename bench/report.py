@@ -179,6 +179,11 @@ def workload_section(r, cores, dl, tdl, rows, wl):
                         "the free-threaded interpreter is %.2fx slower per sample" % (cost / tcost)
                         if cost > tcost else "the free-threaded interpreter is %.2fx faster per "
                         "sample" % (tcost / cost)) if tcost else "")]
+        if tcost and cost > 1.2 * tcost:
+            r.md += ["", "So with both loaders scaling perfectly at the same worker count, "
+                     "threadloom.DataLoader would load %.2fx torch's samples/s on this workload: "
+                     "threads beat processes here only where the processes lose more than that to "
+                     "start-up, pickling and idle workers." % (tcost / cost)]
     sizes = sorted({(x.get("batch_type"), x.get("batch_nbytes")) for x in rows
                     if x.get("batch_nbytes") is not None})
     if sizes:
@@ -292,7 +297,8 @@ def section_first_batch(r, cores, fp):
     present = [k for k in FIRST if any(x["loader"] == k for x in rows)]
     r.md += ["Seconds from constructing the loader to the first batch in hand, worker start-up "
              "included, each measurement in a new interpreter process (the loader's module "
-             "imported before the clock starts), best of %d; workload `python`, %d samples, "
+             "imported before the clock starts; threadloom's arena is set up at its first use, "
+             "inside the measurement), best of %d; workload `python`, %d samples, "
              "batches of %d (lower is better). The ratios are threadloom.DataLoader over torch's "
              "DataLoader with its default start method here (fork); issue #6's goal is <= 0.20x "
              "with 8+ workers." % (fp["reps"], fp["first_samples"], fp["batch"]), ""]

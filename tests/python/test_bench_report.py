@@ -238,6 +238,7 @@ def test_report_svgs(tmp_path):
     assert ("60.0 us of CPU on one thread without a loader on Python 3.13.5 (GIL off), 30.0 us on "
             "Python 3.12.3 (GIL on, torch's interpreter): the free-threaded interpreter is 2.00x "
             "slower per sample") in md
+    assert "threadloom.DataLoader would load 0.50x torch's samples/s on this workload" in md
     assert ("First batch handed over: array.array 80 bytes, memoryview 80 bytes, torch.Tensor 80 "
             "bytes (the same bytes from every loader)") in md
     # first batch: threadloom 10 / 40 ms vs torch fork 100 ms
