@@ -407,6 +407,13 @@ def section_memory(r, cores, fp):
                  "larger than 3.11's)." % (w, mib(x["peak_pss"]), mib(t["peak_pss"]), t["procs"],
                                            ratio(x["peak_pss"], t["peak_pss"]), mib(added[0]),
                                            mib(added[1]))]
+        c = by.get((TL_COPY, w))
+        if c:
+            r.md += ["", "On this dataset threadloom's default replicas (replicate=\"copy\": one "
+                     "deepcopy of the dataset per worker thread) hand over the first batch after "
+                     "%s at %d workers, vs %s sharing the dataset and %s for torch (fork)."
+                     % (ms(c["first_batch_s"]), w, ms(x["first_batch_s"]),
+                        ms(t["first_batch_s"]))]
         summary = ("Memory (peak total PSS)", mib(x["peak_pss"]), "torch (fork) %s"
                    % mib(t["peak_pss"]), ratio(x["peak_pss"], t["peak_pss"]),
                    "%d workers, lower is better" % w)
