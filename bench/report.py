@@ -292,6 +292,10 @@ def section_first_batch(r, cores, fp):
         r.missing("footprint")
         return None, []
     rows = fp["first"]
+    if not rows:
+        r.md += ["No first-batch rows in footprint.json: every child failed (footprint.txt says "
+                 "why)."]
+        return None, []
     by = {(x["loader"], x["workers"]): x["first_batch_s"] for x in rows}
     ws = sorted({x["workers"] for x in rows})
     present = [k for k in FIRST if any(x["loader"] == k for x in rows)]
@@ -340,6 +344,9 @@ def section_memory(r, cores, fp):
         r.missing("footprint")
         return None, []
     rows = fp["memory"]
+    if not rows:
+        r.md += ["No memory rows in footprint.json: every child failed (footprint.txt says why)."]
+        return None, []
     present = [k for k in MEM if any(x["loader"] == k for x in rows)]
     ws = sorted({x["workers"] for x in rows})
     by = {(x["loader"], x["workers"]): x for x in rows}

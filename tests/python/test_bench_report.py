@@ -306,6 +306,13 @@ def test_report_missing_and_unknown(tmp_path):
     md = open(os.path.join(d, "README.md")).read()
     assert "Not in this run: no scheduler.json here" in md
     assert md.count("Not in this run: no footprint.json here") == 2
+    fp = footprint(torch=False)
+    fp["first"] = fp["memory"] = []
+    write(d, "footprint", fp)
+    report.build(d)
+    md = open(os.path.join(d, "README.md")).read()
+    assert "No first-batch rows in footprint.json: every child failed" in md
+    assert "No memory rows in footprint.json: every child failed" in md
     assert "torch DataLoader: not run (no dataloader_torch.json)." in md
     assert "Not drawn by this report: mystery.json." in md
     assert not os.path.exists(os.path.join(d, "scheduler.svg"))
