@@ -1,13 +1,25 @@
-"""bench/_workload.py: the loader benchmarks' dataset, thread sweep and command line, with no
+"""bench/_workload.py: the loader benchmarks' datasets, thread sweep and command line, with no
 threadloom import.
 
-bench_dataloader.py (free-threaded interpreter, threadloom) and bench_dataloader_torch.py (any
-interpreter that has torch, e.g. a GIL python3.12 on the GPU machine) both load this module, so
-every loader in the report runs the same per-sample work, and take the same options.
+bench_dataloader.py (free-threaded interpreter, threadloom), bench_dataloader_torch.py (any
+interpreter that has torch: Debian's GIL python3.11 here, python3.12 on the GPU machine) and
+bench_dataloader_footprint.py (both) load this module, so every loader in the report runs the
+same per-sample work on the same data, and the throughput benchmarks take the same options.
+
+The datasets (WORKLOADS names them): `python`, Tokens, pure-Python dict lookups (holds the
+interpreter lock of a GIL build the whole time); `native`, Blobs, zlib.decompress + sha256 of
+64 KiB (C code that releases the lock); `records`, Records, a large in-memory list of small
+Python objects read all over by every sample (the case where forked workers unshare the pages
+they only read: a read changes an object's reference count). Every sample is one int, so every
+loader collates a batch into the same B int64 values.
 """
 
 import argparse
+import gc
+import hashlib
 import os
+import time
+import zlib
 
 
 class Tokens:
@@ -29,6 +41,103 @@ class Tokens:
         for k in range(self.work):
             acc = (acc * 31 + vocab[words[(i * 7 + k) % 5000]]) & 0xFFFFFFFF
         return acc
+
+
+class Blobs:
+    """A map-style dataset with native per-sample work: each sample decompresses a 64 KiB zlib
+    blob (one of 16, stored compressed) and hashes the result with sha256, both C code that
+    releases the interpreter lock on a GIL build (about 150-250 us per sample on a current core).
+    Returns the digest's first 8 bytes as an int, so a batch collates like Tokens'."""
+
+    def __init__(self, n, kib=64):
+        self.n = n
+        self.blobs = []
+        for b in range(16):
+            # text-like data (compresses about 4x): words from a fixed pseudo-random sequence
+            words = [b"w%d" % ((b * 7919 + k * 104729) % 5000) for k in range(kib * 1024 // 5)]
+            raw = b" ".join(words)[:kib * 1024]
+            self.blobs.append(zlib.compress(raw, 6))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        data = zlib.decompress(self.blobs[i % len(self.blobs)])
+        return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 1
+
+
+class Records:
+    """A map-style dataset over a large in-memory Python structure: `n * per_sample` records,
+    each a tuple (int, str, float), about 170 bytes of Python objects each (3.11; more on 3.13t).
+    Sample i reads records i, i + n, i + 2n, ...: consecutive samples, and so every worker,
+    touch pages all over the list, as a shuffled epoch does. Reading is all it does; in a forked
+    worker each read still writes the object's reference count, copying its page."""
+
+    def __init__(self, n, per_sample=100):
+        self.n = n
+        self.per_sample = per_sample
+        # without the collector while building: on 3.13t each of its passes walks every object
+        # (no generations), which made building 500k records 4x slower than the records' reads
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            self.records = [(k, "record-%d" % k, k * 0.5) for k in range(n * per_sample)]
+        finally:
+            if was:
+                gc.enable()
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        recs, n = self.records, self.n
+        acc = 0
+        for j in range(self.per_sample):
+            k, name, x = recs[i + j * n]
+            acc = (acc * 31 + k + len(name) + int(x)) & 0xFFFFFFFF
+        return acc
+
+
+WORKLOADS = {
+    "python": "dict lookups in a shared vocabulary (pure Python: holds a GIL build's lock)",
+    "native": "zlib.decompress + sha256 of 64 KiB (C code that releases a GIL build's lock)",
+}
+
+
+def make_dataset(workload, n, work):
+    """The dataset of a throughput workload ('python' or 'native'); `work` is Tokens' lookups."""
+    if workload == "python":
+        return Tokens(n, work)
+    if workload == "native":
+        return Blobs(n)
+    raise ValueError("unknown workload %r: one of %s" % (workload, ", ".join(WORKLOADS)))
+
+
+def per_sample_cost(ds, count=200):
+    """Seconds of this thread's CPU time per sample of ds, in the calling thread, best of 3 passes
+    over `count` samples: the interpreter's single-thread speed on the workload, without any
+    loader."""
+    best = None
+    for _ in range(3):
+        t = time.thread_time()
+        for i in range(count):
+            ds[i % len(ds)]
+        dt = (time.thread_time() - t) / count
+        best = dt if best is None else min(best, dt)
+    return best
+
+
+def describe_batch(b):
+    """A batch -> {"type", "nbytes"}: what a loader hands the training loop, to check that every
+    loader collates the same bytes (a torch tensor, a threadloom memoryview, an array.array)."""
+    if hasattr(b, "element_size") and hasattr(b, "numel"):  # torch.Tensor
+        n = b.element_size() * b.numel()
+    else:
+        n = memoryview(b).nbytes
+    t = type(b)
+    mod = t.__module__
+    return {"type": t.__qualname__ if mod == "builtins" else "%s.%s" % (mod, t.__qualname__),
+            "nbytes": n}
 
 
 def thread_sweep(cores, cap=16):
@@ -64,6 +173,8 @@ def parse_args(description=None):
     ap.add_argument("--work", type=int, default=300)
     ap.add_argument("--threads", help="worker counts, e.g. 1,2,4 (default: 1, 2, 4, 8 and the "
                     "core count, up to 16)")
+    ap.add_argument("--workloads", default="python,native",
+                    help="comma-separated, of: %s" % ", ".join(WORKLOADS))
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -72,4 +183,8 @@ def parse_args(description=None):
         ws = parse_threads(a.threads) if a.threads else thread_sweep(cores)
     except ValueError as e:
         ap.error("--threads: %s" % e)
+    a.workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
+    bad = [w for w in a.workloads if w not in WORKLOADS]
+    if bad or not a.workloads:
+        ap.error("--workloads: %r is not one of %s" % (",".join(bad), ", ".join(WORKLOADS)))
     return a, cores, ws

@@ -1,4 +1,4 @@
-"""Loader throughput with a Python-heavy per-sample transform, in one run:
+"""Loader throughput with a Python-heavy and a native-heavy per-sample transform, in one run:
 
   threadloom.DataLoader with 1..N worker threads (each with its own dataset replica, and
   replicate=None sharing one dataset),
@@ -11,10 +11,17 @@ Every loader's time includes its start-up (threads, replicas, processes) and the
 naive thread loader submits every batch at once (Executor.map), so unlike the DataLoader
 (prefetch_factor * workers batches in flight) its memory is not bounded.
 
+The workloads (bench/_workload.py): `python` (dict lookups, pure Python) and `native` (zlib +
+sha256 of 64 KiB, C code). For each, the single-thread cost of one sample on this interpreter
+(thread CPU time, no loader) is measured first, so the report can separate the interpreter's
+speed from the loaders' parallelism; and each loader's first batch is described (type, bytes)
+to show every loader collates the same B int64 values.
+
 The torch DataLoader baseline is bench_dataloader_torch.py (it runs on whichever interpreter has
 torch). Prints samples/s and time to first batch for each worker count of the sweep (default
 1, 2, 4, 8 and the core count, up to 16), best of R runs each. Usage:
-  python bench/bench_dataloader.py [--samples N] [--batch B] [--threads 1,2,4] [--reps R] [--json PATH]
+  python bench/bench_dataloader.py [--samples N] [--batch B] [--threads 1,2,4]
+                                   [--workloads python,native] [--reps R] [--json PATH]
 """
 
 import array
@@ -31,15 +38,15 @@ import threadloom  # noqa: E402
 from threadloom.data.collate import default_collate  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _workload import Tokens, parse_args  # noqa: E402
+from _workload import WORKLOADS, describe_batch, make_dataset, parse_args, per_sample_cost  # noqa: E402
 
 
 _ds = None
 
 
-def _mp_init(n, work):
+def _mp_init(workload, n, work):
     global _ds
-    _ds = Tokens(n, work)
+    _ds = make_dataset(workload, n, work)
 
 
 def _mp_batch(idx):
@@ -50,76 +57,90 @@ def batches(n, b):
     return [list(range(k, min(k + b, n))) for k in range(0, n, b)]
 
 
-def run_threadloom(n, b, work, workers, replicate="copy"):
-    ds = Tokens(n, work)
+# Each run_* returns (samples, seconds, seconds to the first batch, the first batch described).
+
+def run_threadloom(wl, n, b, work, workers, replicate="copy"):
+    ds = make_dataset(wl, n, work)
     t0 = time.perf_counter()
-    first = None
+    first = desc = None
     count = 0
     loader = threadloom.DataLoader(ds, batch_size=b, num_workers=workers, replicate=replicate)
     for batch in loader:
         if first is None:
             first = time.perf_counter() - t0
+            desc = describe_batch(batch)
         count += len(batch)
-    return count, time.perf_counter() - t0, first
+    return count, time.perf_counter() - t0, first, desc
 
 
-def run_naive_threads(n, b, work, workers):
-    ds = Tokens(n, work)
+def run_naive_threads(wl, n, b, work, workers):
+    ds = make_dataset(wl, n, work)
     t0 = time.perf_counter()
-    first = None
+    first = desc = None
     count = 0
     with concurrent.futures.ThreadPoolExecutor(workers) as ex:
         for batch in ex.map(lambda idx: default_collate([ds[i] for i in idx]), batches(n, b)):
             if first is None:
                 first = time.perf_counter() - t0
+                desc = describe_batch(batch)
             count += len(batch)
-    return count, time.perf_counter() - t0, first
+    return count, time.perf_counter() - t0, first, desc
 
 
-def run_processes(n, b, work, workers):
+def run_processes(wl, n, b, work, workers):
     t0 = time.perf_counter()
-    first = None
+    first = desc = None
     count = 0
     ctx = multiprocessing.get_context("spawn")  # as torch's default outside Linux; fork is unsafe with threads
-    with ctx.Pool(workers, initializer=_mp_init, initargs=(n, work)) as pool:
+    with ctx.Pool(workers, initializer=_mp_init, initargs=(wl, n, work)) as pool:
         for batch in pool.imap(_mp_batch, batches(n, b)):
             if first is None:
                 first = time.perf_counter() - t0
+                desc = describe_batch(batch)
             count += len(batch)
-    return count, time.perf_counter() - t0, first
+    return count, time.perf_counter() - t0, first, desc
 
 
 def main():
     a, cores, ws = parse_args(None)
     gil = getattr(sys, "_is_gil_enabled", lambda: True)()
-    print("python %s, GIL %s, %d CPUs; %d samples, batch %d, %d dict lookups per sample; workers %s"
-          % (sys.version.split()[0], "on" if gil else "off", cores, a.samples, a.batch, a.work,
-             ",".join(map(str, ws))))
+    print("python %s, GIL %s, %d CPUs; %d samples, batch %d, %d dict lookups per sample "
+          "(workload python); workers %s" % (sys.version.split()[0], "on" if gil else "off", cores,
+                                             a.samples, a.batch, a.work, ",".join(map(str, ws))))
     t = time.perf_counter()
     threadloom.arena().alloc(1)  # the arena maps and places all its pages once, at first use
     arena_s = time.perf_counter() - t
     print("arena set-up (once per process, not counted below): %.0f ms" % (arena_s * 1e3))
     results = []
+    cost = {}
 
-    def report(name, w, fn, *args):
-        runs = [fn(a.samples, a.batch, a.work, w, *args) for _ in range(a.reps)]
-        n, dt, first = min(runs, key=lambda r: r[1])  # best of --reps: this machine is noisy
-        results.append({"loader": name, "workers": w, "samples_per_s": n / dt, "first_batch_s": first})
-        print("%-34s workers=%-2d %10.0f samples/s   first batch %7.1f ms" % (name, w, n / dt, first * 1e3))
+    def report(wl, name, w, fn, *args):
+        runs = [fn(wl, a.samples, a.batch, a.work, w, *args) for _ in range(a.reps)]
+        n, dt, first, desc = min(runs, key=lambda r: r[1])  # best of --reps: this machine is noisy
+        results.append({"workload": wl, "loader": name, "workers": w, "samples_per_s": n / dt,
+                        "first_batch_s": first, "batch_type": desc["type"],
+                        "batch_nbytes": desc["nbytes"]})
+        print("%-34s workers=%-2d %10.0f samples/s   first batch %7.1f ms   (%s, %d bytes)"
+              % (name, w, n / dt, first * 1e3, desc["type"], desc["nbytes"]), flush=True)
 
-    report("threadloom.DataLoader num_workers=0", 0, run_threadloom)
-    for w in ws:
-        report("threadloom.DataLoader (replicas)", w, run_threadloom)
-    for w in ws:
-        report("threadloom.DataLoader replicate=None", w, run_threadloom, None)
-    for w in ws:
-        report("naive threads, shared dataset", w, run_naive_threads)
-    for w in ws:
-        report("multiprocessing.Pool (spawn)", w, run_processes)
+    for wl in a.workloads:
+        cost[wl] = per_sample_cost(make_dataset(wl, a.samples, a.work))
+        print("-- workload %s: %s; one sample costs %.1f us of CPU on one thread, no loader"
+              % (wl, WORKLOADS[wl], cost[wl] * 1e6), flush=True)
+        report(wl, "threadloom.DataLoader num_workers=0", 0, run_threadloom)
+        for w in ws:
+            report(wl, "threadloom.DataLoader (replicas)", w, run_threadloom)
+        for w in ws:
+            report(wl, "threadloom.DataLoader replicate=None", w, run_threadloom, None)
+        for w in ws:
+            report(wl, "naive threads, shared dataset", w, run_naive_threads)
+        for w in ws:
+            report(wl, "multiprocessing.Pool (spawn)", w, run_processes)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"python": sys.version.split()[0], "gil": gil, "cores": cores,
                        "samples": a.samples, "batch": a.batch, "work": a.work, "reps": a.reps,
+                       "workloads": a.workloads, "per_sample_s": cost,
                        "arena_setup_s": arena_s, "rows": results}, f, indent=1)
 
 

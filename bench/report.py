@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from svgplot import PALETTE, Series, line_chart, placeholder  # noqa: E402
 
-KNOWN = {"meta", "dataloader", "dataloader_torch", "executor", "scheduler", "checkpoint", "arena",
+KNOWN = {"meta", "dataloader", "dataloader_torch", "footprint", "executor", "scheduler", "checkpoint", "arena",
          "startup", "launch", "h2d"}
 
 
@@ -112,12 +112,21 @@ LOADERS = [("threadloom.DataLoader (replicas)", "threadloom.DataLoader (replicas
            ("naive threads, shared dataset", "naive threads"),
            ("multiprocessing.Pool (spawn)", "multiprocessing.Pool (spawn)"),
            ("torch DataLoader", "torch DataLoader")]
+WORKLOAD_TEXT = {"python": "a Python-heavy per-sample transform (%(work)d dict lookups in a shared "
+                           "vocabulary per sample: pure Python, holds a GIL build's lock)",
+                 "native": "a native-heavy per-sample transform (zlib.decompress + sha256 of 64 "
+                           "KiB per sample: C code that releases a GIL build's lock)"}
+
+
+def us(v):
+    return "-" if v is None else "%.1f us" % (v * 1e6)
 
 
 def section_dataloader(r, cores):
+    """One subsection per workload; returns (summary lines, {workload: (tl best, torch best)})."""
     dl = r.section("DataLoader: loader throughput vs threads", "dataloader")
     if dl is None:
-        return None
+        return [], {}
     tdl = load(r.d, "dataloader_torch")
     rows = list(dl["rows"])
     torch_note = None
@@ -128,18 +137,62 @@ def section_dataloader(r, cores):
     else:
         rows += tdl["rows"]
         torch_note = ("torch DataLoader: torch %s on Python %s with the GIL %s (torch is not built "
-                      "for the free-threaded interpreter), so its per-sample cost is that "
-                      "interpreter's." % (tdl.get("torch"), tdl.get("python"),
-                                          "on" if tdl.get("gil") else "off"))
+                      "for the free-threaded interpreter), start method %s, so its per-sample cost "
+                      "is that interpreter's (the single-thread costs above separate it from the "
+                      "loaders' parallelism)." % (tdl.get("torch"), tdl.get("python"),
+                                                  "on" if tdl.get("gil") else "off",
+                                                  tdl.get("start_method", "its default")))
+    for x in rows:
+        x.setdefault("workload", "python")  # results from before the native workload
+    workloads = [w for w in ("python", "native") if any(x["workload"] == w for x in rows)]
+    r.md += ["Every loader's samples/s with worker start-up included and every batch collated "
+             "(threadloom.DataLoader and the naive threads with threadloom's default_collate, the "
+             "processes into an array.array, torch with its default collate), %d samples in "
+             "batches of %d, best of %d runs; the ratios are threadloom.DataLoader (replicas) over "
+             "each baseline (higher is better)." % (dl["samples"], dl["batch"], dl["reps"])]
+    summaries, best = [], {}
+    for wl in workloads:
+        got = workload_section(r, cores, dl, tdl, [x for x in rows if x["workload"] == wl], wl)
+        if got:
+            summaries.append(got[0])
+            best[wl] = got[1]
+    if torch_note:
+        r.md += ["", torch_note]
+    return summaries, best
+
+
+def workload_section(r, cores, dl, tdl, rows, wl):
     by = {(x["loader"], x["workers"]): x for x in rows}
     ws = sorted({x["workers"] for x in rows if x["workers"] > 0})
     present = [(k, short) for k, short in LOADERS if any(x["loader"] == k for x in rows)]
-    r.md += ["A Python-heavy per-sample transform (%d dict lookups in a shared vocabulary per "
-             "sample), %d samples in batches of %d, best of %d runs; worker start-up is included "
-             "for every loader, and every loader collates its batches (the naive threads with "
-             "threadloom's default_collate, the processes into an array.array). Samples/s (higher is better); the ratios are threadloom.DataLoader "
-             "(replicas) over each baseline." % (dl["work"], dl["samples"], dl["batch"], dl["reps"]),
-             ""]
+    r.md += ["", "### Workload `%s`" % wl, "",
+             (lambda t: t[0].upper() + t[1:])(WORKLOAD_TEXT.get(wl, wl) % {"work": dl["work"]})
+             + "."]
+    cost = (dl.get("per_sample_s") or {}).get(wl)
+    tcost = ((tdl or {}).get("per_sample_s") or {}).get(wl)
+    if cost is not None:
+        r.md += ["", "One sample costs %s of CPU on one thread without a loader on Python %s (GIL "
+                 "%s)%s: that is the interpreter's speed, before any parallelism."
+                 % (us(cost), dl.get("python"), "on" if dl.get("gil") else "off",
+                    ", %s on Python %s (GIL %s, torch's interpreter): %s" % (
+                        us(tcost), tdl.get("python"), "on" if tdl.get("gil") else "off",
+                        "the free-threaded interpreter is %.2fx slower per sample" % (cost / tcost)
+                        if cost > tcost else "the free-threaded interpreter is %.2fx faster per "
+                        "sample" % (tcost / cost)) if tcost else "")]
+        if tcost and cost > 1.2 * tcost:
+            r.md += ["", "So with both loaders scaling perfectly at the same worker count, "
+                     "threadloom.DataLoader would load %.2fx torch's samples/s on this workload: "
+                     "threads beat processes here only where the processes lose more than that to "
+                     "start-up, pickling and idle workers." % (tcost / cost)]
+    sizes = sorted({(x.get("batch_type"), x.get("batch_nbytes")) for x in rows
+                    if x.get("batch_nbytes") is not None})
+    if sizes:
+        nbytes = sorted({n for _, n in sizes})
+        r.md += ["", "First batch handed over: %s (%s)." % (
+            ", ".join("%s %d bytes" % (t, n) for t, n in sizes),
+            "the same bytes from every loader" if len(nbytes) == 1 else
+            "NOT the same size: the loaders do not collate the same output")]
+    r.md += [""]
     tl = "threadloom.DataLoader (replicas)"
     base_cols = [(k, s) for k, s in present if not k.startswith("threadloom")]
 
@@ -161,7 +214,8 @@ def section_dataloader(r, cores):
         body.append([w] + [num(val(k, w)) for k, _ in present]
                     + [ratio(val(tl, w), val(k, w)) for k, _ in base_cols])
     r.md += table(hdr, body)
-    r.md += ["", "Time to the first batch:", ""]
+    r.md += ["", "Time to the first batch (in this warm process; the fresh-process measurement is "
+             "in its own section):", ""]
     r.md += table(["workers"] + [s for _, s in present],
                   [[w] + [ms(val(k, w, "first_batch_s")) for k, _ in present] for w in ws])
     series = []
@@ -182,22 +236,218 @@ def section_dataloader(r, cores):
                     "more cores to use, so the points beyond show oversubscription and noise, "
                     "not scaling." % (num(val(tl, best_w)), best_w, "s" if best_w > 1 else "",
                                       cores))
+    # best against best: any threadloom.DataLoader configuration (num_workers=0 included) vs
+    # torch's best num_workers (0 included), as issue #6 states its goal
+    tlbest = max((x for x in rows if x["loader"].startswith("threadloom.DataLoader")),
+                 key=lambda x: x["samples_per_s"], default=None)
+    tbest = max((x for x in rows if x["loader"] == "torch DataLoader"),
+                key=lambda x: x["samples_per_s"], default=None)
+    if tlbest is not None and tbest is not None:
+        text.append("Best against best: %s%s, %s samples/s; torch DataLoader, %d "
+                    "workers, %s: %s (issue #6's goal: >= 1.5x at 16 cores)."
+                    % (tlbest["loader"], "" if tlbest["workers"] == 0 else
+                       ", %d workers" % tlbest["workers"], num(tlbest["samples_per_s"]),
+                       tbest["workers"], num(tbest["samples_per_s"]),
+                       ratio(tlbest["samples_per_s"], tbest["samples_per_s"])))
     mp = "multiprocessing.Pool (spawn)"
     if val(tl, w, "first_batch_s") is not None and val(mp, w, "first_batch_s") is not None:
         text.append("The first batch comes after %s with threads vs %s with spawned processes "
                     "(which start an interpreter and import first)."
                     % (ms(val(tl, w, "first_batch_s")), ms(val(mp, w, "first_batch_s"))))
     r.md += ["", " ".join(text)]
-    if torch_note:
-        r.md += ["", torch_note]
-    r.svg("dataloader.svg", line_chart(
-        "Loader throughput vs worker threads/processes", "workers", "samples/s", series,
+    r.svg("dataloader_%s.svg" % wl, line_chart(
+        "Loader throughput vs workers (workload: %s)" % wl, "workers", "samples/s", series,
         log_x=True, x_ticks=ws, mark_x=(cores, "%d cores" % cores), note=None if tdl and "rows" in tdl else
-        "torch DataLoader: not run here (see the report)"), "loader throughput vs workers")
-    if val(tl, w) is not None and val(mp, w) is not None:
-        return ("DataLoader", "%s samples/s" % num(val(tl, w)), "multiprocessing.Pool %s"
-                % num(val(mp, w)), ratio(val(tl, w), val(mp, w)), "%d workers" % w)
-    return None
+        "torch DataLoader: not run here (see the report)"), "loader throughput vs workers, %s" % wl)
+    if val(tl, w) is None:
+        return None
+    tl_best = (tlbest["samples_per_s"], tlbest["workers"]) if tlbest else None
+    t_best = (tbest["samples_per_s"], tbest["workers"]) if tbest else None
+    base = ("torch DataLoader", "torch DataLoader") if val("torch DataLoader", w) is not None \
+        else (mp, "multiprocessing.Pool")
+    if val(base[0], w) is None:
+        return None
+    return (("DataLoader (%s)" % wl, "%s samples/s" % num(val(tl, w)), "%s %s"
+             % (base[1], num(val(base[0], w))), ratio(val(tl, w), val(base[0], w)),
+             "%d workers" % w), (tl_best, t_best))
+
+
+FIRST = ["threadloom.DataLoader replicate=None", "threadloom.DataLoader (replicas)",
+         "torch DataLoader (fork)", "torch DataLoader (spawn)", "multiprocessing.Pool (fork)",
+         "multiprocessing.Pool (spawn)"]
+MEM = ["threadloom.DataLoader replicate=None", "threadloom.DataLoader (replicas)",
+       "torch DataLoader (fork)", "torch DataLoader (spawn)", "multiprocessing.Pool (fork)"]
+TL_SHARED, TL_COPY, TORCH_FORK = FIRST[0], FIRST[1], FIRST[2]
+SHORT = {TL_SHARED: "threadloom, shared dataset", TL_COPY: "threadloom, replicas"}
+
+
+def mib(v):
+    return "-" if v is None else "%.1f MiB" % (v / 2**20)
+
+
+def section_first_batch(r, cores, fp):
+    """Fresh-process first-batch table + plot; returns (summary line or None, goal rows)."""
+    r.md += ["", "## DataLoader: time to first batch, fresh process", ""]
+    if fp is None:
+        r.missing("footprint")
+        return None, []
+    rows = fp["first"]
+    if not rows:
+        r.md += ["No first-batch rows in footprint.json: every child failed (footprint.txt says "
+                 "why)."]
+        return None, []
+    by = {(x["loader"], x["workers"]): x["first_batch_s"] for x in rows}
+    ws = sorted({x["workers"] for x in rows})
+    present = [k for k in FIRST if any(x["loader"] == k for x in rows)]
+    r.md += ["Seconds from constructing the loader to the first batch in hand, worker start-up "
+             "included, each measurement in a new interpreter process (the loader's module "
+             "imported before the clock starts; threadloom's arena is set up at its first use, "
+             "inside the measurement), best of %d; workload `python`, %d samples, "
+             "batches of %d (lower is better). The ratios are threadloom.DataLoader over torch's "
+             "DataLoader with its default start method here (fork); issue #6's goal is <= 0.20x "
+             "with 8+ workers." % (fp["reps"], fp["first_samples"], fp["batch"]), ""]
+    cols = [k for k in (TL_SHARED, TL_COPY) if k in present]
+    hdr = ["workers"] + present + ["%s / torch (fork)" % ("tl shared" if k == TL_SHARED else
+                                                         "tl replicas") for k in cols]
+    r.md += table(hdr, [[w] + [ms(by.get((k, w))) for k in present]
+                        + [ratio(by.get((k, w)), by.get((TORCH_FORK, w))) for k in cols]
+                        for w in ws])
+    if fp.get("torch_skipped"):
+        r.md += ["", "torch DataLoader: left out: %s." % fp["torch_skipped"]]
+    series = [Series(k, [(w, by[k, w] * 1e3) for w in ws if by.get((k, w))], PALETTE[i],
+                     "" if k.startswith("threadloom") else "7,4") for i, k in enumerate(present)]
+    r.svg("first_batch.svg", line_chart(
+        "Time to first batch, fresh process", "workers", "milliseconds", series, log_x=True,
+        log_y=True, x_ticks=ws, note="solid: threadloom threads; dashed: worker processes"),
+        "time to first batch vs workers")
+    w = max(ws)
+    goals, summary = [], None
+    for k in cols:
+        if by.get((k, w)) and by.get((TORCH_FORK, w)):
+            q = by[k, w] / by[TORCH_FORK, w]
+            goals.append(("first batch, %d workers (%s)" % (w, SHORT[k]),
+                          "<= 0.20x torch (fork), 8+ workers",
+                          "%.2fx (%s vs %s)" % (q, ms(by[k, w]), ms(by[TORCH_FORK, w])),
+                          "n/a (fewer than 8 workers)" if w < 8 else
+                          "met" if q <= 0.2 else "NOT met"))
+    if by.get((TL_COPY, w)) and by.get((TORCH_FORK, w)):
+        summary = ("First batch (fresh process)", ms(by[TL_COPY, w]), "torch (fork) %s"
+                   % ms(by[TORCH_FORK, w]), ratio(by[TL_COPY, w], by[TORCH_FORK, w]),
+                   "%d workers, lower is better" % w)
+    return summary, goals
+
+
+def section_memory(r, cores, fp):
+    """Peak total memory table + plot; returns (summary line or None, goal rows)."""
+    r.md += ["", "## DataLoader: total memory of all processes", ""]
+    if fp is None:
+        r.missing("footprint")
+        return None, []
+    rows = fp["memory"]
+    if not rows:
+        r.md += ["No memory rows in footprint.json: every child failed (footprint.txt says why)."]
+        return None, []
+    present = [k for k in MEM if any(x["loader"] == k for x in rows)]
+    ws = sorted({x["workers"] for x in rows})
+    by = {(x["loader"], x["workers"]): x for x in rows}
+    r.md += ["One epoch over a dataset holding %s small Python objects in a list (tuples of an "
+             "int, a str and a float; every sample reads 100 of them spread over the whole list, "
+             "as a shuffled epoch does). Peak total PSS and RSS of the loader's process and every "
+             "process below it (workers, multiprocessing's helpers), sampled from "
+             "/proc/PID/smaps_rollup every %.0f ms by a separate process, and once after the "
+             "last batch with the workers still alive (lower is better). PSS splits shared pages "
+             "between the processes sharing them, so the sum is the tree's real total (shared "
+             "libraries' pages are also split with other processes on the machine that map them, "
+             "e.g. another torch program); RSS counts a shared page in each process. \"Before\" is "
+             "the main process with the dataset built and the loader's module imported, before "
+             "the loader: torch's own import is most of it. Ratios: threadloom over torch "
+             "DataLoader (fork); issue #6's goal (total resident memory) is <= 0.33x, judged "
+             "here on PSS."
+             % (num(fp["records"]), fp["interval_s"] * 1e3), ""]
+    body = []
+    for w in ws:
+        for k in present:
+            x = by.get((k, w))
+            if x is None:
+                continue
+            t = by.get((TORCH_FORK, w))
+            tl_row = t and k.startswith("threadloom")
+            body.append([w, k, x["procs"], mib(x["peak_pss"]), mib(x["peak_rss"]),
+                         mib(x["dataset_pss"]), mib(x["peak_pss"] - x["dataset_pss"]),
+                         ratio(x["peak_pss"], t["peak_pss"]) if tl_row else "",
+                         ratio(x["peak_rss"], t["peak_rss"]) if tl_row else "",
+                         "%.2f s" % x["epoch_s"]])
+    r.md += table(["workers", "loader", "processes", "peak PSS", "peak RSS", "before (PSS)",
+                   "added by the loader (PSS)", "PSS / torch (fork)", "RSS / torch (fork)",
+                   "epoch"], body)
+    r.md += ["", "The epoch column is the child's time from constructing the loader to the last "
+             "batch, start-up included: threadloom's replicas deep-copy the dataset once per "
+             "worker thread before its first sample, and torch's spawned workers unpickle it."]
+    if fp.get("torch_skipped"):
+        r.md += ["", "torch DataLoader: left out: %s." % fp["torch_skipped"]]
+    series = [Series(k, [(w, by[k, w]["peak_pss"] / 2**20) for w in ws if (k, w) in by],
+                     PALETTE[i], "" if k.startswith("threadloom") else "7,4")
+              for i, k in enumerate(present)]
+    r.svg("memory.svg", line_chart(
+        "Peak total PSS of all the loader's processes", "workers", "MiB", series, log_x=True,
+        x_ticks=ws, note="solid: threadloom (one process); dashed: worker processes"),
+        "peak total PSS vs workers")
+    w = max(ws)
+    goals, summary = [], None
+    t = by.get((TORCH_FORK, w))
+    for k in (TL_SHARED, TL_COPY):
+        x = by.get((k, w))
+        if x and t:
+            q = x["peak_pss"] / t["peak_pss"]
+            goals.append(("total memory, %d workers (%s)" % (w, SHORT[k]), "<= 0.33x torch (fork)",
+                          "%.2fx PSS (%s vs %s), %s RSS" % (q, mib(x["peak_pss"]),
+                                                           mib(t["peak_pss"]),
+                                                           ratio(x["peak_rss"], t["peak_rss"])),
+                          "met" if q <= 1 / 3 else "NOT met"))
+    x = by.get((TL_SHARED, w))
+    if x and t:
+        added = (x["peak_pss"] - x["dataset_pss"], t["peak_pss"] - t["dataset_pss"])
+        r.md += ["", "At %d workers: threadloom (shared dataset) %s PSS in one process vs torch "
+                 "(fork) %s in %d processes, %s. Of that, the loaders themselves added %s "
+                 "(threadloom) and %s (torch: the workers' copies of the pages they read); the "
+                 "rest is each interpreter with its imports and the dataset (3.13t's objects are "
+                 "larger than 3.11's)." % (w, mib(x["peak_pss"]), mib(t["peak_pss"]), t["procs"],
+                                           ratio(x["peak_pss"], t["peak_pss"]), mib(added[0]),
+                                           mib(added[1]))]
+        c = by.get((TL_COPY, w))
+        if c:
+            r.md += ["", "On this dataset threadloom's default replicas (replicate=\"copy\": one "
+                     "deepcopy of the dataset per worker thread) hand over the first batch after "
+                     "%s at %d workers, vs %s sharing the dataset and %s for torch (fork)."
+                     % (ms(c["first_batch_s"]), w, ms(x["first_batch_s"]),
+                        ms(t["first_batch_s"]))]
+        summary = ("Memory (peak total PSS)", mib(x["peak_pss"]), "torch (fork) %s"
+                   % mib(t["peak_pss"]), ratio(x["peak_pss"], t["peak_pss"]),
+                   "%d workers, lower is better" % w)
+    return summary, goals
+
+
+def section_goals(r, cores, meta, best, goals):
+    """Issue #6's DataLoader goals against this run's ratios."""
+    r.md += ["", "## DataLoader goals (issue #6)", "",
+             "The goals are stated for a 16-core machine with a GPU; this run had %d core%s%s, so "
+             "a ratio here says where threadloom stands on this machine, not whether the goal is "
+             "met where it is set." % (cores, "s" if cores > 1 else "",
+                                       " and no GPU" if meta.get("gpu", "nogpu") == "nogpu"
+                                       else ""), ""]
+    body = []
+    for wl, (tl, t) in sorted(best.items()):
+        if tl and t:
+            q = tl[0] / t[0]
+            body.append(["throughput, workload %s (best vs best)" % wl, ">= 1.5x torch",
+                         "%.2fx (%s at %d vs %s at %d workers)" % (q, num(tl[0]), tl[1], num(t[0]),
+                                                                  t[1]),
+                         "met" if q >= 1.5 else "NOT met"])
+    body += [list(g) for g in goals]
+    body.append(["H2D batches", ">= 90% of pinned bandwidth", "-",
+                 "needs a GPU: not run" if meta.get("gpu", "nogpu") == "nogpu" else
+                 "no h2d.json: not measured"])
+    r.md += table(["goal", "target", "this run", "here"], body)
 
 
 def section_executor(r, cores):
@@ -507,9 +757,13 @@ def build(d):
              "allows. Ratios are threadloom over the baseline at the sweep point named (the "
              "largest worker count that fits the cores)."]
     summary_at = len(r.md)
-    summaries = [section_dataloader(r, cores), section_executor(r, cores),
-                 section_scheduler(r, cores), section_checkpoint(r, cores),
-                 section_arena(r, cores), section_startup(r, cores)]
+    summaries, best = section_dataloader(r, cores)
+    fp = load(d, "footprint")
+    first, goals_first = section_first_batch(r, cores, fp)
+    mem, goals_mem = section_memory(r, cores, fp)
+    section_goals(r, cores, meta, best, goals_first + goals_mem)
+    summaries += [first, mem, section_executor(r, cores), section_scheduler(r, cores),
+                  section_checkpoint(r, cores), section_arena(r, cores), section_startup(r, cores)]
     section_gpu(r, meta)
     summary = ["", "## Summary", ""] + table(
         ["benchmark", "threadloom", "baseline", "ratio", "at"],

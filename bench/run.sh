@@ -7,8 +7,9 @@
 #   --quick    tiny sizes, 1-2 threads: checks the pipeline end to end in well under a minute; its
 #              numbers mean nothing (default output bench/results/<machine>-quick/, not committed)
 #   --out DIR  write there instead
-# TORCH_PYTHON=/path/to/python picks the interpreter for the torch DataLoader baseline; by default
-# the first of PYTHON, python3.12, python3, python3.11, python3.13 that can import torch.
+# TORCH_PYTHON=/path/to/python picks the interpreter for the torch DataLoader baselines; by default
+# build/bootstrap.env's TORCH_PYTHON (written by scripts/bootstrap.sh), else the first of PYTHON,
+# python3.12, python3, python3.11, python3.13 that can import torch.
 # A run first removes the previous run's *.txt, *.json, *.svg and README.md from the output
 # directory, so the report never mixes two runs. A benchmark that fails is reported as failed (its
 # text output says why), the others still run, and the script exits 1 at the end.
@@ -91,9 +92,10 @@ if [ $quick = 1 ]; then
   q_start=(-n 3)
   q_ckpt=(--size 16 --sizes 4,16 --repeat 1)
   q_load=(--samples 400 --threads 1,2 --reps 1)
+  q_foot=(--quick)
 else
   # best of 5 for the loaders: on a small shared machine run-to-run noise is ~30%
-  q_sched=() q_arena=() q_exec=() q_start=() q_ckpt=() q_load=(--reps 5)
+  q_sched=() q_arena=() q_exec=() q_start=() q_ckpt=() q_load=(--reps 5) q_foot=()
 fi
 run scheduler "$here/build/bench/tl-bench-scheduler" ${q_sched[@]+"${q_sched[@]}"} --json "$out/scheduler.json"
 run arena "$here/build/bench/tl-bench-arena" ${q_arena[@]+"${q_arena[@]}"} --json "$out/arena.json"
@@ -102,10 +104,12 @@ run startup "$py" "$here/bench/bench_startup.py" ${q_start[@]+"${q_start[@]}"} -
 run checkpoint "$py" "$here/bench/bench_checkpoint.py" ${q_ckpt[@]+"${q_ckpt[@]}"} --json "$out/checkpoint.json"
 run dataloader "$py" "$here/bench/bench_dataloader.py" ${q_load[@]+"${q_load[@]}"} --json "$out/dataloader.json"
 
-# The torch DataLoader baseline runs on whichever interpreter has torch (a GIL python3.12 on the
-# GPU machine): without one, a JSON that says so, and the report leaves the series out with it.
+# The torch DataLoader baselines run on the interpreter that has torch (Debian's GIL python3.11
+# here, python3.12 on the GPU machine): without one, a JSON that says so, and the report leaves
+# the series out with it.
 torch_py="" tried=()
-for cand in ${TORCH_PYTHON:-} "$py" python3.12 python3 python3.11 python3.13; do
+boot_torch=$(sed -n 's/^TORCH_PYTHON := //p' "$here/build/bootstrap.env" 2>/dev/null || true)
+for cand in ${TORCH_PYTHON:-} $boot_torch "$py" python3.12 python3 python3.11 python3.13; do
   command -v "$cand" >/dev/null 2>&1 || continue
   tried+=("$cand")
   if "$cand" -c 'import torch' >/dev/null 2>&1; then torch_py=$cand; break; fi
@@ -119,6 +123,10 @@ else
   REASON=$reason "$py" -c 'import json, os, sys; json.dump({"skipped": os.environ["REASON"]}, open(sys.argv[1], "w"))' \
     "$out/dataloader_torch.json"
 fi
+# First batch (fresh processes) and total memory of every loader's processes; the torch rows on
+# torch_py, the rest on PYTHON.
+run footprint "$py" "$here/bench/bench_dataloader_footprint.py" ${q_foot[@]+"${q_foot[@]}"} \
+  ${torch_py:+--torch-python "$(command -v "$torch_py")"} --json "$out/footprint.json"
 
 # -- the report ----------------------------------------------------------------------------------
 "$py" "$here/bench/report.py" "$out"

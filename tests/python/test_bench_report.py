@@ -23,6 +23,38 @@ SVG = "{http://www.w3.org/2000/svg}"
 LOADERS = ["threadloom.DataLoader (replicas)", "threadloom.DataLoader replicate=None",
            "naive threads, shared dataset", "multiprocessing.Pool (spawn)"]
 WS = [1, 2, 4]
+WORKLOADS = ["python", "native"]
+MIB = 2**20
+
+
+def footprint(torch):
+    """bench_dataloader_footprint.py's JSON: threadloom's first batch 10 ms (shared) and 40 ms
+    (replicas), torch fork's 100 ms; threadloom 100 MiB PSS, torch fork 200 MiB + 100 per worker."""
+    first_ms = {"threadloom.DataLoader replicate=None": 10, "threadloom.DataLoader (replicas)": 40,
+                "multiprocessing.Pool (fork)": 50, "multiprocessing.Pool (spawn)": 300}
+    mem = {"threadloom.DataLoader replicate=None": (100, 0, 1),
+           "threadloom.DataLoader (replicas)": (100, 50, 1),
+           "multiprocessing.Pool (fork)": (80, 60, None)}  # (before, per worker, processes)
+    if torch:
+        first_ms.update({"torch DataLoader (fork)": 100, "torch DataLoader (spawn)": 2000})
+        mem["torch DataLoader (fork)"] = (200, 100, None)
+    out = {"python": "3.13.5", "gil": False, "cores": 2, "quick": False, "reps": 3, "batch": 32,
+           "first_samples": 2000, "work": 300, "records": 500000, "interval_s": 0.02,
+           "first": [{"loader": k, "workers": w, "first_batch_s": v / 1000.0,
+                      "all_s": [v / 1000.0], "python": "3.13.5", "batch_nbytes": 256}
+                     for w in (2, 8) for k, v in first_ms.items()],
+           "memory": [{"loader": k, "workers": w, "python": "3.13.5",
+                       "peak_pss": (b + p * w) * MIB, "peak_rss": (b + 2 * p * w) * MIB,
+                       "procs": n or w + 1, "mem_samples": 10, "dataset_pss": b * MIB,
+                       "dataset_rss": b * MIB, "epoch_s": 1.0,
+                       "first_batch_s": 2.0 if "replicas" in k else 0.1}
+                      for w in (2, 4, 8) for k, (b, p, n) in mem.items()],
+           "failed": []}
+    if torch:
+        out.update(torch="2.5", torch_python="3.12.3")
+    else:
+        out["torch_skipped"] = "no --torch-python given"
+    return out
 
 
 def write(d, name, obj):
@@ -35,20 +67,34 @@ def synthetic(d, torch=False):
                       "command": "bench/run.sh PY", "quick": False, "date": "2026-01-01 00:00 UTC",
                       "cpu_model": "Test CPU", "memory_gib": 8, "kernel": "6.1", "python": "3.13.5",
                       "gil": False})
-    rows = [{"loader": "threadloom.DataLoader num_workers=0", "workers": 0, "samples_per_s": 1000.0,
-             "first_batch_s": 0.001}]
-    for i, name in enumerate(LOADERS):
-        for w in WS:
-            rows.append({"loader": name, "workers": w, "samples_per_s": 1000.0 * w / (i + 1),
-                         "first_batch_s": 0.01 * (i + 1)})
+    rows = []
+    for k, wl in enumerate(WORKLOADS):  # the native workload: every rate times 2
+        rows.append({"workload": wl, "loader": "threadloom.DataLoader num_workers=0", "workers": 0,
+                     "samples_per_s": 1000.0 * (k + 1), "first_batch_s": 0.001,
+                     "batch_type": "memoryview", "batch_nbytes": 80})
+        for i, name in enumerate(LOADERS):
+            for w in WS:
+                rows.append({"workload": wl, "loader": name, "workers": w,
+                             "samples_per_s": 1000.0 * w / (i + 1) * (k + 1),
+                             "first_batch_s": 0.01 * (i + 1),
+                             "batch_type": "array.array" if "Pool" in name else "memoryview",
+                             "batch_nbytes": 80})
     write(d, "dataloader", {"python": "3.13.5", "gil": False, "cores": 2, "samples": 100,
-                            "batch": 10, "work": 300, "reps": 1, "rows": rows})
+                            "batch": 10, "work": 300, "reps": 1, "rows": rows,
+                            "per_sample_s": {"python": 60e-6, "native": 100e-6}})
     if torch:
-        write(d, "dataloader_torch", {"torch": "2.5", "python": "3.12.3", "gil": True, "rows": [
-            {"loader": "torch DataLoader", "workers": w, "samples_per_s": 500.0 * max(w, 1),
-             "first_batch_s": 0.5} for w in [0] + WS]})
+        write(d, "dataloader_torch", {"torch": "2.5", "python": "3.12.3", "gil": True,
+                                      "start_method": "fork",
+                                      "per_sample_s": {"python": 30e-6, "native": 100e-6},
+                                      "rows": [
+            {"workload": wl, "loader": "torch DataLoader", "workers": w,
+             "samples_per_s": 500.0 * max(w, 1), "first_batch_s": 0.5,
+             "batch_type": "torch.Tensor", "batch_nbytes": 80}
+            for wl in WORKLOADS for w in [0] + WS]})
+        write(d, "footprint", footprint(torch=True))
     else:
         write(d, "dataloader_torch", {"skipped": "torch is not importable by /usr/bin/python3"})
+        write(d, "footprint", footprint(torch=False))
     write(d, "executor", {"gil": False, "cores": 2, "item_us": 10.0, "rows": [
         {"load": load, "workers": w, "threadloom": 3000.0 * w, "tpe": 1000.0 * w, "mp": 1500.0 * w}
         for load in ("shared", "state") for w in WS]})
@@ -110,14 +156,34 @@ def test_report_tables(tmp_path):
     for s in ("**commit**: `abc123`", "**command**: `bench/run.sh PY`", "Test CPU",
               "2026-01-01 00:00 UTC"):
         assert s in md
-    # DataLoader: one row per worker count plus the in-loop row; ratios tl(replicas) / baseline
-    t = md_table(md, "## DataLoader: loader throughput vs threads")
+    # DataLoader: per workload, one row per worker count plus the in-loop row; ratios
+    # tl(replicas) / baseline
+    t = md_table(md, "### Workload `python`")
     assert t[0] == ["workers", "threadloom.DataLoader (replicas)", "threadloom.DataLoader replicate=None",
                     "naive threads", "multiprocessing.Pool (spawn)", "tl / naive threads",
                     "tl / multiprocessing.Pool (spawn)"]
     assert [r[0] for r in t[1:]] == ["0 (in the loop)", "1", "2", "4"]
     assert t[2] == ["1", "1,000", "500", "333", "250", "3.00x", "4.00x"]
+    t = md_table(md, "### Workload `native`")
+    assert t[2] == ["1", "2,000", "1,000", "667", "500", "3.00x", "4.00x"]
+    assert "One sample costs 60.0 us of CPU on one thread without a loader on Python 3.13.5" in md
+    assert ("First batch handed over: array.array 80 bytes, memoryview 80 bytes (the same bytes "
+            "from every loader)") in md
     assert "torch DataLoader: left out: torch is not importable by /usr/bin/python3." in md
+    # First batch and memory without torch: threadloom and Pool only, no ratio to torch
+    t = md_table(md, "## DataLoader: time to first batch, fresh process")
+    assert t[0] == ["workers", "threadloom.DataLoader replicate=None", "threadloom.DataLoader (replicas)",
+                    "multiprocessing.Pool (fork)", "multiprocessing.Pool (spawn)",
+                    "tl shared / torch (fork)", "tl replicas / torch (fork)"]
+    assert t[2] == ["8", "10.0 ms", "40.0 ms", "50.0 ms", "300.0 ms", "-", "-"]
+    t = md_table(md, "## DataLoader: total memory of all processes")
+    assert [r[1] for r in t[1:4]] == ["threadloom.DataLoader replicate=None",
+                                      "threadloom.DataLoader (replicas)", "multiprocessing.Pool (fork)"]
+    assert t[3] == ["2", "multiprocessing.Pool (fork)", "3", "200.0 MiB", "320.0 MiB", "80.0 MiB",
+                    "120.0 MiB", "", "", "1.00 s"]
+    assert md.count("torch DataLoader: left out: no --torch-python given.") == 2
+    t = md_table(md, "## DataLoader goals (issue #6)")
+    assert t[1:] == [["H2D batches", ">= 90% of pinned bandwidth", "-", "needs a GPU: not run"]]
     # Scheduler: threadloom is twice the baseline everywhere
     t = md_table(md, "## Scheduler (C): empty tasks per second vs threads")
     assert t[0] == ["shape", "workers", "threadloom", "mutex+condvar pool", "tl / baseline"]
@@ -136,12 +202,15 @@ def test_report_tables(tmp_path):
     assert t[1] == ["44.0 ms", "40.0 ms", "1.10x"]
     # Summary: one line per benchmark
     t = md_table(md, "## Summary")
-    assert [r[0] for r in t[1:]] == ["DataLoader", "Executor (shared)", "Scheduler (C, tree)",
+    assert [r[0] for r in t[1:]] == ["DataLoader (python)", "DataLoader (native)",
+                                     "Executor (shared)", "Scheduler (C, tree)",
                                      "Checkpoint stall (128 MiB)", "Arena (1 MiB, live 8)", "Start-up"]
-    assert t[1][3] == "4.00x"  # 2 workers: 2000 / 500
+    assert t[1][2:4] == ["multiprocessing.Pool 500", "4.00x"]  # 2 workers: 2000 / 500
     # GPU placeholders say why, and every plot is linked
     assert md.count("needs a GPU: not run on this machine.") == 2
-    assert sorted(plots) == sorted(["dataloader.svg", "executor_shared.svg", "executor_state.svg",
+    assert sorted(plots) == sorted(["dataloader_python.svg", "dataloader_native.svg",
+                                    "first_batch.svg", "memory.svg", "executor_shared.svg",
+                                    "executor_state.svg",
                                     "scheduler.svg", "checkpoint_stall.svg", "arena_live0.svg",
                                     "arena_live8.svg", "launch.svg", "h2d.svg"])
     for p in plots:
@@ -152,19 +221,66 @@ def test_report_svgs(tmp_path):
     d = str(tmp_path)
     synthetic(d, torch=True)
     report.build(d)
-    root, series = svg_series(os.path.join(d, "dataloader.svg"))
-    assert list(series) == ["threadloom.DataLoader (replicas)", "threadloom.DataLoader replicate=None",
-                            "naive threads", "multiprocessing.Pool (spawn)", "torch DataLoader"]
-    assert all(v == (len(WS), 1) for v in series.values())  # the 0-worker rows are table-only
-    assert texts(root, "x-label") == ["workers (log scale)"]
-    assert texts(root, "y-label") == ["samples/s"]
-    assert texts(root, "x-tick") == ["1", "2", "4"]
-    assert texts(root, "mark-label") == ["2 cores"]
-    assert texts(root, "legend") == list(series)
-    assert len(texts(root, "y-tick")) >= 3
+    for wl in WORKLOADS:
+        root, series = svg_series(os.path.join(d, "dataloader_%s.svg" % wl))
+        assert list(series) == ["threadloom.DataLoader (replicas)", "threadloom.DataLoader replicate=None",
+                                "naive threads", "multiprocessing.Pool (spawn)", "torch DataLoader"]
+        assert all(v == (len(WS), 1) for v in series.values())  # the 0-worker rows are table-only
+        assert texts(root, "x-label") == ["workers (log scale)"]
+        assert texts(root, "y-label") == ["samples/s"]
+        assert texts(root, "x-tick") == ["1", "2", "4"]
+        assert texts(root, "mark-label") == ["2 cores"]
+        assert texts(root, "legend") == list(series)
+        assert len(texts(root, "y-tick")) >= 3
     md = open(os.path.join(d, "README.md")).read()
-    assert "torch 2.5 on Python 3.12.3 with the GIL on" in md
-    assert md_table(md, "## DataLoader: loader throughput vs threads")[1][5] == "500"
+    assert "torch 2.5 on Python 3.12.3 with the GIL on (torch is not built for the free-threaded " \
+        "interpreter), start method fork" in md
+    assert md_table(md, "### Workload `python`")[1][5] == "500"
+    assert ("60.0 us of CPU on one thread without a loader on Python 3.13.5 (GIL off), 30.0 us on "
+            "Python 3.12.3 (GIL on, torch's interpreter): the free-threaded interpreter is 2.00x "
+            "slower per sample") in md
+    assert "threadloom.DataLoader would load 0.50x torch's samples/s on this workload" in md
+    assert ("First batch handed over: array.array 80 bytes, memoryview 80 bytes, torch.Tensor 80 "
+            "bytes (the same bytes from every loader)") in md
+    # first batch: threadloom 10 / 40 ms vs torch fork 100 ms
+    t = md_table(md, "## DataLoader: time to first batch, fresh process")
+    assert t[0][-2:] == ["tl shared / torch (fork)", "tl replicas / torch (fork)"]
+    assert t[2][0] == "8" and t[2][3:5] == ["100.0 ms", "2000.0 ms"] and t[2][-2:] == ["0.10x", "0.40x"]
+    root, series = svg_series(os.path.join(d, "first_batch.svg"))
+    assert len(series) == 6 and all(v == (2, 1) for v in series.values())
+    assert texts(root, "y-label") == ["milliseconds (log scale)"]
+    # memory at 8 workers: threadloom 100 (shared) and 500 (replicas) MiB vs torch fork 1000
+    t = md_table(md, "## DataLoader: total memory of all processes")
+    row = {(r[0], r[1]): r for r in t[1:]}
+    assert row["8", "threadloom.DataLoader replicate=None"][3:] == [
+        "100.0 MiB", "100.0 MiB", "100.0 MiB", "0.0 MiB", "0.10x", "0.06x", "1.00 s"]
+    assert row["8", "torch DataLoader (fork)"][2:7] == ["9", "1000.0 MiB", "1800.0 MiB", "200.0 MiB",
+                                                        "800.0 MiB"]
+    assert ("hand over the first batch after 2000.0 ms at 8 workers, vs 100.0 ms sharing the "
+            "dataset and 100.0 ms for torch (fork)") in md
+    root, series = svg_series(os.path.join(d, "memory.svg"))
+    assert len(series) == 4 and all(v == (3, 1) for v in series.values())
+    # the goals: best against best (num_workers=0 included) and the 8-worker ratios
+    t = md_table(md, "## DataLoader goals (issue #6)")
+    assert t[1:] == [
+        ["throughput, workload native (best vs best)", ">= 1.5x torch",
+         "4.00x (8,000 at 4 vs 2,000 at 4 workers)", "met"],
+        ["throughput, workload python (best vs best)", ">= 1.5x torch",
+         "2.00x (4,000 at 4 vs 2,000 at 4 workers)", "met"],
+        ["first batch, 8 workers (threadloom, shared dataset)", "<= 0.20x torch (fork), 8+ workers",
+         "0.10x (10.0 ms vs 100.0 ms)", "met"],
+        ["first batch, 8 workers (threadloom, replicas)", "<= 0.20x torch (fork), 8+ workers",
+         "0.40x (40.0 ms vs 100.0 ms)", "NOT met"],
+        ["total memory, 8 workers (threadloom, shared dataset)", "<= 0.33x torch (fork)",
+         "0.10x PSS (100.0 MiB vs 1000.0 MiB), 0.06x RSS", "met"],
+        ["total memory, 8 workers (threadloom, replicas)", "<= 0.33x torch (fork)",
+         "0.50x PSS (500.0 MiB vs 1000.0 MiB), 0.50x RSS", "NOT met"],
+        ["H2D batches", ">= 90% of pinned bandwidth", "-", "needs a GPU: not run"]]
+    t = md_table(md, "## Summary")
+    assert t[3] == ["First batch (fresh process)", "40.0 ms", "torch (fork) 100.0 ms", "0.40x",
+                    "8 workers, lower is better"]
+    assert t[4] == ["Memory (peak total PSS)", "100.0 MiB", "torch (fork) 1000.0 MiB", "0.10x",
+                    "8 workers, lower is better"]
     root, series = svg_series(os.path.join(d, "scheduler.svg"))
     assert len(series) == 6 and all(v == (3, 1) for v in series.values())
     assert texts(root, "y-label") == ["tasks/s (log scale)"]
@@ -184,10 +300,19 @@ def test_report_missing_and_unknown(tmp_path):
     synthetic(d)
     os.unlink(os.path.join(d, "scheduler.json"))
     os.unlink(os.path.join(d, "dataloader_torch.json"))
+    os.unlink(os.path.join(d, "footprint.json"))
     write(d, "mystery", {"x": 1})
     report.build(d)
     md = open(os.path.join(d, "README.md")).read()
     assert "Not in this run: no scheduler.json here" in md
+    assert md.count("Not in this run: no footprint.json here") == 2
+    fp = footprint(torch=False)
+    fp["first"] = fp["memory"] = []
+    write(d, "footprint", fp)
+    report.build(d)
+    md = open(os.path.join(d, "README.md")).read()
+    assert "No first-batch rows in footprint.json: every child failed" in md
+    assert "No memory rows in footprint.json: every child failed" in md
     assert "torch DataLoader: not run (no dataloader_torch.json)." in md
     assert "Not drawn by this report: mystery.json." in md
     assert not os.path.exists(os.path.join(d, "scheduler.svg"))
@@ -251,13 +376,14 @@ def test_quick_bench_end_to_end(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "bench: report in %s/README.md" % out in r.stdout
     for name in ("scheduler", "arena", "executor", "startup", "checkpoint", "dataloader",
-                 "dataloader_torch", "meta"):
+                 "dataloader_torch", "footprint", "meta"):
         with open(os.path.join(out, name + ".json")) as f:
             json.load(f)
     meta = json.load(open(os.path.join(out, "meta.json")))
     assert meta["quick"] is True and meta["cores"] >= 1
     md = open(os.path.join(out, "README.md")).read()
     assert "Not in this run" not in md
-    for name in ("dataloader", "executor_shared", "scheduler", "checkpoint_stall", "arena_live8"):
+    for name in ("dataloader_python", "dataloader_native", "first_batch", "memory",
+                 "executor_shared", "scheduler", "checkpoint_stall", "arena_live8"):
         _, series = svg_series(os.path.join(out, name + ".svg"))
         assert series and all(c >= 1 for c, _ in series.values())
