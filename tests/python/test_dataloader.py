@@ -1,6 +1,8 @@
 """threadloom.DataLoader against torch DataLoader's documented behaviours, with pure-Python
 datasets (no torch or numpy here)."""
 
+import collections
+import copy
 import gc
 import random
 import threading
@@ -457,3 +459,152 @@ def test_sampler_runs_on_the_consumer_thread():
     out = rows(DataLoader(Squares(12), batch_size=3, sampler=Recording(), num_workers=3))
     assert out == [[0, 1, 4], [9, 16, 25], [36, 49, 64], [81, 100, 121]]
     assert seen == [(threading.get_ident(), None)] * 12
+
+
+# -- replica_copy: copy.deepcopy's result, faster ----------------------------------------------
+
+def _shape(x, seen=None):
+    """A structural fingerprint: values plus which positions share one object (by first visit)."""
+    seen = {} if seen is None else seen
+    if id(x) in seen:
+        return ("ref", seen[id(x)])
+    if isinstance(x, (list, tuple, dict, set)) or hasattr(x, "__dict__") or hasattr(x, "__slots__"):
+        seen[id(x)] = len(seen)
+    if isinstance(x, dict):
+        return ("dict", type(x).__name__, [(_shape(k, seen), _shape(v, seen)) for k, v in x.items()])
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, [_shape(e, seen) for e in x])
+    if isinstance(x, set):
+        return ("set", sorted(map(repr, x)))
+    if hasattr(x, "__slots__"):
+        return ("slots", type(x).__name__, [_shape(getattr(x, s), seen) for s in x.__slots__])
+    if hasattr(x, "__dict__") and not isinstance(x, type):
+        return ("obj", type(x).__name__, _shape(vars(x), seen))
+    return ("atom", repr(x))
+
+
+class _Plain:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class _Slots:
+    __slots__ = ("a", "b")
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+
+class _Custom:
+    copies = 0
+
+    def __init__(self, v):
+        self.v = v
+
+    def __deepcopy__(self, memo):
+        _Custom.copies += 1
+        return _Custom(["custom", self.v])
+
+
+class _State:
+    def __init__(self, v):
+        self.v = v
+
+    def __getstate__(self):
+        return {"v": self.v, "extra": 1}
+
+    def __setstate__(self, st):
+        self.__dict__.update(st)
+        self.restored = True
+
+
+class _MyList(list):
+    pass
+
+
+def _structures():
+    shared = [1, 2, 3]
+    loop = [0]
+    loop.append(loop)
+    t_cycle_list = []
+    t_cycle = (t_cycle_list, "x")
+    t_cycle_list.append(t_cycle)
+    inst = _Plain(a=shared, b=(shared, 4), c={"k": [5]})
+    inst.me = inst
+    return [
+        {"records": [(k, "r%d" % k, k * 0.5) for k in range(50)], "vocab": {"a": 1, (1, 2): [3]}},
+        [shared, shared, (shared,), {"s": shared}],
+        loop,
+        t_cycle,
+        inst,
+        [_Slots([1], shared), _Slots(2, (3,))],
+        [_State([7]), _MyList([1, [2]]), {1, 2, 3}, frozenset({4}), bytearray(b"ab")],
+        collections.namedtuple("P", "x y")([1], 2),
+        (1, "a", None, 2.5, b"b", len, range(3)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(9))
+def test_replica_copy_equals_deepcopy(i):
+    from threadloom.data.worker import replica_copy
+    x = _structures()[i]
+    want, got = copy.deepcopy(x), replica_copy(x)
+    assert _shape(got) == _shape(want)
+    # what deepcopy copies is copied (a fresh object), what it keeps is kept
+    def pairs(a, b, c, seen):
+        if id(a) in seen:
+            return
+        seen.add(id(a))
+        assert (b is a) == (c is a), (type(a), a)
+        if isinstance(a, dict):
+            for (ka, va), (kb, vb), (kc, vc) in zip(a.items(), b.items(), c.items()):
+                pairs(va, vb, vc, seen)
+        elif isinstance(a, (list, tuple)):
+            for ea, eb, ec in zip(a, b, c):
+                pairs(ea, eb, ec, seen)
+        elif hasattr(a, "__dict__") and not isinstance(a, type) and not callable(a):
+            pairs(vars(a), vars(b), vars(c), seen)
+    pairs(x, want, got, set())
+
+
+def test_replica_copy_keeps_custom_copy_protocols():
+    from threadloom.data.worker import replica_copy
+    _Custom.copies = 0
+    got = replica_copy({"c": _Custom(1), "s": _State([2])})
+    assert got["c"].v == ["custom", 1] and _Custom.copies == 1
+    assert got["s"].restored and got["s"].extra == 1
+
+
+def test_replica_is_a_replica_copy_per_worker():
+    seen = []
+
+    class DS:
+        def __init__(self):
+            self.rows = [(i, str(i)) for i in range(40)]
+            self.cache = {}
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            self.cache[i] = True                       # each replica mutates its own
+            seen.append((threadloom.get_worker_info().id, id(self)))
+            return self.rows[i][0]
+
+    ds = DS()
+    out = [int(b) for batch in threadloom.DataLoader(ds, batch_size=4, num_workers=2) for b in batch]
+    assert out == list(range(40)) and ds.cache == {}
+    by_worker = {}
+    for w, ident in seen:
+        by_worker.setdefault(w, set()).add(ident)
+    assert len(by_worker) == 2 and all(len(v) == 1 for v in by_worker.values())
+    assert by_worker[0] != by_worker[1] and id(ds) not in by_worker[0] | by_worker[1]
+
+
+def test_slow_dataset_copy_is_reported(monkeypatch, caplog):
+    from threadloom.data import worker
+    monkeypatch.setattr(worker, "SLOW_COPY_S", 0.0)
+    with caplog.at_level("WARNING", logger="threadloom.data"):
+        list(threadloom.DataLoader(list(range(8)), batch_size=4, num_workers=1))
+    assert any("to copy the dataset" in r.getMessage() and "persistent_workers=True" in r.getMessage()
+               for r in caplog.records)
