@@ -132,7 +132,7 @@ PyObject* tl_py_from_dlpack(PyObject* module, PyObject* obj);
 
 /* hash.c */
 extern PyType_Spec tl_py_hasher_spec;
-/* xxh3_64(data, seed=0) -> int */
+/* xxh3_64(data, seed=0, *, impl=None) -> int */
 PyObject* tl_py_xxh3_64(PyObject* module, PyObject* args, PyObject* kwargs);
 
 /* wfile.c */
