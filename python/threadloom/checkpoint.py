@@ -1145,6 +1145,13 @@ def load(directory, step=None, *, fallback=False, allow_pickle=True, with_info=F
     NotFoundError when there is no such checkpoint."""
     if framework not in _FRAMEWORKS:
         raise ValueError("framework must be None (memoryviews) or 'torch', not %r" % (framework,))
+    if framework == "torch":
+        try:
+            import torch  # noqa: F401
+        except ImportError as e:
+            raise ImportError("load(..., framework='torch') needs torch, which does not import "
+                              "here (%s); install it, or load without framework= to get "
+                              "memoryviews" % e) from e
     directory = os.path.abspath(os.fspath(directory))
     steps = _complete_steps(directory)
     if step is None:

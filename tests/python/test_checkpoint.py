@@ -608,3 +608,17 @@ def test_kill9_at_random_points_leaves_a_loadable_checkpoint(tmp_path, io):
         assert [n for n in os.listdir(d) if n.startswith(".") and n != ".lock"] == []
     print("killed mid-save in %d of 20 runs" % mid_save)
     assert mid_save >= 10  # the kills did land inside saves
+
+
+def test_load_framework_argument(tmp_path):
+    with threadloom.Checkpointer(tmp_path) as ck:
+        ck.save({"w": f32([1.0, 2.0], [2])}, 1).result(30)
+    with pytest.raises(ValueError, match="framework"):
+        threadloom.load(tmp_path, framework="numpy")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="needs torch"):
+            threadloom.load(tmp_path, framework="torch")
+    else:  # tests/torch checks the tensors themselves
+        assert threadloom.load(tmp_path, framework="torch")["w"].tolist() == [1.0, 2.0]
