@@ -360,7 +360,7 @@ def _torch_leaf(obj, where):
         raise TypeError("state leaf %s has torch dtype %s, which has no safetensors dtype "
                         "(supported: %s)" % (where, obj.dtype, ", ".join(sorted(_FROM_TORCH))))
     shape = list(obj.shape)
-    t = obj.detach()
+    t = obj.detach().resolve_neg()  # a lazily negated view (torch._neg_view) becomes its values
     if not t.is_contiguous():
         t = t.contiguous()
     flat = _core.from_dlpack(t.reshape(-1).view(torch.uint8))

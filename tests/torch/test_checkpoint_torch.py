@@ -128,6 +128,7 @@ def test_dtypes_shapes_and_layouts(tmp_path):
         "empty_bf16": torch.zeros(3, 0, dtype=torch.bfloat16),
         "view_a": shared[:6], "view_b": shared[4:],      # two views of one storage
         "param": w, "param_t": w.t(),                    # requires_grad (and a view of it)
+        "neg_view": torch._neg_view(torch.arange(4.0)),  # lazily negated: is_neg() is True
     }
     assert not state["transposed"].is_contiguous() and not state["sliced"].is_contiguous()
     with threadloom.Checkpointer(tmp_path) as ck:
