@@ -10,10 +10,17 @@
              training thread vs a synchronous torch.save-like write on the training thread (a
              pickled header, then every tensor's bytes into one file; torch.save does not fsync)
              and the same write + fsync (what a durable synchronous checkpoint costs).
-  training   a CPU "training loop" (threads running Python work) while a save writes in the
-             background, vs the same loop without a save. Goal: >= 97%. The writer needs CPU
-             (copy, hash, the kernel's page-cache copy); with as many loop threads as cores it
-             takes cycles from the loop, so small machines measure below the goal.
+  training   a CPU "training loop" while a save runs, vs the same loop without a save, over
+             the save's window (call to commit). Goal: >= 97%. Three shapes: "saturated"
+             (--threads loop threads, default one per core, running Python work; another thread
+             calls save()), "1 thread" (one such loop thread: a core is left over) and
+             "gpu-like" (one training thread whose step is CPU work, the launches, then a wait
+             as long, the GPU; it calls save() itself, so its stall is in the window). Each
+             reports the ratio over the whole window and over the background part (save()
+             returned to commit), and the CPU a save costs: the saving thread's (the staging
+             copy) and the writer threads' (hash, write system calls), from /proc/self/task.
+             With loop threads on every core, the loop loses what the save spends: the ratio is
+             about 1 - save CPU / (cores x save duration), whatever the priorities.
   io paths   each write path (io="buffered", "direct" = O_DIRECT, "uring" = O_DIRECT through
              io_uring) vs the raw baselines of the same size on the same disk, all interleaved in
              one run: os.write + fsync (buffered), O_DIRECT os.pwrite from an aligned block + fsync,
@@ -23,7 +30,7 @@
              Then the training-loop ratio per write path and writer priority (io_priority).
 
     python bench/bench_checkpoint.py [--size MiB] [--sizes 64,128,...] [--dir DIR] [--repeat N]
-                                     [--json FILE]
+                                     [--sections bandwidth,training,...] [--json FILE]
 """
 
 import argparse
@@ -155,6 +162,126 @@ def work():
     return s
 
 
+# ---------------------------------------------------------------------------------------------
+# Training-loop shapes during a save
+# ---------------------------------------------------------------------------------------------
+
+GPU_STEP_WORK = 20       # work() calls per gpu-like step (the launches, ~2 ms of Python here)
+
+
+def gpu_like_rate(seconds, save=None):
+    """Steps/s of one "gpu-like" training thread: each step runs GPU_STEP_WORK work() calls
+    (launching), then waits as long as they took (the GPU computing; a sleep, so the core is
+    free meanwhile). With `save` (a callable returning a Future), the training thread calls it
+    after a warm-up and the window is from the call to the commit. Returns a dict: rate
+    (steps/s over the window), window (s); with `save` also bg_rate (steps/s after save()
+    returned), stall (s) and cpu (CPU s of the writer threads, of the training thread inside
+    save())."""
+    out = {}
+
+    def run():
+        def step():
+            t0 = time.perf_counter()
+            for _ in range(GPU_STEP_WORK):
+                work()
+            time.sleep(time.perf_counter() - t0)
+
+        t_end = time.perf_counter() + 0.2
+        while time.perf_counter() < t_end:
+            step()
+        n, t0 = 0, time.perf_counter()
+        if save is None:
+            while time.perf_counter() - t0 < seconds:
+                step()
+                n += 1
+            out.update(rate=n / (time.perf_counter() - t0), window=time.perf_counter() - t0)
+            return
+        before, c0 = thread_cpu(), time.thread_time()
+        fut = save()
+        t1, c1 = time.perf_counter(), time.thread_time()
+        while not fut.done():
+            step()
+            n += 1
+        t2 = time.perf_counter()
+        fut.result()
+        out.update(rate=n / (t2 - t0), window=t2 - t0, bg_rate=n / (t2 - t1), stall=t1 - t0,
+                   cpu=(cpu_delta(before, thread_cpu())[0], c1 - c0))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return out
+
+
+def training_shapes(ck, state, threads, repeat, step):
+    """The training section: [row per shape]. Saves and no-save windows alternate, the shapes
+    take turns in every repeat."""
+    shapes = [("saturated", threads), ("1 thread", 1), ("gpu-like", 1)]
+    rows = {name: {"shape": name, "threads": n, "with_save": [], "without": [],
+                   "background": [], "bg_without": [], "window_s": [], "stall_s": [],
+                   "caller_cpu_s": [], "writer_cpu_s": []} for name, n in shapes}
+
+    def save():
+        step[0] += 1
+        return ck.save(state, step[0])
+
+    for _ in range(repeat):
+        for name, n in shapes:
+            row = rows[name]
+            if name == "gpu-like":
+                w = gpu_like_rate(0, save)
+                wo = gpu_like_rate(w["window"])
+                row["with_save"].append(w["rate"])
+                row["without"].append(wo["rate"])
+                row["background"].append(w["bg_rate"])
+                row["bg_without"].append(wo["rate"])
+                row["window_s"].append(w["window"])
+                row["stall_s"].append(w["stall"])
+                row["writer_cpu_s"].append(w["cpu"][0])
+                row["caller_cpu_s"].append(w["cpu"][1])
+                continue
+            info = {}
+
+            def one_save():
+                before, c0, t0 = thread_cpu(), time.thread_time(), time.perf_counter()
+                fut = save()
+                info["stall"], info["copy"] = time.perf_counter() - t0, time.thread_time() - c0
+                info["returned"] = loop_rate.counts()
+                fut.result()
+                info["cpu"] = (cpu_delta(before, thread_cpu())[0], info["copy"])
+
+            rate_with, window = loop_rate(n, 0, during=one_save)
+            c_ret, t_ret = info["returned"]
+            c_end, t_end = loop_rate.last_end
+            rate_without, _ = loop_rate(n, window)
+            row["with_save"].append(rate_with)
+            row["without"].append(rate_without)
+            row["background"].append((c_end - c_ret) / (t_end - t_ret))
+            row["bg_without"].append(rate_without)
+            row["window_s"].append(window)
+            row["stall_s"].append(info["stall"])
+            row["writer_cpu_s"].append(info["cpu"][0])
+            row["caller_cpu_s"].append(info["cpu"][1])
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    out = []
+    for name, _ in shapes:
+        row = rows[name]
+        ratios = [w / wo for w, wo in zip(row["with_save"], row["without"])]
+        bg = [w / wo for w, wo in zip(row["background"], row["bg_without"])]
+        row.update(ratio=med(ratios), ratios=ratios, background_ratio=med(bg),
+                   background_ratios=bg, loadavg=os.getloadavg())
+        out.append(row)
+        print("training loop, %-9s (%d thread%s): %5.1f%% of its rate without saves over the "
+              "save's window (median of %s; goal >= 97%%), %5.1f%% after save() returned; "
+              "window %.2f s, stall %.3f s; a save costs the saving thread %.3f CPU-s, the "
+              "writers %.3f CPU-s"
+              % (name, row["threads"], "" if row["threads"] == 1 else "s", 100 * row["ratio"],
+                 "/".join("%.0f" % (100 * x) for x in ratios), 100 * row["background_ratio"],
+                 med(row["window_s"]), med(row["stall_s"]), med(row["caller_cpu_s"]),
+                 med(row["writer_cpu_s"])), flush=True)
+    return out
+
+
 def loop_rate(threads, seconds, during=None):
     """Iterations/s of `threads` Python threads over `seconds`; `during()` runs meanwhile on the
     calling thread and its window is what is measured when given."""
@@ -175,12 +302,14 @@ def loop_rate(threads, seconds, during=None):
         t.start()
     barrier.wait()
     time.sleep(0.2)
+    loop_rate.counts = lambda: (sum(counts), time.perf_counter())  # for `during` to sample
     c0, t0 = sum(counts), time.perf_counter()
     if during is None:
         time.sleep(seconds)
     else:
         during()
     c1, t1 = sum(counts), time.perf_counter()
+    loop_rate.last_end = (c1, t1)
     stop.set()
     for t in ts:
         t.join()
@@ -196,17 +325,23 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu():
-    """{tid: (name, CPU seconds)} of this process's threads, from /proc (10 ms resolution)."""
+    """{tid: (name, CPU seconds)} of this process's threads, from /proc: schedstat (ns) where
+    the kernel has it, else stat (clock ticks, 10 ms)."""
     out = {}
     for task in glob.glob("/proc/self/task/*"):
         try:
             with open(task + "/comm") as f:
                 name = f.read().strip()
-            with open(task + "/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            try:
+                with open(task + "/schedstat") as f:
+                    cpu = int(f.read().split()[0]) / 1e9
+            except (OSError, ValueError, IndexError):
+                with open(task + "/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                cpu = (int(fields[11]) + int(fields[12])) / TICK
         except OSError:  # the thread exited meanwhile
             continue
-        out[task] = (name, (int(fields[11]) + int(fields[12])) / TICK)
+        out[int(task.rsplit("/", 1)[1])] = (name, cpu)
     return out
 
 
@@ -380,6 +515,9 @@ def io_paths(state, size, work_dir, repeat, threads, window):
     return out, training
 
 
+SECTIONS = ("bandwidth", "stall", "training", "io_paths", "sizes")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512,
@@ -397,7 +535,14 @@ def main():
                     "io paths section")
     ap.add_argument("--no-io-paths", action="store_true",
                     help="skip the per-write-path section (buffered, O_DIRECT, io_uring)")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help="the sections to run, separated by commas (default: all of %s; "
+                    "stall needs bandwidth)" % ", ".join(SECTIONS))
     a = ap.parse_args()
+    sections = set(a.sections.split(","))
+    if not sections <= set(SECTIONS):
+        ap.error("--sections: from %s, not %s" % (", ".join(SECTIONS),
+                                                   ", ".join(sorted(sections - set(SECTIONS)))))
     base = a.dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(base, exist_ok=True)
     work_dir = tempfile.mkdtemp(prefix="ckpt-bench-", dir=base)
@@ -424,62 +569,54 @@ def main():
              os.cpu_count()))
     try:
         # -- bandwidth ---------------------------------------------------------------------------
-        raw_path = os.path.join(work_dir, "raw.bin")
-        for label, staging in (("staging 256 MiB (streams)", 256 * MiB),
-                               ("staging >= checkpoint", size + 64 * MiB)):
-            with threadloom.Checkpointer(os.path.join(work_dir, "ck"), keep=1,
-                                         staging_bytes=staging) as ck:
-                ckpt_write(ck, state, 0)  # warm: staging slots allocated and faulted in
-                raws, cks, stalls = [], [], []
-                for r in range(a.repeat):
-                    raws.append(raw_write(state, raw_path))
-                    t, stall, _ = ckpt_write(ck, state, r + 1)
-                    cks.append(t)
-                    stalls.append(stall)
-            raw_bw, ck_bw = size / min(raws) / 1e6, size / min(cks) / 1e6
-            print("bandwidth [%s]: raw write+fsync %.0f MB/s, Checkpointer %.0f MB/s: %.0f%% "
-                  "(goal >= 90%%)" % (label, raw_bw, ck_bw, 100 * ck_bw / raw_bw))
-            res.setdefault("bandwidth", []).append(
-                {"staging": label, "raw_MBps": raw_bw, "ckpt_MBps": ck_bw,
-                 "ratio": ck_bw / raw_bw, "raw_s": raws, "ckpt_s": cks, "stall_s": stalls})
+        if sections & {"bandwidth", "stall"}:
+            raw_path = os.path.join(work_dir, "raw.bin")
+            for label, staging in (("staging 256 MiB (streams)", 256 * MiB),
+                                   ("staging >= checkpoint", size + 64 * MiB)):
+                with threadloom.Checkpointer(os.path.join(work_dir, "ck"), keep=1,
+                                             staging_bytes=staging) as ck:
+                    ckpt_write(ck, state, 0)  # warm: staging slots allocated and faulted in
+                    raws, cks, stalls = [], [], []
+                    for r in range(a.repeat):
+                        raws.append(raw_write(state, raw_path))
+                        t, stall, _ = ckpt_write(ck, state, r + 1)
+                        cks.append(t)
+                        stalls.append(stall)
+                raw_bw, ck_bw = size / min(raws) / 1e6, size / min(cks) / 1e6
+                print("bandwidth [%s]: raw write+fsync %.0f MB/s, Checkpointer %.0f MB/s: %.0f%% "
+                      "(goal >= 90%%)" % (label, raw_bw, ck_bw, 100 * ck_bw / raw_bw))
+                res.setdefault("bandwidth", []).append(
+                    {"staging": label, "raw_MBps": raw_bw, "ckpt_MBps": ck_bw,
+                     "ratio": ck_bw / raw_bw, "raw_s": raws, "ckpt_s": cks, "stall_s": stalls})
         # -- stall -------------------------------------------------------------------------------
-        mc = min(memcpy_time(state) for _ in range(a.repeat))
-        stall = min(res["bandwidth"][1]["stall_s"])
-        print("stall: save() returned in %.3f s, memcpy of the same bytes %.3f s: %.2fx "
-              "(goal <= 1.2x; staging holds the checkpoint)" % (stall, mc, stall / mc))
-        stream_stall = min(res["bandwidth"][0]["stall_s"])
-        print("       with the 256 MiB budget save() returns in %.3f s (it waits for the disk "
-              "for what does not fit: %.2fx memcpy)" % (stream_stall, stream_stall / mc))
-        res["stall"] = {"save_s": stall, "memcpy_s": mc, "ratio": stall / mc,
-                        "streaming_save_s": stream_stall}
+        if "stall" in sections:
+            mc = min(memcpy_time(state) for _ in range(a.repeat))
+            stall = min(res["bandwidth"][1]["stall_s"])
+            print("stall: save() returned in %.3f s, memcpy of the same bytes %.3f s: %.2fx "
+                  "(goal <= 1.2x; staging holds the checkpoint)" % (stall, mc, stall / mc))
+            stream_stall = min(res["bandwidth"][0]["stall_s"])
+            print("       with the 256 MiB budget save() returns in %.3f s (it waits for the disk "
+                  "for what does not fit: %.2fx memcpy)" % (stream_stall, stream_stall / mc))
+            res["stall"] = {"save_s": stall, "memcpy_s": mc, "ratio": stall / mc,
+                            "streaming_save_s": stream_stall}
         # -- training-loop throughput ------------------------------------------------------------
-        with threadloom.Checkpointer(os.path.join(work_dir, "ck"), keep=1,
-                                     staging_bytes=size + 64 * MiB) as ck:
-            ckpt_write(ck, state, 100)
-            base_rates, save_rates, step = [], [], [200]
-
-            def one_save():
-                step[0] += 1
-                ck.save(state, step[0]).result()
-
-            for _ in range(a.repeat):
-                rate_with, window = loop_rate(a.threads, 0, during=one_save)
-                rate_without, _ = loop_rate(a.threads, window)
-                save_rates.append(rate_with)
-                base_rates.append(rate_without)
-        ratio = sorted(save_rates)[len(save_rates) // 2] / sorted(base_rates)[len(base_rates) // 2]
-        print("training loop (%d threads): %.0f it/s during a save, %.0f it/s without: %.1f%% "
-              "(goal >= 97%%)" % (a.threads, sorted(save_rates)[len(save_rates) // 2],
-                                  sorted(base_rates)[len(base_rates) // 2], 100 * ratio))
-        res["training"] = {"threads": a.threads, "with_save": save_rates,
-                           "without": base_rates, "ratio": ratio}
+        if "training" in sections:
+            with threadloom.Checkpointer(os.path.join(work_dir, "ck"), keep=1,
+                                         staging_bytes=size + 64 * MiB) as ck:
+                ckpt_write(ck, state, 100)
+                shapes = training_shapes(ck, state, a.threads, a.repeat, [200])
+            sat = shapes[0]
+            res["training"] = {"threads": a.threads, "with_save": sat["with_save"],
+                               "without": sat["without"], "ratio": sat["ratio"]}
+            res["training_shapes"] = shapes
         # -- I/O paths (buffered / O_DIRECT / io_uring) vs raw writes; training per path ---------
-        if not a.no_io_paths:
+        if not a.no_io_paths and "io_paths" in sections:
             res["io_paths"], res["training_by_io"] = io_paths(state, size, work_dir, a.repeat,
                                                                a.threads, a.window)
         # -- stall vs state size -----------------------------------------------------------------
         del state
-        res["sizes"] = stall_sweep(sizes, work_dir, a.repeat)
+        if "sizes" in sections:
+            res["sizes"] = stall_sweep(sizes, work_dir, a.repeat)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     if a.json:

@@ -608,6 +608,19 @@ def section_checkpoint(r, cores):
                  % (t["threads"], num(med(t["with_save"])), num(med(t["without"])),
                     100 * t["ratio"], ", so this %d-core machine measures below the goal" % cores
                     if t["ratio"] < 0.97 and t["threads"] >= cores else "")]
+    if ck.get("training_shapes"):
+        r.md += ["", "The training loop in three shapes (saturated: a loop thread per core; "
+                 "1 thread; gpu-like: one thread whose steps are half CPU work, half waiting, "
+                 "calling save() itself), over the save's window and after save() returned, "
+                 "with the CPU a save costs:", ""]
+        r.md += table(["shape", "whole save", "after save() returned", "window s",
+                       "saving thread CPU-s", "writers CPU-s"],
+                      [[x["shape"], "%.0f%%" % (100 * x["ratio"]),
+                        "%.0f%%" % (100 * x["background_ratio"]),
+                        "%.2f" % sorted(x["window_s"])[len(x["window_s"]) // 2],
+                        "%.3f" % sorted(x["caller_cpu_s"])[len(x["caller_cpu_s"]) // 2],
+                        "%.3f" % sorted(x["writer_cpu_s"])[len(x["writer_cpu_s"]) // 2]]
+                       for x in ck["training_shapes"]])
     return summary
 
 

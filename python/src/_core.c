@@ -365,8 +365,10 @@ static PyMethodDef core_methods[] = {
      "pin_set(cpus, numa_node=-1): sets the calling thread's CPU affinity ('0-3,8') and its "
      "preferred memory node (-1: local allocation). Used to undo a pin."},
     {"xxh3_64", (PyCFunction)(void (*)(void))tl_py_xxh3_64, METH_VARARGS | METH_KEYWORDS,
-     "xxh3_64(data, seed=0) -> int: the XXH3 64-bit hash (libxxhash) of a C-contiguous "
-     "bytes-like object; detaches from the interpreter while hashing large inputs."},
+     "xxh3_64(data, seed=0, *, impl=None) -> int: the XXH3 64-bit hash of a C-contiguous "
+     "bytes-like object; detaches from the interpreter while hashing large inputs. impl: None "
+     "(XXH3 compiled for AVX2 where the CPU has it, else libxxhash), 'libxxhash' or 'avx2': "
+     "the digests are the same."},
     {"from_dlpack", tl_py_from_dlpack, METH_O,
      "from_dlpack(obj) -> memoryview: imports a host (kDLCPU) DLPack tensor without a copy, from "
      "an object with __dlpack__/__dlpack_device__ or from a DLPack capsule, which is consumed "

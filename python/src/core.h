@@ -151,7 +151,7 @@ void tl_py_dlpack_cuda_release(tl_py_cuda_tensor_t* t);
 
 /* hash.c */
 extern PyType_Spec tl_py_hasher_spec;
-/* xxh3_64(data, seed=0) -> int */
+/* xxh3_64(data, seed=0, *, impl=None) -> int */
 PyObject* tl_py_xxh3_64(PyObject* module, PyObject* args, PyObject* kwargs);
 
 /* wfile.c */

@@ -24,11 +24,13 @@ it, so a crash mid-delete leaves no half checkpoint. One Checkpointer writes a d
 
 Tensors on this path are host objects with the buffer protocol: memoryview (format and shape give
 dtype and shape), array.array, bytes/bytearray and threadloom.Buffer (uint8, 1-D), numpy arrays,
-and CPU objects with ``__dlpack__`` that also export a buffer. Device tensors need the cudactx
-part's D2H snapshot (not built yet) and raise NotImplementedError; CPU ``__dlpack__`` objects
-without a buffer (torch tensors) raise TypeError until the DLPack import lands: pass
-``t.numpy()``. Every other leaf is stored in the manifest: JSON values as they are, the rest
-pickled (base64). The on-disk format is documented in docs/checkpoint-format.md.
+CPU torch tensors (any dtype safetensors has: bfloat16 and bool included; non-contiguous ones
+are made contiguous on the calling thread, requires_grad ones detached), and other CPU objects
+with ``__dlpack__`` (imported with threadloom.from_dlpack). Device tensors need the cudactx
+part's D2H snapshot (not built yet) and raise NotImplementedError. Views sharing one storage
+are stored (and loaded) as separate tensors. Every other leaf is stored in the manifest: JSON
+values as they are, the rest pickled (base64). load(..., framework="torch") returns torch
+tensors. The on-disk format is documented in docs/checkpoint-format.md.
 """
 
 import base64
@@ -325,9 +327,49 @@ class _Tensor:
         self.checksum = None        # xxh3_64 once its last byte is hashed
 
 
+def _device_error(where, dev):
+    return NotImplementedError(
+        "state leaf %s lives on a device (%s): device snapshots (D2H on a side stream into "
+        "pinned staging) need threadloom's cudactx part, which is not built yet; copy it to the "
+        "host first (e.g. t.cpu())" % (where, dev))
+
+
+# safetensors dtype -> torch dtype name (torch 1.13 has no uint16/32/64)
+_TORCH_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32",
+                 "I64": "int64", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
+                 "F64": "float64"}
+_FROM_TORCH = {"torch." + v: k for k, v in _TORCH_DTYPES.items()}
+
+
+def _torch_leaf(obj, where):
+    """(source, flat, dtype, shape) when `obj` is a torch tensor, else None. torch's own DLPack
+    export refuses what a state_dict holds (requires_grad, bool, non-contiguous in torch 1.13;
+    bfloat16 has no buffer format), so the tensor is detached, made contiguous (a copy, on the
+    calling thread, only when it is not), viewed as bytes and imported through DLPack: `flat`
+    shares the tensor's memory (the staging copy reads it before save() returns)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(obj, torch.Tensor):
+        return None
+    if obj.device.type != "cpu":
+        raise _device_error(where, "torch device %s" % obj.device)
+    if obj.layout != torch.strided:
+        raise TypeError("state leaf %s is a %s torch tensor: only dense (strided) tensors can "
+                        "be stored; convert it first (e.g. t.to_dense())" % (where, obj.layout))
+    dtype = _FROM_TORCH.get(str(obj.dtype))
+    if dtype is None:
+        raise TypeError("state leaf %s has torch dtype %s, which has no safetensors dtype "
+                        "(supported: %s)" % (where, obj.dtype, ", ".join(sorted(_FROM_TORCH))))
+    shape = list(obj.shape)
+    t = obj.detach().resolve_neg()  # a lazily negated view (torch._neg_view) becomes its values
+    if not t.is_contiguous():
+        t = t.contiguous()
+    flat = _core.from_dlpack(t.reshape(-1).view(torch.uint8))
+    return type(obj).__name__, flat, dtype, shape
+
+
 def _as_tensor(obj, where):
     """(source, memoryview) when `obj` is a tensor leaf, else None. Raises for device tensors
-    and for CPU DLPack objects that export no buffer."""
+    and for CPU DLPack objects threadloom cannot import."""
     source = None
     if isinstance(obj, _core.Buffer):
         source = "Buffer"
@@ -338,10 +380,7 @@ def _as_tensor(obj, where):
     elif hasattr(obj, "__dlpack_device__"):
         dev = tuple(obj.__dlpack_device__())
         if dev[0] not in (1, 3):  # kDLCPU, kDLCUDAHost
-            raise NotImplementedError(
-                "state leaf %s lives on a device (DLPack device %r): device snapshots (D2H on a "
-                "side stream into pinned staging) need threadloom's cudactx part, which is not "
-                "built yet; copy it to the host first (e.g. t.cpu().numpy())" % (where, dev))
+            raise _device_error(where, "DLPack device %r" % (dev,))
         source = type(obj).__name__
     if source is None:
         try:
@@ -353,14 +392,22 @@ def _as_tensor(obj, where):
         try:
             mv = memoryview(obj)
         except TypeError:
-            raise TypeError(
-                "state leaf %s (%s) is a CPU DLPack tensor without the buffer protocol: "
-                "importing DLPack capsules is not supported yet (another part of threadloom); "
-                "pass a buffer instead, e.g. t.numpy()" % (where, type(obj).__name__)) from None
+            if not hasattr(obj, "__dlpack__"):
+                raise TypeError("state leaf %s (%s) exports no buffer" % (
+                    where, type(obj).__name__)) from None
+            try:
+                mv = _core.from_dlpack(obj)
+            except (BufferError, TypeError, RuntimeError) as e:
+                raise TypeError("state leaf %s (%s) is a CPU DLPack tensor threadloom cannot "
+                                "import: %s" % (where, type(obj).__name__, e)) from e
     return source, mv
 
 
 def _tensor_leaf(obj, where):
+    """(source, flat 1-D uint8 memoryview, dtype, shape) when `obj` is a tensor, else None."""
+    got = _torch_leaf(obj, where)
+    if got is not None:
+        return got
     got = _as_tensor(obj, where)
     if got is None:
         return None
@@ -982,12 +1029,31 @@ def _as_loaded(buf, dtype, shape):
         return buf
     if fmt is None:  # BF16, F8: no struct format; the raw bytes
         return memoryview(buf)
-    if 0 in shape:
-        return memoryview(buf).cast(fmt)
-    return memoryview(buf).cast(fmt, shape)
+    try:
+        if 0 in shape:
+            return memoryview(buf).cast(fmt)
+        return memoryview(buf).cast(fmt, shape)
+    except ValueError:  # F16 before Python 3.12: memoryview cannot cast to 'e'; the raw bytes
+        return memoryview(buf)
 
 
-def _load_dir(path, step, allow_pickle):
+def _as_torch(buf, dtype, shape, key):
+    """A CPU torch tensor over `buf` (no copy: torch.frombuffer keeps the bytearray alive)."""
+    import torch
+    name = _TORCH_DTYPES.get(dtype)
+    if name is None:
+        raise TypeError("tensor %r has dtype %s, which torch has no dtype for; load without "
+                        "framework='torch' to get it as a memoryview" % (key, dtype))
+    tdtype = getattr(torch, name)
+    if len(buf) == 0:  # torch.frombuffer refuses empty buffers
+        return torch.empty(shape, dtype=tdtype)
+    return torch.frombuffer(buf, dtype=tdtype).reshape(shape)
+
+
+_FRAMEWORKS = (None, "torch")
+
+
+def _load_dir(path, step, allow_pickle, framework=None):
     def corrupt(msg, file=None, key=None):
         return CorruptCheckpointError(msg, step=step, path=path, file=file, key=key)
 
@@ -1034,7 +1100,10 @@ def _load_dir(path, step, allow_pickle):
                 if got != t["xxh3_64"]:
                     raise corrupt("tensor %r in %s: checksum mismatch (manifest xxh3_64 %s, "
                                   "data %s)" % (key, fname, t["xxh3_64"], got), fname, key)
-                values[key] = _as_loaded(buf, t["dtype"], t["shape"])
+                if framework == "torch":
+                    values[key] = _as_torch(buf, t["dtype"], t["shape"], key)
+                else:
+                    values[key] = _as_loaded(buf, t["dtype"], t["shape"])
         finally:
             os.close(fd)
 
@@ -1059,17 +1128,30 @@ def _load_dir(path, step, allow_pickle):
     return build(manifest["tree"]), manifest
 
 
-def load(directory, step=None, *, fallback=False, allow_pickle=True, with_info=False):
+def load(directory, step=None, *, fallback=False, allow_pickle=True, with_info=False,
+         framework=None):
     """Loads a checkpoint written by Checkpointer, verifying every tensor's xxh3_64.
 
     step: which one (default: the one `latest` names, or the newest complete one when `latest`
     is missing or dangling). fallback: when it fails verification or cannot be read, try the
     older complete checkpoints, newest first, logging which one was used. Tensors come back as
-    memoryviews of their format and shape (uint8 1-D ones as bytearray). Pickled leaves are
+    memoryviews of their format and shape (uint8 1-D ones as bytearray; BF16 as raw bytes), or
+    with framework="torch" as CPU torch tensors of their dtype and shape (writable, not sharing
+    memory with anything else: model.load_state_dict(state["model"]) takes them; .to(device)
+    moves them; loading straight into device memory waits for cudactx). Pickled leaves are
     unpickled: load only checkpoints you trust, or pass allow_pickle=False. with_info: return
     (state, info) where info has step, path, metadata, manifest and skipped (the (step, error)
     pairs fallback passed over). Raises CorruptCheckpointError naming the tensor and file,
     NotFoundError when there is no such checkpoint."""
+    if framework not in _FRAMEWORKS:
+        raise ValueError("framework must be None (memoryviews) or 'torch', not %r" % (framework,))
+    if framework == "torch":
+        try:
+            import torch  # noqa: F401
+        except ImportError as e:
+            raise ImportError("load(..., framework='torch') needs torch, which does not import "
+                              "here (%s); install it, or load without framework= to get "
+                              "memoryviews" % e) from e
     directory = os.path.abspath(os.fspath(directory))
     steps = _complete_steps(directory)
     if step is None:
@@ -1085,7 +1167,7 @@ def load(directory, step=None, *, fallback=False, allow_pickle=True, with_info=F
     skipped = []
     for s in order:
         try:
-            state, manifest = _load_dir(steps[s], s, allow_pickle)
+            state, manifest = _load_dir(steps[s], s, allow_pickle, framework)
         except (CorruptCheckpointError, OSError) as e:
             if not fallback:
                 raise

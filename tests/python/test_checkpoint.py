@@ -136,13 +136,29 @@ def test_threadloom_buffer_and_numpy_style_objects(tmp_path):
         def __buffer__(self, flags):
             return memoryview(self.data)
 
-    state = {"buf": buf, "host": Host(array.array("f", [1.0, 2.0]))}
+    class DlpackOnly:  # a CPU DLPack producer without a buffer: imported with from_dlpack
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __dlpack_device__(self):
+            return (1, 0)
+
+        def __dlpack__(self, stream=None, max_version=None):
+            return self.inner.__dlpack__(max_version=max_version)
+
+    other = threadloom.Arena(size=64 * MiB, pin="never").alloc(256)
+    memoryview(other)[:] = bytes(range(256))
+    state = {"buf": buf, "host": Host(array.array("f", [1.0, 2.0])), "dl": DlpackOnly(other)}
     with threadloom.Checkpointer(tmp_path) as ck:
-        ck.save(state, 1).result(30)
+        fut = ck.save(state, 1)
+        memoryview(other)[:] = bytes(256)  # staged before save() returned
+        fut.result(30)
     got = ck.load()
     assert bytes(got["buf"]) == bytes(memoryview(buf))
     assert got["host"].tolist() == [1.0, 2.0]
+    assert bytes(got["dl"]) == bytes(range(256))
     buf.free()
+    other.free()
 
 
 def test_unsupported_leaves_raise_clearly(tmp_path):
@@ -158,7 +174,7 @@ def test_unsupported_leaves_raise_clearly(tmp_path):
             return (1, 0)
 
         def __dlpack__(self, stream=None):
-            raise AssertionError
+            return "not a capsule"
 
     with threadloom.Checkpointer(tmp_path) as ck:
         with pytest.raises(NotImplementedError, match="cudactx"):
@@ -592,3 +608,17 @@ def test_kill9_at_random_points_leaves_a_loadable_checkpoint(tmp_path, io):
         assert [n for n in os.listdir(d) if n.startswith(".") and n != ".lock"] == []
     print("killed mid-save in %d of 20 runs" % mid_save)
     assert mid_save >= 10  # the kills did land inside saves
+
+
+def test_load_framework_argument(tmp_path):
+    with threadloom.Checkpointer(tmp_path) as ck:
+        ck.save({"w": f32([1.0, 2.0], [2])}, 1).result(30)
+    with pytest.raises(ValueError, match="framework"):
+        threadloom.load(tmp_path, framework="numpy")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="needs torch"):
+            threadloom.load(tmp_path, framework="torch")
+    else:  # tests/torch checks the tensors themselves
+        assert threadloom.load(tmp_path, framework="torch")["w"].tolist() == [1.0, 2.0]
