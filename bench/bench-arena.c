@@ -345,8 +345,9 @@ int main(int argc, char** argv) {
         }
       }
   tl_arena_stats(arena, &st);
-  printf("\narena after the run: %zu bytes in use, peak %zu bytes, %llu allocs, %llu failed\n",
-         st.bytes_in_use, st.peak_bytes, (unsigned long long)st.allocs,
+  printf("\narena after the run: %zu bytes in use, peak %zu bytes, %llu allocs (%llu from the "
+         "threads' caches), %llu failed\n", st.bytes_in_use, st.peak_bytes,
+         (unsigned long long)st.allocs, (unsigned long long)st.cache_hits,
          (unsigned long long)st.failed_allocs);
   if (js) {
     fprintf(js, "\n]}\n");
