@@ -56,20 +56,22 @@
 // ---------------------------------------------------------------------------------------------
 
 typedef struct tl__region_s {
-  struct tl__region_s* next; /* next region on the list; written under the lock */
-  char* start;               /* first byte, aligned to TL_ARENA_GRANULE */
+  /* The first four fields are read by every alloc and free: they share one cache line (the
+   * record is 64-byte aligned), which trim_epoch's rare bumps invalidate. */
+  _Alignas(64) char* start;  /* first byte, aligned to TL_ARENA_GRANULE */
   size_t size;               /* bytes, a multiple of TL_ARENA_GRANULE */
+  mi_arena_id_t mi_id;       /* mimalloc's id for it; keys the per-thread heaps and caches */
+  _Atomic unsigned trim_epoch; /* bumped to ask every thread to empty its cache of this region
+                                  (tl_arena_trim, tl_arena_close, an allocation that failed);
+                                  _Atomic: any thread bumps it, every cache reads it */
+  struct tl__region_s* next; /* next region on the list; written under the lock */
   int numa_node;             /* the node it is bound to, -1 for none */
   int pinned;                /* 1: registered with cudaHostRegister (mimalloc is_large=true) */
   int auto_unpinned;         /* 1: PIN_AUTO tried to pin it and could not (AUTO may reuse it) */
   char pin_detail[192];      /* why it is (not) pinned, copied into the stats */
-  mi_arena_id_t mi_id;       /* mimalloc's id for it; keys the per-thread heap cache */
   int owned;                 /* 1 while a tl_arena_t uses it; under the lock */
   struct tl__cache_s* caches; /* the threads' block caches of this region (a list through
                                  tl__cache_t.next); under the lock */
-  _Atomic unsigned trim_epoch; /* bumped to ask every thread to empty its cache of this region
-                                  (tl_arena_trim, tl_arena_close, an allocation that failed);
-                                  _Atomic: any thread bumps it, every cache reads it */
 #if defined(__SANITIZE_THREAD__)
   _Atomic size_t tsan_order; /* orders a mi_free before the reuse of the memory, see
                                 struct tl_arena_s; TSan builds only */
@@ -131,11 +133,12 @@ static _Atomic unsigned tl__next_shard = 0; /* hands out shard slots to threads 
 #define TL__HEAP_SLOTS 128 /* mimalloc 2.0 has at most 64 arenas (ids 1..64) */
 typedef struct {
   unsigned shard_slot;              /* this thread's shard slot + 1; 0: none yet */
+  struct tl__cache_s* caches[TL__HEAP_SLOTS]; /* per heap, this thread's block cache, or NULL
+                                                 (see "Per-thread block caches"); next to
+                                                 shard_slot: a cache hit reads both */
   mi_heap_t* heaps[TL__HEAP_SLOTS]; /* this thread's heap per mimalloc arena id; NULL: none yet */
   void* anchors[TL__HEAP_SLOTS];    /* per heap, a 1-byte block kept until the thread exits, or
                                        NULL (see "Per-thread heaps") */
-  struct tl__cache_s* caches[TL__HEAP_SLOTS]; /* per heap, this thread's block cache, or NULL
-                                                 (see "Per-thread block caches") */
 } tl__thread_t;
 static _Thread_local tl__thread_t tl__thread;
 
@@ -258,24 +261,25 @@ static void tl__raise_peak(tl_arena_t* a, size_t now) {
 #define TL__CACHE_SHARE 16 /* bytes per thread and region: at most the region's size / this */
 #define TL__CACHE_MEMO 4   /* (size, alignment) -> usable pairs remembered per cache */
 
+/* The fields a hit reads come first: the header and the newest memo entry share the first
+ * cache line (the record is 64-byte aligned), the blocks follow. */
 typedef struct tl__cache_s {
-  struct tl__cache_s* next;  /* next cache of the region; under tl__regions_lock */
-  tl__region_t* region;      /* the region its blocks lie in; read-only */
-  size_t max_bytes;          /* region size / TL__CACHE_SHARE; read-only */
+  _Alignas(64) tl__region_t* region; /* the region its blocks lie in; read-only */
   unsigned epoch;            /* region->trim_epoch when last emptied; owner only */
   unsigned count;            /* blocks in `block`; owner only */
   _Atomic size_t bytes;      /* usable bytes of the cached blocks: written by the owner
                                 (relaxed store), read by tl_arena_stats under the lock */
   _Atomic size_t blocks;     /* == count, for tl_arena_stats, like `bytes` */
   struct {
+    size_t size, alignment; /* a request this thread sent to mimalloc */
+    size_t usable;          /* what mimalloc's block for it held; 0: empty entry */
+  } memo[TL__CACHE_MEMO];   /* owner only; [0] the most recent */
+  struct {
     void* p;       /* the block */
     size_t usable; /* its mi_usable_size */
   } block[TL__CACHE_BLOCKS]; /* [0] oldest .. [count - 1] newest; owner only */
-  struct {
-    size_t size, alignment; /* a request this thread sent to mimalloc */
-    size_t usable;          /* what mimalloc's block for it held; 0: empty entry */
-  } memo[TL__CACHE_MEMO];   /* owner only */
-  unsigned memo_next;       /* the memo entry to overwrite next; owner only */
+  size_t max_bytes;          /* region size / TL__CACHE_SHARE; read-only */
+  struct tl__cache_s* next;  /* next cache of the region; under tl__regions_lock */
 } tl__cache_t;
 
 /* Hands one cached block back to mimalloc (the caller removes it from the cache). */
@@ -319,12 +323,17 @@ static inline size_t tl__cache_memo_get(const tl__cache_t* c, size_t size, size_
   return 0;
 }
 
+/* Remembers (size, alignment) -> usable as the most recent entry, forgetting the oldest. */
 static void tl__cache_memo_put(tl__cache_t* c, size_t size, size_t alignment, size_t usable) {
-  if (tl__cache_memo_get(c, size, alignment) == usable) return;
-  unsigned i = c->memo_next++ % TL__CACHE_MEMO;
-  c->memo[i].size = size;
-  c->memo[i].alignment = alignment;
-  c->memo[i].usable = usable;
+  if (c->memo[0].size == size && c->memo[0].alignment == alignment && c->memo[0].usable == usable)
+    return;
+  unsigned i = 0; /* the entry to drop: this request's older one, else the oldest */
+  while (i < TL__CACHE_MEMO - 1 && !(c->memo[i].size == size && c->memo[i].alignment == alignment))
+    i++;
+  for (; i > 0; i--) c->memo[i] = c->memo[i - 1];
+  c->memo[0].size = size;
+  c->memo[0].alignment = alignment;
+  c->memo[0].usable = usable;
 }
 
 /* Takes the newest cached block that matches (see the top of this section), or NULL; stores
@@ -372,8 +381,9 @@ static inline int tl__cache_put(tl__cache_t* c, void* p, size_t usable) {
 
 /* A new empty cache for the calling thread, linked into r->caches; NULL without memory. */
 static tl__cache_t* tl__cache_new(tl__region_t* r) {
-  tl__cache_t* c = calloc(1, sizeof *c);
+  tl__cache_t* c = aligned_alloc(64, sizeof *c); /* sizeof is a multiple of 64 (_Alignas) */
   if (!c) return NULL;
+  memset(c, 0, sizeof *c); /* all-zero atomics are valid zeros */
   c->region = r;
   c->max_bytes = r->size / TL__CACHE_SHARE;
   c->epoch = atomic_load_explicit(&r->trim_epoch, memory_order_relaxed);
@@ -541,7 +551,8 @@ static int tl__pin(tl__region_t* r, tl_arena_pin_t pin) {
 
 static int tl__region_new(tl__region_t** out, int node, size_t size, tl_arena_pin_t pin,
                           int prefault) {
-  tl__region_t* r = calloc(1, sizeof *r);
+  tl__region_t* r = aligned_alloc(64, sizeof *r); /* sizeof is a multiple of 64 (_Alignas) */
+  if (r) memset(r, 0, sizeof *r); /* all-zero atomics are valid zeros */
   if (!r) return tl__fail(TL_ENOMEM, "arena: %zu bytes for the region record", sizeof *r);
   size_t span = size + TL_ARENA_GRANULE;
   char* raw = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
