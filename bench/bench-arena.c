@@ -28,8 +28,8 @@
  *                  [--json FILE]
  * Defaults: those five sizes, threads 1, 2, 4, ... up to max(8, nproc) and never above 16 (plus
  * nproc: past the core count the curve shows oversubscription), live 0 and 8, 1 s per cell per
- * allocator, no iteration cap, node 0, touch spread, clock wall. --json FILE also writes every row as JSON
- * (bench/report.py). */
+ * allocator, no iteration cap, node 0, touch spread, clock wall. --json FILE also writes every
+ * row as JSON (bench/report.py). */
 #include <dlfcn.h>
 #include <mimalloc.h>
 #include <pthread.h>
@@ -330,8 +330,8 @@ int main(int argc, char** argv) {
                                             "1 byte at the start of each 4 KiB page",
                                             "memset of the whole block"};
   printf("op = alloc + write (%s) + free the oldest of `live` kept blocks; %.2f s per cell per "
-         "allocator%s; ops/s by %s\nglibc = libc.so.6's malloc/free; mi = mimalloc %d's default heap "
-         "(mi_malloc/mi_free)\n", touch_names[touch], duration, iters ? " (capped)" : "",
+         "allocator%s; ops/s by %s\nglibc = libc.so.6's malloc/free; mi = mimalloc %d's default "
+         "heap (mi_malloc/mi_free)\n", touch_names[touch], duration, iters ? " (capped)" : "",
          cpu_clock ? "each thread's CPU time, summed over the threads" : "the wall clock",
          mi_version());
   printf("\n%-8s %7s %5s %14s %14s %14s %11s %8s", "size", "threads", "live", "arena ops/s",

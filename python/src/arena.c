@@ -7,8 +7,8 @@
  *
  * Invariants: a Buffer holds a strong reference to its Arena, so the C arena outlives every
  * block (and tl_arena_close answers TL_EBUSY while blocks live). `users` counts alloc and trim
- * calls in progress: close() marks the arena closed, waits for users to drain, then closes; allocs never
- * take a lock, so threads allocating from one Arena do not serialise on the object.
+ * calls in progress: close() marks the arena closed, waits for users to drain, then closes;
+ * allocs never take a lock, so threads allocating from one Arena do not serialise on the object.
  *
  * Buffer exports (memoryviews and DLPack capsules, see dlpack.c) are counted; free() refuses
  * while any is alive. Taking an export and free() run under the Buffer's critical section, so
