@@ -44,14 +44,19 @@
 // ---------------------------------------------------------------------------------------------
 // Regions: the process-wide list
 //
-// Invariants (all under tl__regions_lock):
+// Invariants:
 //  - every region on the list is managed by mimalloc (an exclusive arena) and stays mapped,
-//    bound and (if pinned) registered until the process exits; nothing is ever removed;
-//  - `owned` is 1 while exactly one live tl_arena_t uses the region, 0 while it waits for reuse;
+//    bound and (if pinned) registered until the process exits; nothing is ever removed (the
+//    list and `next`: under tl__regions_lock);
+//  - `owned` is 1 while exactly one live tl_arena_t uses the region, 0 while it waits for reuse
+//    (under tl__regions_lock);
 //  - `caches` lists the block caches of the threads that allocated in the region and have not
-//    exited (a cache is linked before its thread first uses it and unlinked at thread exit).
+//    exited: a cache is linked before its thread first uses it and unlinked at thread exit
+//    (under tl__caches_lock, a lock of its own so that a thread's first allocation, its exit
+//    and tl_arena_stats never wait for another arena's init, which holds tl__regions_lock while
+//    it reserves and may prefault or pin a region). The two locks are never held together.
 // The fields other than `owned`, `caches` and the atomics are written once before the region is
-// published on the list and are read-only afterwards, so a tl_arena_t reads them without the
+// published on the list and are read-only afterwards, so a tl_arena_t reads them without a
 // lock.
 // ---------------------------------------------------------------------------------------------
 
@@ -64,14 +69,14 @@ typedef struct tl__region_s {
   _Atomic unsigned trim_epoch; /* bumped to ask every thread to empty its cache of this region
                                   (tl_arena_trim, tl_arena_close, an allocation that failed);
                                   _Atomic: any thread bumps it, every cache reads it */
-  struct tl__region_s* next; /* next region on the list; written under the lock */
+  struct tl__region_s* next; /* next region on the list; written under tl__regions_lock */
   int numa_node;             /* the node it is bound to, -1 for none */
   int pinned;                /* 1: registered with cudaHostRegister (mimalloc is_large=true) */
   int auto_unpinned;         /* 1: PIN_AUTO tried to pin it and could not (AUTO may reuse it) */
   char pin_detail[192];      /* why it is (not) pinned, copied into the stats */
-  int owned;                 /* 1 while a tl_arena_t uses it; under the lock */
+  int owned;                 /* 1 while a tl_arena_t uses it; under tl__regions_lock */
   struct tl__cache_s* caches; /* the threads' block caches of this region (a list through
-                                 tl__cache_t.next); under the lock */
+                                 tl__cache_t.next); under tl__caches_lock */
 #if defined(__SANITIZE_THREAD__)
   _Atomic size_t tsan_order; /* orders a mi_free before the reuse of the memory, see
                                 struct tl_arena_s; TSan builds only */
@@ -79,7 +84,8 @@ typedef struct tl__region_s {
 } tl__region_t;
 
 static pthread_mutex_t tl__regions_lock = PTHREAD_MUTEX_INITIALIZER;
-static tl__region_t* tl__regions = NULL; /* head of the list; under the lock */
+static pthread_mutex_t tl__caches_lock = PTHREAD_MUTEX_INITIALIZER; /* every region's `caches` */
+static tl__region_t* tl__regions = NULL; /* head of the list; under tl__regions_lock */
 
 // ---------------------------------------------------------------------------------------------
 // The arena object
@@ -226,7 +232,7 @@ static void tl__raise_peak(tl_arena_t* a, size_t now) {
 // tl_arena_alloc takes a block from it before asking mimalloc:
 //
 //  - Owner only: a cache is read and written by its own thread alone (stats read its two
-//    atomic totals under tl__regions_lock), so taking and putting take no lock and no locked
+//    atomic totals under tl__caches_lock), so taking and putting take no lock and no locked
 //    instruction. Other threads never touch its blocks; they can only ask it to empty itself
 //    (trim_epoch, below). A block is therefore in exactly one place: handed out to a caller,
 //    in one cache, or back in mimalloc.
@@ -268,7 +274,7 @@ typedef struct tl__cache_s {
   unsigned epoch;            /* region->trim_epoch when last emptied; owner only */
   unsigned count;            /* blocks in `block`; owner only */
   _Atomic size_t bytes;      /* usable bytes of the cached blocks: written by the owner
-                                (relaxed store), read by tl_arena_stats under the lock */
+                                (relaxed store), read by tl_arena_stats under tl__caches_lock */
   _Atomic size_t blocks;     /* == count, for tl_arena_stats, like `bytes` */
   struct {
     size_t size, alignment; /* a request this thread sent to mimalloc */
@@ -279,7 +285,7 @@ typedef struct tl__cache_s {
     size_t usable; /* its mi_usable_size */
   } block[TL__CACHE_BLOCKS]; /* [0] oldest .. [count - 1] newest; owner only */
   size_t max_bytes;          /* region size / TL__CACHE_SHARE; read-only */
-  struct tl__cache_s* next;  /* next cache of the region; under tl__regions_lock */
+  struct tl__cache_s* next;  /* next cache of the region; under tl__caches_lock */
 } tl__cache_t;
 
 /* Hands one cached block back to mimalloc (the caller removes it from the cache). */
@@ -387,33 +393,33 @@ static tl__cache_t* tl__cache_new(tl__region_t* r) {
   c->region = r;
   c->max_bytes = r->size / TL__CACHE_SHARE;
   c->epoch = atomic_load_explicit(&r->trim_epoch, memory_order_relaxed);
-  pthread_mutex_lock(&tl__regions_lock);
+  pthread_mutex_lock(&tl__caches_lock);
   c->next = r->caches;
   r->caches = c;
-  pthread_mutex_unlock(&tl__regions_lock);
+  pthread_mutex_unlock(&tl__caches_lock);
   return c;
 }
 
 /* Empties the calling thread's cache, unlinks it from its region and frees it. */
 static void tl__cache_delete(tl__cache_t* c) {
   tl__cache_empty(c);
-  pthread_mutex_lock(&tl__regions_lock);
+  pthread_mutex_lock(&tl__caches_lock);
   tl__cache_t** link = &c->region->caches;
   while (*link != c) link = &(*link)->next;
   *link = c->next;
-  pthread_mutex_unlock(&tl__regions_lock);
+  pthread_mutex_unlock(&tl__caches_lock);
   free(c);
 }
 
 /* Sums the cached blocks and bytes of all threads' caches of `r`. */
 static void tl__cache_totals(tl__region_t* r, size_t* bytes, size_t* blocks) {
   *bytes = *blocks = 0;
-  pthread_mutex_lock(&tl__regions_lock);
+  pthread_mutex_lock(&tl__caches_lock);
   for (tl__cache_t* c = r->caches; c; c = c->next) {
     *bytes += atomic_load_explicit(&c->bytes, memory_order_relaxed);
     *blocks += atomic_load_explicit(&c->blocks, memory_order_relaxed);
   }
-  pthread_mutex_unlock(&tl__regions_lock);
+  pthread_mutex_unlock(&tl__caches_lock);
 }
 
 // ---------------------------------------------------------------------------------------------
