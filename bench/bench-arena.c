@@ -12,6 +12,11 @@
  * the same wall time, all threads started together at a barrier; the table prints ops/s and
  * the ratio arena/glibc, all measured in this run.
  *
+ * --clock cpu rates each thread by its own CPU time (CLOCK_THREAD_CPUTIME_ID) instead of the
+ * wall clock and adds the threads' rates: what the threads would do with a core each, without
+ * the time other processes took from them. On a shared machine that is the steadier figure
+ * (contention between the threads still counts: they run at once, on whatever cores they get).
+ *
  * The glibc baseline calls libc.so.6's own malloc/free, looked up with dlsym on libc's handle:
  * Debian's libmimalloc.so.2 exports malloc/free and __libc_malloc/__libc_free too, so in a
  * program linked against libthreadloom all four names are mimalloc (this benchmark's "glibc"
@@ -19,11 +24,12 @@
  * block is not mimalloc's.
  *
  *   tl-bench-arena [--sizes 64,4K,64K,1M,16M] [--threads 1,2,...] [--live 0,8] [--duration SEC]
- *                  [--iters N] [--node N] [--touch spread|page|fill] [--json FILE]
+ *                  [--iters N] [--node N] [--touch spread|page|fill] [--clock wall|cpu]
+ *                  [--json FILE]
  * Defaults: those five sizes, threads 1, 2, 4, ... up to max(8, nproc) and never above 16 (plus
  * nproc: past the core count the curve shows oversubscription), live 0 and 8, 1 s per cell per
- * allocator, no iteration cap, node 0, touch spread. --json FILE also writes every row as JSON
- * (bench/report.py). */
+ * allocator, no iteration cap, node 0, touch spread, clock wall. --json FILE also writes every
+ * row as JSON (bench/report.py). */
 #include <dlfcn.h>
 #include <mimalloc.h>
 #include <pthread.h>
@@ -55,6 +61,7 @@ typedef enum { IMPL_ARENA, IMPL_GLIBC, IMPL_MI, IMPL_CUDA, IMPL_COUNT } impl_t;
 static const char* const impl_names[IMPL_COUNT] = {"arena", "glibc", "mi_malloc", "cudaHostAlloc"};
 typedef enum { TOUCH_SPREAD, TOUCH_PAGE, TOUCH_FILL } touch_t;
 static touch_t touch = TOUCH_SPREAD;
+static int cpu_clock; /* --clock cpu: see the top of the file */
 
 static tl_arena_t* arena; /* one arena for the whole run, shared by all threads */
 
@@ -109,6 +116,8 @@ typedef struct {
   int live;                /* blocks each thread keeps alive (0..MAX_LIVE) */
   pthread_barrier_t start; /* all threads (and the caller) start together */
   _Atomic uint64_t ops;    /* total operations, summed as threads finish */
+  pthread_mutex_t lock;    /* guards cpu_rate */
+  double cpu_rate;         /* --clock cpu: sum of the threads' ops per second of their CPU time */
 } cell_t;
 
 static double now_s(void) {
@@ -117,11 +126,17 @@ static double now_s(void) {
   return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+static double thread_cpu_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
 static void* cell_thread(void* arg) {
   cell_t* c = arg;
   uint64_t n = 0;
   pthread_barrier_wait(&c->start);
-  double end = now_s() + c->duration;
+  double end = now_s() + c->duration, cpu0 = thread_cpu_s();
   void* ring[MAX_LIVE] = {0};
   do {
     volatile char* p = impl_alloc(c->impl, c->size);
@@ -143,7 +158,11 @@ static void* cell_thread(void* arg) {
   } while ((c->max_iters == 0 || n < c->max_iters) && ((n & 31) != 0 || now_s() < end));
   for (int k = 0; k < c->live; k++)
     if (ring[k]) impl_free(c->impl, ring[k]);
+  double cpu = thread_cpu_s() - cpu0;
   atomic_fetch_add(&c->ops, n);
+  pthread_mutex_lock(&c->lock);
+  c->cpu_rate += cpu > 0 ? (double)n / cpu : 0;
+  pthread_mutex_unlock(&c->lock);
   return NULL;
 }
 
@@ -151,6 +170,7 @@ static double run_cell(impl_t impl, size_t size, int threads, int live, double d
                        uint64_t iters) {
   cell_t c = {.impl = impl, .size = size, .duration = duration, .max_iters = iters, .live = live};
   atomic_init(&c.ops, 0);
+  pthread_mutex_init(&c.lock, NULL);
   pthread_barrier_init(&c.start, NULL, (unsigned)threads + 1);
   pthread_t t[64];
   for (int i = 0; i < threads; i++) pthread_create(&t[i], NULL, cell_thread, &c);
@@ -159,7 +179,8 @@ static double run_cell(impl_t impl, size_t size, int threads, int live, double d
   for (int i = 0; i < threads; i++) pthread_join(t[i], NULL);
   double dt = now_s() - t0;
   pthread_barrier_destroy(&c.start);
-  return (double)atomic_load(&c.ops) / dt;
+  pthread_mutex_destroy(&c.lock);
+  return cpu_clock ? c.cpu_rate : (double)atomic_load(&c.ops) / dt;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -208,7 +229,7 @@ static void json_string(FILE* f, const char* s) {
 static void usage(void) {
   fprintf(stderr, "usage: tl-bench-arena [--sizes 64,4K,64K,1M,16M] [--threads 1,2,..] "
                   "[--live 0,8] [--duration SEC] [--iters N] [--node N] "
-                  "[--touch spread|page|fill] [--json FILE]\n");
+                  "[--touch spread|page|fill] [--clock wall|cpu] [--json FILE]\n");
   exit(2);
 }
 
@@ -237,6 +258,11 @@ int main(int argc, char** argv) {
       if (!strcmp(t, "spread")) touch = TOUCH_SPREAD;
       else if (!strcmp(t, "page")) touch = TOUCH_PAGE;
       else if (!strcmp(t, "fill")) touch = TOUCH_FILL;
+      else usage();
+    } else if (!strcmp(argv[i], "--clock")) {
+      const char* c = argv[++i];
+      if (!strcmp(c, "wall")) cpu_clock = 0;
+      else if (!strcmp(c, "cpu")) cpu_clock = 1;
       else usage();
     } else if (!strcmp(argv[i], "--json")) json_path = argv[++i];
     else usage();
@@ -304,16 +330,18 @@ int main(int argc, char** argv) {
                                             "1 byte at the start of each 4 KiB page",
                                             "memset of the whole block"};
   printf("op = alloc + write (%s) + free the oldest of `live` kept blocks; %.2f s per cell per "
-         "allocator%s\nglibc = libc.so.6's malloc/free; mi = mimalloc %d's default heap "
-         "(mi_malloc/mi_free)\n", touch_names[touch], duration, iters ? " (capped)" : "",
+         "allocator%s; ops/s by %s\nglibc = libc.so.6's malloc/free; mi = mimalloc %d's default "
+         "heap (mi_malloc/mi_free)\n", touch_names[touch], duration, iters ? " (capped)" : "",
+         cpu_clock ? "each thread's CPU time, summed over the threads" : "the wall clock",
          mi_version());
   printf("\n%-8s %7s %5s %14s %14s %14s %11s %8s", "size", "threads", "live", "arena ops/s",
          "glibc ops/s", "mi ops/s", "arena/glibc", "arena/mi");
   if (with_cuda) printf(" %14s %10s", "cudaHost ops/s", "arena/cuda");
   printf("\n");
   if (js) {
-    fprintf(js, "{\"cores\": %ld, \"duration_s\": %g, \"numa_node\": %d, \"arena_mib\": %zu, "
-                "\"pin_detail\": ", nproc, duration, st.numa_node, st.size >> 20);
+    fprintf(js, "{\"cores\": %ld, \"duration_s\": %g, \"clock\": \"%s\", \"numa_node\": %d, "
+                "\"arena_mib\": %zu, \"pin_detail\": ", nproc, duration, cpu_clock ? "cpu" : "wall",
+                st.numa_node, st.size >> 20);
     json_string(js, st.pin_detail);
     fprintf(js, ", \"rows\": [");
   }
@@ -345,8 +373,9 @@ int main(int argc, char** argv) {
         }
       }
   tl_arena_stats(arena, &st);
-  printf("\narena after the run: %zu bytes in use, peak %zu bytes, %llu allocs, %llu failed\n",
-         st.bytes_in_use, st.peak_bytes, (unsigned long long)st.allocs,
+  printf("\narena after the run: %zu bytes in use, peak %zu bytes, %llu allocs (%llu from the "
+         "threads' caches), %llu failed\n", st.bytes_in_use, st.peak_bytes,
+         (unsigned long long)st.allocs, (unsigned long long)st.cache_hits,
          (unsigned long long)st.failed_allocs);
   if (js) {
     fprintf(js, "\n]}\n");

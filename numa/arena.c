@@ -19,7 +19,11 @@
  * cached thread-locally by mimalloc arena id), so allocation takes no lock; mimalloc lets any
  * thread free any block. mimalloc 2.0.9 cannot unregister an arena, so a closed arena's region
  * is retained in a process-wide list and reused by a later tl_arena_init() that fits it.
- * Regions therefore live for the process. */
+ * Regions therefore live for the process.
+ *
+ * In front of mimalloc each thread keeps a small cache of freed blocks per region ("Per-thread
+ * block caches" below): mimalloc 2.0.9's path for blocks of 64 KiB and more is slower than
+ * glibc's free lists, and a loader thread frees and allocates blocks of one size over and over. */
 #include <errno.h>
 #include <mimalloc.h>
 #include <numa.h>
@@ -40,28 +44,48 @@
 // ---------------------------------------------------------------------------------------------
 // Regions: the process-wide list
 //
-// Invariants (all under tl__regions_lock):
+// Invariants:
 //  - every region on the list is managed by mimalloc (an exclusive arena) and stays mapped,
-//    bound and (if pinned) registered until the process exits; nothing is ever removed;
-//  - `owned` is 1 while exactly one live tl_arena_t uses the region, 0 while it waits for reuse.
-// The fields other than `owned` are written once before the region is published on the list
-// and are read-only afterwards, so a tl_arena_t reads them without the lock.
+//    bound and (if pinned) registered until the process exits; nothing is ever removed (the
+//    list and `next`: under tl__regions_lock);
+//  - `owned` is 1 while exactly one live tl_arena_t uses the region, 0 while it waits for reuse
+//    (under tl__regions_lock);
+//  - `caches` lists the block caches of the threads that allocated in the region and have not
+//    exited: a cache is linked before its thread first uses it and unlinked at thread exit
+//    (under tl__caches_lock, a lock of its own so that a thread's first allocation, its exit
+//    and tl_arena_stats never wait for another arena's init, which holds tl__regions_lock while
+//    it reserves and may prefault or pin a region). The two locks are never held together.
+// The fields other than `owned`, `caches` and the atomics are written once before the region is
+// published on the list and are read-only afterwards, so a tl_arena_t reads them without a
+// lock.
 // ---------------------------------------------------------------------------------------------
 
 typedef struct tl__region_s {
-  struct tl__region_s* next; /* next region on the list; written under the lock */
-  char* start;               /* first byte, aligned to TL_ARENA_GRANULE */
+  /* The first four fields are read by every alloc and free: they share one cache line (the
+   * record is 64-byte aligned), which trim_epoch's rare bumps invalidate. */
+  _Alignas(64) char* start;  /* first byte, aligned to TL_ARENA_GRANULE */
   size_t size;               /* bytes, a multiple of TL_ARENA_GRANULE */
+  mi_arena_id_t mi_id;       /* mimalloc's id for it; keys the per-thread heaps and caches */
+  _Atomic unsigned trim_epoch; /* bumped to ask every thread to empty its cache of this region
+                                  (tl_arena_trim, tl_arena_close, an allocation that failed);
+                                  _Atomic: any thread bumps it, every cache reads it */
+  struct tl__region_s* next; /* next region on the list; written under tl__regions_lock */
   int numa_node;             /* the node it is bound to, -1 for none */
   int pinned;                /* 1: registered with cudaHostRegister (mimalloc is_large=true) */
   int auto_unpinned;         /* 1: PIN_AUTO tried to pin it and could not (AUTO may reuse it) */
   char pin_detail[192];      /* why it is (not) pinned, copied into the stats */
-  mi_arena_id_t mi_id;       /* mimalloc's id for it; keys the per-thread heap cache */
-  int owned;                 /* 1 while a tl_arena_t uses it; under the lock */
+  int owned;                 /* 1 while a tl_arena_t uses it; under tl__regions_lock */
+  struct tl__cache_s* caches; /* the threads' block caches of this region (a list through
+                                 tl__cache_t.next); under tl__caches_lock */
+#if defined(__SANITIZE_THREAD__)
+  _Atomic size_t tsan_order; /* orders a mi_free before the reuse of the memory, see
+                                struct tl_arena_s; TSan builds only */
+#endif
 } tl__region_t;
 
 static pthread_mutex_t tl__regions_lock = PTHREAD_MUTEX_INITIALIZER;
-static tl__region_t* tl__regions = NULL; /* head of the list; under the lock */
+static pthread_mutex_t tl__caches_lock = PTHREAD_MUTEX_INITIALIZER; /* every region's `caches` */
+static tl__region_t* tl__regions = NULL; /* head of the list; under tl__regions_lock */
 
 // ---------------------------------------------------------------------------------------------
 // The arena object
@@ -79,6 +103,7 @@ typedef struct {
                                          (wraps below zero per shard; only the sum means anything) */
   _Atomic uint64_t allocs;            /* successful allocations on these threads */
   _Atomic uint64_t failed;            /* TL_ENOMEM answers on these threads */
+  _Atomic uint64_t hits;              /* allocations served by these threads' block caches */
 } tl__shard_t;
 
 /* Every 2^TL__PEAK_SHIFT allocations a shard samples the total for peak_bytes. */
@@ -92,15 +117,15 @@ struct tl_arena_s {
    * shards; peak_bytes is sampled from that sum every 64 allocations of a shard and at every
    * tl_arena_stats call, so it can miss a spike shorter than that.
    *
-   * ThreadSanitizer builds also keep `tsan_order`, one shared counter that orders a free before
-   * the reuse of its memory: the freeing thread decrements it (release) before mi_free, the
-   * allocating thread increments it (acq_rel) after mi_heap_malloc returned the memory
-   * (mimalloc's own atomics order the memory itself, but they are not instrumented). */
+   * ThreadSanitizer builds also keep the region's `tsan_order`, one shared counter that orders
+   * a free before the reuse of its memory: a thread that hands a block to mi_free (tl_arena_free,
+   * or a cache eviction or flush) decrements it (release) first, the allocating thread
+   * increments it (acq_rel) after mi_heap_malloc returned the memory (mimalloc's own atomics
+   * order the memory itself, but they are not instrumented). A block that a thread's cache
+   * serves needs none: only that thread put it there, so its free comes before the reuse in
+   * program order, and whoever else used the block before synchronised with that free. */
   _Alignas(64) _Atomic size_t peak_bytes; /* highest sampled sum of the shards' bytes */
-#if defined(__SANITIZE_THREAD__)
-  _Atomic size_t tsan_order;              /* see above; TSan builds only */
-#endif
-  tl__shard_t shards[TL__SHARDS];         /* bytes, blocks_in_use, allocs, failed_allocs */
+  tl__shard_t shards[TL__SHARDS];         /* bytes, blocks_in_use, allocs, failed_allocs, hits */
 };
 
 #define TL__LIKELY(x) __builtin_expect(!!(x), 1)
@@ -114,6 +139,9 @@ static _Atomic unsigned tl__next_shard = 0; /* hands out shard slots to threads 
 #define TL__HEAP_SLOTS 128 /* mimalloc 2.0 has at most 64 arenas (ids 1..64) */
 typedef struct {
   unsigned shard_slot;              /* this thread's shard slot + 1; 0: none yet */
+  struct tl__cache_s* caches[TL__HEAP_SLOTS]; /* per heap, this thread's block cache, or NULL
+                                                 (see "Per-thread block caches"); next to
+                                                 shard_slot: a cache hit reads both */
   mi_heap_t* heaps[TL__HEAP_SLOTS]; /* this thread's heap per mimalloc arena id; NULL: none yet */
   void* anchors[TL__HEAP_SLOTS];    /* per heap, a 1-byte block kept until the thread exits, or
                                        NULL (see "Per-thread heaps") */
@@ -165,6 +193,7 @@ typedef struct {
   size_t blocks;   /* sum of the shards' blocks */
   uint64_t allocs; /* sum of the shards' allocs */
   uint64_t failed; /* sum of the shards' failed */
+  uint64_t hits;   /* sum of the shards' hits */
 } tl__sums_t;
 
 /* Sums the shards that have been handed out: shards at and above tl__next_shard were never
@@ -172,7 +201,7 @@ typedef struct {
  * synchronised with a writer also sees its slot), which keeps the sum as cheap as the number of
  * threads that ever used an arena rather than TL__SHARDS cache lines. */
 static tl__sums_t tl__sum(const tl_arena_t* a) {
-  tl__sums_t t = {0, 0, 0, 0};
+  tl__sums_t t = {0, 0, 0, 0, 0};
   unsigned n = atomic_load_explicit(&tl__next_shard, memory_order_relaxed);
   if (n > TL__SHARDS) n = TL__SHARDS;
   for (unsigned i = 0; i < n; i++) {
@@ -180,6 +209,7 @@ static tl__sums_t tl__sum(const tl_arena_t* a) {
     t.blocks += atomic_load_explicit(&a->shards[i].blocks, memory_order_relaxed);
     t.allocs += atomic_load_explicit(&a->shards[i].allocs, memory_order_relaxed);
     t.failed += atomic_load_explicit(&a->shards[i].failed, memory_order_relaxed);
+    t.hits += atomic_load_explicit(&a->shards[i].hits, memory_order_relaxed);
   }
   return t;
 }
@@ -190,6 +220,206 @@ static void tl__raise_peak(tl_arena_t* a, size_t now) {
                                                               memory_order_relaxed,
                                                               memory_order_relaxed)) {
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-thread block caches
+//
+// mimalloc 2.0.9 serves blocks above 128 KiB from a page of their own and frees that page with
+// the block, and its medium pages (64 KiB blocks) cost more than glibc's free lists, so a
+// loader thread that allocates and frees blocks of one size ran at 0.6-1.0x glibc. Each thread
+// that allocates in a region therefore keeps a small LIFO cache of blocks it freed, and
+// tl_arena_alloc takes a block from it before asking mimalloc:
+//
+//  - Owner only: a cache is read and written by its own thread alone (stats read its two
+//    atomic totals under tl__caches_lock), so taking and putting take no lock and no locked
+//    instruction. Other threads never touch its blocks; they can only ask it to empty itself
+//    (trim_epoch, below). A block is therefore in exactly one place: handed out to a caller,
+//    in one cache, or back in mimalloc.
+//  - Who caches: a thread caches a block it frees (whichever thread allocated it: the memory is
+//    shared, and mimalloc's cross-thread free handles it when the cache gives it back) only if
+//    it has a heap in the region, i.e. it allocates there too. A thread that only frees (a
+//    consumer) frees straight to mimalloc, so its cache cannot sit on blocks it never reuses.
+//  - Match: a cached block serves a request when its usable size equals the usable size
+//    mimalloc gave this thread the last time it allocated the same (size, alignment) (a small
+//    memo per cache; mi_good_size does not predict mimalloc's large pages: 200 KiB gets 256 KiB)
+//    and its address satisfies the alignment. So a hit hands out exactly the block mimalloc
+//    would have, and bytes_in_use stays exact.
+//  - Bounds: at most TL__CACHE_BLOCKS blocks and region size / TL__CACHE_SHARE bytes per thread
+//    and region; putting a block into a full cache gives the oldest back to mimalloc first, and
+//    a block larger than the byte bound is never cached.
+//  - Emptying: at thread exit (the tl__exit_key destructor), on the calling thread by
+//    tl_arena_trim, tl_arena_close and an allocation that found the region full (before it
+//    retries), and on every other thread at its next tl_arena_alloc or tl_arena_free in the
+//    region after one of those bumped the region's trim_epoch. So an allocation can fail while
+//    other threads' caches hold up to TL__CACHE_BLOCKS blocks and size / TL__CACHE_SHARE bytes
+//    each; the next allocation after those threads called into the arena again (or exited)
+//    finds that memory back in mimalloc (a block freed by another thread returns to the heap
+//    that allocated it: see the design notes).
+//  - Regions outlive arenas: a cache belongs to (thread, region), like the heap, so a retained
+//    region reused by a new tl_arena_t finds the caches that survived; tl_arena_close bumps the
+//    epoch, so they are emptied at each thread's next call, and a cached block is never counted
+//    as in use by either arena (blocks_in_use counts blocks handed out; the cached blocks and
+//    bytes are reported separately).
+// ---------------------------------------------------------------------------------------------
+
+#define TL__CACHE_BLOCKS 8 /* blocks per thread and region */
+#define TL__CACHE_SHARE 16 /* bytes per thread and region: at most the region's size / this */
+#define TL__CACHE_MEMO 4   /* (size, alignment) -> usable pairs remembered per cache */
+
+/* The fields a hit reads come first: the header and the newest memo entry share the first
+ * cache line (the record is 64-byte aligned), the blocks follow. */
+typedef struct tl__cache_s {
+  _Alignas(64) tl__region_t* region; /* the region its blocks lie in; read-only */
+  unsigned epoch;            /* region->trim_epoch when last emptied; owner only */
+  unsigned count;            /* blocks in `block`; owner only */
+  _Atomic size_t bytes;      /* usable bytes of the cached blocks: written by the owner
+                                (relaxed store), read by tl_arena_stats under tl__caches_lock */
+  _Atomic size_t blocks;     /* == count, for tl_arena_stats, like `bytes` */
+  struct {
+    size_t size, alignment; /* a request this thread sent to mimalloc */
+    size_t usable;          /* what mimalloc's block for it held; 0: empty entry */
+  } memo[TL__CACHE_MEMO];   /* owner only; [0] the most recent */
+  struct {
+    void* p;       /* the block */
+    size_t usable; /* its mi_usable_size */
+  } block[TL__CACHE_BLOCKS]; /* [0] oldest .. [count - 1] newest; owner only */
+  size_t max_bytes;          /* region size / TL__CACHE_SHARE; read-only */
+  struct tl__cache_s* next;  /* next cache of the region; under tl__caches_lock */
+} tl__cache_t;
+
+/* Hands one cached block back to mimalloc (the caller removes it from the cache). */
+static void tl__cache_release(tl__cache_t* c, void* p) {
+#if defined(__SANITIZE_THREAD__)
+  atomic_fetch_sub_explicit(&c->region->tsan_order, 1, memory_order_release);
+#else
+  (void)c;
+#endif
+  mi_free(p);
+}
+
+static void tl__cache_publish(tl__cache_t* c, size_t bytes) {
+  atomic_store_explicit(&c->bytes, bytes, memory_order_relaxed);
+  atomic_store_explicit(&c->blocks, c->count, memory_order_relaxed);
+}
+
+/* Gives every cached block back to mimalloc and catches up with the region's trim_epoch. */
+static void tl__cache_empty(tl__cache_t* c) {
+  c->epoch = atomic_load_explicit(&c->region->trim_epoch, memory_order_relaxed);
+  for (unsigned i = 0; i < c->count; i++) tl__cache_release(c, c->block[i].p);
+  c->count = 0;
+  tl__cache_publish(c, 0);
+}
+
+/* Empties the cache if another thread asked for it since it was last emptied. */
+static inline void tl__cache_check_epoch(tl__cache_t* c) {
+  if (TL__UNLIKELY(c->epoch != atomic_load_explicit(&c->region->trim_epoch, memory_order_relaxed)))
+    tl__cache_empty(c);
+}
+
+/* Asks every thread's cache of `r` to empty itself at its next call. */
+static void tl__cache_request_trim(tl__region_t* r) {
+  atomic_fetch_add_explicit(&r->trim_epoch, 1, memory_order_relaxed);
+}
+
+/* The usable size mimalloc gave this thread for (size, alignment), 0 if not remembered. */
+static inline size_t tl__cache_memo_get(const tl__cache_t* c, size_t size, size_t alignment) {
+  for (unsigned i = 0; i < TL__CACHE_MEMO; i++)
+    if (c->memo[i].size == size && c->memo[i].alignment == alignment) return c->memo[i].usable;
+  return 0;
+}
+
+/* Remembers (size, alignment) -> usable as the most recent entry, forgetting the oldest. */
+static void tl__cache_memo_put(tl__cache_t* c, size_t size, size_t alignment, size_t usable) {
+  if (c->memo[0].size == size && c->memo[0].alignment == alignment && c->memo[0].usable == usable)
+    return;
+  unsigned i = 0; /* the entry to drop: this request's older one, else the oldest */
+  while (i < TL__CACHE_MEMO - 1 && !(c->memo[i].size == size && c->memo[i].alignment == alignment))
+    i++;
+  for (; i > 0; i--) c->memo[i] = c->memo[i - 1];
+  c->memo[0].size = size;
+  c->memo[0].alignment = alignment;
+  c->memo[0].usable = usable;
+}
+
+/* Takes the newest cached block that matches (see the top of this section), or NULL; stores
+ * its usable size in *usable. The cache is not empty. */
+static inline void* tl__cache_take(tl__cache_t* c, size_t size, size_t alignment,
+                                   size_t* usable) {
+  tl__cache_check_epoch(c);
+  size_t want = tl__cache_memo_get(c, size, alignment);
+  if (!want) return NULL;
+  for (unsigned i = c->count; i-- > 0;) {
+    void* p = c->block[i].p;
+    if (c->block[i].usable != want || ((uintptr_t)p & (alignment - 1)) != 0) continue;
+    size_t bytes = atomic_load_explicit(&c->bytes, memory_order_relaxed) - want;
+    for (unsigned j = i + 1; j < c->count; j++) c->block[j - 1] = c->block[j];
+    c->count--;
+    tl__cache_publish(c, bytes);
+    *usable = want;
+    return p;
+  }
+  return NULL;
+}
+
+/* Puts a block this thread frees into its cache, first giving the oldest blocks back to
+ * mimalloc while the cache is full; 0 (not cached) for a block above the byte bound. */
+static inline int tl__cache_put(tl__cache_t* c, void* p, size_t usable) {
+  tl__cache_check_epoch(c);
+  if (usable > c->max_bytes) return 0;
+  size_t bytes = atomic_load_explicit(&c->bytes, memory_order_relaxed);
+  unsigned drop = 0;
+  while (c->count - drop == TL__CACHE_BLOCKS || bytes + usable > c->max_bytes) {
+    tl__cache_release(c, c->block[drop].p);
+    bytes -= c->block[drop].usable;
+    drop++;
+  }
+  if (drop) {
+    for (unsigned j = drop; j < c->count; j++) c->block[j - drop] = c->block[j];
+    c->count -= drop;
+  }
+  c->block[c->count].p = p;
+  c->block[c->count].usable = usable;
+  c->count++;
+  tl__cache_publish(c, bytes + usable);
+  return 1;
+}
+
+/* A new empty cache for the calling thread, linked into r->caches; NULL without memory. */
+static tl__cache_t* tl__cache_new(tl__region_t* r) {
+  tl__cache_t* c = aligned_alloc(64, sizeof *c); /* sizeof is a multiple of 64 (_Alignas) */
+  if (!c) return NULL;
+  memset(c, 0, sizeof *c); /* all-zero atomics are valid zeros */
+  c->region = r;
+  c->max_bytes = r->size / TL__CACHE_SHARE;
+  c->epoch = atomic_load_explicit(&r->trim_epoch, memory_order_relaxed);
+  pthread_mutex_lock(&tl__caches_lock);
+  c->next = r->caches;
+  r->caches = c;
+  pthread_mutex_unlock(&tl__caches_lock);
+  return c;
+}
+
+/* Empties the calling thread's cache, unlinks it from its region and frees it. */
+static void tl__cache_delete(tl__cache_t* c) {
+  tl__cache_empty(c);
+  pthread_mutex_lock(&tl__caches_lock);
+  tl__cache_t** link = &c->region->caches;
+  while (*link != c) link = &(*link)->next;
+  *link = c->next;
+  pthread_mutex_unlock(&tl__caches_lock);
+  free(c);
+}
+
+/* Sums the cached blocks and bytes of all threads' caches of `r`. */
+static void tl__cache_totals(tl__region_t* r, size_t* bytes, size_t* blocks) {
+  *bytes = *blocks = 0;
+  pthread_mutex_lock(&tl__caches_lock);
+  for (tl__cache_t* c = r->caches; c; c = c->next) {
+    *bytes += atomic_load_explicit(&c->bytes, memory_order_relaxed);
+    *blocks += atomic_load_explicit(&c->blocks, memory_order_relaxed);
+  }
+  pthread_mutex_unlock(&tl__caches_lock);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -224,32 +454,43 @@ static pthread_key_t tl__exit_key;                         /* destructor: tl__th
 static pthread_once_t tl__exit_once = PTHREAD_ONCE_INIT;
 static int tl__exit_key_ok;                                /* written once under tl__exit_once */
 
-/* Frees the calling thread's anchors; runs as the destructor of tl__exit_key at thread exit
- * (the thread's _Thread_local storage is still valid then). */
+/* Empties and deletes the calling thread's block caches and frees its anchors; runs as the
+ * destructor of tl__exit_key at thread exit (the thread's _Thread_local storage is still valid
+ * then). */
 static void tl__thread_exit(void* arg) {
   tl__thread_t* me = arg;
-  for (int i = 0; i < TL__HEAP_SLOTS; i++)
+  for (int i = 0; i < TL__HEAP_SLOTS; i++) {
+    if (me->caches[i]) {
+      tl__cache_delete(me->caches[i]);
+      me->caches[i] = NULL;
+    }
     if (me->anchors[i]) {
       mi_free(me->anchors[i]);
       me->anchors[i] = NULL;
     }
+  }
 }
 
 static void tl__exit_key_init(void) {
   tl__exit_key_ok = pthread_key_create(&tl__exit_key, tl__thread_exit) == 0;
 }
 
-static mi_heap_t* tl__thread_heap(const tl__region_t* r, tl__thread_t* me) {
+/* The calling thread's heap in `r`, created (with its anchor and block cache) on first use;
+ * NULL if mimalloc has none to give. */
+static mi_heap_t* tl__thread_heap(tl__region_t* r, tl__thread_t* me) {
   int id = (int)r->mi_id;
   if (id < 0 || id >= TL__HEAP_SLOTS) return NULL;
   if (!me->heaps[id]) {
     mi_heap_t* heap = mi_heap_new_in_arena(r->mi_id);
     if (!heap) return NULL;
     me->heaps[id] = heap;
-    /* The anchor is an optimisation: without the exit hook, or in a full arena, go without. */
+    /* The anchor and the cache are optimisations that need the exit hook (which frees the one
+     * and empties the other): without it, in a full arena or without memory, go without. */
     pthread_once(&tl__exit_once, tl__exit_key_init);
-    if (tl__exit_key_ok && pthread_setspecific(tl__exit_key, me) == 0)
+    if (tl__exit_key_ok && pthread_setspecific(tl__exit_key, me) == 0) {
       me->anchors[id] = mi_heap_malloc(heap, 1);
+      me->caches[id] = tl__cache_new(r);
+    }
   }
   return me->heaps[id];
 }
@@ -316,7 +557,8 @@ static int tl__pin(tl__region_t* r, tl_arena_pin_t pin) {
 
 static int tl__region_new(tl__region_t** out, int node, size_t size, tl_arena_pin_t pin,
                           int prefault) {
-  tl__region_t* r = calloc(1, sizeof *r);
+  tl__region_t* r = aligned_alloc(64, sizeof *r); /* sizeof is a multiple of 64 (_Alignas) */
+  if (r) memset(r, 0, sizeof *r); /* all-zero atomics are valid zeros */
   if (!r) return tl__fail(TL_ENOMEM, "arena: %zu bytes for the region record", sizeof *r);
   size_t span = size + TL_ARENA_GRANULE;
   char* raw = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -427,6 +669,15 @@ int tl_arena_init(tl_arena_t** out, const tl_arena_options_t* opts) {
   return 0;
 }
 
+/* Empties the calling thread's cache of `r` now and asks every other thread to empty theirs at
+ * its next call (see "Per-thread block caches"). */
+static void tl__trim(tl__region_t* r) {
+  tl__cache_request_trim(r);
+  unsigned id = (unsigned)r->mi_id;
+  tl__thread_t* me = tl__self();
+  if (id < TL__HEAP_SLOTS && me->caches[id]) tl__cache_empty(me->caches[id]);
+}
+
 int tl_arena_close(tl_arena_t* a) {
   tl__clear_detail();
   if (!a) return 0;
@@ -435,10 +686,18 @@ int tl_arena_close(tl_arena_t* a) {
     return tl__fail(TL_EBUSY, "arena on node %d: %zu block(s), %zu bytes still in use; free "
                               "them before closing",
                     a->region->numa_node, t.blocks, t.bytes);
+  tl__trim(a->region); /* the region waits for reuse: give the cached blocks back */
   pthread_mutex_lock(&tl__regions_lock);
   a->region->owned = 0;
   pthread_mutex_unlock(&tl__regions_lock);
   free(a);
+  return 0;
+}
+
+int tl_arena_trim(tl_arena_t* a) {
+  tl__clear_detail();
+  if (!a) return tl__fail(TL_EINVAL, "tl_arena_trim: NULL argument");
+  tl__trim(a->region);
   return 0;
 }
 
@@ -455,14 +714,21 @@ static __attribute__((cold)) int tl__exhausted(tl_arena_t* a, size_t size, const
   int ex;
   tl__shard_t* sh = tl__shard(a, &tl__thread, &ex);
   tl__shard_add64(&sh->failed, 1, ex);
-  const tl__region_t* r = a->region;
+  tl__region_t* r = a->region;
   tl__sums_t t = tl__sum(a);
+  size_t cached, cached_blocks;
+  tl__cache_totals(r, &cached, &cached_blocks);
+  /* The calling thread's cache is empty by now; the others' give their blocks back at their
+   * next call, so a retry after those threads ran can succeed. */
+  if (cached) tl__cache_request_trim(r);
   return tl__fail(TL_ENOMEM,
                   "arena on node %d (%zu MiB%s) cannot serve %zu bytes%s: %zu bytes in %zu "
-                  "block(s) in use; free blocks or create a larger arena (mimalloc gives each "
-                  "allocating thread segments of its own: allow 64 MiB per allocating thread)",
+                  "block(s) in use, %zu bytes in %zu block(s) cached by other threads (given "
+                  "back at their next call); free blocks or create a larger arena (mimalloc "
+                  "gives each allocating thread segments of its own: allow 64 MiB per "
+                  "allocating thread)",
                   r->numa_node, r->size >> 20, r->pinned ? ", pinned" : "", size, why,
-                  t.bytes, t.blocks);
+                  t.bytes, t.blocks, cached, cached_blocks);
 }
 
 /* Whether mimalloc 2.0.9 places a plain block of `size` bytes at a multiple of `alignment`
@@ -499,7 +765,7 @@ static inline void* tl__heap_alloc(mi_heap_t* heap, size_t size, size_t alignmen
 static __attribute__((noinline, cold)) int tl__alloc_slow(tl_arena_t* a, tl__thread_t* me,
                                                           size_t size, size_t alignment,
                                                           void** p) {
-  const tl__region_t* r = a->region;
+  tl__region_t* r = a->region;
   if (*p) goto outside;
   if (size > r->size) return tl__exhausted(a, size, " (larger than the region)");
   mi_heap_t* heap = tl__thread_heap(r, me);
@@ -514,6 +780,12 @@ static __attribute__((noinline, cold)) int tl__alloc_slow(tl_arena_t* a, tl__thr
     *p = tl__heap_alloc(heap, size, alignment);
   }
   unsigned id = (unsigned)r->mi_id;
+  if (!*p && me->caches[id] && me->caches[id]->count) {
+    /* This thread's cached blocks did not match the request: give them back, collect, retry. */
+    tl__cache_empty(me->caches[id]);
+    mi_heap_collect(heap, true);
+    *p = tl__heap_alloc(heap, size, alignment);
+  }
   if (!*p && me->anchors[id]) {
     /* The anchor keeps a segment this request may need (a block above 32 MiB takes a segment
      * of its own): give it up for good, collect the emptied page, retry. */
@@ -549,27 +821,36 @@ int tl_arena_alloc(tl_arena_t* a, size_t size, size_t alignment, void** out) {
                    alignment > TL_ARENA_MAX_ALIGNMENT))
     return tl__alloc_invalid(a, size, alignment, out);
   if (alignment == 0) alignment = 64;
-  const tl__region_t* r = a->region;
-#if defined(__SANITIZE_THREAD__)
-  (void)atomic_load_explicit(&a->tsan_order, memory_order_acquire); /* every earlier free */
-#endif
-  /* The common path: this thread's heap exists and has room. */
+  tl__region_t* r = a->region;
   unsigned id = (unsigned)r->mi_id;
-  mi_heap_t* heap = id < TL__HEAP_SLOTS ? me->heaps[id] : NULL;
   void* p = NULL;
-  if (TL__LIKELY(heap != NULL && size <= r->size)) p = tl__heap_alloc(heap, size, alignment);
-  if (TL__UNLIKELY(!p || !tl__in_region(r, p))) {
-    int err = tl__alloc_slow(a, me, size, alignment, &p);
-    if (err) return err;
-  }
-  size_t usable = mi_usable_size(p);
+  size_t usable = 0;
+  int hit = 0;
+  /* The fastest path: a block this thread freed (see "Per-thread block caches"). */
+  tl__cache_t* c = id < TL__HEAP_SLOTS ? me->caches[id] : NULL;
+  if (c && c->count) hit = (p = tl__cache_take(c, size, alignment, &usable)) != NULL;
+  if (!hit) {
 #if defined(__SANITIZE_THREAD__)
-  atomic_fetch_add_explicit(&a->tsan_order, usable, memory_order_acq_rel);
+    (void)atomic_load_explicit(&r->tsan_order, memory_order_acquire); /* every earlier free */
 #endif
+    /* The common path: this thread's heap exists and has room. */
+    mi_heap_t* heap = id < TL__HEAP_SLOTS ? me->heaps[id] : NULL;
+    if (TL__LIKELY(heap != NULL && size <= r->size)) p = tl__heap_alloc(heap, size, alignment);
+    if (TL__UNLIKELY(!p || !tl__in_region(r, p))) {
+      int err = tl__alloc_slow(a, me, size, alignment, &p);
+      if (err) return err;
+    }
+    usable = mi_usable_size(p);
+#if defined(__SANITIZE_THREAD__)
+    atomic_fetch_add_explicit(&r->tsan_order, 1, memory_order_acq_rel);
+#endif
+    if ((c = me->caches[id]) != NULL) tl__cache_memo_put(c, size, alignment, usable);
+  }
   int ex;
   tl__shard_t* sh = tl__shard(a, me, &ex);
   tl__shard_add(&sh->bytes, usable, ex);
   tl__shard_add(&sh->blocks, 1, ex);
+  if (hit) tl__shard_add64(&sh->hits, 1, ex);
   uint64_t allocs = tl__shard_add64(&sh->allocs, 1, ex);
   if (TL__UNLIKELY((allocs & ((1u << TL__PEAK_SHIFT) - 1)) == 0))
     tl__raise_peak(a, tl__sum(a).bytes);
@@ -581,16 +862,20 @@ int tl_arena_free(tl_arena_t* a, void* p) {
   tl__thread_t* me = tl__self();
   tl__detail[0] = '\0'; /* tl__clear_detail(), inline: see tl__self */
   if (TL__UNLIKELY(!a || !p)) return tl__fail(TL_EINVAL, "tl_arena_free: NULL argument");
-  if (TL__UNLIKELY(!tl__in_region(a->region, p)))
+  tl__region_t* r = a->region;
+  if (TL__UNLIKELY(!tl__in_region(r, p)))
     return tl__fail(TL_EINVAL, "tl_arena_free: %p is not inside this arena's region", p);
   size_t usable = mi_usable_size(p);
-  /* Counters first, then mi_free: see the comment on struct tl_arena_s. */
+  /* Counters first, then the cache or mi_free: see the comment on struct tl_arena_s. */
   int ex;
   tl__shard_t* sh = tl__shard(a, me, &ex);
   tl__shard_add(&sh->bytes, (size_t)0 - usable, ex);
   tl__shard_add(&sh->blocks, (size_t)0 - 1, ex);
+  unsigned id = (unsigned)r->mi_id;
+  tl__cache_t* c = id < TL__HEAP_SLOTS ? me->caches[id] : NULL;
+  if (c && tl__cache_put(c, p, usable)) return 0;
 #if defined(__SANITIZE_THREAD__)
-  atomic_fetch_sub_explicit(&a->tsan_order, usable, memory_order_release);
+  atomic_fetch_sub_explicit(&r->tsan_order, 1, memory_order_release);
 #endif
   mi_free(p);
   return 0;
@@ -604,7 +889,7 @@ int tl_arena_stats(const tl_arena_t* a, tl_arena_stats_t* out) {
   tl__clear_detail();
   if (!a || !out) return tl__fail(TL_EINVAL, "tl_arena_stats: NULL argument");
   memset(out, 0, sizeof *out);
-  const tl__region_t* r = a->region;
+  tl__region_t* r = a->region;
   out->base = r->start;
   out->numa_node = r->numa_node;
   out->size = r->size;
@@ -617,6 +902,8 @@ int tl_arena_stats(const tl_arena_t* a, tl_arena_stats_t* out) {
   out->peak_bytes = atomic_load(&a->peak_bytes);
   out->allocs = t.allocs;
   out->failed_allocs = t.failed;
+  out->cache_hits = t.hits;
+  tl__cache_totals(r, &out->cached_bytes, &out->cached_blocks);
   return 0;
 }
 

@@ -7,6 +7,14 @@
  * allocates gets its own mimalloc heap in the region, so allocation takes no lock. A block is
  * never served from memory outside the region: a full arena answers TL_ENOMEM.
  *
+ * Each allocating thread also keeps a small cache of blocks it freed (at most 8 blocks and 1/16
+ * of the region per thread) and serves a request of the same size and alignment from it first.
+ * Cached blocks are not in use (stats report them apart); a thread empties its cache when it
+ * exits, when tl_arena_trim() or tl_arena_close() runs, or when an allocation finds the arena
+ * full, and the other threads empty theirs at their next call after any of these. So an
+ * allocation that fails may have missed up to 1/16 of the region per other allocating thread;
+ * it succeeds again once those threads have called into the arena (or exited).
+ *
  * Regions live for the process: mimalloc 2.0 cannot give an arena back, so tl_arena_close()
  * keeps the region and a later tl_arena_init() with the same node, a size that fits and a
  * compatible pin state reuses it instead of reserving more memory.
@@ -63,6 +71,10 @@ typedef struct {
                              allocations of a thread and at each stats call */
   uint64_t allocs;        /* successful tl_arena_alloc calls since init */
   uint64_t failed_allocs; /* tl_arena_alloc calls that answered TL_ENOMEM */
+  uint64_t cache_hits;    /* allocations (counted in allocs) served by a thread's cache */
+  size_t cached_bytes;    /* usable bytes of the blocks the threads' caches hold (not in use,
+                             not free for other threads either; see the top of this file) */
+  size_t cached_blocks;   /* blocks the threads' caches hold */
 } tl_arena_stats_t;
 
 /* Creates an arena: reuses a retained region that fits (same node, size >= the request,
@@ -94,7 +106,14 @@ TL_EXTERN int tl_arena_free(tl_arena_t* a, void* p);
  * Thread-safe on one object. Errors: TL_EINVAL. */
 TL_EXTERN int tl_arena_stats(const tl_arena_t* a, tl_arena_stats_t* out);
 
-/* Releases the arena object and retains its region for reuse. Must not run concurrently with
+/* Gives the blocks cached by the calling thread back to mimalloc now, and asks every other
+ * thread to give its cached blocks back at its next tl_arena_alloc or tl_arena_free on the
+ * arena (or at its exit). For a thread that stops allocating for a while, or before handing the
+ * memory to other threads. Thread-safe on one object. Errors: TL_EINVAL (a is NULL). */
+TL_EXTERN int tl_arena_trim(tl_arena_t* a);
+
+/* Releases the arena object and retains its region for reuse (trimming it like
+ * tl_arena_trim(): cached blocks do not keep it busy). Must not run concurrently with
  * other calls on `a`. NULL is ignored (returns 0).
  * Errors: TL_EBUSY while blocks are live (the arena stays usable; free them first). */
 TL_EXTERN int tl_arena_close(tl_arena_t* a);

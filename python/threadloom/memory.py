@@ -3,7 +3,10 @@
     buf = threadloom.arena().alloc(nbytes)     # from the node the calling thread runs on
 
 Each thread that allocates gets its own heap inside its node's arena (mimalloc), so pinned
-loader threads allocate without sharing anything; any thread may free any Buffer. The arena of
+loader threads allocate without sharing anything; any thread may free any Buffer. Such a thread
+also keeps up to 8 blocks it freed (at most 1/16 of the arena) and hands them out again for
+requests of the same size: Arena.stats() counts them as cached_bytes, and Arena.trim() gives
+them back (threads also give them back when they exit). The arena of
 a node is created on first use, page-locked when a GPU is present. Its size is
 THREADLOOM_ARENA_MB (default 1024) MiB of address space; each allocating thread needs about
 64 MiB of it for its own segments, plus the blocks it holds. Pages become resident (on the node)

@@ -205,6 +205,9 @@ static pthread_barrier_t stress_barrier;
 static pthread_mutex_t stress_lock = PTHREAD_MUTEX_INITIALIZER;
 static stress_block_t stress_slots[STRESS_SLOTS]; /* the exchange; under stress_lock */
 static int stress_cross_frees[STRESS_THREADS];      /* per thread, no sharing */
+static int stress_cached; /* 1: sizes from a few classes, so the threads' caches serve blocks
+                             (a block handed out twice would break the tags), and thread 0
+                             trims now and then; set before the threads start */
 
 static uint64_t xorshift(uint64_t* s) {
   uint64_t x = *s;
@@ -235,7 +238,10 @@ static void* stress_thread(void* arg) {
   pthread_barrier_wait(&stress_barrier);
   for (int it = 0; it < STRESS_ITERS; it++) {
     stress_block_t b;
-    b.size = 64 * 1024 + (size_t)(xorshift(&rng) % (4 * MiB - 64 * 1024));
+    static const size_t classes[] = {64 * 1024, 100 * 1024, MiB, 3 * MiB + 17};
+    if (stress_cached) b.size = classes[xorshift(&rng) % 4];
+    else b.size = 64 * 1024 + (size_t)(xorshift(&rng) % (4 * MiB - 64 * 1024));
+    if (stress_cached && self == 0 && it % 50 == 49) ASSERT_OK(tl_arena_trim(stress_arena));
     b.tag = (uint32_t)xorshift(&rng);
     b.owner = self;
     ASSERT_OK(tl_arena_alloc(stress_arena, b.size, 0, &b.p));
@@ -262,7 +268,7 @@ static void* stress_thread(void* arg) {
   return NULL; /* blocks left in the exchange outlive this thread and its heap */
 }
 
-TEST_IMPL(arena_stress_threads) {
+static void stress_run(void) {
   stress_arena = arena_new(0, 1024 * MiB, TL_ARENA_PIN_AUTO);
   ASSERT_EQ(pthread_barrier_init(&stress_barrier, NULL, STRESS_THREADS), 0);
   pthread_t t[STRESS_THREADS];
@@ -283,11 +289,23 @@ TEST_IMPL(arena_stress_threads) {
   ASSERT_EQ(s.allocs, (uint64_t)STRESS_THREADS * STRESS_ITERS);
   ASSERT_EQ(s.failed_allocs, 0);
   ASSERT(s.peak_bytes > 4 * MiB);
+  ASSERT_EQ(s.cached_blocks, 0); /* the threads emptied their caches at exit */
+  if (stress_cached) ASSERT(s.cache_hits > 0);
   /* the memory the exited threads held is usable again */
   void* p;
   ASSERT_OK(tl_arena_alloc(stress_arena, 256 * MiB, 0, &p));
   ASSERT_OK(tl_arena_free(stress_arena, p));
   ASSERT_OK(tl_arena_close(stress_arena));
+}
+
+TEST_IMPL(arena_stress_threads) {
+  stress_run();
+  return 0;
+}
+
+TEST_IMPL(arena_stress_cached) {
+  stress_cached = 1;
+  stress_run();
   return 0;
 }
 
@@ -407,6 +425,326 @@ TEST_IMPL(arena_thread_exit_gives_segment_back) {
   ASSERT_OK(tl_arena_stats(exh_arena, &s));
   ASSERT_EQ(s.failed_allocs, 0);
   ASSERT_OK(tl_arena_close(exh_arena));
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-thread block caches
+// ---------------------------------------------------------------------------------------------
+
+TEST_IMPL(arena_cache_reuse_and_caps) {
+  /* 64 MiB region: each thread caches at most 8 blocks and 4 MiB (1/16 of the region). */
+  tl_arena_t* a = arena_new(0, 64 * MiB, TL_ARENA_PIN_NEVER);
+  tl_arena_stats_t s;
+  void *p, *q, *blocks[10];
+  ASSERT_OK(tl_arena_alloc(a, 65536, 0, &p));
+  ASSERT_OK(tl_arena_free(a, p));
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.bytes_in_use, 0);
+  ASSERT_EQ(s.blocks_in_use, 0);
+  ASSERT_EQ(s.cached_blocks, 1);
+  ASSERT_EQ(s.cached_bytes, 65536);
+  ASSERT_EQ(s.cache_hits, 0);
+  /* the same request takes the same block back; the accounting counts it as in use again */
+  ASSERT_OK(tl_arena_alloc(a, 65536, 0, &q));
+  ASSERT(q == p);
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.cache_hits, 1);
+  ASSERT_EQ(s.allocs, 2);
+  ASSERT_EQ(s.bytes_in_use, 65536);
+  ASSERT_EQ(s.blocks_in_use, 1);
+  ASSERT_EQ(s.cached_blocks, 0);
+  ASSERT_EQ(s.cached_bytes, 0);
+  /* another size does not take a cached 64 KiB block (its usable size differs) */
+  ASSERT_OK(tl_arena_free(a, q));
+  ASSERT_OK(tl_arena_alloc(a, 65537, 0, &q));
+  ASSERT(q != p);
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.cache_hits, 1);
+  ASSERT_EQ(s.cached_blocks, 1);
+  ASSERT_EQ(s.bytes_in_use, 81920); /* mimalloc's size class for 64 KiB + 1 */
+  ASSERT_OK(tl_arena_free(a, q));
+
+  /* count bound: 10 blocks freed, the 8 newest are cached, the oldest went back to mimalloc */
+  ASSERT_OK(tl_arena_trim(a));
+  for (int i = 0; i < 10; i++) ASSERT_OK(tl_arena_alloc(a, 65536, 0, &blocks[i]));
+  for (int i = 0; i < 10; i++) ASSERT_OK(tl_arena_free(a, blocks[i]));
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.cached_blocks, 8);
+  ASSERT_EQ(s.cached_bytes, 8 * 65536);
+  ASSERT_EQ(s.blocks_in_use, 0);
+  /* LIFO: the newest first */
+  ASSERT_OK(tl_arena_alloc(a, 65536, 0, &p));
+  ASSERT(p == blocks[9]);
+  ASSERT_OK(tl_arena_free(a, p));
+
+  /* byte bound: 4 MiB per thread here, so five 1 MiB blocks leave four cached (the 64 KiB
+   * ones are evicted first, being older); a block above the bound is never cached */
+  for (int i = 0; i < 5; i++) ASSERT_OK(tl_arena_alloc(a, MiB, 0, &blocks[i]));
+  for (int i = 0; i < 5; i++) ASSERT_OK(tl_arena_free(a, blocks[i]));
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.cached_bytes, 4 * MiB);
+  ASSERT_EQ(s.cached_blocks, 4);
+  ASSERT_OK(tl_arena_alloc(a, 5 * MiB, 0, &p));
+  ASSERT_OK(tl_arena_free(a, p));
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.cached_bytes, 4 * MiB);
+
+  /* trim gives everything back */
+  ASSERT_OK(tl_arena_trim(a));
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.cached_bytes, 0);
+  ASSERT_EQ(s.cached_blocks, 0);
+  ASSERT_EQ(tl_arena_trim(NULL), TL_EINVAL);
+  ASSERT_OK(tl_arena_close(a));
+  return 0;
+}
+
+TEST_IMPL(arena_cache_alignment) {
+  /* A cached block serves a request only at an address with the requested alignment. Blocks of
+   * 300 bytes (the 320-byte class, 64-byte aligned) are cached, then requested with larger
+   * alignments: whatever comes back, from the cache or from mimalloc, is aligned. */
+  tl_arena_t* a = arena_new(0, 64 * MiB, TL_ARENA_PIN_NEVER);
+  static const size_t aligns[] = {64, 128, 256, 4096, 64, 512};
+  void* blocks[8];
+  int misaligned_cached = 0;
+  for (size_t k = 0; k < sizeof aligns / sizeof aligns[0]; k++) {
+    for (int i = 0; i < 8; i++) {
+      ASSERT_OK(tl_arena_alloc(a, 300, aligns[k], &blocks[i]));
+      if ((uintptr_t)blocks[i] % aligns[k] != 0)
+        TL_FAIL_AT("%p is not aligned to %zu", blocks[i], aligns[k]);
+    }
+    for (int i = 0; i < 8; i++) {
+      misaligned_cached += (uintptr_t)blocks[i] % 512 != 0;
+      ASSERT_OK(tl_arena_free(a, blocks[i]));
+    }
+  }
+  ASSERT(misaligned_cached > 0); /* the cache did hold blocks a 512-byte request must skip */
+  tl_arena_stats_t s;
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT(s.cache_hits > 0);
+  ASSERT_OK(tl_arena_trim(a));
+  ASSERT_OK(tl_arena_close(a));
+  return 0;
+}
+
+/* A worker thread driven step by step by the main thread: each step is one command. */
+typedef enum { W_ALLOC_FREE, W_FREE_GIVEN, W_ALLOC_KEEP, W_FREE_KEPT, W_EXIT } w_cmd_t;
+static tl_arena_t* w_arena;
+static pthread_barrier_t w_go, w_done;
+static w_cmd_t w_cmd;
+static size_t w_size;
+static void* w_given[8]; /* blocks the main thread hands over (W_FREE_GIVEN) */
+static int w_given_n;
+static void* w_kept[8]; /* blocks the worker allocated and keeps (W_ALLOC_KEEP) */
+static int w_kept_n;
+
+static void* w_thread(void* arg) {
+  (void)arg;
+  for (;;) {
+    pthread_barrier_wait(&w_go);
+    void* p;
+    switch (w_cmd) {
+      case W_ALLOC_FREE: /* one call of each, which also empties a cache asked to empty */
+        ASSERT_OK(tl_arena_alloc(w_arena, w_size, 0, &p));
+        ASSERT_OK(tl_arena_free(w_arena, p));
+        break;
+      case W_FREE_GIVEN:
+        for (int i = 0; i < w_given_n; i++) ASSERT_OK(tl_arena_free(w_arena, w_given[i]));
+        break;
+      case W_ALLOC_KEEP:
+        ASSERT_OK(tl_arena_alloc(w_arena, w_size, 0, &w_kept[w_kept_n]));
+        w_kept_n++;
+        break;
+      case W_FREE_KEPT:
+        for (int i = 0; i < w_kept_n; i++) ASSERT_OK(tl_arena_free(w_arena, w_kept[i]));
+        w_kept_n = 0;
+        break;
+      case W_EXIT: pthread_barrier_wait(&w_done); return NULL;
+    }
+    pthread_barrier_wait(&w_done);
+  }
+}
+
+static void w_start(pthread_t* t, tl_arena_t* a) {
+  w_arena = a;
+  ASSERT_EQ(pthread_barrier_init(&w_go, NULL, 2), 0);
+  ASSERT_EQ(pthread_barrier_init(&w_done, NULL, 2), 0);
+  ASSERT_EQ(pthread_create(t, NULL, w_thread, NULL), 0);
+}
+
+static void w_run(w_cmd_t cmd, size_t size) {
+  w_cmd = cmd;
+  w_size = size;
+  pthread_barrier_wait(&w_go);
+  pthread_barrier_wait(&w_done);
+}
+
+static void w_stop(pthread_t t) {
+  w_run(W_EXIT, 0);
+  ASSERT_EQ(pthread_join(t, NULL), 0);
+  pthread_barrier_destroy(&w_go);
+  pthread_barrier_destroy(&w_done);
+}
+
+TEST_IMPL(arena_cache_cross_thread_and_exit) {
+  /* A block the main thread allocated and the worker frees goes into the worker's cache, the
+   * worker's next allocation of that size takes it, and the worker's exit empties its cache. */
+  tl_arena_t* a = arena_new(0, 192 * MiB, TL_ARENA_PIN_NEVER);
+  pthread_t t;
+  w_start(&t, a);
+  w_run(W_ALLOC_FREE, MiB); /* the worker allocates too: it has a heap and a cache */
+  w_run(W_ALLOC_KEEP, MiB); /* ... and takes its own block back from the cache */
+  tl_arena_stats_t s;
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.cache_hits, 1);
+  ASSERT_EQ(s.cached_blocks, 0);
+  void* mine;
+  ASSERT_OK(tl_arena_alloc(a, MiB, 0, &mine));
+  w_given[0] = mine;
+  w_given_n = 1;
+  w_run(W_FREE_GIVEN, 0);
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.cached_blocks, 1);
+  ASSERT_EQ(s.cached_bytes, MiB);
+  ASSERT_EQ(s.blocks_in_use, 1); /* the worker's kept block */
+  w_run(W_ALLOC_KEEP, MiB);
+  ASSERT(w_kept[1] == mine); /* the main thread's block, from the worker's cache */
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.cache_hits, 2);
+  ASSERT_EQ(s.blocks_in_use, 2);
+  w_run(W_FREE_KEPT, 0);
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.cached_blocks, 2);
+  ASSERT_EQ(s.blocks_in_use, 0);
+  /* a thread that never allocated in the arena frees straight to mimalloc (no cache) */
+  w_stop(t);
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.cached_blocks, 0); /* emptied at the worker's exit */
+  ASSERT_EQ(s.cached_bytes, 0);
+  ASSERT_OK(tl_arena_close(a));
+  return 0;
+}
+
+TEST_IMPL(arena_cache_free_only_thread) {
+  /* A thread that only frees (a consumer) does not cache: its blocks go back to mimalloc. */
+  tl_arena_t* a = arena_new(0, 64 * MiB, TL_ARENA_PIN_NEVER);
+  pthread_t t;
+  w_start(&t, a);
+  for (int i = 0; i < 3; i++) ASSERT_OK(tl_arena_alloc(a, 65536, 0, &w_given[i]));
+  w_given_n = 3;
+  w_run(W_FREE_GIVEN, 0);
+  tl_arena_stats_t s;
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.cached_blocks, 0);
+  ASSERT_EQ(s.blocks_in_use, 0);
+  w_stop(t);
+  ASSERT_OK(tl_arena_close(a));
+  return 0;
+}
+
+TEST_IMPL(arena_cache_trim_other_thread) {
+  /* tl_arena_trim empties the caller's cache now and the worker's at its next call. */
+  tl_arena_t* a = arena_new(0, 192 * MiB, TL_ARENA_PIN_NEVER);
+  pthread_t t;
+  w_start(&t, a);
+  w_run(W_ALLOC_FREE, MiB);
+  void* p;
+  ASSERT_OK(tl_arena_alloc(a, 2 * MiB, 0, &p));
+  ASSERT_OK(tl_arena_free(a, p));
+  tl_arena_stats_t s;
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.cached_bytes, 3 * MiB);
+  ASSERT_OK(tl_arena_trim(a));
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.cached_bytes, MiB); /* the worker's, until it calls */
+  ASSERT_EQ(s.cached_blocks, 1);
+  w_run(W_ALLOC_FREE, 65536);
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.cached_bytes, 65536); /* the 1 MiB block went back; the new one is cached */
+  ASSERT_EQ(s.cache_hits, 0);
+  w_stop(t);
+  ASSERT_OK(tl_arena_close(a));
+  return 0;
+}
+
+TEST_IMPL(arena_cache_exhaustion_bound) {
+  /* The main thread's blocks sit in the worker's cache while the main thread fills the arena:
+   * the failure reports them, and once the worker has called into the arena again they are
+   * the main thread's to allocate. Nothing else is missing: exactly those blocks come back. */
+  tl_arena_t* a = arena_new(0, 256 * MiB, TL_ARENA_PIN_NEVER); /* 16 MiB cache per thread */
+  pthread_t t;
+  w_start(&t, a);
+  w_run(W_ALLOC_FREE, 4096); /* the worker's heap, segment and cache */
+  tl_arena_stats_t s;
+  ASSERT_OK(tl_arena_stats(a, &s));
+  void* blocks[EXH_MAX];
+  int n0 = fill(a, 4 * MiB, blocks, &s);
+  ASSERT(n0 >= 8);
+  for (int i = 0; i < 4; i++) w_given[i] = blocks[i];
+  w_given_n = 4;
+  /* 16 MiB of the main thread's blocks into the worker's cache, which evicts its own 4 KiB
+   * block to stay within its 16 MiB */
+  w_run(W_FREE_GIVEN, 0);
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.cached_bytes, 16 * MiB);
+  ASSERT_EQ(s.cached_blocks, 4);
+  void* more[EXH_MAX];
+  ASSERT_EQ(fill(a, 4 * MiB, more, &s), 0);
+  ASSERT_CONTAINS(tl_err_detail(), "16777216 bytes in 4 block(s) cached by other threads");
+  w_run(W_ALLOC_FREE, 4096); /* the worker's next call gives its cache back */
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.cached_bytes, 4096);
+  ASSERT_EQ(fill(a, 4 * MiB, more, &s), 4);
+  for (int i = 4; i < n0; i++) ASSERT_OK(tl_arena_free(a, blocks[i]));
+  for (int i = 0; i < 4; i++) ASSERT_OK(tl_arena_free(a, more[i]));
+  w_stop(t);
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.blocks_in_use, 0);
+  ASSERT_OK(tl_arena_close(a));
+  return 0;
+}
+
+TEST_IMPL(arena_cache_region_reuse) {
+  /* A worker's cache survives tl_arena_close of its region's arena; the next arena on the
+   * region sees those blocks as cached (not in use), the worker's next call gives them back
+   * instead of serving them, and no block is handed out twice. */
+  tl_arena_t* a = arena_new(0, 192 * MiB, TL_ARENA_PIN_NEVER);
+  pthread_t t;
+  w_start(&t, a);
+  w_run(W_ALLOC_KEEP, MiB);
+  w_run(W_ALLOC_KEEP, MiB);
+  void* first[2] = {w_kept[0], w_kept[1]};
+  w_run(W_FREE_KEPT, 0); /* both cached by the worker */
+  void* p;
+  ASSERT_OK(tl_arena_alloc(a, MiB, 0, &p));
+  ASSERT_OK(tl_arena_free(a, p)); /* and one by the main thread */
+  tl_arena_stats_t s1, s2;
+  ASSERT_OK(tl_arena_stats(a, &s1));
+  ASSERT_EQ(s1.cached_blocks, 3);
+  ASSERT_OK(tl_arena_close(a)); /* cached blocks do not keep it busy */
+
+  tl_arena_t* b = arena_new(0, 64 * MiB, TL_ARENA_PIN_NEVER);
+  w_arena = b;
+  ASSERT_OK(tl_arena_stats(b, &s2));
+  ASSERT(s2.base == s1.base);   /* the retained region */
+  ASSERT_EQ(s2.cached_blocks, 2); /* the closing thread's cache was emptied, the worker's not */
+  ASSERT_EQ(s2.blocks_in_use, 0);
+  w_run(W_ALLOC_KEEP, MiB);
+  w_run(W_ALLOC_KEEP, MiB);
+  ASSERT(w_kept[0] != w_kept[1]);
+  ASSERT_OK(tl_arena_stats(b, &s2));
+  ASSERT_EQ(s2.cache_hits, 0); /* the stale cache was emptied, not served from */
+  ASSERT_EQ(s2.cached_blocks, 0);
+  ASSERT_EQ(s2.blocks_in_use, 2);
+  ASSERT_EQ(s2.bytes_in_use, 2 * MiB);
+  memset(w_kept[0], 1, MiB);
+  memset(w_kept[1], 2, MiB);
+  ASSERT(((unsigned char*)w_kept[0])[MiB - 1] == 1);
+  (void)first;
+  w_run(W_FREE_KEPT, 0);
+  w_stop(t);
+  ASSERT_OK(tl_arena_close(b));
   return 0;
 }
 

@@ -73,6 +73,26 @@ def test_close_rules():
         a.alloc(10)
     with pytest.raises(threadloom.ClosedError):
         a.stats()
+    with pytest.raises(threadloom.ClosedError):
+        a.trim()
+
+
+def test_freed_blocks_are_cached_per_thread_and_trimmed():
+    a = threadloom.Arena(numa_node=0, size=64 * MiB, pin="never")
+    b = a.alloc(MiB)
+    ptr = b.ptr
+    b.free()
+    s = a.stats()
+    # the block is neither in use nor back in mimalloc: this thread's cache holds it
+    assert (s["blocks_in_use"], s["cached_blocks"], s["cached_bytes"]) == (0, 1, MiB)
+    with a.alloc(MiB) as c:  # the same size takes it back
+        assert c.ptr == ptr
+        s = a.stats()
+        assert (s["cache_hits"], s["blocks_in_use"], s["cached_blocks"]) == (1, 1, 0)
+    a.trim()
+    s = a.stats()
+    assert (s["cached_blocks"], s["cached_bytes"], s["bytes_in_use"]) == (0, 0, 0)
+    a.close()
 
 
 def test_many_threads_allocate_and_free_each_others_blocks():
@@ -105,6 +125,7 @@ def test_many_threads_allocate_and_free_each_others_blocks():
     s = a.stats()
     assert s["allocs"] == n * rounds and s["blocks_in_use"] == 0 and s["bytes_in_use"] == 0
     assert s["peak_bytes"] > 0
+    assert s["cached_blocks"] == 0 and s["cached_bytes"] == 0  # emptied as the threads exited
 
 
 def test_node_arena_is_shared_and_local(monkeypatch):
