@@ -143,3 +143,19 @@ def test_node_arena_is_shared_and_local(monkeypatch):
     from threadloom import memory
     with memory._lock:
         memory._arenas.pop(node).close()
+
+
+def test_cpu_nodes_from_sysfs_match_the_topology(monkeypatch):
+    """current_numa_node() reads sysfs (fast); its map agrees with hwloc's for this machine,
+    and without sysfs it falls back to the topology."""
+    from threadloom import memory, _core
+    monkeypatch.delenv("HWLOC_XMLFILE", raising=False)
+    fast = memory._cpu_nodes()
+    want = {}
+    for c in _core.topology()["core_list"]:
+        for pu in memory._cpulist(c["pus"]):
+            want[pu] = c["numa_node"]
+    assert fast == want
+    assert memory._cpulist("0-2,5,7-8\n") == [0, 1, 2, 5, 7, 8]
+    monkeypatch.setattr(memory.os, "listdir", lambda p: (_ for _ in ()).throw(FileNotFoundError(p)))
+    assert memory._cpu_nodes() == want
