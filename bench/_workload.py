@@ -140,6 +140,20 @@ def describe_batch(b):
             "nbytes": n}
 
 
+def consume(batches, t0):
+    """Iterates `batches` (a loader) to the end: (samples, seconds, seconds to the first batch,
+    the first batch described), the seconds counted from `t0` (taken before the loader was
+    built, so its start-up is included)."""
+    first = desc = None
+    count = 0
+    for batch in batches:
+        if first is None:
+            first = time.perf_counter() - t0
+            desc = describe_batch(batch)
+        count += len(batch)
+    return count, time.perf_counter() - t0, first, desc
+
+
 def thread_sweep(cores, cap=16):
     """Worker counts to measure: 1, 2, 4, ... up to max(8, cores), never above `cap`, plus the
     core count itself. On a small machine the points past its cores show the curve flattening."""

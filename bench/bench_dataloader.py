@@ -38,7 +38,7 @@ import threadloom  # noqa: E402
 from threadloom.data.collate import default_collate  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _workload import WORKLOADS, describe_batch, make_dataset, parse_args, per_sample_cost  # noqa: E402
+from _workload import WORKLOADS, consume, make_dataset, parse_args, per_sample_cost  # noqa: E402
 
 
 _ds = None
@@ -62,43 +62,22 @@ def batches(n, b):
 def run_threadloom(wl, n, b, work, workers, replicate="copy"):
     ds = make_dataset(wl, n, work)
     t0 = time.perf_counter()
-    first = desc = None
-    count = 0
-    loader = threadloom.DataLoader(ds, batch_size=b, num_workers=workers, replicate=replicate)
-    for batch in loader:
-        if first is None:
-            first = time.perf_counter() - t0
-            desc = describe_batch(batch)
-        count += len(batch)
-    return count, time.perf_counter() - t0, first, desc
+    return consume(threadloom.DataLoader(ds, batch_size=b, num_workers=workers,
+                                         replicate=replicate), t0)
 
 
 def run_naive_threads(wl, n, b, work, workers):
     ds = make_dataset(wl, n, work)
     t0 = time.perf_counter()
-    first = desc = None
-    count = 0
     with concurrent.futures.ThreadPoolExecutor(workers) as ex:
-        for batch in ex.map(lambda idx: default_collate([ds[i] for i in idx]), batches(n, b)):
-            if first is None:
-                first = time.perf_counter() - t0
-                desc = describe_batch(batch)
-            count += len(batch)
-    return count, time.perf_counter() - t0, first, desc
+        return consume(ex.map(lambda idx: default_collate([ds[i] for i in idx]), batches(n, b)), t0)
 
 
 def run_processes(wl, n, b, work, workers):
     t0 = time.perf_counter()
-    first = desc = None
-    count = 0
     ctx = multiprocessing.get_context("spawn")  # as torch's default outside Linux; fork is unsafe with threads
     with ctx.Pool(workers, initializer=_mp_init, initargs=(wl, n, work)) as pool:
-        for batch in pool.imap(_mp_batch, batches(n, b)):
-            if first is None:
-                first = time.perf_counter() - t0
-                desc = describe_batch(batch)
-            count += len(batch)
-    return count, time.perf_counter() - t0, first, desc
+        return consume(pool.imap(_mp_batch, batches(n, b)), t0)
 
 
 def main():

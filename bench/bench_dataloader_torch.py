@@ -21,20 +21,13 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _workload import WORKLOADS, describe_batch, make_dataset, parse_args, per_sample_cost  # noqa: E402
+from _workload import WORKLOADS, consume, make_dataset, parse_args, per_sample_cost  # noqa: E402
 
 
 def run_torch(torch_data, wl, n, b, work, workers):
     ds = make_dataset(wl, n, work)
     t0 = time.perf_counter()
-    first = desc = None
-    count = 0
-    for batch in torch_data.DataLoader(ds, batch_size=b, num_workers=workers):
-        if first is None:
-            first = time.perf_counter() - t0
-            desc = describe_batch(batch)
-        count += len(batch)
-    return count, time.perf_counter() - t0, first, desc
+    return consume(torch_data.DataLoader(ds, batch_size=b, num_workers=workers), t0)
 
 
 def main():
