@@ -592,6 +592,18 @@ def section_checkpoint(r, cores):
                    ratio(big["save_stall_s"], big["sync_write_s"]), "lower is better")
     else:
         r.md += ["No stall-vs-size sweep in checkpoint.json (an older bench_checkpoint.py)."]
+    st = ck.get("stall")
+    if st and "save_alone_s" in st:
+        r.md += ["", "The stall against its goal (<= 1.2x the copy of the same bytes; on a GPU "
+                 "machine the D2H copy, here a memcpy into faulted host memory), medians of %d "
+                 "interleaved rounds, %d MiB: save() copies into staging on the calling thread "
+                 "helped by %d idle I/O thread(s) (copy_threads; 0 = the calling thread alone):"
+                 % (len(st["saves_s"]), ck["size_mib"], st["copy_threads"]), ""]
+        r.md += table(["", "stall", "/ memcpy"],
+                      [["save()", "%.3f s" % st["save_s"], ratio(st["save_s"], st["memcpy_s"])],
+                       ["save(), copy_threads=0", "%.3f s" % st["save_alone_s"],
+                        ratio(st["save_alone_s"], st["memcpy_s"])],
+                       ["memcpy", "%.3f s" % st["memcpy_s"], "1.00x"]])
     if ck.get("bandwidth"):
         r.md += ["", "Save bandwidth of %d MiB, call to committed, vs a raw sequential write + "
                  "fsync of the same bytes (goal >= 90%%):" % ck["size_mib"], ""]

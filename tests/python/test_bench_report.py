@@ -106,6 +106,9 @@ def synthetic(d, torch=False):
          "sync_write_fsync_s": m / 200, "memcpy_s": m / 2000} for m in (64, 128)],
         "bandwidth": [{"staging": "staging 256 MiB (streams)", "raw_MBps": 800.0, "ckpt_MBps": 760.0,
                        "ratio": 0.95}],
+        "stall": {"save_s": 0.011, "save_best_s": 0.010, "memcpy_s": 0.010, "memcpy_best_s": 0.009,
+                  "ratio": 1.1, "save_alone_s": 0.015, "copy_threads": 2,
+                  "saves_s": [0.011] * 5, "alone_s": [0.015] * 5, "memcpy_all_s": [0.010] * 5},
         "training": {"threads": 2, "with_save": [90.0], "without": [100.0], "ratio": 0.9}})
     write(d, "arena", {"cores": 2, "duration_s": 1.0, "pin_detail": "not pinned: no GPU", "rows": [
         {"size": s, "threads": w, "live": lv, "arena": 3000.0 * w, "glibc": 2000.0 * w}
@@ -193,6 +196,9 @@ def test_report_tables(tmp_path):
     t = md_table(md, "## Checkpoint: training stall vs state size")
     assert [r[0] for r in t[1:]] == ["64 MiB", "128 MiB"]
     assert all(r[5] == "4.00x" for r in t[1:])
+    t = md_table(md, "## Checkpoint: training stall vs state size", 1)
+    assert t == [["", "stall", "/ memcpy"], ["save()", "0.011 s", "1.10x"],
+                 ["save(), copy_threads=0", "0.015 s", "1.50x"], ["memcpy", "0.010 s", "1.00x"]]
     # Arena, executor, start-up
     t = md_table(md, "## Arena: allocation rate vs glibc malloc")
     assert len(t) == 1 + 12 and all(r[5] == "1.50x" for r in t[1:])

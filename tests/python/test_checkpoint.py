@@ -622,3 +622,139 @@ def test_load_framework_argument(tmp_path):
             threadloom.load(tmp_path, framework="torch")
     else:  # tests/torch checks the tensors themselves
         assert threadloom.load(tmp_path, framework="torch")["w"].tolist() == [1.0, 2.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The staging copy with helper threads (checkpoint._Copies)
+
+from threadloom import checkpoint as _ckpt  # noqa: E402
+
+
+@pytest.mark.parametrize("copy_threads", [0, 1, 2])
+@pytest.mark.parametrize("staging", ["holds it", "streams"])
+def test_parallel_staging_copy_round_trips(tmp_path, monkeypatch, copy_threads, staging):
+    """Tensors of odd sizes (empty, tiny, over a piece, over a slot) in pieces of 4 KiB copied by
+    the saving thread and up to two helpers; with a small budget the copy runs in several
+    batches (a batch ends where a slot must be waited for)."""
+    monkeypatch.setattr(_ckpt, "_COPY_PIECE", 4096)
+    rng = random.Random(copy_threads)
+    sizes = [0, 1, 7, 4095, 4096, 4097, 70000, 300001, 5, 0, 123457]
+    state = {"t%02d" % i: memoryview(rng.randbytes(n)) for i, n in enumerate(sizes)}
+    budget = (1 << 20) if staging == "holds it" else 64 << 10
+    with threadloom.Checkpointer(tmp_path, staging_bytes=budget, chunk_bytes=16 << 10,
+                                 shard_bytes=200000, copy_threads=copy_threads) as ck:
+        for step in range(3):
+            ck.save(state, step).result(60)
+    got = threadloom.load(tmp_path)
+    assert {k: bytes(v) for k, v in got.items()} == {k: bytes(v) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("copy_threads", [0, 2])
+def test_save_never_reads_the_state_after_it_returned(tmp_path, monkeypatch, copy_threads):
+    """save() returns only after every piece is copied, helpers' included: overwriting the state
+    right after it returned never reaches the checkpoint (with many 4 KiB pieces and two helpers
+    racing the saving thread)."""
+    monkeypatch.setattr(_ckpt, "_COPY_PIECE", 4096)
+    state = {"a": bytearray(b"\x11" * (3 << 20)), "b": bytearray(b"\x22" * (1 << 20))}
+    with threadloom.Checkpointer(tmp_path, keep=0, staging_bytes=8 << 20, chunk_bytes=1 << 20,
+                                 copy_threads=copy_threads) as ck:
+        futs = []
+        for step in range(12):
+            fill = 0x30 + step
+            state["a"][:] = bytes([fill]) * len(state["a"])
+            state["b"][:] = bytes([fill + 1]) * len(state["b"])
+            futs.append(ck.save(state, step))
+            state["a"][:] = b"\xee" * len(state["a"])   # the training step after save()
+            state["b"][:] = b"\xee" * len(state["b"])
+        for f in futs:
+            f.result(60)
+    for step in range(12):
+        got = threadloom.load(tmp_path, step)
+        assert set(bytes(got["a"])) == {0x30 + step}, step
+        assert set(bytes(got["b"])) == {0x31 + step}, step
+
+
+class _SlowDst:
+    """A copy destination that sleeps before storing, and records when it stored."""
+
+    def __init__(self, delay, log, fail=False):
+        self.delay, self.log, self.fail = delay, log, fail
+
+    def __setitem__(self, key, value):
+        time.sleep(self.delay)
+        if self.fail:
+            raise OSError(errno.EIO, "injected copy failure")
+        self.log.append((threading.get_ident(), time.monotonic()))
+
+
+class _ThreadExecutor:
+    """Runs each submitted helper on a new thread at once; with `copies`, submit() returns only
+    once that helper has claimed a piece (so helpers, not the saving thread, take the first
+    pieces). Records the threads."""
+
+    def __init__(self, copies=None):
+        self.threads, self.copies = [], copies
+
+    def submit(self, fn):
+        before = self.copies.next if self.copies else 0
+        t = threading.Thread(target=fn)
+        self.threads.append(t)
+        t.start()
+        while self.copies and self.copies.next == before:
+            time.sleep(0.001)
+
+
+def test_copies_wait_for_the_pieces_helpers_claimed():
+    """run() returns only once the pieces the helpers claimed are copied, although the saving
+    thread has long finished its own; every piece is copied exactly once."""
+    log = []
+    c = _ckpt._Copies()
+    for i in range(8):  # the helpers claim pieces 0 and 1: slow ones
+        c.pieces.append([(_SlowDst(0.3 if i < 2 else 0.0, log), b"x")])
+    c.nbytes = 8 * _ckpt._COPY_PIECE
+    ex = _ThreadExecutor(c)
+    assert c.run(ex, 2) is None
+    returned = time.monotonic()
+    assert len(log) == 8 and all(t <= returned for _, t in log)
+    assert len({tid for tid, _ in log}) == 3 and len(ex.threads) == 2
+    assert c.next == 8 and c.unfinished == 0
+    for t in ex.threads:
+        t.join(10)
+
+
+def test_copies_report_the_first_error_and_still_finish():
+    log = []
+    c = _ckpt._Copies()
+    for i in range(6):
+        c.pieces.append([(_SlowDst(0.01, log, fail=(i == 2)), b"x")])
+    c.nbytes = 6 * _ckpt._COPY_PIECE
+    err = c.run(_ThreadExecutor(), 2)
+    assert isinstance(err, OSError) and "injected" in str(err)
+    assert len(log) == 5 and c.unfinished == 0
+
+
+def test_copies_start_helpers_only_for_big_batches():
+    class Count:
+        n = 0
+
+        def submit(self, fn):
+            self.n += 1   # never runs them: the saving thread copies everything itself
+
+    small = _ckpt._Copies()
+    small.copy(memoryview(bytearray(100)), memoryview(b"y" * 100))
+    ex = Count()
+    assert small.run(ex, 2) is None and ex.n == 0
+    big = _ckpt._Copies()
+    dst = memoryview(bytearray(4 * _ckpt._COPY_PIECE))
+    big.copy(dst, memoryview(b"z" * len(dst)))
+    ex = Count()
+    assert big.run(ex, 2) is None and ex.n == 2 and bytes(dst) == b"z" * len(dst)
+    assert len(big.pieces) == 4
+
+
+def test_copy_threads_argument(tmp_path):
+    for bad in (-1, 3, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="copy_threads must be an int from 0 to io_threads"):
+            threadloom.Checkpointer(tmp_path, io_threads=2, copy_threads=bad)
+    with threadloom.Checkpointer(tmp_path, io_threads=3) as ck:
+        assert ck._copy_helpers == (3 if _ckpt._NO_GIL else 0)
