@@ -8,9 +8,12 @@
  * mimalloc's segment header: it slows mimalloc's heaps, not glibc's unaligned blocks), --touch
  * fill writes the whole block (memset). With --live K each thread keeps its K newest blocks alive and
  * frees the oldest (K batches in flight, as a loader with prefetch holds them); K = 0 frees the
- * block it just allocated (the worst case for mimalloc, whose page empties on every free). Every (block size, thread count) cell runs each allocator for
- * the same wall time, all threads started together at a barrier; the table prints ops/s and
- * the ratio arena/glibc, all measured in this run.
+ * block it just allocated (the worst case for mimalloc, whose page empties on every free).
+ * Every (block size, thread count) cell runs each allocator for the same wall time, all threads
+ * started together at a barrier, split into --rounds R rounds (default 5) whose allocator order
+ * alternates (arena, glibc, mi, then mi, glibc, arena, ...), so that a slow spell of a shared
+ * machine falls on every allocator alike; the table prints each allocator's median ops/s and
+ * the median and range of the rounds' arena/glibc ratios, all measured in this run.
  *
  * --clock cpu rates each thread by its own CPU time (CLOCK_THREAD_CPUTIME_ID) instead of the
  * wall clock and adds the threads' rates: what the threads would do with a core each, without
@@ -24,7 +27,7 @@
  * block is not mimalloc's.
  *
  *   tl-bench-arena [--sizes 64,4K,64K,1M,16M] [--threads 1,2,...] [--live 0,8] [--duration SEC]
- *                  [--iters N] [--node N] [--touch spread|page|fill] [--clock wall|cpu]
+ *                  [--rounds R] [--iters N] [--node N] [--touch spread|page|fill] [--clock wall|cpu]
  *                  [--json FILE]
  * Defaults: those five sizes, threads 1, 2, 4, ... up to max(8, nproc) and never above 16 (plus
  * nproc: past the core count the curve shows oversubscription), live 0 and 8, 1 s per cell per
@@ -52,6 +55,7 @@ static void (*glibc_free)(void*);
 
 #define MAX_LIST 16
 #define MAX_LIVE 64
+#define MAX_ROUNDS 64
 
 // ---------------------------------------------------------------------------------------------
 // The allocators under test
@@ -183,6 +187,21 @@ static double run_cell(impl_t impl, size_t size, int threads, int live, double d
   return cpu_clock ? c.cpu_rate : (double)atomic_load(&c.ops) / dt;
 }
 
+static const impl_t impls[4] = {IMPL_ARENA, IMPL_GLIBC, IMPL_MI, IMPL_CUDA};
+
+static int cmp_double(const void* a, const void* b) {
+  double x = *(const double*)a, y = *(const double*)b;
+  return (x > y) - (x < y);
+}
+
+/* The median of v[0..n) (the mean of the middle two when n is even); v is left as it was. */
+static double median(const double* v, int n) {
+  double s[MAX_ROUNDS];
+  memcpy(s, v, (size_t)n * sizeof *s);
+  qsort(s, (size_t)n, sizeof *s, cmp_double);
+  return n % 2 ? s[n / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Arguments and the table
 // ---------------------------------------------------------------------------------------------
@@ -228,7 +247,7 @@ static void json_string(FILE* f, const char* s) {
 
 static void usage(void) {
   fprintf(stderr, "usage: tl-bench-arena [--sizes 64,4K,64K,1M,16M] [--threads 1,2,..] "
-                  "[--live 0,8] [--duration SEC] [--iters N] [--node N] "
+                  "[--live 0,8] [--duration SEC] [--rounds R] [--iters N] [--node N] "
                   "[--touch spread|page|fill] [--clock wall|cpu] [--json FILE]\n");
   exit(2);
 }
@@ -238,6 +257,7 @@ int main(int argc, char** argv) {
   size_t lives[MAX_LIST] = {0, 8};
   int nsizes = 5, nthreads = 0, nlives = 2, node = 0;
   double duration = 1.0;
+  int rounds = 5;
   uint64_t iters = 0;
   const char* json_path = NULL;
   long nproc = sysconf(_SC_NPROCESSORS_ONLN);
@@ -251,6 +271,7 @@ int main(int argc, char** argv) {
     else if (!strcmp(argv[i], "--threads")) nthreads = parse_list(argv[++i], threads, 0);
     else if (!strcmp(argv[i], "--live")) nlives = parse_list(argv[++i], lives, 0);
     else if (!strcmp(argv[i], "--duration")) duration = atof(argv[++i]);
+    else if (!strcmp(argv[i], "--rounds")) rounds = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--iters")) iters = strtoull(argv[++i], NULL, 10);
     else if (!strcmp(argv[i], "--node")) node = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--touch")) {
@@ -267,6 +288,7 @@ int main(int argc, char** argv) {
     } else if (!strcmp(argv[i], "--json")) json_path = argv[++i];
     else usage();
   }
+  if (rounds < 1 || rounds > MAX_ROUNDS) usage();
   size_t max_size = 0, max_threads = 0;
   for (int i = 0; i < nsizes; i++) {
     if (sizes[i] == 0) usage();
@@ -330,12 +352,14 @@ int main(int argc, char** argv) {
                                             "1 byte at the start of each 4 KiB page",
                                             "memset of the whole block"};
   printf("op = alloc + write (%s) + free the oldest of `live` kept blocks; %.2f s per cell per "
-         "allocator%s; ops/s by %s\nglibc = libc.so.6's malloc/free; mi = mimalloc %d's default "
-         "heap (mi_malloc/mi_free)\n", touch_names[touch], duration, iters ? " (capped)" : "",
+         "allocator in %d alternating rounds%s; ops/s by %s, the median of the rounds; "
+         "arena/glibc: the median of the rounds' ratios and their range\nglibc = libc.so.6's "
+         "malloc/free; mi = mimalloc %d's default heap (mi_malloc/mi_free)\n", touch_names[touch],
+         duration, rounds, iters ? " (capped)" : "",
          cpu_clock ? "each thread's CPU time, summed over the threads" : "the wall clock",
          mi_version());
-  printf("\n%-8s %7s %5s %14s %14s %14s %11s %8s", "size", "threads", "live", "arena ops/s",
-         "glibc ops/s", "mi ops/s", "arena/glibc", "arena/mi");
+  printf("\n%-8s %7s %5s %14s %14s %14s %11s %11s %8s", "size", "threads", "live", "arena ops/s",
+         "glibc ops/s", "mi ops/s", "arena/glibc", "range", "arena/mi");
   if (with_cuda) printf(" %14s %10s", "cudaHost ops/s", "arena/cuda");
   printf("\n");
   if (js) {
@@ -346,28 +370,45 @@ int main(int argc, char** argv) {
     fprintf(js, ", \"rows\": [");
   }
   int first = 1;
+  int nimpl = with_cuda ? 4 : 3;
   for (int li = 0; li < nlives; li++)
     for (int si = 0; si < nsizes; si++)
       for (int ti = 0; ti < nthreads; ti++) {
         int th = (int)threads[ti], lv = (int)lives[li];
-        double a = run_cell(IMPL_ARENA, sizes[si], th, lv, duration, iters);
-        double g = run_cell(IMPL_GLIBC, sizes[si], th, lv, duration, iters);
-        double m = run_cell(IMPL_MI, sizes[si], th, lv, duration, iters);
-        char sz[32];
-        fmt_size(sizes[si], sz, sizeof sz);
-        printf("%-8s %7d %5d %14.0f %14.0f %14.0f %10.2fx %7.2fx", sz, th, lv, a, g, m, a / g,
-               a / m);
-        double c = 0;
-        if (with_cuda) {
-          c = run_cell(IMPL_CUDA, sizes[si], th, lv, duration, iters);
-          printf(" %14.0f %9.2fx", c, a / c);
+        /* rate[k][r]: allocator k in round r; the order alternates between rounds */
+        double rate[4][MAX_ROUNDS] = {{0}}, vs_glibc[MAX_ROUNDS], vs_mi[MAX_ROUNDS];
+        for (int r = 0; r < rounds; r++) {
+          for (int j = 0; j < nimpl; j++) {
+            int k = r % 2 ? nimpl - 1 - j : j;
+            rate[k][r] = run_cell(impls[k], sizes[si], th, lv, duration / rounds, iters);
+          }
+          vs_glibc[r] = rate[0][r] / rate[1][r];
+          vs_mi[r] = rate[0][r] / rate[2][r];
         }
+        double med[4];
+        for (int k = 0; k < nimpl; k++) med[k] = median(rate[k], rounds);
+        double rg = median(vs_glibc, rounds), rm = median(vs_mi, rounds);
+        double lo = vs_glibc[0], hi = vs_glibc[0];
+        for (int r = 1; r < rounds; r++) {
+          lo = vs_glibc[r] < lo ? vs_glibc[r] : lo;
+          hi = vs_glibc[r] > hi ? vs_glibc[r] : hi;
+        }
+        char sz[32], range[32];
+        fmt_size(sizes[si], sz, sizeof sz);
+        snprintf(range, sizeof range, "%.2f-%.2f", lo, hi);
+        printf("%-8s %7d %5d %14.0f %14.0f %14.0f %10.2fx %11s %7.2fx", sz, th, lv, med[0],
+               med[1], med[2], rg, range, rm);
+        if (with_cuda) printf(" %14.0f %9.2fx", med[3], med[0] / med[3]);
         printf("%s\n", th > nproc ? " (>cores)" : "");
         fflush(stdout);
         if (js) {
           fprintf(js, "%s\n  {\"size\": %zu, \"threads\": %d, \"live\": %d, \"arena\": %.1f, "
-                      "\"glibc\": %.1f, \"mi\": %.1f", first ? "" : ",", sizes[si], th, lv, a, g, m);
-          if (with_cuda) fprintf(js, ", \"cudaHostAlloc\": %.1f", c);
+                      "\"glibc\": %.1f, \"mi\": %.1f, \"arena_vs_glibc\": %.4f, "
+                      "\"arena_vs_glibc_rounds\": [", first ? "" : ",", sizes[si], th, lv,
+                  med[0], med[1], med[2], rg);
+          for (int r = 0; r < rounds; r++) fprintf(js, "%s%.4f", r ? ", " : "", vs_glibc[r]);
+          fprintf(js, "]");
+          if (with_cuda) fprintf(js, ", \"cudaHostAlloc\": %.1f", med[3]);
           fprintf(js, "}");
           first = 0;
         }

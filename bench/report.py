@@ -642,18 +642,28 @@ def section_arena(r, cores):
         return None
     rows = ar["rows"]
     cuda = any("cudaHostAlloc" in x for x in rows)
+    rounds = all(x.get("arena_vs_glibc_rounds") for x in rows)
     r.md += ["tl-bench-arena: one operation allocates a block, writes one byte per 4 KiB page and "
              "frees a block; with `live` K each thread keeps its K newest blocks (K batches in "
              "flight). Operations/s over %.2f s per cell (higher is better), the arena vs glibc "
-             "malloc%s. Arena: %s." % (ar["duration_s"], " and cudaHostAlloc" if cuda else "",
-                                       ar.get("pin_detail") or "pinned"), ""]
+             "malloc%s%s. Arena: %s." % (
+                 ar["duration_s"], " and cudaHostAlloc" if cuda else "",
+                 "; each cell in %d rounds whose allocator order alternates: the medians of the "
+                 "rounds, and the range of the rounds' arena / glibc ratios (a shared machine's "
+                 "noise)" % len(rows[0]["arena_vs_glibc_rounds"]) if rounds else "",
+                 ar.get("pin_detail") or "pinned"), ""]
     hdr = ["size", "live", "threads", "arena", "glibc", "arena / glibc"]
+    if rounds:
+        hdr += ["range"]
     if cuda:
         hdr += ["cudaHostAlloc", "arena / cuda"]
     body = []
     for x in rows:
         row = [size_label(x["size"]), x["live"], x["threads"], num(x["arena"]), num(x["glibc"]),
-               ratio(x["arena"], x["glibc"])]
+               vs_glibc(x)]
+        if rounds:
+            row += ["%.2f-%.2f" % (min(x["arena_vs_glibc_rounds"]),
+                                   max(x["arena_vs_glibc_rounds"]))]
         if cuda:
             row += [num(x.get("cudaHostAlloc")), ratio(x["arena"], x.get("cudaHostAlloc"))]
         body.append(row)
@@ -673,7 +683,7 @@ def section_arena(r, cores):
             if cuda:
                 series.append(Series("cudaHostAlloc %s" % size_label(s), pts("cudaHostAlloc"),
                                      PALETTE[i], "2,3"))
-        parts = ["%s %s" % (size_label(s), ratio(by[s, lv, w]["arena"], by[s, lv, w]["glibc"]))
+        parts = ["%s %s" % (size_label(s), vs_glibc(by[s, lv, w]))
                  for s in sizes if (s, lv, w) in by]
         r.md += ["", "live %d, %d threads, arena over glibc: %s." % (lv, w, ", ".join(parts))]
         r.svg("arena_live%d.svg" % lv, line_chart(
@@ -685,8 +695,15 @@ def section_arena(r, cores):
         if (mid, lv, w) in by and (summary is None or lv > 0):
             x = by[mid, lv, w]
             summary = ("Arena (%s, live %d)" % (size_label(mid), lv), "%s ops/s" % num(x["arena"]),
-                       "glibc %s" % num(x["glibc"]), ratio(x["arena"], x["glibc"]), "%d threads" % w)
+                       "glibc %s" % num(x["glibc"]), vs_glibc(x), "%d threads" % w)
     return summary
+
+
+def vs_glibc(x):
+    """arena / glibc of a row: the median of its rounds' ratios when it has rounds."""
+    if x.get("arena_vs_glibc") is not None:
+        return "%.2fx" % x["arena_vs_glibc"]
+    return ratio(x["arena"], x["glibc"])
 
 
 def section_startup(r, cores):
