@@ -447,6 +447,9 @@ static int core_exec(PyObject* module) {
   st->wfile_type = PyType_FromModuleAndSpec(module, &tl_py_wfile_spec, NULL);
   if (!st->wfile_type || PyModule_AddObjectRef(module, "WFile", st->wfile_type) < 0) return -1;
   if (PyModule_AddIntConstant(module, "WFILE_ALIGN", (long)TL_WFILE_ALIGN) < 0) return -1;
+  st->copyplan_type = PyType_FromModuleAndSpec(module, &tl_py_copyplan_spec, NULL);
+  if (!st->copyplan_type || PyModule_AddObjectRef(module, "CopyPlan", st->copyplan_type) < 0)
+    return -1;
   if (PyModule_AddObjectRef(module, "WFILE_URING_BUILT",
                             tl_wfile_uring_built() ? Py_True : Py_False) < 0)
     return -1;
@@ -469,6 +472,7 @@ static int core_traverse(PyObject* module, visitproc visit, void* arg) {
   Py_VISIT(st->buffer_type);
   Py_VISIT(st->hasher_type);
   Py_VISIT(st->wfile_type);
+  Py_VISIT(st->copyplan_type);
   Py_VISIT(st->dlpack_tensor_type);
   Py_VISIT(st->ncclcomm_type);
   Py_VISIT(st->error);
@@ -484,6 +488,7 @@ static int core_clear(PyObject* module) {
   Py_CLEAR(st->buffer_type);
   Py_CLEAR(st->hasher_type);
   Py_CLEAR(st->wfile_type);
+  Py_CLEAR(st->copyplan_type);
   Py_CLEAR(st->dlpack_tensor_type);
   Py_CLEAR(st->ncclcomm_type);
   Py_CLEAR(st->error);

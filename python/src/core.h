@@ -79,6 +79,7 @@ typedef struct {
   PyObject* buffer_type;         /* threadloom._core.Buffer */
   PyObject* hasher_type;         /* threadloom._core.Hasher */
   PyObject* wfile_type;          /* threadloom._core.WFile */
+  PyObject* copyplan_type;       /* threadloom._core.CopyPlan */
   PyObject* dlpack_tensor_type;  /* threadloom._core.DLPackTensor */
   PyObject* ncclcomm_type;       /* threadloom._core.NcclComm */
   PyObject* error;               /* threadloom.Error: the base of every class below */
@@ -156,6 +157,8 @@ PyObject* tl_py_xxh3_64(PyObject* module, PyObject* args, PyObject* kwargs);
 
 /* wfile.c */
 extern PyType_Spec tl_py_wfile_spec;
+/* copyplan.c */
+extern PyType_Spec tl_py_copyplan_spec;
 
 /* cluster.c */
 /* hostlist_expand(list) -> list of str */

@@ -312,87 +312,38 @@ class _Staging:
             self.cond.notify()
 
 
-# The staging copy runs on the saving thread and, on a free-threaded interpreter, on the idle I/O
+# The staging copy runs on the saving thread and, when the save is big enough, on the idle I/O
 # threads too: one thread's memcpy is bounded by its own memory latency, not by the machine's
-# bandwidth (measured here: 512 MiB in 0.045 s on one thread, 0.033 s on two).
+# bandwidth (measured here: 512 MiB in 0.047 s on one thread, 0.036 s on two).
 _COPY_PIECE = 2 << 20   # bytes per unit of copy work: what a helper may hold when save() is done
-_NO_GIL = not getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
 class _Copies:
-    """One batch of the staging copy: (dst, src) memoryview pairs grouped into pieces of about
-    _COPY_PIECE bytes, and the chunks they fill, in file order. The saving thread adds to it,
-    then run() copies with up to `helpers` I/O threads and returns once every piece is copied.
-
-    Invariants (under `lock`): pieces [0, next) are claimed, each by exactly one thread, and
-    `unfinished` counts the claimed-or-unclaimed pieces not yet copied; run() returns only at
-    unfinished == 0, so no helper writes into staging, or reads the caller's tensors, after
-    save() returned. A helper that starts after that finds nothing to claim and returns. The
-    copy is idempotent per piece, but a claimed piece is never taken back: its helper may be
-    mid-copy."""
+    """One batch of the staging copy: a _core.CopyPlan (the copies, planned on the saving
+    thread, cut into pieces of about _COPY_PIECE bytes; C, because memoryview slices are not
+    safe to make and drop on several threads at once: python/src/copyplan.c) and the chunks
+    they fill, in file order. run() copies with the saving thread and up to `helpers` I/O
+    threads and returns once every piece is copied and the plan has let go of the buffers, so
+    no helper reads the caller's tensors or writes staging after save() returned."""
 
     def __init__(self):
-        self.pieces = []        # [[(dst, src), ...], ...]
-        self.nbytes = 0
-        self.open = 0           # bytes in the last piece
+        self.plan = _core.CopyPlan(_COPY_PIECE)
         self.chunks = []        # (file, item) to enqueue once copied
         self.sources = []       # tensors whose `src` is dropped once copied
-        self.lock = threading.Lock()
-        self.done = threading.Condition(self.lock)
-        self.next = 0
-        self.unfinished = 0
-        self.error = None
-
-    def copy(self, dst, src):
-        """Plans dst[:] = src (equal lengths), cut at piece boundaries."""
-        n, pos = len(src), 0
-        self.nbytes += n
-        while pos < n:
-            if not self.pieces or self.open >= _COPY_PIECE:
-                self.pieces.append([])
-                self.open = 0
-            k = min(n - pos, _COPY_PIECE - self.open)
-            self.pieces[-1].append((dst[pos:pos + k], src[pos:pos + k]))
-            self.open += k
-            pos += k
-
-    def work(self):
-        """Copies pieces until none is left to claim (the saving thread and the helpers)."""
-        pieces = self.pieces
-        while True:
-            with self.lock:
-                i = self.next
-                if i >= len(pieces):
-                    return
-                self.next = i + 1
-            try:
-                for dst, src in pieces[i]:
-                    dst[:] = src
-            except BaseException as e:  # noqa: BLE001 - handed to the save's future
-                with self.lock:
-                    if self.error is None:
-                        self.error = e
-            finally:
-                with self.lock:
-                    self.unfinished -= 1
-                    if self.unfinished == 0:
-                        self.done.notify_all()
 
     def run(self, executor, helpers):
-        """Copies every piece (this thread and up to `helpers` submitted helpers) and waits for
-        the helpers' claimed pieces. Returns the first copy error or None."""
-        self.unfinished = len(self.pieces)
-        helpers = min(helpers, len(self.pieces) - 1) if self.nbytes >= 2 * _COPY_PIECE else 0
-        for _ in range(helpers):
-            try:
-                executor.submit(self.work)
-            except RuntimeError:  # the executor is shutting down: copy alone
-                break
-        self.work()
-        with self.lock:
-            while self.unfinished:
-                self.done.wait()
-        return self.error
+        plan = self.plan
+        if plan.nbytes < 2 * _COPY_PIECE:
+            helpers = 0
+        try:
+            for _ in range(min(helpers, plan.pieces - 1)):
+                try:
+                    executor.submit(plan.work)
+                except RuntimeError:  # the executor is shutting down: copy without it
+                    break
+            plan.work()
+        finally:
+            plan.close()  # waits for the pieces helpers are copying
 
 
 # ---------------------------------------------------------------------------------------------
@@ -703,9 +654,9 @@ class Checkpointer:
     "low" (default: nice +10, about a tenth of a core's share when it competes), "idle"
     (SCHED_IDLE: only otherwise idle CPU; a save can then take long on saturated cores) or
     "normal". copy_threads: how many I/O threads help save() copy into staging while the
-    saving thread copies too (default: all io_threads on a free-threaded interpreter, 0 with a
-    GIL, where copies cannot run in parallel); they run at io_priority, so on saturated cores
-    the saving thread does most of the copy itself.
+    saving thread copies too (default: all io_threads; the copies run detached from the
+    interpreter, so in parallel with or without a GIL); they run at io_priority, so on
+    saturated cores the saving thread does most of the copy itself.
 
     Thread-safety: save() may be called from any thread; saves are staged and committed in call
     order. One Checkpointer per directory (an flock on `directory/.lock`; a second one raises
@@ -724,7 +675,7 @@ class Checkpointer:
             raise ValueError("io_priority must be 'low', 'idle' or 'normal', not %r"
                              % (io_priority,))
         if copy_threads is None:
-            copy_threads = io_threads if _NO_GIL else 0
+            copy_threads = io_threads
         if (isinstance(copy_threads, bool) or not isinstance(copy_threads, int)
                 or not 0 <= copy_threads <= io_threads):
             raise ValueError("copy_threads must be an int from 0 to io_threads (%d), not %r"
@@ -887,48 +838,64 @@ class Checkpointer:
         thread, helped by idle I/O threads: _Copies). The copies are planned into a batch while
         slots are free; the batch is copied, then its chunks are queued in file order, when a
         slot would have to be waited for (the writers free slots only for queued chunks) and at
-        the end. Stops copying, but still closes every queue, once the save has failed."""
+        the end. Stops copying, but still closes every queue, once the save has failed. If
+        staging itself raises, the save fails with that error, every slot goes back and every
+        queue is closed (so the Checkpointer stays usable), and the error propagates."""
         st = self._staging
         size = st.slot_bytes
-        batch = _Copies()
-        for f in job.files:
-            slot, fill, chunk_off, segs, off = None, 0, 0, [], 0
-            pieces = [(None, memoryview(f.header))] + [(t, t.src) for t in f.tensors]
-            for t, src in pieces:
-                n, pos = len(src), 0
-                if t is not None and n == 0:
-                    t.checksum = _core.xxh3_64(b"")
-                while pos < n and job.error is None:
-                    if slot is None:
-                        slot = st.try_acquire()
+        batch, slot, ended = _Copies(), None, 0
+        try:
+            for f in job.files:
+                fill, chunk_off, segs, off = 0, 0, [], 0
+                pieces = [(None, memoryview(f.header))] + [(t, t.src) for t in f.tensors]
+                for t, src in pieces:
+                    n, pos = len(src), 0
+                    if t is not None and n == 0:
+                        t.checksum = _core.xxh3_64(b"")
+                    while pos < n and job.error is None:
                         if slot is None:
-                            batch = self._copy_batch(job, batch)
-                            slot, waited = st.acquire()
-                            job.progress.wait_s += waited
-                        fill, chunk_off, segs = 0, off, []
-                    k = min(n - pos, size - fill)
-                    batch.copy(slot[1][fill:fill + k], src[pos:pos + k])
-                    segs.append((t, fill, fill + k, pos + k == n))
-                    fill, pos, off = fill + k, pos + k, off + k
-                    if fill == size:
-                        batch.chunks.append((f, (slot, fill, chunk_off, segs)))
-                        slot = None
-                if t is not None:
-                    batch.sources.append(t)
-            if slot is not None:  # the file's last chunk (a failed save's drain frees it)
-                batch.chunks.append((f, (slot, fill, chunk_off, segs)))
-            batch.chunks.append((f, _END))
-        self._copy_batch(job, batch)
+                            slot = st.try_acquire()
+                            if slot is None:
+                                batch = self._copy_batch(job, batch)
+                                slot, waited = st.acquire()
+                                job.progress.wait_s += waited
+                            fill, chunk_off, segs = 0, off, []
+                        k = min(n - pos, size - fill)
+                        batch.plan.add(slot[1], fill, src, pos, k)
+                        segs.append((t, fill, fill + k, pos + k == n))
+                        fill, pos, off = fill + k, pos + k, off + k
+                        if fill == size:
+                            batch.chunks.append((f, (slot, fill, chunk_off, segs)))
+                            slot = None
+                    if t is not None:
+                        batch.sources.append(t)
+                if slot is not None:  # the file's last chunk (a failed save's drain frees it)
+                    batch.chunks.append((f, (slot, fill, chunk_off, segs)))
+                    slot = None
+                batch.chunks.append((f, _END))
+                ended += 1
+            self._copy_batch(job, batch)
+        except BaseException as e:
+            job.fail(e)
+            job.hold = False          # the drains start now, see the error, free the slots
+            batch.plan.close()        # waits for any helper still copying
+            if slot is not None:
+                st.release(slot)
+            for f, item in batch.chunks:
+                self._enqueue(job, f, item)
+            for f in job.files[ended:]:
+                self._enqueue(job, f, _END)
+            raise
 
     def _copy_batch(self, job, batch):
         """Runs `batch`'s copies, queues its chunks; returns a new, empty batch."""
-        err = batch.run(self._executor, self._copy_helpers)
-        if err is not None:
-            job.fail(err)
+        batch.run(self._executor, self._copy_helpers)
         for t in batch.sources:
             t.src = None  # staged: drop the reference to the caller's memory
-        for f, item in batch.chunks:
+        while batch.chunks:  # each off the batch once queued (see _stage's except)
+            f, item = batch.chunks[0]
             self._enqueue(job, f, item)
+            del batch.chunks[0]
         return _Copies()
 
     def _enqueue(self, job, f, item):

@@ -674,63 +674,79 @@ def test_save_never_reads_the_state_after_it_returned(tmp_path, monkeypatch, cop
         assert set(bytes(got["b"])) == {0x31 + step}, step
 
 
-class _SlowDst:
-    """A copy destination that sleeps before storing, and records when it stored."""
-
-    def __init__(self, delay, log, fail=False):
-        self.delay, self.log, self.fail = delay, log, fail
-
-    def __setitem__(self, key, value):
-        time.sleep(self.delay)
-        if self.fail:
-            raise OSError(errno.EIO, "injected copy failure")
-        self.log.append((threading.get_ident(), time.monotonic()))
-
-
-class _ThreadExecutor:
-    """Runs each submitted helper on a new thread at once; with `copies`, submit() returns only
-    once that helper has claimed a piece (so helpers, not the saving thread, take the first
-    pieces). Records the threads."""
-
-    def __init__(self, copies=None):
-        self.threads, self.copies = [], copies
-
-    def submit(self, fn):
-        before = self.copies.next if self.copies else 0
-        t = threading.Thread(target=fn)
-        self.threads.append(t)
+def test_copy_plan_copies_every_piece_once_with_many_threads():
+    """Random copies between several buffers, cut into 4 KiB pieces, copied by 8 threads at
+    once: every byte lands, each piece is copied by exactly one work() call."""
+    rng = random.Random(7)
+    srcs = [memoryview(rng.randbytes(300000)), bytes(rng.randbytes(5000)),
+            memoryview(rng.randbytes(70000)).cast("B", [70000])]
+    dsts = [bytearray(400000), memoryview(bytearray(90000))]
+    plan = _core.CopyPlan(4096)
+    want = [bytearray(d) for d in dsts]
+    used = [set() for _ in dsts]
+    for _ in range(60):
+        si, di = rng.randrange(len(srcs)), rng.randrange(len(dsts))
+        n = rng.randrange(0, min(20000, len(srcs[si])) + 1)
+        so = rng.randrange(0, len(srcs[si]) - n + 1)
+        do = rng.randrange(0, len(dsts[di]) - n + 1)
+        if any(x in used[di] for x in range(do, do + n)):
+            continue  # copies into overlapping ranges would race: a plan never has them
+        used[di].update(range(do, do + n))
+        plan.add(dsts[di], do, srcs[si], so, n)
+        want[di][do:do + n] = bytes(srcs[si])[so:so + n]
+    assert plan.nbytes > 100000 and plan.pieces == -(-plan.nbytes // 4096)  # pieces fill up
+    counts = []
+    ts = [threading.Thread(target=lambda: counts.append(plan.work())) for _ in range(8)]
+    for t in ts:
         t.start()
-        while self.copies and self.copies.next == before:
-            time.sleep(0.001)
+    counts.append(plan.work())
+    for t in ts:
+        t.join(30)
+    plan.close()
+    assert sum(counts) == plan.pieces == plan.done == plan.claimed
+    assert [bytes(d) for d in dsts] == [bytes(w) for w in want]
+    assert plan.work() == 0  # closed: nothing handed out any more
 
 
-def test_copies_wait_for_the_pieces_helpers_claimed():
-    """run() returns only once the pieces the helpers claimed are copied, although the saving
-    thread has long finished its own; every piece is copied exactly once."""
-    log = []
-    c = _ckpt._Copies()
-    for i in range(8):  # the helpers claim pieces 0 and 1: slow ones
-        c.pieces.append([(_SlowDst(0.3 if i < 2 else 0.0, log), b"x")])
-    c.nbytes = 8 * _ckpt._COPY_PIECE
-    ex = _ThreadExecutor(c)
-    assert c.run(ex, 2) is None
-    returned = time.monotonic()
-    assert len(log) == 8 and all(t <= returned for _, t in log)
-    assert len({tid for tid, _ in log}) == 3 and len(ex.threads) == 2
-    assert c.next == 8 and c.unfinished == 0
-    for t in ex.threads:
-        t.join(10)
+def test_copy_plan_close_waits_for_pieces_other_threads_copy():
+    """close() returns only once the piece another thread took is copied (a 64 MiB memcpy
+    takes milliseconds: without the wait the destination would still be partly old)."""
+    src = memoryview(bytes([0x5A]) * (64 << 20))
+    for _ in range(3):
+        dst = bytearray(len(src))
+        plan = _core.CopyPlan(len(src))
+        plan.add(dst, 0, src, 0, len(src))
+        t = threading.Thread(target=plan.work)
+        t.start()
+        while plan.claimed == 0:
+            time.sleep(0)
+        plan.close()
+        assert plan.done == 1 and dst.count(0x5A) == len(dst)
+        t.join(30)
 
 
-def test_copies_report_the_first_error_and_still_finish():
-    log = []
-    c = _ckpt._Copies()
-    for i in range(6):
-        c.pieces.append([(_SlowDst(0.01, log, fail=(i == 2)), b"x")])
-    c.nbytes = 6 * _ckpt._COPY_PIECE
-    err = c.run(_ThreadExecutor(), 2)
-    assert isinstance(err, OSError) and "injected" in str(err)
-    assert len(log) == 5 and c.unfinished == 0
+def test_copy_plan_refuses_bad_copies():
+    src, dst = b"abcdef", bytearray(4)
+    plan = _core.CopyPlan(1024)
+    with pytest.raises(ValueError, match="out of range"):
+        plan.add(dst, 0, src, 0, 5)
+    with pytest.raises(ValueError, match="out of range"):
+        plan.add(dst, 2, src, 4, 3)
+    with pytest.raises(ValueError, match=">= 0"):
+        plan.add(dst, -1, src, 0, 1)
+    with pytest.raises((TypeError, BufferError)):
+        plan.add(b"read-only", 0, src, 0, 1)
+    with pytest.raises(ValueError, match="piece_bytes"):
+        _core.CopyPlan(0)
+    plan.add(dst, 0, src, 2, 4)
+    assert plan.work() == 1 and bytes(dst) == b"cdef"
+    with pytest.raises(RuntimeError, match="before the first work"):
+        plan.add(dst, 0, src, 0, 1)
+    plan.close()
+    plan.close()  # idempotent
+    # the buffers are let go: the bytearray can be resized again
+    dst.extend(b"!")
+    assert bytes(dst) == b"cdef!"
 
 
 def test_copies_start_helpers_only_for_big_batches():
@@ -741,15 +757,16 @@ def test_copies_start_helpers_only_for_big_batches():
             self.n += 1   # never runs them: the saving thread copies everything itself
 
     small = _ckpt._Copies()
-    small.copy(memoryview(bytearray(100)), memoryview(b"y" * 100))
+    small.plan.add(bytearray(100), 0, b"y" * 100, 0, 100)
     ex = Count()
-    assert small.run(ex, 2) is None and ex.n == 0
+    small.run(ex, 2)
+    assert ex.n == 0 and small.plan.done == 1
     big = _ckpt._Copies()
-    dst = memoryview(bytearray(4 * _ckpt._COPY_PIECE))
-    big.copy(dst, memoryview(b"z" * len(dst)))
+    dst = bytearray(4 * _ckpt._COPY_PIECE)
+    big.plan.add(dst, 0, b"z" * len(dst), 0, len(dst))
     ex = Count()
-    assert big.run(ex, 2) is None and ex.n == 2 and bytes(dst) == b"z" * len(dst)
-    assert len(big.pieces) == 4
+    big.run(ex, 2)
+    assert ex.n == 2 and bytes(dst) == b"z" * len(dst) and big.plan.pieces == 4
 
 
 def test_copy_threads_argument(tmp_path):
@@ -757,4 +774,38 @@ def test_copy_threads_argument(tmp_path):
         with pytest.raises(ValueError, match="copy_threads must be an int from 0 to io_threads"):
             threadloom.Checkpointer(tmp_path, io_threads=2, copy_threads=bad)
     with threadloom.Checkpointer(tmp_path, io_threads=3) as ck:
-        assert ck._copy_helpers == (3 if _ckpt._NO_GIL else 0)
+        assert ck._copy_helpers == 3
+
+
+@pytest.mark.parametrize("fail_at", [1, 3])
+def test_an_error_while_staging_fails_that_save_only(tmp_path, monkeypatch, fail_at):
+    """An exception inside save()'s staging (here: the n-th copy batch) raises from save(),
+    fails that save's future, gives every staging slot back and closes every queue: later saves
+    commit and close() returns (it used to wait forever for the broken save)."""
+    state = {"t%d" % i: memoryview(bytes([i]) * (100 << 10)) for i in range(6)}
+    calls = [0]
+    real_run = _ckpt._Copies.run
+
+    def run(self, executor, helpers):
+        calls[0] += 1
+        if calls[0] == fail_at:
+            raise MemoryError("injected while staging")
+        return real_run(self, executor, helpers)
+
+    with threadloom.Checkpointer(tmp_path, keep=0, staging_bytes=128 << 10,
+                                 chunk_bytes=32 << 10) as ck:
+        ck.save(state, 1).result(30)
+        monkeypatch.setattr(_ckpt._Copies, "run", run)
+        calls[0] = 0
+        with pytest.raises(MemoryError, match="injected"):
+            ck.save(state, 2)
+        monkeypatch.setattr(_ckpt._Copies, "run", real_run)
+        broken = ck._last.future
+        with pytest.raises(MemoryError):
+            broken.result(30)
+        assert ck.save(state, 3).result(30).endswith("step-3")
+        assert ck._staging.created == len(ck._staging.free)  # every slot came back
+    assert ck.steps() == [1, 3]
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp")] == []
+    got = threadloom.load(tmp_path, 3)
+    assert {k: bytes(v) for k, v in got.items()} == {k: bytes(v) for k, v in state.items()}
