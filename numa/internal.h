@@ -25,4 +25,8 @@ struct tl_topo_s {
   tl__core_t* cores;         /* owned; logical order */
 };
 
+/* arena.c: how many counter-shard slots threads have taken so far (the high-water mark of
+ * threads using arenas at once, as exited threads' slots are reused); for tests. */
+unsigned tl__arena_slots_handed_out(void);
+
 #endif /* THREADLOOM_NUMA_INTERNAL_H */

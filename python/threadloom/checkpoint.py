@@ -8,7 +8,8 @@
 
 How a save flows: save() walks the state on the calling (training) thread, lays the tensors out
 in safetensors files, and copies their bytes, in file order, into fixed-size staging slots drawn
-from a bounded budget (``staging_bytes``), helped by the idle I/O threads (``copy_threads``). Each full slot goes to its file's queue; one I/O task
+from a bounded budget (``staging_bytes``), helped by the idle I/O threads (``copy_threads``).
+Each full slot goes to its file's queue; one I/O task
 per file (on a threadloom.Executor) hashes the bytes (xxh3_64, streaming per tensor) and writes
 them at their offset. save() returns once the last byte is staged; when the checkpoint is larger
 than the budget, the training thread waits only for the slots the writers have yet to free. When

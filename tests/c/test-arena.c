@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "cudactx/internal.h"
+#include "numa/internal.h"
 #include "task.h"
 #include "threadloom/threadloom.h"
 
@@ -425,6 +426,42 @@ TEST_IMPL(arena_thread_exit_gives_segment_back) {
   ASSERT_OK(tl_arena_stats(exh_arena, &s));
   ASSERT_EQ(s.failed_allocs, 0);
   ASSERT_OK(tl_arena_close(exh_arena));
+  return 0;
+}
+
+static void* churn_worker(void* arg) {
+  tl_arena_t* a = arg;
+  void* p;
+  if (tl_arena_alloc(a, 64 << 10, 0, &p) != 0) return (void*)1;
+  memset(p, 1, 64 << 10);
+  return tl_arena_free(a, p) == 0 ? NULL : (void*)1;
+}
+
+TEST_IMPL(arena_thread_churn_reuses_counter_slots) {
+  /* 400 threads, 4 alive at a time, each allocating and freeing once: an exited thread's
+   * counter shard goes to the next thread, so the slots handed out stay at the 4 alive at once
+   * (without recycling, all 127 exclusive slots were gone after 127 threads and every later
+   * thread updated one shared shard with atomics), and the counts stay exact. */
+  tl_arena_t* a = arena_new(0, 384 * MiB, TL_ARENA_PIN_NEVER);
+  unsigned before = tl__arena_slots_handed_out();
+  for (int round = 0; round < 100; round++) {
+    pthread_t t[4];
+    for (int i = 0; i < 4; i++) ASSERT_EQ(pthread_create(&t[i], NULL, churn_worker, a), 0);
+    for (int i = 0; i < 4; i++) {
+      void* rv = (void*)1;
+      ASSERT_EQ(pthread_join(t[i], &rv), 0);
+      ASSERT(rv == NULL);
+    }
+  }
+  unsigned used = tl__arena_slots_handed_out() - before;
+  if (used > 4) TL_FAIL_AT("400 threads, 4 at a time, took %u counter slots (want <= 4)", used);
+  tl_arena_stats_t s;
+  ASSERT_OK(tl_arena_stats(a, &s));
+  ASSERT_EQ(s.allocs, 400);
+  ASSERT_EQ(s.bytes_in_use, 0);
+  ASSERT_EQ(s.blocks_in_use, 0);
+  ASSERT_EQ(s.failed_allocs, 0);
+  ASSERT_OK(tl_arena_close(a));
   return 0;
 }
 
