@@ -577,6 +577,9 @@ def test_replica_copy_keeps_custom_copy_protocols():
 
 def test_replica_is_a_replica_copy_per_worker():
     seen = []
+    # Each replica's first sample waits for the other worker's: both workers load (without it
+    # one worker could take every batch while the other was still copying its replica).
+    both = threading.Barrier(2, timeout=30)
 
     class DS:
         def __init__(self):
@@ -587,6 +590,8 @@ def test_replica_is_a_replica_copy_per_worker():
             return len(self.rows)
 
         def __getitem__(self, i):
+            if not self.cache:
+                both.wait()
             self.cache[i] = True                       # each replica mutates its own
             seen.append((threadloom.get_worker_info().id, id(self)))
             return self.rows[i][0]
