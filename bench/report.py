@@ -285,16 +285,25 @@ def mib(v):
     return "-" if v is None else "%.1f MiB" % (v / 2**20)
 
 
-def section_first_batch(r, cores, fp):
-    """Fresh-process first-batch table + plot; returns (summary line or None, goal rows)."""
-    r.md += ["", "## DataLoader: time to first batch, fresh process", ""]
+def footprint_rows(r, fp, title, key, what):
+    """Starts a footprint section; its rows, or None (the section says why) when
+    footprint.json is missing or every child failed."""
+    r.md += ["", "## " + title, ""]
     if fp is None:
         r.missing("footprint")
-        return None, []
-    rows = fp["first"]
+        return None
+    rows = fp[key]
     if not rows:
-        r.md += ["No first-batch rows in footprint.json: every child failed (footprint.txt says "
-                 "why)."]
+        r.md += ["No %s rows in footprint.json: every child failed (footprint.txt says why)."
+                 % what]
+    return rows or None
+
+
+def section_first_batch(r, cores, fp):
+    """Fresh-process first-batch table + plot; returns (summary line or None, goal rows)."""
+    rows = footprint_rows(r, fp, "DataLoader: time to first batch, fresh process", "first",
+                          "first-batch")
+    if not rows:
         return None, []
     by = {(x["loader"], x["workers"]): x["first_batch_s"] for x in rows}
     ws = sorted({x["workers"] for x in rows})
@@ -339,13 +348,9 @@ def section_first_batch(r, cores, fp):
 
 def section_memory(r, cores, fp):
     """Peak total memory table + plot; returns (summary line or None, goal rows)."""
-    r.md += ["", "## DataLoader: total memory of all processes", ""]
-    if fp is None:
-        r.missing("footprint")
-        return None, []
-    rows = fp["memory"]
+    rows = footprint_rows(r, fp, "DataLoader: total memory of all processes", "memory",
+                          "memory")
     if not rows:
-        r.md += ["No memory rows in footprint.json: every child failed (footprint.txt says why)."]
         return None, []
     present = [k for k in MEM if any(x["loader"] == k for x in rows)]
     ws = sorted({x["workers"] for x in rows})
