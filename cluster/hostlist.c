@@ -10,7 +10,7 @@
  * segments (literal text, then an optional bracket group whose ranges live in one shared
  * vector), the number of names it yields and their byte size are checked against the caps
  * *before* anything is allocated for them, then an odometer over the groups writes the names,
- * the leftmost group varying slowest. Nothing recurses, so a hostile list of many groups only
+ * groups varying in scontrol's order (odometer_group). Nothing recurses, so a hostile list of many groups only
  * costs time and memory linear in its length. */
 #include <inttypes.h>
 #include <stdarg.h>
@@ -44,6 +44,7 @@ typedef struct {
   const char* list;   /* the input (borrowed) */
   hl_seg_t* segs;     /* the current name's segments (owned) */
   size_t nsegs, segcap;
+  size_t ngroups;     /* how many of the current name's segments have a bracket group */
   hl_range_t* ranges; /* the current name's ranges (owned) */
   size_t nranges, rangecap;
   char** hosts;       /* the result so far (owned until handed to the caller) */
@@ -82,6 +83,20 @@ static int hl_fail(const hl_parser_t* p, int err, size_t pos, const char* fmt, .
                   what, pos);
 }
 
+/* How a failure names the character it found: itself when printable ASCII, else its byte value
+ * (a byte of a UTF-8 sequence printed alone would make the message invalid UTF-8), with a hint
+ * for the usual culprit: a dash that an editor or a chat turned into an en or em dash. */
+static const char* char_desc(char c, char buf[96]) {
+  unsigned char u = (unsigned char)c;
+  if (u >= 0x20 && u < 0x7f)
+    snprintf(buf, 96, "'%c'", c);
+  else if (u >= 0x80)
+    snprintf(buf, 96, "byte 0x%02X, not ASCII (host lists are ASCII: a '-' typed as an en dash?)", u);
+  else
+    snprintf(buf, 96, "control byte 0x%02X", u);
+  return buf;
+}
+
 static unsigned digits_of(uint64_t v) {
   unsigned d = 1;
   while (v >= 10) {
@@ -99,7 +114,8 @@ static int parse_number(hl_parser_t* p, size_t* pos, uint64_t* v, unsigned* widt
     if (s[start] == '\0') return HL_FAIL(p, TL_EINVAL, start, "'[' has no matching ']'");
     if (is_sep(s[start]) && s[start] != ',')
       return HL_FAIL(p, TL_EINVAL, start, "whitespace inside brackets");
-    return HL_FAIL(p, TL_EINVAL, start, "expected a digit, found '%c'", s[start]);
+    char d[96];
+    return HL_FAIL(p, TL_EINVAL, start, "expected a digit, found %s", char_desc(s[start], d));
   }
   uint64_t x = 0;
   size_t i = start;
@@ -132,7 +148,7 @@ static int parse_name(hl_parser_t* p, size_t* pos, uint64_t* count, size_t* maxl
   size_t i = *pos, lit = i;
   uint64_t total = 1;
   size_t len = 0;
-  p->nsegs = p->nranges = 0;
+  p->nsegs = p->nranges = p->ngroups = 0;
   for (;;) {
     char c = s[i];
     if (c == '\0' || is_sep(c)) {
@@ -185,10 +201,12 @@ static int parse_name(hl_parser_t* p, size_t* pos, uint64_t* count, size_t* maxl
       if (s[i] == '\0') return HL_FAIL(p, TL_EINVAL, open, "'[' has no matching ']'");
       if (s[i] == '[') return HL_FAIL(p, TL_EINVAL, i, "nested '['");
       if (is_sep(s[i])) return HL_FAIL(p, TL_EINVAL, i, "whitespace inside brackets");
-      return HL_FAIL(p, TL_EINVAL, i, "expected ',' or ']', found '%c'", s[i]);
+      char d[96];
+      return HL_FAIL(p, TL_EINVAL, i, "expected ',' or ']', found %s", char_desc(s[i], d));
     }
     int err = push_seg(p, lit, lit_len, first, p->nranges - first);
     if (err) return err;
+    p->ngroups++;
     if (total > TL_HOSTLIST_MAX_HOSTS / n)
       return HL_FAIL(p, TL_ERANGE, open, "more than %u hosts", TL_HOSTLIST_MAX_HOSTS);
     total *= n;
@@ -203,6 +221,20 @@ static int parse_name(hl_parser_t* p, size_t* pos, uint64_t* count, size_t* maxl
   *count = total;
   *maxlen = len;
   return 0;
+}
+
+/* The segment index of the group that varies `step`-th fastest (step 0: fastest), among the
+ * name's p->ngroups bracket groups. scontrol 22.05 varies the LAST group fastest, then the others
+ * from the first (left) to the second-to-last: a[1-2]b[1-2]c[1-2] gives a1b1c1 a1b1c2 a2b1c1
+ * a2b1c2 a1b2c1 ... (its parser expands the last group as a range of the name and the groups
+ * before it recursively). With one or two groups this is plain left-to-right order. */
+static size_t odometer_group(const hl_parser_t* p, size_t step) {
+  size_t want = step == 0 ? p->ngroups - 1 : step - 1; /* the want-th group, counting from 0 */
+  for (size_t k = 0, seen = 0; k < p->nsegs; k++) {
+    if (!p->segs[k].nranges) continue;
+    if (seen++ == want) return k;
+  }
+  return 0; /* not reached: want < ngroups */
 }
 
 /* Writes the names of the parsed name into p->hosts (room for count more is reserved). */
@@ -229,10 +261,9 @@ static int expand_name(hl_parser_t* p, uint64_t count) {
     memcpy(name, buf, len + 1);
     p->hosts[p->nhosts++] = name;
     p->bytes += len + 1;
-    /* Advance the odometer: the rightmost group varies fastest. */
-    for (size_t k = p->nsegs; k-- > 0;) {
-      hl_seg_t* g = &p->segs[k];
-      if (!g->nranges) continue;
+    /* Advance the odometer in scontrol's order (see odometer_next). */
+    for (size_t step = 0; step < p->ngroups; step++) {
+      hl_seg_t* g = &p->segs[odometer_group(p, step)];
       if (g->v < p->ranges[g->first + g->ri].hi) {
         g->v++;
         break;

@@ -62,17 +62,28 @@ static PyObject* builtin_base(int code) {
 PyObject* tl_py_raise(core_state* st, int err, const char* detail) {
   int idx = (err < 0 && err > TL_ERRNO_MAX) ? -err : -TL_EUNKNOWN;
   PyObject* type = st->by_code[idx];
+  /* The detail quotes what failed (a path, a host list, a library's message), which need not be
+   * valid UTF-8: undecodable bytes become \xNN escapes instead of a UnicodeDecodeError. */
+  PyObject* det = PyUnicode_DecodeUTF8(detail ? detail : "", detail ? (Py_ssize_t)strlen(detail) : 0,
+                                       "backslashreplace");
+  if (!det) return NULL;
   PyObject* msg;
-  if (detail && detail[0])
-    msg = PyUnicode_FromFormat("%s: %s (%s). What to do: %s.", tl_err_name(err), tl_strerror(err),
-                               detail, tl_err_hint(err));
+  if (PyUnicode_GET_LENGTH(det) > 0)
+    msg = PyUnicode_FromFormat("%s: %s (%U). What to do: %s.", tl_err_name(err), tl_strerror(err),
+                               det, tl_err_hint(err));
   else
     msg = PyUnicode_FromFormat("%s: %s. What to do: %s.", tl_err_name(err), tl_strerror(err),
                                tl_err_hint(err));
-  if (!msg) return NULL;
+  if (!msg) {
+    Py_DECREF(det);
+    return NULL;
+  }
   PyObject* exc = PyObject_CallOneArg(type, msg);
   Py_DECREF(msg);
-  if (!exc) return NULL;
+  if (!exc) {
+    Py_DECREF(det);
+    return NULL;
+  }
   PyObject* code = PyLong_FromLong(err);
   int bad = !code || PyObject_SetAttrString(exc, "code", code) < 0;
   Py_XDECREF(code);
@@ -87,11 +98,8 @@ PyObject* tl_py_raise(core_state* st, int err, const char* detail) {
     bad = !s || PyObject_SetAttrString(exc, "hint", s) < 0;
     Py_XDECREF(s);
   }
-  if (!bad) {
-    s = PyUnicode_FromString(detail ? detail : "");
-    bad = !s || PyObject_SetAttrString(exc, "detail", s) < 0;
-    Py_XDECREF(s);
-  }
+  if (!bad) bad = PyObject_SetAttrString(exc, "detail", det) < 0;
+  Py_DECREF(det);
   if (!bad) PyErr_SetObject(type, exc);
   Py_DECREF(exc);
   return NULL;

@@ -65,6 +65,12 @@ TEST_IMPL(hostlist_expands) {
       {"n[3,1,2]", "n3 n1 n2"},
       {"n[18446744073709551615]", "n18446744073709551615"},
       {"a_b[1-2],c", "a_b1 a_b2 c"},
+      /* 3+ groups: scontrol varies the last group fastest, then the others from the left */
+      {"a[1-2]b[1-2]c[1-2]", "a1b1c1 a1b1c2 a2b1c1 a2b1c2 a1b2c1 a1b2c2 a2b2c1 a2b2c2"},
+      {"a[1,3]b[1-2]c[5-6]", "a1b1c5 a1b1c6 a3b1c5 a3b1c6 a1b2c5 a1b2c6 a3b2c5 a3b2c6"},
+      {"a[1-2]b[1-2]c[1-2]d[1-2]",
+       "a1b1c1d1 a1b1c1d2 a2b1c1d1 a2b1c1d2 a1b2c1d1 a1b2c1d2 a2b2c1d1 a2b2c1d2 "
+       "a1b1c2d1 a1b1c2d2 a2b1c2d1 a2b1c2d2 a1b2c2d1 a1b2c2d2 a2b2c2d1 a2b2c2d2"},
   };
   char got[4096];
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -100,6 +106,8 @@ TEST_IMPL(hostlist_rejects_malformed) {
       {"n[[1]]", TL_EINVAL, "found '['"},
       {"n[1[2]]", TL_EINVAL, "nested '['"},
       {"n[1x]", TL_EINVAL, "expected ',' or ']', found 'x'"},
+      {"n[1\xe2\x80\x93" "3]", TL_EINVAL, "found byte 0xE2, not ASCII"}, /* an en dash */
+      {"n[\x01]", TL_EINVAL, "found control byte 0x01"},
       {"n[99999999999999999999]", TL_EINVAL, "number too large"},
       {"n[0-1048576]", TL_ERANGE, "more than 1048576 hosts"},
       {"n[0-18446744073709551615]", TL_ERANGE, "more than"},

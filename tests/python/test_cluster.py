@@ -43,6 +43,11 @@ AGREED = [
     ("n[1-2] , m", ["n1", "n2", "m"]),
     ("n[3,1,2]", ["n3", "n1", "n2"]),
     ("a_b[1-2],c", ["a_b1", "a_b2", "c"]),
+    # 3+ groups: scontrol varies the last group fastest, then the others from the left
+    ("a[1-2]b[1-2]c[1-2]", ["a1b1c1", "a1b1c2", "a2b1c1", "a2b1c2", "a1b2c1", "a1b2c2", "a2b2c1",
+                            "a2b2c2"]),
+    ("n[1-2]-[3-4].x[5-6]y[7-8]", ["n%d-%d.x%dy%d" % (a, b, c, d) for c in (5, 6) for b in (3, 4)
+                                   for a in (1, 2) for d in (7, 8)]),
     ("", []),
 ]
 # Lists both reject.
@@ -76,6 +81,44 @@ def test_hostlist_errors_name_the_position():
     for bad in BOTH_REJECT:
         with pytest.raises(threadloom.Error):
             threadloom._core.hostlist_expand(bad)
+
+
+def test_hostlist_non_ascii_is_a_clear_error():
+    # An en dash typed for '-' used to surface as UnicodeDecodeError (half a UTF-8 sequence in
+    # the message).
+    with pytest.raises(threadloom.InvalidArgumentError) as e:
+        threadloom._core.hostlist_expand("n[1\u20133]")
+    assert "not ASCII" in str(e.value) and "en dash" in str(e.value)
+    with pytest.raises(threadloom.InvalidArgumentError):
+        threadloom._core.hostlist_expand("n\u00e9[1-2\u2013]")
+
+
+def _random_hostlist(rng):
+    names = []
+    for _ in range(rng.randint(1, 3)):
+        parts = []
+        for _ in range(rng.randint(1, 4)):
+            ranges = []
+            for _ in range(rng.randint(1, 2)):
+                a = rng.randint(0, 9)
+                b = a + rng.randint(0, 2)
+                ranges.append("%0*d-%d" % (rng.choice((1, 2)), a, b) if b > a else str(a))
+            parts.append(rng.choice("abxn") + "[%s]" % ",".join(ranges))
+        names.append("".join(parts))
+    return ",".join(names)
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None,
+                    reason="scontrol not installed (apt-get install slurm-client)")
+def test_random_lists_match_scontrol(tmp_path):
+    # Seeded: 1-3 names of 1-4 bracket groups each, many lists per scontrol call.
+    import random
+    rng = random.Random(20261203)
+    lists = [_random_hostlist(rng) for _ in range(300)]
+    assert any(l.count("[") >= 3 for l in lists)
+    theirs = _scontrol(tmp_path, ",".join(lists))
+    ours = threadloom._core.hostlist_expand(",".join(lists))
+    assert theirs == ours
 
 
 def _scontrol(tmp_path, hostlist):
