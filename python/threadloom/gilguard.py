@@ -6,7 +6,9 @@ that is easy to miss; from then on threads no longer run Python in parallel. ``i
 makes that visible:
 
   forbid  the import stops the program (``GILEnabledError``, a ``SystemExit`` with status 1)
-          with one message naming the module, where it was imported and what to do;
+          with one message naming the module, where it was imported and what to do; a
+          program that catches it (``except BaseException``, ``contextlib.suppress``) is
+          stopped where it would go on (see ``_stop_if_swallowed``);
   warn    one line on stderr naming the module; the program goes on with the GIL on;
   allow   silent.
 
@@ -135,6 +137,102 @@ def _report(module, origin, where):
     return GILEnabledError(msg, module, where)
 
 
+def _handling(exc):
+    """True while the calling thread is inside a handler of `exc` (or of one it led to)."""
+    cur = sys.exception()
+    while cur is not None:
+        if cur is exc:
+            return True
+        cur = cur.__context__
+    return False
+
+
+def _stop_if_swallowed(err):
+    """Makes a caught GILEnabledError stop the program anyway.
+
+    GILEnabledError is a SystemExit so that ``except Exception`` cannot swallow it; ``except
+    BaseException`` and ``contextlib.suppress(BaseException)`` still can, and the program would
+    then go on with the GIL on, quietly. So once it is raised, sys.monitoring (used only from
+    this point: it costs nothing before) records every frame that enters a handler for it
+    (EXCEPTION_HANDLED) and watches the lines of those frames: a handler that re-raises (a
+    ``finally``, a ``with`` whose ``__exit__`` returns False, ``except ...: raise``) leaves its
+    frame without running another line of it, but a frame that runs a line while no longer
+    handling the error has swallowed it, and the process stops there: one line on stderr, exit
+    status 1 (``os._exit``: the program already showed it would not stop by itself). Where no
+    tool id is free (a debugger or profiler holds all six), the message is written at once, so
+    the GIL never comes back quietly."""
+    mon = getattr(sys, "monitoring", None)
+    # Frames that entered a handler of err (kept alive: the process is ending), each with the
+    # lines its handlers start on: the cleanup a `with` or `finally` runs before re-raising is on
+    # those lines, and may run after the error stopped being the handled one.
+    frames = []  # [frame, set of handler lines, the next line event opens a handler]
+    tool = None
+    if mon is not None:
+        for t in range(6):
+            try:
+                mon.use_tool_id(t, "threadloom-gilguard")
+            except ValueError:
+                continue
+            tool = t
+            break
+
+    def die(where):
+        sys.stderr.write("threadloom: the program caught GILEnabledError%s and would go on with the "
+                         "GIL on; --gil=forbid stops it (exit status 1)\n%s\n"
+                         % (" at %s" % where if where else "", err.code))
+        sys.stderr.flush()
+        import os
+        os._exit(1)
+
+    if tool is not None:
+        E = mon.events
+
+        def on_handled(code, offset, exc):
+            if exc is err or (isinstance(exc, BaseException) and err is exc.__context__):
+                f = sys._getframe(1)
+                for entry in frames:
+                    if entry[0] is f:
+                        break
+                else:
+                    entry = [f, set(), False]
+                    frames.append(entry)
+                    mon.set_local_events(tool, code, mon.get_local_events(tool, code) | E.LINE)
+                entry[1].add(f.f_lineno)
+                entry[2] = True
+
+        def on_line(code, line):
+            f = sys._getframe(1)
+            for entry in frames:
+                if entry[0] is f:
+                    if entry[2]:
+                        entry[1].add(line)
+                        entry[2] = False
+                    elif line not in entry[1] and not _handling(err):
+                        die("%s:%d" % (code.co_filename, line))
+                    return
+
+        mon.register_callback(tool, E.EXCEPTION_HANDLED, on_handled)
+        mon.register_callback(tool, E.LINE, on_line)
+        mon.set_events(tool, E.EXCEPTION_HANDLED)
+
+    else:
+        # Nothing can watch: at least never be quiet about it.
+        sys.stderr.write("%s\n" % err.code)
+        return
+
+    import atexit
+
+    def at_exit():
+        # Registered when the error was raised, so it runs before every exit hook registered
+        # until then (atexit is LIFO): their lines are not watched.
+        mon.set_events(tool, 0)
+        mon.register_callback(tool, E.LINE, None)
+        mon.register_callback(tool, E.EXCEPTION_HANDLED, None)
+        mon.free_tool_id(tool)
+
+    atexit.register(at_exit)
+
+
 def _create_dynamic(spec, *args):
     before = sys._is_gil_enabled()
     try:
@@ -143,6 +241,7 @@ def _create_dynamic(spec, *args):
         if not before and sys._is_gil_enabled():
             err = _report(getattr(spec, "name", None), getattr(spec, "origin", None), _where())
             if err is not None:
+                _stop_if_swallowed(err)
                 raise err
 
 

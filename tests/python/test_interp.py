@@ -198,12 +198,38 @@ def test_gil_forbid_is_the_default_and_names_the_module(tmp_path):
     assert "The global interpreter lock" not in r.stderr  # CPython's warning is replaced
 
 
+SWALLOWS = {
+    "except Exception": SWALLOWS_IT,
+    "except BaseException": "try:\n    import gil_needing\nexcept BaseException:\n    pass\nprint('went on')\n",
+    "suppress": "import contextlib\nwith contextlib.suppress(BaseException):\n    import gil_needing\n"
+                "print('went on')\n",
+    "in a function": "def f():\n    try:\n        import gil_needing\n    except BaseException as e:\n"
+                     "        print('caught', type(e).__name__)\n    return 1\nf()\nprint('went on')\n",
+    "re-raised as another": "try:\n    try:\n        import gil_needing\n    except BaseException:\n"
+                            "        raise RuntimeError('x')\nexcept Exception:\n    pass\nprint('went on')\n",
+}
+
+
 @needs_bin
 @needs_ext
-def test_gil_forbid_cannot_be_swallowed(tmp_path):
-    r = tl("run", "--gil=forbid", script(tmp_path, SWALLOWS_IT), env={"PYTHONPATH": EXT_DIR})
-    assert r.returncode == 1 and "went on" not in r.stdout
+@pytest.mark.parametrize("how", sorted(SWALLOWS))
+def test_gil_forbid_cannot_be_swallowed(tmp_path, how):
+    # `except BaseException` and contextlib.suppress used to defeat the guard: exit 0, GIL on,
+    # nothing on stderr.
+    r = tl("run", "--gil=forbid", script(tmp_path, SWALLOWS[how]), env={"PYTHONPATH": EXT_DIR})
+    assert r.returncode == 1 and "went on" not in r.stdout, (r.stdout, r.stderr)
     assert "'gil_needing'" in r.stderr
+    if how != "except Exception":
+        assert "caught GILEnabledError at" in r.stderr
+
+
+@needs_bin
+@needs_ext
+def test_gil_forbid_runs_finally_blocks_and_says_it_once(tmp_path):
+    s = script(tmp_path, "try:\n    import gil_needing\nfinally:\n    print('cleanup')\n")
+    r = tl("run", s, env={"PYTHONPATH": EXT_DIR})
+    assert r.returncode == 1 and r.stdout.strip() == "cleanup"
+    assert r.stderr.count("'gil_needing'") == 1 and "caught" not in r.stderr
 
 
 @needs_bin
