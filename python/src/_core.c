@@ -126,9 +126,15 @@ PyObject* tl_py_fail(PyObject* module, int err) {
   return tl_py_raise(get_state(module), err, detail);
 }
 
+static struct PyModuleDef core_module;
+
+PyObject* tl_py_module_of(PyObject* self) {
+  return PyType_GetModuleByDef(Py_TYPE(self), &core_module);
+}
+
 PyObject* tl_py_fail_obj(PyObject* self, int err) {
   TL_DETAIL_COPY(detail); /* before anything else can overwrite it */
-  PyObject* module = PyType_GetModule(Py_TYPE(self));
+  PyObject* module = tl_py_module_of(self);
   return module ? tl_py_raise(get_state(module), err, detail) : NULL;
 }
 
@@ -400,8 +406,9 @@ static PyMethodDef core_methods[] = {
      "A new ncclUniqueId as 128 bytes (ncclGetUniqueId; no GPU needed). Raises "
      "LibraryNotFoundError when libnccl.so.2 is not loadable, NcclError when NCCL fails."},
     {"_nccl_comm_closed", tl_py_nccl_comm_closed, METH_VARARGS,
-     "_nccl_comm_closed(nranks, rank, device): an NcclComm that is already closed, so tests can "
-     "reach the collectives' argument checks without a GPU."},
+     "_nccl_comm_closed(nranks, rank, device, type=NcclComm): an NcclComm (or an instance of "
+     "its subclass `type`) that is already closed, so tests can reach the collectives' argument "
+     "checks without a GPU."},
     {"topology", (PyCFunction)(void (*)(void))core_topology, METH_VARARGS | METH_KEYWORDS,
      "topology(xml=None, synthetic=None) -> dict: packages, numa_nodes, cores, pus, "
      "allowed_cores, allowed_pus, is_this_system, gpus and core_list (lists of dicts). xml: an "

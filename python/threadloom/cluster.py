@@ -29,7 +29,9 @@ import threading
 import time
 import zlib
 
-from threadloom import _core, errors, launch_env
+from threadloom import _core, _runtime, errors, launch_env
+from threadloom.comm import nccl
+from threadloom.comm.nccl import NcclComm
 
 # ---------------------------------------------------------------------------------------------
 # Errors: threadloom's classes (TimedOutError, InvalidArgumentError, ...) with their detail
@@ -557,7 +559,6 @@ class Rendezvous:
     _secret: bytes = dataclasses.field(default=b"", repr=False)   # the job secret
     _connect: tuple = dataclasses.field(default=(), repr=False)   # (host, port) to reach the store
     _nccl_gen: int = dataclasses.field(default=0, repr=False)     # nccl_bootstrap() calls so far
-    _comms: object = dataclasses.field(default=None, repr=False)  # NcclComms to abort (WeakSet)
     _lock: object = dataclasses.field(default_factory=threading.Lock, repr=False)
     _launcher: bool = dataclasses.field(default=False, repr=False)  # made by `threadloom run`:
                               # it leaves the job at exit; the user's close() is a no-op
@@ -643,24 +644,11 @@ class Rendezvous:
                              nnodes=self.world_size, gpus_per_node=gpus_per_node,
                              node_rank=self.rank, generation=gen, _owner=self)
 
-    def _track(self, comm):
-        import weakref
-        with self._lock:
-            if self._comms is None:
-                self._comms = weakref.WeakSet()
-            self._comms.add(comm)
-
     def abort_comms(self):
         """Aborts every NcclComm made through this rendezvous' bootstraps that is still open
-        (ncclCommAbort). Returns how many. Thread-safe; the watchdog calls it."""
-        with self._lock:
-            comms = list(self._comms or ())
-        n = 0
-        for c in comms:
-            if not c.closed:
-                c.abort()
-                n += 1
-        return n
+        (ncclCommAbort). Returns how many. Thread-safe; the watchdog aborts them, with the
+        rest of the process's abortable objects, through _runtime.abort_all()."""
+        return _runtime.abort_all("Rendezvous.abort_comms()", owner=self)
 
     def torchrun_env(self):
         """MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK, ... as a dict of strings."""
@@ -865,10 +853,9 @@ class NcclBootstrap:
         limit) and registers it so that the watchdog aborts it when the job aborts. The caller
         closes it.
         Raises LibraryNotFoundError, NoDriverError/NoDeviceError, NcclError, TimeoutError."""
-        comm = _core.NcclComm(self.unique_id, self.world_size, self.rank_of(local_gpu),
-                              local_gpu if device is None else device, timeout=timeout)
-        if self._owner is not None:
-            self._owner._track(comm)
+        comm = NcclComm(self.unique_id, self.world_size, self.rank_of(local_gpu),
+                        local_gpu if device is None else device, timeout=timeout)
+        _runtime.register(comm, abort=nccl.abort, owner=self._owner)
         return comm
 
 

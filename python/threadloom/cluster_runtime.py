@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 
-from threadloom import _core, cluster, errors
+from threadloom import _core, _runtime, cluster, errors
 
 ABORT_EXIT = 70      # a node exits with this when the job aborts because of another node
 PREEMPT_EXIT = 75    # ... and with this after a preemption checkpoint and requeue (EX_TEMPFAIL)
@@ -83,9 +83,9 @@ class Watchdog:
     cleanly, is declared dead and the abort key published naming it. When the abort key
     appears, or this node loses the store (node 0 died or is unreachable: a request that
     fails or takes longer than timeout + interval), the watchdog aborts this node: it runs the
-    hooks (add_hook), aborts the NCCL communicators made through the rendezvous
-    (Rendezvous.abort_comms) and every running spmd world (their collectives raise
-    CanceledError with the reason); then, with exit=True, writes one line naming the reason to
+    hooks (add_hook), then aborts what this process registered as abortable (_runtime.abort_all:
+    the NCCL communicators made through the rendezvous' bootstraps and every running spmd
+    world, whose collectives raise CanceledError with the reason); then, with exit=True, writes one line naming the reason to
     stderr and ends the process with `exit_status` (os._exit: a rank stuck in a collective
     cannot be unwound). With exit=False it stops there; `aborted` is set and `reason` says why.
 
@@ -207,7 +207,7 @@ class Watchdog:
     def _run_hooks(self, reason):
         with self._lock:
             hooks = list(self._hooks)
-        for fn in hooks + [lambda _r: self.rv.abort_comms(), _abort_spmd_worlds]:
+        for fn in hooks + [_abort_process]:
             try:
                 fn(reason)
             except Exception as e:  # noqa: BLE001 (one failing hook must not stop the abort)
@@ -258,9 +258,10 @@ def _first_line(e):
     return text[0] if text else type(e).__name__
 
 
-def _abort_spmd_worlds(reason):
-    from threadloom.spmd import abort_worlds   # (threadloom.spmd the attribute is the function)
-    abort_worlds("threadloom.cluster: the job aborts: %s" % reason)
+def _abort_process(reason):
+    """Aborts what this process registered as abortable (_runtime): the NCCL communicators of
+    the job's bootstraps, running spmd worlds (their collectives raise CanceledError)."""
+    _runtime.abort_all("threadloom.cluster: the job aborts: %s" % reason)
 
 
 # ---------------------------------------------------------------------------------------------

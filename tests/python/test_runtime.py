@@ -1,14 +1,17 @@
 """threadloom._runtime: the one registry of process-lifetime objects, its exit hook and abort_all.
 
-What registers in the package (Executor, Pipeline, the DataLoader's engines) is tested where
-those live, interpreter exit included (test_executor.py, test_pipeline.py); here the registry's
-own rules."""
+What registers in the package (Executor, Pipeline, the DataLoader's engines, spmd worlds, the
+cluster bootstrap's NCCL communicators) is tested where those live, interpreter exit included
+(test_executor.py, test_pipeline.py); here the registry's own rules."""
 
 import gc
+import threading
 
 import pytest
 
+import threadloom
 from threadloom import _runtime
+from threadloom.comm import cpu, nccl
 
 from conftest import run_python
 
@@ -76,6 +79,45 @@ def test_one_failing_abort_does_not_stop_the_others():
 def test_register_needs_close_or_abort():
     with pytest.raises(TypeError, match="close= or abort="):
         _runtime.register(Thing([], "x"))
+
+
+def test_abort_all_cancels_a_running_spmd_world():
+    """What the cluster watchdog does: every rank's collective raises CanceledError with the
+    reason, and spmd() re-raises it."""
+    ready, go, out = threading.Barrier(2), threading.Event(), {}
+
+    def fn(ctx):
+        if ctx.rank == 1:
+            ready.wait(30)
+        else:
+            go.wait(30)
+        ctx.barrier()
+
+    def caller():
+        try:
+            threadloom.spmd(fn, cpu_world=2, pin=False)
+        except BaseException as e:  # noqa: BLE001
+            out["e"] = e
+
+    t = threading.Thread(target=caller)
+    t.start()
+    ready.wait(30)
+    n = _runtime.abort_all("the job aborts: node 3 died")
+    go.set()
+    t.join(30)
+    assert n == 1
+    assert isinstance(out["e"], threadloom.CanceledError) and "node 3 died" in str(out["e"])
+
+
+def test_nccl_comms_abort_once_open_only():
+    c = nccl.closed(2, 0, 0)
+    assert nccl.abort(c, "why") is False          # a closed communicator is not aborted again
+    owner = object()
+    _runtime.register(c, abort=nccl.abort, owner=owner)
+    assert _runtime.abort_all("x", owner=owner) == 0
+    _runtime.unregister(c)
+    w = cpu.World(2, None)
+    assert cpu.abort_world(w, "stop") is True and cpu.abort_world(w, "again") is False
 
 
 def test_one_exit_hook_closes_what_is_still_open():
