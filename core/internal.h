@@ -3,6 +3,10 @@
 #ifndef THREADLOOM_CORE_INTERNAL_H
 #define THREADLOOM_CORE_INTERNAL_H
 
+#include <pthread.h>
+#include <stdint.h>
+#include <time.h>
+
 #include "threadloom/error.h"
 
 /* Records the calling thread's failure detail (printf-style) and returns `err` unchanged, so a
@@ -15,6 +19,14 @@ void tl__clear_detail(void);
  * __tls_get_addr call per function (the local-dynamic model), a call each otherwise. */
 extern _Thread_local char tl__detail[512]
     __attribute__((visibility("hidden"), tls_model("local-dynamic")));
+/* CLOCK_MONOTONIC now, in nanoseconds (core/clock.c): every deadline in the library is on it. */
+int64_t tl__now_ns(void);
+/* The timespec of a CLOCK_MONOTONIC time in nanoseconds, for pthread_cond_timedwait on a
+ * condition variable made by tl__cond_init_monotonic. */
+struct timespec tl__timespec_of_ns(int64_t ns);
+/* Initialises a condition variable whose timed waits use CLOCK_MONOTONIC; returns a pthread
+ * error. */
+int tl__cond_init_monotonic(pthread_cond_t* c);
 /* Copies at most cap-1 bytes of src into dst and terminates it; returns dst. */
 char* tl__strlcpy(char* dst, const char* src, size_t cap);
 

@@ -293,11 +293,7 @@ static void tl__comm_fail_locked(tl_nccl_comm_t* c, const tl__nccl_api_t* api) {
     (void)tl__comm_abort_locked(c, api);
 }
 
-static int64_t tl__now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
+static int64_t tl__now_ms(void) { return tl__now_ns() / 1000000; }
 
 /* Waits, without holding the lock, until the communicator leaves ncclInProgress. 0 when ready;
  * TL_ECANCELED when aborted meanwhile; TL_ENCCL (asynchronous error) or TL_ETIMEDOUT after

@@ -17,7 +17,7 @@
  *
  * Several nodes: `run --nnodes N --node-rank R --master HOST[:PORT]` (or a SLURM step over
  * several nodes, whose environment supplies them) meets the other nodes before user code runs
- * (python/threadloom/cluster_runtime.py, launch()). The launcher checks the flags' syntax here;
+ * (python/threadloom/cluster/launch.py, launch()). The launcher checks the flags' syntax here;
  * their combination is checked by launch(), shared with `python -m threadloom run`. Under SLURM,
  * CUDA_VISIBLE_DEVICES is set from SLURM_STEP_GPUS/SLURM_JOB_GPUS when SLURM left it unset,
  * before the placement plan counts the GPUs and long before anything starts CUDA.
@@ -309,7 +309,7 @@ static PyStatus tl__configure(PyConfig* config, int argc, char** argv, const tl_
 // Before user code: free-threaded check, GIL guard, torchrun environment
 // ---------------------------------------------------------------------------------------------
 
-/* Loads gilguard.py (and launch_env.py) by path rather than importing the package: the
+/* Loads gilguard.py (and cluster/torchrun.py) by path rather than importing the package: the
  * package's __init__ loads _core and its libraries, which costs start-up time the user's script
  * may never need. Registered under their package names, so `threadloom.gilguard` is this one. */
 static const char tl__startup_code[] =
@@ -323,12 +323,13 @@ static const char tl__startup_code[] =
     "_g = _load('threadloom.gilguard', pkg + '/threadloom/gilguard.py')\n"
     "_g.install(policy, origin='threadloom run')\n"
     "if cluster is not None:\n"
-    "    from threadloom import cluster_runtime as _cr\n"
-    "    _cr.launch_or_exit(origin='threadloom run', **cluster)\n"
+    "    from threadloom.cluster import launch as _launch\n"
+    "    _launch.launch_or_exit(origin='threadloom run', **cluster)\n"
     "if torchrun:\n"
-    "    _load('threadloom.launch_env', pkg + '/threadloom/launch_env.py').apply_torchrun_env()\n";
+    "    _load('threadloom.cluster.torchrun', pkg + '/threadloom/cluster/torchrun.py')"
+    ".apply_torchrun_env()\n";
 
-/* The keyword arguments of cluster_runtime.launch() for the flags given (a new dict), or None
+/* The keyword arguments of threadloom.cluster.launch.launch() for the flags given (a new dict), or None
  * (a new reference) when this is not a run that may span nodes. */
 static PyObject* tl__cluster_kwargs(const tl__args_t* a) {
   if (strcmp(a->cmd, "run") != 0 || (!a->cluster_flags && !getenv("SLURM_JOB_ID")))

@@ -124,7 +124,7 @@ int tl_group_wait(tl_group_t* group, tl_pool_t* pool, int64_t timeout_ms) {
         pthread_cond_wait(&group->done, &group->mu);
         continue;
       }
-      struct timespec ts = {(time_t)(deadline / 1000000000), (long)(deadline % 1000000000)};
+      struct timespec ts = tl__timespec_of_ns(deadline);
       if (pthread_cond_timedwait(&group->done, &group->mu, &ts) == ETIMEDOUT &&
           atomic_load(&group->pending) > 0) {
         rc = TL_ETIMEDOUT;

@@ -166,9 +166,5 @@ void tl__park(tl__worker_t* w, tl_group_t* group, int64_t deadline_ns);
 void tl__group_settle(tl_group_t* g);
 /* Counts one more task in g; TL_ECANCELED if g is canceled. */
 int tl__group_add(tl_group_t* g);
-/* Monotonic now in ns. */
-int64_t tl__now_ns(void);
-/* Initialises a condition variable on CLOCK_MONOTONIC; returns a pthread error. */
-int tl__cond_init_monotonic(pthread_cond_t* c);
 
 #endif /* THREADLOOM_SCHEDULER_INTERNAL_H */

@@ -75,22 +75,6 @@ static _Thread_local tl__worker_t* tl__self;
 
 tl__worker_t* tl__self_worker(void) { return tl__self; }
 
-int64_t tl__now_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-int tl__cond_init_monotonic(pthread_cond_t* c) {
-  pthread_condattr_t a;
-  int rc = pthread_condattr_init(&a);
-  if (rc) return rc;
-  rc = pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-  if (!rc) rc = pthread_cond_init(c, &a);
-  pthread_condattr_destroy(&a);
-  return rc;
-}
-
 static inline void tl__cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
@@ -198,7 +182,7 @@ void tl__park(tl__worker_t* w, tl_group_t* g, int64_t deadline_ns) {
   if (tl__should_sleep(p, g)) {
     tl__bump(&w->parked);
     if (deadline_ns) {
-      struct timespec ts = {(time_t)(deadline_ns / 1000000000), (long)(deadline_ns % 1000000000)};
+      struct timespec ts = tl__timespec_of_ns(deadline_ns);
       pthread_cond_timedwait(&p->park_cond, &p->park_mu, &ts);
     } else {
       pthread_cond_wait(&p->park_cond, &p->park_mu);

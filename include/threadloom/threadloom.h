@@ -1,11 +1,17 @@
 /* threadloom/threadloom.h: the one header a C user includes.
  *
- * threadloom is a runtime for driving multi-GPU servers from one free-threaded Python process:
- *   numa/      topology, placement and NUMA-local pinned memory     (threadloom/numa.h,
+ * threadloom is a runtime for driving multi-GPU servers from one free-threaded Python process.
+ * The parts this header brings in, each with its own header:
+ *   core/      the error table, per-thread error detail, versions    (threadloom/error.h,
+ *                                                                    threadloom/common.h)
+ *   numa/      topology, placement plans, pinning, NUMA-local arenas (threadloom/numa.h,
  *                                                                    threadloom/arena.h)
- *   cudactx/   shared CUDA contexts, streams, staging, DLPack       (threadloom/cudactx.h)
- *   scheduler/ pinned work-stealing threads and pipelines      (threadloom/scheduler.h)
- *   ckptio/    checkpoint file writes: buffered, O_DIRECT, io_uring (threadloom/ckptio.h)
+ *   cudactx/   CUDA device discovery and NCCL communicators          (threadloom/cudactx.h)
+ *   scheduler/ pinned work-stealing thread pools and task groups     (threadloom/scheduler.h)
+ *   ckptio/    checkpoint file writes: buffered, O_DIRECT, io_uring  (threadloom/ckptio.h)
+ *   cluster/   SLURM host-list expansion                             (threadloom/cluster.h)
+ * What docs/design.md marks as not built yet (CUDA contexts, streams, device staging, device
+ * DLPack) is not declared here until it is.
  * Conventions (see docs/design.md): fallible calls return 0 or a negative TL_E* code
  * (threadloom/error.h); thread-safety and ownership defaults are in threadloom/common.h. */
 #ifndef THREADLOOM_THREADLOOM_H

@@ -59,27 +59,40 @@ static PyObject* builtin_base(int code) {
   }
 }
 
-PyObject* tl_py_raise(core_state* st, int err, const char* detail) {
-  int idx = (err < 0 && err > TL_ERRNO_MAX) ? -err : -TL_EUNKNOWN;
-  PyObject* type = st->by_code[idx];
+/* The class of a TL_E* code (borrowed); unknown codes get TL_EUNKNOWN's. */
+static PyObject* class_of(core_state* st, int err) {
+  return st->by_code[(err < 0 && err > TL_ERRNO_MAX) ? -err : -TL_EUNKNOWN];
+}
+
+/* Sets one str attribute; -1 on failure. */
+static int set_str(PyObject* obj, const char* name, const char* value) {
+  PyObject* s = PyUnicode_FromString(value);
+  int rc = s ? PyObject_SetAttrString(obj, name, s) : -1;
+  Py_XDECREF(s);
+  return rc;
+}
+
+/* The one place a threadloom exception is made, for C and Python callers alike: an instance of
+ * `cls` (NULL: the class of `err`) whose message is
+ *   "<TL_ENAME>: <what> (<detail>). What to do: <hint>."
+ * (without " (<detail>)" when detail is empty), `what` and `hint` defaulting to the error
+ * table's text for `err`, with the attributes code, name, hint and detail. Returns a new
+ * reference, or NULL with an exception set. */
+static PyObject* tl_py_error_new(core_state* st, PyObject* cls, int err, const char* detail,
+                                 const char* what, const char* hint) {
+  if (!cls) cls = class_of(st, err);
+  if (!what) what = tl_strerror(err);
+  if (!hint) hint = tl_err_hint(err);
+  if (!detail) detail = "";
   /* The detail quotes what failed (a path, a host list, a library's message), which need not be
    * valid UTF-8: undecodable bytes become \xNN escapes instead of a UnicodeDecodeError. */
-  PyObject* det = PyUnicode_DecodeUTF8(detail ? detail : "", detail ? (Py_ssize_t)strlen(detail) : 0,
-                                       "backslashreplace");
+  PyObject* det = PyUnicode_DecodeUTF8(detail, (Py_ssize_t)strlen(detail), "backslashreplace");
   if (!det) return NULL;
-  PyObject* msg;
-  if (PyUnicode_GET_LENGTH(det) > 0)
-    msg = PyUnicode_FromFormat("%s: %s (%U). What to do: %s.", tl_err_name(err), tl_strerror(err),
-                               det, tl_err_hint(err));
-  else
-    msg = PyUnicode_FromFormat("%s: %s. What to do: %s.", tl_err_name(err), tl_strerror(err),
-                               tl_err_hint(err));
-  if (!msg) {
-    Py_DECREF(det);
-    return NULL;
-  }
-  PyObject* exc = PyObject_CallOneArg(type, msg);
-  Py_DECREF(msg);
+  PyObject* msg = PyUnicode_GET_LENGTH(det) > 0
+      ? PyUnicode_FromFormat("%s: %s (%U). What to do: %s.", tl_err_name(err), what, det, hint)
+      : PyUnicode_FromFormat("%s: %s. What to do: %s.", tl_err_name(err), what, hint);
+  PyObject* exc = msg ? PyObject_CallOneArg(cls, msg) : NULL;
+  Py_XDECREF(msg);
   if (!exc) {
     Py_DECREF(det);
     return NULL;
@@ -87,20 +100,20 @@ PyObject* tl_py_raise(core_state* st, int err, const char* detail) {
   PyObject* code = PyLong_FromLong(err);
   int bad = !code || PyObject_SetAttrString(exc, "code", code) < 0;
   Py_XDECREF(code);
-  PyObject* s;
-  if (!bad) {
-    s = PyUnicode_FromString(tl_err_name(err));
-    bad = !s || PyObject_SetAttrString(exc, "name", s) < 0;
-    Py_XDECREF(s);
-  }
-  if (!bad) {
-    s = PyUnicode_FromString(tl_err_hint(err));
-    bad = !s || PyObject_SetAttrString(exc, "hint", s) < 0;
-    Py_XDECREF(s);
-  }
-  if (!bad) bad = PyObject_SetAttrString(exc, "detail", det) < 0;
+  if (!bad) bad = set_str(exc, "name", tl_err_name(err)) < 0 || set_str(exc, "hint", hint) < 0 ||
+                  PyObject_SetAttrString(exc, "detail", det) < 0;
   Py_DECREF(det);
-  if (!bad) PyErr_SetObject(type, exc);
+  if (bad) {
+    Py_DECREF(exc);
+    return NULL;
+  }
+  return exc;
+}
+
+PyObject* tl_py_raise(core_state* st, int err, const char* detail) {
+  PyObject* exc = tl_py_error_new(st, NULL, err, detail, NULL, NULL);
+  if (!exc) return NULL;
+  PyErr_SetObject((PyObject*)Py_TYPE(exc), exc);
   Py_DECREF(exc);
   return NULL;
 }
@@ -113,9 +126,15 @@ PyObject* tl_py_fail(PyObject* module, int err) {
   return tl_py_raise(get_state(module), err, detail);
 }
 
+static struct PyModuleDef core_module;
+
+PyObject* tl_py_module_of(PyObject* self) {
+  return PyType_GetModuleByDef(Py_TYPE(self), &core_module);
+}
+
 PyObject* tl_py_fail_obj(PyObject* self, int err) {
   TL_DETAIL_COPY(detail); /* before anything else can overwrite it */
-  PyObject* module = PyType_GetModule(Py_TYPE(self));
+  PyObject* module = tl_py_module_of(self);
   return module ? tl_py_raise(get_state(module), err, detail) : NULL;
 }
 
@@ -329,11 +348,37 @@ static PyObject* core_error_table(PyObject* module, PyObject* unused) {
   return out;
 }
 
+static PyObject* core_make_error(PyObject* module, PyObject* args, PyObject* kwargs) {
+  static char* kwlist[] = {"code", "detail", "what", "hint", "cls", NULL};
+  int code;
+  const char *detail = "", *what = NULL, *hint = NULL;
+  PyObject* cls = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "i|s$zzO:make_error", kwlist, &code, &detail,
+                                   &what, &hint, &cls))
+    return NULL;
+  core_state* st = get_state(module);
+  if (cls == Py_None) {
+    cls = NULL;
+  } else if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject*)cls,
+                                                     (PyTypeObject*)class_of(st, code))) {
+    return PyErr_Format(PyExc_TypeError, "make_error: cls must be %s or a subclass of it, not %R",
+                        ((PyTypeObject*)class_of(st, code))->tp_name, cls);
+  }
+  return tl_py_error_new(st, cls, code, detail, what, hint);
+}
+
 static PyObject* core_raise_error(PyObject* module, PyObject* args) {
   int code;
   const char* detail = "";
   if (!PyArg_ParseTuple(args, "i|s:_raise_error", &code, &detail)) return NULL;
   return tl_py_raise(get_state(module), code, detail);
+}
+
+static PyObject* core_errno_code(PyObject* module, PyObject* arg) {
+  (void)module;
+  long e = PyLong_AsLong(arg);
+  if (e == -1 && PyErr_Occurred()) return NULL;
+  return PyLong_FromLong(e < 0 || e > INT32_MAX ? TL_EIO : tl_translate_sys_error((int)e));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -361,8 +406,9 @@ static PyMethodDef core_methods[] = {
      "A new ncclUniqueId as 128 bytes (ncclGetUniqueId; no GPU needed). Raises "
      "LibraryNotFoundError when libnccl.so.2 is not loadable, NcclError when NCCL fails."},
     {"_nccl_comm_closed", tl_py_nccl_comm_closed, METH_VARARGS,
-     "_nccl_comm_closed(nranks, rank, device): an NcclComm that is already closed, so tests can "
-     "reach the collectives' argument checks without a GPU."},
+     "_nccl_comm_closed(nranks, rank, device, type=NcclComm): an NcclComm (or an instance of "
+     "its subclass `type`) that is already closed, so tests can reach the collectives' argument "
+     "checks without a GPU."},
     {"topology", (PyCFunction)(void (*)(void))core_topology, METH_VARARGS | METH_KEYWORDS,
      "topology(xml=None, synthetic=None) -> dict: packages, numa_nodes, cores, pus, "
      "allowed_cores, allowed_pus, is_this_system, gpus and core_list (lists of dicts). xml: an "
@@ -401,6 +447,15 @@ static PyMethodDef core_methods[] = {
      "finalization (Python resets only its own handlers)."},
     {"error_table", core_error_table, METH_NOARGS,
      "The error table: tuple of (code, name, message, exception class)."},
+    {"make_error", (PyCFunction)(void (*)(void))core_make_error, METH_VARARGS | METH_KEYWORDS,
+     "make_error(code, detail='', *, what=None, hint=None, cls=None) -> the exception for a "
+     "TL_E* code, not raised: '<TL_ENAME>: <what> (<detail>). What to do: <hint>.' with the "
+     "attributes code, name, hint and detail, as every error from the C layer. what and hint "
+     "replace the error table's text; cls (the code's class or a subclass) the class. Python "
+     "code makes its errors here (threadloom.errors), so they read like the C layer's."},
+    {"errno_code", core_errno_code, METH_O,
+     "errno_code(errno) -> the TL_E* code the C layer translates that errno value into "
+     "(ENOSPC and EDQUOT -> TL_ENOSPC, ...; an errno without a row of its own -> TL_EIO)."},
     {"_raise_error", core_raise_error, METH_VARARGS,
      "_raise_error(code, detail='') raises the exception for a TL_E* code (for tests)."},
     {NULL, NULL, 0, NULL},

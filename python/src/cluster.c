@@ -41,7 +41,7 @@ PyObject* tl_py_hostlist_expand(PyObject* module, PyObject* arg) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Preemption signals (threadloom.cluster_runtime)
+// Preemption signals (threadloom.cluster.preempt and .launch)
 // ---------------------------------------------------------------------------------------------
 
 /* Why in C: Python's signal.signal() works on the main thread only, and a Python handler runs

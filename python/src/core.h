@@ -95,8 +95,12 @@ static inline core_state* get_state(PyObject* module) {
 PyObject* tl_py_raise(core_state* st, int err, const char* detail);
 /* tl_py_raise with the calling thread's current tl_err_detail(). */
 PyObject* tl_py_fail(PyObject* module, int err);
-/* tl_py_fail for a method of an object of one of this extension's heap types. */
+/* tl_py_fail for a method of an object of one of this extension's heap types (or of a Python
+ * subclass of one). */
 PyObject* tl_py_fail_obj(PyObject* self, int err);
+/* The _core module an object of one of this extension's types (or of a subclass) belongs to:
+ * borrowed; NULL with TypeError for a foreign object. */
+PyObject* tl_py_module_of(PyObject* self);
 /* Loads a topology from this machine, an XML file or a synthetic description (None for the
  * ones not given); on failure sets the exception and returns NULL. Caller closes the result. */
 tl_topo_t* tl_py_load_topology(PyObject* module, PyObject* xml, PyObject* synthetic);
@@ -172,7 +176,7 @@ PyObject* tl_py_preempt_notice(PyObject* module, PyObject* arg);
 extern PyType_Spec tl_py_ncclcomm_spec;
 /* nccl_unique_id() -> bytes (128) */
 PyObject* tl_py_nccl_unique_id(PyObject* module, PyObject* unused);
-/* _nccl_comm_closed(nranks, rank, device) -> a closed NcclComm (argument-check tests) */
+/* _nccl_comm_closed(nranks, rank, device, type=NcclComm) -> a closed NcclComm (tests) */
 PyObject* tl_py_nccl_comm_closed(PyObject* module, PyObject* args);
 
 #endif /* THREADLOOM_PY_CORE_H */

@@ -10,7 +10,8 @@
  * imported, else the legacy default stream (0). They return once the work is enqueued, like
  * torch.distributed's: the result is ready in stream order. abort() may come from any thread
  * (the cluster watchdog, spmd's failure handling) while another thread is in a collective;
- * close() destroys it.
+ * close() destroys it. threadloom.comm.NcclComm subclasses it with allreduce_buckets (Python:
+ * it flattens with the tensors' own library, then calls allreduce here per bucket).
  *
  * Free-threading: `lock` guards `comm` and `users`: abort() and close() hold it around their C
  * call (the C layer allows abort concurrently with collectives and with itself, not with close,
@@ -93,13 +94,21 @@ static PyObject* ncclcomm_new(PyTypeObject* type, PyObject* args, PyObject* kwar
   return (PyObject*)self;
 }
 
-/* _core._nccl_comm_closed(nranks, rank, device): an NcclComm that is already closed, for tests
- * of the collectives' argument checks on machines without a GPU (every check that needs no
+/* _core._nccl_comm_closed(nranks, rank, device, type=NcclComm): an NcclComm (or an instance of
+ * the subclass `type`, threadloom.comm.NcclComm) that is already closed, for tests of the
+ * collectives' argument checks on machines without a GPU (every check that needs no
  * communicator runs before the closed state is reported). */
 PyObject* tl_py_nccl_comm_closed(PyObject* module, PyObject* args) {
   int nranks, rank, device;
-  if (!PyArg_ParseTuple(args, "iii:_nccl_comm_closed", &nranks, &rank, &device)) return NULL;
-  PyTypeObject* type = (PyTypeObject*)get_state(module)->ncclcomm_type;
+  PyTypeObject* base = (PyTypeObject*)get_state(module)->ncclcomm_type;
+  PyTypeObject* type = base;
+  if (!PyArg_ParseTuple(args, "iii|O!:_nccl_comm_closed", &nranks, &rank, &device, &PyType_Type,
+                        &type))
+    return NULL;
+  if (!PyType_IsSubtype(type, base)) {
+    PyErr_Format(PyExc_TypeError, "_nccl_comm_closed: %s is not an NcclComm type", type->tp_name);
+    return NULL;
+  }
   NcclCommObject* self = (NcclCommObject*)type->tp_alloc(type, 0);
   if (!self) return NULL;
   self->nranks = nranks;
@@ -147,7 +156,7 @@ static PyObject* ncclcomm_close(PyObject* op, PyObject* unused) {
   if (self->users > 0) {
     int users = self->users;
     PyMutex_Unlock(&self->lock);
-    PyObject* module = PyType_GetModule(Py_TYPE(op));
+    PyObject* module = tl_py_module_of(op);
     char detail[200];
     snprintf(detail, sizeof detail, "NcclComm.close: %d collective(s) still running on it in "
              "other threads; abort() first to make them return, then close()", users);
@@ -229,8 +238,9 @@ static int parse_stream(PyObject* stream, unsigned long long* out, int* given) {
   return 0;
 }
 
-/* The default stream: torch.cuda.current_stream(device) when torch is already imported (never
- * imports it), else 0, the legacy default stream. */
+/* The default stream: torch.cuda.current_stream(device) when torch is already imported, else
+ * 0, the legacy default stream. PyImport_GetModule only looks in sys.modules: it never imports
+ * (the extension imports no Python module; tests/python/test_layers.py checks). */
 static int default_stream(int device, unsigned long long* out) {
   *out = 0;
   PyObject* name = PyUnicode_FromString("torch");
@@ -257,7 +267,7 @@ static tl_nccl_comm_t* enter(NcclCommObject* self) {
   if (c) self->users++;
   PyMutex_Unlock(&self->lock);
   if (!c) {
-    PyObject* module = PyType_GetModule(Py_TYPE(self));
+    PyObject* module = tl_py_module_of((PyObject*)self);
     if (module) tl_py_raise(get_state(module), TL_ECLOSED, "this NcclComm was closed");
   }
   return c;
@@ -281,7 +291,7 @@ static int same_dtype(tl_dtype_t a, tl_dtype_t b) {
 static PyObject* collective(NcclCommObject* self, int kind, PyObject* x, PyObject* out,
                             PyObject* opname, int root, PyObject* stream) {
   const char* what = coll_names[kind];
-  PyObject* module = PyType_GetModule(Py_TYPE(self));
+  PyObject* module = tl_py_module_of((PyObject*)self);
   if (!module) return NULL;
   tl_nccl_op_t op = TL_NCCL_SUM;
   if ((kind == COLL_ALLREDUCE || kind == COLL_REDUCE_SCATTER) && parse_op(opname, &op) < 0)
@@ -408,29 +418,6 @@ static PyObject* ncclcomm_reduce_scatter(PyObject* op, PyObject* args, PyObject*
   return r;
 }
 
-/* allreduce_buckets(grads, bucket_bytes=..., op="avg", stream=None): the bucketing is Python
- * (threadloom.spmd._nccl_allreduce_buckets, next to CpuComm's), flattening with the tensors'
- * own library; each bucket comes back here as one allreduce. */
-static PyObject* ncclcomm_allreduce_buckets(PyObject* op, PyObject* args, PyObject* kwargs) {
-  PyObject* mod = PyImport_ImportModule("threadloom.spmd");
-  if (!mod) return NULL;
-  PyObject* fn = PyObject_GetAttrString(mod, "_nccl_allreduce_buckets");
-  Py_DECREF(mod);
-  if (!fn) return NULL;
-  Py_ssize_t n = PyTuple_GET_SIZE(args);
-  PyObject* full = PyTuple_New(n + 1);
-  if (!full) {
-    Py_DECREF(fn);
-    return NULL;
-  }
-  PyTuple_SET_ITEM(full, 0, Py_NewRef(op));
-  for (Py_ssize_t i = 0; i < n; i++) PyTuple_SET_ITEM(full, i + 1, Py_NewRef(PyTuple_GET_ITEM(args, i)));
-  PyObject* r = PyObject_Call(fn, full, kwargs);
-  Py_DECREF(full);
-  Py_DECREF(fn);
-  return r;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Attributes and the type
 // ---------------------------------------------------------------------------------------------
@@ -496,10 +483,6 @@ static PyMethodDef ncclcomm_methods[] = {
      METH_VARARGS | METH_KEYWORDS,
      "reduce_scatter(x, op='sum', out, *, stream=None) -> out: chunk `rank` of the reduction of "
      "x (world_size * out.numel() elements) into out." STREAM_DOC},
-    {"allreduce_buckets", (PyCFunction)(void (*)(void))ncclcomm_allreduce_buckets,
-     METH_VARARGS | METH_KEYWORDS,
-     "allreduce_buckets(grads, bucket_bytes=25 MiB, op='avg', *, stream=None) -> grads: "
-     "CpuComm.allreduce_buckets for CUDA tensors (see threadloom.spmd)."},
     {"check", ncclcomm_check, METH_NOARGS,
      "check(): raises NcclError (and aborts the communicator) when NCCL reports an asynchronous "
      "error (ncclCommGetAsyncError), CanceledError once aborted; for watchdogs."},
@@ -531,6 +514,7 @@ static PyType_Slot ncclcomm_slots[] = {
 PyType_Spec tl_py_ncclcomm_spec = {
     .name = "threadloom._core.NcclComm",
     .basicsize = sizeof(NcclCommObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    /* a base type: threadloom.comm.NcclComm adds allreduce_buckets, which is Python */
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_BASETYPE,
     .slots = ncclcomm_slots,
 };

@@ -1,8 +1,10 @@
-"""threadloom's exceptions, built from Python code.
+"""threadloom's exceptions, made in one place.
 
 The classes live in the extension (one per TL_E* code of the error table, see
-include/threadloom/error.h); this module makes instances of them for errors that Python code
-detects, with the same message shape, `name`, `code`, `hint` and `detail` as the C layer's.
+include/threadloom/error.h), and so does the one function that makes an instance of them,
+``_core.make_error``: the C layer's failures and the errors Python code detects read alike
+("TL_ENAME: what (detail). What to do: hint.") and carry the same ``name``, ``code``, ``hint``
+and ``detail``. This module only turns names into codes for Python callers.
 """
 
 from threadloom import _core
@@ -10,13 +12,18 @@ from threadloom import _core
 CODES = {name: code for code, name, _, _ in _core.error_table()}
 
 
-def error(name, detail=""):
+def error(name, detail="", *, what=None, hint=None, cls=None):
     """The threadloom exception for `name` ("TL_ETIMEDOUT" or "ETIMEDOUT") carrying `detail`,
-    ready to raise."""
+    ready to raise. `what` and `hint` replace the error table's message and advice where a
+    feature has more specific ones; `cls` is a subclass of the code's class to make instead
+    (CorruptCheckpointError)."""
     if not name.startswith("TL_"):
         name = "TL_" + name
-    try:
-        _core._raise_error(CODES[name], detail)
-    except _core.Error as e:
-        return e
-    raise AssertionError("unreachable")  # pragma: no cover
+    return _core.make_error(CODES[name], detail, what=what, hint=hint, cls=cls)
+
+
+def from_errno(errno, detail=""):
+    """The threadloom exception for an errno value, translated as the C layer translates it
+    (ENOSPC and EDQUOT -> NoSpaceError, EACCES -> AccessDeniedError, ...; others ->
+    InputOutputError)."""
+    return _core.make_error(_core.errno_code(errno), detail)

@@ -17,24 +17,8 @@ import concurrent.futures.thread
 import itertools
 import os
 import threading
-import weakref
 
-from threadloom import _core
-
-_live = weakref.WeakSet()
-_live_lock = threading.Lock()
-
-
-def _python_exit():
-    """Before the interpreter finalises: let every executor finish its queued work and join its
-    threads (as ThreadPoolExecutor does), so no worker is left attached during finalisation."""
-    with _live_lock:
-        executors = list(_live)
-    for ex in executors:
-        ex.shutdown(wait=True)
-
-
-threading._register_atexit(_python_exit)
+from threadloom import _core, _runtime, placement
 
 
 class _WorkItem:
@@ -118,8 +102,8 @@ class Executor(concurrent.futures.Executor):
         if capacity is None:
             capacity = 64 * max_workers
         if pin and plan is None:
-            from threadloom.placement import plan as make_plan
-            plan = make_plan(gpus=0, loaders_per_gpu=max_workers, io_threads=0, main_thread=False)
+            plan = placement.plan(gpus=0, loaders_per_gpu=max_workers, io_threads=0,
+                                  main_thread=False)
         self._max_workers = max_workers
         self._initializer = initializer
         self._initargs = initargs
@@ -131,8 +115,9 @@ class Executor(concurrent.futures.Executor):
             max_workers, plan=plan, role=role, gpu=gpu, capacity=capacity,
             name=thread_name_prefix[:12] or "threadloom",
             on_start=self._on_worker_start if initializer is not None else None)
-        with _live_lock:
-            _live.add(self)
+        # at interpreter exit: queued work finishes and every worker is joined, as
+        # ThreadPoolExecutor does, so no worker is left attached during finalisation
+        _runtime.register(self, close=Executor.shutdown)
 
     def _on_worker_start(self, index):
         try:
@@ -191,7 +176,6 @@ class Executor(concurrent.futures.Executor):
             if self._closer is not None:
                 self._closer.join()
             self._pool.close(cancel=cancel_futures)
-            with _live_lock:
-                _live.discard(self)
+            _runtime.unregister(self)
 
     shutdown.__doc__ = concurrent.futures.Executor.shutdown.__doc__

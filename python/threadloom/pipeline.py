@@ -27,69 +27,13 @@ and passes the result as the first argument of every call on that thread, so hot
 threads sharing such objects stop scaling past a few threads.
 """
 
-import collections
 import threading
 import time
-import weakref
 
-from threadloom import _core
+from threadloom import _runtime
+from threadloom._queue import CLOSED, END, Queue, Workers
 
-_CLOSED = object()  # a closed queue's answer
 _SKIP = object()    # an item that failed under on_error="skip": its slot in the order
-_END = object()     # no more items from upstream
-
-
-class _Queue:
-    """A bounded FIFO that can be closed: put() waits while full, get() while empty; after
-    close() both return at once (put: False, get: _CLOSED) and queued items are dropped (the
-    pipeline is stopping). Two conditions on one lock, so a put wakes only getters and a get
-    only putters."""
-
-    def __init__(self, maxsize):
-        self._items = collections.deque()
-        self._maxsize = maxsize
-        lock = threading.Lock()
-        self._not_empty = threading.Condition(lock)
-        self._not_full = threading.Condition(lock)
-        self._closed = False
-
-    def put(self, item):
-        with self._not_full:
-            while len(self._items) >= self._maxsize and not self._closed:
-                self._not_full.wait()
-            if self._closed:
-                return False
-            self._items.append(item)
-            self._not_empty.notify()
-            return True
-
-    def get(self, timeout=None):
-        """An item, _CLOSED after close(), or None when `timeout` seconds passed first."""
-        with self._not_empty:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while not self._items and not self._closed:
-                if deadline is None:
-                    self._not_empty.wait()
-                else:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return None
-                    self._not_empty.wait(left)
-            if self._closed:
-                return _CLOSED
-            item = self._items.popleft()
-            self._not_full.notify()
-            return item
-
-    def close(self):
-        with self._not_empty:
-            self._closed = True
-            self._items.clear()
-            self._not_empty.notify_all()
-            self._not_full.notify_all()
-
-    def __len__(self):
-        return len(self._items)
 
 
 class _Stage:
@@ -105,35 +49,6 @@ class _Stage:
         self.counters = [[0, 0, 0.0, 0.0] for _ in range(workers)]
         self.inq = None
         self.remaining = workers  # workers still running; under the pipeline's end lock
-
-
-_live = weakref.WeakSet()
-
-_plans = {}  # (threads, the process's CPUs) -> placement plan; loading the topology takes ms
-_plans_lock = threading.Lock()
-
-
-def _loader_plan(threads):
-    """A placement plan for `threads` loader threads on this machine, made once per thread count
-    and CPU set (a plan is read-only once made, so pools share it)."""
-    import os
-    key = (threads, frozenset(os.sched_getaffinity(0)))
-    with _plans_lock:
-        plan = _plans.get(key)
-    if plan is None:
-        from threadloom.placement import plan as make_plan
-        plan = make_plan(gpus=0, loaders_per_gpu=threads, io_threads=0, main_thread=False)
-        with _plans_lock:
-            plan = _plans.setdefault(key, plan)
-    return plan
-
-
-def _python_exit():
-    for p in list(_live):
-        p.close()
-
-
-threading._register_atexit(_python_exit)
 
 
 class Pipeline:
@@ -163,10 +78,8 @@ class Pipeline:
         self._name = name
         self._stages = []
         self._started = False
-        self._closed = False
-        self._lock = threading.Lock()
-        self._error = None
-        self._pool = None
+        self._lock = threading.Lock()   # guards the stages' `remaining` counts
+        self._workers = None            # the threads and queues, once running
 
     def map(self, fn, *, workers=1, state=None, on_error="raise", max_errors=None, name=None,
             queue_size=None):
@@ -205,21 +118,19 @@ class Pipeline:
             # put into the first queue never waits
             self._stages[0].queue_size = max(self._stages[0].queue_size, cap + self._stages[0].workers)
         for s in self._stages:
-            s.inq = _Queue(s.queue_size)
-        self._out = _Queue(1 << 30)  # bounded by the in-flight semaphore (or count)
+            s.inq = Queue(s.queue_size)
+        self._out = Queue(1 << 30)  # bounded by the in-flight semaphore (or count)
         self._inflight = None if self._feed_consumer else threading.BoundedSemaphore(cap)
         threads = workers if self._feed_consumer else workers + 1
-        plan = self._plan
-        if self._pin and plan is None:
-            plan = _loader_plan(threads)
-        self._pool = _core.Pool(threads, plan=plan, role=self._role, gpu=self._gpu,
-                                capacity=threads, name=self._name[:12])
-        _live.add(self)
+        self._workers = Workers(threads, [s.inq for s in self._stages] + [self._out],
+                                pin=self._pin, plan=self._plan, role=self._role, gpu=self._gpu,
+                                name=self._name)
+        _runtime.register(self, close=Pipeline.close)
         if not self._feed_consumer:
-            self._pool.submit(self._feed)
+            self._workers.submit(self._feed)
         for k, s in enumerate(self._stages):
             for w in range(s.workers):
-                self._pool.submit(lambda k=k, w=w: self._work(k, w))
+                self._workers.submit(lambda k=k, w=w: self._work(k, w))
         it = _Iterator(self)
         if self._feed_consumer:
             it._capacity = cap
@@ -231,17 +142,19 @@ class Pipeline:
                 raise
         return it
 
+    @property
+    def _closed(self):
+        w = self._workers
+        return w is not None and w.closed
+
+    @property
+    def _error(self):
+        w = self._workers
+        return w.error if w is not None else None
+
     def _fail(self, exc):
         """Records the first error and stops every queue (workers and consumer wake up)."""
-        with self._lock:
-            if self._error is None:
-                self._error = exc
-        self._stop_queues()
-
-    def _stop_queues(self):
-        for s in self._stages:
-            s.inq.close()
-        self._out.close()
+        self._workers.fail(exc)
 
     def _feed(self):
         q = self._stages[0].inq
@@ -265,9 +178,9 @@ class Pipeline:
         nxt = k + 1
         if nxt < len(self._stages):
             for _ in range(self._stages[nxt].workers):
-                self._stages[nxt].inq.put(_END)
+                self._stages[nxt].inq.put(END)
         else:
-            self._out.put(_END)
+            self._out.put(END)
 
     def _work(self, k, w):
         stage = self._stages[k]
@@ -285,9 +198,9 @@ class Pipeline:
             got = stage.inq.get()
             t1 = clock()
             c[3] += t1 - t0
-            if got is _CLOSED:
+            if got is CLOSED:
                 return
-            if got is _END:
+            if got is END:
                 with self._lock:
                     stage.remaining -= 1
                     last = stage.remaining == 0
@@ -335,18 +248,11 @@ class Pipeline:
         return out
 
     def close(self):
-        """Stops the pipeline and joins its threads; safe to call more than once."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        if self._pool is None:
-            return
-        self._stop_queues()
-        if self._pool.worker_index() >= 0:
-            return  # closed from inside a stage: the queues are stopped, workers exit by themselves
-        self._pool.close(cancel=True)
-        _live.discard(self)
+        """Stops the pipeline and joins its threads; safe to call more than once. From inside
+        a stage the queues are stopped and the workers exit by themselves."""
+        w = self._workers
+        if w is not None and w.close() and w.pool.worker_index() < 0:
+            _runtime.unregister(self)
 
     def __enter__(self):
         return self
@@ -442,12 +348,12 @@ class _Iterator:
                 stats = ", ".join("%s: %d done, %d queued" % (s["name"], s["items"], s["queue_depth"])
                                   for s in p.stats())
                 raise TimeoutError("no result from the pipeline within %s s (%s)" % (p._timeout, stats))
-            if got is _CLOSED:
+            if got is CLOSED:
                 if p._error is not None:
                     raise p._error
                 self._done = True
                 raise StopIteration
-            if got is _END:
+            if got is END:
                 self._ended = True
                 continue
             seq, item = got

@@ -47,17 +47,36 @@ def plan(gpus=None, loaders_per_gpu=None, io_threads=1, main_thread=True, cpus=N
     return _core.Plan(**kw)
 
 
-_default_lock = threading.Lock()
-_default_plan = None
+# The process's placement plans, made once each: loading the topology takes milliseconds, and a
+# plan is read-only once made (claim() hands its slots out in turn with an atomic counter), so
+# every pool that asks for the same plan shares it. Keys: "default", or ("loader", threads,
+# the process's CPUs). Guarded by _plans_lock; a plan is made outside it.
+_plans = {}
+_plans_lock = threading.Lock()
+
+
+def _cached(key, make):
+    with _plans_lock:
+        p = _plans.get(key)
+    if p is None:
+        p = make()
+        with _plans_lock:
+            p = _plans.setdefault(key, p)
+    return p
 
 
 def default_plan():
     """The process's plan for this machine (made on first use with the defaults of plan())."""
-    global _default_plan
-    with _default_lock:
-        if _default_plan is None:
-            _default_plan = plan()
-        return _default_plan
+    return _cached("default", plan)
+
+
+def loader_plan(threads):
+    """The plan for `threads` loader threads on this machine without GPUs' launch slots (what a
+    Pipeline or DataLoader with pin=True pins its workers with), made once per thread count and
+    set of CPUs this process may use."""
+    key = ("loader", threads, frozenset(os.sched_getaffinity(0)))
+    return _cached(key, lambda: plan(gpus=0, loaders_per_gpu=threads, io_threads=0,
+                                     main_thread=False))
 
 
 class Pinning:

@@ -625,9 +625,9 @@ def test_load_framework_argument(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The staging copy with helper threads (checkpoint._Copies)
+# The staging copy with helper threads (checkpoint.staging.Copies)
 
-from threadloom import checkpoint as _ckpt  # noqa: E402
+from threadloom.checkpoint import staging as _staging  # noqa: E402
 
 
 @pytest.mark.parametrize("copy_threads", [0, 1, 2])
@@ -636,7 +636,7 @@ def test_parallel_staging_copy_round_trips(tmp_path, monkeypatch, copy_threads, 
     """Tensors of odd sizes (empty, tiny, over a piece, over a slot) in pieces of 4 KiB copied by
     the saving thread and up to two helpers; with a small budget the copy runs in several
     batches (a batch ends where a slot must be waited for)."""
-    monkeypatch.setattr(_ckpt, "_COPY_PIECE", 4096)
+    monkeypatch.setattr(_staging, "COPY_PIECE", 4096)
     rng = random.Random(copy_threads)
     sizes = [0, 1, 7, 4095, 4096, 4097, 70000, 300001, 5, 0, 123457]
     state = {"t%02d" % i: memoryview(rng.randbytes(n)) for i, n in enumerate(sizes)}
@@ -654,7 +654,7 @@ def test_save_never_reads_the_state_after_it_returned(tmp_path, monkeypatch, cop
     """save() returns only after every piece is copied, helpers' included: overwriting the state
     right after it returned never reaches the checkpoint (with many 4 KiB pieces and two helpers
     racing the saving thread)."""
-    monkeypatch.setattr(_ckpt, "_COPY_PIECE", 4096)
+    monkeypatch.setattr(_staging, "COPY_PIECE", 4096)
     state = {"a": bytearray(b"\x11" * (3 << 20)), "b": bytearray(b"\x22" * (1 << 20))}
     with threadloom.Checkpointer(tmp_path, keep=0, staging_bytes=8 << 20, chunk_bytes=1 << 20,
                                  copy_threads=copy_threads) as ck:
@@ -756,13 +756,13 @@ def test_copies_start_helpers_only_for_big_batches():
         def submit(self, fn):
             self.n += 1   # never runs them: the saving thread copies everything itself
 
-    small = _ckpt._Copies()
+    small = _staging.Copies()
     small.plan.add(bytearray(100), 0, b"y" * 100, 0, 100)
     ex = Count()
     small.run(ex, 2)
     assert ex.n == 0 and small.plan.done == 1
-    big = _ckpt._Copies()
-    dst = bytearray(4 * _ckpt._COPY_PIECE)
+    big = _staging.Copies()
+    dst = bytearray(4 * _staging.COPY_PIECE)
     big.plan.add(dst, 0, b"z" * len(dst), 0, len(dst))
     ex = Count()
     big.run(ex, 2)
@@ -784,7 +784,7 @@ def test_an_error_while_staging_fails_that_save_only(tmp_path, monkeypatch, fail
     commit and close() returns (it used to wait forever for the broken save)."""
     state = {"t%d" % i: memoryview(bytes([i]) * (100 << 10)) for i in range(6)}
     calls = [0]
-    real_run = _ckpt._Copies.run
+    real_run = _staging.Copies.run
 
     def run(self, executor, helpers):
         calls[0] += 1
@@ -795,11 +795,11 @@ def test_an_error_while_staging_fails_that_save_only(tmp_path, monkeypatch, fail
     with threadloom.Checkpointer(tmp_path, keep=0, staging_bytes=128 << 10,
                                  chunk_bytes=32 << 10) as ck:
         ck.save(state, 1).result(30)
-        monkeypatch.setattr(_ckpt._Copies, "run", run)
+        monkeypatch.setattr(_staging.Copies, "run", run)
         calls[0] = 0
         with pytest.raises(MemoryError, match="injected"):
             ck.save(state, 2)
-        monkeypatch.setattr(_ckpt._Copies, "run", real_run)
+        monkeypatch.setattr(_staging.Copies, "run", real_run)
         broken = ck._last.future
         with pytest.raises(MemoryError):
             broken.result(30)

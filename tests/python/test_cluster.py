@@ -16,6 +16,7 @@ import pytest
 
 import threadloom
 from threadloom import cluster
+from threadloom.cluster import store
 
 # ---------------------------------------------------------------------------------------------
 # Host lists
@@ -365,11 +366,11 @@ def _good(server):
 def _raw_authenticated(server):
     """A socket past the handshake, for sending hand-made frames."""
     s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    hello = cluster._recv_exact(s, len(cluster.MAGIC) + cluster.NONCE)
+    hello = store._recv_exact(s, len(cluster.MAGIC) + cluster.NONCE)
     snonce, cnonce = hello[len(cluster.MAGIC):], secrets.token_bytes(cluster.NONCE)
-    s.sendall(cnonce + cluster._mac(server.secret, b"C", snonce, cnonce))
-    assert cluster._recv_exact(s, 1) == b"\x01"
-    cluster._recv_exact(s, cluster.MAC)
+    s.sendall(cnonce + store._mac(server.secret, b"C", snonce, cnonce))
+    assert store._recv_exact(s, 1) == b"\x01"
+    store._recv_exact(s, cluster.MAC)
     return s
 
 

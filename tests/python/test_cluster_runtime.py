@@ -1,5 +1,5 @@
 """The multi-node runtime: launcher flags on both launchers, the NCCL id exchange, the watchdog,
-preemption (threadloom.cluster_runtime, threadloom.cluster.current()).
+preemption (threadloom.cluster: launch, runtime, preempt, and cluster.current()).
 
 Nodes are real launcher processes on 127.0.0.1, each test with its own random job id and token.
 Nothing sleeps to order processes: a test reads a node's "ready" line from its stdout pipe
@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, run_python
 
 import threadloom
-from threadloom import cluster, cluster_runtime
+from threadloom import cluster
 
 BIN = os.environ.get("THREADLOOM_BIN") or os.path.join(ROOT, "build", "bin", "threadloom")
 HAVE_BIN = os.access(BIN, os.X_OK)
@@ -468,7 +468,7 @@ def test_sigkill_of_a_node_aborts_the_others(launcher, job, tmp_path):
     assert procs[2].wait(WAIT) == -signal.SIGKILL
     for r in (0, 1):
         rc, _, err = finish(procs[r])
-        assert rc == cluster_runtime.ABORT_EXIT, err
+        assert rc == cluster.ABORT_EXIT, err
         lines = [l for l in err.splitlines() if "aborts" in l]
         assert len(lines) == 1, err
         assert lines[0].startswith("threadloom: node %d (" % r)
@@ -482,7 +482,7 @@ def test_sigkill_of_node_0_is_seen_as_the_store_going(launcher, job, tmp_path):
     procs[0].wait(WAIT)
     for r in (1, 2):
         rc, _, err = finish(procs[r])
-        assert rc == cluster_runtime.ABORT_EXIT, err
+        assert rc == cluster.ABORT_EXIT, err
         assert "lost the rendezvous store on node 0" in err
 
 
@@ -517,13 +517,13 @@ def test_uncaught_exception_on_one_node_aborts_all(launcher, failing, job, tmp_p
             assert rc == 1 and "ValueError: boom on purpose" in err, err
             assert "aborts" not in err
         else:
-            assert rc == cluster_runtime.ABORT_EXIT, err
+            assert rc == cluster.ABORT_EXIT, err
             assert ("node %d (" % failing) in err and "failed: ValueError: boom on purpose" in err
 
 
 def test_watchdog_cancels_spmd_collectives_without_exiting(job):
     rvs = _threads_rendezvous(2, job)
-    wd = cluster_runtime.Watchdog(rvs[0], timeout=1.0, exit=False).start()  # node 1 never beats
+    wd = cluster.Watchdog(rvs[0], timeout=1.0, exit=False).start()  # node 1 never beats
     rvs[0].watchdog = wd
 
     def train(ctx):
@@ -626,7 +626,7 @@ def test_usr2_checkpoints_requeues_and_resumes(defer, tmp_path):
     step, rc, out, err = run_once()
     # now: the main thread is parked at `step`; defer: check() runs at the next step boundary
     step += defer == "defer"
-    assert rc == cluster_runtime.PREEMPT_EXIT, err
+    assert rc == cluster.PREEMPT_EXIT, err
     assert "checkpoint saved (step %d" % step in err and "requeued SLURM job 4242" in err
     assert record.read_text().split() == ["requeue", "4242"]
     saved = threadloom.load(ck)
@@ -635,7 +635,7 @@ def test_usr2_checkpoints_requeues_and_resumes(defer, tmp_path):
     # the requeued job starts again and resumes from that checkpoint
     step2, rc, out, err = run_once()
     assert "resumed at step %d" % saved["step"] in out
-    assert step2 == step + 3 and rc == cluster_runtime.PREEMPT_EXIT, err
+    assert step2 == step + 3 and rc == cluster.PREEMPT_EXIT, err
     assert record.read_text().split() == ["requeue", "4242"] * 2
 
 
@@ -700,7 +700,7 @@ def test_preemption_of_a_two_node_job(launcher, job, tmp_path):
         p.send_signal(signal.SIGUSR2)
     for r, p in enumerate(procs):
         rc, _, err = finish(p)
-        assert rc == cluster_runtime.PREEMPT_EXIT, err
+        assert rc == cluster.PREEMPT_EXIT, err
         assert "checkpoint saved (node %d)" % r in err and "aborts" not in err
     assert record.read_text().split() == ["requeue", "555"]
 
@@ -835,9 +835,10 @@ def test_signal_helpers_refuse_what_cannot_be_caught():
 def test_on_preempt_follows_the_job_signal_and_uninstall_restores_the_notice(tmp_path):
     script = write(tmp_path, "follow.py", """
         import os, signal, sys
-        from threadloom import cluster, cluster_runtime
+        from threadloom import cluster
+        from threadloom.cluster import preempt
         os.environ["THREADLOOM_PREEMPT_SIGNAL"] = "HUP"
-        cluster_runtime.guard_preempt_signal()
+        preempt.guard_preempt_signal()
         p = cluster.on_preempt(lambda: "x", requeue=False)
         print(p.signal.name, signal.getsignal(signal.SIGHUP) == p._handler, flush=True)
         p.uninstall()
@@ -927,7 +928,7 @@ def test_node0_requeues_only_after_every_node_saved(launcher, job, tmp_path):
     for r, p in enumerate(procs):
         rc, _, err = finish(p)
         err = (early if r == 0 else "") + err
-        assert rc == cluster_runtime.PREEMPT_EXIT, err
+        assert rc == cluster.PREEMPT_EXIT, err
         assert "checkpoint saved (node %d)" % r in err and "aborts" not in err, err
     assert record.read_text().split() == ["requeue", "556", "saved:", "node-0", "node-1"]
 
@@ -936,7 +937,7 @@ def test_node0_requeues_only_after_every_node_saved(launcher, job, tmp_path):
 def test_node0_requeues_without_a_node_that_does_not_save_in_time(launcher, job, tmp_path):
     procs, record = _slow_save_job(launcher, job, tmp_path, 0.5)
     rc, _, err = finish(procs[0])
-    assert rc == cluster_runtime.PREEMPT_EXIT, err
+    assert rc == cluster.PREEMPT_EXIT, err
     assert "node(s) 1 did not report a checkpoint within 0.5 s; requeueing without them" in err
     assert record.read_text().split() == ["requeue", "556", "saved:", "node-0"]
     try:
@@ -947,4 +948,4 @@ def test_node0_requeues_without_a_node_that_does_not_save_in_time(launcher, job,
     rc, _, err = finish(procs[1])
     # node 0, and its store, are gone: node 1 fails to report (1) or its watchdog sees the
     # store gone first (ABORT_EXIT); SLURM would have ended it with SIGKILL by now anyway
-    assert rc in (1, cluster_runtime.ABORT_EXIT), err
+    assert rc in (1, cluster.ABORT_EXIT), err

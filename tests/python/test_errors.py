@@ -90,3 +90,49 @@ def test_bad_argument_types():
         threadloom.topology(42)
     with pytest.raises(TypeError):
         _core.topology(os.path.join(TOPOLOGIES, "nvidiaDGX2.xml"), "pack:1", "extra")
+
+
+# -- errors made in one place: _core.make_error, for C and Python alike ------------------------
+
+def test_make_error_builds_what_the_c_layer_raises():
+    made = _core.make_error(CODE[threadloom.NoSpaceError], "what failed")
+    with pytest.raises(threadloom.NoSpaceError) as ei:
+        _core._raise_error(CODE[threadloom.NoSpaceError], "what failed")
+    raised = ei.value
+    assert type(made) is type(raised) and str(made) == str(raised)
+    assert (made.code, made.name, made.hint, made.detail) == \
+        (raised.code, raised.name, raised.hint, raised.detail)
+    # threadloom.errors by name, with or without TL_
+    e = threadloom.errors.error("ENOSPC", "what failed")
+    assert str(e) == str(made) and threadloom.errors.error("TL_ENOSPC", "what failed").code == e.code
+
+
+def test_make_error_with_its_own_message_hint_and_class():
+    class Narrow(threadloom.InputOutputError):
+        pass
+
+    e = threadloom.errors.error("EIO", "shard 3", what="checkpoint failed verification",
+                                hint="load an older one", cls=Narrow)
+    assert type(e) is Narrow and isinstance(e, threadloom.InputOutputError)
+    assert str(e) == ("TL_EIO: checkpoint failed verification (shard 3). What to do: load an "
+                      "older one.")
+    assert (e.name, e.detail, e.hint) == ("TL_EIO", "shard 3", "load an older one")
+    assert "What to do: " + e.hint in str(e)
+    assert str(threadloom.errors.error("EIO")).startswith("TL_EIO: input/output error. What to do")
+    with pytest.raises(TypeError, match="cls must be InputOutputError or a subclass"):
+        threadloom.errors.error("EIO", cls=threadloom.NoSpaceError)
+    with pytest.raises(TypeError, match="cls must be"):
+        threadloom.errors.error("EIO", cls=42)
+
+
+def test_errno_is_translated_as_the_c_layer_translates_it():
+    import errno
+    want = {errno.ENOSPC: threadloom.NoSpaceError, errno.EDQUOT: threadloom.NoSpaceError,
+            errno.EACCES: threadloom.AccessDeniedError, errno.EPERM: threadloom.NotPermittedError,
+            errno.EROFS: threadloom.ReadOnlyFilesystemError, errno.ENOENT: threadloom.NotFoundError,
+            errno.EIO: threadloom.InputOutputError, errno.EINVAL: threadloom.InvalidArgumentError,
+            errno.EEXIST: threadloom.InputOutputError, -1: threadloom.InputOutputError}
+    for e, cls in want.items():
+        assert _core.errno_code(e) == CODE[cls], (e, cls)
+        made = threadloom.errors.from_errno(e, "writing x")
+        assert type(made) is cls and made.detail == "writing x"

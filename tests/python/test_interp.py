@@ -410,7 +410,7 @@ def test_torchrun_env(tmp_path):
 
 
 def test_launch_env_values():
-    from threadloom import launch_env
+    from threadloom.cluster import torchrun as launch_env
     env = {"RANK": "9"}
     added = launch_env.apply_torchrun_env(env, rank=1, world_size=2, master_addr="n0", master_port=6000)
     assert env["RANK"] == "9" and "RANK" not in added

@@ -1,7 +1,7 @@
 """NcclComm's collectives from Python: argument checks without a GPU, the real thing on GPUs.
 
 Without a GPU no communicator can be made (ncclCommInitRank needs a device), so the argument
-checks run on _core._nccl_comm_closed(): a closed NcclComm, whose collectives check their
+checks run on threadloom.comm.nccl.closed(): a closed NcclComm, whose collectives check their
 arguments (op, src, stream, the tensor's DLPack device, out=) and the exported tensors (a
 ctypes DLPack producer that labels host memory kDLCUDA, never dereferenced: shape, dtype
 agreement, read-only, the stream handed to __dlpack__) before they report ClosedError. A
@@ -15,12 +15,10 @@ import pytest
 
 import threadloom
 import ctypes
-import importlib
 
 from threadloom import _core
+from threadloom.comm import cpu, nccl
 from test_dlpack import Producer
-
-spmd_mod = importlib.import_module("threadloom.spmd")
 
 kDLCPU, kDLCUDA, kDLCUDAHost = 1, 2, 3
 
@@ -63,7 +61,7 @@ class Stream:
 
 @pytest.fixture
 def comm():
-    c = _core._nccl_comm_closed(4, 1, 0)
+    c = nccl.closed(4, 1, 0)
     assert c.closed and not c.aborted
     assert (c.rank, c.nranks, c.world_size, c.device) == (1, 4, 4, 0)
     return c
@@ -211,7 +209,7 @@ def test_spmd_world_abort_aborts_registered_nccl_comms():
         def abort(self):
             self.aborts += 1
 
-    w = spmd_mod._World(2, None)
+    w = cpu.World(2, None)
     a, b = Rec(), Rec()
     w.add_nccl(a)
     assert w.abort(0, RuntimeError("boom")) is True
@@ -232,7 +230,7 @@ def test_spmd_gpu_world_makes_nccl_comms(require_gpu):
 
     def fn(ctx):
         assert isinstance(ctx.comm, _core.NcclComm) and ctx.comm.device == ctx.device
-        assert isinstance(ctx.host_comm, spmd_mod.CpuComm)
+        assert isinstance(ctx.host_comm, cpu.CpuComm)
         ctx.comm.check()
         seen.append(ctx.comm)
         ctx.barrier()

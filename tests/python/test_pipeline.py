@@ -39,7 +39,7 @@ def test_stage_error_raises_with_original_traceback_and_stops():
         for _ in p:
             pass
     assert "fails_on_13" in [f.name for f in traceback.extract_tb(ei.value.__traceback__)]
-    assert p._pool.closed  # its threads are joined
+    assert p._workers.pool.closed  # its threads are joined
 
 
 def test_skip_policy_counts_and_limits():
@@ -68,7 +68,7 @@ def test_consumer_breaking_early_stops_the_pipeline():
             break
     # the loop's iterator is gone: the pipeline closed and joined its threads, the feeder too,
     # so the source cannot advance any more
-    assert p._pool.closed
+    assert p._workers.pool.closed
     assert len(pulled) <= 5 + 64
 
 
@@ -129,7 +129,7 @@ def test_stats_while_running_and_timeout():
     threading.Timer(0.5, gate.set).start()
     with pytest.raises(TimeoutError, match="gated: 3 done"):
         next(it)
-    assert p._pool.closed
+    assert p._workers.pool.closed
 
 
 def test_bad_arguments():
@@ -197,7 +197,7 @@ def test_consumer_feed_runs_the_source_on_the_consumer_and_keeps_capacity_in_fli
          .map(jitter, workers=3).map(lambda x: x * 2, workers=2))
     it = iter(p)
     assert len(pulled) == cap  # handed over before the first result is asked for
-    assert p._pool.size == 5  # the stages' workers; no feeder thread
+    assert p._workers.pool.size == 5  # the stages' workers; no feeder thread
     out = []
     for k in range(1, 20):
         out.append(next(it))
@@ -206,7 +206,7 @@ def test_consumer_feed_runs_the_source_on_the_consumer_and_keeps_capacity_in_fli
     out += list(it)
     assert out == [2 * i for i in range(200)]
     assert threads == {threading.get_ident()}
-    assert p._pool.closed
+    assert p._workers.pool.closed
 
 
 def test_consumer_feed_unordered_and_source_error():

@@ -1,4 +1,4 @@
-"""`threadloom slurm script|submit` (python/threadloom/slurm.py), and threadloom's rendezvous
+"""`threadloom slurm script|submit` (python/threadloom/cluster/slurm.py), and threadloom's rendezvous
 under a real SLURM: munge, slurmctld and four slurmd started by scripts/slurm-cluster.sh, each
 slurmd in its own network namespace (so node 0's store is reached across addresses).
 
@@ -17,7 +17,7 @@ import sys
 import pytest
 
 import threadloom
-from threadloom import slurm
+from threadloom.cluster import slurm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOB_PY = os.path.join(ROOT, "tests", "python", "slurm_jobs", "rendezvous_job.py")

@@ -1,13 +1,11 @@
-"""NcclComm.allreduce_buckets' bucketing (threadloom.spmd._nccl_allreduce_buckets) on torch
+"""NcclComm.allreduce_buckets' bucketing (threadloom.comm.nccl.allreduce_buckets) on torch
 tensors, without a GPU: the communicator is a recording stand-in whose allreduce doubles its
 tensor in place, so what is checked is the Python side only (grouping by dtype in list order,
 bucket boundaries, flatten and copy back in place). The NCCL call itself needs a GPU."""
-import importlib
-
 import pytest
 import torch
 
-spmd = importlib.import_module("threadloom.spmd")
+from threadloom.comm import nccl
 
 
 class Recorder:
@@ -30,7 +28,7 @@ def test_buckets_by_dtype_in_list_order_and_copied_back_in_place():
     grads = [a, b, c, d]
     want = [t * 2 for t in grads]
     rec = Recorder()
-    out = spmd._nccl_allreduce_buckets(rec, grads, bucket_bytes=40, op="avg")
+    out = nccl.allreduce_buckets(rec, grads, bucket_bytes=40, op="avg")
     assert out is grads and all(g is t for g, t in zip(out, [a, b, c, d]))
     for g, w in zip(grads, want):
         assert torch.equal(g, w)
@@ -43,7 +41,7 @@ def test_non_contiguous_gradient_goes_through_a_bucket():
     base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     g = base.t()                                             # a non-contiguous view
     rec = Recorder()
-    spmd._nccl_allreduce_buckets(rec, [g], bucket_bytes=1, op="sum")
+    nccl.allreduce_buckets(rec, [g], bucket_bytes=1, op="sum")
     assert torch.equal(base, torch.arange(12, dtype=torch.float32).reshape(3, 4) * 2)
     assert rec.calls == [(torch.float32, 12, "sum", None)]
 
@@ -51,7 +49,7 @@ def test_non_contiguous_gradient_goes_through_a_bucket():
 def test_checks():
     rec = Recorder()
     with pytest.raises(ValueError, match="op must be one of"):
-        spmd._nccl_allreduce_buckets(rec, [torch.ones(1)], op="mean")
+        nccl.allreduce_buckets(rec, [torch.ones(1)], op="mean")
     with pytest.raises(ValueError, match="bucket_bytes must be positive"):
-        spmd._nccl_allreduce_buckets(rec, [torch.ones(1)], bucket_bytes=0)
+        nccl.allreduce_buckets(rec, [torch.ones(1)], bucket_bytes=0)
     assert rec.calls == []

@@ -21,13 +21,15 @@ import sys
 import threading
 import time
 
-from threadloom import _core, errors
-from threadloom import pipeline as _pipeline
+from threadloom import _runtime, errors
+from threadloom._queue import CLOSED, END, Queue, Workers
 from threadloom.data.collate import default_collate, default_convert
+from threadloom.data.fetch import iterable_batches, map_fetcher
 from threadloom.data.sampler import (BatchSampler, DistributedSampler, RandomSampler,
                                      SequentialSampler, distributed_env, draw_seed,
                                      load_replay_state, replay_state)
-from threadloom.data.worker import WorkerState
+from threadloom.data.worker import WorkerState, note_worker
+from threadloom.pipeline import Pipeline
 
 __all__ = ["DataLoader", "Dataset", "IterableDataset", "Subset", "DataLoaderTimeoutError"]
 
@@ -74,14 +76,12 @@ def _is_iterable_dataset(ds):
 
 
 def _not_built(what):
-    """NotBuiltError with the attributes every threadloom error has (name, code, hint, detail);
-    the hint is this feature's, not TL_ENOSYS's generic "rebuild with the option"."""
-    hint = "leave it unset and move each batch to the device in the training loop"
-    detail = ("threadloom.DataLoader(%s): delivering batches onto a GPU through the cudactx "
-              "feeder is not built yet" % what)
-    exc = _core.NotBuiltError("TL_ENOSYS: %s. What to do: %s." % (detail, hint))
-    exc.name, exc.code, exc.hint, exc.detail = "TL_ENOSYS", errors.CODES["TL_ENOSYS"], hint, detail
-    return exc
+    """NotBuiltError whose hint is this feature's, not TL_ENOSYS's generic "rebuild with the
+    option"."""
+    return errors.error("ENOSYS", "threadloom.DataLoader(%s): delivering batches onto a GPU "
+                        "through the cudactx feeder is not built yet" % what,
+                        hint="leave it unset and move each batch to the device in the "
+                             "training loop")
 
 
 _FROZEN = ("batch_size", "batch_sampler", "sampler", "drop_last", "dataset", "persistent_workers")
@@ -350,22 +350,12 @@ class _LoaderIter:
                 pass
             self._discard = 0
             if loader.num_workers == 0:
-                self._source = self._serial(indices)
+                fetch, ds = map_fetcher(loader), loader.dataset
+                self._source = (fetch(ds, idx) for idx in indices)
             else:
                 self._engine = _map_pipeline(loader, indices, self.base_seed)
                 self._source = iter(self._engine)
         self.yielded = skip
-
-    def _serial(self, indices):
-        ld = self.loader
-        ds = ld.dataset
-        getitems = getattr(ds, "__getitems__", None)
-        for idx in indices:
-            if ld._auto_collation:
-                data = getitems(idx) if getitems is not None else [ds[i] for i in idx]
-            else:
-                data = ds[idx]
-            yield ld.collate_fn(data)
 
     def __iter__(self):
         return self
@@ -480,89 +470,55 @@ def _map_pipeline(loader, indices, base_seed):
             wid = next(ids)
         return loader._worker_state(wid, base_seed)
 
-    auto = loader._auto_collation
-    collate = loader.collate_fn
+    fetch_batch = map_fetcher(loader)
 
     def fetch(state, idx):
-        ds = state.dataset
         try:
-            if auto:
-                getitems = getattr(ds, "__getitems__", None)
-                data = getitems(idx) if getitems is not None else [ds[i] for i in idx]
-            else:
-                data = ds[idx]
-            return collate(data)
+            return fetch_batch(state.dataset, idx)
         except BaseException as exc:
-            _note(exc, state.info.id)
+            note_worker(exc, state.info.id)
             raise
 
     nw = loader.num_workers
-    pipe = _pipeline.Pipeline(indices, ordered=loader.in_order,
-                              capacity=max(1, loader.prefetch_factor * nw),
-                              timeout=loader.timeout or None, pin=loader.pin, name="dataloader",
-                              feed="consumer")
+    pipe = Pipeline(indices, ordered=loader.in_order, capacity=max(1, loader.prefetch_factor * nw),
+                    timeout=loader.timeout or None, pin=loader.pin, name="dataloader",
+                    feed="consumer")
     pipe.map(fetch, workers=nw, state=make_state, name="fetch+collate", queue_size=max(1, nw))
     return pipe
-
-
-def _note(exc, wid):
-    if hasattr(exc, "add_note") and not getattr(exc, "_threadloom_noted", False):
-        try:
-            exc.add_note("(raised in threadloom.DataLoader worker %d)" % wid)
-            exc._threadloom_noted = True
-        except Exception:
-            pass
 
 
 # -- iterable-style: one iterator per worker ---------------------------------------------------
 
 class _IterableEngine:
     """Each worker thread iterates its own replica into its own bounded queue; the consumer
-    takes batches round-robin over the workers still running (torch's order)."""
+    takes batches round-robin over the workers still running (torch's order). The threads,
+    queues, first error and shutdown are a _queue.Workers, as a Pipeline's."""
 
     def __init__(self, loader, base_seed):
         self.loader = loader
         self.base_seed = base_seed
         self.nw = nw = loader.num_workers
-        self._error = None
-        self._closed = False
-        self._lock = threading.Lock()
-        self._pool = None
+        self._workers = None
         if nw == 0:
-            self._gen = self._batches(iter(loader.dataset), None)
+            self._gen = iterable_batches(loader, iter(loader.dataset))
             return
         depth = max(1, loader.prefetch_factor)
-        self._queues = [_pipeline._Queue(depth) for _ in range(nw)]
+        self._queues = [Queue(depth) for _ in range(nw)]
         self.counters = [[0, 0.0, 0.0] for _ in range(nw)]  # per worker: batches, busy, wait
-        plan = _pipeline._loader_plan(nw) if loader.pin else None
-        self._pool = _core.Pool(nw, plan=plan, role="loader", capacity=nw, name="dataloader")
-        _pipeline._live.add(self)
+        self._workers = Workers(nw, self._queues, pin=loader.pin, name="dataloader")
+        _runtime.register(self, close=_IterableEngine.close)
         for w in range(nw):
-            self._pool.submit(lambda w=w: self._work(w))
+            self._workers.submit(lambda w=w: self._work(w))
         self._gen = self._consume()
-
-    def _batches(self, it, counters):
-        ld = self.loader
-        if not ld._auto_collation:
-            for x in it:
-                yield ld.collate_fn(x)
-            return
-        bs = ld.batch_size
-        while True:
-            chunk = list(itertools.islice(it, bs))
-            if not chunk or (ld.drop_last and len(chunk) < bs):
-                return
-            yield ld.collate_fn(chunk)
 
     def _work(self, w):
         q = self._queues[w]
         c = self.counters[w]
         clock = time.perf_counter
-        state = None
         try:
             state = self.loader._worker_state(w, self.base_seed)
             t = clock()
-            for batch in self._batches(iter(state.dataset), c):
+            for batch in iterable_batches(self.loader, iter(state.dataset)):
                 t1 = clock()
                 c[1] += t1 - t
                 ok = q.put(batch)
@@ -571,14 +527,10 @@ class _IterableEngine:
                 if not ok:
                     return
                 c[0] += 1
-            q.put(_pipeline._END)
+            q.put(END)
         except BaseException as exc:
-            _note(exc, w)
-            with self._lock:
-                if self._error is None:
-                    self._error = exc
-            for q2 in self._queues:
-                q2.close()
+            note_worker(exc, w)
+            self._workers.fail(exc)
         finally:
             WorkerState.leave()
 
@@ -593,11 +545,11 @@ class _IterableEngine:
             if got is None:
                 raise DataLoaderTimeoutError("DataLoader timed out after %s seconds (worker %d "
                                              "produced no batch)" % (self.loader.timeout, w))
-            if got is _pipeline._CLOSED:
-                if self._error is not None:
-                    raise self._error
+            if got is CLOSED:
+                if self._workers.error is not None:
+                    raise self._workers.error
                 return
-            if got is _pipeline._END:
+            if got is END:
                 live.pop(k)
                 continue
             k += 1
@@ -607,24 +559,16 @@ class _IterableEngine:
         return next(self._gen)
 
     def stats(self):
-        if self._pool is None:
+        if self._workers is None:
             return []
         rows = [list(c) for c in self.counters]
         return [{"name": "iterate+collate", "workers": self.nw, "items": sum(r[0] for r in rows),
-                 "errors": int(self._error is not None), "busy_s": sum(r[1] for r in rows),
-                 "wait_s": sum(r[2] for r in rows),
+                 "errors": int(self._workers.error is not None),
+                 "busy_s": sum(r[1] for r in rows), "wait_s": sum(r[2] for r in rows),
                  "queue_depth": sum(len(q) for q in self._queues),
                  "queue_size": self.nw * max(1, self.loader.prefetch_factor)}]
 
     def close(self):
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        if self._pool is None:
-            return
-        for q in self._queues:
-            q.close()
-        if self._pool.worker_index() < 0:
-            self._pool.close(cancel=True)
-        _pipeline._live.discard(self)
+        w = self._workers
+        if w is not None and w.close() and w.pool.worker_index() < 0:
+            _runtime.unregister(self)

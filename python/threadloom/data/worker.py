@@ -144,6 +144,17 @@ def make_replica(dataset, replicate, worker_id):
     return replicate()
 
 
+def note_worker(exc, worker_id):
+    """Adds "(raised in threadloom.DataLoader worker N)" to an exception a worker raised, once
+    (the consumer re-raises the same object, with the worker's traceback)."""
+    if hasattr(exc, "add_note") and not getattr(exc, "_threadloom_noted", False):
+        try:
+            exc.add_note("(raised in threadloom.DataLoader worker %d)" % worker_id)
+            exc._threadloom_noted = True
+        except Exception:
+            pass
+
+
 class WorkerState:
     """One worker's replica and WorkerInfo; lives for an epoch, or across epochs with
     persistent_workers=True."""

@@ -4,9 +4,9 @@ Libraries written for ``torchrun`` (torch.distributed's env:// rendezvous, Light
 Accelerate) read RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR and
 MASTER_PORT. threadloom runs one process per node, so on a single node these are the values of
 a world of one: rank 0 of 1 on 127.0.0.1:29500 (torchrun's default port). ``threadloom run
---torchrun-env`` applies them; the cluster part (issue 10) computes per-node values for SLURM
-and passes them to the same functions. Only builtin modules are used: the launcher loads this
-file before the package.
+--torchrun-env`` applies them; a multi-node job's Rendezvous passes its per-node values to the
+same functions. Only builtin modules are used: the C launcher loads this file by path before
+the package (as it does gilguard.py), registered as threadloom.cluster.torchrun.
 """
 
 import os

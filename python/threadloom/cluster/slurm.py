@@ -1,4 +1,5 @@
-"""`threadloom slurm script|submit`: an sbatch script for one threadloom process per node.
+"""SLURM's commands: `threadloom slurm script|submit` (an sbatch script for one threadloom process
+per node) and SlurmCommands, the scontrol calls the runtime makes (preemption's requeue).
 
     python -m threadloom slurm script [OPTIONS] train.py [ARGS...]   print the batch script
     python -m threadloom slurm submit [OPTIONS] train.py [ARGS...]   write it, sbatch it, print
@@ -17,6 +18,7 @@ with a line "threadloom: job J run N on NODES at TIME".
 
 `JobSpec` holds the options; `batch_script(spec)` returns the text; `submit(spec)` runs sbatch.
 Validation errors are InvalidArgumentError with a sentence saying what to change.
+`SlurmCommands` is this part's backend table: tests point `scontrol` at another program.
 """
 
 import argparse
@@ -31,9 +33,7 @@ import subprocess
 import sys
 
 from threadloom import _core, errors
-
-TOKEN_VAR = "THREADLOOM_JOB_TOKEN"   # = cluster.TOKEN_VAR; not imported, cluster loads _core
-PREEMPT_SIGNAL_VAR = "THREADLOOM_PREEMPT_SIGNAL"   # = cluster_runtime.PREEMPT_SIGNAL_VAR
+from threadloom.cluster.env import PREEMPT_SIGNAL_VAR, TOKEN_VAR
 
 # SLURM's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (sbatch --time).
 _TIME_RE = re.compile(r"^(\d+|\d+:\d+|\d+:\d+:\d+|\d+-\d+|\d+-\d+:\d+|\d+-\d+:\d+:\d+)$")
@@ -77,7 +77,7 @@ def find_launcher():
     on_path = shutil.which("threadloom")
     if on_path:
         return (os.path.abspath(on_path),)
-    pkg = os.path.dirname(os.path.abspath(__file__))
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # python/threadloom
     built = os.path.join(os.path.dirname(os.path.dirname(pkg)), "build", "bin", "threadloom")
     if os.access(built, os.X_OK):
         return (built,)
@@ -261,6 +261,35 @@ def submit(spec, path=None, sbatch="sbatch", environ=None):
     if not job_id.isdigit():
         raise errors.error("EIO", "sbatch printed %r, not a job id" % r.stdout.strip())
     return job_id, path
+
+
+# ---------------------------------------------------------------------------------------------
+# scontrol: what the runtime runs
+# ---------------------------------------------------------------------------------------------
+
+class SlurmCommands:
+    """The SLURM commands the runtime runs: the backend table of this part. Tests point
+    `scontrol` at another program (one that records its arguments, or fails)."""
+
+    def __init__(self, scontrol="scontrol", timeout=60.0):
+        self.scontrol = scontrol
+        self.timeout = timeout
+
+    def requeue(self, job_id):
+        """Runs `scontrol requeue <job_id>`. Raises NotFoundError when scontrol is missing,
+        InputOutputError naming its status and stderr when it fails or TimedOutError."""
+        argv = [self.scontrol, "requeue", str(job_id)]
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout)
+        except FileNotFoundError:
+            raise errors.error("ENOENT", "%s not found: install slurm-client on this node, or "
+                               "requeue job %s by hand" % (self.scontrol, job_id)) from None
+        except subprocess.TimeoutExpired:
+            raise errors.error("ETIMEDOUT", "%s took more than %.0fs"
+                               % (" ".join(argv), self.timeout)) from None
+        if p.returncode != 0:
+            raise errors.error("EIO", "%s failed with status %d: %s" % (
+                " ".join(argv), p.returncode, (p.stderr or p.stdout).strip() or "(no output)"))
 
 
 # ---------------------------------------------------------------------------------------------
