@@ -25,11 +25,8 @@ program says so and exits 0.
 
 import argparse
 import array
-import os
 import random
 import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
 try:
     import torch

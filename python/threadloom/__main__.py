@@ -14,7 +14,7 @@ import os
 import runpy
 import sys
 
-from threadloom import gilguard, placement, topoview
+from threadloom import _core, gilguard, placement, topoview
 from threadloom import sysinfo as _info
 
 
@@ -26,6 +26,9 @@ def main(argv=None):
         from threadloom.cluster import slurm
         return slurm.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m threadloom", description=__doc__.splitlines()[0])
+    # the launcher's --version line (interp/main.c)
+    p.add_argument("--version", action="version", version="threadloom %s (Python %s)"
+                   % (_core.__version__, sys.version.split()[0]))
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{info,topo,run,slurm}")
     pi = sub.add_parser("info", help="interpreter, GIL state, library versions, GPUs, cores")
     pi.add_argument("--json", action="store_true", help="print JSON instead of text")
