@@ -76,6 +76,9 @@ from threadloom._core import (  # noqa: F401  (the error classes are public API)
 from threadloom.checkpoint import Checkpointer, CorruptCheckpointError, load
 from threadloom.data import DataLoader, get_worker_info
 from threadloom.executor import Executor
+# The launcher loads gilguard by path before this package exists: bind it as an attribute here
+# (threadloom.gilguard.GILWarning, for warning filters).
+from threadloom import gilguard  # noqa: F401
 from threadloom.memory import arena, current_numa_node
 from threadloom.pipeline import Pipeline
 from threadloom.placement import Pinning, default_plan, pin, plan

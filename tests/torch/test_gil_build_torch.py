@@ -1,5 +1,7 @@
-"""threadloom on a Python built with the GIL (make test-torch): pool threads end their thread
-states as threading.Thread does. Each case runs in a fresh process."""
+"""threadloom on the GIL baseline (a Python built with the GIL, make test-torch): a DataLoader
+says once that its threads take turns (threadloom.gilguard.warn_if_gil_on; the free-threaded
+cases are in tests/python/test_gil_warning.py), and pool threads end their thread states as
+threading.Thread does. Each case runs in a fresh process."""
 
 import subprocess
 import sys
@@ -9,6 +11,28 @@ import pytest
 
 gil_build = pytest.mark.skipif(bool(sysconfig.get_config_var("Py_GIL_DISABLED")),
                                reason="needs a Python built with the GIL")
+
+LOADERS = """\
+import warnings
+import threadloom
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    for _ in range(3):
+        for batch in threadloom.DataLoader(list(range(8)), batch_size=2, num_workers=2):
+            pass
+print([str(w.message) for w in seen if issubclass(w.category, threadloom.gilguard.GILWarning)])
+"""
+
+
+@gil_build
+def test_dataloader_on_a_gil_build_warns_once():
+    r = subprocess.run([sys.executable, "-c", LOADERS], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    msgs = eval(r.stdout)
+    assert len(msgs) == 1, msgs
+    assert msgs[0].startswith("threadloom.DataLoader: the GIL is on, so its 2 threads take turns")
+    assert "built with the GIL" in msgs[0] and "free-threaded Python" in msgs[0]
+
 
 # An object freed when its worker thread ends (a threading.local value, as a loader worker's
 # dataset replica) that takes the GIL through PyGILState_Ensure/Release, as pybind11 code does

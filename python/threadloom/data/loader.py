@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from threadloom import _runtime, errors
+from threadloom import _runtime, errors, gilguard
 from threadloom._queue import CLOSED, END, Queue, Workers
 from threadloom.data.collate import default_collate, default_convert
 from threadloom.data.fetch import iterable_batches, map_fetcher
@@ -237,6 +237,8 @@ class DataLoader:
         return len(self._index_sampler)
 
     def __iter__(self):
+        if self.num_workers > 0:
+            gilguard.warn_if_gil_on("threadloom.DataLoader", self.num_workers, stacklevel=2)
         if self._iter is not None:
             self._iter.close()
         resume, self._resume = self._resume, None
