@@ -8,6 +8,7 @@ import logging
 import mmap
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -255,6 +256,103 @@ def test_flipped_byte_is_detected_and_fallback(tmp_path, caplog):
     (tmp_path / "step-1" / "manifest.json").write_text("{")
     with pytest.raises(threadloom.CorruptCheckpointError, match="no checkpoint .* loads"):
         threadloom.load(tmp_path, fallback=True)
+
+
+def _flips(blob_len, rng, stride=1):
+    """(offset, xor mask) for every `stride`-th byte of a blob, each with a seeded nonzero
+    mask (a one-bit flip half the time: the damage that turns '2' into '3')."""
+    for i in range(0, blob_len, stride):
+        yield i, (1 << rng.randrange(8)) if rng.random() < 0.5 else rng.randrange(1, 256)
+
+
+def _canon(x):
+    """A loaded state as plain comparable values (tensors as format, shape and bytes)."""
+    if isinstance(x, (memoryview, bytearray, bytes)):
+        m = memoryview(x)
+        return ("tensor", m.format, m.shape, m.tobytes())
+    if isinstance(x, dict):
+        return ("dict", [(k, _canon(v)) for k, v in x.items()])
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, [_canon(v) for v in x])
+    return (type(x).__name__, repr(x))
+
+
+def _sweep(d, step, stride=1, seed=0):
+    """Flips every `stride`-th byte of step-<step>'s manifest and safetensors headers, one at a
+    time, and loads: {outcome: count} where outcome is "same" (the identical state),
+    "changed" (a different state loaded without error) or "corrupt" (CorruptCheckpointError,
+    and fallback=True then loads the previous checkpoint); anything else raises."""
+    rng = random.Random(seed)
+    ref = _canon(threadloom.load(d, step))
+    prev = max(s for s in (int(n[5:]) for n in os.listdir(d) if n.startswith("step-"))
+               if s < step)
+    prev_ref = _canon(threadloom.load(d, prev))
+    ck = d / ("step-%d" % step)
+    targets = [(ck / "manifest.json", os.path.getsize(ck / "manifest.json"))]
+    for name in sorted(os.listdir(ck)):
+        if name.endswith(".safetensors"):
+            blob = (ck / name).read_bytes()
+            targets.append((ck / name, 8 + struct.unpack("<Q", blob[:8])[0]))
+    out = {"same": 0, "changed": 0, "corrupt": 0}
+    for path, n in targets:
+        orig = path.read_bytes()
+        for i, mask in _flips(n, rng, stride):
+            damaged = bytearray(orig)
+            damaged[i] ^= mask
+            path.write_bytes(bytes(damaged))
+            try:
+                got = _canon(threadloom.load(d, step, allow_pickle=True))
+            except threadloom.CorruptCheckpointError:
+                out["corrupt"] += 1
+                state, info = threadloom.load(d, step, fallback=True, with_info=True)
+                assert info["step"] == prev and _canon(state) == prev_ref, (path.name, i)
+            except Exception as e:
+                raise AssertionError("flipping byte %d of %s (^%#x) raised %r, not "
+                                     "CorruptCheckpointError" % (i, path.name, mask, e)) from e
+            else:
+                out["same" if got == ref else "changed"] += 1
+        path.write_bytes(orig)
+    return out
+
+
+def sweep_state(s):
+    return {"model": {"w": f32([s + i / 4 for i in range(6)], [2, 3]),
+                      "b": memoryview(array.array("q", [s, -s]).tobytes()).cast("q"),
+                      "raw": bytes([s] * 5)},
+            "opt": {"lr": 1e-3 * s, "betas": (0.9, 0.999), "name": "adam"},
+            "step": s, "seen": {s, s + 1}, 3: None}
+
+
+def test_every_byte_of_the_manifest_and_headers_is_verified(tmp_path, caplog):
+    # Every single-byte change of manifest.json or a safetensors header (__metadata__
+    # included) either loads the identical state or raises CorruptCheckpointError, which
+    # fallback=True handles. Before the manifest had a checksum: `model` -> `lodel`, step 2 ->
+    # 3 and a changed lr loaded silently, and bare KeyErrors escaped fallback.
+    with threadloom.Checkpointer(tmp_path, keep=0, shard_bytes=20) as ck:
+        ck.save(sweep_state(1), 1, metadata={"run": "sweep"})
+        ck.save(sweep_state(2), 2, metadata={"run": "sweep"})
+    assert len([n for n in os.listdir(tmp_path / "step-2") if n.endswith(".safetensors")]) > 1
+    with caplog.at_level(logging.CRITICAL, logger="threadloom.checkpoint"):
+        out = _sweep(tmp_path, 2)
+    assert out["changed"] == 0 and out["corrupt"] > 2000, out
+
+
+V1 = os.path.join(ROOT, "tests", "data", "checkpoints", "v1")
+
+
+def test_version_1_checkpoints_still_load(tmp_path, caplog):
+    # tests/data/checkpoints/v1: written by the version-1 writer (README there). It loads as
+    # it did; its manifest has no checksum, so a changed value can load (the documented
+    # limit of version 1), but every damage that breaks its structure, a tensor, a header or
+    # the agreement between them is a CorruptCheckpointError, never a KeyError.
+    for s in (1, 2):
+        state = threadloom.load(V1, s)
+        assert _canon(state) == _canon(sweep_state(s))
+    d = tmp_path / "v1"
+    shutil.copytree(V1, d)
+    with caplog.at_level(logging.CRITICAL, logger="threadloom.checkpoint"):
+        out = _sweep(d, 2)
+    assert out["corrupt"] > out["changed"] + out["same"], out
 
 
 def test_budget_smaller_than_checkpoint_streams(tmp_path):

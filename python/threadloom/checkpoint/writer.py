@@ -23,7 +23,7 @@ from threadloom import _core, errors
 from threadloom.checkpoint import layout, reader
 from threadloom.checkpoint.fileops import FileOps
 from threadloom.checkpoint.format import (MANIFEST, file_metadata, flatten, manifest,
-                                         safetensors_header)
+                                         manifest_bytes, safetensors_header)
 from threadloom.checkpoint.staging import Copies, Staging
 from threadloom.executor import Executor
 
@@ -548,8 +548,7 @@ class Checkpointer:
                 raise job.error
             job.ensure_tmpdir()
             m = manifest(job.step, job.files, job.tensors, job.tree, job.metadata)
-            ops.write_file(os.path.join(job.tmpdir, MANIFEST),
-                           json.dumps(m, indent=1).encode("utf-8"))
+            ops.write_file(os.path.join(job.tmpdir, MANIFEST), manifest_bytes(m))
             ops.fsync_dir(job.tmpdir)
             old = None
             if os.path.exists(final):  # the same step saved again: swap, never merge
