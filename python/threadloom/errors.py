@@ -22,8 +22,11 @@ def error(name, detail="", *, what=None, hint=None, cls=None):
     return _core.make_error(CODES[name], detail, what=what, hint=hint, cls=cls)
 
 
-def from_errno(errno, detail=""):
+def from_errno(errno, detail="", *, hint=None):
     """The threadloom exception for an errno value, translated as the C layer translates it
     (ENOSPC and EDQUOT -> NoSpaceError, EACCES -> AccessDeniedError, ...; others ->
-    InputOutputError)."""
-    return _core.make_error(_core.errno_code(errno), detail)
+    InputOutputError), with `errno` set. `hint` replaces the error table's advice where the
+    caller knows better (a path that is not a directory is no disk failure)."""
+    e = _core.make_error(_core.errno_code(errno), detail, hint=hint)
+    e.errno = errno
+    return e

@@ -435,6 +435,64 @@ def test_disk_errors_go_to_the_future(tmp_path, caplog, call, err, cls, io):
     assert threadloom.load(tmp_path)["n"] == 1 and ck.steps() == [1, 3]
 
 
+class LatestFails(FileOps):
+    """ENOSPC while writing `latest`'s temporary: it exists (created), then the write fails,
+    as on a full disk."""
+
+    def __init__(self):
+        self.armed = False
+
+    def write_file(self, path, data):
+        if self.armed and os.path.basename(path).startswith(".latest-"):
+            super().close(super().open(path))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        super().write_file(path, data)
+
+
+def test_enospc_writing_latest_leaves_no_temporary(tmp_path):
+    ops = LatestFails()
+    with threadloom.Checkpointer(tmp_path, file_ops=ops) as ck:
+        ck.save({"v": 1}, 1).result(30)
+        ops.armed = True
+        with pytest.raises(threadloom.NoSpaceError, match="`latest` could not be updated"):
+            ck.save({"v": 2}, 2).result(30)
+        assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == [".lock"]
+        assert (tmp_path / "latest").read_text() == "step-1\n" and ck.steps() == [1, 2]
+        ops.armed = False
+        ck.save({"v": 3}, 3).result(30)
+    assert threadloom.load(tmp_path)["v"] == 3
+
+
+def test_directory_errors_at_construction(tmp_path):
+    # "" would silently mean the current directory: refused, like None.
+    for bad in ("", None):
+        with pytest.raises((threadloom.InvalidArgumentError, TypeError), match="directory"):
+            threadloom.Checkpointer(bad)
+    with pytest.raises(threadloom.InvalidArgumentError, match="directory"):
+        threadloom.load("")
+    # A path under a regular file: the errno's class and the directory, in one line.
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(threadloom.Error, match="checkpoint directory") as ei:
+        threadloom.Checkpointer(tmp_path / "f" / "ck")
+    assert isinstance(ei.value, OSError) and ei.value.errno == errno.ENOTDIR
+    # A read-only file system: ReadOnlyFilesystemError, whether the directory exists or not.
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip("mount -t tmpfs not permitted here: %s" % r.stderr.strip())
+    try:
+        for d in (mnt, mnt / "sub"):
+            with pytest.raises(threadloom.ReadOnlyFilesystemError, match="load") as ei:
+                threadloom.Checkpointer(d)
+            assert str(d) in str(ei.value) and ei.value.errno == errno.EROFS
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
 def test_enospc_on_a_real_small_tmpfs(tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()

@@ -205,6 +205,20 @@ def test_malformed_flag_values(launcher, flags, message, job):
     assert message in p.stderr
 
 
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("where", ["/proc/nope", "a-file/logs"])
+def test_log_dir_that_cannot_be_made_is_one_line(launcher, where, job, tmp_path):
+    # A --log-dir that cannot be created (or written): one line naming it, no traceback, and
+    # the program does not run without the log it asked for.
+    (tmp_path / "a-file").write_text("x")
+    script = write(tmp_path, "never.py", "print('user code ran')\n")
+    p = subprocess.run(_argv(launcher, ["--log-dir=" + where], script), env=_env(job),
+                       capture_output=True, text=True, timeout=WAIT, cwd=tmp_path)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "--log-dir %s" % where in p.stderr and "user code ran" not in p.stdout
+
+
 def test_c_launcher_refuses_cluster_flags_outside_run(job):
     if not HAVE_BIN:
         pytest.skip("launcher not built (%s): run `make build`" % BIN)

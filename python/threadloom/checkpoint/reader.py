@@ -97,7 +97,7 @@ def load(directory, step=None, *, fallback=False, allow_pickle=True, with_info=F
             raise ImportError("load(..., framework='torch') needs torch, which does not import "
                               "here (%s); install it, or load without framework= to get "
                               "memoryviews" % e) from e
-    directory = os.path.abspath(os.fspath(directory))
+    directory = layout.directory(directory)
     steps = layout.complete_steps(directory)
     if step is None:
         first = layout.read_latest(directory)
