@@ -674,8 +674,10 @@ def test_requeue_backend_errors(tmp_path):
     with pytest.raises(threadloom.NotFoundError, match="install slurm-client"):
         cluster.SlurmCommands(scontrol=str(tmp_path / "absent")).requeue("1")
     scontrol, _ = fake_scontrol(tmp_path, status=3, message="nope")
-    with pytest.raises(threadloom.InputOutputError, match="failed with status 3: nope"):
+    with pytest.raises(threadloom.InputOutputError, match="failed with status 3: nope") as ei:
         cluster.SlurmCommands(scontrol=scontrol).requeue("1")
+    # The advice is about SLURM, not the disk the error table's EIO advice is for.
+    assert "scontrol ping" in ei.value.hint and "dmesg" not in str(ei.value)
 
 
 def test_on_preempt_bad_arguments(tmp_path):
