@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -119,6 +120,49 @@ def test_nodes_meet_before_user_code(launcher, nnodes, job, tmp_path):
         assert (env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"], env["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
         seen.append(env["MASTER_PORT"])
     assert len(set(seen)) == 1 and int(seen[0]) > 0   # one torch.distributed port for the job
+
+
+def _unused_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_master_port_is_torchs(launcher, job, tmp_path):
+    # --master HOST:PORT means what torchrun's --master-port means: torch.distributed's store
+    # listens there (MASTER_PORT on every node); threadloom's own store takes another port.
+    port = _unused_port()
+    script = write(tmp_path, "show.py", SHOW + """
+    print(json.dumps({"store_port": rv.store_port}))
+    """)
+    flags = ["--master", "127.0.0.1:%d" % port]
+    procs = [start_node(launcher, job, ["--nnodes", "2", "--node-rank", str(r)] + flags, script)
+             for r in range(2)]
+    for rc, out, err in (finish(p) for p in procs):
+        assert rc == 0, err
+        lines = out.strip().splitlines()
+        assert json.loads(lines[-2])["env"]["MASTER_PORT"] == str(port)
+        assert json.loads(lines[-1])["store_port"] != port
+
+
+def test_master_port_in_use_or_different_between_nodes(job, tmp_path):
+    script = write(tmp_path, "show.py", SHOW)
+    with socket.socket() as busy:       # something already listens on the port
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = subprocess.run(_argv("py", ["--nnodes", "1", "--node-rank", "0", "--master",
+                                        "127.0.0.1:%d" % port], script), env=_env(job),
+                           capture_output=True, text=True, timeout=WAIT)
+    assert p.returncode == 1 and "port %d" % port in p.stderr and "in use" in p.stderr, p.stderr
+    a, b = _unused_port(), _unused_port()
+    procs = [start_node("py", job, ["--nnodes", "2", "--node-rank", str(r), "--master",
+                                     "127.0.0.1:%d" % (a, b)[r], "--rdzv-timeout", "20"],
+                        script) for r in range(2)]
+    errs = [finish(p)[2] for p in procs]
+    assert "MASTER_PORT" in errs[1] and str(a) in errs[1] and str(b) in errs[1], errs
+    assert "MASTER_PORT" in errs[0], errs   # node 0 stops too, saying why
 
 
 INNER = """
