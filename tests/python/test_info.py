@@ -91,6 +91,23 @@ def test_usage_error():
     r = run_python("-m", "threadloom", "frobnicate")
     assert r.returncode == 2
     assert "invalid choice" in r.stderr
+    r = run_python("-m", "threadloom")
+    assert r.returncode == 2 and "commands:" in r.stderr
+
+
+def test_help_lists_every_command():
+    # Each command has its line in --help (it described only info and topo), taken from the
+    # one table a new command is added to, and its own --help.
+    from threadloom import __main__ as cli
+    r = run_python("-m", "threadloom", "--help")
+    assert r.returncode == 0, r.stderr
+    listed = [l.split()[0] for l in r.stdout.splitlines() if l.startswith("  ") and l[2] != " "]
+    assert listed == list(cli.COMMANDS) and {"info", "topo", "run", "slurm"} <= set(listed)
+    flat = " ".join(r.stdout.split())
+    for name, (text, _) in cli.COMMANDS.items():
+        assert " ".join(text.split()) in flat, name
+        sub = run_python("-m", "threadloom", name, "--help")
+        assert sub.returncode == 0 and "usage:" in sub.stdout, (name, sub.stderr)
 
 
 def test_hwloc_xmlfile_is_honoured():
