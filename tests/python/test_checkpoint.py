@@ -435,6 +435,16 @@ def test_disk_errors_go_to_the_future(tmp_path, caplog, call, err, cls, io):
     assert threadloom.load(tmp_path)["n"] == 1 and ck.steps() == [1, 3]
 
 
+def mount(fstype, where, *opts):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a %s needs root" % fstype)
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", fstype, *opts, fstype, str(where)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip("mount -t %s not permitted here: %s" % (fstype, r.stderr.strip()))
+
+
 class LatestFails(FileOps):
     """ENOSPC while writing `latest`'s temporary: it exists (created), then the write fails,
     as on a full disk."""
@@ -477,13 +487,7 @@ def test_directory_errors_at_construction(tmp_path):
     assert isinstance(ei.value, OSError) and ei.value.errno == errno.ENOTDIR
     # A read-only file system: ReadOnlyFilesystemError, whether the directory exists or not.
     mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip("mount -t tmpfs not permitted here: %s" % r.stderr.strip())
+    mount("tmpfs", mnt, "-o", "ro,size=1m")
     try:
         for d in (mnt, mnt / "sub"):
             with pytest.raises(threadloom.ReadOnlyFilesystemError, match="load") as ei:
@@ -631,16 +635,6 @@ def test_write_paths_give_identical_files(tmp_path, chunk):
             assert p.io_why, (io, p.io)
     # the same bytes (headers, data, and so checksums) whichever way they were written
     assert files["buffered"] == files["direct"] == files["uring"]
-
-
-def mount(fstype, where, *opts):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a %s needs root" % fstype)
-    where.mkdir()
-    r = subprocess.run(["mount", "-t", fstype, *opts, fstype, str(where)], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        pytest.skip("mount -t %s not permitted here: %s" % (fstype, r.stderr.strip()))
 
 
 def test_direct_io_falls_back_where_the_file_system_refuses_it(tmp_path):
