@@ -12,11 +12,12 @@ converted without auto-collation.
 import itertools
 
 
-def map_fetcher(loader):
+def map_fetcher(cfg):
     """fetch(dataset, idx) -> one batch of `dataset` (a worker's replica) for `idx`, with the
-    loader's collation."""
-    collate = loader.collate_fn
-    if not loader._auto_collation:
+    collation of `cfg` (what an iteration read of its DataLoader: collate_fn, auto_collation,
+    batch_size, drop_last)."""
+    collate = cfg.collate_fn
+    if not cfg.auto_collation:
         return lambda dataset, idx: collate(dataset[idx])
 
     def fetch(dataset, idx):
@@ -26,16 +27,16 @@ def map_fetcher(loader):
     return fetch
 
 
-def iterable_batches(loader, it):
+def iterable_batches(cfg, it):
     """The batches of the iterator `it` (a worker's replica's, or the dataset's own)."""
-    collate = loader.collate_fn
-    if not loader._auto_collation:
+    collate = cfg.collate_fn
+    if not cfg.auto_collation:
         for x in it:
             yield collate(x)
         return
-    bs = loader.batch_size
+    bs = cfg.batch_size
     while True:
         chunk = list(itertools.islice(it, bs))
-        if not chunk or (loader.drop_last and len(chunk) < bs):
+        if not chunk or (cfg.drop_last and len(chunk) < bs):
             return
         yield collate(chunk)
