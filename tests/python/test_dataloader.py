@@ -12,6 +12,7 @@ import traceback
 import pytest
 
 import threadloom
+from conftest import run_python
 from threadloom.data import collate
 from threadloom.data import (BatchSampler, DataLoader, DataLoaderTimeoutError, DistributedSampler,
                              IterableDataset, RandomSampler, Sampler, SequentialSampler,
@@ -258,6 +259,112 @@ def test_timeout_raises_like_torch():
     del it
     loader.close()
     assert threading.active_count() == before
+
+
+def test_timeout_fires_while_a_worker_is_stuck_and_names_it():
+    # issue 22: timeout=1 with a worker blocked 20 s raised only at 20 s (the consumer joined
+    # the stuck worker first). The timeout must fire while the worker is still blocked, and
+    # say which sample it is stuck on and where.
+    release, returned = threading.Event(), threading.Event()
+
+    class Stuck(Squares):
+        def __getitem__(self, i):
+            if i == 5:
+                release.wait(60)
+                returned.set()
+            return i
+
+    for ds, what in ((Stuck(8), "sample indices [4, 5]"), (StuckStream(release, returned),
+                                                              "worker 0 for")):
+        release.clear()
+        returned.clear()
+        it = iter(DataLoader(ds, batch_size=2, num_workers=1, timeout=0.3))
+        assert next(it).tolist() == [0, 1]
+        next(it)  # [2, 3]
+        with pytest.raises(DataLoaderTimeoutError) as ei:
+            next(it)
+        assert not returned.is_set(), "the timeout waited for the stuck worker"
+        msg = str(ei.value)
+        assert msg.startswith("DataLoader timed out after 0.3 seconds")
+        assert what in msg and "release.wait(60)" in msg, msg
+        if isinstance(ds, StuckStream):
+            assert "its batch 2" in msg
+        release.set()
+        returned.wait(30)
+        del it
+
+
+class StuckStream(IterableDataset):
+    def __init__(self, release, returned):
+        self.release, self.returned = release, returned
+
+    def __deepcopy__(self, memo):
+        return self  # the replica shares the events
+
+    def __iter__(self):
+        yield from range(4)
+        self.release.wait(60)
+        self.returned.set()
+        yield from range(4, 8)
+
+
+STUCK_AT_EXIT = """
+import sys, threading, time
+import threadloom
+from threadloom import _queue
+from threadloom.data import DataLoader
+_queue.CLOSE_GRACE_S = 0.5
+
+class Stuck:
+    def __len__(self):
+        return 8
+    def __getitem__(self, i):
+        if i == 2:
+            %s
+        return i
+
+loader = DataLoader(Stuck(), batch_size=1, num_workers=2, timeout=%s)
+it = iter(loader)
+print(next(it).tolist(), flush=True)
+%s
+print("leaving", flush=True)
+"""
+
+
+@pytest.mark.parametrize("stuck", ["threading.Event().wait()", "while True: pass"])
+@pytest.mark.parametrize("how", ["exit", "timeout", "break"])
+def test_the_process_exits_with_a_stuck_worker(stuck, how):
+    # issue 22: a worker that never returns kept the interpreter from exiting (the exit hook
+    # joined it). It is left behind, reported with its stack, and the process exits.
+    timeout, then = {"exit": ("0", "time.sleep(0.3)"),
+                     "timeout": ("0.5", "try:\n    next(it); next(it)\n"
+                                        "except RuntimeError as e:\n    print(e, flush=True)"),
+                     "break": ("0", "time.sleep(0.3)\ndel it")}[how]
+    r = run_python("-c", STUCK_AT_EXIT % (stuck, timeout, then), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("[0]\n") and r.stdout.endswith("leaving\n"), r.stdout
+    if how == "timeout":
+        assert "DataLoader timed out after 0.5 seconds" in r.stdout
+        assert "sample indices [2]" in r.stdout, r.stdout
+    assert "left running" in r.stderr and "__getitem__" in r.stderr, r.stderr
+
+
+def test_ctrl_c_interrupts_a_loader_waiting_for_a_stuck_worker():
+    code = ("import os, signal, threading, threadloom\n"
+            "from threadloom import _queue\n"
+            "from threadloom.data import DataLoader\n"
+            "_queue.CLOSE_GRACE_S = 0.5\n"
+            "class Stuck:\n"
+            "    def __len__(self): return 4\n"
+            "    def __getitem__(self, i): threading.Event().wait(); return i\n"
+            "threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+            "try:\n"
+            "    next(iter(DataLoader(Stuck(), num_workers=1)))\n"
+            "except KeyboardInterrupt:\n"
+            "    print('interrupted', flush=True)\n")
+    r = run_python("-c", code, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "interrupted\n"
 
 
 def test_break_and_gc_stop_the_workers():

@@ -30,7 +30,7 @@ import threading
 import time
 import weakref
 
-from threadloom import _runtime, errors
+from threadloom import errors
 from threadloom._queue import CLOSED, END, Queue, Workers
 from threadloom.data.collate import default_collate, default_convert
 from threadloom.data.fetch import iterable_batches, map_fetcher
@@ -454,11 +454,14 @@ class _LoaderIter:
             self._show(True)
             raise
         except TimeoutError as exc:
-            self.close()
+            self.close(wait=False)  # the stuck worker is named in the error, and left behind
             if isinstance(exc, DataLoaderTimeoutError):
                 raise
             raise DataLoaderTimeoutError("DataLoader timed out after %s seconds (%s)"
                                          % (self.cfg.timeout, exc)) from None
+        except KeyboardInterrupt:
+            self.close(wait=False)
+            raise
         except BaseException:
             self.close()
             raise
@@ -507,11 +510,14 @@ class _LoaderIter:
             "stages": stages,
         }
 
-    def close(self):
+    def close(self, wait=True):
+        """Stops the worker threads; wait: for the batches being built, at most `timeout`
+        seconds (else _queue.CLOSE_GRACE_S), after which a worker stuck in the dataset is left
+        behind and reported with its stack (logging)."""
         if self.progress.stats is None:
             self.progress.stats = self.stats()
         if self._engine is not None:
-            self._engine.close()
+            self._engine.close(wait)
 
     def __del__(self):
         if hasattr(self, "progress"):  # __init__ may have failed
@@ -563,8 +569,13 @@ def _map_pipeline(cfg, indices, base_seed):
     pipe = Pipeline(indices, ordered=cfg.in_order, capacity=max(1, cfg.prefetch_factor * nw),
                     timeout=cfg.timeout or None, pin=cfg.pin, name="dataloader",
                     feed="consumer")
-    pipe.map(fetch, workers=nw, state=make_state, name="fetch+collate", queue_size=max(1, nw))
+    pipe.map(fetch, workers=nw, state=make_state, name="fetch+collate", queue_size=max(1, nw),
+             describe=_sample_indices)
     return pipe
+
+
+def _sample_indices(idx):
+    return "sample indices %s" % (idx,)
 
 
 # -- iterable-style: one iterator per worker ---------------------------------------------------
@@ -585,8 +596,8 @@ class _IterableEngine:
         depth = max(1, cfg.prefetch_factor)
         self._queues = [Queue(depth) for _ in range(nw)]
         self.counters = [[0, 0.0, 0.0] for _ in range(nw)]  # per worker: batches, busy, wait
-        self._workers = Workers(nw, self._queues, pin=cfg.pin, name="dataloader")
-        _runtime.register(self, close=_IterableEngine.close)
+        self._workers = Workers(nw, self._queues, pin=cfg.pin, name="dataloader",
+                                grace=cfg.timeout or None)
         for w in range(nw):
             self._workers.submit(lambda w=w: self._work(w))
         self._gen = self._consume()
@@ -594,11 +605,17 @@ class _IterableEngine:
     def _work(self, w):
         q = self._queues[w]
         c = self.counters[w]
+        workers = self._workers
+        workers.started(w)
+        label = "worker %d" % w
         clock = time.perf_counter
         try:
+            workers.busy_with(w, label, None, _making_replica)
             state = _worker_state(self.cfg, w, self.base_seed)
             t = clock()
+            workers.busy_with(w, label, 0, _its_batch)
             for batch in iterable_batches(self.cfg, iter(state.dataset)):
+                workers.idle(w)
                 t1 = clock()
                 c[1] += t1 - t
                 ok = q.put(batch)
@@ -607,11 +624,14 @@ class _IterableEngine:
                 if not ok:
                     return
                 c[0] += 1
+                workers.busy_with(w, label, c[0], _its_batch)
+            workers.idle(w)
             q.put(END)
         except BaseException as exc:
             note_worker(exc, w)
-            self._workers.fail(exc)
+            workers.fail(exc)
         finally:
+            workers.idle(w)
             WorkerState.leave()
 
     def _consume(self):
@@ -624,7 +644,8 @@ class _IterableEngine:
             got = self._queues[w].get(timeout=timeout)
             if got is None:
                 raise DataLoaderTimeoutError("DataLoader timed out after %s seconds (worker %d "
-                                             "produced no batch)" % (self.cfg.timeout, w))
+                                             "produced no batch; %s)" % (
+                                                 self.cfg.timeout, w, self._workers.report("busy")))
             if got is CLOSED:
                 if self._workers.error is not None:
                     raise self._workers.error
@@ -648,7 +669,14 @@ class _IterableEngine:
                  "queue_depth": sum(len(q) for q in self._queues),
                  "queue_size": self.nw * max(1, self.cfg.prefetch_factor)}]
 
-    def close(self):
-        w = self._workers
-        if w is not None and w.close() and w.pool.worker_index() < 0:
-            _runtime.unregister(self)
+    def close(self, wait=True):
+        if self._workers is not None:
+            self._workers.close(wait)
+
+
+def _making_replica(_):
+    return "its replica of the dataset (replicate=, worker_init_fn)"
+
+
+def _its_batch(n):
+    return "its batch %d" % n
