@@ -413,12 +413,47 @@ def test_abandoned_loaders_leave_no_threads_memory_or_batches(kind):
     it = iter(loader)
     next(it)
     del it
+    if kind.endswith("persistent"):
+        loader.close()  # persistent workers live as long as their loader, as torch's
     gc.collect()
     assert _threads() == threads
     assert collate.arena_fallbacks() == fallbacks
     assert threadloom.arena().stats()["blocks_in_use"] <= blocks
     assert _rss_mb() - rss < 40, "RSS grew from %.0f to %.0f MB" % (rss, _rss_mb())
     assert rows(loader)[:2] == rows(make())[:2]  # the loader still works
+
+
+@pytest.mark.parametrize("make", [Squares, Shards], ids=["map", "iterable"])
+def test_each_iter_is_an_independent_iterator_as_torch(make):
+    # issue 22: zip(loader, loader) gave 0 pairs with workers (torch: 10) and nested loops 3 of
+    # 9 pairs: iter() closed the iteration in progress
+    loader = DataLoader(make(10), batch_size=1, num_workers=2)
+    want = rows(loader)
+    assert [(a.tolist(), b.tolist()) for a, b in zip(loader, loader)] == list(zip(want, want))
+    small = DataLoader(make(3), batch_size=1, num_workers=2)
+    assert [(a.tolist(), b.tolist()) for a in small for b in small] == \
+        [(a, b) for a in rows(small) for b in rows(small)]
+    one = iter(loader)
+    next(one)
+    two = iter(loader)
+    assert rows(two) == want and rows(one) == want[1:]
+
+
+@pytest.mark.parametrize("make", [Squares, Shards], ids=["map", "iterable"])
+def test_persistent_workers_reset_one_iterator_as_torch(make):
+    # torch's DataLoader keeps one iterator with persistent workers and iter() resets it: zip
+    # then takes alternate batches, a nested loop ends the outer one (tests/torch compares)
+    loader = DataLoader(make(10), batch_size=1, num_workers=2, persistent_workers=True)
+    want = rows(loader)
+    assert iter(loader) is iter(loader)
+    assert [(a.tolist(), b.tolist()) for a, b in zip(loader, loader)] == \
+        list(zip(want[0::2], want[1::2]))
+    small = DataLoader(make(3), batch_size=1, num_workers=2, persistent_workers=True)
+    first = rows(small)[0]
+    assert [(a.tolist(), b.tolist()) for a in small for b in small] == \
+        [(first, b) for b in rows(small)]
+    assert rows(small) == rows(small)
+    small.close()
 
 
 @pytest.mark.parametrize("nw", [0, 3])

@@ -184,6 +184,36 @@ def test_persistent_workers_epochs(nw):
     assert_same_batches(sum(got, []), sum(want, []))
 
 
+@pytest.mark.parametrize("nw,persistent", [(0, False), (2, False), (2, True)])
+@pytest.mark.parametrize("iterable", [False, True], ids=["map", "iterable"])
+def test_several_iterators_of_one_loader_as_torch(nw, persistent, iterable):
+    # independent iterators, as torch's (zip(loader, loader): every batch twice; a nested loop:
+    # every pair), and with persistent workers torch's one iterator that iter() resets (zip:
+    # alternate batches; a nested loop ends the outer one)
+    def make(cls, n):
+        ds = TorchShards(n) if iterable else Pairs(n)
+        args = {} if iterable else dict(shuffle=True, generator=torch.Generator().manual_seed(4))
+        return cls(ds, batch_size=2, num_workers=nw, persistent_workers=persistent, **args)
+
+    got, want = ([(a, b) for a, b in zip(loader, loader)]
+                 for loader in (make(tld.DataLoader, 20), make(tud.DataLoader, 20)))
+    assert_same_batches(got, want)
+    got, want = ([(a, b) for a in loader for b in loader]
+                 for loader in (make(tld.DataLoader, 6), make(tud.DataLoader, 6)))
+    assert_same_batches(got, want)
+    for cls in (tld.DataLoader, tud.DataLoader):
+        loader = make(cls, 8)
+        one = iter(loader)
+        head = next(one)
+        two = iter(loader)
+        if cls is tld.DataLoader:
+            mine = (head, list(one), list(two), list(loader))
+        else:
+            theirs = (head, list(one), list(two), list(loader))
+    for m, t in zip(mine, theirs):
+        assert_same(m, t)
+
+
 def test_pin_memory_is_accepted_and_changes_nothing():
     got, want = both(Pairs(10), batch_size=3, pin_memory=True, num_workers=2)
     assert_same_batches(got[0], want[0])

@@ -218,6 +218,8 @@ class DataLoader:
 
         self._epoch = 0            # epochs started
         self._latest = None        # weakref to the _LoaderIter started last, or None
+        self._live = weakref.WeakSet()  # the iterators that may be running, for close()
+        self._iterator = None      # persistent_workers: the one iterator, as torch's
         self._progress = None      # that iteration's _Progress (outlives the iterator)
         self._resume = None        # a state loaded by load_state_dict(), for the next __iter__
         self._states = {}          # persistent_workers: worker id -> WorkerState
@@ -242,9 +244,9 @@ class DataLoader:
                         self._index_sampler)
 
     def __iter__(self):
-        prev = self._current()
-        if prev is not None:
-            prev.close()
+        """A new iterator, independent of any other of this loader (zip(loader, loader) and
+        nested loops work as in torch). With persistent_workers (and num_workers > 0) torch
+        keeps one iterator and each iter() resets it to a new epoch: so does threadloom."""
         resume, self._resume = self._resume, None
         epoch = self._epoch
         if resume is not None:
@@ -252,9 +254,17 @@ class DataLoader:
         if isinstance(self.sampler, DistributedSampler) and self.world_size is not None:
             self.sampler.set_epoch(epoch)
         self._epoch = epoch + 1
-        it = _LoaderIter(self, epoch, resume)
+        if self.persistent_workers and self.num_workers > 0:
+            it = self._iterator
+            if it is None:
+                it = self._iterator = _LoaderIter(self, epoch, resume)
+            else:
+                it._reset(self, epoch, resume)
+        else:
+            it = _LoaderIter(self, epoch, resume)
         self._progress = it.progress
         self._latest = weakref.ref(it)
+        self._live.add(it)
         return it
 
     def _current(self):
@@ -298,10 +308,11 @@ class DataLoader:
         return self._progress.stats if self._progress is not None else None
 
     def close(self):
-        """Stops the iteration in progress and lets the persistent workers go."""
-        it = self._current()
-        if it is not None:
+        """Stops every iteration in progress and lets the persistent workers go (the next
+        iter() starts new ones)."""
+        for it in list(self._live):
             it.close()
+        self._iterator = None
         self._states = {}
 
 
@@ -381,7 +392,18 @@ class _LoaderIter:
     It reads the loader only here, in __init__ (see the module docstring)."""
 
     def __init__(self, loader, epoch, resume):
-        self.cfg = cfg = _Config(loader)
+        self.cfg = _Config(loader)
+        self._engine = None
+        self._start(loader, epoch, resume)
+
+    def _reset(self, loader, epoch, resume):
+        """persistent_workers: the next epoch on this iterator (torch's _reset); the previous
+        one stops. The _Config stays the first epoch's, as torch's iterator keeps its own."""
+        self.close()
+        self._start(loader, epoch, resume)
+
+    def _start(self, loader, epoch, resume):
+        cfg = self.cfg
         self.epoch = epoch
         self.samples = 0
         self._engine = None
