@@ -367,6 +367,44 @@ def test_ctrl_c_interrupts_a_loader_waiting_for_a_stuck_worker():
     assert r.stdout == "interrupted\n"
 
 
+class StopsAt5(Squares):
+    def __getitem__(self, i):
+        if i == 5:
+            raise StopIteration
+        return i
+
+
+class IterRaisesStop(IterableDataset):
+    def __iter__(self):
+        raise StopIteration
+
+
+def _stop_collate(batch):
+    raise StopIteration
+
+
+@pytest.mark.parametrize("nw", [0, 2])
+@pytest.mark.parametrize("case,where", [
+    (lambda nw: DataLoader(StopsAt5(10), batch_size=2, num_workers=nw),
+     "dataset[5] (in the batch of sample indices [4, 5]) raised StopIteration"),
+    (lambda nw: DataLoader(StopsAt5(10), batch_size=None, num_workers=nw),
+     "dataset[5] raised StopIteration"),
+    (lambda nw: DataLoader(IterRaisesStop(), batch_size=2, num_workers=nw),
+     "the dataset's __iter__ (it must return an iterator"),
+    (lambda nw: DataLoader(Squares(4), batch_size=2, num_workers=nw, collate_fn=_stop_collate),
+     "collate_fn, on the batch of sample indices [0, 1], raised StopIteration"),
+    (lambda nw: DataLoader(Shards(4), batch_size=2, num_workers=nw, collate_fn=_stop_collate),
+     "collate_fn, on batch 0 of the stream, raised StopIteration"),
+], ids=["getitem", "getitem-unbatched", "iter", "collate", "collate-iterable"])
+def test_stop_iteration_inside_the_loader_is_an_error(case, where, nw):
+    # issue 22: a StopIteration from the dataset or collate_fn ended the epoch without a word
+    # (with workers; torch's loader does the same): an error, as PEP 479 makes it in generators
+    with pytest.raises(RuntimeError, match="not the end of the data") as ei:
+        list(case(nw))
+    assert where in str(ei.value)
+    assert isinstance(ei.value.__cause__, StopIteration)
+
+
 def test_break_and_gc_stop_the_workers():
     before = threading.active_count()
     loader = DataLoader(Squares(1000), batch_size=2, num_workers=4)

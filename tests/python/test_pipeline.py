@@ -177,6 +177,27 @@ def test_keyboard_interrupt_stops_promptly():
     assert r.stdout.startswith("interrupted")
 
 
+@pytest.mark.parametrize("feed", ["thread", "consumer"])
+def test_stop_iteration_in_a_stage_is_an_error(feed):
+    # issue 22: it ended the consumer's loop early without a word; a source's StopIteration is
+    # still its end
+    def stage(x):
+        if x == 3:
+            raise StopIteration
+        return x
+
+    with pytest.raises(RuntimeError, match="stage 'stage', on item 3 \\(3\\), raised "
+                                           "StopIteration") as ei:
+        list(threadloom.Pipeline(range(10), feed=feed).map(stage, workers=2))
+    assert isinstance(ei.value.__cause__, StopIteration)
+
+    def state():
+        raise StopIteration
+
+    with pytest.raises(RuntimeError, match="state=factory"):
+        list(threadloom.Pipeline(range(10), feed=feed).map(lambda s, x: x, state=state))
+
+
 def test_interpreter_exit_with_a_running_pipeline():
     code = (
         "import threadloom\n"

@@ -613,7 +613,7 @@ class _IterableEngine:
         self.nw = nw = cfg.num_workers
         self._workers = None
         if nw == 0:
-            self._gen = iterable_batches(cfg, iter(cfg.dataset))
+            self._gen = iterable_batches(cfg, cfg.dataset)
             return
         depth = max(1, cfg.prefetch_factor)
         self._queues = [Queue(depth) for _ in range(nw)]
@@ -636,7 +636,7 @@ class _IterableEngine:
             state = _worker_state(self.cfg, w, self.base_seed)
             t = clock()
             workers.busy_with(w, label, 0, _its_batch)
-            for batch in iterable_batches(self.cfg, iter(state.dataset)):
+            for batch in iterable_batches(self.cfg, state.dataset):
                 workers.idle(w)
                 t1 = clock()
                 c[1] += t1 - t
