@@ -513,6 +513,47 @@ def test_resume_mid_epoch_yields_exactly_the_rest(nw):
     loader.close()
 
 
+def test_load_state_dict_refuses_what_it_cannot_resume():
+    # issue 22: None raised a bare AttributeError; batches_yielded=10**18 and a state from a
+    # dataset of another length were taken silently (10**18: the loader skipped "forever")
+    def make(n=50, **kw):
+        return DataLoader(Squares(n), batch_size=4, shuffle=True, num_workers=2,
+                          generator=random.Random(1), **kw)
+
+    loader = make()
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    del it
+    with pytest.raises(TypeError, match="takes the dict that DataLoader.state_dict.. returned, "
+                                        "not None"):
+        make().load_state_dict(None)
+    with pytest.raises(ValueError, match="batches_yielded=1000000000000000000, but an epoch of "
+                                         "this DataLoader has 13 batches"):
+        make().load_state_dict(dict(state, batches_yielded=10 ** 18))
+    with pytest.raises(ValueError, match="saved for a dataset of 50 samples; this DataLoader's "
+                                         "has 40"):
+        make(40).load_state_dict(state)
+    for key, bad in (("epoch", -1), ("batches_yielded", "3"), ("finished", None),
+                     ("base_seed", 1.5), ("sampler", 7)):
+        with pytest.raises(ValueError, match="%s=" % key):
+            make().load_state_dict(dict(state, **{key: bad}))
+    missing = dict(state)
+    del missing["epoch"]
+    with pytest.raises(ValueError, match="has no 'epoch'"):
+        make().load_state_dict(missing)
+    fresh = make()
+    fresh.load_state_dict(state)  # what state_dict() gave still loads
+    assert len(rows(fresh)) == 12
+
+    # an iterable dataset without len(): found out when the epoch ends before the skip does
+    again = DataLoader(Shards(20), batch_size=3, num_workers=2)
+    again.load_state_dict(dict(state, dataset_len=None, sampler=None, batches_yielded=9))
+    with pytest.raises(ValueError, match="batches_yielded=9, but this epoch of the DataLoader "
+                                         "has 8 batches"):
+        rows(again)
+
+
 def test_resume_iterable_skips_yielded_batches():
     loader = DataLoader(Shards(20), batch_size=3, num_workers=2)
     full = rows(loader)

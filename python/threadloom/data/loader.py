@@ -24,6 +24,7 @@ only the progress of the iteration started last (_Progress, for state_dict()) an
 reference to that iterator.
 """
 
+import collections.abc
 import itertools
 import sys
 import threading
@@ -280,13 +281,23 @@ class DataLoader:
         p = self._progress
         if p is None or p.finished:
             return {"version": 1, "epoch": self._epoch, "batches_yielded": 0, "base_seed": None,
-                    "sampler": None, "finished": True}
+                    "sampler": None, "finished": True, "dataset_len": self._dataset_len()}
         return {"version": 1, "epoch": p.epoch, "batches_yielded": p.yielded,
-                "base_seed": p.base_seed, "sampler": p.sampler_state, "finished": False}
+                "base_seed": p.base_seed, "sampler": p.sampler_state, "finished": False,
+                "dataset_len": self._dataset_len()}
+
+    def _dataset_len(self):
+        try:
+            return len(self.dataset)
+        except TypeError:
+            return None
 
     def load_state_dict(self, state):
-        if state.get("version") != 1:
-            raise ValueError("not a threadloom.DataLoader state (version %r)" % (state.get("version"),))
+        """Makes the next iteration resume where `state` (what state_dict() returned, here or
+        on a DataLoader built the same way) was. A state this loader cannot resume (another
+        dataset length, more batches than an epoch has, a field of the wrong type) raises
+        ValueError, a state that is no dict TypeError; nothing is changed then."""
+        self._check_state(state)
         prev = self._current()
         if prev is not None:
             prev.close()
@@ -296,6 +307,40 @@ class DataLoader:
             self._resume = None
         else:
             self._resume = dict(state)
+
+    def _check_state(self, state):
+        if not isinstance(state, collections.abc.Mapping):
+            raise TypeError("load_state_dict() takes the dict that DataLoader.state_dict() "
+                            "returned, not %r" % (state,))
+        if state.get("version") != 1:
+            raise ValueError("not a threadloom.DataLoader state (version %r)" % (state.get("version"),))
+        checks = {"epoch": lambda v: _is_int(v) and v >= 0,
+                  "batches_yielded": lambda v: _is_int(v) and v >= 0,
+                  "finished": lambda v: isinstance(v, bool)}
+        if not state.get("finished"):
+            checks["base_seed"] = _is_int
+            checks["sampler"] = lambda v: v is None or isinstance(v, collections.abc.Mapping)
+        for key, ok in checks.items():
+            if key not in state:
+                raise ValueError("this DataLoader state has no %r: pass what state_dict() "
+                                 "returned" % key)
+            if not ok(state[key]):
+                raise ValueError("this DataLoader state has %s=%r, which state_dict() never "
+                                 "returns: pass what it returned" % (key, state[key]))
+        saved, now = state.get("dataset_len"), self._dataset_len()
+        if saved is not None and now is not None and saved != now:
+            raise ValueError("this DataLoader state was saved for a dataset of %d samples; this "
+                             "DataLoader's has %d: resume with the dataset it was saved with"
+                             % (saved, now))
+        try:
+            per_epoch = len(self)
+        except TypeError:  # an iterable without len(): checked when the epoch ends
+            return
+        if state["batches_yielded"] > per_epoch:
+            raise ValueError("this DataLoader state has batches_yielded=%d, but an epoch of "
+                             "this DataLoader has %d batches: the state is from a DataLoader "
+                             "built another way (dataset, batch_size, sampler, drop_last)"
+                             % (state["batches_yielded"], per_epoch))
 
     # -- inspection and shutdown -------------------------------------------------------------
 
@@ -314,6 +359,10 @@ class DataLoader:
             it.close()
         self._iterator = None
         self._states = {}
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _batches(dataset, iterable, batch_size, drop_last, index_sampler):
@@ -474,6 +523,11 @@ class _LoaderIter:
             p.finished = True
             self.close()
             self._show(True)
+            if self._discard:  # a resumed iterable ended before the batches to skip
+                raise ValueError("this DataLoader state has batches_yielded=%d, but this epoch "
+                                 "of the DataLoader has %d batches: the state is from another "
+                                 "dataset, or one that yields other data now"
+                                 % (p.yielded, p.yielded - self._discard)) from None
             raise
         except TimeoutError as exc:
             self.close(wait=False)  # the stuck worker is named in the error, and left behind
