@@ -14,6 +14,7 @@ import pytest
 import threadloom
 from conftest import run_python
 from threadloom.data import collate
+from threadloom.data import sampler as sampler_mod
 from threadloom.data import (BatchSampler, DataLoader, DataLoaderTimeoutError, DistributedSampler,
                              IterableDataset, RandomSampler, Sampler, SequentialSampler,
                              SubsetRandomSampler, WeightedRandomSampler, default_collate,
@@ -674,6 +675,65 @@ def test_random_samplers():
     assert sorted(SubsetRandomSampler([5, 7, 9], generator=random.Random(0))) == [5, 7, 9]
     w = list(WeightedRandomSampler([0, 0, 1], 5, generator=random.Random(0)))
     assert w == [2] * 5
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 1000, 4097])
+def test_lazy_permutation_is_a_seeded_bijection(n):
+    p = sampler_mod.Permutation(n, random.Random(n))
+    order = list(p)
+    assert sorted(order) == list(range(n)) and len(p) == n
+    assert [p[i] for i in range(n)] == order
+    assert list(sampler_mod.Permutation(n, random.Random(n))) == order
+    if n >= 8:
+        assert list(sampler_mod.Permutation(n, random.Random(n + 1))) != order
+    with pytest.raises(IndexError):
+        p[n]
+
+
+def test_samplers_switch_to_the_lazy_permutation_above_the_threshold(monkeypatch):
+    small = list(RandomSampler(range(50), generator=random.Random(3)))
+    monkeypatch.setattr(sampler_mod, "PYTHON_PERMUTATION_MAX", 16)
+    assert list(RandomSampler(range(16), generator=random.Random(3))) == \
+        list(RandomSampler(range(16), generator=random.Random(3)))  # still a list: same draws
+    lazy = list(RandomSampler(range(50), generator=random.Random(3)))
+    assert sorted(lazy) == list(range(50)) and lazy != small
+    more = list(RandomSampler(range(50), num_samples=120, generator=random.Random(3)))
+    assert len(more) == 120 and sorted(more[:50]) == sorted(more[50:100]) == list(range(50))
+    for drop_last in (False, True):
+        ranks = [list(DistributedSampler(range(50), 4, r, seed=2, drop_last=drop_last))
+                 for r in range(4)]
+        assert len({len(r) for r in ranks}) == 1
+        flat = sum(ranks, [])
+        if drop_last:
+            assert len(set(flat)) == len(flat) == 48
+        else:
+            assert set(flat) == set(range(50)) and len(flat) == 52
+
+
+HUGE = """
+import random, resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # a list of 10**12 ints: MemoryError
+from threadloom.data import DataLoader
+class Huge:
+    def __len__(self):
+        return 10 ** 12
+    def __getitem__(self, i):
+        return i
+for kw in (dict(shuffle=True, generator=random.Random(0)), dict(shuffle=True, num_workers=2,
+           generator=random.Random(0)), dict(shuffle=True, distributed=True, world_size=8, rank=3)):
+    batch = next(iter(DataLoader(Huge(), batch_size=4, **kw))).tolist()
+    assert len(set(batch)) == 4 and all(0 <= i < 10 ** 12 for i in batch), batch
+    print("ok", flush=True)
+"""
+
+
+def test_shuffling_a_dataset_of_10_to_the_12_samples_starts_at_once():
+    # issue 22: shuffle=True built a list of len(dataset) indices first (10**12: until the OOM
+    # killer came; 10**7: 7.8 s and 563 MB before the first batch); the address space limit
+    # turns that into a MemoryError here instead
+    r = run_python("-c", HUGE, env_extra={"THREADLOOM_ARENA_MB": "64"}, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout == "ok\n" * 3
 
 
 def test_stats_and_progress(capsys):
