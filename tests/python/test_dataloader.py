@@ -117,6 +117,31 @@ def test_mutually_exclusive_arguments_say_what_torch_says():
         DistributedSampler(ds, num_replicas=2, rank=2)
 
 
+@pytest.mark.parametrize("bad,error", [("2", TypeError), (2.0, TypeError), (None, TypeError),
+                                       (10 ** 12, ValueError)])
+def test_num_workers_of_the_wrong_kind_says_so(bad, error):
+    # issue 22: '2' raised "'<' not supported between instances of 'str' and 'int'" (torch
+    # does too: the same type, now with a message)
+    with pytest.raises(error, match="num_workers"):
+        DataLoader(Squares(4), num_workers=bad)
+
+
+def test_more_workers_than_cpus_is_logged_once(monkeypatch, caplog):
+    from threadloom import sysinfo
+    from threadloom.data import loader as loader_mod
+    cpus = sysinfo.usable_cpus()
+    monkeypatch.setattr(loader_mod, "_oversubscription_logged", False)
+    with caplog.at_level("WARNING", logger="threadloom.data"):
+        DataLoader(Squares(4), num_workers=cpus)
+        assert not caplog.records
+        DataLoader(Squares(4), num_workers=cpus + 2)
+        DataLoader(Squares(4), num_workers=cpus + 3)
+    assert len(caplog.records) == 1, [r.getMessage() for r in caplog.records]
+    msg = caplog.records[0].getMessage()
+    assert "num_workers=%d" % (cpus + 2) in msg and "%d CPUs" % cpus in msg
+    assert 'logging.getLogger("threadloom.data")' in msg
+
+
 def test_device_is_not_built_yet():
     with pytest.raises(threadloom.NotBuiltError, match="cudactx feeder is not built yet") as e:
         DataLoader(Squares(4), device="cuda:0")

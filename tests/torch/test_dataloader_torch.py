@@ -703,6 +703,14 @@ def test_invalid_arguments_raise_what_torch_raises(case):
     assert str(mine.value).split()[:3] == str(theirs.value).split()[:3], (mine.value, theirs.value)
 
 
+def test_num_workers_of_another_type_is_a_type_error_as_torch():
+    # torch raises the comparison's bare TypeError; threadloom the same type, saying what to pass
+    with pytest.raises(TypeError):
+        tud.DataLoader(_ds(), num_workers="2")
+    with pytest.raises(TypeError, match="num_workers must be an int"):
+        tld.DataLoader(_ds(), num_workers="2")
+
+
 BAD_SAMPLERS = {
     "replacement not bool": lambda m: m.RandomSampler(range(3), replacement=1),
     "num_samples=0": lambda m: m.RandomSampler(range(3), num_samples=0),

@@ -31,14 +31,14 @@ import threading
 import time
 import weakref
 
-from threadloom import errors
+from threadloom import errors, sysinfo
 from threadloom._queue import CLOSED, END, Queue, Workers
 from threadloom.data.collate import default_collate, default_convert
 from threadloom.data.fetch import iterable_batches, map_fetcher
 from threadloom.data.sampler import (BatchSampler, DistributedSampler, RandomSampler,
                                      SequentialSampler, distributed_env, draw_seed,
                                      load_replay_state, replay_state)
-from threadloom.data.worker import WorkerState, note_worker
+from threadloom.data.worker import WorkerState, log, note_worker
 from threadloom.pipeline import Pipeline
 
 __all__ = ["DataLoader", "Dataset", "IterableDataset", "Subset", "DataLoaderTimeoutError"]
@@ -116,6 +116,7 @@ class DataLoader:
                  prefetch_factor=None, persistent_workers=False, pin_memory_device="",
                  in_order=True, device=None, replicate="copy", rank=None, world_size=None,
                  distributed=False, pin=True, progress=False):
+        num_workers = sysinfo.thread_count(num_workers, "num_workers")
         if num_workers < 0:
             raise ValueError("num_workers option should be non-negative; use num_workers=0 to "
                              "disable multiprocessing.")
@@ -152,6 +153,7 @@ class DataLoader:
         if not (replicate is None or replicate == "copy" or callable(replicate)):
             raise ValueError("replicate must be 'copy', a factory (callable) or None, not %r"
                              % (replicate,))
+        _note_oversubscription(num_workers)
 
         self.dataset = dataset
         self.num_workers = num_workers
@@ -359,6 +361,24 @@ class DataLoader:
             it.close()
         self._iterator = None
         self._states = {}
+
+
+_oversubscription_logged = False  # the warning below is given once per process
+
+
+def _note_oversubscription(num_workers):
+    """Logs once when num_workers exceeds the CPUs this process may use, and what that costs."""
+    global _oversubscription_logged
+    cpus = sysinfo.usable_cpus()
+    if num_workers <= cpus or _oversubscription_logged:
+        return
+    _oversubscription_logged = True
+    log.warning("threadloom.DataLoader: num_workers=%d threads on the %d CPUs this process may "
+                "use: beyond %d they take turns instead of running at once, and each still "
+                "costs a dataset replica (replicate='copy') and ~64 MiB of arena; that pays "
+                "only while workers wait on I/O, else use num_workers <= %d (`threadloom topo "
+                "--plan` shows the cores; logging.getLogger(\"threadloom.data\") silences this)",
+                num_workers, cpus, cpus, cpus)
 
 
 def _is_int(v):
