@@ -195,7 +195,7 @@ class Workers:
                 label, now - since, describe(what),
                 _stack(frames.get(self.idents[slot]))))
         if not rows:
-            return "no thread busy in a call (%s)" % why
+            return "no thread is in a call"
         return "%d thread%s %s:\n%s" % (len(rows), "" if len(rows) == 1 else "s", why,
                                          "\n".join(rows))
 

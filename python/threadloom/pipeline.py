@@ -222,7 +222,9 @@ class Pipeline:
             workers.busy_with(slot, label, None, _making_state)
             state = stage.state() if stage.state is not None else None
         except BaseException as exc:
-            self._fail(_stopped(exc, "the state=factory() of stage %r" % stage.name))
+            if isinstance(exc, StopIteration):
+                exc = _stopped(exc, "the state=factory() of stage %r" % stage.name)
+            self._fail(exc)
             return
         finally:
             workers.idle(slot)
@@ -248,7 +250,8 @@ class Pipeline:
                     item = fn(item) if state is None else fn(state, item)
                 except BaseException as exc:
                     workers.idle(slot)
-                    exc = _stopped(exc, "stage %r, on %s," % (stage.name, describe(got)))
+                    if isinstance(exc, StopIteration):
+                        exc = _stopped(exc, "stage %r, on %s," % (stage.name, describe(got)))
                     c[1] += 1
                     if stage.on_error == "raise":
                         self._fail(exc)
@@ -303,10 +306,8 @@ class Pipeline:
 
 
 def _stopped(exc, where):
-    """`exc`, or for a StopIteration a RuntimeError saying where it came from (as PEP 479 does
-    in generators): the consumer would take a StopIteration for the end of the items."""
-    if not isinstance(exc, StopIteration):
-        return exc
+    """For a StopIteration `exc` raised `where`: a RuntimeError saying so (as PEP 479 does in
+    generators), since the consumer would take the StopIteration for the end of the items."""
     err = RuntimeError("%s raised StopIteration: in a pipeline stage that is an error, not the "
                        "end of the source (PEP 479 makes it one inside generators too)" % where)
     err.__cause__ = exc
