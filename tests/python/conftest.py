@@ -35,7 +35,7 @@ def require_gpu():
     return n
 
 
-def run_python(*args, env_extra=None, drop=("PYTHON_GIL",), **kw):
+def run_python(*args, env_extra=None, drop=("PYTHON_GIL",), timeout=120, **kw):
     """Runs this interpreter in a child process with the package importable."""
     env = dict(os.environ)
     for k in drop:
@@ -44,7 +44,7 @@ def run_python(*args, env_extra=None, drop=("PYTHON_GIL",), **kw):
         [os.path.join(ROOT, "python")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.update(env_extra or {})
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
-                          timeout=120, **kw)
+                          timeout=timeout, **kw)
 
 
 @pytest.fixture(scope="session")
