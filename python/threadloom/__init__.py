@@ -32,6 +32,7 @@ from threadloom._core import (  # noqa: F401  (the error classes are public API)
     TryAgainError,
     UnknownError,
 )
+from threadloom.share import ShareReport, imports_shared, share, share_imports
 from threadloom.checkpoint import Checkpointer, CorruptCheckpointError, load
 from threadloom.data import DataLoader, get_worker_info
 from threadloom.executor import Executor
@@ -44,6 +45,7 @@ from threadloom.sysinfo import info, topology
 __version__ = _core.__version__
 
 __all__ = ["Arena", "Buffer", "Checkpointer", "CorruptCheckpointError", "DataLoader", "Error", "Executor", "from_dlpack", "load", "Pipeline", "arena", "current_numa_node", "Pinning", "default_plan", "get_worker_info", "info", "pin", "plan", "spmd", "topology",
+           "ShareReport", "imports_shared", "share", "share_imports",
            "__version__"] + [
     cls.__name__ for _, _, _, cls in _core.error_table()
 ]
