@@ -32,6 +32,7 @@ from threadloom._core import (  # noqa: F401  (the error classes are public API)
     TryAgainError,
     UnknownError,
 )
+from threadloom import share as _share_module
 from threadloom.share import ShareReport, imports_shared, share, share_imports
 from threadloom.checkpoint import Checkpointer, CorruptCheckpointError, load
 from threadloom.data import DataLoader, get_worker_info
@@ -43,6 +44,10 @@ from threadloom.spmd import spmd
 from threadloom.sysinfo import info, topology
 
 __version__ = _core.__version__
+
+# Constants of modules imported from here on are made immortal like a script's (threadloom.share
+# documents it; THREADLOOM_SHARE_IMPORTS=0 or share_imports(False) turns it off).
+_share_module.install_from_env()
 
 __all__ = ["Arena", "Buffer", "Checkpointer", "CorruptCheckpointError", "DataLoader", "Error", "Executor", "from_dlpack", "load", "Pipeline", "arena", "current_numa_node", "Pinning", "default_plan", "get_worker_info", "info", "pin", "plan", "spmd", "topology",
            "ShareReport", "imports_shared", "share", "share_imports",
