@@ -680,7 +680,7 @@ PyObject* tl_py_share_code(PyObject* module, PyObject* code) {
 // RefProbe: who writes which shared reference count
 // ---------------------------------------------------------------------------------------------
 /* A probe holds the graphs walked from the roots given to add() and, per object, the value of
- * ob_ref_shared when it was added (`base`) and at the last sample (`last`). sample() reads every
+ * ob_ref_shared's count when it was added (`base`) and at the last sample (`last`). sample() reads every
  * mortal object's ob_ref_shared once, detached from the interpreter, counting `moves` (the
  * value changed since the last sample: another thread took or dropped a reference in between)
  * and `held` (it differs from base: another thread held a reference at that instant). Only
@@ -732,8 +732,11 @@ nomem:
   return -1;
 }
 
+/* The count part of ob_ref_shared: its flag bits change once when another thread first reads
+ * the object through a dict or list (_Py_REF_MAYBE_WEAKREF) or queues a merge, not per reference. */
 static inline Py_ssize_t shared_field(PyObject* op) {
-  return _Py_atomic_load_ssize_relaxed(&op->ob_ref_shared);
+  return Py_ARITHMETIC_RIGHT_SHIFT(Py_ssize_t, _Py_atomic_load_ssize_relaxed(&op->ob_ref_shared),
+                                   _Py_REF_SHARED_SHIFT);
 }
 
 static PyObject* refprobe_add(PyObject* op_self, PyObject* args, PyObject* kwargs) {

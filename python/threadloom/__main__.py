@@ -6,6 +6,8 @@
                             [--io N] [--cpus LIST]] [--json]
   python -m threadloom slurm script|submit [OPTIONS] train.py [args]   an sbatch script for
                             one threadloom process per node (threadloom slurm script --help)
+  python -m threadloom contention [--threads N] [--function main] script.py [args]   the shared
+                            objects whose reference counts other threads write most
 """
 
 import argparse
@@ -24,8 +26,11 @@ def main(argv=None):
     if argv and argv[0] == "slurm":  # its own parser (threadloom/slurm.py)
         from threadloom import slurm
         return slurm.main(argv[1:])
+    if argv and argv[0] == "contention":  # its own parser (threadloom/contention.py)
+        from threadloom.contention import main as contention_main
+        return contention_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m threadloom", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{info,topo,run,slurm}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{info,topo,run,slurm,contention}")
     pi = sub.add_parser("info", help="interpreter, GIL state, library versions, GPUs, cores")
     pi.add_argument("--json", action="store_true", help="print JSON instead of text")
     pt = sub.add_parser("topo", help="the hardware topology and the placement plan")
