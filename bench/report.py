@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from svgplot import PALETTE, Series, line_chart, placeholder  # noqa: E402
 
 KNOWN = {"meta", "dataloader", "dataloader_torch", "footprint", "executor", "scheduler", "checkpoint", "arena",
-         "startup", "launch", "h2d"}
+         "startup", "share", "launch", "h2d"}
 
 
 class ReportError(Exception):
@@ -729,6 +729,70 @@ def section_startup(r, cores):
             "%.2fx" % st["ratio"], "lower is better")
 
 
+SHARE_TEXT = {
+    ("loader", "plain"): "nothing shared, import hook off",
+    ("loader", "imports"): "import hook only (code constants)",
+    ("loader", "share"): "import hook + threadloom.share(dataset)",
+    ("globals", "plain"): "nothing shared, import hook off",
+    ("globals", "imports"): "import hook only",
+    ("globals", "share"): "import hook + threadloom.share(module)",
+    ("code", "script"): "run as the script",
+    ("code", "source"): "imported, compiled from source (no .pyc), hook off",
+    ("code", "pyc"): "imported from .pyc, hook off",
+    ("code", "source+hook"): "imported, compiled from source, import hook on",
+}
+SHARE_WORKLOADS = {"loader": "the loader's `python` workload (Tokens: the dataset's own vocabulary)",
+                   "globals": "a tokenizer reading module globals (VOCAB dict, WORDS list)",
+                   "code": "a function whose only shared objects are its constants"}
+
+
+def section_share(r, cores):
+    sh = r.section("Shared data: threads with and without threadloom.share()", "share")
+    if sh is None:
+        return None
+    ts = sh["threads"]
+    r.md += ["The same N items on 1 thread and split over T threads, each case in a new "
+             "interpreter (share() is for good), %d interleaved runs of %d alternating "
+             "1-thread/T-thread rounds; speed-up = 1-thread time / T-thread time, median of the "
+             "runs (range). Goal: >= 1.8x at 2 threads with share; >= 85%% of linear at 16 "
+             "threads on a 16-core machine." % (sh["reps"], sh["rounds"]), ""]
+    hdr = ["workload", "variant", "1 thread items/s"]
+    for t in ts:
+        hdr += ["%d threads items/s" % t, "speed-up at %d" % t]
+    rows = []
+    for x in sh["rows"]:
+        row = [x["workload"], SHARE_TEXT.get((x["workload"], x["variant"]), x["variant"]),
+               num(x["items_per_s_1"])]
+        for t in ts:
+            v = x["threads"][str(t)]
+            row += [num(v["items_per_s"]), "%.2fx (%.2f-%.2f)" % (v["speedup"], v["speedup_min"],
+                                                                   v["speedup_max"])]
+        rows.append(row)
+    r.md += table(hdr, rows)
+    r.md += ["", "Workloads: " + "; ".join("**%s**: %s" % kv for kv in SHARE_WORKLOADS.items())
+             + "."]
+    by = {(x["workload"], x["variant"]): x for x in sh["rows"]}
+    out = None
+    if 2 in ts and ("loader", "share") in by:
+        got = [by[(w, "share")]["threads"]["2"]["speedup"] for w in ("loader", "globals")
+               if (w, "share") in by]
+        r.md += ["", "At 2 threads with share: %s (goal >= 1.8x: %s)." % (
+            ", ".join("%.2fx" % g for g in got), "met" if min(got) >= 1.8 else "NOT met")]
+        plain = by[("loader", "plain")]["threads"]["2"]["speedup"]
+        out = ("Shared data (loader workload, 2 threads)",
+               "%.2fx" % by[("loader", "share")]["threads"]["2"]["speedup"],
+               "unshared %.2fx" % plain,
+               "%.2fx" % (by[("loader", "share")]["threads"]["2"]["speedup"] / plain),
+               "speed-up over 1 thread")
+    big = [t for t in ts if t >= 16]
+    if big and ("loader", "share") in by:
+        t = big[0]
+        eff = by[("loader", "share")]["threads"][str(t)]["speedup"] / t
+        r.md += ["", "At %d threads with share: %.0f%% of linear (goal >= 85%%: %s)." % (
+            t, eff * 100, "met" if eff >= 0.85 else "NOT met")]
+    return out
+
+
 GPU_PLOTS = [("launch", "GPU: kernel launch rate vs threads", "launch rate vs threads",
               "threads", "launches/s"),
              ("h2d", "GPU: H2D bandwidth vs batch size", "H2D bandwidth vs batch size",
@@ -810,7 +874,8 @@ def build(d):
     mem, goals_mem = section_memory(r, cores, fp)
     section_goals(r, cores, meta, best, goals_first + goals_mem)
     summaries += [first, mem, section_executor(r, cores), section_scheduler(r, cores),
-                  section_checkpoint(r, cores), section_arena(r, cores), section_startup(r, cores)]
+                  section_checkpoint(r, cores), section_arena(r, cores), section_startup(r, cores),
+                  section_share(r, cores)]
     section_gpu(r, meta)
     summary = ["", "## Summary", ""] + table(
         ["benchmark", "threadloom", "baseline", "ratio", "at"],
