@@ -124,74 +124,142 @@ PyObject* tl_py_share_layout(PyObject* module, PyObject* unused) {
 
 #if defined(Py_GIL_DISABLED)
 // ---------------------------------------------------------------------------------------------
-// The graph: every object reached, its parent, a visited set and the stack still to expand
+// The graph: the objects reached, their parents, a visited set and the stack still to expand
 // ---------------------------------------------------------------------------------------------
 
 #define TL_NO_PARENT UINT32_MAX
 #define TL_GRAPH_MAX ((Py_ssize_t)1 << 31) /* indexes are uint32 */
 
+/* The visited set: one bit per 16 bytes of address space, in 32 KiB bitmaps of 4 MiB of
+ * address space each, found through a small open-addressing table. Every object has a
+ * 16-byte-aligned address and is at least 32 bytes long on 3.13t, so distinct live objects have
+ * distinct bits; objects allocated together share bitmaps, so a graph of millions of objects
+ * costs a few MiB (its heap's size / 128) where a hash set of addresses cost 16-32 bytes per
+ * object, and a lookup touches one cache line of a bitmap recently used. */
+#define TL_CHUNK_SHIFT 22
+#define TL_CHUNK_WORDS ((1u << (TL_CHUNK_SHIFT - 4)) / 64)
+
 typedef struct {
-  PyObject** objs;    /* every object reached, in order; a strong reference each */
+  uintptr_t key;  /* address >> TL_CHUNK_SHIFT, plus one (0: empty) */
+  uint64_t* bits; /* TL_CHUNK_WORDS words */
+} chunk_t;
+
+typedef struct {
+  chunk_t* tab;
+  size_t mask, used;
+  uintptr_t last_key; /* the chunk of the last lookup */
+  uint64_t* last_bits;
+} visited_t;
+
+static void visited_free(visited_t* v) {
+  for (size_t i = 0; v->tab && i <= v->mask; i++) PyMem_RawFree(v->tab[i].bits);
+  PyMem_RawFree(v->tab);
+  memset(v, 0, sizeof *v);
+}
+
+static chunk_t* visited_slot(chunk_t* tab, size_t mask, uintptr_t key) {
+  size_t h = (size_t)(key * 0x9E3779B97F4A7C15ull >> 17) & mask;
+  while (tab[h].key && tab[h].key != key) h = (h + 1) & mask;
+  return &tab[h];
+}
+
+/* The bitmap of p's chunk; creates it when `create`. NULL: none (or MemoryError if create). */
+static uint64_t* visited_bits(visited_t* v, const void* p, int create) {
+  uintptr_t key = ((uintptr_t)p >> TL_CHUNK_SHIFT) + 1;
+  if (key == v->last_key) return v->last_bits;
+  chunk_t* c = v->tab ? visited_slot(v->tab, v->mask, key) : NULL;
+  if (!c || !c->key) {
+    if (!create) return NULL;
+    if (!v->tab || (v->used + 1) * 2 > v->mask + 1) {
+      size_t n = v->tab ? (v->mask + 1) * 2 : 64;
+      chunk_t* t = PyMem_RawCalloc(n, sizeof *t);
+      if (!t) goto nomem;
+      for (size_t i = 0; v->tab && i <= v->mask; i++)
+        if (v->tab[i].key) *visited_slot(t, n - 1, v->tab[i].key) = v->tab[i];
+      PyMem_RawFree(v->tab);
+      v->tab = t;
+      v->mask = n - 1;
+    }
+    c = visited_slot(v->tab, v->mask, key);
+    if (!(c->bits = PyMem_RawCalloc(TL_CHUNK_WORDS, sizeof(uint64_t)))) goto nomem;
+    c->key = key;
+    v->used++;
+  }
+  v->last_key = key;
+  v->last_bits = c->bits;
+  return c->bits;
+nomem:
+  PyErr_NoMemory();
+  return NULL;
+}
+
+/* Marks p visited: 1 if it already was, 0 if not, -1 MemoryError. */
+static int visited_add(visited_t* v, const void* p) {
+  uint64_t* bits = visited_bits(v, p, 1);
+  if (!bits) return -1;
+  size_t bit = ((uintptr_t)p >> 4) & ((1u << (TL_CHUNK_SHIFT - 4)) - 1);
+  uint64_t m = (uint64_t)1 << (bit & 63);
+  if (bits[bit >> 6] & m) return 1;
+  bits[bit >> 6] |= m;
+  return 0;
+}
+
+static int visited_has(visited_t* v, const void* p) {
+  uint64_t* bits = visited_bits(v, p, 0);
+  size_t bit = ((uintptr_t)p >> 4) & ((1u << (TL_CHUNK_SHIFT - 4)) - 1);
+  return bits && (bits[bit >> 6] >> (bit & 63)) & 1;
+}
+
+/* A leaf handler takes objects that have no children of their own to expand (see is_leaf)
+ * instead of the graph storing them: share() makes them immortal on the spot. It marks them
+ * visited itself. 0 or -1. */
+typedef int (*leaf_fn)(void* ctx, PyObject* op, uint32_t parent);
+
+typedef struct {
+  PyObject** objs;    /* every object stored, in order; a strong reference each */
   uint32_t* parent;   /* parent[i]: the index i was first reached from, or TL_NO_PARENT */
   Py_ssize_t n, cap;
-  uintptr_t* slots;   /* open addressing: the objects' addresses, 0 for an empty slot */
-  size_t mask;        /* slots - 1 (a power of two, at most half full) */
+  visited_t seen;     /* every object reached, stored or handed to `leaf` */
   uint32_t* stack;    /* indexes reached but not expanded yet */
   Py_ssize_t sp, stack_cap;
+  leaf_fn leaf;       /* NULL: every object is stored */
+  void* leaf_ctx;
 } graph_t;
-
-static inline size_t ptr_hash(const void* p) {
-  uint64_t x = (uint64_t)(uintptr_t)p >> 4;
-  x *= 0x9E3779B97F4A7C15ull;
-  return (size_t)(x ^ (x >> 32));
-}
 
 static void graph_free(graph_t* g) {
   for (Py_ssize_t i = 0; i < g->n; i++) Py_DECREF(g->objs[i]);
   PyMem_RawFree(g->objs);
   PyMem_RawFree(g->parent);
-  PyMem_RawFree(g->slots);
   PyMem_RawFree(g->stack);
+  visited_free(&g->seen);
   memset(g, 0, sizeof *g);
 }
 
-static int graph_rehash(graph_t* g, size_t nslots) {
-  uintptr_t* s = PyMem_RawCalloc(nslots, sizeof *s);
-  if (!s) {
-    PyErr_NoMemory();
-    return -1;
-  }
-  for (Py_ssize_t i = 0; i < g->n; i++) {
-    size_t h = ptr_hash(g->objs[i]) & (nslots - 1);
-    while (s[h]) h = (h + 1) & (nslots - 1);
-    s[h] = (uintptr_t)g->objs[i];
-  }
-  PyMem_RawFree(g->slots);
-  g->slots = s;
-  g->mask = nslots - 1;
-  return 0;
+/* str, bytes, numbers, None...: no references to other objects. Exact types only. */
+static inline int is_atom(PyObject* op) {
+  PyTypeObject* t = Py_TYPE(op);
+  return t == &PyUnicode_Type || t == &PyLong_Type || t == &PyFloat_Type || t == &PyBytes_Type ||
+         t == &PyBool_Type || t == &PyComplex_Type || op == Py_None || op == Py_Ellipsis ||
+         op == Py_NotImplemented || t == &PyByteArray_Type || t == &PyRange_Type;
 }
 
-/* Whether op was reached. */
-static int graph_has(const graph_t* g, PyObject* op) {
-  if (!g->slots) return 0;
-  for (size_t h = ptr_hash(op) & g->mask;; h = (h + 1) & g->mask) {
-    uintptr_t v = g->slots[h];
-    if (!v) return 0;
-    if (v == (uintptr_t)op) return 1;
-  }
+/* An atom, or a tuple of atoms (a record): nothing below it but atoms. */
+static int is_leaf(PyObject* op) {
+  if (is_atom(op)) return 1;
+  if (!PyTuple_CheckExact(op)) return 0;
+  for (Py_ssize_t i = 0, n = PyTuple_GET_SIZE(op); i < n; i++)
+    if (!is_atom(PyTuple_GET_ITEM(op, i))) return 0;
+  return 1;
 }
 
-/* Adds op (a new strong reference) reached from `parent` and pushes it to expand. 1 if it was
- * already there, 0 added, -1 MemoryError. Calls no Python code: fine inside a tp_traverse. */
+/* Adds op (a new strong reference) reached from `parent` and pushes it to expand, or hands a
+ * leaf to g->leaf. 1 if it was reached before, 0 added, -1 with an exception. A leaf handler
+ * aside (share() calls __sizeof__ there), calls no Python code: fine inside a tp_traverse. */
 static int graph_add(graph_t* g, PyObject* op, uint32_t parent) {
-  if (!g->slots && graph_rehash(g, 1024) < 0) return -1;
-  size_t h = ptr_hash(op) & g->mask;
-  for (;; h = (h + 1) & g->mask) {
-    uintptr_t v = g->slots[h];
-    if (!v) break;
-    if (v == (uintptr_t)op) return 1;
-  }
+  if (g->leaf && parent != TL_NO_PARENT && is_leaf(op))
+    return g->leaf(g->leaf_ctx, op, parent) < 0 ? -1 : 0;
+  int seen = visited_add(&g->seen, op);
+  if (seen) return seen;
   if (g->n >= TL_GRAPH_MAX) {
     PyErr_SetString(PyExc_MemoryError, "threadloom: a graph of over 2**31 objects");
     return -1;
@@ -225,9 +293,7 @@ static int graph_add(graph_t* g, PyObject* op, uint32_t parent) {
   Py_ssize_t i = g->n++;
   g->objs[i] = Py_NewRef(op);
   g->parent[i] = parent;
-  g->slots[h] = (uintptr_t)op;
   g->stack[g->sp++] = (uint32_t)i;
-  if ((size_t)g->n * 2 > g->mask + 1 && graph_rehash(g, (g->mask + 1) * 2) < 0) return -1;
   return 0;
 }
 
@@ -257,10 +323,7 @@ typedef struct {
 
 static kind_t classify(PyObject* op, destructor py_class_dealloc) {
   PyTypeObject* t = Py_TYPE(op);
-  if (t == &PyUnicode_Type || t == &PyLong_Type || t == &PyFloat_Type || t == &PyBytes_Type ||
-      t == &PyBool_Type || t == &PyComplex_Type || op == Py_None || op == Py_Ellipsis ||
-      op == Py_NotImplemented || t == &PyByteArray_Type || t == &PyRange_Type)
-    return K_ATOM;
+  if (is_atom(op)) return K_ATOM;
   if (t == &PyTuple_Type) return K_TUPLE;
   if (t == &PyList_Type) return K_LIST;
   if (t == &PyDict_Type) return K_DICT;
@@ -447,49 +510,70 @@ static const char* const reason_names[R_COUNT] = {
     "other_thread", "merge_pending", "refused", "module", "class", "function", "code", "extension",
 };
 
+/* Where an object is: a stored object (obj NULL: objs[idx]), or a leaf below stored object idx,
+ * possibly inside a tuple of atoms (mid). mid and obj are strong references once kept. */
+typedef struct {
+  uint32_t idx;
+  PyObject* mid;
+  PyObject* obj;
+} loc_t;
+
 typedef struct {
   graph_t g;
   walk_flags_t flags;
   destructor py_class_dealloc;
   sizeof_cache_t sizes;
   int examples;                  /* examples kept per reason */
-  Py_ssize_t made, already, bytes, counts[R_COUNT];
-  uint32_t* ex[R_COUNT];         /* the first `examples` indexes per reason */
+  Py_ssize_t made, already, bytes, counts[R_COUNT], leaves;
+  loc_t* ex[R_COUNT];            /* the first `examples` per reason */
   Py_ssize_t nex[R_COUNT];
-  uint32_t* retry;               /* other-thread and merge-pending indexes, for after gc */
+  loc_t* retry;                  /* other-thread and merge-pending objects, for after gc */
   Py_ssize_t nretry, capretry;
   int in_retry;
 } share_t;
 
-static int note(share_t* s, int reason, uint32_t idx) {
+static PyObject* loc_object(const share_t* s, loc_t l) { return l.obj ? l.obj : s->g.objs[l.idx]; }
+
+static loc_t loc_keep(loc_t l) {
+  Py_XINCREF(l.mid);
+  Py_XINCREF(l.obj);
+  return l;
+}
+
+static void loc_drop(loc_t* l) {
+  Py_CLEAR(l->mid);
+  Py_CLEAR(l->obj);
+}
+
+static int note(share_t* s, int reason, loc_t l) {
   s->counts[reason]++;
   if (s->nex[reason] < s->examples) {
-    if (!s->ex[reason] && !(s->ex[reason] = PyMem_RawMalloc((size_t)s->examples * sizeof(uint32_t)))) {
+    if (!s->ex[reason] && !(s->ex[reason] = PyMem_RawMalloc((size_t)s->examples * sizeof(loc_t)))) {
       PyErr_NoMemory();
       return -1;
     }
-    s->ex[reason][s->nex[reason]++] = idx;
+    s->ex[reason][s->nex[reason]++] = loc_keep(l);
   }
   return 0;
 }
 
-static int outcome_done(share_t* s, outcome_t o, uint32_t idx, PyObject* op) {
+static int outcome_done(share_t* s, outcome_t o, loc_t l) {
   switch (o) {
     case O_MADE: {
       s->made++;
-      Py_ssize_t n = size_of(op, &s->sizes);
+      Py_ssize_t n = size_of(loc_object(s, l), &s->sizes);
       if (n < 0) return -1;
       s->bytes += n;
       return 0;
     }
     case O_ALREADY: s->already++; return 0;
-    case O_REFUSED: return note(s, R_REFUSED, idx);
+    case O_REFUSED: return note(s, R_REFUSED, l);
     default: break;
   }
   if (!s->in_retry) { /* kept for one more try after gc.collect() */
     if (s->nretry == s->capretry) {
       Py_ssize_t cap = s->capretry ? s->capretry * 2 : 64;
-      uint32_t* r = PyMem_RawRealloc(s->retry, (size_t)cap * sizeof *r);
+      loc_t* r = PyMem_RawRealloc(s->retry, (size_t)cap * sizeof *r);
       if (!r) {
         PyErr_NoMemory();
         return -1;
@@ -497,10 +581,10 @@ static int outcome_done(share_t* s, outcome_t o, uint32_t idx, PyObject* op) {
       s->retry = r;
       s->capretry = cap;
     }
-    s->retry[s->nretry++] = idx;
+    s->retry[s->nretry++] = loc_keep(l);
     return 0;
   }
-  return note(s, o == O_OTHER_THREAD ? R_OTHER_THREAD : R_MERGE_PENDING, idx);
+  return note(s, o == O_OTHER_THREAD ? R_OTHER_THREAD : R_MERGE_PENDING, l);
 }
 
 static int kind_reason(kind_t k) {
@@ -513,12 +597,35 @@ static int kind_reason(kind_t k) {
   }
 }
 
-/* Expands and makes immortal the object at idx; 0 or -1. */
+/* graph_t's leaf handler: an atom or a tuple of atoms below stored object `parent`, made
+ * immortal on the spot (inside the parent's critical section when it has one) instead of being
+ * stored, so a list of a million records costs no per-record memory. 0 or -1. */
+static int share_leaf(void* ctx, PyObject* op, uint32_t parent) {
+  share_t* s = ctx;
+  int r = visited_add(&s->g.seen, op);
+  if (r) return r < 0 ? -1 : 0;
+  s->leaves++;
+  if (PyTuple_CheckExact(op)) {
+    for (Py_ssize_t i = 0, n = PyTuple_GET_SIZE(op); i < n; i++) {
+      PyObject* item = PyTuple_GET_ITEM(op, i);
+      if ((r = visited_add(&s->g.seen, item)) < 0) return -1;
+      if (r) continue;
+      s->leaves++;
+      loc_t l = {parent, op, item};
+      if (outcome_done(s, make_immortal(item), l) < 0) return -1;
+    }
+  }
+  loc_t l = {parent, NULL, op};
+  return outcome_done(s, make_immortal(op), l);
+}
+
+/* Expands and makes immortal the stored object at idx; 0 or -1. */
 static int share_one(share_t* s, uint32_t idx) {
   PyObject* op = s->g.objs[idx];
   kind_t k = classify(op, s->py_class_dealloc);
   int is_root = s->g.parent[idx] == TL_NO_PARENT;
-  if (!is_root && !kind_included(k, &s->flags)) return note(s, kind_reason(k), idx);
+  loc_t l = {idx, NULL, NULL};
+  if (!is_root && !kind_included(k, &s->flags)) return note(s, kind_reason(k), l);
   int immortalize = !(s->flags.consts_only && (k == K_CODE || is_root));
   outcome_t o = O_ALREADY;
   int rc;
@@ -533,7 +640,7 @@ static int share_one(share_t* s, uint32_t idx) {
   }
   if (rc < 0) return -1;
   if (!immortalize) return 0;
-  return outcome_done(s, o, idx, op);
+  return outcome_done(s, o, l);
 }
 
 static int share_run(share_t* s) {
@@ -544,12 +651,17 @@ static int share_run(share_t* s) {
   return 0;
 }
 
-/* The objects from the root to objs[idx]: a new tuple. */
-static PyObject* chain_of(const graph_t* g, uint32_t idx) {
+/* The objects from the root to objs[idx], then `extra` (n of them, NULLs skipped): a new
+ * tuple. */
+static PyObject* chain_of(const graph_t* g, uint32_t idx, PyObject* const* extra, int n) {
   Py_ssize_t len = 1;
   for (uint32_t i = idx; g->parent[i] != TL_NO_PARENT; i = g->parent[i]) len++;
-  PyObject* t = PyTuple_New(len);
+  Py_ssize_t tail = 0;
+  for (int k = 0; k < n; k++) tail += extra[k] != NULL;
+  PyObject* t = PyTuple_New(len + tail);
   if (!t) return NULL;
+  for (int k = n - 1; k >= 0; k--)
+    if (extra[k]) PyTuple_SET_ITEM(t, len + --tail, Py_NewRef(extra[k]));
   for (uint32_t i = idx;; i = g->parent[i]) {
     PyTuple_SET_ITEM(t, --len, Py_NewRef(g->objs[i]));
     if (g->parent[i] == TL_NO_PARENT) break;
@@ -577,7 +689,8 @@ static PyObject* share_result(share_t* s, int collected) {
     }
     Py_DECREF(lst);
     for (Py_ssize_t i = 0; i < s->nex[r]; i++) {
-      PyObject* ch = chain_of(&s->g, s->ex[r][i]);
+      PyObject* extra[2] = {s->ex[r][i].mid, s->ex[r][i].obj};
+      PyObject* ch = chain_of(&s->g, s->ex[r][i].idx, extra, 2);
       if (!ch || PyList_Append(lst, ch) < 0) {
         Py_XDECREF(ch);
         goto done;
@@ -586,8 +699,9 @@ static PyObject* share_result(share_t* s, int collected) {
     }
   }
   out = Py_BuildValue("{s:n,s:n,s:n,s:n,s:O,s:O,s:O}", "made_immortal", s->made, "bytes",
-                      s->bytes, "already_immortal", s->already, "visited", s->g.n, "skipped",
-                      skipped, "examples", examples, "collected", collected ? Py_True : Py_False);
+                      s->bytes, "already_immortal", s->already, "visited", s->g.n + s->leaves,
+                      "skipped", skipped, "examples", examples, "collected",
+                      collected ? Py_True : Py_False);
 done:
   Py_XDECREF(skipped);
   Py_XDECREF(examples);
@@ -595,9 +709,13 @@ done:
 }
 
 static void share_free(share_t* s) {
-  graph_free(&s->g);
-  for (int r = 0; r < R_COUNT; r++) PyMem_RawFree(s->ex[r]);
+  for (int r = 0; r < R_COUNT; r++) {
+    for (Py_ssize_t i = 0; i < s->nex[r]; i++) loc_drop(&s->ex[r][i]);
+    PyMem_RawFree(s->ex[r]);
+  }
+  for (Py_ssize_t i = 0; i < s->nretry; i++) loc_drop(&s->retry[i]);
   PyMem_RawFree(s->retry);
+  graph_free(&s->g);
   sizeof_cache_clear(&s->sizes);
 }
 
@@ -610,6 +728,8 @@ static PyObject* share_walk(PyObject* module, PyObject* obj, walk_flags_t flags,
   s.flags = flags;
   s.py_class_dealloc = st->py_class_dealloc;
   s.examples = examples < 0 ? 0 : examples;
+  s.g.leaf = share_leaf;
+  s.g.leaf_ctx = &s;
   PyObject* out = NULL;
   int collected = 0;
   if (graph_add(&s.g, obj, TL_NO_PARENT) < 0 || share_run(&s) < 0) goto done;
@@ -626,7 +746,7 @@ static PyObject* share_walk(PyObject* module, PyObject* obj, walk_flags_t flags,
     }
     s.in_retry = 1;
     for (Py_ssize_t i = 0; i < s.nretry; i++) {
-      PyObject* op = s.g.objs[s.retry[i]];
+      PyObject* op = loc_object(&s, s.retry[i]);
       kind_t k = classify(op, s.py_class_dealloc);
       outcome_t o;
       if (kind_mutable(k)) {
@@ -636,7 +756,7 @@ static PyObject* share_walk(PyObject* module, PyObject* obj, walk_flags_t flags,
       } else {
         o = make_immortal(op);
       }
-      if (outcome_done(&s, o, s.retry[i], op) < 0) goto done;
+      if (outcome_done(&s, o, s.retry[i]) < 0) goto done;
     }
   }
   out = share_result(&s, collected);
@@ -821,12 +941,12 @@ static PyObject* refprobe_chain(PyObject* op_self, PyObject* arg) {
     PyErr_SetString(PyExc_IndexError, "RefProbe.chain: no such object index");
     return NULL;
   }
-  return chain_of(&self->g, (uint32_t)i);
+  return chain_of(&self->g, (uint32_t)i, NULL, 0);
 }
 
 static PyObject* refprobe_contains(PyObject* op_self, PyObject* arg) {
   RefProbeObject* self = (RefProbeObject*)op_self;
-  return PyBool_FromLong(graph_has(&self->g, arg));
+  return PyBool_FromLong(visited_has(&self->g.seen, arg));
 }
 
 static PyObject* refprobe_get(PyObject* op_self, void* which) {
