@@ -32,14 +32,16 @@
  * Concurrency: the walk runs attached, on the calling thread; lists, dicts, sets and instances
  * are read and made immortal inside their critical section (Py_BEGIN_CRITICAL_SECTION), which
  * excludes mutations by other threads, which CPython makes under the same section. The fields
- * are written with relaxed atomic stores, as CPython reads them (Py_INCREF loads ob_ref_local
- * relaxed): a reader that raced ahead of the store does one more atomic add to ob_ref_shared,
- * which no longer matters once the object is immortal, and ob_tid is cleared before
- * ob_ref_shared so that a concurrent decrement that finds ob_ref_shared zero drops its reference
- * (ob_tid == 0: brc's Py_DECREF, a no-op now) instead of queueing the object to this thread.
- * Every visited object is held by a strong reference until the walk ends, so a concurrent
- * mutation of the graph cannot free an object the walk still reads; the walk itself does not
- * promise a consistent snapshot of a graph other threads are changing. RefProbe samples
+ * are written with atomic stores (ob_ref_local relaxed, as Py_INCREF loads it; the other two
+ * release, see make_immortal): a reader that raced ahead of the store does one more atomic add
+ * to ob_ref_shared, which no longer matters once the object is immortal, and ob_tid is cleared
+ * before ob_ref_shared so that a concurrent decrement that finds ob_ref_shared zero drops its
+ * reference (ob_tid == 0: brc's Py_DECREF, a no-op now) instead of queueing the object to this
+ * thread. So other threads may read the data while share() runs. Every object with children is
+ * held by a strong reference until the walk ends, and atoms are handled while their container
+ * is (inside its critical section, or held), so a concurrent mutation of the graph cannot free
+ * an object the walk still reads; the walk does not promise a consistent snapshot of a graph
+ * other threads are changing. RefProbe samples
  * ob_ref_shared detached from the interpreter (it holds a reference to every object it reads).
  *
  * The walk is iterative (an explicit stack: no recursion limit), visits each object once (an
@@ -449,9 +451,12 @@ static outcome_t make_immortal(PyObject* op) {
 #else
   /* _Py_SetImmortal (3.13.5 Objects/object.c): untrack, then _Py_SetImmortalUntracked. */
   if (PyObject_IS_GC(op) && PyObject_GC_IsTracked(op)) PyObject_GC_UnTrack(op);
+  /* ob_tid and ob_ref_shared with release stores: a thread whose decrement finds the shared
+   * count zero reads ob_tid (brc's queueing, an acquire load) and, seeing 0, decrements again,
+   * which must then see the immortal ob_ref_local. */
   _Py_atomic_store_uint32_relaxed(&op->ob_ref_local, _Py_IMMORTAL_REFCNT_LOCAL);
-  _Py_atomic_store_uintptr_relaxed(&op->ob_tid, 0);
-  _Py_atomic_store_ssize_relaxed(&op->ob_ref_shared, 0);
+  _Py_atomic_store_uintptr_release(&op->ob_tid, 0);
+  _Py_atomic_store_ssize_release(&op->ob_ref_shared, 0);
   return O_MADE;
 #endif
 #else
@@ -466,10 +471,12 @@ typedef struct {
   PyTypeObject* type[TL_SIZEOF_CACHE]; /* borrowed: the graph holds an instance of each */
   PyObject* meth[TL_SIZEOF_CACHE];     /* strong */
   int next;
+  PyObject* object_sizeof;             /* object.__sizeof__ (strong), or NULL until needed */
 } sizeof_cache_t;
 
 static void sizeof_cache_clear(sizeof_cache_t* c) {
   for (int i = 0; i < TL_SIZEOF_CACHE; i++) Py_CLEAR(c->meth[i]);
+  Py_CLEAR(c->object_sizeof);
 }
 
 /* sys.getsizeof(op) (Python/sysmodule.c _PySys_GetSizeOf: __sizeof__ plus the pre-header of
@@ -480,18 +487,28 @@ static Py_ssize_t size_of(PyObject* op, sizeof_cache_t* c) {
   for (int i = 0; i < TL_SIZEOF_CACHE; i++)
     if (c->type[i] == t && c->meth[i]) meth = c->meth[i];
   if (!meth) {
+    if (!c->object_sizeof &&
+        !(c->object_sizeof = PyObject_GetAttrString((PyObject*)&PyBaseObject_Type, "__sizeof__")))
+      return -1;
     if (!(meth = PyObject_GetAttrString((PyObject*)t, "__sizeof__"))) return -1;
     int k = c->next++ % TL_SIZEOF_CACHE;
     Py_XSETREF(c->meth[k], meth);
     c->type[k] = t;
   }
-  PyObject* r = PyObject_CallOneArg(meth, op);
-  if (!r) return -1;
-  Py_ssize_t n = PyLong_AsSsize_t(r);
-  Py_DECREF(r);
-  if (n < 0) {
-    if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "__sizeof__() should return >= 0");
-    return -1;
+  Py_ssize_t n;
+  if (meth == c->object_sizeof) {
+    /* object.__sizeof__ (Objects/typeobject.c, 3.13.5), without the call: float, tuple... */
+    n = t->tp_basicsize;
+    if (t->tp_itemsize > 0) n += Py_SIZE(op) * t->tp_itemsize;
+  } else {
+    PyObject* r = PyObject_CallOneArg(meth, op);
+    if (!r) return -1;
+    n = PyLong_AsSsize_t(r);
+    Py_DECREF(r);
+    if (n < 0) {
+      if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "__sizeof__() should return >= 0");
+      return -1;
+    }
   }
   if (!PyType_Check(op) || PyType_HasFeature((PyTypeObject*)op, Py_TPFLAGS_HEAPTYPE))
     if (PyType_HasFeature(t, Py_TPFLAGS_PREHEADER)) n += 2 * (Py_ssize_t)sizeof(PyObject*);
