@@ -248,6 +248,23 @@ def test_report_share_section(tmp_path):
     s = md_table(md, "## Summary")
     assert ["Shared data (loader workload, 2 threads)", "1.90x", "unshared 1.20x", "1.58x",
             "speed-up over 1 thread"] in s
+    # replicate='share' in the footprint: its goals against replicate=None
+    fp = footprint(torch=True)
+    share = "threadloom.DataLoader replicate='share'"
+    for row in list(fp["first"]):
+        if row["loader"] == "threadloom.DataLoader replicate=None":
+            fp["first"].append(dict(row, loader=share, first_batch_s=row["first_batch_s"] * 1.5))
+    for row in list(fp["memory"]):
+        if row["loader"] == "threadloom.DataLoader replicate=None":
+            fp["memory"].append(dict(row, loader=share, peak_pss=row["peak_pss"] * 1.04))
+    write(d, "footprint", fp)
+    report.build(d)
+    md = open(os.path.join(d, "README.md")).read()
+    t = md_table(md, "## DataLoader goals (issue #6)")
+    assert ["first batch, 8 workers (threadloom, shared immortal)", "<= replicate=None (issue #19)",
+            "15.0 ms vs 10.0 ms", "NOT met"] in t
+    assert ["total memory, 8 workers (threadloom, shared immortal)",
+            "<= replicate=None + 5% (issue #19)", "104.0 MiB vs 100.0 MiB PSS", "met"] in t
 
 
 def test_report_svgs(tmp_path):

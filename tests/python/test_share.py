@@ -415,3 +415,37 @@ def test_dataloader_replicate_share():
     assert threadloom.DataLoader(Vocab(4), num_workers=0, replicate="share").share_report is None
     with pytest.raises(ValueError, match="'copy', 'share', a factory"):
         threadloom.DataLoader(ds, num_workers=2, replicate="shared")
+
+
+@free_threaded
+def test_share_while_other_threads_read():
+    # share() may run while other threads read the data (the data's owner shares it)
+    data = {"k%d" % i: [("v%d" % j, float(j) + i) for j in range(20)] for i in range(2000)}
+    expect = 2000 * 20
+    stop = threading.Event()
+    barrier = threading.Barrier(THREADS + 1)
+    errors = []
+
+    def reader():
+        try:
+            barrier.wait()
+            while not stop.is_set():
+                assert sum(len(v) for v in list(data.values())) == expect
+                for rows in list(data.values())[::50]:
+                    for name, x in rows:
+                        assert name[0] == "v" and x >= 0
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=reader) for _ in range(THREADS)]
+    for t in ts:
+        t.start()
+    barrier.wait()
+    r = share(data)
+    gc.collect()
+    stop.set()
+    for t in ts:
+        t.join()
+    assert not errors, errors[0]
+    assert r.skipped == {} and r.visited == len(reachable(data))
+    assert all(immortal(o) for o in reachable(data))

@@ -27,7 +27,7 @@ from threadloom.data.collate import default_collate, default_convert
 from threadloom.data.sampler import (BatchSampler, DistributedSampler, RandomSampler,
                                      SequentialSampler, distributed_env, draw_seed,
                                      load_replay_state, replay_state)
-from threadloom.data.worker import WorkerState
+from threadloom.data.worker import WorkerState, share_dataset
 
 __all__ = ["DataLoader", "Dataset", "IterableDataset", "Subset", "DataLoaderTimeoutError"]
 
@@ -94,7 +94,9 @@ class DataLoader:
     are collated into NUMA-local arena memory (page-locked when a GPU is present).
 
     threadloom's own keyword arguments: replicate ("copy": each worker deep-copies the dataset
-    once, on its thread; a factory: factory() per worker; None: share it), rank / world_size /
+    once, on its thread; a factory: factory() per worker; None: share it; "share": share it
+    after making it immortal once, here, with threadloom.share(), for good: the report is
+    `share_report`), rank / world_size /
     distributed (shard the sampler as DistributedSampler, taken from RANK / WORLD_SIZE when not
     given), pin (pin the worker threads, default True), progress (a one-line progress display on
     stderr, at most once a second).
@@ -139,9 +141,9 @@ class DataLoader:
             raise _not_built("device=%r" % (device,))
         if pin_memory_device:
             raise _not_built("pin_memory_device=%r" % (pin_memory_device,))
-        if not (replicate is None or replicate == "copy" or callable(replicate)):
-            raise ValueError("replicate must be 'copy', a factory (callable) or None, not %r"
-                             % (replicate,))
+        if not (replicate is None or replicate in ("copy", "share") or callable(replicate)):
+            raise ValueError("replicate must be 'copy', 'share', a factory (callable) or None, "
+                             "not %r" % (replicate,))
 
         self.dataset = dataset
         self.num_workers = num_workers
@@ -207,6 +209,8 @@ class DataLoader:
             collate_fn = default_collate if self._auto_collation else default_convert
         self.collate_fn = collate_fn
 
+        # replicate="share": the workers read one dataset, made immortal once, before any starts
+        self.share_report = share_dataset(dataset) if replicate == "share" and num_workers else None
         self._epoch = 0            # epochs started
         self._iter = None          # the current (or last) _LoaderIter
         self._resume = None        # a state loaded by load_state_dict(), for the next __iter__
