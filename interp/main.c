@@ -313,8 +313,8 @@ static PyStatus tl__configure(PyConfig* config, int argc, char** argv, const tl_
  * package's __init__ imports every part, which costs start-up time the user's script may never
  * need. Registered under their package names, so `threadloom.gilguard` is this one. The import
  * hook that makes imported code's constants immortal (threadloom/share.py, unless
- * THREADLOOM_SHARE_IMPORTS=0) needs _core, loaded the same way: its libraries are the
- * launcher's own, already loaded. */
+ * THREADLOOM_SHARE_IMPORTS=0) needs _core, which share.py loads the same way at the first import
+ * it sees (a script that imports nothing new does not pay for it). */
 static const char tl__startup_code[] =
     "import sys, _frozen_importlib as _b, _frozen_importlib_external as _e\n"
     "def _load(name, path):\n"
@@ -328,7 +328,7 @@ static const char tl__startup_code[] =
     "_s = _load('threadloom.share', pkg + '/threadloom/share.py')\n"
     "if _s.enabled_by_env():\n"
     "    import _imp\n"
-    "    _load('threadloom._core', pkg + '/threadloom/_core' + _imp.extension_suffixes()[0])\n"
+    "    _s._CORE_FILE = pkg + '/threadloom/_core' + _imp.extension_suffixes()[0]\n"
     "    _s.share_imports(True)\n"
     "if cluster is not None:\n"
     "    from threadloom import cluster_runtime as _cr\n"

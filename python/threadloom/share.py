@@ -68,12 +68,29 @@ REASONS = {
 }
 
 
+# Set by the launcher (interp/main.c), which loads this file before the package: _core is then
+# loaded from this file by path at the first import the hook sees, not with the package.
+_CORE_FILE = None
+_core_lock = _thread.allocate_lock()  # one load of _core by path
+
+
 def _core():
-    """threadloom._core, also when this module was loaded by path before the package (the
-    launcher does, so that start-up does not import the whole package)."""
+    """threadloom._core, also when this module was loaded by path before the package."""
     mod = sys.modules.get("threadloom._core")
-    if mod is None:
+    if mod is not None:
+        return mod
+    if _CORE_FILE is None:
         from threadloom import _core as mod
+        return mod
+    with _core_lock:
+        mod = sys.modules.get("threadloom._core")
+        if mod is None:
+            import _frozen_importlib as boot
+            import _frozen_importlib_external as ext
+            spec = ext.spec_from_file_location("threadloom._core", _CORE_FILE)
+            mod = boot.module_from_spec(spec)
+            sys.modules["threadloom._core"] = mod
+            spec.loader.exec_module(mod)
     return mod
 
 
@@ -256,33 +273,44 @@ def path_of(chain, root_name="obj"):
 # thread, which owns them.
 
 _lock = _thread.allocate_lock()  # guards _hook
-_hook = {"on": False, "originals": None, "modules": 0, "constants": 0}
+_hook = {"on": False, "originals": None, "modules": 0, "constants": 0, "checked": False}
 
 
 def _wrap(original):
     def get_code(self, fullname):
         code = original(self, fullname)
         if code is not None and _hook["on"]:
-            n = _core().share_code(code)
-            with _lock:
-                _hook["modules"] += 1
-                _hook["constants"] += n
+            core = _core()
+            if _hook["checked"] or _check(core):
+                n = core.share_code(code)
+                with _lock:
+                    _hook["modules"] += 1
+                    _hook["constants"] += n
         return code
     get_code.__wrapped__ = original
     get_code.__doc__ = original.__doc__
     return get_code
 
 
+def _check(core):
+    """Whether share() works here (once); turns the hook off when it does not."""
+    ok = core.share_layout()[0]
+    with _lock:
+        _hook["checked"] = ok
+        if not ok:
+            _hook["on"] = False
+    return ok
+
+
 def share_imports(enabled=True):
     """Turns the import hook on (the default once threadloom is imported) or off; returns
     whether it was on. On a GIL build, or an interpreter share() refuses, it stays off."""
-    from importlib import _bootstrap_external as ext  # noqa: the loaders the import system uses
+    import _frozen_importlib_external as ext  # importlib._bootstrap_external: the file loaders
+    if enabled and _CORE_FILE is None and not _check(_core()):
+        return False
     with _lock:
         was = _hook["on"]
         if enabled and not was:
-            ok, _how = _core().share_layout()
-            if not ok:
-                return was
             if _hook["originals"] is None:
                 _hook["originals"] = (ext.SourceLoader.get_code, ext.SourcelessFileLoader.get_code)
                 ext.SourceLoader.get_code = _wrap(_hook["originals"][0])
