@@ -816,15 +816,16 @@ PyObject* tl_py_share_code(PyObject* module, PyObject* code) {
 // ---------------------------------------------------------------------------------------------
 // RefProbe: who writes which shared reference count
 // ---------------------------------------------------------------------------------------------
-/* A probe holds the graphs walked from the roots given to add() and, per object, the value of
- * ob_ref_shared's count when it was added (`base`) and at the last sample (`last`). sample() reads every
- * mortal object's ob_ref_shared once, detached from the interpreter, counting `moves` (the
- * value changed since the last sample: another thread took or dropped a reference in between)
- * and `held` (it differs from base: another thread held a reference at that instant). Only
+/* A probe holds the graphs walked from the roots given to add() and, per object, the count
+ * part of ob_ref_shared when it was added (`base`) and at the last sample (`last`). sample()
+ * reads every mortal object's ob_ref_shared once, detached from the interpreter, counting
+ * `moves` (the value changed since the last sample: another thread took or dropped a reference
+ * in between) and `held` (it differs from base: another thread held a reference then). Only
  * threads that do not own an object write ob_ref_shared (its owner counts in ob_ref_local), so
  * both count other threads' traffic on that object. Increments and decrements between two
- * samples cancel, so the counts are samples of the traffic, not its total. The probe's owner
- * thread alone calls add(), sample() and results() (a probe is not shared). */
+ * samples cancel, so the counts are samples of the traffic, not its total. Threads: add(),
+ * results() and chain() on the thread that made the probe; sample() on any one thread at a time
+ * (contention()'s sampler), never during add(), which may grow the arrays it reads. */
 
 typedef struct {
   PyObject_HEAD
@@ -870,7 +871,8 @@ nomem:
 }
 
 /* The count part of ob_ref_shared: its flag bits change once when another thread first reads
- * the object through a dict or list (_Py_REF_MAYBE_WEAKREF) or queues a merge, not per reference. */
+ * the object through a dict or list (_Py_REF_MAYBE_WEAKREF) or queues a merge, not per
+ * reference. */
 static inline Py_ssize_t shared_field(PyObject* op) {
   return Py_ARITHMETIC_RIGHT_SHIFT(Py_ssize_t, _Py_atomic_load_ssize_relaxed(&op->ob_ref_shared),
                                    _Py_REF_SHARED_SHIFT);

@@ -162,8 +162,9 @@ def share(obj, *, name=None, modules=False, classes=False, functions=False, code
     (globals), ``classes`` (attributes), ``functions`` (defaults, closures, ``__dict__``),
     ``code`` (constants), ``extensions`` (C-extension objects, through their tp_traverse).
     ``collect=False`` skips the gc.collect() that retries objects owned by other threads (the
-    containers of threads that have exited become shareable). Raises NotImplementedError on a free-threaded interpreter whose object layout
-    threadloom has not verified (the message names it)."""
+    containers of threads that have exited become shareable). Raises NotImplementedError on a
+    free-threaded interpreter whose object layout threadloom has not verified (the message
+    names it)."""
     core = _core()
     ok, how = core.share_layout()
     if not ok and not _gil_build():

@@ -358,9 +358,9 @@ def test_layout_is_reported():
 
 
 def test_gil_build_does_nothing_and_says_so():
-    exe = next((e for e in ("/usr/bin/python3", shutil.which("python3")) if e and os.access(e, os.X_OK)
-                and subprocess.run([e, "-c", "import sysconfig, sys; sys.exit(bool("
-                                    "sysconfig.get_config_var('Py_GIL_DISABLED')))"]).returncode == 0),
+    gil = "import sysconfig, sys; sys.exit(bool(sysconfig.get_config_var('Py_GIL_DISABLED')))"
+    exe = next((e for e in ("/usr/bin/python3", shutil.which("python3"))
+                if e and os.access(e, os.X_OK) and subprocess.run([e, "-c", gil]).returncode == 0),
                None)
     if exe is None:
         pytest.skip("no Python built with the GIL on this machine")
