@@ -13,7 +13,8 @@ interpreter's own mechanism: see python/src/share.c), so every thread reads them
     print(report)                         # 50,001 objects made immortal, 3.2 MiB, for good
 
 **Permanent.** An immortal object is never freed: the memory of everything share() made
-immortal stays allocated until the process exits, even when nothing refers to it any more.
+immortal stays allocated until the process exits, even when nothing refers to it any more (and
+its ``__del__`` and weak-reference callbacks never run).
 Share data that lives as long as the process (vocabularies, lookup tables, a dataset), not
 per-batch objects, and never in a loop.
 
