@@ -243,7 +243,7 @@ def test_report_share_section(tmp_path):
     assert t[0] == ["workload", "variant", "1 thread items/s", "2 threads items/s",
                     "speed-up at 2"]
     assert t[2] == ["loader", "import hook + threadloom.share(dataset)", "1,000", "1,900",
-                    "1.90x (1.80-2.00)"]
+                    "1.90x (1.90, 1.80-2.00)"]
     assert "At 2 threads with share: 1.90x, 1.60x (goal >= 1.8x: NOT met)." in md
     s = md_table(md, "## Summary")
     assert ["Shared data (loader workload, 2 threads)", "1.90x", "unshared 1.20x", "1.58x",
