@@ -29,6 +29,7 @@ the runs' own ratios beside it. Prints one line per case; --json writes them all
 
 import argparse
 import json
+import math
 import os
 import py_compile
 import shutil
@@ -160,15 +161,18 @@ def main():
     cores = len(os.sched_getaffinity(0))
     ap.add_argument("--threads", default=",".join(str(t) for t in sorted({2, cores}) if t > 1),
                     help="thread counts to compare with 1 (default: 2 and the core count)")
-    ap.add_argument("--items", type=int, default=2400, help="items per round (default 2400)")
+    ap.add_argument("--items", type=int, help="items per round (default 1200 per thread of the "
+                    "largest thread count: 2400 for 2, 19200 for 16)")
     ap.add_argument("--reps", type=int, default=3, help="interleaved runs of every case (3)")
     ap.add_argument("--rounds", type=int, default=3, help="1-thread/T-thread rounds per run (3)")
     ap.add_argument("--json")
     a = ap.parse_args()
     threads = sorted({int(t) for t in a.threads.split(",")})
+    if a.items is None:
+        a.items = 1200 * max(threads)
     if any(t < 2 for t in threads) or a.items < max(threads) or a.reps < 1 or a.rounds < 1:
         ap.error("--threads are >= 2, --items >= the threads, --reps and --rounds >= 1")
-    a.items -= a.items % (max(threads) * 2) or 0
+    a.items -= a.items % math.lcm(*threads)  # equal ranges for every thread count
     py = sys.executable
     print("python %s, %d cores; %d items per round, threads 1 vs %s, %d interleaved runs, best "
           "of %d rounds each" % (sys.version.split()[0], cores, a.items,
