@@ -114,7 +114,7 @@ def child_main(argv, fn=None):
             import threadloom
             r = threadloom.share(target)
             note = "%d objects made immortal, %d bytes" % (r.made_immortal, r.bytes)
-    time_threads(fn, max(threads) * 4, 1)  # warm-up: specialization, the first thread start
+    time_threads(fn, items, 1)  # warm-up: specialization, caches, the first thread start
     best1, bestn = None, {t: None for t in threads}
     for _ in range(rounds):
         dt = time_threads(fn, items, 1)
