@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from svgplot import PALETTE, Series, line_chart, placeholder  # noqa: E402
 
 KNOWN = {"meta", "dataloader", "dataloader_torch", "footprint", "executor", "scheduler", "checkpoint", "arena",
-         "startup", "launch", "h2d"}
+         "startup", "share", "launch", "h2d"}
 
 
 class ReportError(Exception):
@@ -109,6 +109,7 @@ class Report:
 
 LOADERS = [("threadloom.DataLoader (replicas)", "threadloom.DataLoader (replicas)"),
            ("threadloom.DataLoader replicate=None", "threadloom.DataLoader replicate=None"),
+           ("threadloom.DataLoader replicate='share'", "threadloom.DataLoader replicate='share'"),
            ("naive threads, shared dataset", "naive threads"),
            ("multiprocessing.Pool (spawn)", "multiprocessing.Pool (spawn)"),
            ("torch DataLoader", "torch DataLoader")]
@@ -249,6 +250,14 @@ def workload_section(r, cores, dl, tdl, rows, wl):
                        ", %d workers" % tlbest["workers"], num(tlbest["samples_per_s"]),
                        tbest["workers"], num(tbest["samples_per_s"]),
                        ratio(tlbest["samples_per_s"], tbest["samples_per_s"])))
+    sh, others = "threadloom.DataLoader replicate='share'", (
+        "threadloom.DataLoader (replicas)", "threadloom.DataLoader replicate=None")
+    if val(sh, w) is not None and all(val(k, w) is not None for k in others):
+        top = max(val(k, w) for k in others)
+        text.append("With replicate='share' (the dataset made immortal once) %s samples/s at %d "
+                    "workers, %s of the better of replicas and replicate=None (issue #19's goal: "
+                    ">= 1x: %s)." % (num(val(sh, w)), w, ratio(val(sh, w), top),
+                                     "met" if val(sh, w) >= top else "NOT met"))
     mp = "multiprocessing.Pool (spawn)"
     if val(tl, w, "first_batch_s") is not None and val(mp, w, "first_batch_s") is not None:
         text.append("The first batch comes after %s with threads vs %s with spawned processes "
@@ -274,11 +283,14 @@ def workload_section(r, cores, dl, tdl, rows, wl):
 
 FIRST = ["threadloom.DataLoader replicate=None", "threadloom.DataLoader (replicas)",
          "torch DataLoader (fork)", "torch DataLoader (spawn)", "multiprocessing.Pool (fork)",
-         "multiprocessing.Pool (spawn)"]
+         "multiprocessing.Pool (spawn)", "threadloom.DataLoader replicate='share'"]
 MEM = ["threadloom.DataLoader replicate=None", "threadloom.DataLoader (replicas)",
-       "torch DataLoader (fork)", "torch DataLoader (spawn)", "multiprocessing.Pool (fork)"]
+       "torch DataLoader (fork)", "torch DataLoader (spawn)", "multiprocessing.Pool (fork)",
+       "threadloom.DataLoader replicate='share'"]
 TL_SHARED, TL_COPY, TORCH_FORK = FIRST[0], FIRST[1], FIRST[2]
-SHORT = {TL_SHARED: "threadloom, shared dataset", TL_COPY: "threadloom, replicas"}
+TL_SHARE = FIRST[-1]
+SHORT = {TL_SHARED: "threadloom, shared dataset", TL_COPY: "threadloom, replicas",
+         TL_SHARE: "threadloom, shared immortal"}
 
 
 def mib(v):
@@ -339,6 +351,11 @@ def section_first_batch(r, cores, fp):
                           "%.2fx (%s vs %s)" % (q, ms(by[k, w]), ms(by[TORCH_FORK, w])),
                           "n/a (fewer than 8 workers)" if w < 8 else
                           "met" if q <= 0.2 else "NOT met"))
+    if by.get((TL_SHARE, w)) and by.get((TL_SHARED, w)):
+        goals.append(("first batch, %d workers (%s)" % (w, SHORT[TL_SHARE]),
+                      "<= replicate=None (issue #19)", "%s vs %s" % (ms(by[TL_SHARE, w]),
+                                                                     ms(by[TL_SHARED, w])),
+                      "met" if by[TL_SHARE, w] <= by[TL_SHARED, w] else "NOT met"))
     if by.get((TL_COPY, w)) and by.get((TORCH_FORK, w)):
         summary = ("First batch (fresh process)", ms(by[TL_COPY, w]), "torch (fork) %s"
                    % ms(by[TORCH_FORK, w]), ratio(by[TL_COPY, w], by[TORCH_FORK, w]),
@@ -409,7 +426,12 @@ def section_memory(r, cores, fp):
                                                            mib(t["peak_pss"]),
                                                            ratio(x["peak_rss"], t["peak_rss"])),
                           "met" if q <= 1 / 3 else "NOT met"))
-    x = by.get((TL_SHARED, w))
+    x, y = by.get((TL_SHARED, w)), by.get((TL_SHARE, w))
+    if x and y:
+        goals.append(("total memory, %d workers (%s)" % (w, SHORT[TL_SHARE]),
+                      "<= replicate=None + 5% (issue #19)",
+                      "%s vs %s PSS" % (mib(y["peak_pss"]), mib(x["peak_pss"])),
+                      "met" if y["peak_pss"] <= 1.05 * x["peak_pss"] else "NOT met"))
     if x and t:
         added = (x["peak_pss"] - x["dataset_pss"], t["peak_pss"] - t["dataset_pss"])
         r.md += ["", "At %d workers: threadloom (shared dataset) %s PSS in one process vs torch "
@@ -729,6 +751,72 @@ def section_startup(r, cores):
             "%.2fx" % st["ratio"], "lower is better")
 
 
+SHARE_TEXT = {
+    ("loader", "plain"): "nothing shared, import hook off",
+    ("loader", "imports"): "import hook only (code constants)",
+    ("loader", "share"): "import hook + threadloom.share(dataset)",
+    ("globals", "plain"): "nothing shared, import hook off",
+    ("globals", "imports"): "import hook only",
+    ("globals", "share"): "import hook + threadloom.share(module)",
+    ("code", "script"): "run as the script",
+    ("code", "source"): "imported, compiled from source (no .pyc), hook off",
+    ("code", "pyc"): "imported from .pyc, hook off",
+    ("code", "source+hook"): "imported, compiled from source, import hook on",
+}
+SHARE_WORKLOADS = {"loader": "the loader's `python` workload (Tokens: the dataset's own vocabulary)",
+                   "globals": "a tokenizer reading module globals (VOCAB dict, WORDS list)",
+                   "code": "a function whose only shared objects are its constants"}
+
+
+def section_share(r, cores):
+    sh = r.section("Shared data: threads with and without threadloom.share()", "share")
+    if sh is None:
+        return None
+    ts = sh["threads"]
+    r.md += ["The same N items on 1 thread and split over T threads, each case in a new "
+             "interpreter (share() is for good), %d interleaved runs of %d alternating "
+             "1-thread/T-thread rounds; speed-up = best 1-thread time / best T-thread time "
+             "over all runs (in parentheses: the median and range of each run's own ratio). "
+             "Goal: >= 1.8x at 2 threads with share; >= 85%% of linear at 16 threads on a "
+             "16-core machine." % (sh["reps"], sh["rounds"]), ""]
+    hdr = ["workload", "variant", "1 thread items/s"]
+    for t in ts:
+        hdr += ["%d threads items/s" % t, "speed-up at %d" % t]
+    rows = []
+    for x in sh["rows"]:
+        row = [x["workload"], SHARE_TEXT.get((x["workload"], x["variant"]), x["variant"]),
+               num(x["items_per_s_1"])]
+        for t in ts:
+            v = x["threads"][str(t)]
+            row += [num(v["items_per_s"]), "%.2fx (%.2f, %.2f-%.2f)" % (
+                v["speedup"], v.get("speedup_median", v["speedup"]), v["speedup_min"],
+                v["speedup_max"])]
+        rows.append(row)
+    r.md += table(hdr, rows)
+    r.md += ["", "Workloads: " + "; ".join("**%s**: %s" % kv for kv in SHARE_WORKLOADS.items())
+             + "."]
+    by = {(x["workload"], x["variant"]): x for x in sh["rows"]}
+    out = None
+    if 2 in ts and ("loader", "share") in by:
+        got = [by[(w, "share")]["threads"]["2"]["speedup"] for w in ("loader", "globals")
+               if (w, "share") in by]
+        r.md += ["", "At 2 threads with share: %s (goal >= 1.8x: %s)." % (
+            ", ".join("%.2fx" % g for g in got), "met" if min(got) >= 1.8 else "NOT met")]
+        plain = by[("loader", "plain")]["threads"]["2"]["speedup"]
+        out = ("Shared data (loader workload, 2 threads)",
+               "%.2fx" % by[("loader", "share")]["threads"]["2"]["speedup"],
+               "unshared %.2fx" % plain,
+               "%.2fx" % (by[("loader", "share")]["threads"]["2"]["speedup"] / plain),
+               "speed-up over 1 thread")
+    big = [t for t in ts if t >= 16]
+    if big and ("loader", "share") in by:
+        t = big[0]
+        eff = by[("loader", "share")]["threads"][str(t)]["speedup"] / t
+        r.md += ["", "At %d threads with share: %.0f%% of linear (goal >= 85%%: %s)." % (
+            t, eff * 100, "met" if eff >= 0.85 else "NOT met")]
+    return out
+
+
 GPU_PLOTS = [("launch", "GPU: kernel launch rate vs threads", "launch rate vs threads",
               "threads", "launches/s"),
              ("h2d", "GPU: H2D bandwidth vs batch size", "H2D bandwidth vs batch size",
@@ -810,7 +898,8 @@ def build(d):
     mem, goals_mem = section_memory(r, cores, fp)
     section_goals(r, cores, meta, best, goals_first + goals_mem)
     summaries += [first, mem, section_executor(r, cores), section_scheduler(r, cores),
-                  section_checkpoint(r, cores), section_arena(r, cores), section_startup(r, cores)]
+                  section_checkpoint(r, cores), section_arena(r, cores), section_startup(r, cores),
+                  section_share(r, cores)]
     section_gpu(r, meta)
     summary = ["", "## Summary", ""] + table(
         ["benchmark", "threadloom", "baseline", "ratio", "at"],

@@ -93,15 +93,17 @@ if [ $quick = 1 ]; then
   q_ckpt=(--size 16 --sizes 4,16 --repeat 1)
   q_load=(--samples 400 --threads 1,2 --reps 1)
   q_foot=(--quick)
+  q_share=(--items 240 --threads 2 --reps 1 --rounds 1)
 else
   # best of 5 for the loaders: on a small shared machine run-to-run noise is ~30%
-  q_sched=() q_arena=() q_exec=() q_start=() q_ckpt=() q_load=(--reps 5) q_foot=()
+  q_sched=() q_arena=() q_exec=() q_start=() q_ckpt=() q_load=(--reps 5) q_foot=() q_share=()
 fi
 run scheduler "$here/build/bench/tl-bench-scheduler" ${q_sched[@]+"${q_sched[@]}"} --json "$out/scheduler.json"
 run arena "$here/build/bench/tl-bench-arena" ${q_arena[@]+"${q_arena[@]}"} --json "$out/arena.json"
 run executor "$py" "$here/bench/bench_executor.py" ${q_exec[@]+"${q_exec[@]}"} --json "$out/executor.json"
 run startup "$py" "$here/bench/bench_startup.py" ${q_start[@]+"${q_start[@]}"} --json "$out/startup.json"
 run checkpoint "$py" "$here/bench/bench_checkpoint.py" ${q_ckpt[@]+"${q_ckpt[@]}"} --json "$out/checkpoint.json"
+run share "$py" "$here/bench/bench_share.py" ${q_share[@]+"${q_share[@]}"} --json "$out/share.json"
 run dataloader "$py" "$here/bench/bench_dataloader.py" ${q_load[@]+"${q_load[@]}"} --json "$out/dataloader.json"
 
 # The torch DataLoader baselines run on the interpreter that has torch (Debian's GIL python3.11

@@ -313,7 +313,10 @@ static PyStatus tl__configure(PyConfig* config, int argc, char** argv, const tl_
 
 /* Loads gilguard.py (and cluster/torchrun.py) by path rather than importing the package: the
  * package's __init__ loads _core and its libraries, which costs start-up time the user's script
- * may never need. Registered under their package names, so `threadloom.gilguard` is this one. */
+ * may never need. Registered under their package names, so `threadloom.gilguard` is this one. The
+ * import hook that makes imported code's constants immortal (threadloom/share.py, unless
+ * THREADLOOM_SHARE_IMPORTS=0) needs _core, which share.py loads the same way at the first import
+ * it sees (a script that imports nothing new does not pay for it). */
 static const char tl__startup_code[] =
     "import sys, _frozen_importlib as _b, _frozen_importlib_external as _e\n"
     "def _load(name, path):\n"
@@ -324,6 +327,11 @@ static const char tl__startup_code[] =
     "    return mod\n"
     "_g = _load('threadloom.gilguard', pkg + '/threadloom/gilguard.py')\n"
     "_g.install(policy, origin='threadloom run')\n"
+    "_s = _load('threadloom.share', pkg + '/threadloom/share.py')\n"
+    "if _s.enabled_by_env():\n"
+    "    import _imp\n"
+    "    _s._CORE_FILE = pkg + '/threadloom/_core' + _imp.extension_suffixes()[0]\n"
+    "    _s.share_imports(True)\n"
     "if cluster is not None:\n"
     "    from threadloom.cluster import launch as _launch\n"
     "    _launch.launch_or_exit(origin='threadloom run', **cluster)\n"

@@ -445,6 +445,16 @@ static PyMethodDef core_methods[] = {
      "threadloom.cluster.on_preempt(): ignored; ...', and otherwise ignores the signal. The "
      "launchers install it under SLURM until on_preempt() replaces it. It survives interpreter "
      "finalization (Python resets only its own handlers)."},
+    {"share", (PyCFunction)(void (*)(void))tl_py_share, METH_VARARGS | METH_KEYWORDS,
+     "share(obj, *, modules=False, classes=False, functions=False, code=False, "
+     "extensions=False, collect=True, examples=3) -> dict: makes the objects below obj "
+     "immortal (threadloom.share() is the documented wrapper; see python/src/share.c)."},
+    {"share_code", tl_py_share_code, METH_O,
+     "share_code(code) -> int: makes the constants of a code object and of the code objects "
+     "nested in it immortal; returns how many were made immortal."},
+    {"share_layout", tl_py_share_layout, METH_NOARGS,
+     "share_layout() -> (ok, text): whether share() works on this interpreter, and how or why "
+     "not."},
     {"error_table", core_error_table, METH_NOARGS,
      "The error table: tuple of (code, name, message, exception class)."},
     {"make_error", (PyCFunction)(void (*)(void))core_make_error, METH_VARARGS | METH_KEYWORDS,
@@ -523,6 +533,10 @@ static int core_exec(PyObject* module) {
   st->ncclcomm_type = PyType_FromModuleAndSpec(module, &tl_py_ncclcomm_spec, NULL);
   if (!st->ncclcomm_type || PyModule_AddObjectRef(module, "NcclComm", st->ncclcomm_type) < 0)
     return -1;
+  st->refprobe_type = PyType_FromModuleAndSpec(module, &tl_py_refprobe_spec, NULL);
+  if (!st->refprobe_type || PyModule_AddObjectRef(module, "RefProbe", st->refprobe_type) < 0)
+    return -1;
+  tl_py_share_init(st);
   if (PyModule_AddStringConstant(module, "__version__", tl_version_string()) < 0) return -1;
   return 0;
 }
@@ -538,6 +552,7 @@ static int core_traverse(PyObject* module, visitproc visit, void* arg) {
   Py_VISIT(st->copyplan_type);
   Py_VISIT(st->dlpack_tensor_type);
   Py_VISIT(st->ncclcomm_type);
+  Py_VISIT(st->refprobe_type);
   Py_VISIT(st->error);
   for (int i = 0; i < TL_NCODES; i++) Py_VISIT(st->by_code[i]);
   return 0;
@@ -554,6 +569,7 @@ static int core_clear(PyObject* module) {
   Py_CLEAR(st->copyplan_type);
   Py_CLEAR(st->dlpack_tensor_type);
   Py_CLEAR(st->ncclcomm_type);
+  Py_CLEAR(st->refprobe_type);
   Py_CLEAR(st->error);
   for (int i = 0; i < TL_NCODES; i++) Py_CLEAR(st->by_code[i]);
   return 0;

@@ -82,6 +82,9 @@ typedef struct {
   PyObject* copyplan_type;       /* threadloom._core.CopyPlan */
   PyObject* dlpack_tensor_type;  /* threadloom._core.DLPackTensor */
   PyObject* ncclcomm_type;       /* threadloom._core.NcclComm */
+  PyObject* refprobe_type;       /* threadloom._core.RefProbe */
+  const char* share_refusal;     /* why share() refuses on this interpreter; NULL: it works */
+  destructor py_class_dealloc;   /* tp_dealloc of a class statement's class (subtype_dealloc) */
   PyObject* error;               /* threadloom.Error: the base of every class below */
   PyObject* by_code[TL_NCODES];  /* by_code[-code]: the class for that TL_E* code */
 } core_state;
@@ -163,6 +166,18 @@ PyObject* tl_py_xxh3_64(PyObject* module, PyObject* args, PyObject* kwargs);
 extern PyType_Spec tl_py_wfile_spec;
 /* copyplan.c */
 extern PyType_Spec tl_py_copyplan_spec;
+
+/* share.c */
+extern PyType_Spec tl_py_refprobe_spec;
+/* Checks this interpreter's object header once, at exec: sets share_refusal and
+ * py_class_dealloc. Never fails. */
+void tl_py_share_init(core_state* st);
+/* share(obj, *, modules, classes, functions, code, extensions, collect, examples) -> dict */
+PyObject* tl_py_share(PyObject* module, PyObject* args, PyObject* kwargs);
+/* share_code(code) -> int: the constants below a code object made immortal */
+PyObject* tl_py_share_code(PyObject* module, PyObject* code);
+/* share_layout() -> (ok, how or why not) */
+PyObject* tl_py_share_layout(PyObject* module, PyObject* unused);
 
 /* cluster.c */
 /* hostlist_expand(list) -> list of str */

@@ -202,8 +202,37 @@ def run(argv):
     else:
         sys.argv = list(rest)
         sys.path[0] = os.path.dirname(os.path.abspath(rest[0]))
-        runpy.run_path(rest[0], run_name="__main__")
+        _run_path(rest[0])
     return 0
+
+
+def _run_path(path):
+    """runpy.run_path(path) with the script's constants made immortal when imported code's are
+    (threadloom.share_imports): runpy compiles a script with the builtin compile(), which
+    leaves them mortal on 3.13t, where `python script.py` and `threadloom run` have them
+    immortal (docs/design.md, "Shared data")."""
+    from threadloom import _core
+    from threadloom.share import imports_shared
+    real = getattr(runpy, "_get_code_from_file", None)
+    if real is None or not imports_shared()["on"]:
+        return runpy.run_path(path, run_name="__main__")
+
+    def get_code(*args, **kwargs):
+        code = real(*args, **kwargs)
+        _core.share_code(code)
+        return code
+
+    runpy._get_code_from_file = get_code
+    try:
+        return runpy.run_path(path, run_name="__main__")
+    finally:
+        runpy._get_code_from_file = real
+
+
+def contention(argv):
+    """``python -m threadloom contention``: its own parser (threadloom/contention.py)."""
+    from threadloom.contention import main as contention_main
+    return contention_main(argv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +249,8 @@ COMMANDS = {
             run),
     "slurm": ("write (script) or submit (submit) an sbatch script for one threadloom process "
               "per node", slurm),
+    "contention": ("run a script's work on N threads and name the shared objects whose reference "
+                   "counts other threads write most, and what to do about each", contention),
 }
 
 

@@ -38,7 +38,7 @@ from threadloom.data.fetch import iterable_batches, map_fetcher
 from threadloom.data.sampler import (BatchSampler, DistributedSampler, RandomSampler,
                                      SequentialSampler, distributed_env, draw_seed,
                                      load_replay_state, replay_state)
-from threadloom.data.worker import WorkerState, log, note_worker
+from threadloom.data.worker import WorkerState, log, note_worker, share_dataset
 from threadloom.pipeline import Pipeline
 
 __all__ = ["DataLoader", "Dataset", "IterableDataset", "Subset", "DataLoaderTimeoutError"]
@@ -104,7 +104,9 @@ class DataLoader:
     are collated into NUMA-local arena memory (page-locked when a GPU is present).
 
     threadloom's own keyword arguments: replicate ("copy": each worker deep-copies the dataset
-    once, on its thread; a factory: factory() per worker; None: share it), rank / world_size /
+    once, on its thread; a factory: factory() per worker; None: share it; "share": share it
+    after making it immortal once, here, with threadloom.share(), for good: the report is
+    `share_report`), rank / world_size /
     distributed (shard the sampler as DistributedSampler, taken from RANK / WORLD_SIZE when not
     given), pin (pin the worker threads, default True), progress (a one-line progress display on
     stderr, at most once a second).
@@ -150,9 +152,9 @@ class DataLoader:
             raise _not_built("device=%r" % (device,))
         if pin_memory_device:
             raise _not_built("pin_memory_device=%r" % (pin_memory_device,))
-        if not (replicate is None or replicate == "copy" or callable(replicate)):
-            raise ValueError("replicate must be 'copy', a factory (callable) or None, not %r"
-                             % (replicate,))
+        if not (replicate is None or replicate in ("copy", "share") or callable(replicate)):
+            raise ValueError("replicate must be 'copy', 'share', a factory (callable) or None, "
+                             "not %r" % (replicate,))
         _note_oversubscription(num_workers)
 
         self.dataset = dataset
@@ -219,6 +221,8 @@ class DataLoader:
             collate_fn = default_collate if self._auto_collation else default_convert
         self.collate_fn = collate_fn
 
+        # replicate="share": the workers read one dataset, made immortal once, before any starts
+        self.share_report = share_dataset(dataset) if replicate == "share" and num_workers else None
         self._epoch = 0            # epochs started
         self._latest = None        # weakref to the _LoaderIter started last, or None
         self._live = weakref.WeakSet()  # the iterators that may be running, for close()
