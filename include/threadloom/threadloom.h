@@ -3,7 +3,9 @@
  * threadloom is a runtime for driving multi-GPU servers from one free-threaded Python process:
  *   numa/      topology, placement and NUMA-local pinned memory     (threadloom/numa.h,
  *                                                                    threadloom/arena.h)
- *   cudactx/   shared CUDA contexts, streams, staging, DLPack       (threadloom/cudactx.h)
+ *   cudactx/   CUDA discovery and NCCL                            (threadloom/cudactx.h);
+ *              devices (cuda or simulated), streams, events, device
+ *              memory and pinned staging                            (threadloom/device.h)
  *   scheduler/ pinned work-stealing threads and pipelines      (threadloom/scheduler.h)
  *   ckptio/    checkpoint file writes: buffered, O_DIRECT, io_uring (threadloom/ckptio.h)
  * Conventions (see docs/design.md): fallible calls return 0 or a negative TL_E* code
@@ -16,6 +18,7 @@
 #include "threadloom/cluster.h"
 #include "threadloom/common.h"
 #include "threadloom/cudactx.h"
+#include "threadloom/device.h"
 #include "threadloom/error.h"
 #include "threadloom/numa.h"
 #include "threadloom/scheduler.h"

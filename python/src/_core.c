@@ -38,6 +38,7 @@
 #define TL_PY_NAME_ERANGE "OutOfRangeError"
 #define TL_PY_NAME_ENOLIB "LibraryNotFoundError"
 #define TL_PY_NAME_EUNKNOWN "UnknownError"
+#define TL_PY_NAME_EDEVLOST "DeviceLostError"
 
 
 /* The builtin exception a class also derives from, so `except ValueError` still works. Returns

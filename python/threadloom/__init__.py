@@ -13,6 +13,7 @@ from threadloom._core import (  # noqa: F401  (the error classes are public API)
     CanceledError,
     ClosedError,
     CudaError,
+    DeviceLostError,
     Error,
     InputOutputError,
     InvalidArgumentError,
