@@ -29,9 +29,9 @@
  * - Zero cost (cost=0). No engine threads: each operation runs on the submitting thread at
  *   once and every event is complete when recorded, for measuring threadloom's own overhead.
  * - Faults. tl_sim_inject: the next N allocations fail (out of memory), the next N copies fail
- *   (their stream reports TL__SIM_COPY_FAILED once), or the device is lost (every queued and
- *   later operation fails at once; events still complete, carrying the error, so nothing
- *   waits forever).
+ *   (the copy call answers TL__SIM_COPY_FAILED and nothing is queued, as when
+ *   cudaMemcpyAsync refuses a copy), or the device is lost (every queued and later operation fails at once; events still
+ *   complete, carrying the error, so nothing waits forever).
  *
  * Errors come back as CUDA-style codes (cudaErrorMemoryAllocation, cudaErrorNotReady, ...) plus
  * the TL__SIM_* codes; the text for the calling thread's last failure is in last_detail().
@@ -255,8 +255,6 @@ struct sim_op {
   void* arg;
   uint64_t submit;        /* real time of submission */
   uint64_t ready;         /* modelled time it may start (set when it reaches an engine) */
-  int skip;               /* its stream held an unreported error when it reached the engine:
-                             it is not executed (set under stream.mu, read by the engine) */
 };
 
 struct sim_stream {
@@ -268,8 +266,9 @@ struct sim_stream {
   sim_op* tail;
   int busy;               /* head is at an engine or waits on an event */
   uint64_t last_end;      /* modelled end of the last completed operation (or event waited) */
-  int err;                /* first error not yet reported (latched) */
+  int err;                /* first error not yet reported by query/sync (latched) */
   char detail[256];       /* its text */
+  int err_evented;        /* the first event recorded after it carries it; later ones do not */
   sim_op* spare;          /* recycled op nodes */
 };
 
@@ -734,14 +733,6 @@ static int tl__execute(sim_op* op, char* why, size_t cap) {
       memset(op->dst, op->value, op->n);
       return 0;
     case OP_COPY: {
-      int left = atomic_load(&d->copy_fail_left);
-      while (left > 0 && !atomic_compare_exchange_weak(&d->copy_fail_left, &left, left - 1)) {
-      }
-      if (left > 0) {
-        snprintf(why, cap, "sim:%d: injected copy failure (%zu bytes, %s)", d->index, op->n,
-                 op->kind == TL__COPY_H2D ? "H2D" : op->kind == TL__COPY_D2H ? "D2H" : "D2D");
-        return TL__SIM_COPY_FAILED;
-      }
       if (op->kind != TL__COPY_H2D) {
         sim_dev* o = tl__owner(op->src);
         if ((rc = tl__range_ok(o ? o : d, op->src, op->n, "copy source", why, cap)) != 0) break;
@@ -807,6 +798,21 @@ static void tl__event_complete(sim_event* e, uint64_t seq, uint64_t t, int err,
   pthread_mutex_unlock(&e->mu);
 }
 
+/* A record reached the head of s (s->mu held): the event completes, carrying a lost device's
+ * error, or the stream's unreported error if no earlier event carried it yet. */
+static void tl__record_done(sim_stream* s, sim_event* e, uint64_t seq, uint64_t t, worklist* w) {
+  sim_dev* d = s->d;
+  if (atomic_load_explicit(&d->lost, memory_order_acquire)) {
+    char why[300];
+    snprintf(why, sizeof why, "sim:%d is lost: %.200s", d->index, d->lost_detail);
+    tl__event_complete(e, seq, t, TL__SIM_DEVICE_LOST, why, w);
+    return;
+  }
+  int carry = s->err && !s->err_evented;
+  s->err_evented |= carry;
+  tl__event_complete(e, seq, t, carry ? s->err : 0, s->detail, w);
+}
+
 static void tl__engine_push(sim_engine* g, sim_op* op) {
   int pr = op->s->prio;
   op->qnext = NULL;
@@ -847,7 +853,7 @@ static void tl__advance(sim_stream* s, worklist* w) {
     }
     if (op->type == OP_RECORD) {
       uint64_t t = s->last_end > op->submit ? s->last_end : op->submit;
-      tl__event_complete(op->ev, op->seq, t, s->err, s->detail, w);
+      tl__record_done(s, op->ev, op->seq, t, w);
     } else if (op->type == OP_WAIT) {
       sim_event* e = op->ev;
       pthread_mutex_lock(&e->mu);
@@ -868,7 +874,6 @@ static void tl__advance(sim_stream* s, worklist* w) {
       pthread_mutex_unlock(&e->mu);
     } else {
       op->ready = s->last_end > op->submit ? s->last_end : op->submit;
-      op->skip = op->type != OP_HOSTFN && s->err != 0;
       s->busy = 1;
       tl__engine_push(tl__engine_of(op), op);
       return;
@@ -940,9 +945,7 @@ static void* tl__engine_main(void* arg) {
     pthread_mutex_unlock(&g->mu);
 
     uint64_t start = op->ready > g->free_at ? op->ready : g->free_at;
-    /* a skipped operation (its stream holds an unreported error) takes no time */
-    int skip = op->skip;
-    uint64_t dur = skip ? 0 : tl__duration(op);
+    uint64_t dur = tl__duration(op);
     uint64_t end = start + dur;
     why[0] = '\0';
     int err = 0;
@@ -950,7 +953,7 @@ static void* tl__engine_main(void* arg) {
       err = tl__execute(op, why, sizeof why);
       uint64_t t1 = tl__now();
       if (t1 > end) end = t1;
-    } else if (!skip) {
+    } else {
       /* Move the bytes as late as the host allows: start the real copy one estimated copy
        * time (plus margin) before the modelled end, so a reader that does not wait for the
        * completion sees the old bytes and a source reused too early is what gets copied. */
@@ -972,7 +975,7 @@ static void* tl__engine_main(void* arg) {
     g->free_at = end;
     atomic_fetch_add_explicit(&g->busy_ns, end - start, memory_order_relaxed);
     atomic_fetch_add_explicit(&g->ops, 1, memory_order_relaxed);
-    if (op->type == OP_COPY && !err && !skip)
+    if (op->type == OP_COPY && !err)
       atomic_fetch_add_explicit(&g->bytes, op->n, memory_order_relaxed);
     atomic_fetch_add_explicit(&g->late_ns, late, memory_order_relaxed);
     uint64_t m = atomic_load_explicit(&g->late_max, memory_order_relaxed);
@@ -1082,6 +1085,7 @@ static int tl__take_error(sim_stream* s) {
   if (err) {
     tl__sim_fail(err, "%s", s->detail);
     s->err = 0;
+    s->err_evented = 0;
     s->detail[0] = '\0';
   }
   return err;
@@ -1121,15 +1125,12 @@ static int tl__submit(sim_stream* s, sim_op* proto) {
     switch (proto->type) {
       case OP_RECORD:
         pthread_mutex_lock(&s->mu);
-        tl__event_complete(proto->ev, proto->seq, tl__now(), s->err, s->detail, &w);
+        tl__record_done(s, proto->ev, proto->seq, tl__now(), &w);
         pthread_mutex_unlock(&s->mu);
         break;
       case OP_WAIT: break; /* every record completed when it was made */
       default: {
-        pthread_mutex_lock(&s->mu);
-        int latched = s->err;
-        pthread_mutex_unlock(&s->mu);
-        int err = (proto->type == OP_HOSTFN || !latched) ? tl__execute(proto, why, sizeof why) : 0;
+        int err = tl__execute(proto, why, sizeof why);
         if (err) {
           pthread_mutex_lock(&s->mu);
           if (!s->err) {
@@ -1174,6 +1175,14 @@ static int tl__sim_stream_wait_event(void* sp, void* ep) {
   atomic_fetch_add(&e->refs, 1);
   sim_op op = {.type = OP_WAIT, .ev = e, .seq = seq};
   return tl__submit(sp, &op);
+}
+
+/* Another library's stream on a sim device: only handles the sim gave out exist. */
+static int tl__sim_foreign_wait_event(int dev, void* raw, void* ep) {
+  sim_dev* d = tl__sim_dev(dev);
+  if (!d || !raw) return tl__sim_fail(TL__CUDA_INVALID_VALUE, "stream handle %p on sim:%d", raw, dev);
+  if ((uintptr_t)raw <= 2) return 0; /* a CUDA default stream: there is none on sim */
+  return tl__sim_stream_wait_event(raw, ep);
 }
 
 static int tl__sim_launch_host_func(void* sp, void (*fn)(void*), void* arg) {
@@ -1267,6 +1276,13 @@ static int tl__sim_event_elapsed(float* ms, void* a, void* b) {
 static int tl__sim_memcpy_async(void* dst, const void* src, size_t n, int kind, void* sp) {
   if (kind != TL__COPY_H2D && kind != TL__COPY_D2H && kind != TL__COPY_D2D)
     return tl__sim_fail(TL__CUDA_INVALID_VALUE, "copy kind %d", kind);
+  sim_dev* d = ((sim_stream*)sp)->d;
+  int left = atomic_load(&d->copy_fail_left);
+  while (left > 0 && !atomic_compare_exchange_weak(&d->copy_fail_left, &left, left - 1)) {
+  }
+  if (left > 0)
+    return tl__sim_fail(TL__SIM_COPY_FAILED, "sim:%d: injected copy failure (%zu bytes, %s)",
+                        d->index, n, kind == TL__COPY_H2D ? "H2D" : kind == TL__COPY_D2H ? "D2H" : "D2D");
   sim_op op = {.type = OP_COPY, .dst = dst, .src = src, .n = n, .kind = kind};
   return tl__submit(sp, &op);
 }
@@ -1312,7 +1328,7 @@ static const char* tl__sim_error_name(int code) {
 static const char* tl__sim_error_string(int code) {
   switch (code) {
     case TL__SIM_DEVICE_LOST: return "the simulated device is lost";
-    case TL__SIM_COPY_FAILED: return "a copy failed (fault injection)";
+    case TL__SIM_COPY_FAILED: return "the copy was refused (fault injection)";
     case TL__SIM_NOT_CONFIGURED:
       return "no sim devices: set THREADLOOM_DEVICES=sim:N or call tl_devices_select(\"sim:N\")";
     case TL__CUDA_MEMORY_ALLOCATION: return "out of memory";
@@ -1342,6 +1358,7 @@ const tl__dev_api_t tl__sim_api = {
     .stream_synchronize = tl__sim_stream_synchronize,
     .stream_wait_event = tl__sim_stream_wait_event,
     .stream_handle = tl__sim_stream_handle,
+    .foreign_wait_event = tl__sim_foreign_wait_event,
     .launch_host_func = tl__sim_launch_host_func,
     .event_create = tl__sim_event_create,
     .event_destroy = tl__sim_event_destroy,

@@ -227,6 +227,10 @@ int tl_dbuf_alloc(tl_stream_t* s, size_t size, tl_dbuf_t** out) {
   return 0;
 }
 
+tl_stream_t* tl_dbuf_stream(const tl_dbuf_t* b) {
+  return b ? ((const tl__dblock_t*)b)->stream : NULL;
+}
+
 int tl_dbuf_record_stream(tl_dbuf_t* pub, tl_stream_t* s) {
   tl__clear_detail();
   if (!pub || !s) return tl__fail(TL_EINVAL, "tl_dbuf_record_stream: NULL argument");

@@ -83,6 +83,9 @@ typedef struct tl__dev_api_s {
   int (*stream_synchronize)(void* s);         /* cudaStreamSynchronize */
   int (*stream_wait_event)(void* s, void* e); /* cudaStreamWaitEvent(s, e, 0) */
   void* (*stream_handle)(void* s);            /* the cudaStream_t (DLPack, NCCL, torch) */
+  /* cudaStreamWaitEvent on a stream threadloom did not make: `raw` is a handle stream_handle
+   * gave out, or another library's cudaStream_t (1: legacy default, 2: per-thread default). */
+  int (*foreign_wait_event)(int dev, void* raw, void* e);
   /* cudaLaunchHostFunc: fn(arg) runs on a backend thread once the stream's earlier work is
    * done; it must not call the device API. */
   int (*launch_host_func)(void* s, void (*fn)(void* arg), void* arg);

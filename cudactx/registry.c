@@ -117,6 +117,8 @@ int tl_devices_select(const char* spec) {
   return err;
 }
 
+int tl_sim_configure(const char* spec) { return tl__sim_configure(spec); }
+
 int tl_devices_backend(tl_devices_info_t* out) {
   tl__clear_detail();
   if (!out) return tl__fail(TL_EINVAL, "tl_devices_backend: NULL argument");

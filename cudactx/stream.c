@@ -111,17 +111,24 @@ int tl_stream_acquire(tl_device_t* dev, int priority, tl_stream_t** out) {
       *pp = s->next;
       tc->nstreams--;
       *out = s;
-      return 0;
-    }
-  pthread_mutex_lock(&dev->mu);
-  for (tl_stream_t **pp = &dev->free_streams, *s; (s = *pp) != NULL; pp = &s->next)
-    if (s->priority == p) {
-      *pp = s->next;
-      *out = s;
       break;
     }
-  pthread_mutex_unlock(&dev->mu);
-  if (*out) return 0;
+  if (!*out) {
+    pthread_mutex_lock(&dev->mu);
+    for (tl_stream_t **pp = &dev->free_streams, *s; (s = *pp) != NULL; pp = &s->next)
+      if (s->priority == p) {
+        *pp = s->next;
+        *out = s;
+        break;
+      }
+    pthread_mutex_unlock(&dev->mu);
+  }
+  if (*out) {
+    /* an error the previous user never collected is not the new user's: the query reports (and
+     * on sim clears) it here */
+    (*out)->api->stream_query((*out)->h);
+    return 0;
+  }
   tl_stream_t* s = calloc(1, sizeof *s);
   if (!s) return tl__fail(TL_ENOMEM, "tl_stream_acquire: a stream record");
   s->dev = dev;
@@ -338,6 +345,16 @@ int tl_event_wait(tl_event_t* e, int timeout_ms) {
     return tl__fail(TL_ETIMEDOUT, "%s: the event did not complete within %d ms", e->dev->name,
                     timeout_ms);
   return TL__DEV_ERR(e->dev, "cudaEventQuery", rc);
+}
+
+int tl_event_wait_on(tl_event_t* e, tl_device_t* dev, void* handle) {
+  tl__clear_detail();
+  if (!e || !dev) return tl__fail(TL_EINVAL, "tl_event_wait_on: NULL argument");
+  if (e->dev != dev)
+    return tl__fail(TL_EINVAL, "tl_event_wait_on: an event of %s for a stream of %s",
+                    e->dev->name, dev->name);
+  return TL__DEV_ERR(dev, "cudaStreamWaitEvent",
+                     dev->api->foreign_wait_event(dev->ordinal, handle, e->h));
 }
 
 int tl_event_elapsed(tl_event_t* start, tl_event_t* end, double* ms) {

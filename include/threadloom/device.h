@@ -68,6 +68,12 @@ typedef struct tl_device_s tl_device_t;
  * forms), TL_EBUSY (another backend was already selected or used). */
 TL_EXTERN int tl_devices_select(const char* spec);
 
+/* Configures the sim devices ("sim:N[,option=value...]", as tl_devices_select) without making
+ * sim the selected backend, so a process on another backend can also use sim devices by kind
+ * (tests that run on both). Once per process; the same spec again is accepted. Errors:
+ * TL_EINVAL, TL_EBUSY (configured differently before). */
+TL_EXTERN int tl_sim_configure(const char* spec);
+
 typedef struct {
   tl_device_kind_t kind; /* TL_DEVICE_CUDA, TL_DEVICE_SIM or TL_DEVICE_NONE */
   char name[8];          /* "cuda", "sim", "none" */
@@ -140,7 +146,7 @@ TL_EXTERN int tl_stream_priority(const tl_stream_t* s);
  * an opaque non-zero value for sim. */
 TL_EXTERN void* tl_stream_handle(const tl_stream_t* s);
 /* 0 when all queued work is done, TL_EAGAIN while some is pending, or the error of failed work
- * (reported once, and cleared: later work on the stream runs again). */
+ * since the last report (reported once, then cleared). */
 TL_EXTERN int tl_stream_query(tl_stream_t* s);
 /* Waits until the stream's queued work is done; timeout_ms < 0 waits as long as it takes (the
  * backend's blocking synchronize), >= 0 polls (TL_ETIMEDOUT). Errors: as tl_stream_query. */
@@ -191,8 +197,13 @@ TL_EXTERN int tl_event_close(tl_event_t* e);
  * TL_ECUDA. */
 TL_EXTERN int tl_event_record(tl_event_t* e, tl_stream_t* s);
 /* 0 once the most recent record completed (or never recorded), TL_EAGAIN before, or the error
- * of work that failed before the record on its stream. */
+ * of work that failed on its stream since the previous record (sim), or a sticky error. */
 TL_EXTERN int tl_event_query(tl_event_t* e);
+/* Makes a stream that threadloom did not create wait for e: `handle` is a cudaStream_t of
+ * another library on dev (torch.cuda.Stream.cuda_stream; 1 and 2 are CUDA's legacy and
+ * per-thread default streams), or a handle tl_stream_handle gave out. For DLPack exports with
+ * stream=. Errors: TL_EINVAL, TL_EDEVLOST, TL_ECUDA. */
+TL_EXTERN int tl_event_wait_on(tl_event_t* e, tl_device_t* dev, void* handle);
 /* Blocks until the most recent record completed; timeout_ms < 0: no limit (the backend's
  * blocking synchronize), else polls, TL_ETIMEDOUT. Errors: as tl_event_query. */
 TL_EXTERN int tl_event_wait(tl_event_t* e, int timeout_ms);
@@ -223,6 +234,8 @@ typedef struct {
  * been freed on s by work still queued there). The caller frees it with tl_dbuf_free. Errors:
  * TL_EINVAL, TL_ENOMEM (the detail has the device's use and cache), TL_EDEVLOST, TL_ECUDA. */
 TL_EXTERN int tl_dbuf_alloc(tl_stream_t* s, size_t size, tl_dbuf_t** out);
+/* The stream b was allocated for (its last uses there are what a consumer must wait for). */
+TL_EXTERN tl_stream_t* tl_dbuf_stream(const tl_dbuf_t* b);
 /* Returns the block to its stream's cache; from any thread. Work queued on other streams that
  * use it must be declared with tl_dbuf_record_stream first. NULL is ignored. Returns 0, or the
  * error of recording an event on a use stream (the block is then held until the device is
@@ -349,7 +362,8 @@ TL_EXTERN int tl_sim_set(tl_device_t* dev, const char* options);
 
 typedef enum {
   TL_SIM_FAULT_OOM = 1,  /* the next `count` device allocations fail (cudaErrorMemoryAllocation) */
-  TL_SIM_FAULT_COPY = 2, /* the next `count` copies fail: their stream reports TL_ECUDA once */
+  TL_SIM_FAULT_COPY = 2, /* the next `count` copy calls fail with TL_ECUDA and queue nothing (as
+                            a cudaMemcpyAsync that refuses a copy) */
   TL_SIM_FAULT_LOST = 3  /* the device is lost now: queued and later work fails, TL_EDEVLOST */
 } tl_sim_fault_t;
 

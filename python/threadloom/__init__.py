@@ -34,6 +34,7 @@ from threadloom._core import (  # noqa: F401  (the error classes are public API)
     UnknownError,
 )
 from threadloom.checkpoint import Checkpointer, CorruptCheckpointError, load
+from threadloom import devices  # noqa: F401  (callable: threadloom.devices() lists them)
 from threadloom.data import DataLoader, get_worker_info
 from threadloom.executor import Executor
 from threadloom.memory import arena, current_numa_node
@@ -44,7 +45,7 @@ from threadloom.sysinfo import info, topology
 
 __version__ = _core.__version__
 
-__all__ = ["Arena", "Buffer", "Checkpointer", "CorruptCheckpointError", "DataLoader", "Error", "Executor", "from_dlpack", "load", "Pipeline", "arena", "current_numa_node", "Pinning", "default_plan", "get_worker_info", "info", "pin", "plan", "spmd", "topology",
+__all__ = ["Arena", "Buffer", "Checkpointer", "CorruptCheckpointError", "DataLoader", "devices", "Error", "Executor", "from_dlpack", "load", "Pipeline", "arena", "current_numa_node", "Pinning", "default_plan", "get_worker_info", "info", "pin", "plan", "spmd", "topology",
            "__version__"] + [
     cls.__name__ for _, _, _, cls in _core.error_table()
 ]
