@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
 done
 [ $# -eq 1 ] || usage
 py=$1
-for bin in tl-bench-scheduler tl-bench-arena; do
+for bin in tl-bench-scheduler tl-bench-arena tl-bench-device; do
   [ -x "$here/build/bench/$bin" ] || { echo "bench: no build/bench/$bin: run \`make build\` first" >&2; exit 1; }
 done
 gpu=$(PYTHONPATH=$here/python "$py" -c 'import threadloom as t
@@ -93,12 +93,22 @@ if [ $quick = 1 ]; then
   q_ckpt=(--size 16 --sizes 4,16 --repeat 1)
   q_load=(--samples 400 --threads 1,2 --reps 1)
   q_foot=(--quick)
+  q_dev=(--seconds 0.1)
+  q_devs=(--quick)
 else
   # best of 5 for the loaders: on a small shared machine run-to-run noise is ~30%
-  q_sched=() q_arena=() q_exec=() q_start=() q_ckpt=() q_load=(--reps 5) q_foot=()
+  q_sched=() q_arena=() q_exec=() q_start=() q_ckpt=() q_load=(--reps 5) q_foot=() q_dev=() q_devs=()
 fi
 run scheduler "$here/build/bench/tl-bench-scheduler" ${q_sched[@]+"${q_sched[@]}"} --json "$out/scheduler.json"
 run arena "$here/build/bench/tl-bench-arena" ${q_arena[@]+"${q_arena[@]}"} --json "$out/arena.json"
+run device "$here/build/bench/tl-bench-device" ${q_dev[@]+"${q_dev[@]}"} --json "$out/device.json"
+run devices "$py" "$here/bench/bench_devices.py" ${q_devs[@]+"${q_devs[@]}"} --json "$out/devices.json"
+if [ "$gpu" != nogpu ]; then  # the same on cuda:0 (and the report's GPU plots)
+  run device_cuda "$here/build/bench/tl-bench-device" --cuda --sections launch,alloc \
+    ${q_dev[@]+"${q_dev[@]}"} --json "$out/device_cuda.json"
+  run devices_cuda "$py" "$here/bench/bench_devices.py" --cuda ${q_devs[@]+"${q_devs[@]}"} \
+    --json "$out/devices_cuda.json" --gpu-json "$out"
+fi
 run executor "$py" "$here/bench/bench_executor.py" ${q_exec[@]+"${q_exec[@]}"} --json "$out/executor.json"
 run startup "$py" "$here/bench/bench_startup.py" ${q_start[@]+"${q_start[@]}"} --json "$out/startup.json"
 run checkpoint "$py" "$here/bench/bench_checkpoint.py" ${q_ckpt[@]+"${q_ckpt[@]}"} --json "$out/checkpoint.json"
