@@ -3,10 +3,13 @@
 # run, writes each one's text output and JSON to bench/results/<machine>/ (machine = cores + GPU,
 # or nogpu), then the report: README.md and SVG plots there (bench/report.py).
 #
-# Usage: bench/run.sh [--quick] [--out DIR] PYTHON   (make bench passes the free-threaded interpreter)
+# Usage: bench/run.sh [--quick] [--out DIR] [--only LIST] PYTHON   (make bench passes the
+#        free-threaded interpreter)
 #   --quick    tiny sizes, 1-2 threads: checks the pipeline end to end in well under a minute; its
 #              numbers mean nothing (default output bench/results/<machine>-quick/, not committed)
 #   --out DIR  write there instead
+#   --only L   run only these benchmarks (comma-separated names: scheduler, arena, device,
+#              devices, executor, ...; scripts/gpu-check.sh picks what fits its minutes)
 # TORCH_PYTHON=/path/to/python picks the interpreter for the torch DataLoader baselines; by default
 # build/bootstrap.env's TORCH_PYTHON (written by scripts/bootstrap.sh), else the first of PYTHON,
 # python3.12, python3, python3.11, python3.13 that can import torch.
@@ -16,12 +19,13 @@
 set -euo pipefail
 main() {  # all in a function: bash parses it whole, so editing this file mid-run is harmless
 here=$(cd "$(dirname "$0")/.." && pwd)
-usage() { echo "usage: bench/run.sh [--quick] [--out DIR] PYTHON" >&2; exit 2; }
-quick=0 out="" args=("$@")
+usage() { echo "usage: bench/run.sh [--quick] [--out DIR] [--only LIST] PYTHON" >&2; exit 2; }
+quick=0 out="" only="" args=("$@")
 while [ $# -gt 0 ]; do
   case $1 in
     --quick) quick=1; shift ;;
     --out) [ $# -ge 2 ] || usage; out=$2; shift 2 ;;
+    --only) [ $# -ge 2 ] || usage; only=",$2,"; shift 2 ;;
     -*) usage ;;
     *) break ;;
   esac
@@ -49,7 +53,7 @@ echo "bench: results go to $out"
 # -- what was measured, where, on which commit (the report's header) ----------------------------
 via=""
 [ -n "${MAKELEVEL:-}" ] && via="make bench -> "
-commit=$(git -C "$here" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+commit=$(git -C "$here" rev-parse --short=12 HEAD 2>/dev/null || echo "${TL_COMMIT:-unknown}")
 # (changes under bench/results/ are this or an earlier run's outputs, not code)
 [ -n "$(git -C "$here" status --porcelain --untracked-files=no -- . ':!bench/results' 2>/dev/null)" ] &&
   commit="$commit (uncommitted changes)"
@@ -76,8 +80,10 @@ PY
 
 # -- the benchmarks ------------------------------------------------------------------------------
 failed=()
+want() { [ -z "$only" ] || [[ $only == *",$1,"* ]]; }
 run() {  # name command...: text output to $out/name.txt, failures collected
   local name=$1; shift
+  want "$name" || return 0
   echo "== $name: $*"
   local shown="$*"
   if ! { echo "# ${shown//$here\//}"; echo "# $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) CPU(s), GPU: $gpu"; "$@"; } 2>&1 | tee "$out/$name.txt"; then
@@ -127,7 +133,7 @@ done
 if [ -n "$torch_py" ]; then
   run dataloader_torch "$torch_py" "$here/bench/bench_dataloader_torch.py" ${q_load[@]+"${q_load[@]}"} \
     --json "$out/dataloader_torch.json"
-else
+elif want dataloader_torch; then
   reason="no interpreter on this machine imports torch (tried: ${tried[*]}); TORCH_PYTHON=/path/to/python picks one"
   echo "== dataloader_torch: skipped: $reason" | tee "$out/dataloader_torch.txt"
   REASON=$reason "$py" -c 'import json, os, sys; json.dump({"skipped": os.environ["REASON"]}, open(sys.argv[1], "w"))' \

@@ -282,6 +282,29 @@ def test_dlpack_export(dev):
         s.synchronize()
 
 
+@pytest.mark.gpu
+def test_import_cuda_tensor_in_place():
+    """A CUDA tensor through DLPack (here a DeviceBuffer of cuda:0 as the producer: torch is not
+    built for the free-threaded interpreter), taken in place and ordered on our stream."""
+    from device_backends import cuda_device_or_skip
+    d = cuda_device_or_skip()
+    s = devices.Stream(d)
+    src = os.urandom(4096)
+    buf = s.alloc(4096)
+    s.launch(5_000_000)
+    s.copy(buf, src)
+    imported = devices.from_dlpack(buf, stream=s)
+    assert imported.ptr == buf.ptr and imported.nbytes == 4096
+    assert imported.__dlpack_device__() == (2, d.index)
+    out = bytearray(4096)
+    s.copy(out, imported)
+    s.synchronize()
+    assert out == src
+    with pytest.raises(BufferError):
+        buf.free()  # the import holds an export of it
+    del imported
+
+
 def test_import_dlpack_refuses_sim_and_host():
     d = sim_devices()[0]
     s = devices.Stream(d)
