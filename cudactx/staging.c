@@ -60,6 +60,22 @@ static uint64_t tl__ns(void) {
   return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+/* Frees what init made so far (or everything, at close): the slots' events, the page-lock,
+ * the slab, the arena, the records. Every copy of the slots has completed. */
+static void tl__pool_free(tl_staging_t* p) {
+  if (p->slots)
+    for (int i = 0; i < p->nslots; i++) tl_event_close(p->slots[i].ev);
+  if (p->pinned) p->dev->api->host_unregister(p->slab);
+  if (p->slab) tl_arena_free(p->arena, p->slab);
+  if (p->arena) tl_arena_close(p->arena);
+  pthread_mutex_destroy(&p->mu);
+  pthread_cond_destroy(&p->cv);
+  free(p->slots);
+  free(p->free);
+  free(p->pending);
+  free(p);
+}
+
 int tl_staging_init(tl_staging_t** out, const tl_staging_options_t* o) {
   tl__clear_detail();
   if (!out || !o || !o->device) return tl__fail(TL_EINVAL, "tl_staging_init: NULL argument");
@@ -120,17 +136,7 @@ int tl_staging_init(tl_staging_t** out, const tl_staging_options_t* o) {
 fail:;
   char d[400];
   snprintf(d, sizeof d, "%s", tl_err_detail());
-  if (p->slots)
-    for (int i = 0; i < p->nslots; i++) tl_event_close(p->slots[i].ev);
-  if (p->pinned) dev->api->host_unregister(p->slab);
-  if (p->slab) tl_arena_free(p->arena, p->slab);
-  if (p->arena) tl_arena_close(p->arena);
-  pthread_mutex_destroy(&p->mu);
-  pthread_cond_destroy(&p->cv);
-  free(p->slots);
-  free(p->free);
-  free(p->pending);
-  free(p);
+  tl__pool_free(p);
   return tl__fail(err, "%s", d);
 }
 
@@ -305,18 +311,8 @@ int tl_staging_close(tl_staging_t* p) {
   }
   p->closed = 1;
   pthread_mutex_unlock(&p->mu);
-  for (int i = 0; i < p->nslots; i++) {
+  for (int i = 0; i < p->nslots; i++)
     if (p->slots[i].recorded) tl_event_wait(p->slots[i].ev, -1);
-    tl_event_close(p->slots[i].ev);
-  }
-  p->dev->api->host_unregister(p->slab);
-  tl_arena_free(p->arena, p->slab);
-  tl_arena_close(p->arena);
-  pthread_mutex_destroy(&p->mu);
-  pthread_cond_destroy(&p->cv);
-  free(p->slots);
-  free(p->free);
-  free(p->pending);
-  free(p);
+  tl__pool_free(p);
   return 0;
 }

@@ -50,6 +50,14 @@ int tl_pydev_timeout_ms(PyObject* t) {
   return s > 2e6 ? 2000000000 : (int)(s * 1000 + 0.5);
 }
 
+int tl_pydev_timeout_arg(PyObject* args, PyObject* kwargs, const char* fmt, int* ms) {
+  static char* kwlist[] = {"timeout", NULL};
+  PyObject* t = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, fmt, kwlist, &t)) return -1;
+  *ms = tl_pydev_timeout_ms(t);
+  return *ms == -2 ? -1 : 0;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Device
 // ---------------------------------------------------------------------------------------------
@@ -475,11 +483,8 @@ static PyObject* event_query(PyObject* op, PyObject* unused) {
 }
 
 static PyObject* event_synchronize(PyObject* op, PyObject* args, PyObject* kwargs) {
-  static char* kwlist[] = {"timeout", NULL};
-  PyObject* t = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:synchronize", kwlist, &t)) return NULL;
-  int ms = tl_pydev_timeout_ms(t);
-  if (ms == -2) return NULL;
+  int ms;
+  if (tl_pydev_timeout_arg(args, kwargs, "|O:synchronize", &ms) < 0) return NULL;
   int err;
   char detail[512] = "";
   Py_BEGIN_ALLOW_THREADS

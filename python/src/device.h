@@ -51,6 +51,8 @@ PyObject* tl_pydev_fail(PyObject* self, int err);
 PyObject* tl_pydev_fail_detail(PyObject* self, int err, const char* detail);
 /* None -> -1, seconds >= 0 -> ms; -2 with an exception. */
 int tl_pydev_timeout_ms(PyObject* t);
+/* Parses (timeout=None) with `fmt` ("|O:name") into *ms. 0 or -1. */
+int tl_pydev_timeout_arg(PyObject* args, PyObject* kwargs, const char* fmt, int* ms);
 /* The C object of a Device / Stream / Event argument, or NULL with TypeError. */
 tl_device_t* tl_pydev_device_of(core_state* st, PyObject* o);
 tl_stream_t* tl_pydev_stream_of(core_state* st, PyObject* o);

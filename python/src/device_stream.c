@@ -141,11 +141,8 @@ static PyObject* stream_query(PyObject* op, PyObject* unused) {
 }
 
 static PyObject* stream_synchronize(PyObject* op, PyObject* args, PyObject* kwargs) {
-  static char* kwlist[] = {"timeout", NULL};
-  PyObject* t = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:synchronize", kwlist, &t)) return NULL;
-  int ms = tl_pydev_timeout_ms(t);
-  if (ms == -2) return NULL;
+  int ms;
+  if (tl_pydev_timeout_arg(args, kwargs, "|O:synchronize", &ms) < 0) return NULL;
   StreamObject* self = (StreamObject*)op;
   int err;
   char detail[512] = "";
@@ -238,6 +235,54 @@ static PyObject* stream_alloc(PyObject* op, PyObject* arg) {
   return (PyObject*)b;
 }
 
+/* A DeviceBuffer argument used on stream s: its device pointer and size, after checking that
+ * it is a live DeviceBuffer of s's device and declaring its use on s when s is not its
+ * allocation stream. 0, or -1 with the exception set. */
+static int dbuf_use(core_state* st, PyObject* self, PyObject* o, tl_stream_t* s, const char* what,
+                    void** ptr, Py_ssize_t* nbytes) {
+  if (!PyObject_TypeCheck(o, (PyTypeObject*)st->dbuf_type)) {
+    PyErr_Format(PyExc_TypeError, "the %s must be a DeviceBuffer, not %T", what, o);
+    return -1;
+  }
+  DeviceBufferObject* b = (DeviceBufferObject*)o;
+  tl_device_t* d = ((DeviceObject*)b->device)->dev;
+  if (d != tl_stream_device(s)) {
+    PyErr_Format(PyExc_ValueError, "the %s is a DeviceBuffer of %s, the stream is on %s: use a "
+                 "stream of the buffer's device", what, tl_device_name(d),
+                 tl_device_name(tl_stream_device(s)));
+    return -1;
+  }
+  *ptr = atomic_load(&b->ptr);
+  *nbytes = b->nbytes;
+  if (!*ptr) {
+    PyErr_Format(PyExc_ValueError, "the %s DeviceBuffer was freed", what);
+    return -1;
+  }
+  tl_dbuf_t* root = tl_pydev_dbuf_root(b);
+  if (root && tl_dbuf_stream(root) != s) {
+    int err = tl_dbuf_record_stream(root, s);
+    if (err) {
+      tl_pydev_fail(self, err);
+      return -1;
+    }
+  }
+  return 0;
+}
+
+/* An optional nbytes argument: None -> dflt; else 0 <= n <= limit, or -1 with ValueError. */
+static int nbytes_arg(PyObject* nobj, Py_ssize_t dflt, Py_ssize_t limit, Py_ssize_t* out) {
+  *out = dflt;
+  if (nobj == Py_None) return 0;
+  Py_ssize_t n = PyLong_AsSsize_t(nobj);
+  if (n == -1 && PyErr_Occurred()) return -1;
+  if (n < 0 || n > limit) {
+    PyErr_Format(PyExc_ValueError, "nbytes=%zd: at most %zd bytes fit", n, limit);
+    return -1;
+  }
+  *out = n;
+  return 0;
+}
+
 /* One side of a copy: a DeviceBuffer (device memory) or a host object with the buffer
  * protocol (held in *view). */
 typedef struct {
@@ -252,30 +297,8 @@ static int side_get(core_state* st, PyObject* o, int writable, StreamObject* sel
                     const char* what) {
   memset(out, 0, sizeof *out);
   if (PyObject_TypeCheck(o, (PyTypeObject*)st->dbuf_type)) {
-    DeviceBufferObject* b = (DeviceBufferObject*)o;
-    tl_device_t* d = ((DeviceObject*)b->device)->dev;
-    if (d != tl_stream_device(self->s)) {
-      PyErr_Format(PyExc_ValueError, "the %s is a DeviceBuffer of %s, the stream is on %s: copy "
-                   "on a stream of the buffer's device", what, tl_device_name(d),
-                   tl_device_name(tl_stream_device(self->s)));
-      return -1;
-    }
     out->device = 1;
-    out->ptr = atomic_load(&b->ptr);
-    out->nbytes = b->nbytes;
-    if (!out->ptr) {
-      PyErr_Format(PyExc_ValueError, "the %s DeviceBuffer was freed", what);
-      return -1;
-    }
-    tl_dbuf_t* root = tl_pydev_dbuf_root(b);
-    if (root && tl_dbuf_stream(root) != self->s) {
-      int err = tl_dbuf_record_stream(root, self->s);
-      if (err) {
-        tl_pydev_fail((PyObject*)self, err);
-        return -1;
-      }
-    }
-    return 0;
+    return dbuf_use(st, (PyObject*)self, o, self->s, what, &out->ptr, &out->nbytes);
   }
   if (PyObject_GetBuffer(o, &out->view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
     if (PyErr_ExceptionMatches(PyExc_TypeError) || PyErr_ExceptionMatches(PyExc_BufferError)) {
@@ -365,19 +388,13 @@ static PyObject* stream_memset(PyObject* op, PyObject* args, PyObject* kwargs) {
     return NULL;
   core_state* st = tl_pydev_state(op);
   if (!st) return NULL;
-  if (!PyObject_TypeCheck(dst, (PyTypeObject*)st->dbuf_type))
-    return PyErr_Format(PyExc_TypeError, "memset takes a DeviceBuffer, not %T", dst);
   StreamObject* self = (StreamObject*)op;
-  side_t d;
-  if (side_get(st, dst, 1, self, &d, "destination") < 0) return NULL;
-  Py_ssize_t n = d.nbytes;
-  if (nobj != Py_None) {
-    n = PyLong_AsSsize_t(nobj);
-    if (n == -1 && PyErr_Occurred()) return NULL;
-    if (n < 0 || n > d.nbytes)
-      return PyErr_Format(PyExc_ValueError, "nbytes=%zd of a %zd-byte buffer", n, d.nbytes);
-  }
-  int err = tl_memset_async(self->s, d.ptr, value, (size_t)n);
+  void* p;
+  Py_ssize_t size, n;
+  if (dbuf_use(st, op, dst, self->s, "memset destination", &p, &size) < 0 ||
+      nbytes_arg(nobj, size, size, &n) < 0)
+    return NULL;
+  int err = tl_memset_async(self->s, p, value, (size_t)n);
   if (err) return tl_pydev_fail(op, err);
   Py_RETURN_NONE;
 }
@@ -599,11 +616,8 @@ static void pool_dealloc(PyObject* op) {
 }
 
 static PyObject* pool_acquire(PyObject* op, PyObject* args, PyObject* kwargs) {
-  static char* kwlist[] = {"timeout", NULL};
-  PyObject* t = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:acquire", kwlist, &t)) return NULL;
-  int ms = tl_pydev_timeout_ms(t);
-  if (ms == -2) return NULL;
+  int ms;
+  if (tl_pydev_timeout_arg(args, kwargs, "|O:acquire", &ms) < 0) return NULL;
   StagingPoolObject* self = (StagingPoolObject*)op;
   core_state* st = tl_pydev_state(op);
   if (!st) return NULL;
@@ -716,33 +730,27 @@ static tl_staging_slot_t* slot_take(PyObject* op) {
   return s;
 }
 
-static PyObject* slot_copy_to_device(PyObject* op, PyObject* args, PyObject* kwargs) {
-  static char* kwlist[] = {"dst", "stream", "nbytes", NULL};
-  PyObject *dst, *stream, *nobj = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|O:copy_to_device", kwlist, &dst, &stream,
-                                   &nobj))
-    return NULL;
+/* The arguments of copy_to_device / copy_from_device: (buffer, stream, nbytes=None), the
+ * DeviceBuffer checked and its use on the stream declared. 0 or -1. */
+static int slot_copy_args(PyObject* op, PyObject* args, PyObject* kwargs, const char* fmt,
+                          const char* what, tl_stream_t** s, void** p, Py_ssize_t* n) {
+  static char* kwlist[] = {"buffer", "stream", "nbytes", NULL};
+  PyObject *buf, *stream, *nobj = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, fmt, kwlist, &buf, &stream, &nobj)) return -1;
   core_state* st = tl_pydev_state(op);
-  if (!st) return NULL;
-  tl_stream_t* s = tl_pydev_stream_of(st, stream);
-  if (!s) return NULL;
-  if (!PyObject_TypeCheck(dst, (PyTypeObject*)st->dbuf_type))
-    return PyErr_Format(PyExc_TypeError, "copy_to_device takes a DeviceBuffer, not %T", dst);
-  DeviceBufferObject* b = (DeviceBufferObject*)dst;
-  void* p = atomic_load(&b->ptr);
-  if (!p) return PyErr_Format(PyExc_ValueError, "the DeviceBuffer was freed");
-  Py_ssize_t n = b->nbytes;
-  if (nobj != Py_None) {
-    n = PyLong_AsSsize_t(nobj);
-    if (n == -1 && PyErr_Occurred()) return NULL;
-    if (n < 0 || n > b->nbytes)
-      return PyErr_Format(PyExc_ValueError, "nbytes=%zd into a %zd-byte buffer", n, b->nbytes);
-  }
-  tl_dbuf_t* root = tl_pydev_dbuf_root(b);
-  if (root && tl_dbuf_stream(root) != s) {
-    int err = tl_dbuf_record_stream(root, s);
-    if (err) return tl_pydev_fail(op, err);
-  }
+  if (!st || !(*s = tl_pydev_stream_of(st, stream))) return -1;
+  Py_ssize_t size;
+  if (dbuf_use(st, op, buf, *s, what, p, &size) < 0) return -1;
+  return nbytes_arg(nobj, size, size, n);
+}
+
+static PyObject* slot_copy_to_device(PyObject* op, PyObject* args, PyObject* kwargs) {
+  tl_stream_t* s;
+  void* p;
+  Py_ssize_t n;
+  if (slot_copy_args(op, args, kwargs, "OO|O:copy_to_device", "copy_to_device destination", &s,
+                     &p, &n) < 0)
+    return NULL;
   tl_staging_slot_t* slot = slot_take(op);
   if (!slot) return NULL;
   int err;
@@ -776,48 +784,29 @@ static PyObject* slot_release(PyObject* op, PyObject* args) {
 }
 
 static PyObject* slot_copy_from_device(PyObject* op, PyObject* args, PyObject* kwargs) {
-  static char* kwlist[] = {"src", "stream", "nbytes", NULL};
-  PyObject *src, *stream, *nobj = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|O:copy_from_device", kwlist, &src, &stream,
-                                   &nobj))
+  tl_stream_t* s;
+  void* p;
+  Py_ssize_t n;
+  if (slot_copy_args(op, args, kwargs, "OO|O:copy_from_device", "copy_from_device source", &s,
+                     &p, &n) < 0)
     return NULL;
-  core_state* st = tl_pydev_state(op);
-  if (!st) return NULL;
-  tl_stream_t* s = tl_pydev_stream_of(st, stream);
-  if (!s) return NULL;
-  if (!PyObject_TypeCheck(src, (PyTypeObject*)st->dbuf_type))
-    return PyErr_Format(PyExc_TypeError, "copy_from_device takes a DeviceBuffer, not %T", src);
-  DeviceBufferObject* b = (DeviceBufferObject*)src;
-  void* p = atomic_load(&b->ptr);
-  if (!p) return PyErr_Format(PyExc_ValueError, "the DeviceBuffer was freed");
-  Py_ssize_t n = b->nbytes;
-  if (nobj != Py_None && (n = PyLong_AsSsize_t(nobj)) == -1 && PyErr_Occurred()) return NULL;
-  tl_dbuf_t* root = tl_pydev_dbuf_root(b);
-  if (root && tl_dbuf_stream(root) != s) {
-    int err = tl_dbuf_record_stream(root, s);
-    if (err) return tl_pydev_fail(op, err);
-  }
   StagingSlotObject* self = (StagingSlotObject*)op;
   int err = 0;
   Py_BEGIN_CRITICAL_SECTION(op);
   if (!self->slot) err = 1;
-  else if (n < 0 || (size_t)n > self->slot->size || n > b->nbytes) err = 2;
+  else if ((size_t)n > self->slot->size) err = 2;
   else err = tl_staging_copy_from_device(self->slot, p, (size_t)n, s);
   Py_END_CRITICAL_SECTION();
   if (err == 1) return PyErr_Format(PyExc_ValueError, "this StagingSlot was handed back already");
   if (err == 2)
-    return PyErr_Format(PyExc_ValueError, "nbytes=%zd: the slot and the buffer hold %zd", n,
-                        b->nbytes);
+    return PyErr_Format(PyExc_ValueError, "nbytes=%zd: the slot holds fewer", n);
   if (err) return tl_pydev_fail(op, err);
   Py_RETURN_NONE;
 }
 
 static PyObject* slot_wait(PyObject* op, PyObject* args, PyObject* kwargs) {
-  static char* kwlist[] = {"timeout", NULL};
-  PyObject* t = Py_None;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:wait", kwlist, &t)) return NULL;
-  int ms = tl_pydev_timeout_ms(t);
-  if (ms == -2) return NULL;
+  int ms;
+  if (tl_pydev_timeout_arg(args, kwargs, "|O:wait", &ms) < 0) return NULL;
   tl_staging_slot_t* slot = ((StagingSlotObject*)op)->slot;
   if (!slot) return PyErr_Format(PyExc_ValueError, "this StagingSlot was handed back already");
   int err;
@@ -903,12 +892,12 @@ static Py_ssize_t slot_len(PyObject* op) {
 static PyMethodDef slot_methods[] = {
     {"copy_to_device", (PyCFunction)(void (*)(void))slot_copy_to_device,
      METH_VARARGS | METH_KEYWORDS,
-     "copy_to_device(dst, stream, nbytes=None): enqueues the copy of the slot's first bytes into "
-     "the DeviceBuffer dst on stream and hands the slot back; the pool reuses it only once the "
+     "copy_to_device(buffer, stream, nbytes=None): enqueues the copy of the slot's first bytes into "
+     "the DeviceBuffer on stream and hands the slot back; the pool reuses it only once the "
      "copy completed. BufferError while memoryviews of the slot are alive."},
     {"copy_from_device", (PyCFunction)(void (*)(void))slot_copy_from_device,
      METH_VARARGS | METH_KEYWORDS,
-     "copy_from_device(src, stream, nbytes=None): enqueues a copy into the slot; wait() before "
+     "copy_from_device(buffer, stream, nbytes=None): enqueues a copy into the slot; wait() before "
      "reading it."},
     {"wait", (PyCFunction)(void (*)(void))slot_wait, METH_VARARGS | METH_KEYWORDS,
      "wait(timeout=None): blocks until the slot's last copy completed."},
