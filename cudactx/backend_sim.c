@@ -720,6 +720,10 @@ static uint64_t tl__duration(const sim_op* op) {
 /* Performs op's effect. Returns 0 or a code, with the text in why. */
 static int tl__execute(sim_op* op, char* why, size_t cap) {
   sim_dev* d = op->s->d;
+  if (op->type == OP_HOSTFN) { /* host work runs even on a lost device: it may free resources */
+    op->fn(op->arg);
+    return 0;
+  }
   if (atomic_load_explicit(&d->lost, memory_order_acquire)) {
     snprintf(why, cap, "sim:%d is lost: %.200s", d->index, d->lost_detail);
     return TL__SIM_DEVICE_LOST;
@@ -727,7 +731,6 @@ static int tl__execute(sim_op* op, char* why, size_t cap) {
   int rc = 0;
   switch (op->type) {
     case OP_KERNEL: return 0;
-    case OP_HOSTFN: op->fn(op->arg); return 0;
     case OP_MEMSET:
       if ((rc = tl__range_ok(d, op->dst, op->n, "memset", why, cap)) != 0) break;
       memset(op->dst, op->value, op->n);

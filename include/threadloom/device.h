@@ -176,8 +176,9 @@ TL_EXTERN int tl_memset_async(tl_stream_t* s, void* dst, int value, size_t size)
  * rate benchmark). Errors: TL_EDEVLOST, TL_ECUDA. */
 TL_EXTERN int tl_kernel_async(tl_stream_t* s, uint64_t ns);
 /* Enqueues fn(arg) on a backend thread, after the stream's earlier work completed; later work
- * waits for it to return. fn must not call threadloom's device functions (CUDA forbids it) and
- * runs even after an earlier failure on the stream. Errors (fn is then never called): TL_EINVAL,
+ * waits for it to return. fn must not call threadloom's device functions (CUDA forbids it). On
+ * sim it runs even after an earlier failure or a device loss (so it can free what it holds); on
+ * CUDA, a sticky error may keep it from running. Errors (fn is then never called): TL_EINVAL,
  * TL_EDEVLOST, TL_ECUDA. */
 TL_EXTERN int tl_stream_callback(tl_stream_t* s, void (*fn)(void* arg), void* arg);
 

@@ -919,6 +919,10 @@ TEST_IMPL(device_fault_lost_device) {
     ASSERT_OK(tl_staging_acquire(p, 1000, &slot));
     ASSERT_OK(tl_staging_copy_to_device(slot, b->ptr, MiB, s));
   }
+  cb_log_t log;
+  memset(&log, 0, sizeof log);
+  cb_arg_t arg = {&log, 7};
+  ASSERT_OK(tl_stream_callback(s, cb_note, &arg)); /* host work still runs: it may free things */
   tl_event_t* e;
   ASSERT_OK(tl_event_init(d, 0, &e));
   ASSERT_OK(tl_event_record(e, s));
@@ -928,6 +932,8 @@ TEST_IMPL(device_fault_lost_device) {
   ASSERT_CONTAINS(tl_err_detail(), "injected device loss");
   ASSERT(now_ms() - t0 < 1000); /* the second copy was not waited for */
   ASSERT_EQ(tl_stream_sync(s, 5000), TL_EDEVLOST);
+  ASSERT_EQ(atomic_load(&log.n), 1);
+  ASSERT_EQ(atomic_load(&log.order[0]), 7);
   ASSERT_EQ(tl_kernel_async(s, 0), TL_EDEVLOST);
   ASSERT_EQ(tl_event_record(e, s), TL_EDEVLOST);
   ASSERT_EQ(tl_event_wait(e, 1000), TL_EDEVLOST); /* that record never happened: no hang */
