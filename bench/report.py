@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from svgplot import PALETTE, Series, line_chart, placeholder  # noqa: E402
 
 KNOWN = {"meta", "dataloader", "dataloader_torch", "footprint", "executor", "scheduler", "checkpoint", "arena",
-         "startup", "share", "launch", "h2d"}
+         "startup", "share", "launch", "h2d", "device", "devices", "device_cuda", "devices_cuda"}
 
 
 class ReportError(Exception):
@@ -750,6 +750,92 @@ def section_startup(r, cores):
     return ("Start-up", ms(m["threadloom run"]), "python3.13t %s" % ms(m["python3.13t"]),
             "%.2fx" % st["ratio"], "lower is better")
 
+def section_devices(r, name_py, name_c, title):
+    """bench_devices.py (Python: submission rate, feeder) and tl-bench-device (C: launch rate,
+    caching allocator, the sim's timing) of one backend."""
+    py = r.section(title, name_py)
+    c = load(r.d, name_c)
+    if py is not None and py.get("skipped"):
+        r.md += ["Not run: %s." % py["skipped"]]
+        return None
+    summary = None
+    if py is not None and py.get("submit"):
+        sub = {x["threads"]: x for x in py["submit"]}
+        craw = {x["threads"]: x["per_thread"] for x in (c or {}).get("launch", {}).get("rows", [])}
+        r.md += ["### Submission rate from Python threads", "",
+                 "Stream.launch(0) calls per second per Python thread, each thread on its own "
+                 "stream of %s%s. The raw C column is tl-bench-device's loop over the same C call "
+                 "(device.json); per CPU second divides by each thread's own CPU time, which a "
+                 "busy machine cannot take away (goals: >= 2M/s per thread, >= 1.8x at 2 threads)."
+                 % (py["submit"][0]["device"], " with cost=0 (operations are free: this is "
+                    "threadloom's own cost)" if py["backend"] == "sim" else ""), ""]
+        r.md += table(["threads", "Python, per thread", "per CPU second", "raw C, per thread",
+                       "Python / C", "load average"],
+                      [[t, num(x["per_thread"]), num(x.get("per_thread_cpu")),
+                        num(craw.get(t)), ratio(x["per_thread"], craw.get(t)),
+                        "%.1f" % x.get("loadavg", 0)] for t, x in sorted(sub.items())])
+        r.md += ["", "2 threads over 1: %.2fx wall clock, %.2fx per CPU second."
+                 % (py["scaling_2"], py.get("scaling_2_cpu", 0))]
+        series = [Series("Python threads", [(t, x["per_thread"]) for t, x in sorted(sub.items())],
+                         PALETTE[0])]
+        if craw:
+            series.append(Series("raw C", sorted(craw.items()), PALETTE[1], "7,4"))
+        r.svg(name_py + "_submit.svg", line_chart(
+            "Submissions per second per thread (%s)" % py["backend"], "threads",
+            "launches/s per thread", series, log_x=False, log_y=True, x_ticks=sorted(sub)),
+            "launch rate vs threads")
+        summary = ("Device submission (Python, %s)" % py["backend"],
+                   "%s/s per thread" % num(sub[1]["per_thread"]),
+                   "raw C %s" % num(craw.get(1)), ratio(sub[1]["per_thread"], craw.get(1)),
+                   "1 thread")
+    if py is not None and py.get("feeder"):
+        sim = py["backend"] == "sim"
+        r.md += ["", "### The GPU feeder against the H2D engine", "",
+                 "2 producer threads write batches straight into pinned staging slots "
+                 "(feeder.stage/submit), a consumer's stream waits for each. %s Goal: >= 90%%."
+                 % ("Utilization is the sim H2D engine's busy time over the run's wall time, with "
+                    "the bandwidth modelled at half this host's measured memcpy speed (the engine "
+                    "moves real bytes). Raw: back-to-back copies from one pinned slot."
+                    if sim else "Against raw back-to-back pinned cudaMemcpyAsync from one slot."),
+                 ""]
+        hdr = ["batch", "feeder GB/s", "raw GB/s", "feeder / raw"]
+        if sim:
+            hdr += ["engine busy", "model GB/s", "host memcpy GB/s"]
+        rows = []
+        for x in py["feeder"]:
+            row = ["%d MiB" % x["mib"], num(x["feeder_gbs"], 2), num(x["raw_gbs"], 2),
+                   "%.1f%%" % (100 * x["vs_raw"])]
+            if sim:
+                row += ["%.1f%%" % (100 * x["utilization"]), num(x["model_gbs"], 2),
+                        num(x["host_memcpy_gbs"], 1)]
+            rows.append(row)
+        r.md += table(hdr, rows)
+    if c is not None and c.get("alloc"):
+        r.md += ["", "### Caching device allocator (C)", "",
+                 "tl_dbuf_alloc + tl_dbuf_free pairs per second per thread on %s, each thread on "
+                 "its own stream, against the same pair with the cache emptied after each free "
+                 "(every block from the device), one thread. Goal: >= 10M/s per thread." %
+                 c["alloc"]["device"], ""]
+        r.md += table(["size", "threads", "cached pairs/s per thread", "from the device",
+                       "cached / device"],
+                      [[size_label(x["size"]), x["threads"], num(x["cached_per_thread"]),
+                        num(x["uncached"]) if x["uncached"] else "-",
+                        ratio(x["cached_per_thread"], x["uncached"]) if x["uncached"] else "-"]
+                       for x in c["alloc"]["rows"]])
+    if c is not None and c.get("timing"):
+        r.md += ["", "### The sim's timing precision", "",
+                 "200 back-to-back 1 MiB pinned copies at the modelled bandwidth (wall time vs "
+                 "the model, the engine's busy time, how late completions were observed), and "
+                 "host round trips of a 100 us kernel; spin=0 sleeps to each deadline, spin=50us "
+                 "busy-waits its last 50 us.", ""]
+        r.md += table(["spin", "model GB/s", "wall", "modelled", "error", "busy",
+                       "late (mean / max)", "100 us kernel round trip"],
+                      [[x["spin"], num(x["model_h2d_gbs"], 2), "%.2f ms" % x["wall_ms"],
+                        "%.2f ms" % x["model_ms"], "%+.2f%%" % (100 * (x["wall_ms"] / x["model_ms"] - 1)),
+                        "%.2f ms" % x["busy_ms"], "%.1f / %.1f us" % (x["late_mean_us"], x["late_max_us"]),
+                        "%.1f us" % x["roundtrip_us"]] for x in c["timing"]])
+    return summary
+
 
 SHARE_TEXT = {
     ("loader", "plain"): "nothing shared, import hook off",
@@ -899,7 +985,12 @@ def build(d):
     section_goals(r, cores, meta, best, goals_first + goals_mem)
     summaries += [first, mem, section_executor(r, cores), section_scheduler(r, cores),
                   section_checkpoint(r, cores), section_arena(r, cores), section_startup(r, cores),
-                  section_share(r, cores)]
+                  section_share(r, cores),
+                  section_devices(r, "devices", "device", "Devices (sim): submission, feeder, "
+                                  "allocator")]
+    if load(d, "devices_cuda") is not None or load(d, "device_cuda") is not None:
+        summaries.append(section_devices(r, "devices_cuda", "device_cuda",
+                                         "Devices (cuda): submission, feeder, allocator"))
     section_gpu(r, meta)
     summary = ["", "## Summary", ""] + table(
         ["benchmark", "threadloom", "baseline", "ratio", "at"],

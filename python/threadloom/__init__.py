@@ -13,6 +13,7 @@ from threadloom._core import (  # noqa: F401  (the error classes are public API)
     CanceledError,
     ClosedError,
     CudaError,
+    DeviceLostError,
     Error,
     InputOutputError,
     InvalidArgumentError,
@@ -36,6 +37,7 @@ from threadloom import share as _share_module
 from threadloom.share import ShareReport, imports_shared, share, share_imports
 from threadloom.checkpoint import Checkpointer, CorruptCheckpointError, load
 from threadloom.contention import contention
+from threadloom import devices  # noqa: F401  (callable: threadloom.devices() lists them)
 from threadloom.data import DataLoader, get_worker_info
 from threadloom.executor import Executor
 from threadloom.memory import arena, current_numa_node
@@ -51,7 +53,7 @@ __version__ = _core.__version__
 _share_module.install_from_env()
 
 __all__ = ["Arena", "Buffer", "Checkpointer", "CorruptCheckpointError", "DataLoader", "Error", "Executor", "from_dlpack", "load", "Pipeline", "arena", "current_numa_node", "Pinning", "default_plan", "get_worker_info", "info", "pin", "plan", "spmd", "topology",
-           "ShareReport", "contention", "imports_shared", "share", "share_imports",
+           "ShareReport", "devices", "contention", "imports_shared", "share", "share_imports",
            "__version__"] + [
     cls.__name__ for _, _, _, cls in _core.error_table()
 ]

@@ -130,8 +130,10 @@ def info():
                 dev["numa_node"] = t["numa_node"]
                 dev["local_cpus"] = t["local_cpus"]
         gpus.append(dev)
+    backend, backend_error = _probe(_core.devices_backend)
     return {
         "interpreter": _interpreter(),
+        "devices": backend or {"name": "none", "count": 0, "why": backend_error},
         "libraries": libs,
         "gpus": gpus,
         "gpus_error": gpu_error,
@@ -166,6 +168,8 @@ def format_info(d):
     add("  CUDA runtime: %s" % (libs["cuda_runtime"] or libs["cuda_runtime_error"]))
     add("  CUDA driver: %s" % (libs["cuda_driver"] or libs["cuda_driver_error"]))
     add("  NCCL: %s" % (libs["nccl"] or libs["nccl_error"]))
+    dv = d["devices"]
+    add("  devices: %s, %d device(s) (%s)" % (dv["name"], dv["count"], dv["why"]))
     add("")
     add("GPUs")
     if d["cuda_visible_devices"] is not None:

@@ -384,6 +384,40 @@ def test_report_generic_gpu_json(tmp_path):
     assert md.count("needs a GPU: not run on this machine.") == 1  # launch still a placeholder
 
 
+def test_report_devices(tmp_path):
+    d = str(tmp_path)
+    synthetic(d)
+    write(d, "devices", {"backend": "sim", "seconds": 1, "scaling_2": 1.9, "scaling_2_cpu": 2.0,
+                         "submit": [{"threads": t, "per_thread": 4e6, "slowest": 4e6,
+                                     "total": 4e6 * t, "per_thread_cpu": 5e6, "loadavg": 0.5,
+                                     "device": "sim:0"} for t in (1, 2)],
+                         "feeder": [{"mib": 1, "feeder_gbs": 9.0, "raw_gbs": 10.0, "vs_raw": 0.9,
+                                     "utilization": 0.95, "model_gbs": 10.0,
+                                     "host_memcpy_gbs": 20.0}]})
+    write(d, "device", {"backend": "sim",
+                        "launch": {"device": "sim:0", "rows": [{"threads": 1, "per_thread": 8e6},
+                                                               {"threads": 2, "per_thread": 8e6}]},
+                        "alloc": {"device": "sim:0", "rows": [
+                            {"size": 512, "threads": 1, "cached_per_thread": 2e7, "uncached": 1e5}]},
+                        "timing": [{"spin": "0us", "model_h2d_gbs": 1.0, "wall_ms": 101.0,
+                                    "model_ms": 100.0, "busy_ms": 100.0, "late_mean_us": 50.0,
+                                    "late_max_us": 900.0, "roundtrip_us": 160.0}]})
+    report.build(d)
+    md = open(os.path.join(d, "README.md")).read()
+    h = "## Devices (sim): submission, feeder, allocator"
+    t = md_table(md, h)
+    assert t[1] == ["1", "4,000,000", "5,000,000", "8,000,000", "0.50x", "0.5"]
+    assert "2 threads over 1: 1.90x wall clock, 2.00x per CPU second." in md
+    assert md_table(md, h, 1)[1] == ["1 MiB", "9.00", "10.00", "90.0%", "95.0%", "10.00", "20.0"]
+    assert md_table(md, h, 2)[1] == ["512 B", "1", "20,000,000", "100,000", "200.00x"]
+    assert md_table(md, h, 3)[1][4] == "+1.00%"
+    _, series = svg_series(os.path.join(d, "devices_submit.svg"))
+    assert series == {"Python threads": (2, 1), "raw C": (2, 1)}
+    t = md_table(md, "## Summary")
+    assert ["Device submission (Python, sim)", "4,000,000/s per thread", "raw C 8,000,000",
+            "0.50x", "1 thread"] in t
+
+
 def test_report_errors(tmp_path):
     d = str(tmp_path)
     with pytest.raises(report.ReportError, match="no meta.json.*make bench"):
