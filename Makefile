@@ -10,7 +10,8 @@
 #                   torch tests (tests/torch: threadloom next to torch, on both venvs)
 #   make test-asan  the C core and its tests under AddressSanitizer + UBSan
 #   make test-tsan  the C core and its tests under ThreadSanitizer
-#   make gpu-test   only the GPU tests (they skip, saying why, without a GPU)
+#   make gpu-test   only the GPU tests (they skip, saying why, without a GPU); on a GPU machine
+#                   lent for minutes: scripts/gpu-check.sh (README, "Checking on a GPU")
 #   make bench      the benchmarks this machine can run, and their report (Markdown + SVG plots),
 #                   into bench/results/<machine>/ (BENCH_ARGS=--quick: a check in seconds)
 #   make clean      remove the build directories and venvs (the cache stays)
@@ -100,9 +101,10 @@ test-tsan: bootstrap
 	@cmake --build build-tsan -j $(JOBS)
 	@cd build-tsan && TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:suppressions=$(CURDIR)/tests/tsan.supp $(CTEST)
 
+# The GPU test suite (the C tests gpu_* and the Python tests marked gpu: the cuda half of the
+# suite CI runs on sim), as scripts/gpu-check.sh runs it on a GPU machine.
 gpu-test: build
-	@cd $(BUILD) && $(CTEST) -L gpu
-	@$(PY) -P -m pytest tests/python -q -rs -m gpu
+	@bash scripts/gpu-check.sh --tests
 
 bench: build
 	@bash bench/run.sh $(BENCH_ARGS) $(PY)

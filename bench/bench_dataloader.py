@@ -1,7 +1,8 @@
 """Loader throughput with a Python-heavy and a native-heavy per-sample transform, in one run:
 
-  threadloom.DataLoader with 1..N worker threads (each with its own dataset replica, and
-  replicate=None sharing one dataset),
+  threadloom.DataLoader with 1..N worker threads (each with its own dataset replica,
+  replicate=None sharing one dataset, and replicate="share" sharing it made immortal: each run
+  builds a new dataset, so no run reads another's immortal objects),
   a naive thread loader (concurrent.futures threads sharing one dataset object, collating each
   batch with threadloom's default_collate as the DataLoader does),
   a multiprocessing.Pool loader (the torch-style process baseline: each batch collated into an
@@ -109,6 +110,8 @@ def main():
             report(wl, "threadloom.DataLoader (replicas)", w, run_threadloom)
         for w in ws:
             report(wl, "threadloom.DataLoader replicate=None", w, run_threadloom, None)
+        for w in ws:
+            report(wl, "threadloom.DataLoader replicate='share'", w, run_threadloom, "share")
         for w in ws:
             report(wl, "naive threads, shared dataset", w, run_naive_threads)
         for w in ws:

@@ -11,9 +11,10 @@
                reads all over), and once more after the last batch, before the workers are shut
                down; for 2, 4 and 8 workers (--mem-workers).
 
-Loaders: threadloom.DataLoader (threads, one process), twice: sharing the dataset
-(replicate=None) and with its default replicate="copy" (a deep copy of the dataset per worker
-thread, made on that thread before its first sample),
+Loaders: threadloom.DataLoader (threads, one process), three times: sharing the dataset
+(replicate=None), sharing it made immortal (replicate="share": threadloom.share() once, when the
+loader is built, so its time is in the first batch) and with its default replicate="copy" (a
+deep copy of the dataset per worker thread, made on that thread before its first sample),
 torch.utils.data.DataLoader with the fork and spawn start methods (on the interpreter given by
 --torch-python, which imports torch; torch's default on Linux is fork), and multiprocessing.Pool
 with fork and spawn (on this interpreter, collating each batch into an array.array in the worker,
@@ -44,12 +45,14 @@ from _workload import Records, Tokens, describe_batch, parse_threads  # noqa: E4
 
 # (loader key, what the report calls it, interpreter: "tl" = this one, "torch" = --torch-python)
 FIRST_LOADERS = [("threadloom-shared", "threadloom.DataLoader replicate=None", "tl"),
+                 ("threadloom-share", "threadloom.DataLoader replicate='share'", "tl"),
                  ("threadloom", "threadloom.DataLoader (replicas)", "tl"),
                  ("torch-fork", "torch DataLoader (fork)", "torch"),
                  ("torch-spawn", "torch DataLoader (spawn)", "torch"),
                  ("pool-fork", "multiprocessing.Pool (fork)", "tl"),
                  ("pool-spawn", "multiprocessing.Pool (spawn)", "tl")]
 MEM_LOADERS = [("threadloom-shared", "threadloom.DataLoader replicate=None", "tl"),
+               ("threadloom-share", "threadloom.DataLoader replicate='share'", "tl"),
                ("threadloom", "threadloom.DataLoader (replicas)", "tl"),
                ("torch-fork", "torch DataLoader (fork)", "torch"),
                ("torch-spawn", "torch DataLoader (spawn)", "torch"),
@@ -83,8 +86,8 @@ def _loader(spec, ds):
     kind, w, b = spec["loader"], spec["workers"], spec["batch"]
     if kind.startswith("threadloom"):
         import threadloom
-        dl = threadloom.DataLoader(ds, batch_size=b, num_workers=w,
-                                   replicate=None if kind == "threadloom-shared" else "copy")
+        dl = threadloom.DataLoader(ds, batch_size=b, num_workers=w, replicate={
+            "threadloom-shared": None, "threadloom-share": "share"}.get(kind, "copy"))
         return dl, dl.close
     if kind.startswith("torch-"):
         import torch.utils.data as torch_data

@@ -3,10 +3,13 @@
 # run, writes each one's text output and JSON to bench/results/<machine>/ (machine = cores + GPU,
 # or nogpu), then the report: README.md and SVG plots there (bench/report.py).
 #
-# Usage: bench/run.sh [--quick] [--out DIR] PYTHON   (make bench passes the free-threaded interpreter)
+# Usage: bench/run.sh [--quick] [--out DIR] [--only LIST] PYTHON   (make bench passes the
+#        free-threaded interpreter)
 #   --quick    tiny sizes, 1-2 threads: checks the pipeline end to end in well under a minute; its
 #              numbers mean nothing (default output bench/results/<machine>-quick/, not committed)
 #   --out DIR  write there instead
+#   --only L   run only these benchmarks (comma-separated names: scheduler, arena, device,
+#              devices, executor, ...; scripts/gpu-check.sh picks what fits its minutes)
 # TORCH_PYTHON=/path/to/python picks the interpreter for the torch DataLoader baselines; by default
 # build/bootstrap.env's GIL_PYTHON (the GIL baseline venv scripts/bootstrap.sh makes), else the first of PYTHON,
 # python3.12, python3, python3.11, python3.13 that can import torch.
@@ -16,19 +19,20 @@
 set -euo pipefail
 main() {  # all in a function: bash parses it whole, so editing this file mid-run is harmless
 here=$(cd "$(dirname "$0")/.." && pwd)
-usage() { echo "usage: bench/run.sh [--quick] [--out DIR] PYTHON" >&2; exit 2; }
-quick=0 out="" args=("$@")
+usage() { echo "usage: bench/run.sh [--quick] [--out DIR] [--only LIST] PYTHON" >&2; exit 2; }
+quick=0 out="" only="" args=("$@")
 while [ $# -gt 0 ]; do
   case $1 in
     --quick) quick=1; shift ;;
     --out) [ $# -ge 2 ] || usage; out=$2; shift 2 ;;
+    --only) [ $# -ge 2 ] || usage; only=",$2,"; shift 2 ;;
     -*) usage ;;
     *) break ;;
   esac
 done
 [ $# -eq 1 ] || usage
 py=$1
-for bin in tl-bench-scheduler tl-bench-arena; do
+for bin in tl-bench-scheduler tl-bench-arena tl-bench-device; do
   [ -x "$here/build/bench/$bin" ] || { echo "bench: no build/bench/$bin: run \`make build\` first" >&2; exit 1; }
 done
 gpu=$("$py" -c 'import threadloom as t
@@ -49,7 +53,7 @@ echo "bench: results go to $out"
 # -- what was measured, where, on which commit (the report's header) ----------------------------
 via=""
 [ -n "${MAKELEVEL:-}" ] && via="make bench -> "
-commit=$(git -C "$here" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+commit=$(git -C "$here" rev-parse --short=12 HEAD 2>/dev/null || echo "${TL_COMMIT:-unknown}")
 # (changes under bench/results/ are this or an earlier run's outputs, not code)
 [ -n "$(git -C "$here" status --porcelain --untracked-files=no -- . ':!bench/results' 2>/dev/null)" ] &&
   commit="$commit (uncommitted changes)"
@@ -76,8 +80,10 @@ PY
 
 # -- the benchmarks ------------------------------------------------------------------------------
 failed=()
+want() { [ -z "$only" ] || [[ $only == *",$1,"* ]]; }
 run() {  # name command...: text output to $out/name.txt, failures collected
   local name=$1; shift
+  want "$name" || return 0
   echo "== $name: $*"
   local shown="$*"
   if ! { echo "# ${shown//$here\//}"; echo "# $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) CPU(s), GPU: $gpu"; "$@"; } 2>&1 | tee "$out/$name.txt"; then
@@ -93,15 +99,27 @@ if [ $quick = 1 ]; then
   q_ckpt=(--size 16 --sizes 4,16 --repeat 1)
   q_load=(--samples 400 --threads 1,2 --reps 1)
   q_foot=(--quick)
+  q_share=(--items 240 --threads 2 --reps 1 --rounds 1)
+  q_dev=(--seconds 0.1)
+  q_devs=(--quick)
 else
   # best of 5 for the loaders: on a small shared machine run-to-run noise is ~30%
-  q_sched=() q_arena=() q_exec=() q_start=() q_ckpt=() q_load=(--reps 5) q_foot=()
+  q_sched=() q_arena=() q_exec=() q_start=() q_ckpt=() q_load=(--reps 5) q_foot=() q_share=() q_dev=() q_devs=()
 fi
 run scheduler "$here/build/bench/tl-bench-scheduler" ${q_sched[@]+"${q_sched[@]}"} --json "$out/scheduler.json"
 run arena "$here/build/bench/tl-bench-arena" ${q_arena[@]+"${q_arena[@]}"} --json "$out/arena.json"
+run device "$here/build/bench/tl-bench-device" ${q_dev[@]+"${q_dev[@]}"} --json "$out/device.json"
+run devices "$py" "$here/bench/bench_devices.py" ${q_devs[@]+"${q_devs[@]}"} --json "$out/devices.json"
+if [ "$gpu" != nogpu ]; then  # the same on cuda:0 (and the report's GPU plots)
+  run device_cuda "$here/build/bench/tl-bench-device" --cuda --sections launch,alloc \
+    ${q_dev[@]+"${q_dev[@]}"} --json "$out/device_cuda.json"
+  run devices_cuda "$py" "$here/bench/bench_devices.py" --cuda ${q_devs[@]+"${q_devs[@]}"} \
+    --json "$out/devices_cuda.json" --gpu-json "$out"
+fi
 run executor "$py" "$here/bench/bench_executor.py" ${q_exec[@]+"${q_exec[@]}"} --json "$out/executor.json"
 run startup "$py" "$here/bench/bench_startup.py" ${q_start[@]+"${q_start[@]}"} --json "$out/startup.json"
 run checkpoint "$py" "$here/bench/bench_checkpoint.py" ${q_ckpt[@]+"${q_ckpt[@]}"} --json "$out/checkpoint.json"
+run share "$py" "$here/bench/bench_share.py" ${q_share[@]+"${q_share[@]}"} --json "$out/share.json"
 run dataloader "$py" "$here/bench/bench_dataloader.py" ${q_load[@]+"${q_load[@]}"} --json "$out/dataloader.json"
 
 # The torch DataLoader baselines run on the GIL baseline (build/venv-gil: python3.11 with torch
@@ -117,7 +135,7 @@ done
 if [ -n "$torch_py" ]; then
   run dataloader_torch "$torch_py" "$here/bench/bench_dataloader_torch.py" ${q_load[@]+"${q_load[@]}"} \
     --json "$out/dataloader_torch.json"
-else
+elif want dataloader_torch; then
   reason="no interpreter on this machine imports torch (tried: ${tried[*]}); TORCH_PYTHON=/path/to/python picks one"
   echo "== dataloader_torch: skipped: $reason" | tee "$out/dataloader_torch.txt"
   REASON=$reason "$py" -c 'import json, os, sys; json.dump({"skipped": os.environ["REASON"]}, open(sys.argv[1], "w"))' \

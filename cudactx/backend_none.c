@@ -1,5 +1,7 @@
-/* cudactx/backend_none.c: the backend table of a build without CUDA (TL_WITH_CUDA=OFF).
- * Every call answers TL__CUDA_NOT_BUILT, which device.c turns into TL_ENOSYS. */
+/* cudactx/backend_none.c: the CUDA table of a build without CUDA (TL_WITH_CUDA=OFF).
+ * Every discovery call answers TL__CUDA_NOT_BUILT, which device.c turns into TL_ENOSYS; with no
+ * device count there are no cuda devices, so the device entries (NULL) are never reached. The
+ * sim backend works the same in such a build. */
 #include "cudactx/internal.h"
 
 static int tl__none_version(int* v) {
@@ -29,8 +31,9 @@ static const char* tl__none_error_name(int code) {
   return "not built with CUDA";
 }
 
-const tl__cuda_api_t tl__cuda_builtin = {
+const tl__dev_api_t tl__cuda_builtin = {
     .name = "none",
+    .kind = TL_DEVICE_NONE,
     .runtime_version = tl__none_version,
     .driver_version = tl__none_version,
     .device_count = tl__none_version,

@@ -1,4 +1,5 @@
-/* cudactx/device.c: device discovery and versions, over the backend table.
+/* cudactx/device.c: CUDA discovery and versions over the CUDA table, and the translation of
+ * every backend's error codes into TL_E* codes.
  *
  * Invariant: the table pointer is the only shared mutable state; it is an atomic pointer so a
  * test may swap it while no other thread uses CUDA. */
@@ -8,20 +9,19 @@
 
 #include "cudactx/internal.h"
 
-static _Atomic(const tl__cuda_api_t*) tl__api = NULL;
+static _Atomic(const tl__dev_api_t*) tl__api = NULL;
 
-const tl__cuda_api_t* tl__cuda_api(void) {
-  const tl__cuda_api_t* a = atomic_load_explicit(&tl__api, memory_order_acquire);
+const tl__dev_api_t* tl__cuda_api(void) {
+  const tl__dev_api_t* a = atomic_load_explicit(&tl__api, memory_order_acquire);
   return a ? a : &tl__cuda_builtin;
 }
 
-const tl__cuda_api_t* tl__cuda_set_api(const tl__cuda_api_t* api) {
-  const tl__cuda_api_t* prev = atomic_exchange_explicit(&tl__api, api, memory_order_acq_rel);
+const tl__dev_api_t* tl__cuda_set_api(const tl__dev_api_t* api) {
+  const tl__dev_api_t* prev = atomic_exchange_explicit(&tl__api, api, memory_order_acq_rel);
   return prev ? prev : &tl__cuda_builtin;
 }
 
-int tl__cuda_error(const char* call, int code) {
-  const tl__cuda_api_t* api = tl__cuda_api();
+int tl__dev_error(const tl__dev_api_t* api, const char* call, int code) {
   int err;
   switch (code) {
     case TL__CUDA_SUCCESS: return 0;
@@ -31,12 +31,34 @@ int tl__cuda_error(const char* call, int code) {
     case TL__CUDA_CALL_REQUIRES_NEWER_DRIVER:
     case TL__CUDA_SYSTEM_DRIVER_MISMATCH: err = TL_ENODRIVER; break;
     case TL__CUDA_NO_DEVICE:
-    case TL__CUDA_INVALID_DEVICE: err = TL_ENODEV; break;
+    case TL__CUDA_INVALID_DEVICE:
+    case TL__SIM_NOT_CONFIGURED: err = TL_ENODEV; break;
+    case TL__CUDA_MEMORY_ALLOCATION: err = TL_ENOMEM; break;
+    case TL__CUDA_NOT_READY: err = TL_EAGAIN; break;
+    case TL__CUDA_INVALID_VALUE: err = TL_EINVAL; break;
+    /* the errors CUDA documents as sticky: the context is unusable until the process restarts */
+    case TL__CUDA_ECC_UNCORRECTABLE:
+    case TL__CUDA_ILLEGAL_ADDRESS:
+    case TL__CUDA_HARDWARE_STACK_ERROR:
+    case TL__CUDA_ILLEGAL_INSTRUCTION:
+    case TL__CUDA_MISALIGNED_ADDRESS:
+    case TL__CUDA_INVALID_ADDRESS_SPACE:
+    case TL__CUDA_INVALID_PC:
+    case TL__CUDA_LAUNCH_FAILURE:
+    case TL__SIM_DEVICE_LOST: err = TL_EDEVLOST; break;
     default: err = TL_ECUDA; break;
   }
-  const char* name = api->error_name(code);
-  const char* text = api->error_string(code);
+  const char* name = api->error_name ? api->error_name(code) : NULL;
+  const char* text = api->error_string ? api->error_string(code) : NULL;
+  const char* more = api->last_detail ? api->last_detail() : NULL;
+  if (more && more[0])
+    return tl__fail(err, "%s: %s (%d): %s: %s", call, name ? name : "?", code, text ? text : "",
+                    more);
   return tl__fail(err, "%s: %s (%d): %s", call, name ? name : "?", code, text ? text : "");
+}
+
+int tl__cuda_error(const char* call, int code) {
+  return tl__dev_error(tl__cuda_api(), call, code);
 }
 
 int tl_cuda_built(void) { return tl__cuda_builtin.name[0] != 'n'; }

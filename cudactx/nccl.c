@@ -347,7 +347,7 @@ int tl_nccl_comm_init(tl_nccl_comm_t** out, const tl_nccl_id_t* id, int nranks, 
   if (nranks < 1 || rank < 0 || rank >= nranks)
     return tl__fail(TL_EINVAL, "tl_nccl_comm_init: rank %d is outside a world of %d", rank, nranks);
   if (device < 0) return tl__fail(TL_EINVAL, "tl_nccl_comm_init: device %d is negative", device);
-  const tl__cuda_api_t* cuda = tl__cuda_api();
+  const tl__dev_api_t* cuda = tl__cuda_api();
   if (!cuda->set_device)
     return tl__fail(TL_ENOSYS, "tl_nccl_comm_init: the CUDA backend \"%s\" cannot select a device",
                     cuda->name);

@@ -83,7 +83,9 @@ static const char tl__usage[] =
     "SLURM and may be left out; every node needs the same THREADLOOM_JOB_TOKEN):\n"
     "  --nnodes N               number of nodes\n"
     "  --node-rank R            this node's rank, 0..N-1 (node 0 runs the rendezvous store)\n"
-    "  --master HOST[:PORT]     node 0's address (and the store's port; default: from the job)\n"
+    "  --master HOST[:PORT]     node 0's address, and torch.distributed's port there\n"
+    "                           (MASTER_PORT, as torchrun's --master-port; default: a free one);\n"
+    "                           threadloom's own store uses ports derived from the job\n"
     "  --rdzv-timeout S         give up when the nodes have not met after S seconds (300)\n"
     "  --watchdog-timeout S     abort every node when one stops heartbeating for S seconds or\n"
     "                           fails (60; 0: no watchdog)\n"
@@ -323,9 +325,11 @@ static PyStatus tl__configure(PyConfig* config, int argc, char** argv, const tl_
 
 /* Loads gilguard.py (and cluster/torchrun.py) by path rather than importing the package: the
  * package's __init__ loads _core and its libraries, which costs start-up time the user's script
- * may never need. Registered under their package names, so `threadloom.gilguard` is this one.
- * The package directory is where the interpreter's sys.path finds it (PathFinder only looks:
- * it runs no __init__). */
+ * may never need. Registered under their package names, so `threadloom.gilguard` is this one. The
+ * import hook that makes imported code's constants immortal (threadloom/share.py, unless
+ * THREADLOOM_SHARE_IMPORTS=0) needs _core, which share.py loads the same way at the first import
+ * it sees (a script that imports nothing new does not pay for it). The package directory is
+ * where the interpreter's sys.path finds it (PathFinder only looks: it runs no __init__). */
 static const char tl__startup_code[] =
     "import sys, _frozen_importlib as _b, _frozen_importlib_external as _e\n"
     "_spec = _e.PathFinder.find_spec('threadloom')\n"
@@ -343,6 +347,11 @@ static const char tl__startup_code[] =
     "    return mod\n"
     "_g = _load('threadloom.gilguard', pkg + '/gilguard.py')\n"
     "_g.install(policy, origin='threadloom run')\n"
+    "_s = _load('threadloom.share', pkg + '/share.py')\n"
+    "if _s.enabled_by_env():\n"
+    "    import _imp\n"
+    "    _s._CORE_FILE = pkg + '/_core' + _imp.extension_suffixes()[0]\n"
+    "    _s.share_imports(True)\n"
     "if cluster is not None:\n"
     "    from threadloom.cluster import launch as _launch\n"
     "    _launch.launch_or_exit(origin='threadloom run', **cluster)\n"

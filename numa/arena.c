@@ -11,7 +11,8 @@
  *   touch     only when asked (prefault): write one byte per page, so the region is committed
  *             and placed up front; otherwise each page lands on the node when first written (the
  *             binding is the policy), and a 1 GiB arena costs nothing until it is used;
- *   pin       cudaHostRegister through the CUDA backend table (cudactx/internal.h);
+ *   pin       cudaHostRegister through the CUDA backend table (cudactx/internal.h), or the sim
+ *             backend's host_register when simulated devices are selected (pinned bandwidth);
  *   manage    mi_manage_os_memory_ex(exclusive): a mimalloc arena that only heaps created with
  *             mi_heap_new_in_arena(id) allocate from, and that never falls back to the OS.
  *
@@ -73,6 +74,7 @@ typedef struct tl__region_s {
   struct tl__region_s* next; /* next region on the list; written under tl__regions_lock */
   int numa_node;             /* the node it is bound to, -1 for none */
   int pinned;                /* 1: registered with cudaHostRegister (mimalloc is_large=true) */
+  const struct tl__dev_api_s* pin_api; /* the table that registered it (CUDA's, or the sim's) */
   int auto_unpinned;         /* 1: PIN_AUTO tried to pin it and could not (AUTO may reuse it) */
   char pin_detail[192];      /* why it is (not) pinned, copied into the stats */
   int owned;                 /* 1 while a tl_arena_t uses it; under tl__regions_lock */
@@ -577,7 +579,8 @@ static int tl__pin(tl__region_t* r, tl_arena_pin_t pin) {
     tl__strlcpy(r->pin_detail, "not pinned: TL_ARENA_PIN_NEVER", sizeof r->pin_detail);
     return 0;
   }
-  const tl__cuda_api_t* api = tl__cuda_api();
+  const tl__dev_api_t* api = tl__host_pin_api();
+  r->pin_api = api;
   int err;
   if (!api->host_register || !api->host_unregister)
     err = tl__fail(TL_ENOSYS, "cudaHostRegister: the CUDA backend \"%s\" cannot page-lock",
@@ -586,8 +589,8 @@ static int tl__pin(tl__region_t* r, tl_arena_pin_t pin) {
     err = tl__cuda_error("cudaHostRegister", api->host_register(r->start, r->size));
   if (err == 0) {
     r->pinned = 1;
-    snprintf(r->pin_detail, sizeof r->pin_detail, "pinned: cudaHostRegister(%zu bytes)",
-             r->size);
+    snprintf(r->pin_detail, sizeof r->pin_detail, "pinned: %s(%zu bytes)",
+             api->kind == TL_DEVICE_SIM ? "sim host_register" : "cudaHostRegister", r->size);
     return 0;
   }
   snprintf(r->pin_detail, sizeof r->pin_detail, "not pinned: %s", tl_err_detail());
@@ -639,7 +642,7 @@ static int tl__region_new(tl__region_t** out, int node, size_t size, tl_arena_pi
   return 0;
 
 fail_unpin:
-  if (r->pinned) tl__cuda_api()->host_unregister(start);
+  if (r->pinned) r->pin_api->host_unregister(start);
 fail_unmap:
   munmap(start, size);
   free(r);

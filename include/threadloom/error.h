@@ -54,13 +54,17 @@ TL_BEGIN_DECLS
   XX(ERANGE, -20, "result out of range", "use a larger buffer or a smaller value")                \
   XX(ENOLIB, -21, "optional library not found",                                                   \
      "install the library named in the message or add its directory to LD_LIBRARY_PATH")         \
-  XX(EUNKNOWN, -22, "unknown error", "report this as a threadloom bug with the message text")
+  XX(EUNKNOWN, -22, "unknown error", "report this as a threadloom bug with the message text") \
+  XX(EDEVLOST, -23, "device lost or in a sticky error state",                                    \
+     "the device failed (a sticky CUDA error such as an illegal address or an ECC fault, or it "   \
+     "fell off the bus; on sim devices, fault injection or an access outside a live allocation): " \
+     "its queued work is lost and the process must restart to use it again")
 
 typedef enum {
 #define TL__ERR_ENUM(name, value, msg, hint) TL_##name = (value),
   TL_ERRNO_MAP(TL__ERR_ENUM)
 #undef TL__ERR_ENUM
-  TL_ERRNO_MAX = -23 /* one past the last code; not an error */
+  TL_ERRNO_MAX = -24 /* one past the last code; not an error */
 } tl_errno_t;
 
 /* "invalid argument" for TL_EINVAL; "unknown error code N" style text is never returned:

@@ -6,12 +6,12 @@
  *                                                                    threadloom/common.h)
  *   numa/      topology, placement plans, pinning, NUMA-local arenas (threadloom/numa.h,
  *                                                                    threadloom/arena.h)
- *   cudactx/   CUDA device discovery and NCCL communicators          (threadloom/cudactx.h)
+ *   cudactx/   CUDA discovery and NCCL                            (threadloom/cudactx.h);
+ *              devices (cuda or simulated), streams, events, device
+ *              memory and pinned staging                            (threadloom/device.h)
  *   scheduler/ pinned work-stealing thread pools and task groups     (threadloom/scheduler.h)
  *   ckptio/    checkpoint file writes: buffered, O_DIRECT, io_uring  (threadloom/ckptio.h)
  *   cluster/   SLURM host-list expansion                             (threadloom/cluster.h)
- * What docs/design.md marks as not built yet (CUDA contexts, streams, device staging, device
- * DLPack) is not declared here until it is.
  * Conventions (see docs/design.md): fallible calls return 0 or a negative TL_E* code
  * (threadloom/error.h); thread-safety and ownership defaults are in threadloom/common.h. */
 #ifndef THREADLOOM_THREADLOOM_H
@@ -22,6 +22,7 @@
 #include "threadloom/cluster.h"
 #include "threadloom/common.h"
 #include "threadloom/cudactx.h"
+#include "threadloom/device.h"
 #include "threadloom/error.h"
 #include "threadloom/numa.h"
 #include "threadloom/scheduler.h"

@@ -38,6 +38,7 @@
 #define TL_PY_NAME_ERANGE "OutOfRangeError"
 #define TL_PY_NAME_ENOLIB "LibraryNotFoundError"
 #define TL_PY_NAME_EUNKNOWN "UnknownError"
+#define TL_PY_NAME_EDEVLOST "DeviceLostError"
 
 
 /* The builtin exception a class also derives from, so `except ValueError` still works. Returns
@@ -445,6 +446,36 @@ static PyMethodDef core_methods[] = {
      "threadloom.cluster.on_preempt(): ignored; ...', and otherwise ignores the signal. The "
      "launchers install it under SLURM until on_preempt() replaces it. It survives interpreter "
      "finalization (Python resets only its own handlers)."},
+    {"share", (PyCFunction)(void (*)(void))tl_py_share, METH_VARARGS | METH_KEYWORDS,
+     "share(obj, *, modules=False, classes=False, functions=False, code=False, "
+     "extensions=False, collect=True, examples=3) -> dict: makes the objects below obj "
+     "immortal (threadloom.share() is the documented wrapper; see python/src/share.c)."},
+    {"share_code", tl_py_share_code, METH_O,
+     "share_code(code) -> int: makes the constants of a code object and of the code objects "
+     "nested in it immortal; returns how many were made immortal."},
+    {"share_layout", tl_py_share_layout, METH_NOARGS,
+     "share_layout() -> (ok, text): whether share() works on this interpreter, and how or why "
+     "not."},
+    {"devices_select", tl_py_devices_select, METH_O,
+     "devices_select(spec): selects the device backend before first use: 'cuda', 'none' or "
+     "'sim:N[,option=value...]' (THREADLOOM_DEVICES does the same). BusyError once another "
+     "backend is in use."},
+    {"sim_configure", tl_py_sim_configure, METH_O,
+     "sim_configure(spec): configures the sim devices ('sim:N[,option=value...]') without "
+     "selecting sim as the backend, so they are usable by kind ('sim') next to another backend. "
+     "Once per process (the same spec again is accepted)."},
+    {"devices_backend", tl_py_devices_backend, METH_NOARGS,
+     "devices_backend() -> {'name': 'cuda'|'sim'|'none', 'count': n, 'why': reason}: the "
+     "selected backend (selecting the default now if none was)."},
+    {"device_count", tl_py_device_count, METH_VARARGS,
+     "device_count(kind=None) -> devices of kind 'cuda', 'sim' or None (the selected backend)."},
+    {"device", tl_py_device_get, METH_VARARGS,
+     "device(kind, index) -> Device (kind None: the selected backend's); opens it on first use."},
+    {"import_dlpack", (PyCFunction)(void (*)(void))tl_py_device_import,
+     METH_VARARGS | METH_KEYWORDS,
+     "import_dlpack(obj, stream) -> DeviceBuffer over a CUDA tensor (torch, cupy) of the "
+     "stream's device, in place: the producer orders its pending work before the stream's "
+     "(DLPack stream=), and its object is kept alive by the buffer."},
     {"error_table", core_error_table, METH_NOARGS,
      "The error table: tuple of (code, name, message, exception class)."},
     {"make_error", (PyCFunction)(void (*)(void))core_make_error, METH_VARARGS | METH_KEYWORDS,
@@ -523,6 +554,25 @@ static int core_exec(PyObject* module) {
   st->ncclcomm_type = PyType_FromModuleAndSpec(module, &tl_py_ncclcomm_spec, NULL);
   if (!st->ncclcomm_type || PyModule_AddObjectRef(module, "NcclComm", st->ncclcomm_type) < 0)
     return -1;
+  st->refprobe_type = PyType_FromModuleAndSpec(module, &tl_py_refprobe_spec, NULL);
+  if (!st->refprobe_type || PyModule_AddObjectRef(module, "RefProbe", st->refprobe_type) < 0)
+    return -1;
+  tl_py_share_init(st);
+  st->device_type = PyType_FromModuleAndSpec(module, &tl_py_device_spec, NULL);
+  if (!st->device_type || PyModule_AddObjectRef(module, "Device", st->device_type) < 0) return -1;
+  st->stream_type = PyType_FromModuleAndSpec(module, &tl_py_stream_spec, NULL);
+  if (!st->stream_type || PyModule_AddObjectRef(module, "Stream", st->stream_type) < 0) return -1;
+  st->event_type = PyType_FromModuleAndSpec(module, &tl_py_event_spec, NULL);
+  if (!st->event_type || PyModule_AddObjectRef(module, "Event", st->event_type) < 0) return -1;
+  st->dbuf_type = PyType_FromModuleAndSpec(module, &tl_py_dbuf_spec, NULL);
+  if (!st->dbuf_type || PyModule_AddObjectRef(module, "DeviceBuffer", st->dbuf_type) < 0)
+    return -1;
+  st->staging_type = PyType_FromModuleAndSpec(module, &tl_py_staging_spec, NULL);
+  if (!st->staging_type || PyModule_AddObjectRef(module, "StagingPool", st->staging_type) < 0)
+    return -1;
+  st->slot_type = PyType_FromModuleAndSpec(module, &tl_py_slot_spec, NULL);
+  if (!st->slot_type || PyModule_AddObjectRef(module, "StagingSlot", st->slot_type) < 0)
+    return -1;
   if (PyModule_AddStringConstant(module, "__version__", tl_version_string()) < 0) return -1;
   return 0;
 }
@@ -538,6 +588,13 @@ static int core_traverse(PyObject* module, visitproc visit, void* arg) {
   Py_VISIT(st->copyplan_type);
   Py_VISIT(st->dlpack_tensor_type);
   Py_VISIT(st->ncclcomm_type);
+  Py_VISIT(st->refprobe_type);
+  Py_VISIT(st->device_type);
+  Py_VISIT(st->stream_type);
+  Py_VISIT(st->event_type);
+  Py_VISIT(st->dbuf_type);
+  Py_VISIT(st->staging_type);
+  Py_VISIT(st->slot_type);
   Py_VISIT(st->error);
   for (int i = 0; i < TL_NCODES; i++) Py_VISIT(st->by_code[i]);
   return 0;
@@ -554,6 +611,13 @@ static int core_clear(PyObject* module) {
   Py_CLEAR(st->copyplan_type);
   Py_CLEAR(st->dlpack_tensor_type);
   Py_CLEAR(st->ncclcomm_type);
+  Py_CLEAR(st->refprobe_type);
+  Py_CLEAR(st->device_type);
+  Py_CLEAR(st->stream_type);
+  Py_CLEAR(st->event_type);
+  Py_CLEAR(st->dbuf_type);
+  Py_CLEAR(st->staging_type);
+  Py_CLEAR(st->slot_type);
   Py_CLEAR(st->error);
   for (int i = 0; i < TL_NCODES; i++) Py_CLEAR(st->by_code[i]);
   return 0;
@@ -572,7 +636,7 @@ static PyModuleDef_Slot core_slots[] = {
     {0, NULL},
 };
 
-static struct PyModuleDef core_module = {
+struct PyModuleDef tl_py_core_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "threadloom._core",
     .m_doc = "threadloom's C runtime: topology, CUDA discovery, the error table.",
@@ -584,4 +648,4 @@ static struct PyModuleDef core_module = {
     .m_free = core_free,
 };
 
-PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&core_module); }
+PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&tl_py_core_def); }

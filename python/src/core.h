@@ -82,6 +82,15 @@ typedef struct {
   PyObject* copyplan_type;       /* threadloom._core.CopyPlan */
   PyObject* dlpack_tensor_type;  /* threadloom._core.DLPackTensor */
   PyObject* ncclcomm_type;       /* threadloom._core.NcclComm */
+  PyObject* refprobe_type;       /* threadloom._core.RefProbe */
+  const char* share_refusal;     /* why share() refuses on this interpreter; NULL: it works */
+  destructor py_class_dealloc;   /* tp_dealloc of a class statement's class (subtype_dealloc) */
+  PyObject* device_type;         /* threadloom._core.Device */
+  PyObject* stream_type;         /* threadloom._core.Stream */
+  PyObject* event_type;          /* threadloom._core.Event */
+  PyObject* dbuf_type;           /* threadloom._core.DeviceBuffer */
+  PyObject* staging_type;        /* threadloom._core.StagingPool */
+  PyObject* slot_type;           /* threadloom._core.StagingSlot */
   PyObject* error;               /* threadloom.Error: the base of every class below */
   PyObject* by_code[TL_NCODES];  /* by_code[-code]: the class for that TL_E* code */
 } core_state;
@@ -89,6 +98,9 @@ typedef struct {
 static inline core_state* get_state(PyObject* module) {
   return (core_state*)PyModule_GetState(module);
 }
+
+/* The module definition (_core.c), for PyType_GetModuleByDef. */
+extern struct PyModuleDef tl_py_core_def;
 
 /* Sets the Python exception for a failed tl_* call and returns NULL. `detail` is the copy of
  * tl_err_detail() taken right after the call, on the same thread. */
@@ -128,6 +140,13 @@ extern PyType_Spec tl_py_dlpack_tensor_spec;
  * with the exception set, having called done(owner). */
 PyObject* tl_py_dlpack_export_bytes(PyObject* owner, void* data, Py_ssize_t nbytes, int versioned,
                                     int readonly, void (*done)(PyObject* owner));
+/* The same for any DLPack device (kDLCUDA = 2 with the CUDA ordinal, kDLCPU = 1 with 0). */
+PyObject* tl_py_dlpack_export_on(PyObject* owner, void* data, Py_ssize_t nbytes, int versioned,
+                                 int readonly, void (*done)(PyObject* owner), int device_type,
+                                 int device_id);
+/* obj.__dlpack__(stream=stream, max_version=(1, 0)) (stream left out when NULL), retried
+ * without max_version for older producers; the capsule (checked to be one) or NULL. */
+PyObject* tl_py_dlpack_call(PyObject* obj, PyObject* stream);
 /* Checks __dlpack__'s keywords for a host producer (BufferError for a stream, a dl_device other
  * than (1, 0), copy=True) and sets *versioned from max_version. 0 or -1. */
 int tl_py_dlpack_check_args(PyObject* stream, PyObject* max_version, PyObject* dl_device,
@@ -164,6 +183,18 @@ extern PyType_Spec tl_py_wfile_spec;
 /* copyplan.c */
 extern PyType_Spec tl_py_copyplan_spec;
 
+/* share.c */
+extern PyType_Spec tl_py_refprobe_spec;
+/* Checks this interpreter's object header once, at exec: sets share_refusal and
+ * py_class_dealloc. Never fails. */
+void tl_py_share_init(core_state* st);
+/* share(obj, *, modules, classes, functions, code, extensions, collect, examples) -> dict */
+PyObject* tl_py_share(PyObject* module, PyObject* args, PyObject* kwargs);
+/* share_code(code) -> int: the constants below a code object made immortal */
+PyObject* tl_py_share_code(PyObject* module, PyObject* code);
+/* share_layout() -> (ok, how or why not) */
+PyObject* tl_py_share_layout(PyObject* module, PyObject* unused);
+
 /* cluster.c */
 /* hostlist_expand(list) -> list of str */
 PyObject* tl_py_hostlist_expand(PyObject* module, PyObject* arg);
@@ -178,5 +209,21 @@ extern PyType_Spec tl_py_ncclcomm_spec;
 PyObject* tl_py_nccl_unique_id(PyObject* module, PyObject* unused);
 /* _nccl_comm_closed(nranks, rank, device, type=NcclComm) -> a closed NcclComm (tests) */
 PyObject* tl_py_nccl_comm_closed(PyObject* module, PyObject* args);
+
+/* device.c, device_stream.c */
+extern PyType_Spec tl_py_device_spec;
+extern PyType_Spec tl_py_stream_spec;
+extern PyType_Spec tl_py_event_spec;
+extern PyType_Spec tl_py_dbuf_spec;
+extern PyType_Spec tl_py_staging_spec;
+extern PyType_Spec tl_py_slot_spec;
+/* devices_select(spec), devices_backend() -> dict, device_count(kind=None), device(kind, i),
+ * import_dlpack(obj, stream) */
+PyObject* tl_py_devices_select(PyObject* module, PyObject* arg);
+PyObject* tl_py_devices_backend(PyObject* module, PyObject* unused);
+PyObject* tl_py_sim_configure(PyObject* module, PyObject* arg);
+PyObject* tl_py_device_count(PyObject* module, PyObject* args);
+PyObject* tl_py_device_get(PyObject* module, PyObject* args);
+PyObject* tl_py_device_import(PyObject* module, PyObject* args, PyObject* kwargs);
 
 #endif /* THREADLOOM_PY_CORE_H */

@@ -70,6 +70,12 @@ static void export_capsule_destructor(PyObject* capsule) {
 
 PyObject* tl_py_dlpack_export_bytes(PyObject* owner, void* data, Py_ssize_t nbytes, int versioned,
                                     int readonly, void (*done)(PyObject* owner)) {
+  return tl_py_dlpack_export_on(owner, data, nbytes, versioned, readonly, done, kDLCPU, 0);
+}
+
+PyObject* tl_py_dlpack_export_on(PyObject* owner, void* data, Py_ssize_t nbytes, int versioned,
+                                 int readonly, void (*done)(PyObject* owner), int device_type,
+                                 int device_id) {
   export_ctx* ctx = PyMem_RawCalloc(1, sizeof *ctx);
   if (!ctx) {
     if (done) done(owner);
@@ -82,7 +88,7 @@ PyObject* tl_py_dlpack_export_bytes(PyObject* owner, void* data, Py_ssize_t nbyt
   ctx->done = done;
   DLTensor t = {
       .data = data,
-      .device = {.device_type = kDLCPU, .device_id = 0},
+      .device = {.device_type = (DLDeviceType)device_type, .device_id = device_id},
       .ndim = 1,
       .dtype = {.code = kDLUInt, .bits = 8, .lanes = 1},
       .shape = ctx->shape,
@@ -388,7 +394,7 @@ static int describe(PyObject* module, const DLTensor* t, TensorObject* out) {
 /* Calls obj.__dlpack__(stream=stream, max_version=(1, 0)) (stream left out when NULL), and
  * without max_version for producers that predate the keyword (they raise TypeError). Returns
  * the capsule (checked to be one) or NULL with the exception set. */
-static PyObject* call_dlpack(PyObject* obj, PyObject* stream) {
+PyObject* tl_py_dlpack_call(PyObject* obj, PyObject* stream) {
   PyObject* meth = PyObject_GetAttrString(obj, "__dlpack__");
   if (!meth) return NULL;
   PyObject* args = PyTuple_New(0);
@@ -424,7 +430,7 @@ static PyObject* ask_capsule(PyObject* module, PyObject* obj) {
     raise_device(module, type, id);
     return NULL;
   }
-  return call_dlpack(obj, NULL);
+  return tl_py_dlpack_call(obj, NULL);
 }
 
 PyObject* tl_py_from_dlpack(PyObject* module, PyObject* obj) {
@@ -557,7 +563,7 @@ int tl_py_dlpack_cuda_borrow(PyObject* module, PyObject* obj, unsigned long long
   /* DLPack's stream for CUDA: 1 is the legacy default stream (0 is disallowed as ambiguous). */
   PyObject* s = PyLong_FromUnsignedLongLong(stream ? stream : 1);
   if (!s) return -1;
-  PyObject* capsule = call_dlpack(obj, s);
+  PyObject* capsule = tl_py_dlpack_call(obj, s);
   Py_DECREF(s);
   if (!capsule) return -1;
   const DLTensor* t = NULL;

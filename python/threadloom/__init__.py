@@ -54,6 +54,7 @@ from threadloom._core import (  # noqa: F401  (the error classes are public API)
     CanceledError,
     ClosedError,
     CudaError,
+    DeviceLostError,
     Error,
     InputOutputError,
     InvalidArgumentError,
@@ -73,7 +74,11 @@ from threadloom._core import (  # noqa: F401  (the error classes are public API)
     TryAgainError,
     UnknownError,
 )
+from threadloom import share as _share_module
+from threadloom.share import ShareReport, imports_shared, share, share_imports
 from threadloom.checkpoint import Checkpointer, CorruptCheckpointError, load
+from threadloom.contention import contention
+from threadloom import devices  # noqa: F401  (callable: threadloom.devices() lists them)
 from threadloom.data import DataLoader, get_worker_info
 from threadloom.executor import Executor
 # The launcher loads gilguard by path before this package exists: bind it as an attribute here
@@ -87,7 +92,12 @@ from threadloom.sysinfo import info, topology
 
 __version__ = _core.__version__
 
+# Constants of modules imported from here on are made immortal like a script's (threadloom.share
+# documents it; THREADLOOM_SHARE_IMPORTS=0 or share_imports(False) turns it off).
+_share_module.install_from_env()
+
 __all__ = ["Arena", "Buffer", "Checkpointer", "CorruptCheckpointError", "DataLoader", "Error", "Executor", "from_dlpack", "load", "Pipeline", "arena", "current_numa_node", "Pinning", "default_plan", "get_worker_info", "info", "pin", "plan", "spmd", "topology",
+           "ShareReport", "devices", "contention", "imports_shared", "share", "share_imports",
            "__version__"] + [
     cls.__name__ for _, _, _, cls in _core.error_table()
 ]

@@ -1,4 +1,4 @@
-"""python -m threadloom: report what threadloom sees.
+"""python -m threadloom: what threadloom sees, and running programs with it.
 
   python -m threadloom info [--json]     interpreter, GIL, libraries, GPUs, cores
   python -m threadloom run [--gil=P] (script.py | -m module) [args]   run with the GIL guard
@@ -6,6 +6,9 @@
                             [--io N] [--cpus LIST]] [--json]
   python -m threadloom slurm script|submit [OPTIONS] train.py [args]   an sbatch script for
                             one threadloom process per node (threadloom slurm script --help)
+
+The commands are the table COMMANDS at the end of this file: a new command is one entry there
+(its name, one line for --help, and the function that takes its arguments).
 """
 
 import argparse
@@ -13,26 +16,62 @@ import json
 import os
 import runpy
 import sys
+import textwrap
 
 from threadloom import _core, gilguard, placement, topoview
 from threadloom import sysinfo as _info
 
+PROG = "python -m threadloom"
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "run":  # its arguments belong to the script: no argparse here
-        return run(argv[1:])
-    if argv and argv[0] == "slurm":  # its own parser (threadloom/cluster/slurm.py)
-        from threadloom.cluster import slurm
-        return slurm.main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m threadloom", description=__doc__.splitlines()[0])
-    # the launcher's --version line (interp/main.c)
-    p.add_argument("--version", action="version", version="threadloom %s (Python %s)"
-                   % (_core.__version__, sys.version.split()[0]))
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{info,topo,run,slurm}")
-    pi = sub.add_parser("info", help="interpreter, GIL state, library versions, GPUs, cores")
-    pi.add_argument("--json", action="store_true", help="print JSON instead of text")
-    pt = sub.add_parser("topo", help="the hardware topology and the placement plan")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] == "--version":  # the launcher's --version line (interp/main.c)
+        print("threadloom %s (Python %s)" % (_core.__version__, sys.version.split()[0]))
+        return 0
+    entry = COMMANDS.get(argv[0])
+    if entry is None:
+        sys.stderr.write("%s\n%s: error: invalid choice: %r (choose from %s)\n"
+                         % (usage().splitlines()[0], PROG, argv[0], ", ".join(COMMANDS)))
+        return 2
+    return entry[1](argv[1:])
+
+
+def usage():
+    """The text of `python -m threadloom --help`: every command of COMMANDS, one line each."""
+    width = max(map(len, COMMANDS)) + 2
+    lines = ["usage: %s {%s} [ARGS...]" % (PROG, ",".join(COMMANDS)), "",
+             "threadloom: what it sees of this machine (or a recorded one), and running programs "
+             "with it.", "", "commands:"]
+    for name, (text, _) in COMMANDS.items():
+        lines += textwrap.wrap(text, 99, initial_indent="  %-*s" % (width, name),
+                               break_on_hyphens=False,
+                               subsequent_indent=" " * (width + 2))
+    lines += ["", "`%s COMMAND --help` describes one command; `%s --version` prints "
+              "threadloom's and Python's versions." % (PROG, PROG)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# info and topo
+# ---------------------------------------------------------------------------------------------
+
+def info(argv):
+    """``python -m threadloom info``: interpreter, GIL, libraries, GPUs, cores."""
+    p = argparse.ArgumentParser(prog=PROG + " info", description=COMMANDS["info"][0])
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = p.parse_args(argv)
+    d = _info.info()
+    print(json.dumps(d, indent=2) if args.json else _info.format_info(d))
+    return 0
+
+
+def topo(argv):
+    """``python -m threadloom topo``: the topology, and the placement plan with --plan."""
+    pt = argparse.ArgumentParser(prog=PROG + " topo", description=COMMANDS["topo"][0])
     src = pt.add_mutually_exclusive_group()
     src.add_argument("--xml", help="an hwloc XML file to read instead of this machine")
     src.add_argument("--synthetic", help='an hwloc synthetic machine, e.g. "pack:2 numa:2 core:28 pu:2"')
@@ -42,12 +81,7 @@ def main(argv=None):
     pt.add_argument("--io", type=int, default=1, help="checkpoint I/O threads (default 1)")
     pt.add_argument("--cpus", help='restrict to these CPUs, e.g. "0-7,16" (as taskset)')
     pt.add_argument("--json", action="store_true", help="print JSON instead of text")
-    args = p.parse_args(argv)
-
-    if args.cmd == "info":
-        d = _info.info()
-        print(json.dumps(d, indent=2) if args.json else _info.format_info(d))
-        return 0
+    args = pt.parse_args(argv)
     try:
         t = _info.topology(args.xml, args.synthetic)
         pl = None
@@ -66,6 +100,12 @@ def main(argv=None):
         print()
         print(pl)
     return 0
+
+
+def slurm(argv):
+    """``python -m threadloom slurm``: its own parser (threadloom/cluster/slurm.py)."""
+    from threadloom.cluster import slurm as _slurm
+    return _slurm.main(argv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,8 +206,56 @@ def run(argv):
     else:
         sys.argv = list(rest)
         sys.path[0] = os.path.dirname(os.path.abspath(rest[0]))
-        runpy.run_path(rest[0], run_name="__main__")
+        _run_path(rest[0])
     return 0
+
+
+def _run_path(path):
+    """runpy.run_path(path) with the script's constants made immortal when imported code's are
+    (threadloom.share_imports): runpy compiles a script with the builtin compile(), which
+    leaves them mortal on 3.13t, where `python script.py` and `threadloom run` have them
+    immortal (docs/design.md, "Shared data")."""
+    from threadloom import _core
+    from threadloom.share import imports_shared
+    real = getattr(runpy, "_get_code_from_file", None)
+    if real is None or not imports_shared()["on"]:
+        return runpy.run_path(path, run_name="__main__")
+
+    def get_code(*args, **kwargs):
+        code = real(*args, **kwargs)
+        _core.share_code(code)
+        return code
+
+    runpy._get_code_from_file = get_code
+    try:
+        return runpy.run_path(path, run_name="__main__")
+    finally:
+        runpy._get_code_from_file = real
+
+
+def contention(argv):
+    """``python -m threadloom contention``: its own parser (threadloom/contention.py)."""
+    from threadloom.contention import main as contention_main
+    return contention_main(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands: name -> (one line for --help, the function that runs it with its arguments and
+# returns the exit status). `python -m threadloom --help` lists them in this order.
+# ---------------------------------------------------------------------------------------------
+
+COMMANDS = {
+    "info": ("interpreter, GIL state, library versions, GPUs, cores", info),
+    "topo": ("the hardware topology (this machine's or a recorded one) and the placement plan",
+             topo),
+    "run": ("run a script or module with the GIL guard, as the launcher's `run`; with "
+            "--nnodes/--node-rank/--master (or in a multi-node SLURM step) the nodes meet first",
+            run),
+    "slurm": ("write (script) or submit (submit) an sbatch script for one threadloom process "
+              "per node", slurm),
+    "contention": ("run a script's work on N threads and name the shared objects whose reference "
+                   "counts other threads write most, and what to do about each", contention),
+}
 
 
 if __name__ == "__main__":

@@ -27,18 +27,25 @@ and passes the result as the first argument of every call on that thread, so hot
 threads sharing such objects stop scaling past a few threads.
 """
 
+import reprlib
 import threading
 import time
 
-from threadloom import _runtime
 from threadloom._queue import CLOSED, END, Queue, Workers
 
 _SKIP = object()    # an item that failed under on_error="skip": its slot in the order
 
 
+def _item(what, describe=reprlib.repr):
+    """How a report names what a stage worker is busy with: what = (seq, item)."""
+    seq, item = what
+    return "item %d (%s)" % (seq, describe(item))
+
+
 class _Stage:
-    def __init__(self, fn, workers, state, on_error, max_errors, name, queue_size):
+    def __init__(self, fn, workers, state, on_error, max_errors, name, queue_size, describe):
         self.fn = fn
+        self.describe = describe  # what reports call the item a worker is busy with
         self.workers = workers
         self.state = state
         self.on_error = on_error
@@ -82,8 +89,10 @@ class Pipeline:
         self._workers = None            # the threads and queues, once running
 
     def map(self, fn, *, workers=1, state=None, on_error="raise", max_errors=None, name=None,
-            queue_size=None):
-        """Adds a stage calling fn(item), or fn(state, item) with state=factory; returns self."""
+            queue_size=None, describe=None):
+        """Adds a stage calling fn(item), or fn(state, item) with state=factory; returns self.
+        describe(item) -> str: how a timeout or a report on a stuck worker names the item the
+        worker is on (default: a short repr)."""
         if self._started:
             raise RuntimeError("cannot add a stage to a pipeline that is running")
         if not callable(fn):
@@ -99,8 +108,14 @@ class Pipeline:
         qs = queue_size if queue_size is not None else 2 * workers
         if qs < 1:
             raise ValueError("queue_size must be >= 1")
+        if describe is None:
+            describe_item = _item
+        else:
+            def describe_item(what):
+                return _item(what, describe)
         self._stages.append(_Stage(fn, workers, state, on_error, max_errors,
-                                   name or getattr(fn, "__name__", "stage%d" % len(self._stages)), qs))
+                                   name or getattr(fn, "__name__", "stage%d" % len(self._stages)),
+                                   qs, describe_item))
         return self
 
     # -- running ----------------------------------------------------------------------------
@@ -122,15 +137,17 @@ class Pipeline:
         self._out = Queue(1 << 30)  # bounded by the in-flight semaphore (or count)
         self._inflight = None if self._feed_consumer else threading.BoundedSemaphore(cap)
         threads = workers if self._feed_consumer else workers + 1
+        # a stuck stage call is waited for at most `timeout` seconds when the pipeline closes
         self._workers = Workers(threads, [s.inq for s in self._stages] + [self._out],
                                 pin=self._pin, plan=self._plan, role=self._role, gpu=self._gpu,
-                                name=self._name)
-        _runtime.register(self, close=Pipeline.close)
-        if not self._feed_consumer:
-            self._workers.submit(self._feed)
+                                name=self._name, grace=self._timeout)
+        slot = 0
         for k, s in enumerate(self._stages):
             for w in range(s.workers):
-                self._workers.submit(lambda k=k, w=w: self._work(k, w))
+                self._workers.submit(lambda k=k, w=w, slot=slot: self._work(k, w, slot))
+                slot += 1
+        if not self._feed_consumer:
+            self._workers.submit(lambda: self._feed(slot))
         it = _Iterator(self)
         if self._feed_consumer:
             it._capacity = cap
@@ -156,11 +173,21 @@ class Pipeline:
         """Records the first error and stops every queue (workers and consumer wake up)."""
         self._workers.fail(exc)
 
-    def _feed(self):
+    def _feed(self, slot):
         q = self._stages[0].inq
+        workers = self._workers
+        workers.started(slot)
         seq = 0
         try:
-            for item in self._source:
+            source = iter(self._source)
+            while True:
+                workers.busy_with(slot, "source", seq, _next_item)
+                try:
+                    item = next(source)
+                except StopIteration:
+                    break
+                finally:
+                    workers.idle(slot)
                 while not self._inflight.acquire(timeout=0.1):
                     if self._closed:
                         return
@@ -182,16 +209,25 @@ class Pipeline:
         else:
             self._out.put(END)
 
-    def _work(self, k, w):
+    def _work(self, k, w, slot):
         stage = self._stages[k]
         c = stage.counters[w]
         nxt = self._stages[k + 1].inq if k + 1 < len(self._stages) else self._out
         fn = stage.fn
+        workers = self._workers
+        workers.started(slot)
+        label = "%s worker %d" % (stage.name, w)
+        describe = stage.describe
         try:
+            workers.busy_with(slot, label, None, _making_state)
             state = stage.state() if stage.state is not None else None
         except BaseException as exc:
+            if isinstance(exc, StopIteration):
+                exc = _stopped(exc, "the state=factory() of stage %r" % stage.name)
             self._fail(exc)
             return
+        finally:
+            workers.idle(slot)
         clock = time.perf_counter
         while True:
             t0 = clock()
@@ -209,9 +245,13 @@ class Pipeline:
                 return
             seq, item = got
             if item is not _SKIP:
+                workers.busy_with(slot, label, got, describe)
                 try:
                     item = fn(item) if state is None else fn(state, item)
                 except BaseException as exc:
+                    workers.idle(slot)
+                    if isinstance(exc, StopIteration):
+                        exc = _stopped(exc, "stage %r, on %s," % (stage.name, describe(got)))
                     c[1] += 1
                     if stage.on_error == "raise":
                         self._fail(exc)
@@ -226,6 +266,7 @@ class Pipeline:
                         return
                     item = _SKIP
                 else:
+                    workers.idle(slot)
                     c[0] += 1
             c[2] += clock() - t1
             if not nxt.put((seq, item)):
@@ -247,12 +288,14 @@ class Pipeline:
             })
         return out
 
-    def close(self):
-        """Stops the pipeline and joins its threads; safe to call more than once. From inside
-        a stage the queues are stopped and the workers exit by themselves."""
+    def close(self, wait=True):
+        """Stops the pipeline and joins its threads; safe to call more than once, from any
+        thread (a stage's too). wait: wait for a stage call in progress (a thread cannot be
+        killed), at most `timeout` seconds (without one, _queue.CLOSE_GRACE_S); a call still
+        running then is left to return on its own and reported with its stack (logging)."""
         w = self._workers
-        if w is not None and w.close() and w.pool.worker_index() < 0:
-            _runtime.unregister(self)
+        if w is not None:
+            w.close(wait)
 
     def __enter__(self):
         return self
@@ -260,6 +303,23 @@ class Pipeline:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+def _stopped(exc, where):
+    """For a StopIteration `exc` raised `where`: a RuntimeError saying so (as PEP 479 does in
+    generators), since the consumer would take the StopIteration for the end of the items."""
+    err = RuntimeError("%s raised StopIteration: in a pipeline stage that is an error, not the "
+                       "end of the source (PEP 479 makes it one inside generators too)" % where)
+    err.__cause__ = exc
+    return err
+
+
+def _next_item(seq):
+    return "next() of the source, for item %d" % seq
+
+
+def _making_state(_):
+    return "its state=factory() call"
 
 
 class _Iterator:
@@ -321,8 +381,9 @@ class _Iterator:
             return self._next()
         except StopIteration:
             raise
-        except BaseException:
-            self._pipe.close()
+        except BaseException as exc:
+            # after a timeout or Ctrl-C the pipeline stops without waiting for stuck calls
+            self._pipe.close(wait=not isinstance(exc, (TimeoutError, KeyboardInterrupt)))
             raise
 
     def _next(self):
@@ -347,7 +408,8 @@ class _Iterator:
             if got is None and p._timeout is not None and not p._closed:
                 stats = ", ".join("%s: %d done, %d queued" % (s["name"], s["items"], s["queue_depth"])
                                   for s in p.stats())
-                raise TimeoutError("no result from the pipeline within %s s (%s)" % (p._timeout, stats))
+                raise TimeoutError("no result from the pipeline within %s s (%s); %s"
+                                   % (p._timeout, stats, p._workers.report("busy")))
             if got is CLOSED:
                 if p._error is not None:
                     raise p._error

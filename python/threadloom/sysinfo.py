@@ -5,6 +5,7 @@ info`` prints. Every probe that can fail records *why* instead of raising, so th
 complete on machines without a GPU, a driver or NCCL.
 """
 
+import operator
 import os
 import sys
 import sysconfig
@@ -17,6 +18,70 @@ def topology(xml=None, synthetic=None):
     file instead (e.g. a recorded server), ``synthetic`` an hwloc synthetic description
     ("pack:2 numa:2 core:28 pu:2")."""
     return _core.topology(xml, synthetic)
+
+
+def usable_cpus():
+    """How many CPUs this process may run on: its affinity mask (os.cpu_count() where there is
+    none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _read_int(path):
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def thread_limit():
+    """(n, why): at most n more threads can this process start, by the kernel's limits: the
+    smallest of kernel.threads-max, kernel.pid_max and RLIMIT_NPROC (each thread takes one of
+    each), less the threads it runs already. why names the limit; (None, None) where no limit
+    is known."""
+    limits = []
+    for name in ("threads-max", "pid_max"):
+        v = _read_int("/proc/sys/kernel/" + name)
+        if v is not None:
+            limits.append((v, "kernel.%s=%d" % (name, v)))
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+        if soft != resource.RLIM_INFINITY:
+            limits.append((soft, "RLIMIT_NPROC=%d (ulimit -u)" % soft))
+    except (ImportError, AttributeError, OSError):
+        pass
+    if not limits:
+        return None, None
+    n, why = min(limits)
+    try:
+        running = len(os.listdir("/proc/self/task"))
+    except OSError:
+        running = 1
+    return max(0, n - running), why
+
+
+def thread_count(n, what):
+    """`n` as an int, checked as a number of threads to start: a TypeError unless it is an
+    integer, a ValueError when the kernel would refuse that many threads (starting them one by
+    one until it does takes minutes). `what` names the argument in the message. Callers check
+    the lower bound themselves (their messages are torch's and concurrent.futures')."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        try:
+            n = operator.index(n)
+        except TypeError:
+            raise TypeError("%s must be an int (a number of threads), not %r (%s)"
+                            % (what, n, type(n).__name__)) from None
+    if n > 0:
+        limit, why = thread_limit()
+        if limit is not None and n > limit:
+            raise ValueError("%s=%d is more threads than this process can start: at most %d more "
+                             "(%s); use a few per CPU at most (this process may use %d CPUs)"
+                             % (what, n, limit, why, usable_cpus()))
+    return n
 
 
 def _probe(fn, *args):
@@ -65,8 +130,10 @@ def info():
                 dev["numa_node"] = t["numa_node"]
                 dev["local_cpus"] = t["local_cpus"]
         gpus.append(dev)
+    backend, backend_error = _probe(_core.devices_backend)
     return {
         "interpreter": _interpreter(),
+        "devices": backend or {"name": "none", "count": 0, "why": backend_error},
         "libraries": libs,
         "gpus": gpus,
         "gpus_error": gpu_error,
@@ -101,6 +168,8 @@ def format_info(d):
     add("  CUDA runtime: %s" % (libs["cuda_runtime"] or libs["cuda_runtime_error"]))
     add("  CUDA driver: %s" % (libs["cuda_driver"] or libs["cuda_driver_error"]))
     add("  NCCL: %s" % (libs["nccl"] or libs["nccl_error"]))
+    dv = d["devices"]
+    add("  devices: %s, %d device(s) (%s)" % (dv["name"], dv["count"], dv["why"]))
     add("")
     add("GPUs")
     if d["cuda_visible_devices"] is not None:

@@ -14,6 +14,20 @@ def _who(s):
     return "%s gpu%d#%d" % (s["role"], s["gpu"], s["rank"])
 
 
+def note(topo):
+    """A line for the reader of a recorded or synthetic topology with fewer usable cores than
+    its GPUs need (a launch thread each, and the main thread): every plan on it shares cores,
+    which says more about the recording than about the machine. None otherwise."""
+    gpus, cores = len(topo["gpus"]), topo["allowed_cores"]
+    if topo["is_this_system"] or not gpus or cores > gpus:
+        return None
+    return ("note: %d cores for %d GPUs: too few for a launch thread per GPU, so every plan on "
+            "this topology shares cores. Recordings made for hwloc's tests often trim the CPU "
+            "part (nvidiaDGX2.xml keeps 4 of the DGX-2H's 48 cores and all 16 GPUs): read this "
+            "as what the GPUs' placement looks like, not as a plan for the real machine."
+            % (cores, gpus))
+
+
 def draw(topo, plan=None, title="this machine"):
     """The drawing as one string. topo: a dict from threadloom.topology(); plan: a Plan or None."""
     out = []
@@ -21,6 +35,8 @@ def draw(topo, plan=None, title="this machine"):
     add("%s: %d package(s), %d NUMA node(s), %d core(s) (%d usable), %d PU(s), %d NVIDIA GPU(s)" % (
         title, topo["packages"], topo["numa_nodes"], topo["cores"], topo["allowed_cores"],
         topo["pus"], len(topo["gpus"])))
+    if note(topo):
+        add(note(topo))
     on_core = {}
     if plan is not None:
         for s in plan.slots():

@@ -909,7 +909,7 @@ static const char* fake_name(int code) {
   return code == 2 ? "cudaErrorMemoryAllocation" : "cudaErrorFake";
 }
 
-static const tl__cuda_api_t fake_pin_api = {
+static const tl__dev_api_t fake_pin_api = {
     .name = "fake-pin",
     .runtime_version = fake_version,
     .driver_version = fake_version,
@@ -954,7 +954,7 @@ TEST_IMPL(arena_pin_fake_backend) {
   /* a failing cudaHostRegister: REQUIRE fails with the CUDA error, AUTO degrades */
   fake_reg_rc = 2;
   tl_arena_options_t o = {.numa_node = 0, .size = 128 * MiB, .pin = TL_ARENA_PIN_REQUIRE};
-  ASSERT_EQ(tl_arena_init(&a, &o), TL_ECUDA);
+  ASSERT_EQ(tl_arena_init(&a, &o), TL_ENOMEM); /* cudaErrorMemoryAllocation */
   ASSERT_CONTAINS(tl_err_detail(), "cudaHostRegister: cudaErrorMemoryAllocation (2)");
   ASSERT_EQ(fake_unreg_calls, 0);
   o.pin = TL_ARENA_PIN_AUTO;

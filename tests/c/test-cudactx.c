@@ -59,7 +59,7 @@ static const char* fake_error_string(int code) {
   return "fake failure";
 }
 
-static const tl__cuda_api_t fake_api = {
+static const tl__dev_api_t fake_api = {
     .name = "fake",
     .runtime_version = fake_version,
     .driver_version = fake_version,
@@ -70,7 +70,7 @@ static const tl__cuda_api_t fake_api = {
 };
 
 TEST_IMPL(cuda_fault_injection) {
-  const tl__cuda_api_t* prev = tl__cuda_set_api(&fake_api);
+  const tl__dev_api_t* prev = tl__cuda_set_api(&fake_api);
   ASSERT(prev == &tl__cuda_builtin);
   int n = -1;
 
@@ -96,7 +96,8 @@ TEST_IMPL(cuda_fault_injection) {
   tl_gpu_info_t info;
   ASSERT_OK(tl_cuda_device_info(0, &info));
   ASSERT_STR_EQ(info.name, "Fake GPU 0");
-  ASSERT_EQ(tl_cuda_device_info(1, &info), TL_ECUDA);
+  /* a sticky error: the device is unusable until the process restarts */
+  ASSERT_EQ(tl_cuda_device_info(1, &info), TL_EDEVLOST);
   ASSERT_CONTAINS(tl_err_detail(), "cudaErrorIllegalAddress");
   ASSERT_EQ(tl_cuda_device_info(2, &info), TL_ENODEV);
   ASSERT_CONTAINS(tl_err_detail(), "2 GPU(s) are visible");
@@ -306,7 +307,7 @@ static const tl__nccl_api_t fake_nccl = {
     .why = fake_nccl_why,
 };
 
-static const tl__cuda_api_t fake_cuda_with_devices = {
+static const tl__dev_api_t fake_cuda_with_devices = {
     .name = "fake",
     .runtime_version = fake_version,
     .driver_version = fake_version,

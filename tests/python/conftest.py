@@ -21,6 +21,20 @@ TOPOLOGIES = os.path.join(ROOT, "tests", "data", "topologies")
 BIN = os.environ.get("THREADLOOM_BIN") or os.path.join(os.path.dirname(sys.executable), "threadloom")
 
 
+def gil_python():
+    """The GIL baseline's python with threadloom installed (build/venv-gil, `make build-gil`),
+    or None."""
+    try:
+        with open(os.path.join(ROOT, "build", "bootstrap.env")) as f:
+            for line in f:
+                if line.startswith("GIL_PYTHON := "):
+                    exe = line.split(":=", 1)[1].strip()
+                    return exe if os.access(exe, os.X_OK) else None
+    except OSError:
+        pass
+    return None
+
+
 def require_installed():
     """Stops the run unless `import threadloom` finds an installed package (not python/ of a
     checkout): the tests check what pip installs. Also used by tests/torch/conftest.py."""

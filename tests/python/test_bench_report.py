@@ -101,6 +101,13 @@ def synthetic(d, torch=False):
     write(d, "scheduler", {"cores": 2, "reps": 1, "scale": 1, "rows": [
         {"shape": s, "workers": w, "tasks": 100, "threadloom": 2e6 * w, "baseline": 1e6 * w}
         for s in ("tree", "batch", "inject") for w in WS]})
+    write(d, "share", {"python": "3.13.5", "cores": 2, "threads": [2], "items": 100, "reps": 3,
+                       "rounds": 2, "loadavg": 0.1, "rows": [
+        {"workload": wl, "variant": v, "items": 100, "items_per_s_1": 1000.0, "note": None,
+         "threads": {"2": {"items_per_s": 1000.0 * sp, "speedup": sp, "speedup_min": sp - 0.1,
+                           "speedup_max": sp + 0.1}}}
+        for wl, v, sp in [("loader", "plain", 1.2), ("loader", "share", 1.9),
+                          ("globals", "plain", 1.0), ("globals", "share", 1.6)]]})
     write(d, "checkpoint", {"size_mib": 128, "cores": 2, "sizes": [
         {"size_mib": m, "save_stall_s": m / 1000, "save_commit_s": m / 100, "sync_write_s": m / 250,
          "sync_write_fsync_s": m / 200, "memcpy_s": m / 2000} for m in (64, 128)],
@@ -213,7 +220,8 @@ def test_report_tables(tmp_path):
     t = md_table(md, "## Summary")
     assert [r[0] for r in t[1:]] == ["DataLoader (python)", "DataLoader (native)",
                                      "Executor (shared)", "Scheduler (C, tree)",
-                                     "Checkpoint stall (128 MiB)", "Arena (1 MiB, live 8)", "Start-up"]
+                                     "Checkpoint stall (128 MiB)", "Arena (1 MiB, live 8)", "Start-up",
+                                     "Shared data (loader workload, 2 threads)"]
     assert t[1][2:4] == ["multiprocessing.Pool 500", "4.00x"]  # 2 workers: 2000 / 500
     # GPU placeholders say why, and every plot is linked
     assert md.count("needs a GPU: not run on this machine.") == 2
@@ -224,6 +232,39 @@ def test_report_tables(tmp_path):
                                     "arena_live8.svg", "launch.svg", "h2d.svg"])
     for p in plots:
         assert "](%s)" % p in md
+
+
+def test_report_share_section(tmp_path):
+    d = str(tmp_path)
+    synthetic(d)
+    report.build(d)
+    md = open(os.path.join(d, "README.md")).read()
+    t = md_table(md, "## Shared data: threads with and without threadloom.share()")
+    assert t[0] == ["workload", "variant", "1 thread items/s", "2 threads items/s",
+                    "speed-up at 2"]
+    assert t[2] == ["loader", "import hook + threadloom.share(dataset)", "1,000", "1,900",
+                    "1.90x (1.90, 1.80-2.00)"]
+    assert "At 2 threads with share: 1.90x, 1.60x (goal >= 1.8x: NOT met)." in md
+    s = md_table(md, "## Summary")
+    assert ["Shared data (loader workload, 2 threads)", "1.90x", "unshared 1.20x", "1.58x",
+            "speed-up over 1 thread"] in s
+    # replicate='share' in the footprint: its goals against replicate=None
+    fp = footprint(torch=True)
+    share = "threadloom.DataLoader replicate='share'"
+    for row in list(fp["first"]):
+        if row["loader"] == "threadloom.DataLoader replicate=None":
+            fp["first"].append(dict(row, loader=share, first_batch_s=row["first_batch_s"] * 1.5))
+    for row in list(fp["memory"]):
+        if row["loader"] == "threadloom.DataLoader replicate=None":
+            fp["memory"].append(dict(row, loader=share, peak_pss=row["peak_pss"] * 1.04))
+    write(d, "footprint", fp)
+    report.build(d)
+    md = open(os.path.join(d, "README.md")).read()
+    t = md_table(md, "## DataLoader goals (issue #6)")
+    assert ["first batch, 8 workers (threadloom, shared immortal)", "<= replicate=None (issue #19)",
+            "15.0 ms vs 10.0 ms", "NOT met"] in t
+    assert ["total memory, 8 workers (threadloom, shared immortal)",
+            "<= replicate=None + 5% (issue #19)", "104.0 MiB vs 100.0 MiB PSS", "met"] in t
 
 
 def test_report_svgs(tmp_path):
@@ -343,6 +384,40 @@ def test_report_generic_gpu_json(tmp_path):
     assert md.count("needs a GPU: not run on this machine.") == 1  # launch still a placeholder
 
 
+def test_report_devices(tmp_path):
+    d = str(tmp_path)
+    synthetic(d)
+    write(d, "devices", {"backend": "sim", "seconds": 1, "scaling_2": 1.9, "scaling_2_cpu": 2.0,
+                         "submit": [{"threads": t, "per_thread": 4e6, "slowest": 4e6,
+                                     "total": 4e6 * t, "per_thread_cpu": 5e6, "loadavg": 0.5,
+                                     "device": "sim:0"} for t in (1, 2)],
+                         "feeder": [{"mib": 1, "feeder_gbs": 9.0, "raw_gbs": 10.0, "vs_raw": 0.9,
+                                     "utilization": 0.95, "model_gbs": 10.0,
+                                     "host_memcpy_gbs": 20.0}]})
+    write(d, "device", {"backend": "sim",
+                        "launch": {"device": "sim:0", "rows": [{"threads": 1, "per_thread": 8e6},
+                                                               {"threads": 2, "per_thread": 8e6}]},
+                        "alloc": {"device": "sim:0", "rows": [
+                            {"size": 512, "threads": 1, "cached_per_thread": 2e7, "uncached": 1e5}]},
+                        "timing": [{"spin": "0us", "model_h2d_gbs": 1.0, "wall_ms": 101.0,
+                                    "model_ms": 100.0, "busy_ms": 100.0, "late_mean_us": 50.0,
+                                    "late_max_us": 900.0, "roundtrip_us": 160.0}]})
+    report.build(d)
+    md = open(os.path.join(d, "README.md")).read()
+    h = "## Devices (sim): submission, feeder, allocator"
+    t = md_table(md, h)
+    assert t[1] == ["1", "4,000,000", "5,000,000", "8,000,000", "0.50x", "0.5"]
+    assert "2 threads over 1: 1.90x wall clock, 2.00x per CPU second." in md
+    assert md_table(md, h, 1)[1] == ["1 MiB", "9.00", "10.00", "90.0%", "95.0%", "10.00", "20.0"]
+    assert md_table(md, h, 2)[1] == ["512 B", "1", "20,000,000", "100,000", "200.00x"]
+    assert md_table(md, h, 3)[1][4] == "+1.00%"
+    _, series = svg_series(os.path.join(d, "devices_submit.svg"))
+    assert series == {"Python threads": (2, 1), "raw C": (2, 1)}
+    t = md_table(md, "## Summary")
+    assert ["Device submission (Python, sim)", "4,000,000/s per thread", "raw C 8,000,000",
+            "0.50x", "1 thread"] in t
+
+
 def test_report_errors(tmp_path):
     d = str(tmp_path)
     with pytest.raises(report.ReportError, match="no meta.json.*make bench"):
@@ -385,7 +460,7 @@ def test_quick_bench_end_to_end(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "bench: report in %s/README.md" % out in r.stdout
     for name in ("scheduler", "arena", "executor", "startup", "checkpoint", "dataloader",
-                 "dataloader_torch", "footprint", "meta"):
+                 "dataloader_torch", "footprint", "share", "meta"):
         with open(os.path.join(out, name + ".json")) as f:
             json.load(f)
     meta = json.load(open(os.path.join(out, "meta.json")))

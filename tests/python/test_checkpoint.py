@@ -8,6 +8,7 @@ import logging
 import mmap
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import run_python
+from conftest import ROOT, run_python
 
 import threadloom
 from threadloom import _core
@@ -258,6 +259,103 @@ def test_flipped_byte_is_detected_and_fallback(tmp_path, caplog):
         threadloom.load(tmp_path, fallback=True)
 
 
+def _flips(blob_len, rng, stride=1):
+    """(offset, xor mask) for every `stride`-th byte of a blob, each with a seeded nonzero
+    mask (a one-bit flip half the time: the damage that turns '2' into '3')."""
+    for i in range(0, blob_len, stride):
+        yield i, (1 << rng.randrange(8)) if rng.random() < 0.5 else rng.randrange(1, 256)
+
+
+def _canon(x):
+    """A loaded state as plain comparable values (tensors as format, shape and bytes)."""
+    if isinstance(x, (memoryview, bytearray, bytes)):
+        m = memoryview(x)
+        return ("tensor", m.format, m.shape, m.tobytes())
+    if isinstance(x, dict):
+        return ("dict", [(k, _canon(v)) for k, v in x.items()])
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, [_canon(v) for v in x])
+    return (type(x).__name__, repr(x))
+
+
+def _sweep(d, step, stride=1, seed=0):
+    """Flips every `stride`-th byte of step-<step>'s manifest and safetensors headers, one at a
+    time, and loads: {outcome: count} where outcome is "same" (the identical state),
+    "changed" (a different state loaded without error) or "corrupt" (CorruptCheckpointError,
+    and fallback=True then loads the previous checkpoint); anything else raises."""
+    rng = random.Random(seed)
+    ref = _canon(threadloom.load(d, step))
+    prev = max(s for s in (int(n[5:]) for n in os.listdir(d) if n.startswith("step-"))
+               if s < step)
+    prev_ref = _canon(threadloom.load(d, prev))
+    ck = d / ("step-%d" % step)
+    targets = [(ck / "manifest.json", os.path.getsize(ck / "manifest.json"))]
+    for name in sorted(os.listdir(ck)):
+        if name.endswith(".safetensors"):
+            blob = (ck / name).read_bytes()
+            targets.append((ck / name, 8 + struct.unpack("<Q", blob[:8])[0]))
+    out = {"same": 0, "changed": 0, "corrupt": 0}
+    for path, n in targets:
+        orig = path.read_bytes()
+        for i, mask in _flips(n, rng, stride):
+            damaged = bytearray(orig)
+            damaged[i] ^= mask
+            path.write_bytes(bytes(damaged))
+            try:
+                got = _canon(threadloom.load(d, step, allow_pickle=True))
+            except threadloom.CorruptCheckpointError:
+                out["corrupt"] += 1
+                state, info = threadloom.load(d, step, fallback=True, with_info=True)
+                assert info["step"] == prev and _canon(state) == prev_ref, (path.name, i)
+            except Exception as e:
+                raise AssertionError("flipping byte %d of %s (^%#x) raised %r, not "
+                                     "CorruptCheckpointError" % (i, path.name, mask, e)) from e
+            else:
+                out["same" if got == ref else "changed"] += 1
+        path.write_bytes(orig)
+    return out
+
+
+def sweep_state(s):
+    return {"model": {"w": f32([s + i / 4 for i in range(6)], [2, 3]),
+                      "b": memoryview(array.array("q", [s, -s]).tobytes()).cast("q"),
+                      "raw": bytes([s] * 5)},
+            "opt": {"lr": 1e-3 * s, "betas": (0.9, 0.999), "name": "adam"},
+            "step": s, "seen": {s, s + 1}, 3: None}
+
+
+def test_every_byte_of_the_manifest_and_headers_is_verified(tmp_path, caplog):
+    # Every single-byte change of manifest.json or a safetensors header (__metadata__
+    # included) either loads the identical state or raises CorruptCheckpointError, which
+    # fallback=True handles. Before the manifest had a checksum: `model` -> `lodel`, step 2 ->
+    # 3 and a changed lr loaded silently, and bare KeyErrors escaped fallback.
+    with threadloom.Checkpointer(tmp_path, keep=0, shard_bytes=20) as ck:
+        ck.save(sweep_state(1), 1, metadata={"run": "sweep"})
+        ck.save(sweep_state(2), 2, metadata={"run": "sweep"})
+    assert len([n for n in os.listdir(tmp_path / "step-2") if n.endswith(".safetensors")]) > 1
+    with caplog.at_level(logging.CRITICAL, logger="threadloom.checkpoint"):
+        out = _sweep(tmp_path, 2)
+    assert out["changed"] == 0 and out["corrupt"] > 2000, out
+
+
+V1 = os.path.join(ROOT, "tests", "data", "checkpoints", "v1")
+
+
+def test_version_1_checkpoints_still_load(tmp_path, caplog):
+    # tests/data/checkpoints/v1: written by the version-1 writer (README there). It loads as
+    # it did; its manifest has no checksum, so a changed value can load (the documented
+    # limit of version 1), but every damage that breaks its structure, a tensor, a header or
+    # the agreement between them is a CorruptCheckpointError, never a KeyError.
+    for s in (1, 2):
+        state = threadloom.load(V1, s)
+        assert _canon(state) == _canon(sweep_state(s))
+    d = tmp_path / "v1"
+    shutil.copytree(V1, d)
+    with caplog.at_level(logging.CRITICAL, logger="threadloom.checkpoint"):
+        out = _sweep(d, 2)
+    assert out["corrupt"] > out["changed"] + out["same"], out
+
+
 def test_budget_smaller_than_checkpoint_streams(tmp_path):
     rng = random.Random(5)
     state = {"t%d" % i: memoryview(rng.randbytes(MiB + i * 4099)) for i in range(8)}
@@ -336,6 +434,68 @@ def test_disk_errors_go_to_the_future(tmp_path, caplog, call, err, cls, io):
         ops.call = None
         ck.save(state, 3).result(30)  # later saves still run
     assert threadloom.load(tmp_path)["n"] == 1 and ck.steps() == [1, 3]
+
+
+def mount(fstype, where, *opts):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a %s needs root" % fstype)
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", fstype, *opts, fstype, str(where)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip("mount -t %s not permitted here: %s" % (fstype, r.stderr.strip()))
+
+
+class LatestFails(FileOps):
+    """ENOSPC while writing `latest`'s temporary: it exists (created), then the write fails,
+    as on a full disk."""
+
+    def __init__(self):
+        self.armed = False
+
+    def write_file(self, path, data):
+        if self.armed and os.path.basename(path).startswith(".latest-"):
+            super().close(super().open(path))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        super().write_file(path, data)
+
+
+def test_enospc_writing_latest_leaves_no_temporary(tmp_path):
+    ops = LatestFails()
+    with threadloom.Checkpointer(tmp_path, file_ops=ops) as ck:
+        ck.save({"v": 1}, 1).result(30)
+        ops.armed = True
+        with pytest.raises(threadloom.NoSpaceError, match="`latest` could not be updated"):
+            ck.save({"v": 2}, 2).result(30)
+        assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == [".lock"]
+        assert (tmp_path / "latest").read_text() == "step-1\n" and ck.steps() == [1, 2]
+        ops.armed = False
+        ck.save({"v": 3}, 3).result(30)
+    assert threadloom.load(tmp_path)["v"] == 3
+
+
+def test_directory_errors_at_construction(tmp_path):
+    # "" would silently mean the current directory: refused, like None.
+    for bad in ("", None):
+        with pytest.raises((threadloom.InvalidArgumentError, TypeError), match="directory"):
+            threadloom.Checkpointer(bad)
+    with pytest.raises(threadloom.InvalidArgumentError, match="directory"):
+        threadloom.load("")
+    # A path under a regular file: the errno's class and the directory, in one line.
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(threadloom.Error, match="checkpoint directory") as ei:
+        threadloom.Checkpointer(tmp_path / "f" / "ck")
+    assert isinstance(ei.value, OSError) and ei.value.errno == errno.ENOTDIR
+    # A read-only file system: ReadOnlyFilesystemError, whether the directory exists or not.
+    mnt = tmp_path / "ro"
+    mount("tmpfs", mnt, "-o", "ro,size=1m")
+    try:
+        for d in (mnt, mnt / "sub"):
+            with pytest.raises(threadloom.ReadOnlyFilesystemError, match="load") as ei:
+                threadloom.Checkpointer(d)
+            assert str(d) in str(ei.value) and ei.value.errno == errno.EROFS
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_enospc_on_a_real_small_tmpfs(tmp_path):
@@ -476,16 +636,6 @@ def test_write_paths_give_identical_files(tmp_path, chunk):
             assert p.io_why, (io, p.io)
     # the same bytes (headers, data, and so checksums) whichever way they were written
     assert files["buffered"] == files["direct"] == files["uring"]
-
-
-def mount(fstype, where, *opts):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a %s needs root" % fstype)
-    where.mkdir()
-    r = subprocess.run(["mount", "-t", fstype, *opts, fstype, str(where)], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        pytest.skip("mount -t %s not permitted here: %s" % (fstype, r.stderr.strip()))
 
 
 def test_direct_io_falls_back_where_the_file_system_refuses_it(tmp_path):

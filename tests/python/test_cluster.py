@@ -6,11 +6,14 @@ rendezvous() until all have arrived, and failures are bounded by the deadlines u
 
 import os
 import secrets
+import select
 import shutil
 import socket
 import struct
 import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -316,14 +319,13 @@ def test_missing_rank_times_out_naming_it():
 
 
 def test_unreachable_master_times_out_naming_it():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
+    # Nothing listens on the job's store ports; the error names the master and those ports
+    # (the port of --master is torch.distributed's, not the store's: it is skipped).
     job = _job()
+    ports = cluster.store_ports("manual:" + job["job_id"], cluster.PORT_TRIES + 1)
     with pytest.raises(threadloom.TimedOutError) as e:
-        cluster.rendezvous(2, 1, "127.0.0.1:%d" % port, timeout=0.5, environ={}, **job)
-    assert "127.0.0.1 port %d" % port in str(e.value)
+        cluster.rendezvous(2, 1, "127.0.0.1:%d" % ports[0], timeout=0.5, environ={}, **job)
+    assert "127.0.0.1 port %s " % store._ports_text(ports[1:]) in str(e.value)
 
 
 def test_rank_claimed_twice():
@@ -463,3 +465,148 @@ def test_wait_wakes_on_set(server):
     with pytest.raises(threadloom.TimedOutError, match="'never'"):
         a.wait("never", 0.2)
     a.close(), b.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The store under load: descriptor exhaustion, slow and idle peers, bounded threads
+# ---------------------------------------------------------------------------------------------
+
+def _store_threads():
+    return sum(t.name == "threadloom-store-conn" for t in threading.enumerate())
+
+
+def _wait_until(cond, timeout=10.0):
+    """Polls `cond` until it holds or `timeout` passes (for a thread's exit, which has no
+    event to wait on); returns its last value."""
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return cond()
+
+
+STORE_IN_A_SMALL_PROCESS = r"""
+import os, resource, sys
+from threadloom import cluster
+secret = cluster.job_secret(os.environ["TL_TEST_TOKEN"], "t")
+# A process that runs out of descriptors quickly: the usual limit is 1,024, the attack the
+# same with 1,100 connections.
+resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+srv = cluster.StoreServer(secret, [0], bind="127.0.0.1")
+print(srv.port, flush=True)
+sys.stdin.read()        # until the test closes our stdin
+print(srv.stats(), flush=True)
+srv.close()
+"""
+
+
+def test_descriptor_exhaustion_does_not_stop_the_store():
+    # 150 idle connections exhaust the store process's 48 descriptors: accept() fails with
+    # EMFILE. The store sheds the oldest unauthenticated connections and keeps accepting, so a
+    # real node still gets in (within a few seconds, long before the attackers' 10 s
+    # handshake limit would have freed anything).
+    token = cluster.new_job_token()
+    env = dict(os.environ, TL_TEST_TOKEN=token)
+    p = subprocess.Popen([sys.executable, "-c", STORE_IN_A_SMALL_PROCESS], env=env,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    attackers = []
+    try:
+        port = int(p.stdout.readline())
+        for _ in range(150):
+            attackers.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        secret = cluster.job_secret(token, "t")
+        c = cluster.StoreClient.connect("127.0.0.1", [port], secret, timeout=8)
+        c.set("k", b"v")
+        assert c.get("k") == b"v"
+        c.close()
+        # ... and again, after more attackers came.
+        for _ in range(50):
+            attackers.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        c = cluster.StoreClient.connect("127.0.0.1", [port], secret, timeout=8)
+        assert c.get("k") == b"v"
+        c.close()
+    finally:
+        for s in attackers:
+            s.close()
+        out, _ = p.communicate(timeout=30)
+    stats = eval(out)
+    assert stats["accept_errors"] >= 1 and stats["shed"] >= 1, stats
+
+
+def test_unauthenticated_connections_are_bounded(server):
+    # 60 idle connections against a cap of 8: the oldest are shed, the store holds at most 8
+    # unauthenticated connections (and threads for them), and a real client gets in.
+    srv = cluster.StoreServer(server.secret, [0], bind="127.0.0.1", max_unauthenticated=8)
+    idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(60)]
+    try:
+        assert _wait_until(lambda: srv.stats()["shed"] >= 52), srv.stats()
+        assert srv.stats()["unauthenticated"] <= 8
+        assert _wait_until(lambda: _store_threads() <= 8), _store_threads()
+        c = cluster.StoreClient.connect("127.0.0.1", [srv.port], server.secret, timeout=10)
+        c.set("a", b"1")
+        assert srv.stats()["authenticated_open"] == 1
+        c.close()
+    finally:
+        for s in idle:
+            s.close()
+        srv.close()
+
+
+def test_connections_in_all_are_bounded(server):
+    # Every slot taken by authenticated peers: a further connection is refused (closed at
+    # once), the others keep working; one leaving frees a slot.
+    srv = cluster.StoreServer(server.secret, [0], bind="127.0.0.1", max_connections=3)
+    clients = [cluster.StoreClient.connect("127.0.0.1", [srv.port], server.secret, timeout=10)
+               for _ in range(3)]
+    try:
+        with pytest.raises(threadloom.TimedOutError, match="closed after 0 of"):
+            cluster.StoreClient.connect("127.0.0.1", [srv.port], server.secret, timeout=0.5)
+        assert srv.stats()["refused"] >= 1
+        clients[0].set("x", b"1")
+        clients.pop().close()
+        c = cluster.StoreClient.connect("127.0.0.1", [srv.port], server.secret, timeout=10)
+        assert c.get("x") == b"1"
+        clients.append(c)
+    finally:
+        for c in clients:
+            c.close()
+        srv.close()
+
+
+def test_slowloris_handshake_hits_a_total_deadline():
+    # One byte every 0.2 s keeps every recv() under a per-recv timeout of 0.5 s; the handshake
+    # deadline is for the whole handshake, so the store hangs up long before the 48 bytes.
+    secret = cluster.job_secret(cluster.new_job_token(), "t")
+    with cluster.StoreServer(secret, [0], bind="127.0.0.1", handshake_timeout=0.5) as srv:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        store._recv_exact(s, len(cluster.MAGIC) + cluster.NONCE)
+        sent, closed = 0, False
+        try:
+            while sent < cluster.NONCE + cluster.MAC and not closed:
+                s.sendall(b"x")
+                sent += 1
+                if select.select([s], [], [], 0.2)[0]:
+                    closed = s.recv(1) == b""
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+        s.close()
+        assert closed and sent < cluster.NONCE + cluster.MAC, sent
+        assert srv.stats()["timed_out"] == 1
+
+
+def test_a_truncated_frame_is_dropped_after_the_frame_timeout():
+    # An authenticated peer that stops mid-frame (a length, then nothing; or half a body) is
+    # dropped after frame_timeout; one that idles between frames is not.
+    secret = cluster.job_secret(cluster.new_job_token(), "t")
+    with cluster.StoreServer(secret, [0], bind="127.0.0.1", frame_timeout=0.5) as srv:
+        srv.secret = secret
+        idle = _good(srv)
+        for partial in (b"\x00\x00", struct.pack(">I", 10) + b"\x01\x00"):
+            s = _raw_authenticated(srv)
+            s.sendall(partial)
+            s.settimeout(10)
+            assert _closed_by_peer(s)
+            s.close()
+        assert srv.stats()["rejected_frames"] == 2
+        idle.set("still", b"here")      # the idle connection outlived both
+        assert idle.get("still") == b"here"
+        idle.close()

@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -118,6 +119,49 @@ def test_nodes_meet_before_user_code(launcher, nnodes, job, tmp_path):
     assert len(set(seen)) == 1 and int(seen[0]) > 0   # one torch.distributed port for the job
 
 
+def _unused_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_master_port_is_torchs(launcher, job, tmp_path):
+    # --master HOST:PORT means what torchrun's --master-port means: torch.distributed's store
+    # listens there (MASTER_PORT on every node); threadloom's own store takes another port.
+    port = _unused_port()
+    script = write(tmp_path, "show.py", SHOW + """
+    print(json.dumps({"store_port": rv.store_port}))
+    """)
+    flags = ["--master", "127.0.0.1:%d" % port]
+    procs = [start_node(launcher, job, ["--nnodes", "2", "--node-rank", str(r)] + flags, script)
+             for r in range(2)]
+    for rc, out, err in (finish(p) for p in procs):
+        assert rc == 0, err
+        lines = out.strip().splitlines()
+        assert json.loads(lines[-2])["env"]["MASTER_PORT"] == str(port)
+        assert json.loads(lines[-1])["store_port"] != port
+
+
+def test_master_port_in_use_or_different_between_nodes(job, tmp_path):
+    script = write(tmp_path, "show.py", SHOW)
+    with socket.socket() as busy:       # something already listens on the port
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = subprocess.run(_argv("py", ["--nnodes", "1", "--node-rank", "0", "--master",
+                                        "127.0.0.1:%d" % port], script), env=_env(job),
+                           capture_output=True, text=True, timeout=WAIT)
+    assert p.returncode == 1 and "port %d" % port in p.stderr and "in use" in p.stderr, p.stderr
+    a, b = _unused_port(), _unused_port()
+    procs = [start_node("py", job, ["--nnodes", "2", "--node-rank", str(r), "--master",
+                                     "127.0.0.1:%d" % (a, b)[r], "--rdzv-timeout", "20"],
+                        script) for r in range(2)]
+    errs = [finish(p)[2] for p in procs]
+    assert "MASTER_PORT" in errs[1] and str(a) in errs[1] and str(b) in errs[1], errs
+    assert "MASTER_PORT" in errs[0], errs   # node 0 stops too, saying why
+
+
 INNER = """
     import json, sys
     from threadloom import cluster
@@ -200,6 +244,20 @@ def test_malformed_flag_values(launcher, flags, message, job):
     p = subprocess.run(argv, env=_env(job), capture_output=True, text=True, timeout=WAIT)
     assert p.returncode == 2, p.stderr
     assert message in p.stderr
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("where", ["/proc/nope", "a-file/logs"])
+def test_log_dir_that_cannot_be_made_is_one_line(launcher, where, job, tmp_path):
+    # A --log-dir that cannot be created (or written): one line naming it, no traceback, and
+    # the program does not run without the log it asked for.
+    (tmp_path / "a-file").write_text("x")
+    script = write(tmp_path, "never.py", "print('user code ran')\n")
+    p = subprocess.run(_argv(launcher, ["--log-dir=" + where], script), env=_env(job),
+                       capture_output=True, text=True, timeout=WAIT, cwd=tmp_path)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "--log-dir %s" % where in p.stderr and "user code ran" not in p.stdout
 
 
 def test_c_launcher_refuses_cluster_flags_outside_run(job):
@@ -657,8 +715,10 @@ def test_requeue_backend_errors(tmp_path):
     with pytest.raises(threadloom.NotFoundError, match="install slurm-client"):
         cluster.SlurmCommands(scontrol=str(tmp_path / "absent")).requeue("1")
     scontrol, _ = fake_scontrol(tmp_path, status=3, message="nope")
-    with pytest.raises(threadloom.InputOutputError, match="failed with status 3: nope"):
+    with pytest.raises(threadloom.InputOutputError, match="failed with status 3: nope") as ei:
         cluster.SlurmCommands(scontrol=scontrol).requeue("1")
+    # The advice is about SLURM, not the disk the error table's EIO advice is for.
+    assert "scontrol ping" in ei.value.hint and "dmesg" not in str(ei.value)
 
 
 def test_on_preempt_bad_arguments(tmp_path):

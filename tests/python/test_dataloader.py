@@ -4,6 +4,7 @@ datasets (no torch or numpy here)."""
 import collections
 import copy
 import gc
+import os
 import random
 import threading
 import traceback
@@ -11,7 +12,9 @@ import traceback
 import pytest
 
 import threadloom
+from conftest import run_python
 from threadloom.data import collate
+from threadloom.data import sampler as sampler_mod
 from threadloom.data import (BatchSampler, DataLoader, DataLoaderTimeoutError, DistributedSampler,
                              IterableDataset, RandomSampler, Sampler, SequentialSampler,
                              SubsetRandomSampler, WeightedRandomSampler, default_collate,
@@ -112,6 +115,31 @@ def test_mutually_exclusive_arguments_say_what_torch_says():
         BatchSampler(range(3), 0, False)
     with pytest.raises(ValueError, match="Invalid rank 2, rank should be in the interval"):
         DistributedSampler(ds, num_replicas=2, rank=2)
+
+
+@pytest.mark.parametrize("bad,error", [("2", TypeError), (2.0, TypeError), (None, TypeError),
+                                       (10 ** 12, ValueError)])
+def test_num_workers_of_the_wrong_kind_says_so(bad, error):
+    # issue 22: '2' raised "'<' not supported between instances of 'str' and 'int'" (torch
+    # does too: the same type, now with a message)
+    with pytest.raises(error, match="num_workers"):
+        DataLoader(Squares(4), num_workers=bad)
+
+
+def test_more_workers_than_cpus_is_logged_once(monkeypatch, caplog):
+    from threadloom import sysinfo
+    from threadloom.data import loader as loader_mod
+    cpus = sysinfo.usable_cpus()
+    monkeypatch.setattr(loader_mod, "_oversubscription_logged", False)
+    with caplog.at_level("WARNING", logger="threadloom.data"):
+        DataLoader(Squares(4), num_workers=cpus)
+        assert not caplog.records
+        DataLoader(Squares(4), num_workers=cpus + 2)
+        DataLoader(Squares(4), num_workers=cpus + 3)
+    assert len(caplog.records) == 1, [r.getMessage() for r in caplog.records]
+    msg = caplog.records[0].getMessage()
+    assert "num_workers=%d" % (cpus + 2) in msg and "%d CPUs" % cpus in msg
+    assert 'logging.getLogger("threadloom.data")' in msg
 
 
 def test_device_is_not_built_yet():
@@ -259,6 +287,150 @@ def test_timeout_raises_like_torch():
     assert threading.active_count() == before
 
 
+def test_timeout_fires_while_a_worker_is_stuck_and_names_it():
+    # issue 22: timeout=1 with a worker blocked 20 s raised only at 20 s (the consumer joined
+    # the stuck worker first). The timeout must fire while the worker is still blocked, and
+    # say which sample it is stuck on and where.
+    release, returned = threading.Event(), threading.Event()
+
+    class Stuck(Squares):
+        def __getitem__(self, i):
+            if i == 5:
+                release.wait(60)
+                returned.set()
+            return i
+
+    for ds, what in ((Stuck(8), "sample indices [4, 5]"), (StuckStream(release, returned),
+                                                              "worker 0 for")):
+        release.clear()
+        returned.clear()
+        it = iter(DataLoader(ds, batch_size=2, num_workers=1, timeout=0.3))
+        assert next(it).tolist() == [0, 1]
+        next(it)  # [2, 3]
+        with pytest.raises(DataLoaderTimeoutError) as ei:
+            next(it)
+        assert not returned.is_set(), "the timeout waited for the stuck worker"
+        msg = str(ei.value)
+        assert msg.startswith("DataLoader timed out after 0.3 seconds")
+        assert what in msg and "release.wait(60)" in msg, msg
+        if isinstance(ds, StuckStream):
+            assert "its batch 2" in msg
+        release.set()
+        returned.wait(30)
+        del it
+
+
+class StuckStream(IterableDataset):
+    def __init__(self, release, returned):
+        self.release, self.returned = release, returned
+
+    def __deepcopy__(self, memo):
+        return self  # the replica shares the events
+
+    def __iter__(self):
+        yield from range(4)
+        self.release.wait(60)
+        self.returned.set()
+        yield from range(4, 8)
+
+
+STUCK_AT_EXIT = """
+import sys, threading, time
+import threadloom
+from threadloom import _queue
+from threadloom.data import DataLoader
+_queue.CLOSE_GRACE_S = 0.5
+
+class Stuck:
+    def __len__(self):
+        return 8
+    def __getitem__(self, i):
+        if i == 2:
+            %s
+        return i
+
+loader = DataLoader(Stuck(), batch_size=1, num_workers=2, timeout=%s)
+it = iter(loader)
+print(next(it).tolist(), flush=True)
+%s
+print("leaving", flush=True)
+"""
+
+
+@pytest.mark.parametrize("stuck", ["threading.Event().wait()", "while True: pass"])
+@pytest.mark.parametrize("how", ["exit", "timeout", "break"])
+def test_the_process_exits_with_a_stuck_worker(stuck, how):
+    # issue 22: a worker that never returns kept the interpreter from exiting (the exit hook
+    # joined it). It is left behind, reported with its stack, and the process exits.
+    timeout, then = {"exit": ("0", "time.sleep(0.3)"),
+                     "timeout": ("0.5", "try:\n    next(it); next(it)\n"
+                                        "except RuntimeError as e:\n    print(e, flush=True)"),
+                     "break": ("0", "time.sleep(0.3)\ndel it")}[how]
+    r = run_python("-c", STUCK_AT_EXIT % (stuck, timeout, then), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("[0]\n") and r.stdout.endswith("leaving\n"), r.stdout
+    if how == "timeout":
+        assert "DataLoader timed out after 0.5 seconds" in r.stdout
+        assert "sample indices [2]" in r.stdout, r.stdout
+    assert "left running" in r.stderr and "__getitem__" in r.stderr, r.stderr
+
+
+def test_ctrl_c_interrupts_a_loader_waiting_for_a_stuck_worker():
+    code = ("import os, signal, threading, threadloom\n"
+            "from threadloom import _queue\n"
+            "from threadloom.data import DataLoader\n"
+            "_queue.CLOSE_GRACE_S = 0.5\n"
+            "class Stuck:\n"
+            "    def __len__(self): return 4\n"
+            "    def __getitem__(self, i): threading.Event().wait(); return i\n"
+            "threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+            "try:\n"
+            "    next(iter(DataLoader(Stuck(), num_workers=1)))\n"
+            "except KeyboardInterrupt:\n"
+            "    print('interrupted', flush=True)\n")
+    r = run_python("-c", code, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "interrupted\n"
+
+
+class StopsAt5(Squares):
+    def __getitem__(self, i):
+        if i == 5:
+            raise StopIteration
+        return i
+
+
+class IterRaisesStop(IterableDataset):
+    def __iter__(self):
+        raise StopIteration
+
+
+def _stop_collate(batch):
+    raise StopIteration
+
+
+@pytest.mark.parametrize("nw", [0, 2])
+@pytest.mark.parametrize("case,where", [
+    (lambda nw: DataLoader(StopsAt5(10), batch_size=2, num_workers=nw),
+     "dataset[5] (in the batch of sample indices [4, 5]) raised StopIteration"),
+    (lambda nw: DataLoader(StopsAt5(10), batch_size=None, num_workers=nw),
+     "dataset[5] raised StopIteration"),
+    (lambda nw: DataLoader(IterRaisesStop(), batch_size=2, num_workers=nw),
+     "the dataset's __iter__ (it must return an iterator"),
+    (lambda nw: DataLoader(Squares(4), batch_size=2, num_workers=nw, collate_fn=_stop_collate),
+     "collate_fn, on the batch of sample indices [0, 1], raised StopIteration"),
+    (lambda nw: DataLoader(Shards(4), batch_size=2, num_workers=nw, collate_fn=_stop_collate),
+     "collate_fn, on batch 0 of the stream, raised StopIteration"),
+], ids=["getitem", "getitem-unbatched", "iter", "collate", "collate-iterable"])
+def test_stop_iteration_inside_the_loader_is_an_error(case, where, nw):
+    # issue 22: a StopIteration from the dataset or collate_fn ended the epoch without a word
+    # (with workers; torch's loader does the same): an error, as PEP 479 makes it in generators
+    with pytest.raises(RuntimeError, match="not the end of the data") as ei:
+        list(case(nw))
+    assert where in str(ei.value)
+    assert isinstance(ei.value.__cause__, StopIteration)
+
+
 def test_break_and_gc_stop_the_workers():
     before = threading.active_count()
     loader = DataLoader(Squares(1000), batch_size=2, num_workers=4)
@@ -272,6 +444,80 @@ def test_break_and_gc_stop_the_workers():
     del it
     gc.collect()
     assert threading.active_count() == before
+
+
+def _threads():
+    """Threads of this process, C pool workers included (threading.active_count() misses them)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def _rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.parametrize("kind", ["map", "map-persistent", "iterable", "iterable-persistent"])
+def test_abandoned_loaders_leave_no_threads_memory_or_batches(kind):
+    # issue 22: next(iter(DataLoader(...))) in a loop left every worker thread running (201
+    # threads after 100 loaders, RSS 30 -> 192 MB after 500, batches out of the arena): the
+    # threads held the loader. Dropping the iterator must stop them, as torch's __del__ does.
+    def make():
+        ds = list(range(100)) if kind.startswith("map") else Shards(100)
+        return DataLoader(ds, batch_size=4, num_workers=2,
+                          persistent_workers=kind.endswith("persistent"))
+
+    for _ in range(5):  # warm up: the arena, the plan cache, imports
+        next(iter(make()))
+    gc.collect()
+    threads, rss, fallbacks = _threads(), _rss_mb(), collate.arena_fallbacks()
+    blocks = threadloom.arena().stats()["blocks_in_use"]
+    for _ in range(200):
+        next(iter(make()))
+    loader = make()  # a loader kept alive whose iterator is dropped mid-epoch
+    it = iter(loader)
+    next(it)
+    del it
+    if kind.endswith("persistent"):
+        loader.close()  # persistent workers live as long as their loader, as torch's
+    gc.collect()
+    assert _threads() == threads
+    assert collate.arena_fallbacks() == fallbacks
+    assert threadloom.arena().stats()["blocks_in_use"] <= blocks
+    assert _rss_mb() - rss < 40, "RSS grew from %.0f to %.0f MB" % (rss, _rss_mb())
+    assert rows(loader)[:2] == rows(make())[:2]  # the loader still works
+
+
+@pytest.mark.parametrize("make", [Squares, Shards], ids=["map", "iterable"])
+def test_each_iter_is_an_independent_iterator_as_torch(make):
+    # issue 22: zip(loader, loader) gave 0 pairs with workers (torch: 10) and nested loops 3 of
+    # 9 pairs: iter() closed the iteration in progress
+    loader = DataLoader(make(10), batch_size=1, num_workers=2)
+    want = rows(loader)
+    assert [(a.tolist(), b.tolist()) for a, b in zip(loader, loader)] == list(zip(want, want))
+    small = DataLoader(make(3), batch_size=1, num_workers=2)
+    assert [(a.tolist(), b.tolist()) for a in small for b in small] == \
+        [(a, b) for a in rows(small) for b in rows(small)]
+    one = iter(loader)
+    next(one)
+    two = iter(loader)
+    assert rows(two) == want and rows(one) == want[1:]
+
+
+@pytest.mark.parametrize("make", [Squares, Shards], ids=["map", "iterable"])
+def test_persistent_workers_reset_one_iterator_as_torch(make):
+    # torch's DataLoader keeps one iterator with persistent workers and iter() resets it: zip
+    # then takes alternate batches, a nested loop ends the outer one (tests/torch compares)
+    loader = DataLoader(make(10), batch_size=1, num_workers=2, persistent_workers=True)
+    want = rows(loader)
+    assert iter(loader) is iter(loader)
+    assert [(a.tolist(), b.tolist()) for a, b in zip(loader, loader)] == \
+        list(zip(want[0::2], want[1::2]))
+    small = DataLoader(make(3), batch_size=1, num_workers=2, persistent_workers=True)
+    first = rows(small)[0]
+    assert [(a.tolist(), b.tolist()) for a in small for b in small] == \
+        [(first, b) for b in rows(small)]
+    assert rows(small) == rows(small)
+    small.close()
 
 
 @pytest.mark.parametrize("nw", [0, 3])
@@ -291,6 +537,47 @@ def test_resume_mid_epoch_yields_exactly_the_rest(nw):
     rest = rows(fresh)
     assert head + rest == full
     loader.close()
+
+
+def test_load_state_dict_refuses_what_it_cannot_resume():
+    # issue 22: None raised a bare AttributeError; batches_yielded=10**18 and a state from a
+    # dataset of another length were taken silently (10**18: the loader skipped "forever")
+    def make(n=50, **kw):
+        return DataLoader(Squares(n), batch_size=4, shuffle=True, num_workers=2,
+                          generator=random.Random(1), **kw)
+
+    loader = make()
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    del it
+    with pytest.raises(TypeError, match="takes the dict that DataLoader.state_dict.. returned, "
+                                        "not None"):
+        make().load_state_dict(None)
+    with pytest.raises(ValueError, match="batches_yielded=1000000000000000000, but an epoch of "
+                                         "this DataLoader has 13 batches"):
+        make().load_state_dict(dict(state, batches_yielded=10 ** 18))
+    with pytest.raises(ValueError, match="saved for a dataset of 50 samples; this DataLoader's "
+                                         "has 40"):
+        make(40).load_state_dict(state)
+    for key, bad in (("epoch", -1), ("batches_yielded", "3"), ("finished", None),
+                     ("base_seed", 1.5), ("sampler", 7)):
+        with pytest.raises(ValueError, match="%s=" % key):
+            make().load_state_dict(dict(state, **{key: bad}))
+    missing = dict(state)
+    del missing["epoch"]
+    with pytest.raises(ValueError, match="has no 'epoch'"):
+        make().load_state_dict(missing)
+    fresh = make()
+    fresh.load_state_dict(state)  # what state_dict() gave still loads
+    assert len(rows(fresh)) == 12
+
+    # an iterable dataset without len(): found out when the epoch ends before the skip does
+    again = DataLoader(Shards(20), batch_size=3, num_workers=2)
+    again.load_state_dict(dict(state, dataset_len=None, sampler=None, batches_yielded=9))
+    with pytest.raises(ValueError, match="batches_yielded=9, but this epoch of the DataLoader "
+                                         "has 8 batches"):
+        rows(again)
 
 
 def test_resume_iterable_skips_yielded_batches():
@@ -413,6 +700,65 @@ def test_random_samplers():
     assert sorted(SubsetRandomSampler([5, 7, 9], generator=random.Random(0))) == [5, 7, 9]
     w = list(WeightedRandomSampler([0, 0, 1], 5, generator=random.Random(0)))
     assert w == [2] * 5
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 1000, 4097])
+def test_lazy_permutation_is_a_seeded_bijection(n):
+    p = sampler_mod.Permutation(n, random.Random(n))
+    order = list(p)
+    assert sorted(order) == list(range(n)) and len(p) == n
+    assert [p[i] for i in range(n)] == order
+    assert list(sampler_mod.Permutation(n, random.Random(n))) == order
+    if n >= 8:
+        assert list(sampler_mod.Permutation(n, random.Random(n + 1))) != order
+    with pytest.raises(IndexError):
+        p[n]
+
+
+def test_samplers_switch_to_the_lazy_permutation_above_the_threshold(monkeypatch):
+    small = list(RandomSampler(range(50), generator=random.Random(3)))
+    monkeypatch.setattr(sampler_mod, "PYTHON_PERMUTATION_MAX", 16)
+    assert list(RandomSampler(range(16), generator=random.Random(3))) == \
+        list(RandomSampler(range(16), generator=random.Random(3)))  # still a list: same draws
+    lazy = list(RandomSampler(range(50), generator=random.Random(3)))
+    assert sorted(lazy) == list(range(50)) and lazy != small
+    more = list(RandomSampler(range(50), num_samples=120, generator=random.Random(3)))
+    assert len(more) == 120 and sorted(more[:50]) == sorted(more[50:100]) == list(range(50))
+    for drop_last in (False, True):
+        ranks = [list(DistributedSampler(range(50), 4, r, seed=2, drop_last=drop_last))
+                 for r in range(4)]
+        assert len({len(r) for r in ranks}) == 1
+        flat = sum(ranks, [])
+        if drop_last:
+            assert len(set(flat)) == len(flat) == 48
+        else:
+            assert set(flat) == set(range(50)) and len(flat) == 52
+
+
+HUGE = """
+import random, resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # a list of 10**12 ints: MemoryError
+from threadloom.data import DataLoader
+class Huge:
+    def __len__(self):
+        return 10 ** 12
+    def __getitem__(self, i):
+        return i
+for kw in (dict(shuffle=True, generator=random.Random(0)), dict(shuffle=True, num_workers=2,
+           generator=random.Random(0)), dict(shuffle=True, distributed=True, world_size=8, rank=3)):
+    batch = next(iter(DataLoader(Huge(), batch_size=4, **kw))).tolist()
+    assert len(set(batch)) == 4 and all(0 <= i < 10 ** 12 for i in batch), batch
+    print("ok", flush=True)
+"""
+
+
+def test_shuffling_a_dataset_of_10_to_the_12_samples_starts_at_once():
+    # issue 22: shuffle=True built a list of len(dataset) indices first (10**12: until the OOM
+    # killer came; 10**7: 7.8 s and 563 MB before the first batch); the address space limit
+    # turns that into a MemoryError here instead
+    r = run_python("-c", HUGE, env_extra={"THREADLOOM_ARENA_MB": "64"}, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout == "ok\n" * 3
 
 
 def test_stats_and_progress(capsys):

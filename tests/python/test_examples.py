@@ -122,7 +122,10 @@ def test_free_threads_example():
     assert p.returncode == 0, p.stderr
     gil = sys._is_gil_enabled() if hasattr(sys, "_is_gil_enabled") else True
     assert ("GIL %s" % ("ENABLED" if gil else "disabled")) in p.stdout
-    assert re.search(r"speed-up [0-9.]+x on 2 thread", p.stdout)
+    assert re.search(r"without share: .* speed-up [0-9.]+x on 2 thread", p.stdout), p.stdout
+    assert re.search(r"with share   : .* speed-up [0-9.]+x on 2 thread", p.stdout), p.stdout
+    if not gil:  # the shared list and its strings, made immortal between the two rounds
+        assert re.search(r"threadloom.share: \d+ object\(s\) made immortal", p.stdout), p.stdout
 
 
 def test_dataloader_before_and_after_deliver_the_same_batches():

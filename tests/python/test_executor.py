@@ -167,3 +167,79 @@ def test_interpreter_exit_runs_queued_work_and_joins():
     r = run_python("-c", code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "tasks 100"
+
+
+# -- issue 22: stuck tasks, Ctrl-C, deadlocks, absurd sizes -------------------------------------
+
+CTRL_C = """
+import os, signal, threading, time, threadloom
+release = threading.Event()
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+try:
+%s
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+release.set()
+"""
+
+
+@pytest.mark.parametrize("blocked", [
+    # shutdown() waiting for a task that does not return
+    "    ex = threadloom.Executor(max_workers=1)\n"
+    "    ex.submit(release.wait)\n"
+    "    ex.shutdown()\n",
+    # the with statement's exit, the same
+    "    with threadloom.Executor(max_workers=1) as ex:\n"
+    "        ex.submit(release.wait)\n",
+    # submit() waiting for room in a bounded queue
+    "    ex = threadloom.Executor(max_workers=1, capacity=2)\n"
+    "    while True: ex.submit(release.wait)\n",
+], ids=["shutdown", "with", "submit"])
+def test_ctrl_c_interrupts_blocking_calls(blocked):
+    r = run_python("-c", CTRL_C % blocked, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "interrupted\n"
+
+
+def test_submitting_more_than_the_queue_holds_to_tasks_that_wait_for_the_submitter():
+    # concurrent.futures' queue is unbounded, so this runs there; a bounded queue deadlocked
+    # (the submitter waited for room, the tasks for the submitter)
+    code = ("import threading, threadloom\n"
+            "go = threading.Event()\n"
+            "with threadloom.Executor(max_workers=2) as ex:\n"
+            "    futures = [ex.submit(go.wait, 60) for _ in range(2000)]\n"
+            "    go.set()\n"
+            "    print(sum(f.result() for f in futures))\n")
+    r = run_python("-c", code, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "2000\n"
+
+
+def test_unbounded_submit_keeps_every_task_and_shutdown_runs_or_cancels_them():
+    gate = threading.Event()
+    ex = threadloom.Executor(max_workers=1)
+    futs = [ex.submit(gate.wait, 30)] + [ex.submit(square, i) for i in range(500)]
+    gate.set()
+    assert [f.result(timeout=30) for f in futs[1:]] == [i * i for i in range(500)]
+    gate.clear()
+    more = [ex.submit(gate.wait, 30)] + [ex.submit(square, i) for i in range(500)]
+    closer = threading.Thread(target=ex.shutdown, kwargs={"cancel_futures": True})
+    closer.start()
+    cf.wait(more[1:], timeout=30)
+    gate.set()
+    closer.join(30)
+    assert not closer.is_alive() and all(f.cancelled() for f in more[1:])
+
+
+@pytest.mark.parametrize("n,error", [(10 ** 6, ValueError), (10 ** 12, ValueError),
+                                     ("2", TypeError), (2.0, TypeError)])
+def test_max_workers_beyond_what_the_system_can_start_is_refused(n, error):
+    # 10**6 hung in the constructor (threads started one by one until the system refused)
+    code = ("import threadloom\n"
+            "try:\n"
+            "    threadloom.Executor(max_workers=%r)\n"
+            "except Exception as e:\n"
+            "    print(type(e).__name__, e)\n" % (n,))
+    r = run_python("-c", code, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(error.__name__ + " max_workers"), r.stdout

@@ -32,8 +32,10 @@ SRC = os.path.join(ROOT, "python", "src")
 # Python package") says what each is for.
 LAYERS = [
     {"_core", "gilguard"},                          # C; and the guard the launcher loads by path
-    {"errors", "_runtime"},                         # errors made in one place; lifetime registry
-    {"placement", "memory", "sysinfo", "topoview"},  # the machine: plans, pinning, arenas, info
+    {"errors", "_runtime", "share"},                # errors made in one place; lifetime registry;
+                                                    # immortal shared data (loaded by path too)
+    {"placement", "memory", "sysinfo", "topoview",  # the machine: plans, pinning, arenas, info;
+     "contention"},                                 # which shared objects threads contend on
     {"_queue", "executor"},                         # threads: closable queues, the Executor
     {"pipeline", "comm", "devices"},                # stages; communicators; the device layer
     {"data", "checkpoint", "spmd", "cluster"},      # loader, checkpoints, rank runner, jobs

@@ -112,11 +112,12 @@ def test_state_is_created_once_per_worker_and_never_shared():
 
 
 def test_stats_while_running_and_timeout():
-    gate = threading.Event()
+    gate, returned = threading.Event(), threading.Event()
 
     def wait_for_gate(x):
         if x == 3:
-            gate.wait(30)
+            gate.wait(60)
+            returned.set()
         return x
 
     p = threadloom.Pipeline(range(10), timeout=0.3).map(wait_for_gate, name="gated")
@@ -124,12 +125,16 @@ def test_stats_while_running_and_timeout():
     assert [next(it) for _ in range(3)] == [0, 1, 2]
     s = p.stats()[0]  # readable while running
     assert s["name"] == "gated" and s["items"] >= 3 and s["workers"] == 1
-    # A timeout is an error: the pipeline closes, waiting for the stage call in progress (a
-    # thread cannot be killed), which the timer lets finish.
-    threading.Timer(0.5, gate.set).start()
-    with pytest.raises(TimeoutError, match="gated: 3 done"):
+    # issue 22: a timeout fires on time, while the stage call is still stuck (it waited for
+    # the call before: Pipeline(timeout=0.5) with a 6 s stage raised after 6 s), and names it
+    with pytest.raises(TimeoutError, match="gated: 3 done") as ei:
         next(it)
-    assert p._workers.pool.closed
+    assert not returned.is_set()
+    assert "gated worker 0 for" in str(ei.value) and "item 3 (3)" in str(ei.value)
+    assert "gate.wait(60)" in str(ei.value)
+    gate.set()
+    returned.wait(30)
+    assert p.close() is None and p._workers.pool.closed  # joined once the call returned
 
 
 def test_bad_arguments():
@@ -170,6 +175,27 @@ def test_keyboard_interrupt_stops_promptly():
     r = run_python("-c", code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("interrupted")
+
+
+@pytest.mark.parametrize("feed", ["thread", "consumer"])
+def test_stop_iteration_in_a_stage_is_an_error(feed):
+    # issue 22: it ended the consumer's loop early without a word; a source's StopIteration is
+    # still its end
+    def stage(x):
+        if x == 3:
+            raise StopIteration
+        return x
+
+    with pytest.raises(RuntimeError, match="stage 'stage', on item 3 \\(3\\), raised "
+                                           "StopIteration") as ei:
+        list(threadloom.Pipeline(range(10), feed=feed).map(stage, workers=2))
+    assert isinstance(ei.value.__cause__, StopIteration)
+
+    def state():
+        raise StopIteration
+
+    with pytest.raises(RuntimeError, match="state=factory"):
+        list(threadloom.Pipeline(range(10), feed=feed).map(lambda s, x: x, state=state))
 
 
 def test_interpreter_exit_with_a_running_pipeline():

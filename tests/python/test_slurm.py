@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -77,7 +79,7 @@ def test_script_sets_every_option():
     assert text.startswith("#!/bin/bash\n")
     assert sb == {
         "--job-name": ["train-7"], "--nodes": ["4"], "--ntasks-per-node": ["1"],
-        "--time": ["1-02:00:00"], "--output": ["/scratch/logs/%x-%j.out"],
+        "--time": ["1-02:00:00"], "--output": ["%x-%j.out"],
         "--signal": ["B:USR1@300"], "--gpus-per-node": ["8"], "--cpus-per-task": ["16"],
         "--partition": ["gpu"], "--chdir": ["/scratch/run"], "--requeue": [True],
         "--open-mode": ["append"], "--exclusive": [True]}
@@ -90,6 +92,9 @@ def test_script_sets_every_option():
     # Exports: the user's, quoted; the trap forwards the chosen signal to srun.
     assert "export NCCL_DEBUG=INFO" in rest and "export DATA='/data/a b'" in rest
     assert "trap tl_forward USR1" in rest
+    # SLURM opens the batch log (where the job starts: --chdir) before the script runs; the
+    # script makes the nodes' log directory before srun opens their logs there.
+    assert "mkdir -p /scratch/logs || exit 1" in rest
     # the launcher and on_preempt() learn the job's signal from the script
     assert "export THREADLOOM_PREEMPT_SIGNAL=USR1" in rest
     assert any('kill -USR1 "$tl_srun"' in line for line in rest)
@@ -100,7 +105,7 @@ def test_script_defaults_and_module():
     sb, srun, rest = parse(slurm.batch_script(spec))
     assert sb["--signal"] == ["B:USR2@120"] and sb["--requeue"] == [True]
     assert sb["--nodes"] == ["1"] and sb["--time"] == ["01:00:00"]
-    assert sb["--output"] == ["logs/%x-%j.out"]
+    assert sb["--output"] == ["%x-%j.out"] and "mkdir -p logs || exit 1" in rest
     for absent in ("--gpus-per-node", "--cpus-per-task", "--partition", "--chdir"):
         assert absent not in sb
     opts, cmd = srun_options(srun)
@@ -220,6 +225,38 @@ def test_submit_refuses_a_missing_program_or_sbatch(tmp_path):
         slurm.submit(spec, sbatch=str(tmp_path / "no-sbatch"))
 
 
+NO_CONTROLLER_CONF = """ClusterName=nocontroller
+SlurmctldHost=localhost(127.0.0.1)
+SlurmctldPort=%d
+MessageTimeout=2
+AuthType=auth/none
+NodeName=n1 CPUs=1
+PartitionName=p Nodes=n1 Default=YES
+"""
+
+
+def test_submit_without_a_controller_says_what_to_check(tmp_path):
+    """The real sbatch against a configuration whose controller is not running: one line that
+    gives sbatch's message and what to check about SLURM (scontrol ping, SLURM_CONF), not the
+    disk advice of a plain I/O error."""
+    if shutil.which("sbatch") is None:
+        pytest.skip("sbatch not installed (apt-get install slurm-client)")
+    with socket.socket() as s:      # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(NO_CONTROLLER_CONF % port)
+    prog = tmp_path / "t.py"
+    prog.write_text("pass\n")
+    r = _cli("submit", "--log-dir", str(tmp_path / "logs"), "--launcher", "tl", str(prog),
+             env={"SLURM_CONF": str(conf)})
+    assert r.returncode == 1, r.stderr
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "sbatch failed" in err and "Unable to contact slurm controller" in err, err
+    assert "scontrol ping" in err and "SLURM_CONF" in err and "dmesg" not in err, err
+
+
 # ---------------------------------------------------------------------------------------------
 # Real jobs on the local cluster
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +345,7 @@ def test_submit_runs_to_completion(slurm_cluster, tmp_path):
     c = slurm_cluster
     logs = os.path.join(c.log_dir, "submit-%s" % os.getpid())
     r = _cli("submit", "-N", "2", "-t", "3", "-J", "submitted", "--log-dir", logs,
-             "--signal-lead", "30", "--launcher", BIN, JOB_PY,
+             "--chdir", c.log_dir, "--signal-lead", "30", "--launcher", BIN, JOB_PY,
              launcher=BIN, env=c.env())
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip()
@@ -325,7 +362,33 @@ def test_submit_runs_to_completion(slurm_cluster, tmp_path):
             text = f.read()
         rep = json.loads(next(l for l in text.splitlines() if l.startswith("{")))
         assert rep["rank"] == t and rep["world"] == 2 and "rank %d: done" % t in text
-    assert os.path.exists(os.path.join(logs, "submitted-%s.out" % job))
+    assert os.path.exists(os.path.join(c.log_dir, "submitted-%s.out" % job))   # --chdir
+
+
+def test_generated_script_runs_as_written_from_a_fresh_directory(slurm_cluster, tmp_path):
+    """`threadloom slurm script > job.sbatch`, then plain `sbatch job.sbatch` from a directory
+    without logs/: SLURM opens the batch log before the script runs, so the script must not
+    need a directory it has not made (it failed the job without any log when the batch log
+    was logs/%x-%j.out)."""
+    c = slurm_cluster
+    fresh = os.path.join(c.log_dir, "fresh-%d" % os.getpid())
+    os.makedirs(fresh)
+    r = _cli("script", "-N", "2", "-t", "3", "-J", "fresh", "--launcher",
+             "%s -m threadloom" % c.python, JOB_PY)
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(fresh, "job.sbatch"), "w") as f:
+        f.write(r.stdout)
+    assert not os.path.exists(os.path.join(fresh, "logs"))
+    sub = subprocess.run(["sbatch", "--parsable", "job.sbatch"], cwd=fresh, env=c.env(),
+                         capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    res = c.wait_job(job, timeout=90)
+    assert res.state == "COMPLETED", c.describe(job, res.info)
+    assert os.path.exists(os.path.join(fresh, "fresh-%s.out" % job))
+    nodes = [n for n in os.listdir(os.path.join(fresh, "logs"))
+             if n.startswith("fresh-%s-" % job)]
+    assert len(nodes) == 2, res.logs
 
 
 def test_submitted_job_forwards_the_signal_to_every_task(slurm_cluster):
@@ -333,7 +396,8 @@ def test_submitted_job_forwards_the_signal_to_every_task(slurm_cluster):
     `scancel --signal=USR2 --batch` instead of waiting for the time limit."""
     c = slurm_cluster
     spec = slurm.JobSpec(program=JOB_PY, args=("--hold",), nodes=2, time="3", job_name="usr2",
-                         log_dir=c.log_dir, launcher=(c.python, "-m", "threadloom"))
+                         log_dir=c.log_dir, chdir=c.log_dir,
+                         launcher=(c.python, "-m", "threadloom"))
     job, _ = slurm.submit(spec, path=os.path.join(c.log_dir, "usr2.sbatch"), environ=c.env())
     c.wait_log(job, "holding", count=2)   # both tasks wait for the signal
     c.run("scancel", "--signal=USR2", "--batch", job)
@@ -354,7 +418,8 @@ def test_preemption_signal_without_on_preempt_does_not_kill_the_job(slurm_cluste
     c = slurm_cluster
     release = os.path.join(c.log_dir, "release-%d" % os.getpid())
     spec = slurm.JobSpec(program=JOB_PY, args=("--hold-unhandled", release), nodes=2, time="3",
-                         job_name="nohandler", log_dir=c.log_dir, launcher=(BIN,))
+                         job_name="nohandler", log_dir=c.log_dir, chdir=c.log_dir,
+                         launcher=(BIN,))
     job, _ = slurm.submit(spec, path=os.path.join(c.log_dir, "nohandler.sbatch"), environ=c.env())
     c.wait_log(job, "holding", count=2)
     c.run("scancel", "--signal=USR2", "--batch", job)
@@ -388,7 +453,8 @@ def test_preempted_job_checkpoints_is_requeued_and_resumes(slurm_cluster):
     steps, hold = 40, 15
     ck = os.path.join(c.log_dir, "requeue-ckpt-%d" % os.getpid())
     spec = slurm.JobSpec(program=REQUEUE_PY, args=(ck, "--steps", str(steps), "--hold-at", str(hold)),
-                         nodes=2, time="3", job_name="requeue", log_dir=c.log_dir, launcher=(BIN,))
+                         nodes=2, time="3", job_name="requeue", log_dir=c.log_dir,
+                         chdir=c.log_dir, launcher=(BIN,))
     job, _ = slurm.submit(spec, path=os.path.join(c.log_dir, "requeue.sbatch"), environ=c.env())
     c.wait_log(job, "holding at step %d" % hold, count=2)
     c.run("scancel", "--signal=USR2", "--batch", job)

@@ -184,6 +184,68 @@ def test_persistent_workers_epochs(nw):
     assert_same_batches(sum(got, []), sum(want, []))
 
 
+@pytest.mark.parametrize("nw,persistent", [(0, False), (2, False), (2, True)])
+@pytest.mark.parametrize("iterable", [False, True], ids=["map", "iterable"])
+def test_several_iterators_of_one_loader_as_torch(nw, persistent, iterable):
+    # independent iterators, as torch's (zip(loader, loader): every batch twice; a nested loop:
+    # every pair), and with persistent workers torch's one iterator that iter() resets (zip:
+    # alternate batches; a nested loop ends the outer one)
+    def make(cls, n):
+        ds = TorchShards(n) if iterable else Pairs(n)
+        args = {} if iterable else dict(shuffle=True, generator=torch.Generator().manual_seed(4))
+        return cls(ds, batch_size=2, num_workers=nw, persistent_workers=persistent, **args)
+
+    got, want = ([(a, b) for a, b in zip(loader, loader)]
+                 for loader in (make(tld.DataLoader, 20), make(tud.DataLoader, 20)))
+    assert_same_batches(got, want)
+    got, want = ([(a, b) for a in loader for b in loader]
+                 for loader in (make(tld.DataLoader, 6), make(tud.DataLoader, 6)))
+    assert_same_batches(got, want)
+    for cls in (tld.DataLoader, tud.DataLoader):
+        loader = make(cls, 8)
+        one = iter(loader)
+        head = next(one)
+        two = iter(loader)
+        if cls is tld.DataLoader:
+            mine = (head, list(one), list(two), list(loader))
+        else:
+            theirs = (head, list(one), list(two), list(loader))
+    for m, t in zip(mine, theirs):
+        assert_same(m, t)
+
+
+@pytest.mark.parametrize("n", [100, 300])
+def test_torchs_permutation_up_to_the_threshold_lazy_beyond(monkeypatch, n):
+    # torch.randperm (torch's order) up to TORCH_PERMUTATION_MAX samples; beyond it a lazy
+    # permutation drawn from the same generator (a dataset of 10**12 samples cannot hold
+    # torch's): a permutation, the same for the same seed, resumable mid-epoch
+    import threadloom.data.sampler as sampler_mod
+    monkeypatch.setattr(sampler_mod, "TORCH_PERMUTATION_MAX", 200)
+    kw = dict(batch_size=7, shuffle=True, num_workers=2)
+    got, want = both(Pairs(n), seed=1, **kw)
+    if n <= 200:
+        assert_same_batches(got[0], want[0])
+        return
+    firsts = sorted(int(b[0][k][0]) for b in got[0] for k in range(len(b[0])))
+    assert firsts == list(range(n))
+    again = both(Pairs(n), seed=1, **kw)[0]
+    assert_same_batches(again[0], got[0])
+    _resume_against_torch(
+        lambda: tld.DataLoader(Pairs(n), generator=torch.Generator().manual_seed(1), **kw),
+        lambda: _Replay([got[0], list(tld.DataLoader(
+            Pairs(n), generator=_after_one_epoch(n, kw), **kw))]), 0, 5)
+    ranks = [list(tld.DistributedSampler(Pairs(n), 3, r, seed=5)) for r in range(3)]
+    assert set(sum(ranks, [])) == set(range(n)) and {len(r) for r in ranks} == {(n + 2) // 3}
+
+
+def _after_one_epoch(n, kw):
+    """A generator seeded 1 that has drawn one epoch of a loader of Pairs(n) (base seed and
+    permutation), as the uninterrupted run's generator is at its second epoch."""
+    g = torch.Generator().manual_seed(1)
+    list(tld.DataLoader(Pairs(n), generator=g, **kw))
+    return g
+
+
 def test_pin_memory_is_accepted_and_changes_nothing():
     got, want = both(Pairs(10), batch_size=3, pin_memory=True, num_workers=2)
     assert_same_batches(got[0], want[0])
@@ -639,6 +701,14 @@ def test_invalid_arguments_raise_what_torch_raises(case):
         tld.DataLoader(**BAD_ARGS[case]())
     # same first words as torch's message
     assert str(mine.value).split()[:3] == str(theirs.value).split()[:3], (mine.value, theirs.value)
+
+
+def test_num_workers_of_another_type_is_a_type_error_as_torch():
+    # torch raises the comparison's bare TypeError; threadloom the same type, saying what to pass
+    with pytest.raises(TypeError):
+        tud.DataLoader(_ds(), num_workers="2")
+    with pytest.raises(TypeError, match="num_workers must be an int"):
+        tld.DataLoader(_ds(), num_workers="2")
 
 
 BAD_SAMPLERS = {

@@ -45,6 +45,13 @@ class FileOps:
     def remove_tree(self, path):
         shutil.rmtree(path, ignore_errors=True)
 
+    def remove_file(self, path):
+        """Removes the file `path` if it exists."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
     def write_file(self, path, data):
         """Creates `path` with `data`, fsynced (not the directory)."""
         fd = self.open(path)

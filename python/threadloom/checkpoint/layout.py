@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 
+from threadloom import errors
 from threadloom.checkpoint.format import MANIFEST
 
 log = logging.getLogger("threadloom.checkpoint")
@@ -26,6 +27,20 @@ LATEST = "latest"
 LOCK = ".lock"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _TMP_PREFIXES = (".tmp-step-", ".del-", ".latest-")
+
+
+def directory(path):
+    """The absolute path of the checkpoint directory `path` (str or os.PathLike). Refuses an
+    empty one, which would silently be the current directory (InvalidArgumentError)."""
+    try:
+        p = os.fspath(path)
+    except TypeError:
+        raise TypeError("the checkpoint directory must be a path (str or os.PathLike), not %r"
+                        % (path,)) from None
+    if p in ("", b""):
+        raise errors.error("EINVAL", "the checkpoint directory is an empty string: give a path "
+                           "such as 'ckpt/' ('.' if you mean the current directory)")
+    return os.path.abspath(p)
 
 
 def step_name(step):

@@ -40,6 +40,11 @@ def dtype_of(fmt):
     return "%s%d" % (kind, 8 * struct.calcsize(fmt))
 
 
+# Every safetensors dtype -> its item size in bytes (what a loaded manifest may name).
+DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
+               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
 # safetensors dtype -> torch dtype name (torch 1.13 has no uint16/32/64)
 TORCH_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32",
                 "I64": "int64", "F16": "float16", "BF16": "bfloat16", "F32": "float32",

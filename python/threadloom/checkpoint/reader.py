@@ -1,9 +1,12 @@
-"""Reading checkpoints: threadloom.load, every tensor checked against the manifest.
+"""Reading checkpoints: threadloom.load, every byte that decides what the state is verified.
 
-A checkpoint is read only from a complete step-<N> directory (layout.py). Each safetensors
-header must agree with manifest.json (dtype, shape, offsets) and each tensor's bytes with its
-xxh3_64; any disagreement, truncation or unparsable file raises CorruptCheckpointError naming
-the tensor and the file, and load(..., fallback=True) then tries the older checkpoints.
+A checkpoint is read only from a complete step-<N> directory (layout.py). manifest.json must
+match its own xxh3_64 (format version 2) and be well formed (format.read_manifest); each
+safetensors file must have the manifest's size, its header the manifest's xxh3_64 (version 2),
+this checkpoint's __metadata__, the manifest's tensors with their dtype, shape and offsets, and
+each tensor's bytes their xxh3_64. Any disagreement, truncation or unparsable file raises
+CorruptCheckpointError naming the tensor and the file, and load(..., fallback=True) then tries
+the older checkpoints.
 """
 
 import logging
@@ -24,22 +27,32 @@ def _load_dir(path, step, allow_pickle, framework=None):
     def bad(msg, file=None, key=None):
         return corrupt(msg, step=step, path=path, file=file, key=key)
 
-    manifest = read_manifest(path, bad)
-    by_file = {}
+    manifest = read_manifest(path, step, bad)   # verified: checksum (version 2), structure
+    version = manifest["format_version"]
+    by_file = {f["name"]: [] for f in manifest["files"]}
     for key, t in manifest["tensors"].items():
-        by_file.setdefault(t["file"], []).append((key, t))
+        by_file[t["file"]].append((key, t))
     values = {}
-    for fname, entries in by_file.items():
+    for entry in manifest["files"]:
+        fname = entry["name"]
+        entries = by_file[fname]
         fpath = os.path.join(path, fname)
         try:
             fd = os.open(fpath, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise bad("%s is missing" % fname, fname) from None
         try:
-            header, base = read_safetensors_header(fd, fname, bad)
+            header, base = read_safetensors_header(fd, entry, step, version, bad)
+            if set(header) - {"__metadata__"} != {key for key, _ in entries}:
+                raise bad("the header of %s names other tensors than manifest.json" % fname,
+                          fname)
+            if base + max((t["data_offsets"][1] for _, t in entries), default=0) \
+                    != entry["bytes"]:
+                raise bad("the tensors of %s do not end where the file does" % fname, fname)
             for key, t in entries:
-                h = header.get(key)
-                if h is None or h.get("dtype") != t["dtype"] or h.get("shape") != t["shape"] \
+                h = header[key]
+                if not isinstance(h, dict) or h.get("dtype") != t["dtype"] \
+                        or h.get("shape") != t["shape"] \
                         or h.get("data_offsets") != t["data_offsets"]:
                     raise bad("tensor %r: the header of %s disagrees with manifest.json"
                               % (key, fname), fname, key)
@@ -57,7 +70,7 @@ def _load_dir(path, step, allow_pickle, framework=None):
                     values[key] = as_loaded(buf, t["dtype"], t["shape"])
         finally:
             os.close(fd)
-    return build(manifest["tree"], values, allow_pickle, bad), manifest
+    return build(manifest["tree"], values, allow_pickle, version >= 2, bad), manifest
 
 
 def load(directory, step=None, *, fallback=False, allow_pickle=True, with_info=False,
@@ -84,7 +97,7 @@ def load(directory, step=None, *, fallback=False, allow_pickle=True, with_info=F
             raise ImportError("load(..., framework='torch') needs torch, which does not import "
                               "here (%s); install it, or load without framework= to get "
                               "memoryviews" % e) from e
-    directory = os.path.abspath(os.fspath(directory))
+    directory = layout.directory(directory)
     steps = layout.complete_steps(directory)
     if step is None:
         first = layout.read_latest(directory)

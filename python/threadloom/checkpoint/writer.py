@@ -23,7 +23,7 @@ from threadloom import _core, errors
 from threadloom.checkpoint import layout, reader
 from threadloom.checkpoint.fileops import FileOps
 from threadloom.checkpoint.format import (MANIFEST, file_metadata, flatten, manifest,
-                                         safetensors_header)
+                                         manifest_bytes, safetensors_header)
 from threadloom.checkpoint.staging import Copies, Staging
 from threadloom.executor import Executor
 
@@ -198,7 +198,10 @@ _IO_PRIORITIES = {"low": _nice_io_thread, "idle": _idle_io_thread, "normal": Non
 
 
 class Checkpointer:
-    """Asynchronous checkpoints of nested state into `directory`.
+    """Asynchronous checkpoints of nested state into `directory` (created if missing; an
+    empty string is refused rather than taken for the current directory: pass "." for that;
+    one that cannot be created or written raises the errno's error, e.g.
+    ReadOnlyFilesystemError, AccessDeniedError).
 
     keep: complete checkpoints kept (older ones are deleted after a new one commits; 0 keeps
     all). staging_bytes: the host memory budget for staging (the training thread waits only for
@@ -245,14 +248,21 @@ class Checkpointer:
                              % (io_threads, copy_threads))
         if staging_bytes <= 0 or chunk_bytes <= 0 or shard_bytes <= 0:
             raise ValueError("staging_bytes, chunk_bytes and shard_bytes must be positive")
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = layout.directory(directory)
         self.keep = keep
         self.shard_bytes = shard_bytes
         self.on_progress = on_progress
         self._ops = file_ops or FileOps()
-        os.makedirs(self.directory, exist_ok=True)
-        self._lock_fd = os.open(os.path.join(self.directory, layout.LOCK),
-                                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            self._lock_fd = os.open(os.path.join(self.directory, layout.LOCK),
+                                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise errors.from_errno(e.errno, "cannot open the checkpoint directory %s for "
+                                    "writing: %s" % (self.directory, e),
+                                    hint="give a directory this process can create and write "
+                                         "to (threadloom.load(dir) reads checkpoints from a "
+                                         "read-only one)") from e
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -548,8 +558,7 @@ class Checkpointer:
                 raise job.error
             job.ensure_tmpdir()
             m = manifest(job.step, job.files, job.tensors, job.tree, job.metadata)
-            ops.write_file(os.path.join(job.tmpdir, MANIFEST),
-                           json.dumps(m, indent=1).encode("utf-8"))
+            ops.write_file(os.path.join(job.tmpdir, MANIFEST), manifest_bytes(m))
             ops.fsync_dir(job.tmpdir)
             old = None
             if os.path.exists(final):  # the same step saved again: swap, never merge
@@ -561,8 +570,12 @@ class Checkpointer:
             if old:
                 ops.remove_tree(old)
             tmp = layout.latest_tmp(d)
-            ops.write_file(tmp, (job.name + "\n").encode("ascii"))
-            ops.rename(tmp, os.path.join(d, layout.LATEST))
+            try:
+                ops.write_file(tmp, (job.name + "\n").encode("ascii"))
+                ops.rename(tmp, os.path.join(d, layout.LATEST))
+            except BaseException:
+                ops.remove_file(tmp)   # ENOSPC mid-write: no .latest-<hex> left behind
+                raise
             ops.fsync_dir(d)
         except BaseException as e:
             if not committed and job.tmpdir and job.tmp_made:
@@ -602,5 +615,4 @@ class Checkpointer:
             " (%s)" % exc.filename if exc.filename else "", what)
         err = errors.from_errno(exc.errno, detail)
         err.__cause__ = exc
-        err.errno = exc.errno
         return err

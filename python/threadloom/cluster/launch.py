@@ -41,9 +41,18 @@ def tee_to_log(log_dir, rank):
     """Sends this process's stdout and stderr (file descriptors 1 and 2) through `tee -a` into
     log_dir/node-<rank>.log as well. The tee processes ignore the signals SLURM and terminals
     send to the whole job (INT, TERM, HUP, USR1, USR2) and end when this process's copies of
-    the descriptors close. Returns the log's path."""
-    os.makedirs(log_dir, exist_ok=True)
+    the descriptors close. Returns the log's path. Raises the threadloom error of the errno
+    (NotFoundError, AccessDeniedError, ...) naming --log-dir when the directory or the log
+    cannot be made, before anything is redirected."""
     path = os.path.join(log_dir, "node-%d.log" % rank)
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    except OSError as e:
+        raise errors.from_errno(e.errno, "--log-dir %s: cannot write %s there: %s"
+                                % (log_dir, os.path.basename(path), e.strerror or e),
+                                hint="give --log-dir a directory this process can create and "
+                                     "write to") from None
     flush_stdio()
     ignored = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGUSR1, _signal.SIGUSR2)
     old = {s: _signal.signal(s, _signal.SIG_IGN) for s in ignored}   # inherited by the tees

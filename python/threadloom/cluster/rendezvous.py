@@ -31,11 +31,21 @@ ABORT_KEY = "abort"       # the store key whose value tells every node to abort 
 NCCL_ID_BYTES = 128       # sizeof(ncclUniqueId)
 
 
-def _free_port(bind=""):
+def _free_port(bind="", port=0):
+    """A port free on `bind` (port 0: any; else `port`, checked). Raises EAGAIN when `port` is
+    taken: torch.distributed's store, which binds it later, would fail with a less clear
+    message."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        s.bind((bind, 0))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as torch's TCPStore does
+        s.bind((bind, port))
         return s.getsockname()[1]
+    except OSError as e:
+        if not port:
+            raise
+        raise _error("EAGAIN", "port %d on node 0 is in use (%s): torch.distributed's store "
+                     "listens on the --master port (MASTER_PORT); give another port, or none "
+                     "to let node 0 pick a free one" % (port, e.strerror or e)) from None
     finally:
         s.close()
 
@@ -46,7 +56,8 @@ class Rendezvous:
     rank: int                 # this node's rank (0 runs the store)
     world_size: int           # number of nodes
     master_addr: str          # node 0's address as the nodes reach it
-    master_port: int          # a free port on node 0 for torch.distributed's own store
+    master_port: int          # torch.distributed's port on node 0 (MASTER_PORT): the one
+                              # `master` named, else a free one node 0 picked
     store_port: int           # the port of threadloom's store on node 0
     hosts: tuple              # every node's host name, by rank
     store: StoreClient        # this node's connection to the store (for later bootstrap steps)
@@ -77,9 +88,7 @@ class Rendezvous:
         (the first reason published wins) for every node's watchdog. Returns the reason in the
         store. `store`: the connection to use (default this node's)."""
         store = store or self.store
-        if store.add(ABORT_KEY + "/count") == 1:
-            store.set(ABORT_KEY, json.dumps({"rank": self.rank, "host": self.hosts[self.rank],
-                                             "reason": reason}))
+        _publish_abort(store, self.rank, self.hosts[self.rank], reason)
         return json.loads(store.wait(ABORT_KEY, 30.0))["reason"]
 
     def nccl_bootstrap(self, gpus_per_node, timeout=300.0, *, unique_id=None):
@@ -194,6 +203,12 @@ class Rendezvous:
         self.close()
 
 
+def _publish_abort(store, rank, host, reason):
+    """Publishes `reason` under the abort key unless another node's came first."""
+    if store.add(ABORT_KEY + "/count") == 1:
+        store.set(ABORT_KEY, json.dumps({"rank": rank, "host": host, "reason": reason}))
+
+
 def _parse_master(master):
     host, sep, port = master.rpartition(":")
     if sep and port.isdigit() and host:
@@ -207,8 +222,10 @@ def rendezvous(nnodes=None, node_rank=None, master=None, *, token=None, job_id=N
 
     Under SLURM, nnodes, node_rank and master default to SLURM_NNODES, SLURM_NODEID and the
     first node of SLURM_JOB_NODELIST; without SLURM, give all three (`master` is "host" or
-    "host:port"). Node 0 starts the store (on `bind`, default all interfaces) on the first free
-    port of store_ports(job key) unless `master` names a port; every node connects, proves it
+    "host:port"). The port, as torchrun's --master-port, is torch.distributed's: MASTER_PORT
+    (every node must give the same; node 0 checks it is free); without one node 0 picks a free
+    port. Node 0 starts threadloom's own store (on `bind`, default all interfaces) on the first
+    free port of store_ports(job key) other than that one; every node connects, proves it
     knows the job secret (from `token`, default $THREADLOOM_JOB_TOKEN, and the job key: SLURM
     job and step id, else `job_id` or $THREADLOOM_JOB_ID), registers and waits for all nodes.
     Raises TimedOutError when the store is not reached or some node does not arrive within
@@ -248,8 +265,8 @@ def rendezvous(nnodes=None, node_rank=None, master=None, *, token=None, job_id=N
     else:
         job_key = "manual:%s" % (job_id or env.get("THREADLOOM_JOB_ID") or "default")
     secret = job_secret(token if token is not None else env.get(TOKEN_VAR), job_key)
-    host, port = _parse_master(master)
-    ports = [port] if port else store_ports(job_key, port_tries)
+    host, port = _parse_master(master)   # port: torch.distributed's (MASTER_PORT), or None
+    ports = [p for p in store_ports(job_key, port_tries + 1) if p != port][:port_tries]
 
     deadline = time.monotonic() + timeout
     if node_rank == 0:
@@ -272,7 +289,7 @@ def rendezvous(nnodes=None, node_rank=None, master=None, *, token=None, job_id=N
             me = {"host": (se.nodename if se else socket.gethostname()), "pid": os.getpid()}
             store.set("rank/%d" % node_rank, json.dumps(me))
             if node_rank == 0:
-                store.set("torch_port", str(_free_port(bind)))
+                store.set("torch_port", str(_free_port(bind, port or 0)))
             hosts = []
             for r in range(nnodes):
                 left = deadline - time.monotonic()
@@ -285,6 +302,13 @@ def rendezvous(nnodes=None, node_rank=None, master=None, *, token=None, job_id=N
                                  % (", ".join(map(str, missing)), nnodes, host, store.port,
                                     timeout)) from None
             torch_port = int(store.wait("torch_port", max(deadline - time.monotonic(), 0.0)))
+            if port and port != torch_port:
+                e = _error("EINVAL", "node %d was given --master %s:%d, node 0 %s:%d: "
+                           "torch.distributed's store (MASTER_PORT) is on node 0's port; give "
+                           "every node the same --master" % (node_rank, host, port, host,
+                                                             torch_port))
+                _publish_abort(store, node_rank, me["host"], e.detail)   # the others stop too
+                raise e
         except BaseException:
             store.close()
             raise

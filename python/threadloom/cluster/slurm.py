@@ -6,8 +6,10 @@ per node) and SlurmCommands, the scontrol calls the runtime makes (preemption's 
                                                                      the job id
 
 The script asks for N nodes with one task each (threadloom drives a node's GPUs with threads),
-GPUs per node, cores per task, a time limit, per-node logs (srun's --output with %N), a
-signal some seconds before the time limit (default USR2 120 s before, to the batch shell,
+GPUs per node, cores per task, a time limit, per-node logs in the log directory (srun's
+--output with %N; the script makes the directory, and the batch log, which SLURM opens before
+the script runs, is %x-%j.out where the job starts: so the script runs as written wherever it
+is submitted), a signal some seconds before the time limit (default USR2 120 s before, to the batch shell,
 which forwards it to every task through srun) and --requeue; srun runs with
 --kill-on-bad-exit=1, so one node that dies ends the step on every node. Each run of the script
 exports a fresh random THREADLOOM_JOB_TOKEN (read from /dev/urandom on the node, never written
@@ -46,6 +48,13 @@ def _invalid(detail):
     return errors.error("EINVAL", detail)
 
 
+def _slurm_hint(command):
+    """What to check when a SLURM command (sbatch, scontrol, srun) fails."""
+    return ("check that the SLURM controller answers (`scontrol ping`) and that this node's "
+            "SLURM configuration names it (SLURM_CONF, else /etc/slurm/slurm.conf); otherwise "
+            "%s's own message says what it refused (a partition, an account, a limit)" % command)
+
+
 @dataclasses.dataclass
 class JobSpec:
     """One threadloom job on SLURM. `program` and `args` are what `threadloom run` gets."""
@@ -58,7 +67,8 @@ class JobSpec:
     time: str = "01:00:00"             # --time, in any of sbatch's formats
     partition: str = ""                # --partition ("" : the cluster's default)
     job_name: str = "threadloom"       # --job-name
-    log_dir: str = "logs"              # batch log %x-%j.out, per-node logs %x-%j-%N-%t.out
+    log_dir: str = "logs"              # per-node logs %x-%j-%N-%t.out (the batch log %x-%j.out
+                                       # is where the job starts: see batch_script)
     signal: str = "USR2"               # sent to the batch shell (and forwarded) before the end
     signal_lead: int = 120             # ... this many seconds before the time limit
     requeue: bool = True               # --requeue (a preempted or failed node's job requeues)
@@ -169,7 +179,10 @@ def batch_script(spec):
         "--nodes=%d" % spec.nodes,
         "--ntasks-per-node=1",
         "--time=%s" % spec.time,
-        "--output=%s" % os.path.join(logs, "%x-%j.out"),
+        # The batch shell's log where the job starts (the directory sbatch runs in, or
+        # --chdir), like SLURM's own slurm-<id>.out: SLURM opens it before the script runs,
+        # so it cannot be in the log directory, which the script makes.
+        "--output=%x-%j.out",
         "--signal=B:%s@%d" % (spec.signal, spec.signal_lead),
         "--open-mode=append",
     ]
@@ -212,6 +225,8 @@ def batch_script(spec):
               "export %s=%s" % (PREEMPT_SIGNAL_VAR, spec.signal)]
     lines += ["export %s=%s" % (k, q(v)) for k, v in spec.env]
     lines += [
+        "# The nodes' logs go there (srun opens them; mkdir says why when it cannot).",
+        "mkdir -p %s || exit 1" % q(logs),
         "",
         "# SLURM sends %s to this shell only (B:); srun forwards it to every task." % spec.signal,
         "tl_forwarded=0",
@@ -261,13 +276,16 @@ def submit(spec, path=None, sbatch="sbatch", environ=None):
         f.write(text)
     os.chmod(tmp, 0o755)
     os.replace(tmp, path)
-    r = subprocess.run([exe, "--parsable", path], capture_output=True, text=True, env=environ)
+    argv = [exe, "--parsable", path]
+    r = subprocess.run(argv, capture_output=True, text=True, env=environ)
     if r.returncode != 0:
-        raise errors.error("EIO", "sbatch refused %s (exit %d): %s"
-                           % (path, r.returncode, (r.stderr or r.stdout).strip()))
+        raise errors.command_failed(argv, r.returncode, r.stderr or r.stdout,
+                                    hint=_slurm_hint("sbatch"))
     job_id = r.stdout.strip().split(";")[0]
     if not job_id.isdigit():
-        raise errors.error("EIO", "sbatch printed %r, not a job id" % r.stdout.strip())
+        raise errors.command_failed(argv, 0, "printed %r, not a job id" % r.stdout.strip(),
+                                    hint="check that %s is SLURM's sbatch (--sbatch PATH "
+                                         "chooses another)" % exe)
     return job_id, path
 
 
@@ -296,8 +314,8 @@ class SlurmCommands:
             raise errors.error("ETIMEDOUT", "%s took more than %.0fs"
                                % (" ".join(argv), self.timeout)) from None
         if p.returncode != 0:
-            raise errors.error("EIO", "%s failed with status %d: %s" % (
-                " ".join(argv), p.returncode, (p.stderr or p.stdout).strip() or "(no output)"))
+            raise errors.command_failed(argv, p.returncode, p.stderr or p.stdout,
+                                        hint=_slurm_hint("scontrol"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,8 +347,10 @@ def _parser():
         s.add_argument("-p", "--partition", default="", help="partition (default: the cluster's)")
         s.add_argument("-J", "--job-name", default="threadloom", help="job name")
         s.add_argument("--log-dir", default="logs",
-                       help="directory of the logs: %%x-%%j.out (batch) and %%x-%%j-%%N-%%t.out "
-                            "(one per node: node name, task = node rank); default logs")
+                       help="directory of the nodes' logs, %%x-%%j-%%N-%%t.out (node name, task = "
+                            "node rank), made by the script; default logs. The batch shell's "
+                            "log, %%x-%%j.out, is where the job starts (here, or --chdir): SLURM "
+                            "opens it before the script runs")
         s.add_argument("--signal", default="USR2",
                        help="signal sent before the time limit (default USR2)")
         s.add_argument("--signal-lead", type=int, default=120,
@@ -381,7 +401,9 @@ def main(argv=None):
         print("threadloom slurm: %s" % e, file=sys.stderr)
         return 1
     print(job_id)
-    print("threadloom slurm: submitted %s as job %s; logs in %s" % (path, job_id, spec.log_dir),
+    print("threadloom slurm: submitted %s as job %s; logs: %s (the batch shell's), %s/ (one per "
+          "node)" % (path, job_id, os.path.join(spec.chdir or ".", "%s-%s.out"
+                                                % (spec.job_name, job_id)), spec.log_dir),
           file=sys.stderr)
     return 0
 

@@ -8,8 +8,11 @@ watchdog's heartbeats, so its cost is round trips, not CPU. docs/design.md ("Clu
 the protocol, the secret and how the port is chosen.
 """
 
+import collections
+import errno
 import hashlib
 import hmac
+import logging
 import secrets
 import socket
 import struct
@@ -19,6 +22,8 @@ import zlib
 
 from threadloom import errors
 from threadloom.cluster.env import TOKEN_VAR
+
+log = logging.getLogger("threadloom.cluster")
 
 
 def _error(name, detail):
@@ -82,6 +87,10 @@ MAC = 32
 MAX_FRAME = 1 << 20      # default cap on one frame's length
 MAX_KEY = 1024
 MAX_STORE = 64 << 20     # cap on the bytes of keys and values a store holds
+HANDSHAKE_TIMEOUT = 10.0  # seconds from accept() to the end of the handshake, in all
+FRAME_TIMEOUT = 30.0     # seconds from a frame's first byte to its last (and to send a response)
+MAX_UNAUTHENTICATED = 64  # connections still in the handshake; more shed the oldest
+MAX_CONNECTIONS = 4096   # connections in all (a thread each); more are refused
 
 OP_SET, OP_GET, OP_WAIT, OP_ADD = 1, 2, 3, 4
 ST_OK, ST_NOTFOUND, ST_TIMEOUT, ST_ERROR = 0, 1, 2, 3
@@ -91,9 +100,17 @@ class _ProtocolError(Exception):
     """The peer broke the protocol; the connection is closed."""
 
 
-def _recv_exact(sock, n):
+def _recv_exact(sock, n, deadline=None):
+    """n bytes from sock. deadline (time.monotonic()): for all of them together, not per
+    recv, so a peer that trickles one byte at a time still runs out of time (TimeoutError);
+    None: the socket's own timeout, per recv."""
     buf = bytearray()
     while len(buf) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("%d of %d bytes in time" % (len(buf), n))
+            sock.settimeout(left)
         chunk = sock.recv(n - len(buf))
         if not chunk:
             raise _ProtocolError("connection closed after %d of %d bytes" % (len(buf), n))
@@ -120,27 +137,64 @@ def _mac(secret, tag, a, b):
 # The store server (node 0)
 # ---------------------------------------------------------------------------------------------
 
+class _Conn:
+    """One accepted connection, owned by its thread (which alone closes `sock`)."""
+
+    __slots__ = ("sock", "authenticated", "shed")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.authenticated = False   # past the handshake
+        self.shed = False            # shut down by the store to make room; its thread ends
+
+
 class StoreServer:
     """A key-value store on TCP for one job's rendezvous: set/get/wait/add on byte values.
 
-    Threads: one accept thread and one thread per connection. Invariants: `_data`, `_bytes` and
-    `_closed` are guarded by `_cond`; `_conns` and the counters in `_stats` by `_lock`; `_cond`
-    is never taken while holding `_lock` or the other way round. A connection that fails the
-    handshake, sends a malformed or oversized frame or an unknown op is closed; the store keeps
-    serving the others."""
+    Threads: one accept thread and one thread per connection, so the limits on connections
+    bound the threads too. Invariants: `_data`, `_bytes` and `_closed` are guarded by `_cond`;
+    `_shutting`, `_conns`, `_pending`, `_open` and `_stats` by `_lock`; `_cond` is never taken
+    while holding `_lock` or the other way round. `_conns` holds every connection whose thread
+    has not ended; `_pending` those still in the handshake and not shed, oldest first; `_open`
+    counts the ones not shed. A socket is closed only by its own thread, after it left
+    `_conns` (under `_lock`); others shut it down under `_lock`, so never a reused descriptor.
 
-    def __init__(self, secret, ports, bind="", max_frame=MAX_FRAME, handshake_timeout=10.0):
+    What a peer can hold, and for how long: a connection in the handshake, at most
+    `handshake_timeout` seconds in all (not per recv); at most `max_unauthenticated` of them
+    (a new one sheds the oldest, so a flood of idle connections cannot lock nodes out); at
+    most `max_connections` in all (a further one is closed at once, unless an unauthenticated
+    one can be shed for it). An authenticated peer may idle between requests as long as it
+    likes, but a frame, once begun, must arrive within `frame_timeout` seconds, and so must
+    the response leave. When accept() fails for lack of descriptors (EMFILE, ENFILE) or
+    memory, the store sheds the oldest unauthenticated connection, backs off (10 ms doubling
+    to 0.5 s) and keeps accepting. A connection that fails the handshake, sends a malformed
+    or oversized frame or an unknown op is closed; the store keeps serving the others."""
+
+    def __init__(self, secret, ports, bind="", max_frame=MAX_FRAME,
+                 handshake_timeout=HANDSHAKE_TIMEOUT, frame_timeout=FRAME_TIMEOUT,
+                 max_unauthenticated=MAX_UNAUTHENTICATED, max_connections=MAX_CONNECTIONS):
+        if max_unauthenticated < 1 or max_connections < 1:
+            raise _error("EINVAL", "max_unauthenticated and max_connections must be >= 1, got "
+                         "%r and %r" % (max_unauthenticated, max_connections))
         self._secret = secret
         self._max_frame = max_frame
         self._handshake_timeout = handshake_timeout
+        self._frame_timeout = frame_timeout
+        self._max_unauthenticated = min(max_unauthenticated, max_connections)
+        self._max_connections = max_connections
         self._data = {}
         self._bytes = 0
         self._closed = False
         self._cond = threading.Condition()
         self._lock = threading.Lock()
+        self._stop = threading.Event()   # set by close(): ends the accept loop's back-off
+        self._shutting = False           # close() has begun: admit nothing more
         self._conns = set()
+        self._pending = collections.OrderedDict()
+        self._open = 0
         self._stats = {"connections": 0, "authenticated": 0, "rejected_auth": 0,
-                       "rejected_frames": 0}
+                       "rejected_frames": 0, "timed_out": 0, "shed": 0, "refused": 0,
+                       "accept_errors": 0}
         self._sock, self.port = self._bind(bind, list(ports))
         self.address = bind or "0.0.0.0"
         self._thread = threading.Thread(target=self._accept_loop, name="threadloom-store-accept",
@@ -164,54 +218,142 @@ class StoreServer:
                      % (_ports_text(ports), bind or "0.0.0.0", last))
 
     def stats(self):
-        """Counters: connections, authenticated, rejected_auth, rejected_frames."""
+        """Counters: connections (accepted), authenticated, rejected_auth, rejected_frames,
+        timed_out (handshakes past their deadline), shed (unauthenticated connections closed
+        to make room), refused (closed at once: every slot held by authenticated peers),
+        accept_errors (accept() failures survived, e.g. EMFILE); and now: unauthenticated
+        and authenticated_open (connections open)."""
         with self._lock:
-            return dict(self._stats)
+            out = dict(self._stats)
+            out["unauthenticated"] = len(self._pending)
+            out["authenticated_open"] = self._open - len(self._pending)
+        return out
 
     def _count(self, key):
         with self._lock:
             self._stats[key] += 1
 
+    def _shed_oldest(self):
+        """Shuts down the oldest connection still in the handshake (under _lock); False when
+        there is none."""
+        if not self._pending:
+            return False
+        c, _ = self._pending.popitem(last=False)
+        c.shed = True
+        self._open -= 1
+        self._stats["shed"] += 1
+        try:
+            c.sock.shutdown(socket.SHUT_RDWR)   # its thread sees the end and closes it
+        except OSError:
+            pass
+        return True
+
+    def _admit(self, sock):
+        """The _Conn for a new connection, or None when it must be refused (under _lock)."""
+        if len(self._pending) >= self._max_unauthenticated:
+            self._shed_oldest()
+        if self._open >= self._max_connections and not self._shed_oldest():
+            return None
+        c = _Conn(sock)
+        self._conns.add(c)
+        self._pending[c] = None
+        self._open += 1
+        self._stats["connections"] += 1
+        return c
+
     def _accept_loop(self):
+        pause = None     # the back-off after a failed accept(); None: the last one succeeded
         while True:
             try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return  # closed
+                sock, _ = self._sock.accept()
+            except OSError as e:
+                if self._stop.is_set():
+                    return  # closed
+                with self._lock:
+                    self._stats["accept_errors"] += 1
+                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        self._shed_oldest()
+                if pause is None:
+                    log.warning("rendezvous store on port %d: accept() failed (%s); shedding "
+                                "unauthenticated connections and retrying", self.port, e)
+                pause = min(pause * 2, 0.5) if pause else 0.01
+                self._stop.wait(pause)
+                continue
+            pause = None
             with self._lock:
-                if self._closed:
-                    conn.close()
+                shutting = self._shutting
+                c = None if shutting else self._admit(sock)
+                if c is None and not shutting:
+                    self._stats["refused"] += 1
+            if c is None:
+                sock.close()
+                if shutting:
                     return
-                self._conns.add(conn)
-                self._stats["connections"] += 1
-            threading.Thread(target=self._serve, args=(conn,), name="threadloom-store-conn",
-                             daemon=True).start()
+                continue
+            try:
+                threading.Thread(target=self._serve, args=(c,), name="threadloom-store-conn",
+                                 daemon=True).start()
+            except RuntimeError:   # no thread for it: as if refused
+                self._ended(c)
+                sock.close()
+                self._count("refused")
 
-    def _serve(self, conn):
+    def _ended(self, c):
+        with self._lock:
+            self._conns.discard(c)
+            if not c.shed:
+                self._open -= 1
+                self._pending.pop(c, None)
+
+    def _serve(self, c):
+        conn = c.sock
         try:
+            deadline = time.monotonic() + self._handshake_timeout
             conn.settimeout(self._handshake_timeout)
             snonce = secrets.token_bytes(NONCE)
             conn.sendall(MAGIC + snonce)
-            reply = _recv_exact(conn, NONCE + MAC)
+            reply = _recv_exact(conn, NONCE + MAC, deadline)
             cnonce, proof = reply[:NONCE], reply[NONCE:]
             if not hmac.compare_digest(proof, _mac(self._secret, b"C", snonce, cnonce)):
                 self._count("rejected_auth")
                 conn.sendall(b"\x00")
                 return
-            conn.sendall(b"\x01" + _mac(self._secret, b"S", cnonce, snonce))
-            self._count("authenticated")
-            conn.settimeout(None)
-            while True:
-                req = _recv_frame(conn, self._max_frame)
-                _send_frame(conn, self._handle(req))
-        except _ProtocolError:
-            self._count("rejected_frames")
-        except (OSError, ValueError):
-            pass  # peer went away, timed out in the handshake, or the store closed
-        finally:
             with self._lock:
-                self._conns.discard(conn)
+                if c.shed:
+                    return
+                del self._pending[c]
+                c.authenticated = True
+                self._stats["authenticated"] += 1
+            conn.sendall(b"\x01" + _mac(self._secret, b"S", cnonce, snonce))
+            while True:
+                req = self._recv_request(conn)
+                if req is None:
+                    return
+                conn.settimeout(self._frame_timeout)
+                _send_frame(conn, self._handle(req))
+        except (_ProtocolError, TimeoutError) as e:
+            if not c.shed:   # a shed connection was counted when it was shed
+                self._count("rejected_frames" if c.authenticated else "timed_out"
+                            if isinstance(e, TimeoutError) else "rejected_auth")
+        except (OSError, ValueError):
+            pass  # peer went away, or the store closed it
+        finally:
+            self._ended(c)
             conn.close()
+
+    def _recv_request(self, conn):
+        """The next request frame, or None when the peer closed the connection between frames.
+        Waits for a frame's first bytes as long as the peer likes; the rest must come within
+        frame_timeout (a TimeoutError otherwise)."""
+        conn.settimeout(None)
+        first = conn.recv(4)
+        if not first:
+            return None
+        deadline = time.monotonic() + self._frame_timeout
+        (n,) = struct.unpack(">I", first + _recv_exact(conn, 4 - len(first), deadline))
+        if n > self._max_frame:
+            raise _ProtocolError("frame of %d bytes over the limit of %d" % (n, self._max_frame))
+        return _recv_exact(conn, n, deadline)
 
     def _handle(self, req):
         if len(req) < 3:
@@ -264,18 +406,19 @@ class StoreServer:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        with self._lock:
-            conns = list(self._conns)
+        self._stop.set()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self._sock.close()
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        with self._lock:   # under the lock: no connection's thread closes its socket meanwhile
+            self._shutting = True
+            for c in self._conns:
+                try:
+                    c.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         self._thread.join()
 
     def __enter__(self):

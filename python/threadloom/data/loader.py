@@ -14,21 +14,31 @@ flight: the consumer hands over the next indices each time it takes a batch, so 
 between the sampler and the workers. Iterable datasets run one iterator per
 worker replica, each into its own bounded queue, taken round-robin as torch does.
 Thread-safety: one DataLoader is iterated by one thread at a time (as torch's).
+
+Lifetime: an iterator reads what it needs of its DataLoader when it starts (a _Config, as
+torch's iterator copies the loader's attributes) and never holds the loader; its worker threads
+hold the _Config, the engine and the queues, never the iterator. So dropping the iterator (an
+abandoned `next(iter(loader))`, a `break`, an exception) collects it, and its __del__ stops the
+threads and drops the batches still queued, giving their arena memory back. The loader keeps
+only the progress of the iteration started last (_Progress, for state_dict()) and a weak
+reference to that iterator.
 """
 
+import collections.abc
 import itertools
 import sys
 import threading
 import time
+import weakref
 
-from threadloom import _runtime, errors, gilguard
+from threadloom import errors, gilguard, sysinfo
 from threadloom._queue import CLOSED, END, Queue, Workers
 from threadloom.data.collate import default_collate, default_convert
 from threadloom.data.fetch import iterable_batches, map_fetcher
 from threadloom.data.sampler import (BatchSampler, DistributedSampler, RandomSampler,
                                      SequentialSampler, distributed_env, draw_seed,
                                      load_replay_state, replay_state)
-from threadloom.data.worker import WorkerState, note_worker
+from threadloom.data.worker import WorkerState, log, note_worker, share_dataset
 from threadloom.pipeline import Pipeline
 
 __all__ = ["DataLoader", "Dataset", "IterableDataset", "Subset", "DataLoaderTimeoutError"]
@@ -94,7 +104,9 @@ class DataLoader:
     are collated into NUMA-local arena memory (page-locked when a GPU is present).
 
     threadloom's own keyword arguments: replicate ("copy": each worker deep-copies the dataset
-    once, on its thread; a factory: factory() per worker; None: share it), rank / world_size /
+    once, on its thread; a factory: factory() per worker; None: share it; "share": share it
+    after making it immortal once, here, with threadloom.share(), for good: the report is
+    `share_report`), rank / world_size /
     distributed (shard the sampler as DistributedSampler, taken from RANK / WORLD_SIZE when not
     given), pin (pin the worker threads, default True), progress (a one-line progress display on
     stderr, at most once a second).
@@ -106,6 +118,7 @@ class DataLoader:
                  prefetch_factor=None, persistent_workers=False, pin_memory_device="",
                  in_order=True, device=None, replicate="copy", rank=None, world_size=None,
                  distributed=False, pin=True, progress=False):
+        num_workers = sysinfo.thread_count(num_workers, "num_workers")
         if num_workers < 0:
             raise ValueError("num_workers option should be non-negative; use num_workers=0 to "
                              "disable multiprocessing.")
@@ -139,9 +152,10 @@ class DataLoader:
             raise _not_built("device=%r" % (device,))
         if pin_memory_device:
             raise _not_built("pin_memory_device=%r" % (pin_memory_device,))
-        if not (replicate is None or replicate == "copy" or callable(replicate)):
-            raise ValueError("replicate must be 'copy', a factory (callable) or None, not %r"
-                             % (replicate,))
+        if not (replicate is None or replicate in ("copy", "share") or callable(replicate)):
+            raise ValueError("replicate must be 'copy', 'share', a factory (callable) or None, "
+                             "not %r" % (replicate,))
+        _note_oversubscription(num_workers)
 
         self.dataset = dataset
         self.num_workers = num_workers
@@ -207,12 +221,16 @@ class DataLoader:
             collate_fn = default_collate if self._auto_collation else default_convert
         self.collate_fn = collate_fn
 
+        # replicate="share": the workers read one dataset, made immortal once, before any starts
+        self.share_report = share_dataset(dataset) if replicate == "share" and num_workers else None
         self._epoch = 0            # epochs started
-        self._iter = None          # the current (or last) _LoaderIter
+        self._latest = None        # weakref to the _LoaderIter started last, or None
+        self._live = weakref.WeakSet()  # the iterators that may be running, for close()
+        self._iterator = None      # persistent_workers: the one iterator, as torch's
+        self._progress = None      # that iteration's _Progress (outlives the iterator)
         self._resume = None        # a state loaded by load_state_dict(), for the next __iter__
         self._states = {}          # persistent_workers: worker id -> WorkerState
         self._base_seed = None     # persistent_workers: drawn by the first epoch, as torch does
-        self._last_stats = None
         self._initialized = True
 
     def __setattr__(self, attr, val):
@@ -229,18 +247,15 @@ class DataLoader:
         return self.batch_sampler if self._auto_collation else self.sampler
 
     def __len__(self):
-        if self._iterable:
-            n = len(self.dataset)
-            if self.batch_size is not None:
-                n = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-            return n
-        return len(self._index_sampler)
+        return _batches(self.dataset, self._iterable, self.batch_size, self.drop_last,
+                        self._index_sampler)
 
     def __iter__(self):
+        """A new iterator, independent of any other of this loader (zip(loader, loader) and
+        nested loops work as in torch). With persistent_workers (and num_workers > 0) torch
+        keeps one iterator and each iter() resets it to a new epoch: so does threadloom."""
         if self.num_workers > 0:
             gilguard.warn_if_gil_on("threadloom.DataLoader", self.num_workers, stacklevel=2)
-        if self._iter is not None:
-            self._iter.close()
         resume, self._resume = self._resume, None
         epoch = self._epoch
         if resume is not None:
@@ -248,8 +263,22 @@ class DataLoader:
         if isinstance(self.sampler, DistributedSampler) and self.world_size is not None:
             self.sampler.set_epoch(epoch)
         self._epoch = epoch + 1
-        self._iter = _LoaderIter(self, epoch, resume)
-        return self._iter
+        if self.persistent_workers and self.num_workers > 0:
+            it = self._iterator
+            if it is None:
+                it = self._iterator = _LoaderIter(self, epoch, resume)
+            else:
+                it._reset(self, epoch, resume)
+        else:
+            it = _LoaderIter(self, epoch, resume)
+        self._progress = it.progress
+        self._latest = weakref.ref(it)
+        self._live.add(it)
+        return it
+
+    def _current(self):
+        """The iterator started last, while it lives; else None."""
+        return self._latest() if self._latest is not None else None
 
     # -- resume ------------------------------------------------------------------------------
 
@@ -257,67 +286,201 @@ class DataLoader:
         """Where the loader is: the epoch in progress, batches already yielded, the worker base
         seed and the sampler's state. load_state_dict() of it, on this or a fresh DataLoader
         built the same way, makes the next iteration yield exactly the remaining batches."""
-        it = self._iter
-        if it is None or it.finished:
+        p = self._progress
+        if p is None or p.finished:
             return {"version": 1, "epoch": self._epoch, "batches_yielded": 0, "base_seed": None,
-                    "sampler": None, "finished": True}
-        return {"version": 1, "epoch": it.epoch, "batches_yielded": it.yielded,
-                "base_seed": it.base_seed, "sampler": it.sampler_state, "finished": False}
+                    "sampler": None, "finished": True, "dataset_len": self._dataset_len()}
+        return {"version": 1, "epoch": p.epoch, "batches_yielded": p.yielded,
+                "base_seed": p.base_seed, "sampler": p.sampler_state, "finished": False,
+                "dataset_len": self._dataset_len()}
+
+    def _dataset_len(self):
+        try:
+            return len(self.dataset)
+        except TypeError:
+            return None
 
     def load_state_dict(self, state):
-        if state.get("version") != 1:
-            raise ValueError("not a threadloom.DataLoader state (version %r)" % (state.get("version"),))
-        if self._iter is not None:
-            self._iter.close()
-            self._iter = None
+        """Makes the next iteration resume where `state` (what state_dict() returned, here or
+        on a DataLoader built the same way) was. A state this loader cannot resume (another
+        dataset length, more batches than an epoch has, a field of the wrong type) raises
+        ValueError, a state that is no dict TypeError; nothing is changed then."""
+        self._check_state(state)
+        prev = self._current()
+        if prev is not None:
+            prev.close()
+        self._latest = self._progress = None
         if state.get("finished"):
             self._epoch = state["epoch"]
             self._resume = None
         else:
             self._resume = dict(state)
 
+    def _check_state(self, state):
+        if not isinstance(state, collections.abc.Mapping):
+            raise TypeError("load_state_dict() takes the dict that DataLoader.state_dict() "
+                            "returned, not %r" % (state,))
+        if state.get("version") != 1:
+            raise ValueError("not a threadloom.DataLoader state (version %r)" % (state.get("version"),))
+        checks = {"epoch": lambda v: _is_int(v) and v >= 0,
+                  "batches_yielded": lambda v: _is_int(v) and v >= 0,
+                  "finished": lambda v: isinstance(v, bool)}
+        if not state.get("finished"):
+            checks["base_seed"] = _is_int
+            checks["sampler"] = lambda v: v is None or isinstance(v, collections.abc.Mapping)
+        for key, ok in checks.items():
+            if key not in state:
+                raise ValueError("this DataLoader state has no %r: pass what state_dict() "
+                                 "returned" % key)
+            if not ok(state[key]):
+                raise ValueError("this DataLoader state has %s=%r, which state_dict() never "
+                                 "returns: pass what it returned" % (key, state[key]))
+        saved, now = state.get("dataset_len"), self._dataset_len()
+        if saved is not None and now is not None and saved != now:
+            raise ValueError("this DataLoader state was saved for a dataset of %d samples; this "
+                             "DataLoader's has %d: resume with the dataset it was saved with"
+                             % (saved, now))
+        try:
+            per_epoch = len(self)
+        except TypeError:  # an iterable without len(): checked when the epoch ends
+            return
+        if state["batches_yielded"] > per_epoch:
+            raise ValueError("this DataLoader state has batches_yielded=%d, but an epoch of "
+                             "this DataLoader has %d batches: the state is from a DataLoader "
+                             "built another way (dataset, batch_size, sampler, drop_last)"
+                             % (state["batches_yielded"], per_epoch))
+
     # -- inspection and shutdown -------------------------------------------------------------
 
     def stats(self):
         """The current (or last) epoch: batches, samples, rates, time to first batch, the
         consumer's wait, queue depth and each worker stage's busy / wait seconds."""
-        it = self._iter
-        return it.stats() if it is not None else None
+        it = self._current()
+        if it is not None:
+            return it.stats()
+        return self._progress.stats if self._progress is not None else None
 
     def close(self):
-        """Stops the iteration in progress and lets the persistent workers go."""
-        if self._iter is not None:
-            self._iter.close()
+        """Stops every iteration in progress and lets the persistent workers go (the next
+        iter() starts new ones)."""
+        for it in list(self._live):
+            it.close()
+        self._iterator = None
         self._states = {}
 
-    def __del__(self):
-        it = getattr(self, "_iter", None)
-        if it is not None:
-            it.close()
 
-    def _worker_state(self, worker_id, base_seed):
-        """Worker `worker_id`'s state, built on the calling worker thread (reused across epochs
-        with persistent_workers)."""
-        st = self._states.get(worker_id) if self.persistent_workers else None
-        if st is None:
-            st = WorkerState(self.dataset, self.replicate, worker_id, self.num_workers,
-                             base_seed + worker_id, self.worker_init_fn)
-            if self.persistent_workers:
-                self._states[worker_id] = st
-        st.enter()
-        return st
+_oversubscription_logged = False  # the warning below is given once per process
+
+
+def _note_oversubscription(num_workers):
+    """Logs once when num_workers exceeds the CPUs this process may use, and what that costs."""
+    global _oversubscription_logged
+    cpus = sysinfo.usable_cpus()
+    if num_workers <= cpus or _oversubscription_logged:
+        return
+    _oversubscription_logged = True
+    log.warning("threadloom.DataLoader: num_workers=%d threads on the %d CPUs this process may "
+                "use: beyond %d they take turns instead of running at once, and each still "
+                "costs a dataset replica (replicate='copy') and ~64 MiB of arena; that pays "
+                "only while workers wait on I/O, else use num_workers <= %d (`threadloom topo "
+                "--plan` shows the cores; logging.getLogger(\"threadloom.data\") silences this)",
+                num_workers, cpus, cpus, cpus)
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _batches(dataset, iterable, batch_size, drop_last, index_sampler):
+    """len() of a loader: batches per epoch (TypeError when the dataset has no length)."""
+    if iterable:
+        n = len(dataset)
+        if batch_size is not None:
+            n = n // batch_size if drop_last else -(-n // batch_size)
+        return n
+    return len(index_sampler)
+
+
+class _Config:
+    """What an iteration reads of its DataLoader when it starts; torch's iterator copies the
+    loader's attributes the same way. The iterator and its worker threads hold this, never the
+    loader (see the module docstring). fetch.py reads collate_fn, auto_collation, batch_size
+    and drop_last."""
+
+    def __init__(self, loader):
+        self.dataset = loader.dataset
+        self.iterable = loader._iterable
+        self.index_sampler = loader._index_sampler
+        self.num_workers = loader.num_workers
+        self.prefetch_factor = loader.prefetch_factor
+        self.timeout = loader.timeout
+        self.worker_init_fn = loader.worker_init_fn
+        self.persistent_workers = loader.persistent_workers
+        self.in_order = loader.in_order
+        self.replicate = loader.replicate
+        self.pin = loader.pin
+        self.progress = loader.progress
+        self.collate_fn = loader.collate_fn
+        self.auto_collation = loader._auto_collation
+        self.batch_size = loader.batch_size
+        self.drop_last = loader.drop_last
+        self.states = loader._states  # persistent_workers: the loader's {worker id: WorkerState}
+
+    def __len__(self):
+        return _batches(self.dataset, self.iterable, self.batch_size, self.drop_last,
+                        self.index_sampler)
+
+
+class _Progress:
+    """Where one iteration is: what DataLoader.state_dict() reports. The iterator writes it;
+    the loader keeps the one of the iteration started last, also after that iterator is gone
+    (with its final stats)."""
+
+    __slots__ = ("epoch", "yielded", "base_seed", "sampler_state", "finished", "stats")
+
+    def __init__(self, epoch, base_seed):
+        self.epoch = epoch
+        self.yielded = 0
+        self.base_seed = base_seed
+        self.sampler_state = None
+        self.finished = False
+        self.stats = None
+
+
+def _worker_state(cfg, worker_id, base_seed):
+    """Worker `worker_id`'s state, built on the calling worker thread (reused across epochs
+    with persistent_workers)."""
+    states = cfg.states if cfg.persistent_workers else None
+    st = states.get(worker_id) if states is not None else None
+    if st is None:
+        st = WorkerState(cfg.dataset, cfg.replicate, worker_id, cfg.num_workers,
+                         base_seed + worker_id, cfg.worker_init_fn)
+        if states is not None:
+            states[worker_id] = st
+    st.enter()
+    return st
 
 
 class _LoaderIter:
     """One epoch of a DataLoader. Dropping it, breaking out of the loop, an error or Ctrl-C
-    stops its threads (a batch being built is finished first, since threads cannot be killed)."""
+    stops its threads (a batch being built is finished first, since threads cannot be killed).
+    It reads the loader only here, in __init__ (see the module docstring)."""
 
     def __init__(self, loader, epoch, resume):
-        self.loader = loader
+        self.cfg = _Config(loader)
+        self._engine = None
+        self._start(loader, epoch, resume)
+
+    def _reset(self, loader, epoch, resume):
+        """persistent_workers: the next epoch on this iterator (torch's _reset); the previous
+        one stops. The _Config stays the first epoch's, as torch's iterator keeps its own."""
+        self.close()
+        self._start(loader, epoch, resume)
+
+    def _start(self, loader, epoch, resume):
+        cfg = self.cfg
         self.epoch = epoch
-        self.yielded = 0
         self.samples = 0
-        self.finished = False
         self._engine = None
         self._t0 = time.perf_counter()
         self._first = None
@@ -333,37 +496,46 @@ class _LoaderIter:
             self.base_seed = draw_seed(loader.generator)
         if loader.persistent_workers and loader.num_workers > 0:
             loader._base_seed = self.base_seed
+        self.progress = p = _Progress(epoch, self.base_seed)
         skip = resume["batches_yielded"] if resume else 0
-        index_sampler = loader._index_sampler
+        index_sampler = cfg.index_sampler
         if resume and resume.get("sampler") is not None:
             load_replay_state(index_sampler, resume["sampler"])
-        if loader._iterable:
-            self.sampler_state = None
-            self._engine = _IterableEngine(loader, self.base_seed)
+        if cfg.iterable:
+            self._engine = _IterableEngine(cfg, self.base_seed)
             self._source = self._engine
             self._discard = skip  # an iterable cannot skip without producing
         else:
-            self.sampler_state = replay_state(index_sampler, before=True)
+            p.sampler_state = replay_state(index_sampler, before=True)
             indices = iter(index_sampler)
             sampler_state = replay_state(index_sampler, before=False)
             if sampler_state is not None:
-                self.sampler_state = sampler_state
+                p.sampler_state = sampler_state
             for _ in itertools.islice(indices, skip):
                 pass
             self._discard = 0
-            if loader.num_workers == 0:
-                fetch, ds = map_fetcher(loader), loader.dataset
+            if cfg.num_workers == 0:
+                fetch, ds = map_fetcher(cfg), cfg.dataset
                 self._source = (fetch(ds, idx) for idx in indices)
             else:
-                self._engine = _map_pipeline(loader, indices, self.base_seed)
+                self._engine = _map_pipeline(cfg, indices, self.base_seed)
                 self._source = iter(self._engine)
-        self.yielded = skip
+        p.yielded = skip
+
+    @property
+    def yielded(self):
+        return self.progress.yielded
+
+    @property
+    def finished(self):
+        return self.progress.finished
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self.finished:
+        p = self.progress
+        if p.finished:
             raise StopIteration
         t = time.perf_counter()
         try:
@@ -374,16 +546,24 @@ class _LoaderIter:
                     continue
                 break
         except StopIteration:
-            self.finished = True
+            p.finished = True
             self.close()
-            self._progress(True)
+            self._show(True)
+            if self._discard:  # a resumed iterable ended before the batches to skip
+                raise ValueError("this DataLoader state has batches_yielded=%d, but this epoch "
+                                 "of the DataLoader has %d batches: the state is from another "
+                                 "dataset, or one that yields other data now"
+                                 % (p.yielded, p.yielded - self._discard)) from None
             raise
         except TimeoutError as exc:
-            self.close()
+            self.close(wait=False)  # the stuck worker is named in the error, and left behind
             if isinstance(exc, DataLoaderTimeoutError):
                 raise
             raise DataLoaderTimeoutError("DataLoader timed out after %s seconds (%s)"
-                                         % (self.loader.timeout, exc)) from None
+                                         % (self.cfg.timeout, exc)) from None
+        except KeyboardInterrupt:
+            self.close(wait=False)
+            raise
         except BaseException:
             self.close()
             raise
@@ -391,17 +571,17 @@ class _LoaderIter:
         self._wait += now - t
         if self._first is None:
             self._first = now - self._t0
-        self.yielded += 1
-        self.samples += _batch_len(batch, self.loader)
-        if self.loader.progress:
-            self._progress(False)
+        p.yielded += 1
+        self.samples += _batch_len(batch, self.cfg)
+        if self.cfg.progress:
+            self._show(False)
         return batch
 
     def __len__(self):
-        return len(self.loader)
+        return len(self.cfg)
 
-    def _progress(self, last):
-        if not self.loader.progress:
+    def _show(self, last):
+        if not self.cfg.progress:
             return
         now = time.perf_counter()
         if not last and now - self._last_print < 1.0:
@@ -409,7 +589,7 @@ class _LoaderIter:
         self._last_print = now
         s = self.stats()
         try:
-            total = "/%d" % len(self.loader)
+            total = "/%d" % len(self.cfg)
         except TypeError:
             total = ""
         sys.stderr.write("\rthreadloom.DataLoader epoch %d: %d%s batches, %.0f samples/s, "
@@ -432,21 +612,27 @@ class _LoaderIter:
             "stages": stages,
         }
 
-    def close(self):
+    def close(self, wait=True):
+        """Stops the worker threads; wait: for the batches being built, at most `timeout`
+        seconds (else _queue.CLOSE_GRACE_S), after which a worker stuck in the dataset is left
+        behind and reported with its stack (logging)."""
+        if self.progress.stats is None:
+            self.progress.stats = self.stats()
         if self._engine is not None:
-            self._engine.close()
+            self._engine.close(wait)
 
     def __del__(self):
-        self.close()
+        if hasattr(self, "progress"):  # __init__ may have failed
+            self.close()
 
 
-def _batch_len(batch, loader):
+def _batch_len(batch, cfg):
     """Samples in a batch. default_collate turns dict samples into a dict of batched fields and
     tuple/list samples into a list of batched fields: their length is a field's, not the
     number of fields (a list of str or bytes is itself the batch)."""
-    if not loader._auto_collation:
+    if not cfg.auto_collation:
         return 1
-    if loader.collate_fn is default_collate:
+    if cfg.collate_fn is default_collate:
         while True:
             if isinstance(batch, dict) and batch:
                 batch = next(iter(batch.values()))
@@ -458,21 +644,21 @@ def _batch_len(batch, loader):
     try:
         return len(batch)
     except TypeError:
-        return loader.batch_size or 1
+        return cfg.batch_size or 1
 
 
 # -- map-style: a Pipeline ---------------------------------------------------------------------
 
-def _map_pipeline(loader, indices, base_seed):
+def _map_pipeline(cfg, indices, base_seed):
     ids = itertools.count()
     lock = threading.Lock()
 
     def make_state():
         with lock:
             wid = next(ids)
-        return loader._worker_state(wid, base_seed)
+        return _worker_state(cfg, wid, base_seed)
 
-    fetch_batch = map_fetcher(loader)
+    fetch_batch = map_fetcher(cfg)
 
     def fetch(state, idx):
         try:
@@ -481,12 +667,17 @@ def _map_pipeline(loader, indices, base_seed):
             note_worker(exc, state.info.id)
             raise
 
-    nw = loader.num_workers
-    pipe = Pipeline(indices, ordered=loader.in_order, capacity=max(1, loader.prefetch_factor * nw),
-                    timeout=loader.timeout or None, pin=loader.pin, name="dataloader",
+    nw = cfg.num_workers
+    pipe = Pipeline(indices, ordered=cfg.in_order, capacity=max(1, cfg.prefetch_factor * nw),
+                    timeout=cfg.timeout or None, pin=cfg.pin, name="dataloader",
                     feed="consumer")
-    pipe.map(fetch, workers=nw, state=make_state, name="fetch+collate", queue_size=max(1, nw))
+    pipe.map(fetch, workers=nw, state=make_state, name="fetch+collate", queue_size=max(1, nw),
+             describe=_sample_indices)
     return pipe
+
+
+def _sample_indices(idx):
+    return "sample indices %s" % (idx,)
 
 
 # -- iterable-style: one iterator per worker ---------------------------------------------------
@@ -496,19 +687,19 @@ class _IterableEngine:
     takes batches round-robin over the workers still running (torch's order). The threads,
     queues, first error and shutdown are a _queue.Workers, as a Pipeline's."""
 
-    def __init__(self, loader, base_seed):
-        self.loader = loader
+    def __init__(self, cfg, base_seed):
+        self.cfg = cfg
         self.base_seed = base_seed
-        self.nw = nw = loader.num_workers
+        self.nw = nw = cfg.num_workers
         self._workers = None
         if nw == 0:
-            self._gen = iterable_batches(loader, iter(loader.dataset))
+            self._gen = iterable_batches(cfg, cfg.dataset)
             return
-        depth = max(1, loader.prefetch_factor)
+        depth = max(1, cfg.prefetch_factor)
         self._queues = [Queue(depth) for _ in range(nw)]
         self.counters = [[0, 0.0, 0.0] for _ in range(nw)]  # per worker: batches, busy, wait
-        self._workers = Workers(nw, self._queues, pin=loader.pin, name="dataloader")
-        _runtime.register(self, close=_IterableEngine.close)
+        self._workers = Workers(nw, self._queues, pin=cfg.pin, name="dataloader",
+                                grace=cfg.timeout or None)
         for w in range(nw):
             self._workers.submit(lambda w=w: self._work(w))
         self._gen = self._consume()
@@ -516,11 +707,17 @@ class _IterableEngine:
     def _work(self, w):
         q = self._queues[w]
         c = self.counters[w]
+        workers = self._workers
+        workers.started(w)
+        label = "worker %d" % w
         clock = time.perf_counter
         try:
-            state = self.loader._worker_state(w, self.base_seed)
+            workers.busy_with(w, label, None, _making_replica)
+            state = _worker_state(self.cfg, w, self.base_seed)
             t = clock()
-            for batch in iterable_batches(self.loader, iter(state.dataset)):
+            workers.busy_with(w, label, 0, _its_batch)
+            for batch in iterable_batches(self.cfg, state.dataset):
+                workers.idle(w)
                 t1 = clock()
                 c[1] += t1 - t
                 ok = q.put(batch)
@@ -529,16 +726,19 @@ class _IterableEngine:
                 if not ok:
                     return
                 c[0] += 1
+                workers.busy_with(w, label, c[0], _its_batch)
+            workers.idle(w)
             q.put(END)
         except BaseException as exc:
             note_worker(exc, w)
-            self._workers.fail(exc)
+            workers.fail(exc)
         finally:
+            workers.idle(w)
             WorkerState.leave()
 
     def _consume(self):
         live = list(range(self.nw))
-        timeout = self.loader.timeout or None
+        timeout = self.cfg.timeout or None
         k = 0
         while live:
             k %= len(live)
@@ -546,7 +746,8 @@ class _IterableEngine:
             got = self._queues[w].get(timeout=timeout)
             if got is None:
                 raise DataLoaderTimeoutError("DataLoader timed out after %s seconds (worker %d "
-                                             "produced no batch)" % (self.loader.timeout, w))
+                                             "produced no batch; %s)" % (
+                                                 self.cfg.timeout, w, self._workers.report("busy")))
             if got is CLOSED:
                 if self._workers.error is not None:
                     raise self._workers.error
@@ -568,9 +769,16 @@ class _IterableEngine:
                  "errors": int(self._workers.error is not None),
                  "busy_s": sum(r[1] for r in rows), "wait_s": sum(r[2] for r in rows),
                  "queue_depth": sum(len(q) for q in self._queues),
-                 "queue_size": self.nw * max(1, self.loader.prefetch_factor)}]
+                 "queue_size": self.nw * max(1, self.cfg.prefetch_factor)}]
 
-    def close(self):
-        w = self._workers
-        if w is not None and w.close() and w.pool.worker_index() < 0:
-            _runtime.unregister(self)
+    def close(self, wait=True):
+        if self._workers is not None:
+            self._workers.close(wait)
+
+
+def _making_replica(_):
+    return "its replica of the dataset (replicate=, worker_init_fn)"
+
+
+def _its_batch(n):
+    return "its batch %d" % n

@@ -13,6 +13,22 @@ on how many loader threads run. Where the draws come from:
   and torch is not imported (the ``random`` module). One 63-bit seed per iteration, and a
   ``random.Random(seed)`` shuffles. The order is as random as torch's, not the same numbers.
 
+Permutations (RandomSampler without replacement, DistributedSampler) are lists up to a size
+and lazy beyond it, so a dataset of 10**12 samples starts at once in constant memory:
+
+- torch: ``torch.randperm`` (torch's very order) up to TORCH_PERMUTATION_MAX = 2**24 samples
+  (a 128 MiB int64 tensor at most, read out in chunks; torch's own sampler turns it into a
+  Python list, ~40 bytes a sample); beyond it a `Permutation` keyed by one draw from the
+  generator: not torch's order, which needs the whole tensor.
+- pure Python: ``random.shuffle`` of a list up to PYTHON_PERMUTATION_MAX = 2**20 samples
+  (~1.2 us and ~40 bytes a sample, before the first batch); beyond it a `Permutation`
+  (~2.2 us a sample on 3.13t, as the samples are drawn; no memory).
+
+`Permutation(n, rng)` is a Feistel network over the smallest power of two >= n (4 rounds of a
+32-bit multiply-xorshift mix, keyed by rng), walked back into range(n) (cycle walking: under
+2 evaluations a sample on average): a bijection of range(n) with O(1) memory and O(1) random
+access, p[i].
+
 ``state_dict()`` says how to replay the iteration in progress: {"seed": n} (a seed drawn for
 it) or {"torch_state": bytes} (the torch generator's state before its first draw). After
 ``load_state_dict()`` the next ``__iter__`` replays it; a torch.Generator given as `generator`
@@ -21,14 +37,110 @@ torch's global RNG is never set: a script resuming with generator=None restores 
 (``torch.set_rng_state``), as it does for the rest of its training state.
 """
 
+import itertools
 import math
 import os
 import random
 import sys
 
 __all__ = ["Sampler", "SequentialSampler", "RandomSampler", "SubsetRandomSampler",
-           "WeightedRandomSampler", "BatchSampler", "DistributedSampler", "draw_seed",
-           "replay_state", "load_replay_state"]
+           "WeightedRandomSampler", "BatchSampler", "DistributedSampler", "Permutation",
+           "draw_seed", "replay_state", "load_replay_state"]
+
+TORCH_PERMUTATION_MAX = 1 << 24   # torch.randperm up to this many samples, then lazy
+PYTHON_PERMUTATION_MAX = 1 << 20  # random.shuffle of a list up to this many, then lazy
+_M32 = 0xFFFFFFFF
+_CHUNK = 1 << 16                  # a randperm tensor is read out this many indices at a time
+
+
+class Permutation:
+    """A pseudo-random permutation of range(n), evaluated lazily: p[i], iter(p), len(p), in
+    O(1) memory. rng (a random.Random) draws the keys, so the same rng state gives the same
+    permutation. See the module docstring for the construction."""
+
+    ROUNDS = 4
+
+    def __init__(self, n, rng):
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        u = bits // 2
+        self._v = v = bits - u
+        self._vmask = (1 << v) - 1
+        # per round: its key and the width of the half it writes (u and v bits in turn, so an
+        # even number of rounds gives back the (u, v) split it started from)
+        self._rounds = [(rng.getrandbits(32), (1 << (u if r % 2 == 0 else v)) - 1)
+                        for r in range(self.ROUNDS)]
+
+    def _enc(self, x):
+        a, b = x >> self._v, x & self._vmask
+        for key, mask in self._rounds:
+            h = ((b ^ key) * 0x9E3779B1) & _M32
+            h ^= h >> 15
+            h = (h * 0x85EBCA77) & _M32
+            h ^= h >> 13
+            a, b = b, (a + h) & mask
+        return (a << self._v) | b
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError("permutation index %r out of range(%d)" % (i, self.n))
+        y = self._enc(i)
+        while y >= self.n:  # cycle walking: the cycle through i comes back below n
+            y = self._enc(y)
+        return y
+
+    def __iter__(self):
+        enc, n = self._enc, self.n
+        for i in range(n):
+            y = enc(i)
+            while y >= n:
+                y = enc(y)
+            yield y
+
+    def __len__(self):
+        return self.n
+
+
+def permutation(n, torch=None, generator=None, rng=None):
+    """A random permutation of range(n), as an indexable sequence (see the module docstring):
+    with torch, torch.randperm(n, generator=generator) up to TORCH_PERMUTATION_MAX, else a
+    Permutation keyed by one draw from `generator`; without, rng.shuffle of a list up to
+    PYTHON_PERMUTATION_MAX, else a Permutation keyed by rng."""
+    if torch is not None:
+        if n <= TORCH_PERMUTATION_MAX:
+            return _TorchPermutation(torch.randperm(n, generator=generator))
+        return Permutation(n, random.Random(draw_seed(generator)))
+    if n <= PYTHON_PERMUTATION_MAX:
+        perm = list(range(n))
+        rng.shuffle(perm)
+        return perm
+    return Permutation(n, rng)
+
+
+class _TorchPermutation:
+    """A torch.randperm tensor as a sequence of Python ints: read out in chunks, not as one
+    list (8 bytes a sample instead of ~40)."""
+
+    def __init__(self, tensor):
+        self._t = tensor
+
+    def __len__(self):
+        return len(self._t)
+
+    def __getitem__(self, i):
+        return int(self._t[i])
+
+    def __iter__(self):
+        for chunk in self._t.split(_CHUNK):
+            yield from chunk.tolist()
+
+    def take(self, js):
+        """[self[j % len(self)] for j in js] (js a range), gathered by torch in one go."""
+        if not js:
+            return []
+        torch = _torch()
+        picks = torch.arange(js.start, js.stop, js.step, dtype=torch.int64) % len(self._t)
+        return self._t[picks].tolist()
 
 
 def _torch():
@@ -178,8 +290,8 @@ class RandomSampler(_Seeded):
                                          generator=g).tolist()
             return
         for _ in range(count // n):
-            yield from torch.randperm(n, generator=g).tolist()
-        yield from torch.randperm(n, generator=g).tolist()[:count % n]
+            yield from permutation(n, torch, g)
+        yield from itertools.islice(permutation(n, torch, g), count % n)
 
     def _gen(self, rng, n, count):
         if self.replacement:
@@ -187,12 +299,8 @@ class RandomSampler(_Seeded):
                 yield rng.randrange(n)
             return
         for _ in range(count // n):
-            perm = list(range(n))
-            rng.shuffle(perm)
-            yield from perm
-        perm = list(range(n))
-        rng.shuffle(perm)
-        yield from perm[:count % n]
+            yield from permutation(n, rng=rng)
+        yield from itertools.islice(permutation(n, rng=rng), count % n)
 
     def __len__(self):
         return self.num_samples
@@ -393,23 +501,21 @@ class DistributedSampler(Sampler):
 
     def __iter__(self):
         n = len(self.dataset)
-        indices = list(range(n))
+        order = range(n)
         if self.shuffle:
             torch = _torch()
             if torch is not None:
                 g = torch.Generator().manual_seed(self.seed + self.epoch)
-                indices = torch.randperm(n, generator=g).tolist()
+                order = permutation(n, torch, g)
             else:
-                random.Random(self.seed + self.epoch).shuffle(indices)
-        if not self.drop_last:
-            pad = self.total_size - len(indices)
-            if pad <= len(indices):
-                indices += indices[:pad]
-            else:
-                indices += (indices * math.ceil(pad / len(indices)))[:pad]
-        else:
-            indices = indices[:self.total_size]
-        return iter(indices[self.rank:self.total_size:self.num_replicas])
+                order = permutation(n, rng=random.Random(self.seed + self.epoch))
+        # torch's: the order padded to total_size by repeating it from the start (or cut to
+        # total_size with drop_last), then every num_replicas-th from `rank`; computed per
+        # index, so a lazy permutation stays lazy
+        js = range(self.rank, self.total_size, self.num_replicas)
+        if isinstance(order, _TorchPermutation):
+            return iter(order.take(js))
+        return (order[j % n] for j in js)
 
     def __len__(self):
         return self.num_samples

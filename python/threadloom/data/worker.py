@@ -11,7 +11,9 @@ counters) needs no lock. Immutable atoms and tuples of them stay shared, as deep
 them: every reader still writes their reference counts, which costs little for records each
 read now and then. A copy that takes over a second is logged once, with what to do instead. replicate=factory calls
 factory() on each worker thread instead (get_worker_info() already answers inside it);
-replicate=None shares the one dataset object between all workers.
+replicate=None shares the one dataset object between all workers; replicate="share" shares it
+too, made immortal once by share_dataset() (threadloom.share) before the workers start, so no
+worker writes its reference counts (and it is never freed).
 """
 
 import copy
@@ -22,7 +24,7 @@ import threading
 import time
 import weakref
 
-__all__ = ["WorkerInfo", "get_worker_info", "numpy_seed", "replica_copy"]
+__all__ = ["WorkerInfo", "get_worker_info", "numpy_seed", "replica_copy", "share_dataset"]
 
 _local = threading.local()
 log = logging.getLogger("threadloom.data")
@@ -118,9 +120,20 @@ def get_worker_info():
     return getattr(_local, "info", None)
 
 
+def share_dataset(dataset):
+    """replicate="share": threadloom.share(dataset) on the calling thread, once per loader;
+    returns its report. When it left data out (objects of other threads, C-extension objects;
+    not the dataset's class and methods) the report is logged as a warning."""
+    from threadloom.share import share
+    report = share(dataset, name="dataset")
+    if set(report.skipped) - {"module", "class", "function", "code"}:
+        log.warning("threadloom.DataLoader(replicate='share'): %s", report)
+    return report
+
+
 def make_replica(dataset, replicate, worker_id):
     """The dataset object worker `worker_id` uses, built on the calling (worker) thread."""
-    if replicate is None:
+    if replicate is None or replicate == "share":
         return dataset
     if replicate == "copy":
         try:
@@ -132,7 +145,8 @@ def make_replica(dataset, replicate, worker_id):
                 log.warning("threadloom.DataLoader: worker %d took %.1f s to copy the dataset "
                             "(replicate='copy': once per worker, and per epoch unless "
                             "persistent_workers=True); persistent_workers=True copies once, "
-                            "replicate=None shares a dataset that is only read, "
+                            "replicate='share' shares a dataset that is only read (made "
+                            "immortal: never freed), "
                             "replicate=factory builds each worker's own", worker_id, took)
             return replica
         except Exception as exc:

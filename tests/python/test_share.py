@@ -1,0 +1,443 @@
+"""threadloom.share(): objects made immortal, read by many threads while the collector runs,
+mutated afterwards; objects of other threads left alone; cycles, deep and large graphs;
+subinterpreters; the report's numbers."""
+
+import gc
+import subprocess
+import sys
+import sysconfig
+import threading
+import types
+import weakref
+
+import pytest
+
+import threadloom
+from threadloom import _core, share
+from threadloom.share import path_of
+from conftest import gil_python
+
+free_threaded = pytest.mark.skipif(not sysconfig.get_config_var("Py_GIL_DISABLED"),
+                                   reason="share() does nothing on a GIL build (tested in "
+                                          "test_gil_build_does_nothing_and_says_so)")
+THREADS = 8
+
+
+def immortal(o):
+    """3.13 has no sys._is_immortal: an immortal object's count reads as UINT32_MAX."""
+    return sys.getrefcount(o) >= 2**32 - 1
+
+
+def reachable(root):
+    """The objects share() walks by default below root, by identity: a second walker, in
+    Python, to check the report against."""
+    seen, stack = {}, [root]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen[id(o)] = o
+        if type(o) in (list, tuple, set, frozenset):
+            stack.extend(o)
+        elif type(o) is dict:
+            for k, v in o.items():
+                stack += (k, v)
+    return list(seen.values())
+
+
+def fresh_graph():
+    """Objects made at run time (not code constants, which may be immortal already)."""
+    words = ["w%d-%s" % (i, "x" * (i % 7)) for i in range(50)]
+    nums = [float(i) + 0.5 for i in range(30)] + [10**6 + i for i in range(30)]
+    inner = {words[i]: nums[i] for i in range(20)}
+    return {"words": words, "nums": nums, "inner": inner, "pair": (words[0], nums[0]),
+            "set": frozenset(words[:5]), "none": None, "small": 7, "self": None}
+
+
+@free_threaded
+def test_report_numbers_are_exact_and_every_object_is_immortal():
+    root = fresh_graph()
+    objs = reachable(root)
+    mortal = [o for o in objs if not immortal(o)]
+    expect_bytes = sum(sys.getsizeof(o) for o in mortal)
+    assert len(mortal) == 50 + 60 + 6  # words, numbers and containers: made at run time
+    r = share(root)
+    assert r.enabled and r.skipped == {}
+    assert r.made_immortal == len(mortal)
+    assert r.already_immortal == len(objs) - len(mortal)
+    assert r.visited == len(objs)
+    assert r.bytes == expect_bytes
+    assert all(immortal(o) for o in objs)
+    # a second call finds everything immortal and makes nothing
+    r2 = share(root)
+    assert (r2.made_immortal, r2.bytes, r2.already_immortal) == (0, 0, len(objs))
+    assert "never freed" in str(r)
+
+
+@free_threaded
+def test_cycles_are_walked_once():
+    a = {"name": "a" * 3 + str(len("x"))}
+    b = [a]
+    a["b"] = b
+    a["self"] = a
+    t = (b, a)
+    b.append(t)
+    r = share(a)
+    assert r.visited == len(reachable(a))
+    assert immortal(a) and immortal(b) and immortal(t)
+
+
+@free_threaded
+def test_deep_nesting_does_not_recurse():
+    depth = 200_000  # far past sys.getrecursionlimit()
+    root = cur = []
+    for i in range(depth):
+        nxt = [i + 10**6]
+        cur.append(nxt)
+        cur = nxt
+    r = share(root)
+    assert r.made_immortal == 2 * depth + 1  # the lists and the ints
+    assert immortal(cur) and immortal(cur[0])
+
+
+@free_threaded
+def test_a_million_objects():
+    n = 333_334
+    gc.disable()
+    try:
+        recs = [(i, str(i)) for i in range(n)]
+    finally:
+        gc.enable()
+    r = share(recs, collect=False)
+    # the list, the tuples, the ints above 256 (smaller ones are CPython's immortal singletons)
+    # and the strings
+    assert r.made_immortal == 1 + n + (n - 257) + n
+    assert r.already_immortal == 257 and r.visited > 10**6
+    assert r.visited == 1 + 3 * n
+    assert immortal(recs[-1][1])
+
+
+@free_threaded
+def test_objects_of_another_live_thread_are_left_alone():
+    made, done, box = threading.Event(), threading.Event(), {}
+
+    def owner():
+        box["data"] = [[i + 1000] for i in range(100)]
+        made.set()
+        done.wait()
+        box["own"] = share(box["data"])  # the owner itself may share them
+
+    t = threading.Thread(target=owner)
+    t.start()
+    try:
+        made.wait()
+        r = share(box["data"])
+        assert r.made_immortal == 0
+        assert r.skipped == {"other_thread": 201}
+        assert r.collected  # it retried after a collection, in vain: the owner is alive
+        ex = r.examples["other_thread"]
+        assert len(ex) == 3 and ("obj", "list") in ex and all(p.startswith("obj") for p, _ in ex)
+        assert any(p.endswith("][0]") and t == "int" for p, t in ex), ex
+        assert not immortal(box["data"]) and not immortal(box["data"][5][0])
+    finally:
+        done.set()
+        t.join()
+    assert box["own"].made_immortal == 201 and box["own"].skipped == {}
+    assert immortal(box["data"][5][0])
+
+
+@free_threaded
+def test_containers_of_an_exited_thread_are_shared_after_a_collection():
+    box = {}
+    t = threading.Thread(target=lambda: box.update(data=[[i + 1000] for i in range(100)]))
+    t.start()
+    t.join()
+    r = share(box["data"], collect=False)
+    assert r.made_immortal == 0 and r.skipped == {"other_thread": 201}
+    r = share(box["data"])
+    # the lists' memory went back to the interpreter (ob_tid 0); the ints keep the exited
+    # thread's id (CPython never revisits non-container objects), as the report says
+    assert r.collected
+    assert r.made_immortal == 101 and r.skipped == {"other_thread": 100}
+    assert immortal(box["data"][0]) and not immortal(box["data"][0][0])
+
+
+@free_threaded
+def test_threads_read_a_shared_graph_while_the_collector_runs():
+    data = {"k%d" % i: [("v%d" % j, float(j) + i) for j in range(40)] for i in range(300)}
+    data["cycle"] = [data]
+    expect = sum(len(v) for k, v in data.items() if k != "cycle")
+    share(data)
+    stop = threading.Event()
+    barrier = threading.Barrier(THREADS + 1)
+    errors, rounds = [], [0] * THREADS
+
+    def reader(k):
+        try:
+            barrier.wait()
+            while not stop.is_set():
+                total = 0
+                for key, rows in list(data.items()):
+                    if key != "cycle":
+                        for name, x in rows:
+                            total += name.startswith("v") and x >= 0
+                assert total == expect
+                rounds[k] += 1
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=reader, args=(k,)) for k in range(THREADS)]
+    for t in ts:
+        t.start()
+    barrier.wait()
+    for _ in range(40):
+        gc.collect()
+    while min(rounds) < 3 and not errors:
+        gc.collect()
+    stop.set()
+    for t in ts:
+        t.join()
+    assert not errors, errors[0]
+    assert immortal(data) and immortal(data["k7"][3])
+
+
+class Box:
+    def __init__(self, v):
+        self.v = v
+
+
+@free_threaded
+def test_shared_containers_mutated_by_threads():
+    shared_list = [Box(i) for i in range(10)]
+    shared_dict = {"k%d" % i: Box(i) for i in range(10)}
+    share(shared_list)
+    share(shared_dict)
+    assert immortal(shared_list) and immortal(shared_dict) and immortal(shared_list[3])
+    per_thread = 2000
+    barrier = threading.Barrier(THREADS)
+    errors = []
+
+    def writer(k):
+        try:
+            barrier.wait()
+            for i in range(per_thread):
+                shared_list.append((k, i))            # appends: every one lands
+                shared_dict["t%d-%d" % (k, i)] = i    # distinct keys: every one lands
+                if i % 100 == 0:
+                    gc.collect()
+        except BaseException as e:
+            errors.append(e)
+
+    ts = [threading.Thread(target=writer, args=(k,)) for k in range(THREADS)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors[0]
+    assert len(shared_list) == 10 + THREADS * per_thread
+    assert sorted(x for x in shared_list[10:]) == sorted(
+        (k, i) for k in range(THREADS) for i in range(per_thread))
+    assert len(shared_dict) == 10 + THREADS * per_thread
+    # values put in later are ordinary objects: freed once removed
+    later = Box(-1)
+    ref = weakref.ref(later)
+    shared_dict["later"] = later
+    del later
+    assert not immortal(shared_dict["later"])
+    del shared_dict["later"]
+    gc.collect()
+    assert ref() is None
+    # a shared value removed from its container is kept for good
+    old = shared_list.pop(0)
+    keep = weakref.ref(old)
+    del old
+    gc.collect()
+    assert keep() is not None and keep().v == 0
+
+
+@free_threaded
+def test_flags_walk_modules_classes_functions_code():
+    def helper(x, scale=[1.5 + len("ab")]):  # noqa: B006 (a default to share)
+        return x * scale[0]
+
+    class Table:
+        ROWS = ["r%d" % i for i in range(5)]
+
+        def __init__(self):
+            self.rows = ["row-%d" % i for i in range(5)]
+
+    mod = types.ModuleType("fake_workload")
+    mod.VOCAB = {"w%d" % i: i + 10**6 for i in range(5)}
+    mod.os = sys  # a module reached from the root module: left out
+    root = {"fn": helper, "cls": Table, "inst": Table(), "mod": mod}
+    r = share(root, collect=False)
+    assert r.skipped == {"function": 1, "class": 1, "module": 1}
+    assert immortal(root["inst"].rows[2])       # plain instances are walked by default
+    assert not immortal(helper.__defaults__[0])
+    assert not immortal(Table.ROWS[1]) and not immortal(mod.VOCAB)
+    r = share(root, functions=True, classes=True, modules=True, collect=False)
+    assert immortal(helper.__defaults__[0]) and immortal(Table.ROWS[1])
+    assert immortal(mod.VOCAB["w3"])
+    # a module given as the root is walked whatever the flags, and names the paths
+    mod2 = types.ModuleType("other_workload")
+    mod2.TABLE = [[str(i) * 3] for i in range(4)]
+    r = share(mod2)
+    assert immortal(mod2.TABLE[2][0])
+
+
+@free_threaded
+def test_extension_objects_only_when_asked():
+    import array
+    a = array.array("d", [1.0, 2.0])
+    r = share({"arr": a}, collect=False)
+    assert r.skipped == {"extension": 1} and not immortal(a)
+    assert r.examples["extension"] == [("obj['arr']", "array")]
+    r = share({"arr": a}, extensions=True, collect=False)
+    assert immortal(a) and r.skipped == {}
+
+
+@free_threaded
+def test_paths():
+    mod = types.ModuleType("workload")
+    mod.VOCAB = {"the": [1, 2]}
+    chain = (mod, vars(mod), mod.VOCAB, mod.VOCAB["the"])
+    assert path_of(chain, "workload") == "workload.VOCAB['the']"
+    inst = Box([5, 6])
+    assert path_of((inst, inst.v, inst.v), "dataset") in ("dataset.v", "dataset.v[?]")
+    assert path_of((inst, inst.v), "dataset") == "dataset.v"
+    rec = [(1, "a")]
+    assert path_of((rec, rec[0], rec[0][1]), "records") == "records[0][1]"
+
+
+@free_threaded
+def test_share_code_makes_constants_immortal():
+    src = "def f(x):\n    return x * 0.75 + 123457 + len((2.5, 9876543))\n"
+    ns = {}
+    exec(compile(src, "<test>", "exec"), ns)  # compile(): CPython leaves these mortal
+    consts = [c for c in ns["f"].__code__.co_consts if c is not None]
+    assert not any(immortal(c) for c in consts)
+    module_code = compile(src, "<test>", "exec")
+    n = _core.share_code(module_code)
+    fcode = next(c for c in module_code.co_consts if isinstance(c, types.CodeType))
+    assert all(immortal(c) for c in fcode.co_consts)
+    assert n >= 3
+    with pytest.raises(TypeError):
+        _core.share_code("not code")
+
+
+@free_threaded
+def test_subinterpreter():
+    try:
+        import _interpreters as interpreters  # 3.13; concurrent.interpreters is 3.14
+    except ImportError:
+        pytest.skip("this interpreter has no _interpreters module")
+    interp = interpreters.create()
+    try:
+        code = ("import sys; sys.path[:0] = %r\n"
+                "import gc, threadloom\n"
+                "d = {'k': [str(i) * 3 for i in range(1000)]}\n"
+                "r = threadloom.share(d)\n"
+                "assert r.made_immortal == 1002 and r.already_immortal == 1, r\n"
+                "assert sys.getrefcount(d['k'][500]) >= 2**32 - 1\n"
+                "d['k'].append('x' * 5); gc.collect()\n" % (sys.path,))
+        err = interpreters.exec(interp, code)
+        assert err is None, err
+    finally:
+        interpreters.destroy(interp)
+    gc.collect()
+
+
+@free_threaded
+def test_layout_is_reported():
+    ok, how = _core.share_layout()
+    assert ok, how
+    assert "3.13" in how or "PyUnstable_SetImmortal" in how
+    assert threadloom.share is share
+
+
+def test_gil_build_does_nothing_and_says_so():
+    exe = gil_python()
+    if exe is None:
+        pytest.skip("no GIL baseline with threadloom installed (make build-gil makes build/venv-gil)")
+    code = ("import threadloom, sys\n"
+            "r = threadloom.share({'a': [1.5, 'x' * 3]})\n"
+            "assert not r.enabled and r.made_immortal == 0, r\n"
+            "assert 'built with the GIL' in str(r), str(r)\n"
+            "assert not threadloom.imports_shared()['on']\n"
+            "print('ok')\n")
+    r = subprocess.run([exe, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+class Vocab:
+    """A read-only map-style dataset: every sample reads the shared table."""
+
+    def __init__(self, n):
+        self.table = {"w%d" % i: [i * 1.5, "v%d" % i] for i in range(n)}
+        self.keys = list(self.table)
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        seen.append((id(threadloom.get_worker_info().dataset), threading.get_ident()))
+        v = self.table[self.keys[i]]
+        return int(v[0] * 2)
+
+
+seen = []
+
+
+@free_threaded
+def test_dataloader_replicate_share():
+    ds = Vocab(64)
+    seen.clear()
+    loader = threadloom.DataLoader(ds, batch_size=4, num_workers=2, replicate="share")
+    r = loader.share_report
+    # the instance, its table and key list, and per word its key, list, float and string
+    assert r.made_immortal == 3 + 64 * 4 and r.skipped == {}, r
+    assert immortal(ds) and immortal(ds.table["w5"][1])
+    got = [x for b in loader for x in b.tolist()]
+    assert got == [i * 3 for i in range(64)]
+    # every worker read the one dataset object (no replica), and no copy was made
+    assert {d for d, _ in seen} == {id(ds)} and len({t for _, t in seen}) >= 1
+    assert [x for b in threadloom.DataLoader(Vocab(64), batch_size=4, num_workers=2)
+            for x in b.tolist()] == got  # the same batches as the default replicas
+    # nothing is shared without workers (one thread reads it), and a bad value is named
+    assert threadloom.DataLoader(Vocab(4), num_workers=0, replicate="share").share_report is None
+    with pytest.raises(ValueError, match="'copy', 'share', a factory"):
+        threadloom.DataLoader(ds, num_workers=2, replicate="shared")
+
+
+@free_threaded
+def test_share_while_other_threads_read():
+    # share() may run while other threads read the data (the data's owner shares it)
+    data = {"k%d" % i: [("v%d" % j, float(j) + i) for j in range(20)] for i in range(2000)}
+    expect = 2000 * 20
+    stop = threading.Event()
+    barrier = threading.Barrier(THREADS + 1)
+    errors = []
+
+    def reader():
+        try:
+            barrier.wait()
+            while not stop.is_set():
+                assert sum(len(v) for v in list(data.values())) == expect
+                for rows in list(data.values())[::50]:
+                    for name, x in rows:
+                        assert name[0] == "v" and x >= 0
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=reader) for _ in range(THREADS)]
+    for t in ts:
+        t.start()
+    barrier.wait()
+    r = share(data)
+    gc.collect()
+    stop.set()
+    for t in ts:
+        t.join()
+    assert not errors, errors[0]
+    assert r.skipped == {} and r.visited == len(reachable(data))
+    assert all(immortal(o) for o in reachable(data))
