@@ -127,10 +127,8 @@ PyObject* tl_py_fail(PyObject* module, int err) {
   return tl_py_raise(get_state(module), err, detail);
 }
 
-static struct PyModuleDef core_module;
-
 PyObject* tl_py_module_of(PyObject* self) {
-  return PyType_GetModuleByDef(Py_TYPE(self), &core_module);
+  return PyType_GetModuleByDef(Py_TYPE(self), &tl_py_core_def);
 }
 
 PyObject* tl_py_fail_obj(PyObject* self, int err) {

@@ -34,6 +34,7 @@ import queue
 import threading
 
 from threadloom import _core
+from threadloom.devices import api as devices
 
 _ALIGN = 256
 
@@ -91,7 +92,6 @@ class DeviceBatch:
         """Makes `stream` (default: the calling thread's current stream of the device) wait for
         the copy, without blocking this thread, and declares the buffer's use there. Returns
         ``data``."""
-        from threadloom import devices
         s = stream if stream is not None else devices.current_stream(self.device)
         self.event.wait(s)
         self.buffer.record_stream(s)
@@ -120,7 +120,6 @@ class Feeder:
 
     def __init__(self, device=None, *, slot_bytes, slots=4, priority=None, numa_node=-1,
                  timeout=None):
-        from threadloom import devices
         self.device = devices.device(device)
         self.slot_bytes = int(slot_bytes)
         self.pool = _core.StagingPool(self.device, self.slot_bytes, slots, numa_node)
@@ -134,7 +133,6 @@ class Feeder:
     def _stream(self):
         s = getattr(self._tls, "stream", None)
         if s is None:
-            from threadloom import devices
             s = self._tls.stream = devices.Stream(self.device, self.priority)
             c = self._tls.counter = [0, 0]  # batches, bytes: written by this thread only
             with self._lock:
