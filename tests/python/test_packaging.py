@@ -213,3 +213,31 @@ def test_test_packages_are_the_pinned_ones():
         except importlib.metadata.PackageNotFoundError:
             pytest.fail("%s (pinned %s) is not installed for %s: run make test" % (name, pins[name], sys.executable))
         assert got == pins[name], (name, got)
+
+
+# ---- nothing runs the sources --------------------------------------------------------------
+
+SOURCES_ON_PATH = re.compile(
+    r"""os\.path\.join\((?:[^()]|\([^()]*\))*,\s*["']python["']\)"""   # os.path.join(..., "python")
+    r"""|PYTHONPATH=["']?(?:\$\w+/|\$\{\w+\}/)?python\b"""                 # PYTHONPATH=python, =$here/python
+    r"""|\$(?:here|ROOT|\{here\})/python[:"'\s]""")                         # "$here/python" in a script
+
+
+def test_no_script_puts_the_sources_on_the_path():
+    """Examples, benchmarks, scripts and tests import the installed package: a program that puts
+    python/ of the checkout on sys.path or PYTHONPATH imports sources without the extension
+    (threadloom then says to install them) or, worse, sources other than the ones installed."""
+    allowed = {os.path.join("tests", "python", "conftest.py"),      # require_installed's check
+               os.path.join("tests", "python", "test_packaging.py")}  # the bare-sources error
+    found = []
+    for top in ("bench", "examples", "scripts", "tests", "python", ".ci"):
+        for d, _, files in os.walk(os.path.join(ROOT, top)):
+            for f in files:
+                path = os.path.join(d, f)
+                rel = os.path.relpath(path, ROOT)
+                if rel in allowed or not f.endswith((".py", ".sh", ".sbatch", "run")):
+                    continue
+                for n, line in enumerate(open(path, encoding="utf-8", errors="replace"), 1):
+                    if SOURCES_ON_PATH.search(line):
+                        found.append("%s:%d: %s" % (rel, n, line.strip()))
+    assert not found, "\n".join(found)
