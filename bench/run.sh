@@ -11,7 +11,7 @@
 #   --only L   run only these benchmarks (comma-separated names: scheduler, arena, device,
 #              devices, executor, ...; scripts/gpu-check.sh picks what fits its minutes)
 # TORCH_PYTHON=/path/to/python picks the interpreter for the torch DataLoader baselines; by default
-# build/bootstrap.env's TORCH_PYTHON (written by scripts/bootstrap.sh), else the first of PYTHON,
+# build/bootstrap.env's GIL_PYTHON (the GIL baseline venv scripts/bootstrap.sh makes), else the first of PYTHON,
 # python3.12, python3, python3.11, python3.13 that can import torch.
 # A run first removes the previous run's *.txt, *.json, *.svg and README.md from the output
 # directory, so the report never mixes two runs. A benchmark that fails is reported as failed (its
@@ -35,7 +35,7 @@ py=$1
 for bin in tl-bench-scheduler tl-bench-arena tl-bench-device; do
   [ -x "$here/build/bench/$bin" ] || { echo "bench: no build/bench/$bin: run \`make build\` first" >&2; exit 1; }
 done
-gpu=$(PYTHONPATH=$here/python "$py" -c 'import threadloom as t
+gpu=$("$py" -c 'import threadloom as t
 try:
     print(t._core.cuda_device_info(0)["name"].replace(" ", "-"))
 except t.Error:
@@ -122,11 +122,11 @@ run checkpoint "$py" "$here/bench/bench_checkpoint.py" ${q_ckpt[@]+"${q_ckpt[@]}
 run share "$py" "$here/bench/bench_share.py" ${q_share[@]+"${q_share[@]}"} --json "$out/share.json"
 run dataloader "$py" "$here/bench/bench_dataloader.py" ${q_load[@]+"${q_load[@]}"} --json "$out/dataloader.json"
 
-# The torch DataLoader baselines run on the interpreter that has torch (Debian's GIL python3.11
-# here, python3.12 on the GPU machine): without one, a JSON that says so, and the report leaves
-# the series out with it.
+# The torch DataLoader baselines run on the GIL baseline (build/venv-gil: python3.11 with torch
+# from PyPI here, python3.12 on the GPU machine): without one, a JSON that says so, and the
+# report leaves the series out with it.
 torch_py="" tried=()
-boot_torch=$(sed -n 's/^TORCH_PYTHON := //p' "$here/build/bootstrap.env" 2>/dev/null || true)
+boot_torch=$(sed -n 's/^GIL_PYTHON := //p' "$here/build/bootstrap.env" 2>/dev/null || true)
 for cand in ${TORCH_PYTHON:-} $boot_torch "$py" python3.12 python3 python3.11 python3.13; do
   command -v "$cand" >/dev/null 2>&1 || continue
   tried+=("$cand")

@@ -40,10 +40,8 @@ import threading
 import time
 import zlib
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-
-import threadloom  # noqa: E402
-from threadloom.data import Dataset  # noqa: E402
+import threadloom
+from threadloom.data import Dataset
 
 EXIT_PREEMPTED = 75        # EX_TEMPFAIL: stopped early with a checkpoint; run again to resume
 SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "zu", "pe", "do", "gi")

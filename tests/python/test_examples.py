@@ -163,8 +163,7 @@ def test_train_torch_example_runs_or_says_why_not():
 
 def test_slurm_example_two_nodes_meet_and_shard():
     full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # no SLURM here
-    full.update(PYTHONPATH=os.path.join(ROOT, "python"),
-                THREADLOOM_JOB_TOKEN=uuid.uuid4().hex + uuid.uuid4().hex,
+    full.update(THREADLOOM_JOB_TOKEN=uuid.uuid4().hex + uuid.uuid4().hex,
                 THREADLOOM_JOB_ID="test-examples-%s" % uuid.uuid4().hex)
     script = os.path.join(EXAMPLES, "slurm", "train.py")
     procs = [subprocess.Popen([sys.executable, script, "--nnodes", "2", "--node-rank", str(r),

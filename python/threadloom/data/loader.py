@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 
-from threadloom import errors, sysinfo
+from threadloom import errors, gilguard, sysinfo
 from threadloom._queue import CLOSED, END, Queue, Workers
 from threadloom.data.collate import default_collate, default_convert
 from threadloom.data.fetch import iterable_batches, map_fetcher
@@ -254,6 +254,8 @@ class DataLoader:
         """A new iterator, independent of any other of this loader (zip(loader, loader) and
         nested loops work as in torch). With persistent_workers (and num_workers > 0) torch
         keeps one iterator and each iter() resets it to a new epoch: so does threadloom."""
+        if self.num_workers > 0:
+            gilguard.warn_if_gil_on("threadloom.DataLoader", self.num_workers, stacklevel=2)
         resume, self._resume = self._resume, None
         epoch = self._epoch
         if resume is not None:
