@@ -38,8 +38,8 @@ def devices(kind=None):
     """The devices of the selected backend, or of `kind` ("cuda", "sim"), as Device objects:
     index, kind, name, memory (bytes), numa_node, local_cpus (the CPU numbers of that node),
     pci_bus_id, compute_capability. [] for the none backend."""
-    if kind is None and backend()["name"] == "none":
-        return []
+    if backend()["name"] == "none" and kind is None:   # selects the default first, so
+        return []                                       # THREADLOOM_DEVICES applies to kinds too
     return [_core.device(kind, i) for i in range(_core.device_count(kind))]
 
 
@@ -48,6 +48,7 @@ def device(spec=None):
     (the first device of the selected backend)."""
     if isinstance(spec, Device):
         return spec
+    backend()    # the default selection first (THREADLOOM_DEVICES=sim:N), as devices() does
     if spec is None:
         return _core.device(None, 0)
     if isinstance(spec, int):
