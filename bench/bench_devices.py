@@ -27,7 +27,7 @@ launch  The launch rate of issue 21: kernels launched per second from 1..8 Pytho
         them where the machine has the cores). The raw C loop is tl-bench-device's
         (bench/launch-loop.c), called through ctypes from tl-bench-launch.so by Python threads
         pinned the same way, in the same process: the same sim, cores and loader threads. Best
-        of 3 alternating rounds each. On sim two
+        of 2 alternating rounds each. On sim two
         device models: cost=0 (a launch costs nothing but threadloom's own path: the overhead
         per launch) and cost=0,launch=1us (each launch spends 1 us of its thread's CPU, as a
         driver's launch path does: the rate a GPU that keeps up would see). Goal: Python >= 50%
@@ -418,7 +418,7 @@ def run_launch(a, res):
         raise SystemExit("bench_devices: %s is missing (the raw C launch loop): run `make build`, "
                          "or give --c-lib" % a.c_lib)
     secs = a.seconds or (0.1 if a.quick else 0.4)
-    reps = 1 if a.quick else 3
+    reps = 1 if a.quick else 2
     threads = (1, 8) if a.quick else LAUNCH_THREADS
     if a.cuda:
         models = [("cuda", "cuda")]
