@@ -104,6 +104,23 @@ def test_main_job_refuses_checkpoints_written_with_other_settings(tmp_path):
     assert "use the same settings or another --ckpt-dir" in p.stderr
 
 
+@pytest.mark.gpu
+def test_main_job_on_gpus_preempted_and_resumed(tmp_path, require_gpu):
+    """The same job on the GPUs (cuda: NCCL, the cudart feeder, spin kernels): preempted and
+    resumed to the uninterrupted run's weights."""
+    assert SMALL_JOB[:2] == ["--devices", "sim:8"]
+    job_args = ["--devices", "cuda"] + SMALL_JOB[2:]
+    ref, job = str(tmp_path / "ref"), str(tmp_path / "job")
+    p = example("main_job.py", "--ckpt-dir", ref, *job_args)
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert p.stdout.startswith("main_job: path: %d cuda device(s)" % require_gpu), p.stdout
+    assert "replicas are identical" in p.stdout
+    p = example("main_job.py", "--ckpt-dir", job, "--preempt-at", "25", *job_args)
+    assert p.returncode == 75, (p.stdout, p.stderr)
+    p = example("main_job.py", "--ckpt-dir", job, "--check-against", ref, *job_args)
+    assert p.returncode == 0 and "IDENTICAL" in p.stdout, (p.stdout, p.stderr)
+
+
 def test_main_job_exception_in_one_rank_ends_the_job(tmp_path):
     """A rank raising ends the job with that error (status 1, no hang: run_python's timeout),
     every thread stopped, the checkpoint before it still loadable."""
