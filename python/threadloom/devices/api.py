@@ -16,7 +16,8 @@ __all__ = ["Device", "DeviceBuffer", "Event", "StagingPool", "StagingSlot", "Str
 def select(spec):
     """Selects the backend before first use: "cuda", "none" or "sim:N[,option=value...]"
     (options: h2d, d2h, pageable, d2d bandwidths like 25GB/s; mem=16GiB; cost=0 for devices
-    whose operations are free; spin=50us; poison=0). BusyError once another backend is in
+    whose operations are free; launch=1us, the CPU time each kernel/copy/memset submission
+    costs its thread; spin=50us; poison=0). BusyError once another backend is in
     use; the same spec again is accepted."""
     _core.devices_select(spec)
 
