@@ -109,12 +109,25 @@ class DeviceComm:
         s = self._stream(stream)
         return s.handle if isinstance(s, _core.Stream) else s
 
-    def _device_call(self, what, x, timeout, stream, nccl_call, host_call):
+    def _run(self, what, x, timeout, stream, host, nccl, reduces=False, out=False):
+        """The one dispatch of every collective: host values to host(timeout); device values
+        checked (a reduction needs an element type, allgather/reduce_scatter need out=, no
+        per-call timeout), then nccl(stream handle) on cuda, or host(None) (the world's
+        timeout) after waiting for the stream on sim."""
+        where = self._where(x, what)
+        if where != "device":
+            if where == "hostbuf" and self.kind == "sim":
+                self._sim_ready(stream, timeout, what)
+            return host(timeout)
+        if reduces:
+            self._check_reducible(x, what)
+        if out is not False:
+            self._need_out(out, what)
         self._no_timeout(timeout, what)
         if self.kind == "cuda":
-            return nccl_call(self._handle(stream))
+            return nccl(self._handle(stream))
         self._sim_ready(stream, self.timeout, what)
-        return host_call()      # the world's timeout
+        return host(None)
 
     # -- collectives -------------------------------------------------------------------------
 
@@ -125,55 +138,30 @@ class DeviceComm:
     def allreduce(self, x, op="sum", timeout=None, *, stream=None):
         """Reduces x across ranks (sum, max, min, avg; NCCL also prod): device values in place
         on the stream (see the module docstring), host values as CpuComm.allreduce."""
-        where = self._where(x, "allreduce")
-        if where == "host":
-            return self.host.allreduce(x, op, timeout)
-        if where == "hostbuf":
-            if self.kind == "sim":
-                self._sim_ready(stream, timeout, "allreduce")
-            return self.host.allreduce(x, op, timeout)
-        self._check_reducible(x, "allreduce")
-        return self._device_call("allreduce", x, timeout, stream,
-                                 lambda s: self.nccl.allreduce(x, op, stream=s),
-                                 lambda: self.host.allreduce(x, op))
+        return self._run("allreduce", x, timeout, stream,
+                         lambda t: self.host.allreduce(x, op, t),
+                         lambda s: self.nccl.allreduce(x, op, stream=s), reduces=True)
 
     def broadcast(self, x, src=0, timeout=None, *, stream=None):
         """Every rank gets rank src's x: device values overwritten in place on the stream."""
-        where = self._where(x, "broadcast")
-        if where != "device":
-            if where == "hostbuf" and self.kind == "sim":
-                self._sim_ready(stream, timeout, "broadcast")
-            return self.host.broadcast(x, src, timeout)
-        return self._device_call("broadcast", x, timeout, stream,
-                                 lambda s: self.nccl.broadcast(x, src, stream=s),
-                                 lambda: self.host.broadcast(x, src))
+        return self._run("broadcast", x, timeout, stream,
+                         lambda t: self.host.broadcast(x, src, t),
+                         lambda s: self.nccl.broadcast(x, src, stream=s))
 
     def allgather(self, x, out=None, timeout=None, *, stream=None):
         """Every rank's x in rank order. Device values: into `out` (world_size times x's
         elements, same format, on the same device), required. Host values: CpuComm.allgather."""
-        where = self._where(x, "allgather")
-        if where != "device":
-            if where == "hostbuf" and self.kind == "sim":
-                self._sim_ready(stream, timeout, "allgather")
-            return self.host.allgather(x, out, timeout)
-        self._need_out(out, "allgather")
-        return self._device_call("allgather", x, timeout, stream,
-                                 lambda s: self.nccl.allgather(x, out, stream=s),
-                                 lambda: self.host.allgather(x, out))
+        return self._run("allgather", x, timeout, stream,
+                         lambda t: self.host.allgather(x, out, t),
+                         lambda s: self.nccl.allgather(x, out, stream=s), out=out)
 
     def reduce_scatter(self, x, op="sum", out=None, timeout=None, *, stream=None):
         """Chunk `rank` of the reduction of x (world_size chunks). Device values: into `out`,
         required. Host values: CpuComm.reduce_scatter."""
-        where = self._where(x, "reduce_scatter")
-        if where != "device":
-            if where == "hostbuf" and self.kind == "sim":
-                self._sim_ready(stream, timeout, "reduce_scatter")
-            return self.host.reduce_scatter(x, op, out, timeout)
-        self._check_reducible(x, "reduce_scatter")
-        self._need_out(out, "reduce_scatter")
-        return self._device_call("reduce_scatter", x, timeout, stream,
-                                 lambda s: self.nccl.reduce_scatter(x, op, out, stream=s),
-                                 lambda: self.host.reduce_scatter(x, op, out))
+        return self._run("reduce_scatter", x, timeout, stream,
+                         lambda t: self.host.reduce_scatter(x, op, out, t),
+                         lambda s: self.nccl.reduce_scatter(x, op, out, stream=s),
+                         reduces=True, out=out)
 
     def allreduce_buckets(self, grads, bucket_bytes=buckets.DEFAULT_BUCKET_BYTES, op="avg",
                           timeout=None, *, stream=None):
@@ -186,18 +174,13 @@ class DeviceComm:
         if len(places) > 1:
             raise ValueError("allreduce_buckets: device and host gradients in one call; reduce "
                              "them in two calls")
-        if not grads or places == {"host"}:
-            return self.host.allreduce_buckets(grads, bucket_bytes, op, timeout)
-        if places == {"hostbuf"}:
-            if self.kind == "sim":
-                self._sim_ready(stream, timeout, "allreduce_buckets")
-            return self.host.allreduce_buckets(grads, bucket_bytes, op, timeout)
         for g in grads:
             self._check_reducible(g, "allreduce_buckets")
-        return self._device_call(
-            "allreduce_buckets", grads, timeout, stream,
-            lambda s: self.nccl.allreduce_buckets(grads, bucket_bytes, op, stream=s),
-            lambda: self.host.allreduce_buckets(grads, bucket_bytes, op))
+        first = grads[0] if grads else None
+        return self._run("allreduce_buckets", first, timeout, stream,
+                         lambda t: self.host.allreduce_buckets(grads, bucket_bytes, op, t),
+                         lambda s: self.nccl.allreduce_buckets(grads, bucket_bytes, op,
+                                                               stream=s))
 
     def _need_out(self, out, what):
         if out is None:
