@@ -250,7 +250,7 @@ static int tl__sim_options(sim_cfg* cfg, const char* list, int live) {
  * against its CPU clock when the sim is configured, so the cost is CPU work as a driver's
  * launch path is (time the thread is descheduled does not count, and no clock is read per
  * launch). */
-static void tl__spend_cpu(uint64_t iters) {
+__attribute__((noinline)) static void tl__spend_cpu(uint64_t iters) {
   for (volatile uint64_t i = 0; i < iters; i++) {
   }
 }

@@ -427,7 +427,7 @@ TEST_IMPL(device_sim_launch_cost) {
   for (int i = 0; i < 20; i++) ASSERT_OK(tl_kernel_async(s, 0));
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
   double ms = (double)(b.tv_sec - a.tv_sec) * 1e3 + (double)(b.tv_nsec - a.tv_nsec) / 1e6;
-  ASSERT(ms >= 10.0);                       /* 20 x 500 us of this thread's CPU */
+  ASSERT(ms >= 9.0); /* 20 x 500 us of this thread's CPU, less the calibration's error */
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
   for (int i = 0; i < 20; i++) ASSERT_OK(tl_event_record(e, s));
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
