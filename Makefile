@@ -5,7 +5,8 @@
 # `make build` installs this checkout into them with pip, as a user would (`pip install .`).
 #
 #   make demo       `python -m threadloom info`, a multi-threaded example, then the main job
-#                   (examples/main_job.py): uninterrupted, preempted, resumed to the same weights
+#                   (examples/main_job.py, on the GPUs, else on sim:8, and it says which):
+#                   uninterrupted, preempted, resumed to the same weights
 #   make test       C tests (ctest), Python tests (pytest on the free-threaded venv), and the
 #                   torch tests (tests/torch: threadloom next to torch, on both venvs)
 #   make test-asan  the C core and its tests under AddressSanitizer + UBSan
@@ -60,11 +61,11 @@ demo: build
 	@$(PY) examples/free_threads.py
 	@echo
 	@rm -rf $(BUILD)/demo
-	@echo "== the main job (examples/main_job.py): DataLoader -> spmd ranks -> allreduce -> async checkpoints"
+	@echo "== the main job (examples/main_job.py): a driver thread per device (the GPUs, else 8 simulated ones), loader and feeder threads, allreduce on the devices, async checkpoints"
 	@$(PY) examples/main_job.py --ckpt-dir $(BUILD)/demo/reference
 	@echo
-	@echo "== the same job, preempted: SIGUSR2 after step 700 (it checkpoints and exits with status 75)"
-	@$(PY) examples/main_job.py --ckpt-dir $(BUILD)/demo/job --preempt-at 700; test $$? -eq 75
+	@echo "== the same job, preempted: SIGUSR2 after step 350 (it checkpoints and exits with status 75)"
+	@$(PY) examples/main_job.py --ckpt-dir $(BUILD)/demo/job --preempt-at 350; test $$? -eq 75
 	@echo
 	@echo "== the same command again: resumes from the newest complete checkpoint, ends with the same weights"
 	@$(PY) examples/main_job.py --ckpt-dir $(BUILD)/demo/job --check-against $(BUILD)/demo/reference

@@ -109,8 +109,10 @@ fi
 run scheduler "$here/build/bench/tl-bench-scheduler" ${q_sched[@]+"${q_sched[@]}"} --json "$out/scheduler.json"
 run arena "$here/build/bench/tl-bench-arena" ${q_arena[@]+"${q_arena[@]}"} --json "$out/arena.json"
 run device "$here/build/bench/tl-bench-device" ${q_dev[@]+"${q_dev[@]}"} --json "$out/device.json"
+# submission rate, the launch rate from 1..8 Python threads on sim:8 against the raw C loop
+# (build/bench/tl-bench-launch.so), with and without loader threads, and the feeder
 run devices "$py" "$here/bench/bench_devices.py" ${q_devs[@]+"${q_devs[@]}"} --json "$out/devices.json"
-if [ "$gpu" != nogpu ]; then  # the same on cuda:0 (and the report's GPU plots)
+if [ "$gpu" != nogpu ]; then  # the same on the GPUs (cuda:0's streams on one; the report's GPU plots)
   run device_cuda "$here/build/bench/tl-bench-device" --cuda --sections launch,alloc \
     ${q_dev[@]+"${q_dev[@]}"} --json "$out/device_cuda.json"
   run devices_cuda "$py" "$here/bench/bench_devices.py" --cuda ${q_devs[@]+"${q_devs[@]}"} \

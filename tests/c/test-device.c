@@ -411,6 +411,34 @@ TEST_IMPL(device_zero_cost) {
   return 0;
 }
 
+/* launch=: each kernel, copy or memset submission costs its thread that much CPU time (records
+ * and waits cost nothing); with cost=0 the device still keeps up at once. */
+TEST_IMPL(device_sim_launch_cost) {
+  unsetenv("THREADLOOM_DEVICES");
+  ASSERT_EQ(tl_devices_select("sim:1,launch=1s"), TL_EINVAL);
+  ASSERT_CONTAINS(tl_err_detail(), "at most 10ms");
+  tl_device_t* d = sim_device("sim:1,cost=0,launch=500us", 0);
+  tl_stream_t* s;
+  ASSERT_OK(tl_stream_acquire(d, 0, &s));
+  tl_event_t* e;
+  ASSERT_OK(tl_event_init(d, 0, &e));
+  struct timespec a, b;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
+  for (int i = 0; i < 20; i++) ASSERT_OK(tl_kernel_async(s, 0));
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
+  double ms = (double)(b.tv_sec - a.tv_sec) * 1e3 + (double)(b.tv_nsec - a.tv_nsec) / 1e6;
+  ASSERT(ms >= 9.0); /* 20 x 500 us of this thread's CPU, less the calibration's error */
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
+  for (int i = 0; i < 20; i++) ASSERT_OK(tl_event_record(e, s));
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
+  ms = (double)(b.tv_sec - a.tv_sec) * 1e3 + (double)(b.tv_nsec - a.tv_nsec) / 1e6;
+  ASSERT(ms < 10.0);
+  ASSERT_OK(tl_event_query(e));
+  tl_event_close(e);
+  tl_stream_release(s);
+  return 0;
+}
+
 /* A gate on a stream: its callback holds the stream's later work until gate_open(). */
 typedef struct {
   pthread_mutex_t mu;
