@@ -28,6 +28,10 @@ The guard uses only builtin modules, so the launcher loads this file before ``th
 itself (whose ``_core`` pulls in the C runtime). ``PYTHON_GIL=1`` / ``-X gil=1`` (the user asked
 for the GIL) is reported once, never refused; ``PYTHON_GIL=0`` keeps the GIL off, so there is
 nothing to guard.
+
+Known culprits (``_KNOWN``) get a hint of their own instead of "ask its authors": triton, which
+torch imports through ``torch._dynamo`` from a ``torch.optim`` optimizer's constructor on
+(docs/design.md, "torch on 3.13t", has the evidence).
 """
 
 import _imp
@@ -67,6 +71,32 @@ _lock = _thread.allocate_lock()  # guards _state
 _state = {"policy": None, "reported": False, "main": None, "origin": "threadloom", "real": None,
           "module": None,        # the module the guard saw turn the GIL on
           "turns_warned": False}  # warn_if_gil_on() has warned
+
+
+# Extension modules known to lack Py_mod_gil, by the top-level package that ships them: why
+# they get imported and what to do instead (the guard's message and warn_if_gil_on's use it).
+_KNOWN = {
+    "triton": ("uninstall triton (`pip uninstall triton`) where torch.compile's GPU kernels, "
+               "the only thing it builds, are not needed (torch.compile still compiles for the "
+               "CPU without it): torch imports it through torch._dynamo, which every torch.optim "
+               "optimizer imports from its constructor on, and neither the optimizers' "
+               "foreach/fused flags nor TORCHDYNAMO_DISABLE=1 avoid that import"),
+}
+
+
+def _known_hint(module):
+    """The _KNOWN hint for extension module `module` (a dotted name), or None."""
+    return _KNOWN.get(module.split(".")[0]) if module else None
+
+
+def _known_loaded():
+    """The name of a loaded extension module of a _KNOWN package, or None (the guard was not
+    installed, so it did not see which import turned the GIL on)."""
+    for name, mod in list(sys.modules.items()):
+        if mod is not None and name.split(".")[0] in _KNOWN and \
+                (getattr(getattr(mod, "__spec__", None), "origin", None) or "").endswith(".so"):
+            return name
+    return None
 
 
 class GILWarning(RuntimeWarning):
@@ -113,30 +143,37 @@ def warn_if_gil_on(what, threads, stacklevel=1):
     elif getattr(sys.flags, "gil", None) == 1:
         why = "PYTHON_GIL=1 or -X gil=1 turned the GIL on"
         todo = "unset it"
-    elif _state["module"] is not None:
-        why = "importing %r, which does not declare Py_mod_gil, turned the GIL on" % _state["module"]
-        todo = "leave that module out, or ask its authors to declare Py_mod_gil"
+    elif _state["module"] is not None or _known_loaded() is not None:
+        module = _state["module"] or _known_loaded()
+        how = "turned" if _state["module"] is not None else "turns"
+        why = "importing %r, which does not declare Py_mod_gil, %s the GIL on" % (module, how)
+        todo = _known_hint(module) or "leave that module out, or ask its authors to declare Py_mod_gil"
     else:
         why = "an extension module without Py_mod_gil turned the GIL on"
         todo = ("find it with `threadloom run --gil=warn` (it names the module) or "
                 "`python -X importtime`, and leave it out")
     import warnings
-    warnings.warn("%s: the GIL is on, so its %d thread%s take turns running Python instead of "
+    warnings.warn("%s: the GIL is on, so its %d thread%s turns running Python instead of "
                   "running in parallel: %s; to get parallel threads, %s"
-                  % (what, threads, "s" if threads != 1 else "", why, todo),
+                  % (what, threads, "s take" if threads != 1 else " takes", why, todo),
                   GILWarning, stacklevel=stacklevel + 1)
     return True
 
 
-def _where():
-    """file:line of the innermost frame outside importlib and this file."""
+def _where(module=None):
+    """file:line of the innermost frame outside importlib, this file and the package of
+    extension module `module` (whose own __init__ importing it says nothing: triton/knobs.py
+    does, for torch/_dynamo/utils.py's `import triton`)."""
     try:
         f = sys._getframe(2)
     except ValueError:
         return None
+    pkg = sys.modules.get(module.split(".")[0]) if module and "." in module else None
+    inside = tuple(p.rstrip("/") + "/" for p in (getattr(pkg, "__path__", None) or ()))
     while f is not None:
         name = f.f_code.co_filename
-        if not name.startswith("<frozen importlib") and name != __file__:
+        if not name.startswith("<frozen importlib") and name != __file__ and \
+                not (inside and name.startswith(inside)):
             return "%s:%d" % (name, f.f_lineno)
         f = f.f_back
     return None
@@ -160,7 +197,9 @@ def _report(module, origin, where):
         what = "module %r%s%s does not declare Py_mod_gil, so importing it turned the GIL on for " \
                "the whole process" % (module, " (%s)" % origin if origin else "",
                                       ", imported at %s," % where if where else "")
-        todo = "ask its authors to declare Py_mod_gil (Py_MOD_GIL_NOT_USED) once it is thread-safe, or"
+        todo = _known_hint(module)
+        todo = todo + ";" if todo else \
+            "ask its authors to declare Py_mod_gil (Py_MOD_GIL_NOT_USED) once it is thread-safe, or"
     if pol == "warn":
         sys.stderr.write("threadloom: warning: %s and threads no longer run Python in parallel; "
                          "%s run with --gil=allow to silence this\n" % (what, todo))
@@ -279,7 +318,8 @@ def _create_dynamic(spec, *args):
         return _state["real"](spec, *args)
     finally:
         if not before and sys._is_gil_enabled():
-            err = _report(getattr(spec, "name", None), getattr(spec, "origin", None), _where())
+            name = getattr(spec, "name", None)
+            err = _report(name, getattr(spec, "origin", None), _where(name))
             if err is not None:
                 _stop_if_swallowed(err)
                 raise err

@@ -273,6 +273,28 @@ def test_gil_off_for_a_normal_script_and_user_forced_gil_is_said(tmp_path):
 
 @needs_ext
 @pytest.mark.skipif(not FREE_THREADED, reason="needs a free-threaded interpreter")
+@pytest.mark.parametrize("pkg", ["vendor", "triton"])
+def test_gil_guard_names_who_imported_a_packages_extension(tmp_path, pkg):
+    # the extension inside a package whose __init__ imports it: the guard points at the line
+    # that imported the package, not at the package's own files; triton (which torch imports
+    # from its optimizers: tests/torch/test_gil_torch.py has the real one) gets its own advice
+    d = tmp_path / pkg
+    d.mkdir()
+    so = next(f for f in os.listdir(EXT_DIR) if f.startswith("gil_needing"))
+    shutil.copy(os.path.join(EXT_DIR, so), d / so)
+    (d / "__init__.py").write_text("from . import gil_needing\n")
+    s = script(tmp_path, "import sys\nimport %s\nprint('after', sys._is_gil_enabled())\n" % pkg)
+    r = run_python("-m", "threadloom", "run", "--gil=warn", s, cwd=str(tmp_path))
+    assert r.returncode == 0 and r.stdout.strip() == "after True", r.stderr
+    assert "module '%s.gil_needing'" % pkg in r.stderr and "imported at %s:2," % s in r.stderr
+    if pkg == "triton":
+        assert "pip uninstall triton" in r.stderr and "ask its authors" not in r.stderr
+    else:
+        assert "ask its authors to declare Py_mod_gil" in r.stderr
+
+
+@needs_ext
+@pytest.mark.skipif(not FREE_THREADED, reason="needs a free-threaded interpreter")
 def test_python_m_threadloom_run_has_the_same_guard(tmp_path):
     s = script(tmp_path, IMPORTS_IT)
     env = {"PYTHONPATH": EXT_DIR}
