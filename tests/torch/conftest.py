@@ -4,16 +4,32 @@ They run twice (`make test-torch`): on the free-threaded venv build/venv (torch'
 wheel) and on the GIL baseline, build/venv-gil (build/bootstrap.env's GIL_PYTHON: the system's
 Python 3.11; a GIL build, so threads take turns there), both with torch from PyPI pinned in
 requirements/pins.txt and threadloom pip-installed (`make build`, `make build-gil`); what is
-checked is behaviour, never speed. Without torch every test here SKIPs, saying why. As in tests/python, the
-package must be the installed one (tests/python/conftest.py: require_installed).
+checked is behaviour, never speed. Without torch every test here SKIPs, saying why
+(`make test-torch` sets THREADLOOM_NEED_TORCH=1: there torch must import). As in tests/python,
+the package must be the installed one (tests/python/conftest.py: require_installed).
+
+On the free-threaded venv the GIL must stay off through every test (else the threads of the
+tests after it take turns, quietly): a test after which it is on fails. torch imports triton
+(through torch._dynamo, from any torch.optim optimizer's constructor on), whose extension lacks
+Py_mod_gil, so the run blocks `import triton` as a user without triton has it
+(docs/user-guide.md, "torch on the free-threaded Python"); test_gil_torch.py checks, in child
+processes, both what triton does and that training stays free-threaded without it.
 """
 import importlib.util
 import os
 import sys
+import sysconfig
 
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch does not import on %s" % sys.executable)
+FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+if FREE_THREADED:
+    sys.modules.setdefault("triton", None)   # `import triton` raises ImportError, as uninstalled
+
+if os.environ.get("THREADLOOM_NEED_TORCH") == "1":
+    import torch  # noqa: F401  (an ImportError here is the answer)
+else:
+    torch = pytest.importorskip("torch", reason="torch does not import on %s" % sys.executable)
 
 
 def pytest_configure(config):
@@ -22,3 +38,17 @@ def pytest_configure(config):
     helpers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(helpers)
     helpers.require_installed()
+
+
+@pytest.fixture(autouse=True)
+def gil_stays_off():
+    """On a free-threaded build the GIL is off before and after each test (unless PYTHON_GIL=1
+    or -X gil=1 asked for it)."""
+    check = FREE_THREADED and getattr(sys.flags, "gil", None) != 1
+    if check and sys._is_gil_enabled():
+        pytest.fail("the GIL was already on when this test started: an earlier test (or conftest) "
+                    "imported an extension without Py_mod_gil; this test's threads would take turns")
+    yield
+    if check and sys._is_gil_enabled():
+        pytest.fail("this test turned the GIL on: it imported an extension without Py_mod_gil "
+                    "(CPython's RuntimeWarning in the warnings summary names it)")
