@@ -18,7 +18,10 @@ Two worlds, one loop:
 Needs torch: its cp313t wheel on the free-threaded interpreter (make build: build/venv has it),
 or a GIL Python with threadloom installed too (make build-gil: build/venv-gil; the rank threads
 then take turns in Python, torch's kernels still run in parallel). Without torch this program
-says so and exits 0.
+says so and exits 0. On the free-threaded interpreter the optimizer imports torch._dynamo, which
+imports triton where it is installed (torch's Linux wheels bring it), and triton turns the GIL
+on: the last line says whether the GIL stayed off (docs/user-guide.md, "torch on the
+free-threaded Python": uninstall triton).
 
     python examples/train_torch.py [--steps 100] [--ranks 2] [--cpu]
 """
@@ -131,6 +134,8 @@ def main(argv=None):
     print("train_torch: torch %s, %s, %d steps: loss %.5f -> %.5f; replicas identical: "
           "%s; max |w - true w| %.4f" % (torch.__version__, world, a.steps, losses[0],
                                          losses[-1], same, err))
+    gil = sys._is_gil_enabled() if hasattr(sys, "_is_gil_enabled") else True
+    print("train_torch: GIL %s" % ("on: the rank threads took turns" if gil else "off"))
     return 0 if same else 1
 
 

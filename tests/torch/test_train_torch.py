@@ -5,10 +5,12 @@ Checked: every rank ends with bit-identical parameters and the same loss history
 down, and the weights approach the data set's. The GPU world of the example (NcclComm on CUDA
 gradients) needs GPUs and torch with CUDA: test_train_torch_gpu_world SKIPs without them.
 """
+import importlib.machinery
 import importlib.util
 import os
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 import torch
@@ -62,6 +64,12 @@ def test_example_script_runs():
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "CPU, 2 ranks, 40 steps" in p.stdout and "replicas identical: True" in p.stdout
+    # the GIL: off on the free-threaded venv unless triton is installed (its SGD imports it:
+    # tests/torch/test_gil_torch.py), on with the GIL baseline
+    free = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+    triton = importlib.machinery.PathFinder.find_spec("triton") is not None
+    want = "GIL on: the rank threads took turns" if not free or triton else "GIL off"
+    assert "train_torch: %s\n" % want in p.stdout
 
 
 def test_train_torch_gpu_world():
