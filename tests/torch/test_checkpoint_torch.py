@@ -178,3 +178,91 @@ def test_unsupported_torch_tensors_raise_clearly(tmp_path):
     assert ck.steps() == [2]
     with pytest.raises(ValueError, match="framework"):
         threadloom.load(tmp_path, framework="jax")
+
+
+# -- resuming a training run -------------------------------------------------------------------
+
+class Regression(torch.utils.data.Dataset):
+    def __init__(self, n=96):
+        g = torch.Generator().manual_seed(11)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = self.x @ torch.randn(8, 4, generator=g) + 0.1 * torch.randn(n, 4, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+class DropNet(Net):
+    """Net with dropout: its masks come from torch's global RNG, which the checkpoint keeps."""
+
+    def forward(self, x):
+        return torch.nn.functional.dropout(super().forward(x), 0.2, self.training)
+
+
+OPTIMIZERS = {
+    "sgd-nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+    "adam-amsgrad": lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True),
+    "adamw-no-foreach": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, foreach=False),
+}
+TOTAL = 40   # steps: 12 batches an epoch, so 3 epochs and a third
+
+
+def training(kind, seed, stop=None, ckpt=None):
+    """Trains TOTAL steps from scratch (seed: initial weights and RNG), or resumes from the
+    checkpoint in `ckpt` when stop is None and ckpt is given; saves model, optimizer, scheduler,
+    loader, RNG and losses to `ckpt` after step `stop` and returns there. Returns (losses,
+    model) at the end."""
+    torch.manual_seed(seed)
+    model = DropNet()
+    opt = OPTIMIZERS[kind](model.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
+    loader = threadloom.DataLoader(Regression(), batch_size=8, shuffle=True, num_workers=2,
+                                   generator=torch.Generator().manual_seed(seed + 100))
+    losses = []
+    if stop is None and ckpt is not None:
+        state = threadloom.load(ckpt, framework="torch")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"])
+        losses = state["losses"]
+    while len(losses) < TOTAL:
+        for x, y in loader:   # after load_state_dict, the first pass is the rest of the epoch
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if len(losses) == stop:
+                with threadloom.Checkpointer(ckpt) as ck:
+                    ck.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                             "sched": sched.state_dict(), "loader": loader.state_dict(),
+                             "rng": torch.get_rng_state(), "losses": losses}, stop).result(60)
+                loader.close()
+                return losses, model
+            if len(losses) == TOTAL:
+                break
+        sched.step()
+    loader.close()
+    return losses, model
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # resumed at an epoch's end
+@pytest.mark.parametrize("stop", [5, 12, 30])   # mid-epoch 0, at an epoch's end, mid-epoch 2
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_resumed_training_is_bit_identical_to_an_uninterrupted_run(tmp_path, kind, stop):
+    """Stopped after `stop` steps and resumed from the checkpoint by objects built from another
+    seed: the same losses and the same weights, bit for bit, as the run that never stopped (on
+    the free-threaded venv with the GIL off throughout: conftest.py checks it after each test)."""
+    want_losses, want = training(kind, seed=0)
+    head, _ = training(kind, seed=0, stop=stop, ckpt=tmp_path)
+    assert head == want_losses[:stop]
+    losses, got = training(kind, seed=1, ckpt=tmp_path)      # every state comes from the file
+    assert losses == want_losses
+    assert sum(want_losses[-8:]) < 0.8 * sum(want_losses[:8])   # and it trained
+    for (name, a), b in zip(want.state_dict().items(), got.state_dict().values()):
+        assert same(a, b), name
