@@ -1,6 +1,9 @@
 """threadloom.Checkpointer with torch tensors: a model's and an optimizer's state_dict round trip,
 every dtype a state_dict holds, non-contiguous, 0-d, empty, shared-storage and requires_grad
-tensors; the files read back with a safetensors reader written here from the spec."""
+tensors, numpy arrays of every dtype; the files read back with a safetensors reader written here
+from the spec (the safetensors package has no free-threaded wheel; on the GIL baseline
+test_safetensors_torch.py reads them with it); training resumed from a checkpoint is
+bit-identical to the run that never stopped."""
 
 import json
 import os
@@ -15,7 +18,8 @@ torch = pytest.importorskip("torch")
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "BOOL": torch.bool, "U8": torch.uint8, "I32": torch.int32,
-          "I8": torch.int8, "I16": torch.int16, "F64": torch.float64}
+          "I8": torch.int8, "I16": torch.int16, "F64": torch.float64, "U16": torch.uint16,
+          "U32": torch.uint32, "U64": torch.uint64}
 
 
 def read_safetensors(path):
@@ -123,6 +127,9 @@ def test_dtypes_shapes_and_layouts(tmp_path):
         "i64": torch.arange(-5, 5), "bool": torch.tensor([True, False, True]),
         "u8": torch.arange(256, dtype=torch.uint8), "i8": torch.tensor([-128, 0, 127], dtype=torch.int8),
         "f64": torch.randn(2, dtype=torch.float64),
+        "u16": torch.tensor([0, 65535], dtype=torch.uint16),
+        "u32": torch.tensor([1, 2**32 - 1], dtype=torch.uint32),
+        "u64": torch.tensor([3, 2**64 - 1], dtype=torch.uint64),
         "transposed": base.t(), "sliced": base[1:3, ::2], "bf16_t": torch.randn(3, 2).bfloat16().t(),
         "scalar": torch.tensor(2.5), "scalar_i": torch.tensor(7), "empty": torch.zeros(0, 4),
         "empty_bf16": torch.zeros(3, 0, dtype=torch.bfloat16),
@@ -151,7 +158,8 @@ def test_dtypes_shapes_and_layouts(tmp_path):
     files = files_of(tmp_path / "step-1")
     manifest = json.loads((tmp_path / "step-1" / "manifest.json").read_text())
     names = {"f32": "F32", "f16": "F16", "bf16": "BF16", "i64": "I64", "bool": "BOOL",
-             "u8": "U8", "i8": "I8", "f64": "F64", "scalar": "F32", "empty_bf16": "BF16"}
+             "u8": "U8", "i8": "I8", "f64": "F64", "scalar": "F32", "empty_bf16": "BF16",
+             "u16": "U16", "u32": "U32", "u64": "U64"}
     for k, dtype in names.items():
         assert files[k][0] == dtype, k
     for k, v in want.items():
@@ -164,6 +172,22 @@ def test_dtypes_shapes_and_layouts(tmp_path):
     assert plain["f32"].shape == (3, 4) and plain["f32"].format == "f"
     assert bytes(plain["bf16"]) == files["bf16"][2]
     assert same(torch.frombuffer(plain["i64"], dtype=torch.int64), want["i64"])
+
+
+def test_numpy_arrays_of_every_dtype_empty_and_0d(tmp_path):
+    import numpy as np
+    dtypes = [np.bool_, np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.uint64,
+              np.int64, np.float16, np.float32, np.float64]
+    state = {np.dtype(d).name: np.arange(12).reshape(3, 4).astype(d) for d in dtypes}
+    state["empty"] = np.zeros((2, 0), np.uint16)    # a zero in the shape, as torch.zeros(0, 4)
+    state["empty_f"] = np.zeros(0, np.float32)
+    state["scalar"] = np.array(7, np.int32)
+    state["fortran"] = np.asfortranarray(np.arange(6.0).reshape(2, 3))   # written in C order
+    with threadloom.Checkpointer(tmp_path) as ck:
+        ck.save(state, 1).result(60)
+    got = threadloom.load(tmp_path, framework="torch")
+    for k, a in state.items():
+        assert same(got[k], torch.from_numpy(a.copy(order="C"))), k
 
 
 def test_unsupported_torch_tensors_raise_clearly(tmp_path):

@@ -45,10 +45,10 @@ DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2
                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
-# safetensors dtype -> torch dtype name (torch 1.13 has no uint16/32/64)
-TORCH_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32",
-                "I64": "int64", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
-                "F64": "float64"}
+# safetensors dtype -> torch dtype name (uint16/32/64: torch 2.3 and later; as_torch says so)
+TORCH_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
+                "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64",
+                "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 FROM_TORCH = {"torch." + v: k for k, v in TORCH_DTYPES.items()}
 
 
@@ -164,7 +164,9 @@ def tensor_leaf(obj, where):
                             "(supported: native little-endian b B h H i I l L q Q e f d ?)"
                             % (where, mv.format))
         shape = list(mv.shape)
-    if mv.c_contiguous:
+    if mv.nbytes == 0:
+        flat = memoryview(b"")  # memoryview cannot cast a view with a zero in its shape
+    elif mv.c_contiguous:
         flat = mv.cast("B") if mv.ndim != 1 or mv.format != "B" else mv
     else:
         flat = memoryview(mv.tobytes())  # a C-order copy, made now on the calling thread
@@ -194,11 +196,11 @@ def as_loaded(buf, dtype, shape):
 def as_torch(buf, dtype, shape, key):
     """A CPU torch tensor over `buf` (no copy: torch.frombuffer keeps the bytearray alive)."""
     import torch
-    name = TORCH_DTYPES.get(dtype)
-    if name is None:
-        raise TypeError("tensor %r has dtype %s, which torch has no dtype for; load without "
-                        "framework='torch' to get it as a memoryview" % (key, dtype))
-    tdtype = getattr(torch, name)
+    tdtype = getattr(torch, TORCH_DTYPES.get(dtype, ""), None)
+    if tdtype is None:
+        raise TypeError("tensor %r has dtype %s, which torch %s has no dtype for; load without "
+                        "framework='torch' to get it as a memoryview"
+                        % (key, dtype, torch.__version__))
     if len(buf) == 0:  # torch.frombuffer refuses empty buffers
         return torch.empty(shape, dtype=tdtype)
     return torch.frombuffer(buf, dtype=tdtype).reshape(shape)
