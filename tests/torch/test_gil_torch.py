@@ -125,3 +125,27 @@ def test_without_triton_training_keeps_the_gil_off(tmp_path, args):
     assert out["dynamo"] == "True"           # torch._dynamo imported all the same
     assert out["trained"] == "True" and "GILWarning" not in out
     assert "GIL" not in err
+
+
+COMPILE = BLOCK + """\
+import torch
+f = torch.compile(lambda x: (x * 2).sin().sum())
+x = torch.linspace(0, 1, 64)
+print("compiled", torch.allclose(f(x), (x * 2).sin().sum()))
+print("gil", sys._is_gil_enabled())
+"""
+
+
+@pytest.mark.skipif(not any(os.access(os.path.join(p, "g++"), os.X_OK)
+                            for p in os.environ.get("PATH", "").split(os.pathsep)),
+                    reason="no g++ on PATH: torch.compile's CPU backend needs a C++ compiler")
+def test_without_triton_torch_compile_still_compiles_for_the_cpu(tmp_path):
+    # what the user guide promises to someone who uninstalled triton
+    s = tmp_path / "compile.py"
+    s.write_text(COMPILE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON_GIL"}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
+    r = subprocess.run([sys.executable, str(s)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.splitlines() == ["compiled True", "gil False"], r.stderr[-3000:]
