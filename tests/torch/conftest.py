@@ -5,7 +5,8 @@ wheel) and on the GIL baseline, build/venv-gil (build/bootstrap.env's GIL_PYTHON
 Python 3.11; a GIL build, so threads take turns there), both with torch from PyPI pinned in
 requirements/pins.txt and threadloom pip-installed (`make build`, `make build-gil`); what is
 checked is behaviour, never speed. Without torch every test here SKIPs, saying why
-(`make test-torch` sets THREADLOOM_NEED_TORCH=1: there torch must import). As in tests/python,
+(`make test-torch` sets THREADLOOM_PINNED=1: the venvs have the pinned packages, so there torch,
+and safetensors on the GIL baseline, must import). As in tests/python,
 the package must be the installed one (tests/python/conftest.py: require_installed).
 
 On the free-threaded venv the GIL must stay off through every test (else the threads of the
@@ -26,7 +27,7 @@ FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 if FREE_THREADED:
     sys.modules.setdefault("triton", None)   # `import triton` raises ImportError, as uninstalled
 
-if os.environ.get("THREADLOOM_NEED_TORCH") == "1":
+if os.environ.get("THREADLOOM_PINNED") == "1":
     import torch  # noqa: F401  (an ImportError here is the answer)
 else:
     torch = pytest.importorskip("torch", reason="torch does not import on %s" % sys.executable)

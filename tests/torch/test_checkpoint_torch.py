@@ -56,8 +56,16 @@ def from_file(entry):
     return torch.frombuffer(bytearray(data), dtype=DTYPES[dtype]).reshape(shape)
 
 
-def same(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+def same(got, want, where="tensor"):
+    """Asserts that `got` is `want` bit for bit: dtype and shape, then the values
+    (torch.testing.assert_close without tolerance says which differ), then the bytes
+    (which also tell -0.0 from 0.0 and one NaN from another)."""
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True,
+                               msg=lambda m: "%s: %s" % (where, m))
+    def raw(t):
+        t = t.resolve_neg().contiguous().view(-1)
+        return t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    assert torch.equal(raw(got), raw(want)), where
 
 
 class Net(torch.nn.Module):
@@ -90,7 +98,8 @@ def test_model_and_adam_state_dict_round_trip(tmp_path):
     got = threadloom.load(tmp_path, framework="torch")
     assert got["epoch"] == 3
     for k, v in state["model"].items():
-        assert isinstance(got["model"][k], torch.Tensor) and same(got["model"][k], v), k
+        assert isinstance(got["model"][k], torch.Tensor), k
+        same(got["model"][k], v, k)
     # Adam: {"state": {param index: {"step": tensor, "exp_avg": ..., "exp_avg_sq": ...}},
     # "param_groups": [{"lr": ..., "betas": (...), "params": [...], ...}]}
     saved, loaded = state["opt"], got["opt"]
@@ -99,7 +108,7 @@ def test_model_and_adam_state_dict_round_trip(tmp_path):
     for i, s in saved["state"].items():
         assert set(loaded["state"][i]) == set(s)
         for name, v in s.items():
-            assert same(loaded["state"][i][name], v), (i, name)
+            same(loaded["state"][i][name], v, (i, name))
 
     fresh, fresh_opt = trained(seed=1, steps=1)
     fresh.load_state_dict(got["model"])
@@ -150,7 +159,7 @@ def test_dtypes_shapes_and_layouts(tmp_path):
     got = threadloom.load(tmp_path, framework="torch")
     assert set(got) == set(want)
     for k, v in want.items():
-        assert same(got[k], v), k
+        same(got[k], v, k)
         assert not got[k].requires_grad
     got["view_a"][4] = -1  # loaded views are separate tensors (sharing is not kept)
     assert got["view_b"][0] == 4
@@ -165,13 +174,13 @@ def test_dtypes_shapes_and_layouts(tmp_path):
     for k, v in want.items():
         dtype, shape, data = files[k]
         assert shape == list(v.shape) and len(data) == v.numel() * v.element_size(), k
-        assert same(from_file(files[k]), v), k
+        same(from_file(files[k]), v, k)
         assert manifest["tensors"][k]["xxh3_64"] == "%016x" % _core.xxh3_64(data)
 
     plain = threadloom.load(tmp_path)  # without framework=: memoryviews (BF16: raw bytes)
     assert plain["f32"].shape == (3, 4) and plain["f32"].format == "f"
     assert bytes(plain["bf16"]) == files["bf16"][2]
-    assert same(torch.frombuffer(plain["i64"], dtype=torch.int64), want["i64"])
+    same(torch.frombuffer(plain["i64"], dtype=torch.int64), want["i64"])
 
 
 def test_numpy_arrays_of_every_dtype_empty_and_0d(tmp_path):
@@ -187,7 +196,7 @@ def test_numpy_arrays_of_every_dtype_empty_and_0d(tmp_path):
         ck.save(state, 1).result(60)
     got = threadloom.load(tmp_path, framework="torch")
     for k, a in state.items():
-        assert same(got[k], torch.from_numpy(a.copy(order="C"))), k
+        same(got[k], torch.from_numpy(a.copy(order="C")), k)
 
 
 def test_unsupported_torch_tensors_raise_clearly(tmp_path):
@@ -289,4 +298,4 @@ def test_resumed_training_is_bit_identical_to_an_uninterrupted_run(tmp_path, kin
     assert losses == want_losses
     assert sum(want_losses[-8:]) < 0.8 * sum(want_losses[:8])   # and it trained
     for (name, a), b in zip(want.state_dict().items(), got.state_dict().values()):
-        assert same(a, b), name
+        same(a, b, name)

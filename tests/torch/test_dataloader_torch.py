@@ -26,16 +26,18 @@ SEEDS = [0, 7, 12345]
 # -- comparing batches -------------------------------------------------------------------------
 
 def assert_same(got, want, where="batch"):
-    """`got` equals `want` in value, and every leaf has the same type (and dtype, shape)."""
+    """`got` equals `want` in value, and every leaf has the same type (and dtype, shape).
+    Tensors and arrays are compared by torch's and numpy's own exact comparisons; the walk
+    over containers is ours, since it checks each container's exact type (tuple or list,
+    namedtuple, dict subclass), which those comparisons take as alike."""
     if isinstance(want, torch.Tensor):
         assert isinstance(got, torch.Tensor), "%s: %s, torch gives a Tensor" % (where, type(got))
-        assert got.dtype == want.dtype, "%s: dtype %s, torch gives %s" % (where, got.dtype, want.dtype)
-        assert got.shape == want.shape, "%s: shape %s, torch gives %s" % (where, got.shape, want.shape)
-        assert torch.equal(got, want), "%s: %s, torch gives %s" % (where, got, want)
+        torch.testing.assert_close(got, want, rtol=0, atol=0,
+                                   msg=lambda m: "%s (torch's batch is expected): %s" % (where, m))
         return
     assert type(got) is type(want), "%s: %s, torch gives %s" % (where, type(got), type(want))
     if isinstance(want, np.ndarray):
-        assert got.dtype == want.dtype and np.array_equal(got, want), (where, got, want)
+        np.testing.assert_array_equal(got, want, err_msg=where, strict=True)
     elif isinstance(want, collections.abc.Mapping):
         assert list(got) == list(want), "%s: keys %s, torch gives %s" % (where, list(got), list(want))
         for k in want:

@@ -89,8 +89,9 @@ def every_dtype_state():
     return out
 
 
-def same(got, want):
-    return got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+def same(got, want, where="tensor"):
+    """Asserts that `got` is `want`: dtype, shape and values, exactly."""
+    torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: "%s: %s" % (where, m))
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +117,11 @@ def test_safe_open_reads_every_dtype_threadloom_writes(every_dtype_checkpoint):
     assert set(seen) == set(cases) == set(manifest["tensors"])
     for k, (_, st, want) in cases.items():
         assert manifest["tensors"][k]["dtype"] == st, k
-        assert same(seen[k], want), (k, seen[k], want)
+        same(seen[k], want, k)
     # threadloom reads its own files to the same tensors
     mine = threadloom.load(d, framework="torch")
     for k, t in seen.items():
-        assert same(mine[k], t), k
+        same(mine[k], t, k)
 
 
 def test_numpy_framework_load_file_and_deserialize_agree(every_dtype_checkpoint):
@@ -131,7 +132,7 @@ def test_numpy_framework_load_file_and_deserialize_agree(every_dtype_checkpoint)
         raw = dict(deserialize(path.read_bytes()))
         assert set(pt) == set(raw)
         for k, t in pt.items():
-            assert same(t, cases[k][2]), k
+            same(t, cases[k][2], k)
             assert (raw[k]["dtype"], raw[k]["shape"]) == (cases[k][1], list(t.shape)), k
             assert bytes(raw[k]["data"]) == t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(), k
         with safe_open(path, framework="numpy") as f:
@@ -190,9 +191,10 @@ def test_the_format_documents_example_opens_a_checkpoint(tmp_path, monkeypatch, 
     want = threadloom.load(tmp_path / "ckpt", framework="torch")
     assert state["step"] == 7 and state["frac"] == fractions.Fraction(1, 3) and state["pair"] == (1, "x")
     for k, v in saved["model"].items():
-        assert same(state["model"][k], v) and same(want["model"][k], v), k
+        same(state["model"][k], v, k)
+        same(want["model"][k], v, k)
     assert state["opt"]["param_groups"] == saved["opt"]["param_groups"]
     for i, s in saved["opt"]["state"].items():
-        assert same(state["opt"]["state"][i]["momentum_buffer"], s["momentum_buffer"])
+        same(state["opt"]["state"][i]["momentum_buffer"], s["momentum_buffer"], i)
     for k, v in ns["model"].state_dict().items():      # the example's model got the weights
-        assert same(v, saved["model"][k]), k
+        same(v, saved["model"][k], k)
