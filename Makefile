@@ -85,12 +85,13 @@ test-py:
 # threadloom next to torch in one interpreter: the same batches as torch's DataLoader, torch
 # tensors through the Checkpointer, the torch example; on the free-threaded venv (torch's cp313t
 # wheel) and on the GIL baseline, where torch's DataLoader with worker processes is at home.
-# torch is pinned in both venvs, so there a torch that does not import is an error, not a skip.
+# The venvs have the pinned packages (THREADLOOM_PINNED=1): a torch (or safetensors, on the GIL
+# baseline) that does not import there is an error, not a skip.
 test-torch: $(if $(TL_BUILT),,build build-gil)
 	@echo "== tests/torch on the free-threaded venv ($(PY))"
-	@THREADLOOM_NEED_TORCH=1 $(PY) -P -m pytest tests/torch -q -rfEs -p no:cacheprovider
+	@THREADLOOM_PINNED=1 $(PY) -P -m pytest tests/torch -q -rfEs -p no:cacheprovider
 	@echo "== tests/torch on the GIL baseline ($(GIL_PY))"
-	@THREADLOOM_NEED_TORCH=1 $(GIL_PY) -P -m pytest tests/torch -q -rfEs -p no:cacheprovider
+	@THREADLOOM_PINNED=1 $(GIL_PY) -P -m pytest tests/torch -q -rfEs -p no:cacheprovider
 
 # Sanitizer builds: the C library and C tests only (the interpreter is not instrumented).
 test-asan: bootstrap

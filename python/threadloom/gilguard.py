@@ -162,8 +162,8 @@ def warn_if_gil_on(what, threads, stacklevel=1):
 
 def _where(module=None):
     """file:line of the innermost frame outside importlib, this file and the package of
-    extension module `module` (whose own __init__ importing it says nothing: triton/knobs.py
-    does, for torch/_dynamo/utils.py's `import triton`)."""
+    extension module `module`: a file of the package importing its own extension says nothing
+    (for triton that was triton/knobs.py; torch/utils/_triton.py's `import triton` is the news)."""
     try:
         f = sys._getframe(2)
     except ValueError:
