@@ -48,6 +48,7 @@ import sys
 import threading
 import time
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1 << 20
 C_LAUNCH_LIB = os.path.join(HERE, "..", "build", "bench", "tl-bench-launch.so")
 LAUNCH_THREADS = (1, 2, 4, 8)
