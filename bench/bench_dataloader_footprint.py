@@ -41,7 +41,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _workload import Records, Tokens, describe_batch, parse_threads  # noqa: E402
+from _workload import (Records, Tokens, batch_len, describe_batch, parse_threads,  # noqa: E402
+                       vision_dataset)
 
 # (loader key, what the report calls it, interpreter: "tl" = this one, "torch" = --torch-python)
 FIRST_LOADERS = [("threadloom-shared", "threadloom.DataLoader replicate=None", "tl"),
@@ -115,6 +116,9 @@ def child(spec):
         import threadloom  # noqa: F401
     if spec["workload"] == "records":
         ds = Records(spec["samples"], spec["per_sample"])
+    elif spec["workload"] == "vision":  # bench_vision.py: batches of torch tensors on both sides
+        import torch  # noqa: F401
+        ds = vision_dataset(spec["images"], spec["samples"], spec["seed"])
     else:
         ds = Tokens(spec["samples"], spec["work"])
     before = _own_memory()
@@ -130,9 +134,9 @@ def child(spec):
         # alive (torch shuts them down on the StopIteration), so the parent's final sample,
         # taken between "epoch-done" and our reading its reply, sees them with every page the
         # epoch touched.
-        count = len(batch)
+        count = batch_len(batch)
         while count < len(ds):
-            count += len(next(it))
+            count += batch_len(next(it))
         out["epoch_s"] = time.perf_counter() - t0
         out["samples"] = count
         print("epoch-done", flush=True)
