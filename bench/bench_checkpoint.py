@@ -91,17 +91,14 @@ def raw_write(state, path):
     return t
 
 
-def torch_save_like(state, path, fsync):
-    """What torch.save does with host tensors, on the calling thread: a small pickled header, then
-    every tensor's bytes in order into one file; torch.save stops there (no fsync). Returns the
-    seconds the caller is blocked. The file's dirty pages are synced (untimed) before it is
-    removed, so the next measurement starts on a quiet disk."""
+def timed_write(path, write, fsync):
+    """Seconds the calling thread is blocked by write(f) into a new file at path, flushed (and
+    fsynced with fsync). The file's dirty pages are synced (untimed) before it is removed, so the
+    next measurement starts on a quiet disk."""
     drop_file(path)
     t0 = time.perf_counter()
     with open(path, "wb") as f:
-        pickle.dump({k: len(v) for k, v in state.items()}, f)
-        for v in state.values():
-            f.write(v)
+        write(f)
         f.flush()
         if fsync:
             os.fsync(f.fileno())
@@ -109,6 +106,17 @@ def torch_save_like(state, path, fsync):
     os.sync()
     drop_file(path)
     return t
+
+
+def torch_save_like(state, path, fsync):
+    """What torch.save does with host tensors, on the calling thread: a small pickled header, then
+    every tensor's bytes in order into one file; torch.save stops there (no fsync). Returns the
+    seconds the caller is blocked (timed_write)."""
+    def write(f):
+        pickle.dump({k: len(v) for k, v in state.items()}, f)
+        for v in state.values():
+            f.write(v)
+    return timed_write(path, write, fsync)
 
 
 class TorchAnchors:
@@ -141,19 +149,9 @@ class TorchAnchors:
         return {k: self.torch.frombuffer(v, dtype=self.torch.uint8) for k, v in state.items()}
 
     def save(self, tstate, path, fsync):
-        """torch.save of tstate into path (+ fsync): the seconds the caller is blocked. Synced
-        (untimed) and removed afterwards, as torch_save_like."""
-        drop_file(path)
-        t0 = time.perf_counter()
-        with open(path, "wb") as f:
-            self.torch.save(tstate, f)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        t = time.perf_counter() - t0
-        os.sync()
-        drop_file(path)
-        return t
+        """torch.save of tstate into path (+ fsync): the seconds the caller is blocked
+        (timed_write)."""
+        return timed_write(path, lambda f: self.torch.save(tstate, f), fsync)
 
     def async_save(self, tstate, path):
         """async_save of tstate into the directory path: (seconds the call blocks, seconds to

@@ -22,6 +22,13 @@ child imports torch first, as a training script has it). The JPEGs are written o
   memory        at the same num_workers: peak total PSS and RSS of the loader's process and all
                 its descendants over one epoch (bench_dataloader_footprint.py's sampler).
 
+Both loaders run with their defaults: threadloom's replicate, torch's start method (fork) and
+torch's intra-op threads (as many as cores). In the loop (0 workers) the latter matter: torch's
+default_collate stacks each batch with torch.stack on those threads, which then compete with the
+decode for the same cores (on the 2-core VM 115-260 samples/s, 600-690 with
+torch.set_num_threads(1)); threadloom's stacks with numpy.stack on the loader's thread, and
+torch's worker processes run one intra-op thread each.
+
 Without --torch-python, or when it cannot import torch, only threadloom's rows are measured and
 the JSON says why torch's are missing.
 
@@ -43,6 +50,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from _workload import (batch_digest, consume, parse_threads, per_sample_cost,  # noqa: E402
                        thread_sweep, vision_dataset, vision_example)
+from bench_dataloader_footprint import run_child, torch_version  # noqa: E402
 
 TL, TORCH = "threadloom.DataLoader", "torch DataLoader"
 DIGEST_WORKERS = 2
@@ -68,7 +76,8 @@ def child(spec):
     kind = spec["loader"]
     ds = vision_dataset(spec["images"], spec["samples"], spec["seed"])
     out = {"python": sys.version.split()[0], "torch": torch.__version__,
-           "gil": getattr(sys, "_is_gil_enabled", lambda: True)()}
+           "gil": getattr(sys, "_is_gil_enabled", lambda: True)(),
+           "intra_op_threads": torch.get_num_threads()}  # torch's default, left as it is
     if spec["mode"] == "digest":
         out["digest"], out["batches"] = batch_digest(make_loader(kind, ds, spec["batch"],
                                                                  spec["workers"]))
@@ -103,21 +112,6 @@ def run(python, spec, timeout=900):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def torch_version(python):
-    """(torch version, python version) under `python`, or (None, why)."""
-    if not python:
-        return None, "no --torch-python given"
-    try:
-        r = subprocess.run([python, "-c", "import torch, sys; print(torch.__version__, "
-                            "sys.version.split()[0])"], capture_output=True, text=True,
-                           timeout=300)
-    except OSError as e:
-        return None, "%s cannot run: %s" % (python, e)
-    if r.returncode != 0:
-        return None, "%s cannot import torch: %s" % (python, r.stderr.strip().splitlines()[-1:])
-    return r.stdout.split(), None
-
-
 def throughput(res, loaders, base, ws, reps):
     """The sweep, the loaders' children alternating; fills res["rows"] and res["per_sample_s"]."""
     runs = {}  # (loader, workers) -> [(samples/s, first batch s, row)]
@@ -128,7 +122,8 @@ def throughput(res, loaders, base, ws, reps):
             if rep == 0:
                 res["per_sample_s"][kind] = out["per_sample_s"]
                 res["interpreters"][kind] = {"python": out["python"], "gil": out["gil"],
-                                             "torch": out["torch"], "executable": python}
+                                             "torch": out["torch"], "executable": python,
+                                             "intra_op_threads": out["intra_op_threads"]}
             for x in out["rows"]:
                 runs.setdefault((kind, x["workers"]), []).append(
                     (x["samples"] / x["seconds"], x["first_batch_s"], x))
@@ -149,18 +144,17 @@ def throughput(res, loaders, base, ws, reps):
 def footprint(res, loaders, base, w, reps):
     """First batch (fresh processes) and peak memory at `w` workers, through
     bench_dataloader_footprint.py's children and sampler."""
-    import bench_dataloader_footprint as fp
     key = {TL: "threadloom", TORCH: "torch-fork"}
     for kind, python in loaders:
         spec = dict(base, loader=key[kind], workers=w, workload="vision", epoch=False)
-        runs = [fp.run_child(python, spec) for _ in range(reps)]
+        runs = [run_child(python, spec) for _ in range(reps)]
         firsts = [r["first_batch_s"] for r in runs]
         res["first"].append({"loader": kind, "workers": w, "first_batch_s": min(firsts),
                              "all_s": firsts})
         print("first batch, %-22s %d workers: %7.1f ms  (runs: %s)" % (
             kind, w, min(firsts) * 1e3, ", ".join("%.0f" % (x * 1e3) for x in firsts)), flush=True)
     for kind, python in loaders:
-        r = fp.run_child(python, dict(base, loader=key[kind], workers=w, workload="vision",
+        r = run_child(python, dict(base, loader=key[kind], workers=w, workload="vision",
                                       epoch=True), sample=0.02)
         res["memory"].append({"loader": kind, "workers": w, "peak_pss": r["peak_pss"],
                               "peak_rss": r["peak_rss"], "procs": r["procs"],

@@ -767,6 +767,7 @@ def test_report_vision_section(tmp_path):
         ["total memory, 2 workers", "<= 0.33x torch", "0.25x PSS (300.0 MiB vs 1200.0 MiB), "
          "0.16x RSS", "met"]]
     assert "**Where threads win, and why.** Pillow's JPEG decoder and numpy's arithmetic release" in md
+    assert "In the loop (no workers) they load 80 vs 70 samples/s (1.14x)." in md
     assert "the loaders added 50.0 MiB (threads) and 700.0 MiB (3 processes)" in md
     s = summary_rows(d)
     assert ["Vision pipeline (best vs best)", "200 samples/s", "torch DataLoader 120", "1.67x",
