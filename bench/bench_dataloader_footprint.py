@@ -22,7 +22,9 @@ as bench_dataloader.py's Pool loader does). With spawn the dataset is pickled to
 torch does), so each worker holds its own full copy.
 
 The parent only starts children and reads /proc; every number comes from a child that runs one
-loader (`--child SPEC`) and prints one JSON line. Without --torch-python, or when that
+loader (`--child SPEC`) and prints one JSON line. bench_vision.py runs the same children and
+sampler (run_child) with the `vision` workload (examples/vision_pipeline.py's JPEGs; torch is
+imported in every such child, so both sides collate into torch tensors). Without --torch-python, or when that
 interpreter cannot import torch, the torch rows are left out and the JSON says why.
 
     python3.13t bench/bench_dataloader_footprint.py [--torch-python PY] [--quick] [--reps R]
