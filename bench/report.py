@@ -906,9 +906,15 @@ def section_checkpoint(r, cores):
     if ck.get("bandwidth"):
         r.md += ["", "Save bandwidth of %d MiB, call to committed, vs a raw sequential write + "
                  "fsync of the same bytes (goal >= 90%%):" % ck["size_mib"], ""]
+        def mbps(secs):  # each repeat's seconds -> MB/s
+            return [ck["size_mib"] * 2**20 / t / 1e6 for t in secs or []]
+
         r.md += table(["staging", "Checkpointer MB/s", "raw write+fsync MB/s", "ratio"],
-                      [[b["staging"], num(b["ckpt_MBps"]), num(b["raw_MBps"]),
-                        "%.0f%%" % (100 * b["ratio"])] for b in ck["bandwidth"]])
+                      [[b["staging"], best_cell(b["ckpt_MBps"], mbps(b.get("ckpt_s")), num),
+                        best_cell(b["raw_MBps"], mbps(b.get("raw_s")), num),
+                        flagged_ratio("%.0f%%" % (100 * b["ratio"]), mbps(b.get("ckpt_s")),
+                                      mbps(b.get("raw_s")))] for b in ck["bandwidth"]])
+        spread_note(r, max(len(b.get("ckpt_s") or []) for b in ck["bandwidth"]))
     if ck.get("training"):
         t = ck["training"]
         med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731

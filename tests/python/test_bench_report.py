@@ -625,6 +625,8 @@ def test_best_of_n_figures_show_their_spread_and_noise_is_flagged(tmp_path):
     ck = json.load(open(os.path.join(d, "checkpoint.json")))
     for x in ck["sizes"]:
         x["runs"] = {k: [x[k], 1.1 * x[k]] for k in x if k.endswith("_s")}
+    mb = 128 * MIB / 1e6                                    # 128 MiB at 760 and 380 MB/s
+    ck["bandwidth"][0].update(ckpt_s=[mb / 760, mb / 380], raw_s=[mb / 800, mb / 700])
     write(d, "checkpoint", ck)
     report.build(d)
     md = open(os.path.join(d, "README.md")).read()
@@ -648,6 +650,9 @@ def test_best_of_n_figures_show_their_spread_and_noise_is_flagged(tmp_path):
     t = md_table(md, "## Checkpoint: training stall vs state size")
     assert t[1][1] == "0.064 s (median 0.067 s, worst 0.070 s)"
     assert len(error_bars(os.path.join(d, "checkpoint_stall.svg"), "threadloom save() stall")) == 2
+    t = md_table(md, "## Checkpoint: training stall vs state size", 2)
+    assert t[1] == ["staging 256 MiB (streams)", "760 (median 570, worst 380) \u26a0 noisy",
+                    "800 (median 750, worst 700)", "95% \u26a0 noisy"]
     # fresh-process first batch: its all_s
     fp = json.load(open(os.path.join(d, "footprint.json")))
     for x in fp["first"]:
