@@ -1436,8 +1436,8 @@ def build(d):
     first, goals_first = section_first_batch(r, cores, fp)
     mem, goals_mem = section_memory(r, cores, fp)  # (a list of summary lines)
     section_goals(r, cores, meta, best, goals_first + goals_mem)
-    summaries += section_vision(r, cores)
-    summaries += [first] + mem + [section_executor(r, cores), section_scheduler(r, cores),
+    vision = section_vision(r, cores)
+    summaries += [first] + mem + vision + [section_executor(r, cores), section_scheduler(r, cores),
                   section_checkpoint(r, cores), section_arena(r, cores), section_startup(r, cores),
                   section_share(r, cores)]
     summaries += section_devices(r, "devices", "device", "Devices (sim): submission, launch "
