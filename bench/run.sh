@@ -102,9 +102,11 @@ if [ $quick = 1 ]; then
   q_share=(--items 240 --threads 2 --reps 1 --rounds 1)
   q_dev=(--seconds 0.1)
   q_devs=(--quick)
+  q_vision=(--quick)
 else
   # best of 5 for the loaders: on a small shared machine run-to-run noise is ~30%
   q_sched=() q_arena=() q_exec=() q_start=() q_ckpt=() q_load=(--reps 5) q_foot=() q_share=() q_dev=() q_devs=()
+  q_vision=()
 fi
 run scheduler "$here/build/bench/tl-bench-scheduler" ${q_sched[@]+"${q_sched[@]}"} --json "$out/scheduler.json"
 run arena "$here/build/bench/tl-bench-arena" ${q_arena[@]+"${q_arena[@]}"} --json "$out/arena.json"
@@ -147,6 +149,11 @@ fi
 # torch_py, the rest on PYTHON.
 run footprint "$py" "$here/bench/bench_dataloader_footprint.py" ${q_foot[@]+"${q_foot[@]}"} \
   ${torch_py:+--torch-python "$(command -v "$torch_py")"} --json "$out/footprint.json"
+# The vision pipeline (examples/vision_pipeline.py's JPEG decode, crop, flip, normalize):
+# threadloom's threads on PYTHON against torch's worker processes on torch_py, the same JPEGs and
+# code, throughput, same-batches check, first batch and memory at torch's best num_workers.
+run vision "$py" "$here/bench/bench_vision.py" ${q_vision[@]+"${q_vision[@]}"} \
+  ${torch_py:+--torch-python "$(command -v "$torch_py")"} --json "$out/vision.json"
 
 # -- the report ----------------------------------------------------------------------------------
 "$py" "$here/bench/report.py" "$out"
