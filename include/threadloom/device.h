@@ -322,11 +322,12 @@ TL_EXTERN int tl_staging_acquire(tl_staging_t* p, int timeout_ms, tl_staging_slo
  * slot then comes back at once). Errors: those of tl_copy_async; TL_EINVAL (size > slot). */
 TL_EXTERN int tl_staging_copy_to_device(tl_staging_slot_t* slot, void* dst, size_t size,
                                         tl_stream_t* s);
-/* Enqueues a copy of `size` device bytes from src into the slot on s and records the slot's
- * event; the caller keeps the slot, waits with tl_staging_wait before reading it, then
- * releases it with s = NULL. Errors: as tl_copy_async. */
-TL_EXTERN int tl_staging_copy_from_device(tl_staging_slot_t* slot, const void* src, size_t size,
-                                          tl_stream_t* s);
+/* Enqueues a copy of `size` device bytes from src into the slot at byte `offset` on s and
+ * records the slot's event; the caller keeps the slot (several copies into one slot on one
+ * stream are fine: the event moves to the last), waits with tl_staging_wait before reading it,
+ * then releases it with s = NULL. Errors: as tl_copy_async; TL_EINVAL (offset + size > slot). */
+TL_EXTERN int tl_staging_copy_from_device(tl_staging_slot_t* slot, size_t offset,
+                                          const void* src, size_t size, tl_stream_t* s);
 /* Waits for the slot's last copy. Errors: as tl_event_wait. */
 TL_EXTERN int tl_staging_wait(tl_staging_slot_t* slot, int timeout_ms);
 /* Hands the slot back; when s is not NULL its event is recorded on s first, so the slot is

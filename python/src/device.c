@@ -495,11 +495,24 @@ static PyObject* event_synchronize(PyObject* op, PyObject* args, PyObject* kwarg
   Py_RETURN_NONE;
 }
 
+/* wait(stream): a threadloom Stream, or the int handle of another library's stream on the
+ * event's device (torch.cuda.current_stream().cuda_stream), through tl_event_wait_on. */
 static PyObject* event_wait(PyObject* op, PyObject* stream) {
   core_state* st = tl_pydev_state(op);
-  tl_stream_t* s = st ? tl_pydev_stream_of(st, stream) : NULL;
-  if (!s) return NULL;
-  int err = tl_stream_wait_event(s, ((EventObject*)op)->e);
+  if (!st) return NULL;
+  EventObject* self = (EventObject*)op;
+  int err;
+  if (PyLong_Check(stream)) {
+    void* handle = PyLong_AsVoidPtr(stream);
+    if (!handle && PyErr_Occurred()) return NULL;
+    tl_device_t* d = tl_pydev_device_of(st, self->device);
+    if (!d) return NULL;
+    err = tl_event_wait_on(self->e, d, handle);
+  } else {
+    tl_stream_t* s = tl_pydev_stream_of(st, stream);
+    if (!s) return NULL;
+    err = tl_stream_wait_event(s, self->e);
+  }
   if (err) return tl_pydev_fail(op, err);
   Py_RETURN_NONE;
 }
@@ -528,7 +541,9 @@ static PyMethodDef event_methods[] = {
      "synchronize(timeout=None): blocks (detached) until the last record completed; "
      "TimedOutError after timeout seconds."},
     {"wait", event_wait, METH_O,
-     "wait(stream): the stream's later work waits for this event; the calling thread does not."},
+     "wait(stream): the stream's later work waits for this event; the calling thread does not. "
+     "stream: a threadloom Stream, or the int handle of another library's stream on the event's "
+     "device (torch.cuda.current_stream().cuda_stream)."},
     {"elapsed_time", event_elapsed_time, METH_O,
      "elapsed_time(end) -> milliseconds between two completed records (enable_timing=True)."},
     {NULL, NULL, 0, NULL},

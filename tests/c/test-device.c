@@ -830,9 +830,20 @@ TEST_IMPL(device_staging_errors) {
   ASSERT_OK(tl_staging_acquire(p, 100, &a)); /* that slot came back anyway */
   /* a D2H into a slot, then a release without a stream: the slot still waits for the copy */
   ASSERT_OK(tl_memset_async(s, buf->ptr, 0x42, 4096));
-  ASSERT_OK(tl_staging_copy_from_device(b, buf->ptr, 4096, s));
+  ASSERT_OK(tl_staging_copy_from_device(b, 0, buf->ptr, 4096, s));
   ASSERT_OK(tl_staging_wait(b, 5000));
   ASSERT_EQ(((unsigned char*)b->ptr)[4095], 0x42);
+  /* at an offset, two copies into one slot: the event covers both */
+  ASSERT_OK(tl_memset_async(s, buf->ptr, 0x17, 100));
+  ASSERT_OK(tl_staging_copy_from_device(b, 4000, buf->ptr, 96, s));
+  ASSERT_OK(tl_staging_copy_from_device(b, 8, buf->ptr, 8, s));
+  ASSERT_EQ(tl_staging_copy_from_device(b, 4000, buf->ptr, 97, s), TL_EINVAL);
+  ASSERT_OK(tl_staging_wait(b, 5000));
+  ASSERT_EQ(((unsigned char*)b->ptr)[4000], 0x17);
+  ASSERT_EQ(((unsigned char*)b->ptr)[4095], 0x17);
+  ASSERT_EQ(((unsigned char*)b->ptr)[15], 0x17);
+  ASSERT_EQ(((unsigned char*)b->ptr)[16], 0x42);
+  ASSERT_EQ(((unsigned char*)b->ptr)[3999], 0x42);
   ASSERT_OK(tl_staging_release(a, NULL));
   ASSERT_OK(tl_staging_release(b, NULL));
   ASSERT_OK(tl_dbuf_free(buf));
