@@ -1,0 +1,173 @@
+"""DataLoader(device=...): each batch delivered on a device through the GPU feeder.
+
+    loader = threadloom.DataLoader(ds, batch_size=64, num_workers=4, device="cuda:0")
+    for batch in loader:          # torch tensors on cuda:0 (DeviceBuffers without torch)
+        ...
+
+How (docs/design.md, "Data flow" steps 3-5): the thread that builds a batch (a worker, or the
+consumer with num_workers=0) takes a page-locked staging slot of the loader's Feeder (NUMA-local
+to the device) and collates into it (collate.collate_into: default_collate writes each number,
+buffer and stacked tensor straight into the slot; what it cannot place there, e.g. a custom
+collate_fn's output, is copied in after), then enqueues the slot's H2D copy on that thread's
+copy stream and records an event after it (Feeder.fill). The consumer's thread gets the batch
+in sampler order and hands it over (handover): with torch loaded, torch tensors of each leaf's
+dtype and shape (cuda: on the device, torch's current stream waits for the event; sim: CPU
+tensors over the sim device's memory, for which the thread waits, as any host reader of it
+must); without torch, the DeviceBuffers (views of one allocation) in the batch's structure,
+after the thread's current stream of the device was made to wait for the event. Either way a
+failed copy or a lost device found by then ends the iteration with that error.
+
+Only tensors go to the device (torch's pin_memory rule): memoryviews, threadloom Buffers, numpy
+arrays and CPU torch tensors; strings, bytes and numbers stay in the batch as they are.
+
+Stats: the loader's stats()["device"] (copies, bytes, bytes collated in place, device time of
+the copies, the consumer's hand-over time, staging waits).
+"""
+
+import collections
+import sys
+import time
+
+from threadloom.data.collate import collate_into
+from threadloom.devices import api as devices
+from threadloom.devices.feeder import Feeder
+
+__all__ = ["resolve", "DeviceCollate", "Handover"]
+
+
+def _spec(dev):
+    """A device argument as devices.device takes it (a torch.device becomes its str)."""
+    if dev is None or isinstance(dev, (int, str, devices.Device)):
+        return dev
+    if hasattr(dev, "type") and hasattr(dev, "index"):  # torch.device
+        return str(dev) if dev.index is not None else "%s:0" % dev.type
+    return dev
+
+
+def resolve(device, pin_memory, pin_memory_device):
+    """The Device a DataLoader delivers to, or None (host batches): `device`, or torch's
+    pin_memory=True with pin_memory_device="cuda:N" / "sim:N" (torch pins host memory for that
+    device and the training loop moves each batch there; threadloom moves it there itself, so
+    that loop's .to(device, non_blocking=True) finds it on the device already). Raises
+    ValueError for a device it cannot name, or two that disagree."""
+    dev = None
+    if device is not None:
+        dev = _device(device, "device")
+    if pin_memory_device:
+        if not pin_memory:
+            raise ValueError("pin_memory_device=%r applies with pin_memory=True (torch ignores "
+                             "it otherwise): set pin_memory=True, or pass device=%r"
+                             % (pin_memory_device, pin_memory_device))
+        pdev = _device(pin_memory_device, "pin_memory_device")
+        if dev is not None and pdev is not dev:
+            raise ValueError("device=%r and pin_memory_device=%r name two devices: give one"
+                             % (device, pin_memory_device))
+        dev = pdev
+    return dev
+
+
+def _device(spec, what):
+    try:
+        return devices.device(_spec(spec))
+    except ValueError:
+        raise ValueError("%s=%r: a DataLoader delivers to 'cuda:N', 'sim:N', an index into "
+                         "threadloom.devices(), a threadloom Device or a torch.device"
+                         % (what, spec)) from None
+
+
+def make_feeder(dev, num_workers):
+    """The loader's Feeder: slots sized from the first batch, one per thread that builds
+    batches plus two, so the copy engine always has a copy queued while the workers collate the
+    next batches into free slots; a timing event per copy (copy time in stats)."""
+    return Feeder(dev, slots=max(num_workers, 1) + 2, passthrough=True, timing=True)
+
+
+class Item:
+    """A batch on its way to the consumer: the DeviceBatch and its sample count (counted on the
+    host batch, where default_collate's structure is known)."""
+
+    __slots__ = ("batch", "samples")
+
+    def __init__(self, batch, samples):
+        self.batch, self.samples = batch, samples
+
+
+class DeviceCollate:
+    """The collate_fn of a device loader's iteration: collate_fn(samples) built in a staging
+    slot of `feeder` and copied to its device. Returns an Item. Called from any loader thread
+    (each copies on its own stream)."""
+
+    def __init__(self, collate_fn, feeder, count):
+        self.collate_fn = collate_fn
+        self.feeder = feeder
+        self.count = count    # batch -> samples (the loader's rule)
+
+    def __call__(self, samples):
+        n = []
+        collate, count = self.collate_fn, self.count
+
+        def make(slot):
+            if slot is None:  # the feeder's first batch: its size sets the slots'
+                batch = collate(samples)
+            else:
+                with collate_into(slot):
+                    batch = collate(samples)
+            n.append(count(batch))
+            return batch
+
+        return Item(self.feeder.fill(make), n[0])
+
+
+class Handover:
+    """The consumer's side of one iteration: each Item becomes the batch the loop gets, and
+    the device's numbers are kept for stats(). Used by the consumer's thread only."""
+
+    def __init__(self, feeder):
+        self.feeder = feeder
+        self.torch = sys.modules.get("torch") is not None
+        self.handover_s = 0.0      # the consumer's time in handover (the sim+torch host wait)
+        self.batches = 0           # handed over
+        self.bytes = 0             # their bytes on the device
+        self.copy_s = 0.0          # device time of the copies measured so far
+        self.timed = 0             # copies whose time is in copy_s
+        self.timed_bytes = 0       # and their bytes
+        self._pending = collections.deque()  # batches whose copy time is not known yet
+
+    def __call__(self, item):
+        t0 = time.perf_counter()
+        b = item.batch
+        b.event.query()  # raises the copy's error (failed copy, lost device) once it is known
+        data = b.to_torch() if self.torch else b.wait()
+        self._pending.append(b)
+        self.batches += 1
+        self.bytes += b.buffer.nbytes
+        self._collect()
+        self.handover_s += time.perf_counter() - t0
+        return data
+
+    def _collect(self):
+        p = self._pending
+        while p:
+            t = p[0].copy_time()
+            if t is None:
+                if len(p) < 64:
+                    return
+                p.popleft()  # never waits for it: counted as not timed
+                continue
+            b = p.popleft()
+            self.copy_s += t
+            self.timed += 1
+            self.timed_bytes += b.buffer.nbytes
+
+    def stats(self):
+        self._collect()
+        f = self.feeder.stats()
+        st = f["staging"] or {}
+        return {"device": str(self.feeder.device), "batches": self.batches,
+                "bytes": self.bytes, "copy_s": self.copy_s, "copies_timed": self.timed,
+                "copy_gbs": self.timed_bytes / self.copy_s / 1e9 if self.copy_s > 0 else None,
+                "handover_s": self.handover_s,
+                # the loader's feeder, over every iteration so far
+                "in_place_bytes": f["in_place_bytes"], "fed_bytes": f["bytes"],
+                "slot_bytes": f["slot_bytes"], "grown": f["grown"], "rerouted": f["rerouted"],
+                "staging_waits": st.get("waits", 0), "staging_wait_s": st.get("wait_s", 0.0)}
