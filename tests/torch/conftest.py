@@ -12,3 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch", reason="torch does not import on %s" % sys.executable)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")

@@ -131,14 +131,17 @@ class Handover:
         self.copy_s = 0.0          # device time of the copies measured so far
         self.timed = 0             # copies whose time is in copy_s
         self.timed_bytes = 0       # and their bytes
-        self._pending = collections.deque()  # batches whose copy time is not known yet
+        # (start event, end event, bytes) of copies whose time is not known yet: the events,
+        # not the batches, so a dropped batch's device memory is reusable at once
+        self._pending = collections.deque()
 
     def __call__(self, item):
         t0 = time.perf_counter()
         b = item.batch
         b.event.query()  # raises the copy's error (failed copy, lost device) once it is known
         data = b.to_torch() if self.torch else b.wait()
-        self._pending.append(b)
+        if b.start is not None:
+            self._pending.append((b.start, b.event, b.buffer.nbytes))
         self.batches += 1
         self.bytes += b.buffer.nbytes
         self._collect()
@@ -148,16 +151,20 @@ class Handover:
     def _collect(self):
         p = self._pending
         while p:
-            t = p[0].copy_time()
-            if t is None:
-                if len(p) < 64:
+            start, end, nbytes = p[0]
+            try:
+                done = end.query()
+            except Exception:  # a failed copy: its error reaches the consumer with its batch
+                done = None
+            if not done:
+                if done is False and len(p) < 64:
                     return
-                p.popleft()  # never waits for it: counted as not timed
+                p.popleft()  # never waited for: not timed
                 continue
-            b = p.popleft()
-            self.copy_s += t
+            p.popleft()
+            self.copy_s += start.elapsed_time(end) / 1e3
             self.timed += 1
-            self.timed_bytes += b.buffer.nbytes
+            self.timed_bytes += nbytes
 
     def stats(self):
         self._collect()

@@ -271,19 +271,21 @@ def _flat(data, structure):
     if structure is None:
         return [data]
     out = {}
-
-    def walk(st, d):
-        if isinstance(st, _Leaf):
-            out[st.i] = d
-        elif isinstance(st, dict):
-            for k in st:
-                walk(st[k], d[k])
-        elif isinstance(st, (list, tuple)):
-            for a, b in zip(st, d):
-                walk(a, b)
-
-    walk(structure, data)
+    _walk(structure, data, out)
     return [out[i] for i in range(len(out))]
+
+
+def _walk(st, d, out):
+    # a module function, not a closure: a recursive closure is a reference cycle, which would
+    # keep the batch's device memory until the garbage collector runs
+    if isinstance(st, _Leaf):
+        out[st.i] = d
+    elif isinstance(st, dict):
+        for k in st:
+            _walk(st[k], d[k], out)
+    elif isinstance(st, (list, tuple)):
+        for a, b in zip(st, d):
+            _walk(a, b, out)
 
 
 class Feeder:
