@@ -549,6 +549,35 @@ PyObject* tl_py_device_import(PyObject* module, PyObject* args, PyObject* kwargs
   return (PyObject*)b;
 }
 
+/* import_sim(obj): sim device memory is host memory, so a sim DeviceBuffer exported as kDLCPU
+ * (a torch tensor over it) comes back here as a bytes-like object; the sim's block map says
+ * which device it belongs to, and the DeviceBuffer over it keeps obj alive. */
+PyObject* tl_py_sim_import(PyObject* module, PyObject* obj) {
+  core_state* st = get_state(module);
+  Py_buffer v;
+  if (PyObject_GetBuffer(obj, &v, PyBUF_SIMPLE) < 0) return NULL;
+  void* p = v.buf;
+  Py_ssize_t n = v.len;
+  PyBuffer_Release(&v);
+  tl_device_t* d = NULL;
+  int err = tl_sim_owner(p, (size_t)(n > 0 ? n : 1), &d);
+  if (err == TL_ENOENT) Py_RETURN_NONE; /* other memory: a probe, not an error */
+  if (err) {
+    TL_DETAIL_COPY(detail);
+    return tl_py_raise(st, err, detail);
+  }
+  PyObject* dev = tl_pydev_device_wrap(st, d);
+  if (!dev) return NULL;
+  DeviceBufferObject* b = tl_pydev_dbuf_new(st, dev);
+  Py_DECREF(dev);
+  if (!b) return NULL;
+  b->base = Py_NewRef(obj); /* the exporter keeps the memory (and the sim buffer under it) */
+  atomic_store(&b->ptr, p);
+  b->nbytes = n;
+  PyObject_GC_Track((PyObject*)b);
+  return (PyObject*)b;
+}
+
 // ---------------------------------------------------------------------------------------------
 // StagingPool and StagingSlot
 // ---------------------------------------------------------------------------------------------
