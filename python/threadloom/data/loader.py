@@ -434,7 +434,8 @@ class _Config:
             # the threads that build batches build them on the device (data/device.py); the
             # batch counts are taken on the host batch, with the user's collate_fn's rule
             if loader._feeder is None:
-                loader._feeder = todevice.make_feeder(loader.device, loader.num_workers)
+                loader._feeder = todevice.make_feeder(loader.device, loader.num_workers,
+                                                      loader.prefetch_factor)
             self.feeder = loader._feeder
             host = _HostRule(self)
             self.collate_fn = todevice.DeviceCollate(loader.collate_fn, self.feeder,
