@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -247,12 +246,8 @@ def child_training(seconds, rounds, every, directory, cuda):
 # -- the parent ----------------------------------------------------------------------------------
 
 def run_child(args, spec):
-    env = dict(os.environ, THREADLOOM_DEVICES=spec)
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"] + args, env=env,
-                       capture_output=True, text=True, timeout=900)
-    if r.returncode != 0:
-        raise RuntimeError("child %s failed:\n%s" % (args, r.stderr[-3000:]))
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    from bench_devices import run_child as run
+    return run(args, spec, __file__, timeout=900)
 
 
 def main():

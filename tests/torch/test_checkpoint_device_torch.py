@@ -10,15 +10,7 @@ import torch
 
 import threadloom
 from threadloom import devices
-
-
-def sim_device(i):
-    if devices.backend()["name"] != "sim":
-        try:
-            devices.configure_sim("sim:8")
-        except devices.BusyError:
-            pass
-    return devices("sim")[i]
+from conftest import sim_device
 
 
 def on_sim(t, dev):

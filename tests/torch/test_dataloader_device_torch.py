@@ -11,15 +11,7 @@ import torch.utils.data as tud
 
 import threadloom
 from threadloom import devices
-
-
-def sim_device(i=0):
-    if devices.backend()["name"] != "sim":
-        try:
-            devices.configure_sim("sim:8")
-        except devices.BusyError:
-            pass
-    return devices("sim")[i]
+from conftest import sim_device
 
 
 class Mixed(tud.Dataset):

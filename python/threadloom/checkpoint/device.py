@@ -30,8 +30,8 @@ DeviceBuffers keep no dtype: they are saved as U8 of their size. Torch tensors k
 
 import sys
 
-from threadloom.checkpoint.leaves import (FROM_TORCH, TORCH_DTYPES, as_torch, device_error,
-                                         dtype_of, tensor_leaf)
+from threadloom.checkpoint.leaves import (TORCH_DTYPES, as_torch, device_error, dtype_of,
+                                         tensor_leaf, torch_dtype)
 from threadloom.devices import api as devices
 
 __all__ = ["DeviceSource", "Snapshot", "leaf", "to_device"]
@@ -91,13 +91,7 @@ _unsupported = device_error
 def _torch_leaf(torch, t, where):
     if t.device.type != "cuda":
         raise _unsupported(where, "torch device %s" % t.device)
-    if t.layout != torch.strided:
-        raise TypeError("state leaf %s is a %s torch tensor: only dense (strided) tensors can "
-                        "be stored; convert it first (e.g. t.to_dense())" % (where, t.layout))
-    dtype = FROM_TORCH.get(str(t.dtype))
-    if dtype is None:
-        raise TypeError("state leaf %s has torch dtype %s, which has no safetensors dtype "
-                        "(supported: %s)" % (where, t.dtype, ", ".join(sorted(FROM_TORCH))))
+    dtype = torch_dtype(torch, t, where)
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     dev = devices.device("cuda:%d" % index)
     return type(t).__name__, DeviceSource(dev, t.numel() * t.element_size(), obj=t,

@@ -87,6 +87,19 @@ def device_error(where, dev):
         "(e.g. t.cpu())" % (where, dev))
 
 
+def torch_dtype(torch, t, where):
+    """The safetensors dtype of torch tensor `t`; TypeError for sparse tensors and dtypes
+    safetensors has not."""
+    if t.layout != torch.strided:
+        raise TypeError("state leaf %s is a %s torch tensor: only dense (strided) tensors can "
+                        "be stored; convert it first (e.g. t.to_dense())" % (where, t.layout))
+    dtype = FROM_TORCH.get(str(t.dtype))
+    if dtype is None:
+        raise TypeError("state leaf %s has torch dtype %s, which has no safetensors dtype "
+                        "(supported: %s)" % (where, t.dtype, ", ".join(sorted(FROM_TORCH))))
+    return dtype
+
+
 def _torch_leaf(obj, where):
     """(source, flat, dtype, shape) when `obj` is a torch tensor, else None. torch's own DLPack
     export refuses what a state_dict holds (requires_grad, bool, non-contiguous in torch 1.13;
@@ -98,13 +111,7 @@ def _torch_leaf(obj, where):
         return None
     if obj.device.type != "cpu":
         raise device_error(where, "torch device %s" % obj.device)
-    if obj.layout != torch.strided:
-        raise TypeError("state leaf %s is a %s torch tensor: only dense (strided) tensors can "
-                        "be stored; convert it first (e.g. t.to_dense())" % (where, obj.layout))
-    dtype = FROM_TORCH.get(str(obj.dtype))
-    if dtype is None:
-        raise TypeError("state leaf %s has torch dtype %s, which has no safetensors dtype "
-                        "(supported: %s)" % (where, obj.dtype, ", ".join(sorted(FROM_TORCH))))
+    dtype = torch_dtype(torch, obj, where)
     shape = list(obj.shape)
     t = obj.detach().resolve_neg()  # a lazily negated view (torch._neg_view) becomes its values
     if not t.is_contiguous():

@@ -312,17 +312,19 @@ class Feeder:
             raise ValueError("slot_bytes must be > 0 (or None: sized from the first batch)")
         if slots < 1:
             raise ValueError("slots must be >= 1")
-        self.slot_bytes = None if slot_bytes is None else int(slot_bytes)
         self.numa_node = numa_node
-        self.pool = (None if slot_bytes is None else
-                     _core.StagingPool(self.device, self.slot_bytes, slots, numa_node))
+        # (pool, its slot size), replaced as one (under _lock) when the slots grow: a thread
+        # reading it without the lock sees a pool and its own size, the old pair at worst (its
+        # slots are as valid; a batch too large for them asks again, under the lock)
+        self._pool = (None, None) if slot_bytes is None else (
+            _core.StagingPool(self.device, int(slot_bytes), slots, numa_node), int(slot_bytes))
         self.priority = self.device.priority_range[1] if priority is None else priority
         self.timeout = timeout
         self.slots = slots
         self.passthrough = passthrough
         self.timing = timing
         self._tls = threading.local()
-        self._lock = threading.Lock()  # guards _counters and replacing the pool
+        self._lock = threading.Lock()  # guards _counters, grown, rerouted and replacing _pool
         # one [batches, bytes, bytes already in the slot] per feeding thread, summed in stats()
         self._counters = []
         self._auto = slot_bytes is None  # slots sized from the batches (and grown)
@@ -338,10 +340,20 @@ class Feeder:
                 self._counters.append(c)
         return s
 
+    @property
+    def pool(self):
+        """The current StagingPool (None before the first batch of slot_bytes=None)."""
+        return self._pool[0]
+
+    @property
+    def slot_bytes(self):
+        """The current slots' size (None before the first batch of slot_bytes=None)."""
+        return self._pool[1]
+
     def _pool_for(self, nbytes):
         """The pool, made or replaced by a larger one when its slots hold fewer than nbytes."""
-        pool = self.pool
-        if pool is not None and (nbytes is None or nbytes <= self.slot_bytes):
+        pool, size = self._pool
+        if pool is not None and (nbytes is None or nbytes <= size):
             return pool
         if nbytes is None:
             raise ValueError("this Feeder sizes its slots from the first batch (slot_bytes="
@@ -350,15 +362,16 @@ class Feeder:
             raise ValueError("%d bytes do not fit the feeder's %d-byte slots: make slot_bytes "
                              "larger (or None: sized from the batches)" % (nbytes, self.slot_bytes))
         with self._lock:
-            if self.pool is None or nbytes > self.slot_bytes:
-                size = _round(nbytes + nbytes // 4, _GRAIN)
-                if self.pool is not None:
-                    size = max(size, 2 * self.slot_bytes)
+            pool, size = self._pool
+            if pool is None or nbytes > size:
+                new = _round(nbytes + nbytes // 4, _GRAIN)
+                if pool is not None:
+                    new = max(new, 2 * size)
                     self.grown += 1
                 # the old pool goes when its last slot does (each slot holds it)
-                self.pool = _core.StagingPool(self.device, size, self.slots, self.numa_node)
-                self.slot_bytes = size
-            return self.pool
+                self._pool = (_core.StagingPool(self.device, new, self.slots, self.numa_node),
+                              new)
+            return self._pool[0]
 
     def stage(self, nbytes=None, timeout=None):
         """A free staging slot of at least `nbytes` (default: the slot size; waiting for one
@@ -501,9 +514,9 @@ class Feeder:
         first batch of slot_bytes=None)."""
         with self._lock:
             counters = list(self._counters)
-        pool = self.pool
+        pool, size = self._pool
         return {"batches": sum(c[0] for c in counters), "bytes": sum(c[1] for c in counters),
-                "in_place_bytes": sum(c[2] for c in counters), "slot_bytes": self.slot_bytes,
+                "in_place_bytes": sum(c[2] for c in counters), "slot_bytes": size,
                 "grown": self.grown, "rerouted": self.rerouted,
                 "staging": pool.stats() if pool is not None else None}
 
