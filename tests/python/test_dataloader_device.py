@@ -180,13 +180,13 @@ def test_per_rank_loaders_on_eight_threads():
 
 def test_staging_slots_are_not_reused_under_a_slow_copy(sim):
     """A copy engine slowed to 20 MB/s (a 64 KiB batch takes ~3 ms), 4 workers collating far
-    faster into 6 slots: the workers wait for slots (staging waits) and every batch still has
-    the CPU path's bytes, so no slot was overwritten while its copy read it."""
+    faster into 12 slots, 48 batches: the workers wait for slots (staging waits) and every
+    batch still has the CPU path's bytes, so no slot was overwritten while its copy read it."""
     sim.sim_set("h2d=20MB/s")
 
     class Big:
         def __len__(self):
-            return 96
+            return 384
 
         def __getitem__(self, i):
             return bytearray(random.Random(i).randbytes(8192))
