@@ -886,6 +886,22 @@ def test_copy_plan_close_waits_for_pieces_other_threads_copy():
         t.join(30)
 
 
+def test_copy_plan_one_destination_many_sources():
+    """A staging slot's copies: one destination, a source per tensor, past the growths of the
+    plan's buffer array (16, 32, 64 buffers; at the first, the destination's buffer is taken just
+    before a source's grows the array). The destination was read through a pointer from before
+    such a move until it was an index: one full-suite run saw "0-byte destination"; in this
+    build the stale read usually goes unnoticed, so this checks the path, not that bug."""
+    dst = bytearray(200)
+    srcs = [bytes([i]) * 3 for i in range(60)]
+    plan = _core.CopyPlan(1 << 20)
+    for i, s in enumerate(srcs):
+        plan.add(dst, 3 * i, s, 0, 3)
+    plan.work()
+    plan.close()
+    assert bytes(dst[:180]) == b"".join(srcs)
+
+
 def test_copy_plan_refuses_bad_copies():
     src, dst = b"abcdef", bytearray(4)
     plan = _core.CopyPlan(1024)
