@@ -333,9 +333,10 @@ class Status:
 # ---------------------------------------------------------------------------------------------
 
 def describe_path(ranks, gpu_count=None):
-    """(ranks, the one line that says which path runs). The GPU path needs the cudactx feeder
-    (DataLoader device=, not built: issue #5) and the NCCL communicator (built, never run on a
-    GPU); until both exist the job runs on CPUs and says so. `gpu_count` (a function) is for tests."""
+    """(ranks, the one line that says which path runs). This example's GPU code is not written
+    yet (the feeder, DataLoader device=, and the NCCL communicator are built; neither has run on
+    a GPU); until it is, the job runs on CPUs and says so. `gpu_count` (a function) is for
+    tests."""
     if gpu_count is None:
         gpu_count = threadloom._core.cuda_device_count
     try:
@@ -346,10 +347,6 @@ def describe_path(ranks, gpu_count=None):
     if n == 0:
         return ranks, "path: CPU (CUDA sees no GPU); a CPU world of %d rank threads" % ranks
     missing = []
-    try:
-        threadloom.DataLoader([0], device=0)
-    except threadloom.NotBuiltError:
-        missing.append("the GPU feeder (DataLoader device=)")
     if not hasattr(getattr(threadloom._core, "NcclComm", None), "allreduce"):
         missing.append("the NCCL communicator")
     why = " and ".join(missing) if missing else "this example's GPU code"

@@ -107,12 +107,12 @@ def test_main_job_says_which_path_runs():
     assert ranks == 3 and line.startswith("path: CPU, no GPU (TL_ENODRIVER")
     ranks, line = mj.describe_path(2, gpu_count=lambda: 0)
     assert ranks == 2 and "CUDA sees no GPU" in line
-    # GPUs present: the GPU path needs the feeder, which is not built (NCCL collectives are); it
-    # says so and runs one CPU rank per GPU (this checks the probe, not a GPU).
+    # GPUs present: the feeder and the NCCL collectives are built, this example's GPU code is
+    # not; it says so and runs one CPU rank per GPU (this checks the probe, not a GPU).
     ranks, line = mj.describe_path(2, gpu_count=lambda: 4)
     assert ranks == 4
     assert "4 GPU(s) found, but the GPU path is not built yet" in line
-    assert "the GPU feeder (DataLoader device=)" in line and "NCCL" not in line
+    assert "this example's GPU code" in line and "NCCL" not in line
 
 
 # -- the other examples ------------------------------------------------------------------------
