@@ -26,6 +26,7 @@ the copies, the consumer's hand-over time, staging waits).
 
 import collections
 import sys
+import threading
 import time
 
 from threadloom.data.collate import collate_into
@@ -125,9 +126,11 @@ class DeviceCollate:
 
 class Handover:
     """The consumer's side of one iteration: each Item becomes the batch the loop gets, and
-    the device's numbers are kept for stats(). Used by the consumer's thread only."""
+    the device's numbers are kept for stats(). Called by the consumer's thread; stats() may
+    come from any thread (a status display): `_lock` guards the counters and `_pending`."""
 
     def __init__(self, feeder):
+        self._lock = threading.Lock()
         self.feeder = feeder
         self.torch = sys.modules.get("torch") is not None
         self.handover_s = 0.0      # the consumer's time in handover (the sim+torch host wait)
@@ -145,15 +148,17 @@ class Handover:
         b = item.batch
         b.event.query()  # raises the copy's error (failed copy, lost device) once it is known
         data = b.to_torch() if self.torch else b.wait()
-        if b.start is not None:
-            self._pending.append((b.start, b.event, b.buffer.nbytes))
-        self.batches += 1
-        self.bytes += b.buffer.nbytes
-        self._collect()
-        self.handover_s += time.perf_counter() - t0
+        with self._lock:
+            if b.start is not None:
+                self._pending.append((b.start, b.event, b.buffer.nbytes))
+            self.batches += 1
+            self.bytes += b.buffer.nbytes
+            self._collect()
+            self.handover_s += time.perf_counter() - t0
         return data
 
     def _collect(self):
+        """Adds the copy times that are known by now (under _lock)."""
         p = self._pending
         while p:
             start, end, nbytes = p[0]
@@ -172,13 +177,17 @@ class Handover:
             self.timed_bytes += nbytes
 
     def stats(self):
-        self._collect()
+        with self._lock:
+            self._collect()
+            mine = (self.batches, self.bytes, self.copy_s, self.timed, self.timed_bytes,
+                    self.handover_s)
+        batches, nbytes, copy_s, timed, timed_bytes, handover_s = mine
         f = self.feeder.stats()
         st = f["staging"] or {}
-        return {"device": str(self.feeder.device), "batches": self.batches,
-                "bytes": self.bytes, "copy_s": self.copy_s, "copies_timed": self.timed,
-                "copy_gbs": self.timed_bytes / self.copy_s / 1e9 if self.copy_s > 0 else None,
-                "handover_s": self.handover_s,
+        return {"device": str(self.feeder.device), "batches": batches,
+                "bytes": nbytes, "copy_s": copy_s, "copies_timed": timed,
+                "copy_gbs": timed_bytes / copy_s / 1e9 if copy_s > 0 else None,
+                "handover_s": handover_s,
                 # the loader's feeder, over every iteration so far
                 "in_place_bytes": f["in_place_bytes"], "fed_bytes": f["bytes"],
                 "slot_bytes": f["slot_bytes"], "grown": f["grown"], "rerouted": f["rerouted"],

@@ -358,7 +358,10 @@ class DataLoader:
 
     def stats(self):
         """The current (or last) epoch: batches, samples, rates, time to first batch, the
-        consumer's wait, queue depth and each worker stage's busy / wait seconds."""
+        consumer's wait, queue depth and each worker stage's busy / wait seconds; with device=,
+        "device": batches and bytes handed over, the copies' device time (copy_s, copy_gbs),
+        the consumer's hand-over time, bytes collated straight into staging, slot size and
+        staging waits (None without device=)."""
         it = self._current()
         if it is not None:
             return it.stats()
