@@ -860,7 +860,8 @@ def section_device_state(r, name, title):
                  "feeder's pinned slots, a consumer taking each on its stream. %s" % (
                      lo["device"], "The H2D engine is modelled at %.0f%% of the slower of the "
                      "host path's rate and this host's memcpy, so the producer is faster than the "
-                     "link; goal: the engine busy >= 90%% of the time." % (100 * lo.get("link", 0.5))
+                     "link; goal: the engine busy >= 90%% of the time."
+                     % (100 * lo.get("link", 0.5))
                      if sim else "On a GPU the rate is against the link's."), ""]
         hdr = ["device GB/s", "host path GB/s"]
         row = [num(lo["device_gbs"], 2), num(lo["host_gbs"], 2)]
@@ -873,8 +874,9 @@ def section_device_state(r, name, title):
                 "%.0f%%" % (100 * lo["in_place_fraction"])]
         r.md += table(hdr, [row])
         if sim:
-            rows.append(("DataLoader to the device (sim)", "H2D busy %.1f%%" % (100 * lo["utilization"]),
-                         "goal 90%", "%.2fx" % (lo["utilization"] / 0.9), "2 MiB batches"))
+            rows.append(("DataLoader to the device (sim)",
+                         "H2D busy %.1f%%" % (100 * lo["utilization"]), "goal 90%",
+                         "%.2fx" % (lo["utilization"] / 0.9), "2 MiB batches"))
     st = ds.get("stall")
     if st:
         r.md += ["", "### Checkpoint of device state: the save() stall", "",

@@ -1209,7 +1209,8 @@ static int tl__sim_event_record(void* ep, void* sp);
  * CUDA default stream (none on sim) the event is left as it is (complete). */
 static int tl__sim_foreign_event_record(int dev, void* raw, void* ep) {
   sim_dev* d = tl__sim_dev(dev);
-  if (!d || !raw) return tl__sim_fail(TL__CUDA_INVALID_VALUE, "stream handle %p on sim:%d", raw, dev);
+  if (!d || !raw)
+    return tl__sim_fail(TL__CUDA_INVALID_VALUE, "stream handle %p on sim:%d", raw, dev);
   if ((uintptr_t)raw <= 2) return 0;
   return tl__sim_event_record(ep, raw);
 }
