@@ -2,13 +2,19 @@
  * --cuda): submission rate, the caching allocator, and the sim's timing precision.
  *
  *   tl-bench-device [--sections launch,alloc,timing] [--threads 1,2] [--seconds S] [--cuda]
- *                   [--json FILE]
+ *                   [--devices N] [--spec SIM_SPEC] [--pin LOADERS] [--json FILE]
  *
  * Each section runs in a forked child (the sim's configuration is per process):
- *   launch  kernels of 0 ns per second per thread, each thread on its own pooled stream of one
- *           device: on "sim:1,cost=0" (operations run at once and cost nothing) this is the
- *           raw C rate of threadloom's own submission path, the baseline the Python benchmark
- *           (bench/bench_devices.py) compares against; with --cuda on cuda:0, real launches.
+ *   launch  kernels of 0 ns per second per thread, each thread on its own pooled stream: on
+ *           "sim:1,cost=0" (operations run at once and cost nothing; --spec for another, e.g.
+ *           "sim:8,cost=0,launch=1us", a driver's launch cost modelled) this is the raw C rate
+ *           of threadloom's own submission path, the baseline the Python benchmark
+ *           (bench/bench_devices.py) compares against; with --cuda, real launches. --devices N:
+ *           thread i launches on device i mod N (sim:0..N-1; with --cuda the first N GPUs, or
+ *           cuda:0 alone when fewer exist: one stream per thread). --pin LOADERS: thread i is
+ *           pinned to launch slot i of a placement plan with one entry per thread on its
+ *           device's NUMA node and LOADERS loader threads each (the cores bench_devices.py's
+ *           loader threads avoid).
  *   alloc   tl_dbuf_alloc + tl_dbuf_free pairs per second per thread (512 B, 64 KiB, 4 MiB; each
  *           thread on its own stream), against the same pair with the cache emptied after each
  *           free (every block from the device: cudaMalloc/cudaFree on a GPU), in the same run.
@@ -29,6 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "launch-loop.h"
 #include "threadloom/threadloom.h"
 
 static double now_s(void) {
@@ -49,6 +56,9 @@ static int threads_list[8] = {1, 2};
 static int nthreads_list = 2;
 static double seconds = 1.0;
 static int use_cuda = 0;
+static int ndevices = 1;            /* --devices */
+static const char* launch_spec = NULL; /* --spec: the launch section's sim spec */
+static int pin_loaders = -1;        /* --pin LOADERS; -1: no pinning */
 
 /* The device the sections run on: cuda:0 with --cuda, else sim:0 of `spec`. */
 static tl_device_t* bench_device(const char* spec) {
@@ -69,33 +79,78 @@ static tl_device_t* bench_device(const char* spec) {
 typedef struct {
   tl_device_t* d;
   pthread_barrier_t* go;
-  double ops_per_s;
+  const tl_plan_t* plan; /* pin to `slot` of it first; NULL: unpinned */
+  int slot;
+  double ops_per_s;     /* wall clock */
+  double ops_per_cpu_s; /* per second of the thread's own CPU time */
 } launch_arg_t;
 
 static void* launch_thread(void* p) {
   launch_arg_t* a = p;
+  if (a->plan) check(tl_pin_self(a->plan, a->slot, NULL), "pin to the launch slot");
   tl_stream_t* s;
   check(tl_stream_acquire(a->d, 0, &s), "stream");
   for (int i = 0; i < 1000; i++) check(tl_kernel_async(s, 0), "warm-up launch");
   check(tl_stream_sync(s, -1), "sync");
   pthread_barrier_wait(a->go);
-  uint64_t n = 0;
-  double t0 = now_s(), t;
-  do {
-    for (int i = 0; i < 1024; i++) tl_kernel_async(s, 0);
-    n += 1024;
-    t = now_s();
-  } while (t - t0 < seconds);
-  check(tl_stream_sync(s, -1), "sync");
-  a->ops_per_s = (double)n / (now_s() - t0);
+  tl_bench_launch_t r;
+  check(tl_bench_launch_loop(s, seconds, &r), "launch loop");
+  a->ops_per_s = r.ops_per_s;
+  a->ops_per_cpu_s = r.ops_per_cpu_s;
   tl_stream_release(s);
   return NULL;
 }
 
+/* The launch section's devices (--devices N): sim:0..N-1 of the spec, or the first N GPUs
+ * (cuda:0 alone when fewer are present). Returns how many distinct devices there are. */
+static int launch_devices(const char* spec, tl_device_t** devs) {
+  int n = ndevices < 1 ? 1 : ndevices > 64 ? 64 : ndevices;
+  if (use_cuda) {
+    int count = 0;
+    check(tl_cuda_device_count(&count), "cuda device count");
+    if (count < 1) check(TL_ENODEV, "cuda devices");
+    if (count < n) n = count; /* one GPU: every thread on a stream of cuda:0 */
+    for (int i = 0; i < n; i++) check(tl_device_get(TL_DEVICE_CUDA, i, &devs[i]), "cuda device");
+    return n;
+  }
+  check(tl_devices_select(spec), spec);
+  for (int i = 0; i < n; i++) check(tl_device_get(TL_DEVICE_SIM, i, &devs[i]), "sim device");
+  return n;
+}
+
+/* The plan the launch threads pin to: one "device" per launch thread (thread i drives device
+ * i mod n, so with one GPU every thread gets a launch core of its own on the GPU's node), each
+ * on its device's NUMA node with pin_loaders loaders: what bench_devices.py plans too. */
+static tl_plan_t* launch_plan(tl_device_t** devs, int n, int threads) {
+  tl_topo_t* topo;
+  check(tl_topo_init(&topo, NULL), "topology");
+  int nodes[64];
+  for (int i = 0; i < threads; i++) {
+    tl_device_props_t pr;
+    check(tl_device_props(devs[i % n], &pr), "device properties");
+    nodes[i] = pr.numa_node;
+  }
+  tl_plan_spec_t spec;
+  tl_plan_spec_default(&spec);
+  spec.device_nodes = nodes;
+  spec.ndevice_nodes = threads;
+  spec.loaders_per_gpu = pin_loaders;
+  tl_plan_t* plan;
+  check(tl_plan_init(&plan, topo, &spec), "plan");
+  tl_topo_close(topo);
+  return plan;
+}
+
 static void section_launch(FILE* out) {
-  tl_device_t* d = bench_device("sim:1,cost=0");
-  fprintf(out, "\"launch\": {\"device\": \"%s\", \"spec\": \"%s\", \"rows\": [", tl_device_name(d),
-          use_cuda ? "cuda" : "sim:1,cost=0");
+  const char* spec = launch_spec ? launch_spec : "sim:1,cost=0";
+  tl_device_t* devs[64];
+  int n = launch_devices(spec, devs);
+  int most = 1;
+  for (int k = 0; k < nthreads_list; k++) most = threads_list[k] > most ? threads_list[k] : most;
+  tl_plan_t* plan = pin_loaders >= 0 ? launch_plan(devs, n, most) : NULL;
+  fprintf(out, "\"launch\": {\"device\": \"%s\", \"spec\": \"%s\", \"devices\": %d, "
+          "\"pinned\": %s, \"rows\": [", tl_device_name(devs[0]), use_cuda ? "cuda" : spec, n,
+          plan ? "true" : "false");
   for (int k = 0; k < nthreads_list; k++) {
     int T = threads_list[k];
     pthread_t th[64];
@@ -103,22 +158,26 @@ static void section_launch(FILE* out) {
     pthread_barrier_t go;
     pthread_barrier_init(&go, NULL, (unsigned)T);
     for (int i = 0; i < T; i++) {
-      args[i] = (launch_arg_t){d, &go, 0};
+      args[i] = (launch_arg_t){devs[i % n], &go, plan, 0, 0, 0};
+      if (plan) check(tl_plan_find(plan, TL_ROLE_LAUNCH, i, 0, &args[i].slot), "launch slot");
       pthread_create(&th[i], NULL, launch_thread, &args[i]);
     }
-    double sum = 0, lo = 1e30;
+    double sum = 0, lo = 1e30, cpu = 0;
     for (int i = 0; i < T; i++) {
       pthread_join(th[i], NULL);
       sum += args[i].ops_per_s;
+      cpu += args[i].ops_per_cpu_s;
       if (args[i].ops_per_s < lo) lo = args[i].ops_per_s;
     }
     pthread_barrier_destroy(&go);
-    printf("launch  %-8s %2d thread(s): %10.0f launches/s per thread (slowest %.0f), %.0f in all\n",
-           tl_device_name(d), T, sum / T, lo, sum);
-    fprintf(out, "%s{\"threads\": %d, \"per_thread\": %.0f, \"slowest\": %.0f, \"total\": %.0f}",
-            k ? ", " : "", T, sum / T, lo, sum);
+    printf("launch  %-8s %2d thread(s) on %d device(s)%s: %10.0f launches/s per thread (slowest "
+           "%.0f), %.0f in all\n", tl_device_name(devs[0]), T, T < n ? T : n,
+           plan ? ", pinned" : "", sum / T, lo, sum);
+    fprintf(out, "%s{\"threads\": %d, \"per_thread\": %.0f, \"slowest\": %.0f, \"total\": %.0f, "
+            "\"per_thread_cpu\": %.0f}", k ? ", " : "", T, sum / T, lo, sum, cpu / T);
   }
   fprintf(out, "]}");
+  tl_plan_close(plan);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -332,13 +391,20 @@ int main(int argc, char** argv) {
     else if (strcmp(argv[i], "--json") == 0 && i + 1 < argc) json = argv[++i];
     else if (strcmp(argv[i], "--seconds") == 0 && i + 1 < argc) seconds = atof(argv[++i]);
     else if (strcmp(argv[i], "--cuda") == 0) use_cuda = 1;
+    else if (strcmp(argv[i], "--devices") == 0 && i + 1 < argc) ndevices = atoi(argv[++i]);
+    else if (strcmp(argv[i], "--spec") == 0 && i + 1 < argc) launch_spec = argv[++i];
+    else if (strcmp(argv[i], "--pin") == 0 && i + 1 < argc) pin_loaders = atoi(argv[++i]);
     else if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
       nthreads_list = 0;
       for (char* t = strtok(argv[++i], ","); t && nthreads_list < 8; t = strtok(NULL, ","))
-        threads_list[nthreads_list++] = atoi(t);
+        if ((threads_list[nthreads_list++] = atoi(t)) < 1 || threads_list[nthreads_list - 1] > 64) {
+          fprintf(stderr, "tl-bench-device: --threads takes counts from 1 to 64, not '%s'\n", t);
+          return 2;
+        }
     } else {
       fprintf(stderr, "usage: tl-bench-device [--sections launch,alloc,timing] [--threads 1,2] "
-                      "[--seconds S] [--cuda] [--json FILE]\n");
+                      "[--seconds S] [--cuda] [--devices N] [--spec SIM_SPEC] [--pin LOADERS] "
+                      "[--json FILE]\n");
       return 2;
     }
   }

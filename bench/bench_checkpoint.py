@@ -48,8 +48,7 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-import threadloom  # noqa: E402
+import threadloom  # the installed package (make bench: build/venv)
 
 MiB = 1 << 20
 TENSOR = 64 * MiB

@@ -33,10 +33,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
-
-import threadloom  # noqa: E402
-from threadloom.data.collate import default_collate  # noqa: E402
+import threadloom  # the installed package (make bench: build/venv)
+from threadloom.data.collate import default_collate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _workload import WORKLOADS, consume, make_dataset, parse_args, per_sample_cost  # noqa: E402

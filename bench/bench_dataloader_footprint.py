@@ -112,7 +112,6 @@ def child(spec):
         import warnings
         warnings.filterwarnings("ignore", message="This DataLoader will create")  # > cores: on purpose
     elif spec["loader"].startswith("threadloom"):
-        sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
         import threadloom  # noqa: F401
     if spec["workload"] == "records":
         ds = Records(spec["samples"], spec["per_sample"])

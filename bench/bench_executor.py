@@ -26,8 +26,7 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-import threadloom  # noqa: E402
+import threadloom  # the installed package (make bench: build/venv)
 
 SPIN = 120  # loop iterations: about 10 us of Python on a current core (calibrated below)
 

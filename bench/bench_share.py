@@ -41,7 +41,6 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PKG = os.path.join(os.path.dirname(HERE), "python")
 
 # case -> (workload, variant, environment, how the child gets the function)
 CASES = [
@@ -91,7 +90,6 @@ def child_main(argv, fn=None):
     note = None
     if fn is None:
         if variant != "plain" and variant not in ("source", "pyc"):
-            sys.path.insert(0, PKG)
             import threadloom  # noqa: F401  (installs the import hook before the workload)
         if workload == "loader":
             sys.path.insert(0, HERE)
@@ -134,8 +132,6 @@ def run_case(py, workload, variant, items, threads, rounds, tmp):
     env.pop("PYTHONPATH", None)
     if workload == "code":
         env.update(PLAIN if variant != "source+hook" else {"PYTHONDONTWRITEBYTECODE": "1"})
-        if variant == "source+hook":
-            env["PYTHONPATH"] = PKG
         if variant == "script":
             cmd = [py, os.path.join(tmp, "src", "_share_code.py"), HERE]
         else:

@@ -5,7 +5,9 @@ hits both alike; the medians of N runs each (default 30) and their ratio are pri
 (issue 9) is a ratio <= 1.2. `--alloc` instead times a threaded allocation workload under
 MIMALLOC_* settings, the measurement behind the launcher setting none (interp/main.c).
 
-    python3.13t bench/bench_startup.py [-n 30] [--launcher build/bin/threadloom] [--json FILE]
+    python3.13t bench/bench_startup.py [-n 30] [--launcher PATH] [--json FILE]
+
+The launcher is by default the `threadloom` installed beside this interpreter (build/venv/bin).
 """
 
 import argparse
@@ -16,8 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ALLOC = """\
 import threading, sys
@@ -96,7 +96,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", type=int, default=30, help="runs of each (default 30)")
     p.add_argument("--python", default=sys.executable, help="the interpreter (default: this one)")
-    p.add_argument("--launcher", default=os.path.join(ROOT, "build", "bin", "threadloom"))
+    p.add_argument("--launcher", default=os.path.join(os.path.dirname(sys.executable), "threadloom"))
     p.add_argument("--alloc", action="store_true", help="time MIMALLOC_* settings instead")
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args()

@@ -752,13 +752,13 @@ def section_startup(r, cores):
             "%.2fx" % st["ratio"], "lower is better")
 
 def section_devices(r, name_py, name_c, title):
-    """bench_devices.py (Python: submission rate, feeder) and tl-bench-device (C: launch rate,
-    caching allocator, the sim's timing) of one backend."""
+    """bench_devices.py (Python: submission rate, launch rate, feeder) and tl-bench-device (C:
+    launch rate, caching allocator, the sim's timing) of one backend. Returns its summary lines."""
     py = r.section(title, name_py)
     c = load(r.d, name_c)
     if py is not None and py.get("skipped"):
         r.md += ["Not run: %s." % py["skipped"]]
-        return None
+        return []
     summary = None
     if py is not None and py.get("submit"):
         sub = {x["threads"]: x for x in py["submit"]}
@@ -789,6 +789,7 @@ def section_devices(r, name_py, name_c, title):
                    "%s/s per thread" % num(sub[1]["per_thread"]),
                    "raw C %s" % num(craw.get(1)), ratio(sub[1]["per_thread"], craw.get(1)),
                    "1 thread")
+    launch = section_launch_rate(r, name_py, py)
     if py is not None and py.get("feeder"):
         sim = py["backend"] == "sim"
         r.md += ["", "### The GPU feeder against the H2D engine", "",
@@ -835,7 +836,82 @@ def section_devices(r, name_py, name_c, title):
                         "%.2f ms" % x["model_ms"], "%+.2f%%" % (100 * (x["wall_ms"] / x["model_ms"] - 1)),
                         "%.2f ms" % x["busy_ms"], "%.1f / %.1f us" % (x["late_mean_us"], x["late_max_us"]),
                         "%.1f us" % x["roundtrip_us"]] for x in c["timing"]])
-    return summary
+    return [summary] + launch
+
+
+def section_launch_rate(r, name_py, py):
+    """bench_devices.py's launch section: Python threads on separate devices against the raw C
+    loop, without and with loader threads. Returns the summary lines."""
+    if py is None or not py.get("launch"):
+        return []
+    cases = py["launch"]
+    sim = py["backend"] == "sim"
+    r.md += ["", "### Launch rate from Python threads on separate devices", "",
+             "Kernels launched per second by 1..8 threads, thread k on %s, each pinned to its "
+             "launch core of the placement plan; threadloom is `Stream.launch()` from Python "
+             "threads, the baseline the raw C loop (bench/launch-loop.c: `tl_kernel_async` back "
+             "to back) from threads pinned the same way in the same process. \"with loaders\": "
+             "%d loader threads (2 per device) tokenize text in Python meanwhile, pinned to the "
+             "plan's loader slots (on a machine with too few cores they share the launch cores: "
+             "the table says how many did). Totals over all threads, best of alternating rounds; "
+             "per CPU second divides by each thread's own CPU time. Goal: Python >= 50%% of raw "
+             "C at 8 threads, with and without loaders."
+             % ("device k mod 8 of sim:8" if sim else "a stream of %s" % cases[0]["device"]
+                if cases[0]["devices"] == 1 else "GPU k mod %d" % cases[0]["devices"],
+                cases[0]["loader_threads"] or 16), ""]
+    if sim:
+        r.md += ["On sim two device models: **overhead** (cost=0: a launch costs nothing but "
+                 "threadloom's own path, so Python against C shows that path's cost per launch), "
+                 "and **%s** (each launch also spends that much of its thread's CPU time, as a "
+                 "driver's launch path does: the rate against a GPU that keeps up with its "
+                 "launches). The goal is the modelled launch's." % next(
+                     (c["model"] for c in cases if c["model"] != "overhead"), "launch"), ""]
+    rows = []
+    for c in cases:
+        for x in c["rows"]:
+            rows.append([c["model"], "%d (%d on launch cores)" % (c["loader_threads"],
+                                                                   c["loader_slots_on_launch_cores"])
+                         if c["loaders_per_device"] else "none", x["threads"],
+                         num(x["python"]["total"]), num(x["c"]["total"]),
+                         "%.1f%%" % (100 * x["ratio"]), "%.1f%%" % (100 * x["ratio_cpu"])])
+    r.md += table(["device", "loader threads", "threads", "Python launches/s", "raw C launches/s",
+                   "Python / C", "per CPU second"], rows)
+    busiest = max(x["threads"] for x in cases[0]["rows"]) + max(c["loader_threads"] for c in cases)
+    if cases[0].get("cores", busiest) < busiest:
+        r.md += ["", "This machine has %d cores for up to %d busy threads: the wall-clock ratios "
+                 "swing with how the scheduler shares them between rounds; the per-CPU-second "
+                 "column is the steadier measure of threadloom's cost." % (cases[0]["cores"], busiest)]
+    over = next((c for c in cases if c["model"] == "overhead" and not c["loaders_per_device"]), None)
+    if over:
+        x = over["rows"][0]
+        r.md += ["", "threadloom's own cost per launch from one Python thread: %.0f ns of CPU "
+                 "(raw C: %.0f ns)." % (1e9 / x["python"]["per_thread_cpu"],
+                                         1e9 / x["c"]["per_thread_cpu"])]
+    goal = [c for c in cases if c["model"] != "overhead"]
+    series = []
+    for i, c in enumerate(goal):
+        tag = " (loaders busy)" if c["loaders_per_device"] else ""
+        series.append(Series("Python threads" + tag, [(x["threads"], x["python"]["total"])
+                                                     for x in c["rows"]], PALETTE[2 * i % len(PALETTE)]))
+        series.append(Series("raw C" + tag, [(x["threads"], x["c"]["total"]) for x in c["rows"]],
+                             PALETTE[(2 * i + 1) % len(PALETTE)], "7,4"))
+    if series:
+        r.svg(name_py + "_launch.svg", line_chart(
+            "Launches per second, all threads (%s)" % (goal[0]["model"] if sim else "cuda"),
+            "threads", "launches/s", series, log_x=False, log_y=False,
+            x_ticks=[x["threads"] for x in goal[0]["rows"]]), "launch rate vs threads")
+    out = []
+    for c in goal:
+        top = c["rows"][-1]
+        met = "met" if top["ratio"] >= 0.5 else "NOT met"
+        r.md += ["", "At %d threads%s: Python %.1f%% of raw C (goal >= 50%%: %s)."
+                 % (top["threads"], " with loader threads busy" if c["loaders_per_device"] else "",
+                    100 * top["ratio"], met)]
+        out.append(("Launch rate%s (%s)" % (", loaders busy" if c["loaders_per_device"] else "",
+                                            c["model"]),
+                    "%s/s" % num(top["python"]["total"]), "raw C %s/s" % num(top["c"]["total"]),
+                    "%.2fx" % top["ratio"], "%d threads" % top["threads"]))
+    return out
 
 
 def met(ok):
@@ -1068,12 +1144,12 @@ def build(d):
     section_goals(r, cores, meta, best, goals_first + goals_mem)
     summaries += [first, mem, section_executor(r, cores), section_scheduler(r, cores),
                   section_checkpoint(r, cores), section_arena(r, cores), section_startup(r, cores),
-                  section_share(r, cores),
-                  section_devices(r, "devices", "device", "Devices (sim): submission, feeder, "
-                                  "allocator")]
+                  section_share(r, cores)]
+    summaries += section_devices(r, "devices", "device", "Devices (sim): submission, launch "
+                                 "rate, feeder, allocator")
     if load(d, "devices_cuda") is not None or load(d, "device_cuda") is not None:
-        summaries.append(section_devices(r, "devices_cuda", "device_cuda",
-                                         "Devices (cuda): submission, feeder, allocator"))
+        summaries += section_devices(r, "devices_cuda", "device_cuda",
+                                     "Devices (cuda): submission, launch rate, feeder, allocator")
     summaries += section_device_state(r, "device_state", "Device state (sim): DataLoader to the "
                                       "device, device checkpoints")
     if load(d, "device_state_cuda") is not None:

@@ -12,7 +12,7 @@
 #              devices, device_state, executor, ...; scripts/gpu-check.sh picks what fits its
 #              minutes)
 # TORCH_PYTHON=/path/to/python picks the interpreter for the torch DataLoader baselines; by default
-# build/bootstrap.env's TORCH_PYTHON (written by scripts/bootstrap.sh), else the first of PYTHON,
+# build/bootstrap.env's GIL_PYTHON (the GIL baseline venv scripts/bootstrap.sh makes), else the first of PYTHON,
 # python3.12, python3, python3.11, python3.13 that can import torch.
 # A run first removes the previous run's *.txt, *.json, *.svg and README.md from the output
 # directory, so the report never mixes two runs. A benchmark that fails is reported as failed (its
@@ -36,7 +36,7 @@ py=$1
 for bin in tl-bench-scheduler tl-bench-arena tl-bench-device; do
   [ -x "$here/build/bench/$bin" ] || { echo "bench: no build/bench/$bin: run \`make build\` first" >&2; exit 1; }
 done
-gpu=$(PYTHONPATH=$here/python "$py" -c 'import threadloom as t
+gpu=$("$py" -c 'import threadloom as t
 try:
     print(t._core.cuda_device_info(0)["name"].replace(" ", "-"))
 except t.Error:
@@ -111,10 +111,12 @@ fi
 run scheduler "$here/build/bench/tl-bench-scheduler" ${q_sched[@]+"${q_sched[@]}"} --json "$out/scheduler.json"
 run arena "$here/build/bench/tl-bench-arena" ${q_arena[@]+"${q_arena[@]}"} --json "$out/arena.json"
 run device "$here/build/bench/tl-bench-device" ${q_dev[@]+"${q_dev[@]}"} --json "$out/device.json"
+# submission rate, the launch rate from 1..8 Python threads on sim:8 against the raw C loop
+# (build/bench/tl-bench-launch.so), with and without loader threads, and the feeder
 run devices "$py" "$here/bench/bench_devices.py" ${q_devs[@]+"${q_devs[@]}"} --json "$out/devices.json"
 run device_state "$py" "$here/bench/bench_device_state.py" ${q_state[@]+"${q_state[@]}"} \
   --json "$out/device_state.json"
-if [ "$gpu" != nogpu ]; then  # the same on cuda:0 (and the report's GPU plots)
+if [ "$gpu" != nogpu ]; then  # the same on the GPUs (cuda:0's streams on one; the report's GPU plots)
   run device_cuda "$here/build/bench/tl-bench-device" --cuda --sections launch,alloc \
     ${q_dev[@]+"${q_dev[@]}"} --json "$out/device_cuda.json"
   run devices_cuda "$py" "$here/bench/bench_devices.py" --cuda ${q_devs[@]+"${q_devs[@]}"} \
@@ -128,11 +130,11 @@ run checkpoint "$py" "$here/bench/bench_checkpoint.py" ${q_ckpt[@]+"${q_ckpt[@]}
 run share "$py" "$here/bench/bench_share.py" ${q_share[@]+"${q_share[@]}"} --json "$out/share.json"
 run dataloader "$py" "$here/bench/bench_dataloader.py" ${q_load[@]+"${q_load[@]}"} --json "$out/dataloader.json"
 
-# The torch DataLoader baselines run on the interpreter that has torch (Debian's GIL python3.11
-# here, python3.12 on the GPU machine): without one, a JSON that says so, and the report leaves
-# the series out with it.
+# The torch DataLoader baselines run on the GIL baseline (build/venv-gil: python3.11 with torch
+# from PyPI here, python3.12 on the GPU machine): without one, a JSON that says so, and the
+# report leaves the series out with it.
 torch_py="" tried=()
-boot_torch=$(sed -n 's/^TORCH_PYTHON := //p' "$here/build/bootstrap.env" 2>/dev/null || true)
+boot_torch=$(sed -n 's/^GIL_PYTHON := //p' "$here/build/bootstrap.env" 2>/dev/null || true)
 for cand in ${TORCH_PYTHON:-} $boot_torch "$py" python3.12 python3 python3.11 python3.13; do
   command -v "$cand" >/dev/null 2>&1 || continue
   tried+=("$cand")

@@ -28,6 +28,10 @@
  *   than the model allows, the real time wins (the engine cannot be faster than the host).
  * - Zero cost (cost=0). No engine threads: each operation runs on the submitting thread at
  *   once and every event is complete when recorded, for measuring threadloom's own overhead.
+ * - Launch cost (launch=2us). Each kernel, copy or memset submission spends that much of the
+ *   submitting thread's CPU time before it is queued, as a driver's launch path does: with
+ *   cost=0 it models a GPU that keeps up with its launches, where the submitting threads are
+ *   the bottleneck (the launch-rate benchmark).
  * - Faults. tl_sim_inject: the next N allocations fail (out of memory), the next N copies fail
  *   (the copy call answers TL__SIM_COPY_FAILED and nothing is queued, as when
  *   cudaMemcpyAsync refuses a copy), or the device is lost (every queued and later operation fails at once; events still
@@ -129,6 +133,8 @@ typedef struct {
   int zero_cost;      /* cost=0: operations run inline and take no time */
   uint64_t spin_ns;   /* busy-wait before deadlines */
   int poison;         /* fill patterns on alloc and free */
+  uint64_t launch_ns; /* CPU time each kernel, copy or memset submission costs its thread */
+  uint64_t launch_iters; /* launch_ns as iterations of tl__spend_cpu's loop (calibrated) */
 } sim_cfg;
 
 static const sim_cfg tl__sim_defaults = {
@@ -141,6 +147,7 @@ static const sim_cfg tl__sim_defaults = {
     .zero_cost = 0,
     .spin_ns = 0,
     .poison = 1,
+    .launch_ns = 0,
 };
 
 /* Parses "<number><unit>" where unit is one of `units` (name, factor); the number may have a
@@ -210,13 +217,18 @@ static int tl__sim_option(sim_cfg* cfg, const char* opt, int live) {
     if (tl__parse_quantity(v, tl__time_units, &x) < 0 || x > 1e9)
       return tl__fail(TL_EINVAL, "sim option spin=%s: give a time like 50us (at most 1s)", v);
     cfg->spin_ns = (uint64_t)x;
+  } else if (strcmp(key, "launch") == 0) {
+    if (tl__parse_quantity(v, tl__time_units, &x) < 0 || x > 1e7)
+      return tl__fail(TL_EINVAL, "sim option launch=%s: give a time like 2us (at most 10ms)", v);
+    cfg->launch_ns = (uint64_t)x;
   } else if (strcmp(key, "poison") == 0) {
     if (strcmp(v, "0") != 0 && strcmp(v, "1") != 0)
       return tl__fail(TL_EINVAL, "sim option poison=%s: 1 (fill patterns, the default) or 0", v);
     cfg->poison = v[0] == '1';
   } else {
     return tl__fail(TL_EINVAL, "unknown sim option '%s': the options are h2d, d2h, pageable, d2d "
-                    "(bandwidths), mem (size), cost (0/1), spin (time), poison (0/1)", key);
+                    "(bandwidths), mem (size), cost (0/1), spin (time), launch (time), poison "
+                    "(0/1)", key);
   }
   return 0;
 }
@@ -232,6 +244,37 @@ static int tl__sim_options(sim_cfg* cfg, const char* list, int live) {
     if (err) return err;
   }
   return 0;
+}
+
+/* launch=: the submitting thread spends CPU time in a loop of `iters` iterations, calibrated
+ * against its CPU clock when the sim is configured, so the cost is CPU work as a driver's
+ * launch path is (time the thread is descheduled does not count, and no clock is read per
+ * launch). */
+__attribute__((noinline)) static void tl__spend_cpu(uint64_t iters) {
+  for (volatile uint64_t i = 0; i < iters; i++) {
+  }
+}
+
+static uint64_t tl__thread_cpu_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Iterations of tl__spend_cpu's loop that take `ns` of CPU: the fastest of 5 timed runs. */
+static uint64_t tl__calibrate_spend(uint64_t ns) {
+  if (!ns) return 0;
+  const uint64_t probe = 1u << 20;
+  uint64_t best = UINT64_MAX;
+  for (int k = 0; k < 5; k++) {
+    uint64_t t0 = tl__thread_cpu_ns();
+    tl__spend_cpu(probe);
+    uint64_t dt = tl__thread_cpu_ns() - t0;
+    if (dt && dt < best) best = dt;
+  }
+  if (best == UINT64_MAX) best = 1;
+  uint64_t iters = (uint64_t)((double)ns * (double)probe / (double)best);
+  return iters ? iters : 1;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -399,6 +442,7 @@ int tl__sim_configure(const char* spec) {
     }
     tl__sim.devs[i] = d;
   }
+  cfg.launch_iters = tl__calibrate_spend(cfg.launch_ns);
   tl__sim.cfg = cfg;
   tl__strlcpy(tl__sim.spec, spec, sizeof tl__sim.spec);
   atomic_store(&tl__sim.configured, 1);
@@ -1128,6 +1172,7 @@ static int tl__sim_stream_synchronize(void* sp) {
 
 static void* tl__sim_stream_handle(void* s) { return s; }
 
+
 /* Queues op on s (or runs it at once with cost=0). Takes ownership of op's event reference. */
 static int tl__submit(sim_stream* s, sim_op* proto) {
   sim_dev* d = s->d;
@@ -1136,6 +1181,7 @@ static int tl__submit(sim_stream* s, sim_op* proto) {
     if (proto->ev) tl__event_unref(proto->ev);
     return rc;
   }
+  if (tl__sim.cfg.launch_iters && proto->type <= OP_KERNEL) tl__spend_cpu(tl__sim.cfg.launch_iters);
   if (tl__sim.cfg.zero_cost) {
     char why[256] = "";
     worklist w = {0};
@@ -1324,7 +1370,10 @@ static int tl__sim_memset_async(void* p, int value, size_t n, void* sp) {
 
 static int tl__sim_kernel_async(void* sp, uint64_t ns) {
   sim_stream* s = sp;
-  if (tl__sim.cfg.zero_cost) return tl__lost(s->d); /* nothing to run, nothing to wait for */
+  if (tl__sim.cfg.zero_cost) { /* nothing to run, nothing to wait for */
+    if (tl__sim.cfg.launch_iters) tl__spend_cpu(tl__sim.cfg.launch_iters);
+    return tl__lost(s->d);
+  }
   sim_op op = {.type = OP_KERNEL, .ns = ns};
   return tl__submit(s, &op);
 }

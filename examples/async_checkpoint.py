@@ -21,9 +21,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-
-import threadloom  # noqa: E402
+import threadloom
 
 
 def step_work(weights, step, work):

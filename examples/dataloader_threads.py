@@ -18,14 +18,11 @@ between threads, so their reference counts do not contend (see docs/user-guide.m
 
 import argparse
 import multiprocessing
-import os
 import random
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-
-from threadloom.data import Dataset  # noqa: E402
+from threadloom.data import Dataset
 
 
 class Reviews(Dataset):

@@ -1,21 +1,36 @@
-"""The main job: a threaded, preemption-safe training run in one free-threaded process.
+"""The main job: one free-threaded process, dozens of Python threads, feeding 8 devices.
 
 Everything threadloom does, in one program:
 
-  - threadloom.DataLoader feeds every rank its shard (worker threads, each with its own replica
-    of the dataset; batches collated into NUMA-local arena memory);
-  - threadloom.spmd runs one driver thread per GPU; with no GPU (or while the GPU path is not
-    built) a CPU world of --ranks ranks, and the first line says which;
-  - the ranks average dense gradients with allreduce_buckets and exchange sparse embedding
-    gradients with allgather, so every replica keeps bit-identical weights;
+  - threadloom.spmd runs one driver thread per device, pinned to that device's launch core
+    (the placement plan keeps it free of loader work where the machine has the cores). With
+    GPUs it drives them (cuda); without, 8 simulated devices (sim:8: device memory is host
+    memory, copies and kernels take modelled time on per-device engine threads), and the first
+    line says which;
+  - each rank's threadloom.DataLoader (--workers loader threads per device, each with its own
+    replica of the dataset) produces its shard's batches, and a feeder thread per device copies
+    each one to the device (threadloom.devices.Feeder: pinned staging, a copy stream, an event
+    the rank's stream waits on);
+  - a step: the rank's stream waits for its batch, runs the step's kernel (modelled: --kernel-ms
+    of device time; on a GPU the spin kernel), and the model's math runs on the driver thread
+    meanwhile (this toy model has no GPU kernels: no tensor library is needed). Dense gradients
+    go to the device and are summed there by ctx.comm (NCCL on GPUs, the host collectives on sim
+    devices, ordered on the rank's stream), sparse embedding gradients are exchanged with an
+    allgather, and every replica applies the same update (bit-identical weights). The dense
+    weights live on the device (updated from the host's optimizer step, as with a CPU
+    optimizer); the embedding table stays in host memory (as large sparse tables often do);
   - rank 0 saves an asynchronous checkpoint every --ckpt-every steps with threadloom.Checkpointer
-    (model, step and every rank's DataLoader position): training goes on while it is written;
+    (the device's dense weights, the host's embedding table, step and every rank's DataLoader
+    position): training goes on while it is written;
   - on start the job resumes from the newest complete checkpoint in --ckpt-dir; SIGUSR2, SIGTERM
     or Ctrl-C make every rank stop at the same step, save a checkpoint and exit with status 75
     (run the same command again to resume; a second Ctrl-C exits at once, and the newest
-    complete checkpoint still loads);
-  - a live status line on a terminal (steps/s, samples/s, feed rate, checkpoint progress), plain
-    lines every --log-every seconds otherwise, and a summary at the end.
+    complete checkpoint still loads); an exception in a rank or a failing device ends the job
+    with that error (status 1), every thread stopped;
+  - a live status line on a terminal (steps/s, samples/s, H2D rate, how long the ranks waited
+    for data, each device's busy engines, checkpoint progress), plain lines every --log-every
+    seconds otherwise, and a summary at the end (per device: compute and copy engine busy
+    fractions, data waits; the checkpoint stall).
 
 The model: logistic regression on hashed tokens, a sparse embedding table (the bulk of the
 checkpoint) averaged over the words of a line, then a linear layer. The data: synthetic text
@@ -24,15 +39,18 @@ pipeline); the label comes from hidden per-word scores the model has to learn.
 
     make demo      # runs it three times: uninterrupted, preempted by SIGUSR2, resumed + checked
     python examples/main_job.py --ckpt-dir /tmp/job                      # run or resume
-    python examples/main_job.py --ckpt-dir /tmp/job2 --preempt-at 500    # SIGUSR2 to itself
+    python examples/main_job.py --ckpt-dir /tmp/job2 --preempt-at 350    # SIGUSR2 to itself
     python examples/main_job.py --ckpt-dir /tmp/job2 --check-against /tmp/job
+    python examples/main_job.py --ckpt-dir /tmp/j3 --devices sim:4       # 4 simulated devices
 """
 
 import argparse
 import array
+import copy
 import hashlib
 import math
 import os
+import queue
 import random
 import signal
 import sys
@@ -40,10 +58,9 @@ import threading
 import time
 import zlib
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-
-import threadloom  # noqa: E402
-from threadloom.data import Dataset  # noqa: E402
+import threadloom
+from threadloom import devices
+from threadloom.data import Dataset
 
 EXIT_PREEMPTED = 75        # EX_TEMPFAIL: stopped early with a checkpoint; run again to resume
 SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "zu", "pe", "do", "gi")
@@ -85,27 +102,24 @@ class Lines(Dataset):
 # ---------------------------------------------------------------------------------------------
 
 class Model:
-    """One replica. Each rank owns its own (no Python object is shared between rank threads)."""
+    """One rank's view of the model. The embedding table `emb` is one host array shared by the
+    ranks (threads of one process need no replica of it): after each step's allgather every
+    rank writes its shard of the rows (row r is rank r mod `shards`'s), and a barrier ends the
+    step before anyone reads the table again. The dense weights w, b are the rank's own replica,
+    mirrored on its device."""
 
-    def __init__(self, buckets, dim, seed):
+    def __init__(self, emb, dim, seed, shard=0, shards=1):
         self.dim = dim
-        self.emb = array.array("f", bytes(4 * buckets * dim))
+        self.emb = emb
+        self.shard, self.shards = shard, shards
         rng = random.Random(seed)
         self.w = array.array("d", [rng.gauss(0.0, 0.5) for _ in range(dim)])
         self.b = array.array("d", [0.0])
 
-    def state(self):
-        return {"emb": self.emb, "w": self.w, "b": self.b}
-
-    def load(self, state):
-        """Copies a loaded checkpoint's tensors (memoryviews) into this replica's arrays."""
-        for name in ("emb", "w", "b"):
-            mine, saved = getattr(self, name), memoryview(state[name]).cast("B")
-            if len(saved) != len(mine) * mine.itemsize:
-                raise SystemExit("main_job: the checkpoint's %r has %d bytes, this model %d: "
-                                 "use the settings it was written with, or another --ckpt-dir"
-                                 % (name, len(saved), len(mine) * mine.itemsize))
-            mine[:] = array.array(mine.typecode, bytes(saved))
+    def load_dense(self, state):
+        """Copies a loaded checkpoint's dense weights into this replica."""
+        for name in ("w", "b"):
+            load_into(getattr(self, name), state[name], name)
 
     def gradients(self, ids_batch, labels):
         """Loss sum, correct predictions, dense grads (w, b) and sparse embedding grads (rows,
@@ -140,17 +154,30 @@ class Model:
         return loss, correct, array.array("d", gw), array.array("d", [gb]), rows, flat
 
     def apply(self, gw, gb, parts, scale):
-        """SGD step with the summed dense grads and every rank's sparse grads, in rank order
-        (the same order in every rank: bit-identical replicas)."""
-        dim, emb = self.dim, self.emb
+        """SGD step with the summed dense grads and every rank's sparse grads, in rank order:
+        this rank's shard of the table's rows, and its dense replica (the same order in every
+        rank: bit-identical results)."""
+        dim, emb, shard, shards = self.dim, self.emb, self.shard, self.shards
         for rows, flat in parts:
             for i, r in enumerate(rows):
+                if r % shards != shard:
+                    continue
                 g = flat[i * dim:(i + 1) * dim]
                 lo = r * dim
                 emb[lo:lo + dim] = array.array("f", [e - scale * c for e, c in
                                                      zip(emb[lo:lo + dim], g)])
         self.w[:] = array.array("d", [a - scale * c for a, c in zip(self.w, gw)])
         self.b[0] -= scale * gb[0]
+
+
+def load_into(mine, saved, name):
+    """Copies a loaded checkpoint tensor (a memoryview) into the array `mine`."""
+    saved = memoryview(saved).cast("B")
+    if len(saved) != len(mine) * mine.itemsize:
+        raise SystemExit("main_job: the checkpoint's %r has %d bytes, this model %d: use the "
+                         "settings it was written with, or another --ckpt-dir"
+                         % (name, len(saved), len(mine) * mine.itemsize))
+    mine[:] = array.array(mine.typecode, bytes(saved))
 
 
 def digest(state):
@@ -162,6 +189,116 @@ def digest(state):
 
 
 # ---------------------------------------------------------------------------------------------
+# the device side of a rank
+# ---------------------------------------------------------------------------------------------
+
+class DeviceFeed:
+    """A rank's batches on its device. A feeder thread, pinned near the device, iterates the
+    rank's DataLoader epoch after epoch, copies each batch to the device (threadloom.devices.
+    Feeder: packed into a pinned staging slot, one H2D copy on the thread's copy stream, an
+    event) and queues (host batch, DeviceBatch, the loader's position after that batch) at most
+    `depth` batches ahead. The DeviceBatch is what the device's kernel reads; the host batch is
+    what this toy model's Python math reads; the position goes into checkpoints (the loader
+    itself has run ahead by the queued batches).
+
+    With DataLoader(device=) the loader is its own feeder: iterate it instead and keep
+    loader.state_dict() as the position."""
+
+    def __init__(self, ctx, loader, plan, depth, stats):
+        b = loader.batch_size
+        tokens = loader.dataset.tokens
+        self.feeder = devices.Feeder(ctx.device, slot_bytes=b * tokens * 8 + b * 8 + 512,
+                                     slots=depth + 2)
+        self.loader = loader
+        self.stats = stats
+        self.q = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(plan, ctx.rank),
+                                       name="feeder-%d" % ctx.rank, daemon=True)
+        self.thread.start()
+
+    def _run(self, plan, rank):
+        try:
+            try:
+                threadloom.pin(gpu=rank, role="feeder", plan=plan)
+            except threadloom.Error:
+                pass                      # a CPU set this process may not use: unpinned
+            while not self.stop.is_set():
+                for batch in self.loader:  # one epoch; the next `for` starts the next one
+                    dev = self.feeder(batch)
+                    self.stats.h2d_bytes += dev.buffer.nbytes
+                    if not self._put((batch, dev, copy.deepcopy(self.loader.state_dict()))):
+                        return
+        except BaseException as e:        # noqa: BLE001 (handed to the rank)
+            if not self.stop.is_set():
+                self._put(e)
+
+    def _put(self, item):
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def next(self):
+        """(host batch, DeviceBatch, loader position), waiting for the feeder thread."""
+        item = self.q.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        """Stops the feeder thread (closing the loader ends a batch it waits for) and joins."""
+        self.stop.set()
+        self.loader.close()
+        while self.thread.is_alive():
+            try:
+                self.q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self.thread.join()
+
+
+class DeviceDense:
+    """The dense weights on a rank's device (w then b: dim + 1 float64) and the buffer its
+    gradients are summed in there, both on the rank's stream. The host runs the optimizer step
+    (as a CPU optimizer does) and uploads the new weights; the device's copy is what a
+    checkpoint saves. Each copy from the host reads a fresh array, so the host never changes
+    bytes a queued copy has yet to read."""
+
+    def __init__(self, stream, dim):
+        self.s, self.dim = stream, dim
+        self.params = stream.alloc(8 * (dim + 1)).cast("d")
+        self.grads = stream.alloc(8 * (dim + 1)).cast("d")
+
+    def upload(self, model):
+        self.s.copy(self.params, model.w + model.b)
+        return self.params.nbytes
+
+    def reduce(self, comm, gw, gb):
+        """Sums every rank's dense gradients on the devices (ctx.comm on a device buffer:
+        NCCL on GPUs, the host collectives ordered on the stream on sim) and brings the sums
+        back into gw and gb."""
+        g = gw + gb
+        self.s.copy(self.grads, g)
+        comm.allreduce(self.grads, op="sum")
+        self.s.copy(g, self.grads)
+        self.s.synchronize()
+        gw[:], gb[0] = g[:self.dim], g[self.dim]
+        return self.grads.nbytes
+
+    def state(self):
+        """The device's dense weights (w, b), copied to host memory (D2H on the rank's stream).
+        With device checkpoints, Checkpointer.save() takes views of self.params as they are."""
+        p = array.array("d", bytes(self.params.nbytes))
+        self.s.copy(p, self.params)
+        self.s.synchronize()
+        return p[:self.dim], p[self.dim:]
+
+
+# ---------------------------------------------------------------------------------------------
 # one rank: a driver thread of threadloom.spmd
 # ---------------------------------------------------------------------------------------------
 
@@ -169,58 +306,57 @@ WINDOW = 50
 
 
 class RankStats:
-    """Counters one rank writes and the status line reads (one object per rank, written only
-    by its own thread)."""
+    """Counters one rank (and its feeder thread, for h2d_bytes) write and the status line
+    reads: one object per rank, each field written by one thread."""
 
-    def __init__(self):
+    def __init__(self, device):
+        self.device = device
         self.step = 0
         self.samples = 0
-        self.nbytes = 0          # bytes of collated batches this rank consumed
-        self.wait_s = 0.0        # time spent waiting for the loader
+        self.h2d_bytes = 0       # batches copied to the device (the feeder thread)
+        self.own_h2d = 0         # the rank's own copies to the device (dense weights, gradients)
+        self.wait_s = 0.0        # time spent waiting for the next batch
+        self.kernel_s = 0.0      # device time the rank's kernels declared
         self.loss = None         # mean loss and accuracy of the global batches of the last
         self.acc = None          # (up to) WINDOW steps
         self.first_loss = None   # the first step's
         self.window = []
-        self.stall_s = []        # rank 0: seconds each Checkpointer.save() held this thread
-
-
-def nbytes(batch):
-    return sum(memoryview(x).nbytes for x in batch)
+        self.stall_s = []        # rank 0: seconds each checkpoint held this thread (D2H + save)
 
 
 def train(ctx, job):
     a = job.args
     st = job.stats[ctx.rank]
-    model = Model(a.buckets, a.dim, a.seed)
-    loader = threadloom.DataLoader(job.dataset, batch_size=a.batch_size, shuffle=True,
-                                   drop_last=True, num_workers=a.workers, persistent_workers=True,
-                                   rank=ctx.rank, world_size=ctx.world_size,
-                                   generator=random.Random(a.seed))
+    s = ctx.stream
+    model = Model(job.emb, a.dim, a.seed, ctx.rank, ctx.world_size)
+    dense = DeviceDense(s, a.dim)
+    loader = job.loaders[ctx.rank]
     step = job.start_step
     if job.resume is not None:
-        model.load(job.resume["model"])
+        model.load_dense(job.resume["model"])
         loader.load_state_dict(job.resume["loaders"][ctx.rank])
+    st.own_h2d += dense.upload(model)
     st.step = step
-    batches = iter(loader)
+    feed = DeviceFeed(ctx, loader, job.plan, depth=4, stats=st)
     try:
         while step < a.steps:
             t0 = time.perf_counter()
-            try:
-                ids, labels = next(batches)
-            except StopIteration:                         # next epoch (a new shuffle)
-                batches = iter(loader)
-                ids, labels = next(batches)
+            (ids, labels), batch, position = feed.next()
             st.wait_s += time.perf_counter() - t0
-            st.nbytes += nbytes((ids, labels))
+            batch.wait(s)                          # the stream waits for the copy, not the thread
+            s.launch(job.kernel_ns)                # the step's kernel, reading the device batch
+            st.kernel_s += job.kernel_ns / 1e9
             ids, labels = ids.tolist(), labels.tolist()
-            loss, correct, gw, gb, rows, flat = model.gradients(ids, labels)
+            loss, correct, gw, gb, rows, flat = model.gradients(ids, labels)   # meanwhile
             # Collectives, the same ones in the same order in every rank:
-            ctx.comm.allreduce_buckets([gw, gb], op="sum")            # dense: summed in place
+            st.own_h2d += dense.reduce(ctx.comm, gw, gb)               # dense: on the devices
             parts = ctx.comm.allgather((rows, flat))                   # sparse: every rank's
             stop = 1.0 if job.stop.is_set() else 0.0                   # a signal arrived?
             tot_loss, tot_correct, tot_stop = ctx.comm.allreduce([loss, correct, stop], op="sum")
             n = len(labels) * ctx.world_size
             model.apply(gw, gb, parts, a.lr / n)
+            st.own_h2d += dense.upload(model)
+            ctx.barrier()                         # every shard of the table written
             step += 1
             st.samples += len(labels)
             st.window = (st.window + [(tot_loss / n, tot_correct / n)])[-WINDOW:]
@@ -231,29 +367,47 @@ def train(ctx, job):
             st.step = step
             stopping = tot_stop > 0 and step < a.steps
             if step % a.ckpt_every == 0 or step == a.steps or stopping:
-                positions = ctx.comm.allgather(loader.state_dict())   # every rank's loader
+                positions = ctx.comm.allgather(position)              # every rank's loader
                 if ctx.rank == 0:
-                    fut = job.ckpt.save({"model": model.state(), "step": step,
-                                         "loaders": positions}, step=step,
+                    t1 = time.perf_counter()
+                    w, b = dense.state()                                # the device's weights
+                    fut = job.ckpt.save({"model": {"emb": model.emb, "w": w, "b": b},
+                                         "step": step, "loaders": positions}, step=step,
                                         metadata={"config": job.config})
-                    st.stall_s.append(fut.progress.stall_s)
+                    st.stall_s.append(time.perf_counter() - t1)
                     job.saves.append(fut)
-            if ctx.rank == 0 and step == a.preempt_at:
-                job.say("main_job: simulating preemption: SIGUSR2 to this process after step %d"
-                        % step)
-                os.kill(os.getpid(), signal.SIGUSR2)
-                # A real signal lands whenever it lands; this one is waited for, so the demo
-                # stops at the same step every time (the next one).
-                job.stop.wait(30)
-            if ctx.rank == 0 and step == a.kill_at:
-                job.say("main_job: simulating a crash: SIGKILL to this process after step %d"
-                        % step)
-                os.kill(os.getpid(), signal.SIGKILL)
+            inject_failures(ctx, job, step)
             if stopping:
                 break
     finally:
-        loader.close()
-    return {"stopped_at": step if step < a.steps else None, "digest": digest(model.state())}
+        feed.close()
+    w, b = dense.state()
+    if bytes(w) != bytes(model.w) or bytes(b) != bytes(model.b):
+        raise RuntimeError("main_job: the dense weights on %s differ from the host's" % ctx.device)
+    return {"stopped_at": step if step < a.steps else None,
+            "digest": digest({"emb": model.emb, "w": w, "b": b})}
+
+
+def inject_failures(ctx, job, step):
+    """--preempt-at, --kill-at, --fail-at, --lose-device-at: what the demo and the tests
+    simulate after `step`."""
+    a = job.args
+    if ctx.rank == 0 and step == a.preempt_at:
+        job.say("main_job: simulating preemption: SIGUSR2 to this process after step %d" % step)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        # A real signal lands whenever it lands; this one is waited for, so the demo stops at
+        # the same step every time (the next one).
+        job.stop.wait(30)
+    if ctx.rank == 0 and step == a.kill_at:
+        job.say("main_job: simulating a crash: SIGKILL to this process after step %d" % step)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if ctx.rank == a.fail_rank and step == a.fail_at:
+        raise RuntimeError("main_job: --fail-at: rank %d raises after step %d (a simulated bug)"
+                           % (ctx.rank, step))
+    if ctx.rank == a.fail_rank and step == a.lose_device_at:
+        job.say("main_job: simulating a failing device: %s is lost after step %d"
+                % (ctx.device, step))
+        ctx.device.sim_inject("lost")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,21 +421,63 @@ def si(x):
     return "%.0f" % x
 
 
+class DeviceMeter:
+    """Busy fractions of each device's engines since the last read (and since the start): on
+    sim the engines' own busy time (Device.engine_stats: compute, h2d, d2h); on a GPU the
+    compute time the ranks' kernels declared (the copy engines have no counter there)."""
+
+    ENGINES = ("compute", "h2d", "d2h")
+
+    def __init__(self, devs, stats):
+        self.devs, self.stats = devs, stats
+        self.sim = devs[0].kind == "sim"
+        self.t0 = self.t = time.monotonic()
+        self.first = self.last = self._read()
+
+    def _read(self):
+        if self.sim:
+            out = []
+            for d in self.devs:
+                e = d.engine_stats()
+                out.append([e[k]["busy_s"] for k in self.ENGINES])
+            return out
+        return [[st.kernel_s, None, None] for st in self.stats]
+
+    def busy(self, since_start=False):
+        """Per device: [compute, h2d, d2h] busy fractions (None: not measured)."""
+        now, cur = time.monotonic(), self._read()
+        base, t = (self.first, self.t0) if since_start else (self.last, self.t)
+        if not since_start:
+            self.last, self.t = cur, now
+        dt = max(now - t, 1e-9)
+        return [[None if c is None else min(1.0, (c - b) / dt) for c, b in zip(row, brow)]
+                for row, brow in zip(cur, base)]
+
+
+def span(values):
+    """'3-5%' (or '4%') over the devices; '-' when not measured."""
+    vs = [v for v in values if v is not None]
+    if not vs:
+        return "-"
+    lo, hi = 100 * min(vs), 100 * max(vs)
+    return "%.0f%%" % lo if round(lo) == round(hi) else "%.0f-%.0f%%" % (lo, hi)
+
+
 class Status:
     """Live status: rewritten in place on a terminal, a plain line every `every` s otherwise."""
 
     def __init__(self, job, tty, every):
         self.job, self.tty, self.every = job, tty, every
         self.t0 = time.monotonic()
-        self.last = (self.t0, job.start_step, 0, 0)  # (time, step, samples, bytes) for rates
+        self.last = (self.t0, job.start_step, 0, 0)  # (time, step, samples, H2D bytes) for rates
         self.last_print = self.t0
         self.lock = threading.Lock()
         self.shown = False
 
     def totals(self):
         sts = self.job.stats
-        return (sts[0].step, sum(s.samples for s in sts), sum(s.nbytes for s in sts),
-                sum(s.wait_s for s in sts))
+        return (sts[0].step, sum(s.samples for s in sts),
+                sum(s.h2d_bytes + s.own_h2d for s in sts), sum(s.wait_s for s in sts))
 
     def line(self, now):
         step, samples, nb, wait = self.totals()
@@ -290,13 +486,16 @@ class Status:
         self.last = (now, step, samples, nb)
         st0 = self.job.stats[0]
         ranks = len(self.job.stats)
-        busy = max(now - self.t0, 1e-9) * ranks
+        busy = self.job.meter.busy()
         if step == self.job.start_step:
             return "step %d/%d: starting (the loader threads copy their dataset replicas)" % (
                 step, self.job.args.steps)
-        text = ("step %d/%d  %.1f steps/s  %s samples/s  feed %sB/s (ranks waited %.0f%%)"
+        text = ("step %d/%d  %.1f steps/s  %s samples/s  H2D %sB/s  waited for data %.0f%%  "
+                "devices: compute %s h2d %s d2h %s"
                 % (step, self.job.args.steps, (step - s0) / dt, si((samples - n0) / dt),
-                   si((nb - b0) / dt), 100.0 * wait / busy))
+                   si((nb - b0) / dt), 100.0 * wait / (max(now - self.t0, 1e-9) * ranks),
+                   span([b[0] for b in busy]), span([b[1] for b in busy]),
+                   span([b[2] for b in busy])))
         if st0.loss is not None:
             text += "  loss %.3f acc %.0f%%" % (st0.loss, 100.0 * st0.acc)
         p = self.job.ckpt.progress
@@ -332,40 +531,75 @@ class Status:
 # main
 # ---------------------------------------------------------------------------------------------
 
-def describe_path(ranks, gpu_count=None):
-    """(ranks, the one line that says which path runs). This example's GPU code is not written
-    yet (the feeder, DataLoader device=, and the NCCL communicator are built; neither has run on
-    a GPU); until it is, the job runs on CPUs and says so. `gpu_count` (a function) is for
-    tests."""
-    if gpu_count is None:
-        gpu_count = threadloom._core.cuda_device_count
-    try:
-        n = gpu_count()
-    except threadloom.Error as e:
-        return ranks, ("path: CPU, no GPU (%s: %s); a CPU world of %d rank threads"
-                       % (e.name, e.detail, ranks))
-    if n == 0:
-        return ranks, "path: CPU (CUDA sees no GPU); a CPU world of %d rank threads" % ranks
-    missing = []
-    if not hasattr(getattr(threadloom._core, "NcclComm", None), "allreduce"):
-        missing.append("the NCCL communicator")
-    why = " and ".join(missing) if missing else "this example's GPU code"
-    return n, ("path: CPU: %d GPU(s) found, but the GPU path is not built yet (%s); running the "
-               "CPU path with %d rank threads" % (n, why, n))
+def choose_devices(spec, backend=None):
+    """(the devices, the line that says which path runs) for --devices `spec`: "auto" (the
+    selected backend's devices: the GPUs, or THREADLOOM_DEVICES'; without any, sim:8),
+    "sim:N[,options]" or "cuda". `backend` (a function) is for tests."""
+    backend = backend or devices.backend
+    why = None
+    if spec == "auto":
+        b = backend()
+        if b["name"] != "none" and b["count"]:
+            ds = devices()
+            return ds, ("path: %d %s device(s) (%s; %s), one driver thread each"
+                        % (len(ds), b["name"], ds[0].name, b["why"]))
+        why, spec = b["why"], "sim:8"
+    if spec.startswith("sim:"):
+        try:
+            n = int(spec[4:].split(",")[0])
+        except ValueError:
+            raise SystemExit("main_job: --devices %s: write sim:N (e.g. sim:8)" % spec) from None
+        try:
+            devices.configure_sim(spec)
+        except devices.BusyError:
+            pass                          # sim devices configured before: use theirs if enough
+        ds = devices("sim")[:n]
+        if len(ds) < n:
+            raise SystemExit("main_job: --devices %s: only %d sim devices are configured in this "
+                             "process (THREADLOOM_DEVICES); ask for at most that many"
+                             % (spec, len(ds)))
+        line = "path: %s, %d simulated devices (host memory; copies and kernels take " \
+               "modelled time)" % (spec, n)
+        if why is not None:
+            line += ": no GPU here (%s); --devices or THREADLOOM_DEVICES choose others" % why
+        return ds, line
+    if spec == "cuda":
+        try:
+            ds = devices("cuda")
+        except threadloom.Error as e:
+            raise SystemExit("main_job: --devices cuda: no usable GPU (%s)" % e) from None
+        if not ds:
+            raise SystemExit("main_job: --devices cuda: CUDA lists no GPU")
+        return ds, "path: %d cuda device(s) (%s), one driver thread each" % (len(ds), ds[0].name)
+    raise SystemExit("main_job: --devices %r: use auto, sim:N or cuda" % spec)
 
 
 class Job:
     """What the ranks share: read-only settings, the Checkpointer, the stop event, one stats
-    object per rank."""
+    object per rank, the device meter."""
 
-    def __init__(self, args, ranks, status_every):
+    def __init__(self, args, devs):
         self.args = args
-        self.config = {"ranks": ranks, "workers": args.workers, "batch_size": args.batch_size,
-                       "samples": args.samples, "tokens": args.tokens, "buckets": args.buckets,
-                       "dim": args.dim, "lr": args.lr, "seed": args.seed}
+        self.devs = devs
+        self.config = {"ranks": len(devs), "workers": args.workers,
+                       "batch_size": args.batch_size, "samples": args.samples,
+                       "tokens": args.tokens, "buckets": args.buckets, "dim": args.dim,
+                       "lr": args.lr, "seed": args.seed}
         self.dataset = Lines(args.samples, args.tokens, args.buckets, args.seed)
+        self.emb = array.array("f", bytes(4 * args.buckets * args.dim))   # shared by the ranks
+        # One loader per rank, made here: a rank's thread is pinned to its launch core, and a
+        # loader made there would think the process has that one core (its warning says so)
+        self.loaders = [threadloom.DataLoader(self.dataset, batch_size=args.batch_size,
+                                              shuffle=True, drop_last=True,
+                                              num_workers=args.workers, persistent_workers=True,
+                                              rank=r, world_size=len(devs),
+                                              generator=random.Random(args.seed))
+                        for r in range(len(devs))]
+        self.plan = threadloom.placement.device_plan(devs)
+        self.kernel_ns = int(args.kernel_ms * 1e6)
         self.stop = threading.Event()
-        self.stats = [RankStats() for _ in range(ranks)]
+        self.stats = [RankStats(str(d)) for d in devs]
+        self.meter = DeviceMeter(devs, self.stats)
         self.saves = []
         self.ckpt = None
         self.resume = None
@@ -392,16 +626,19 @@ def check_against(ref_dir, steps, mine):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt-dir", required=True, help="checkpoints; resumed from when present")
-    ap.add_argument("--steps", type=int, default=1600, help="train up to this step (1600)")
-    ap.add_argument("--ranks", type=int, default=2, help="CPU world size without GPUs (2)")
-    ap.add_argument("--workers", type=int, default=2, help="loader threads per rank (2)")
-    ap.add_argument("--batch-size", type=int, default=32, help="samples per rank per step (32)")
+    ap.add_argument("--devices", default="auto",
+                    help="auto (the GPUs, else sim:8), sim:N[,options] or cuda")
+    ap.add_argument("--steps", type=int, default=800, help="train up to this step (800)")
+    ap.add_argument("--workers", type=int, default=2, help="loader threads per device (2)")
+    ap.add_argument("--batch-size", type=int, default=16, help="samples per rank per step (16)")
     ap.add_argument("--samples", type=int, default=200_000, help="data set size (200000)")
     ap.add_argument("--tokens", type=int, default=12, help="words per line (12)")
     ap.add_argument("--buckets", type=int, default=1 << 18, help="embedding rows (262144)")
     ap.add_argument("--dim", type=int, default=16, help="embedding width (16)")
     ap.add_argument("--lr", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kernel-ms", type=float, default=4.0,
+                    help="device time of a step's kernel (modelled on sim; 4)")
     ap.add_argument("--ckpt-every", type=int, default=100, help="checkpoint period in steps")
     ap.add_argument("--keep", type=int, default=3, help="complete checkpoints kept (3)")
     ap.add_argument("--log-every", type=float, default=5.0,
@@ -410,19 +647,28 @@ def main(argv=None):
                     help="send SIGUSR2 to this process after this step (simulated preemption)")
     ap.add_argument("--kill-at", type=int, default=0,
                     help="send SIGKILL to this process after this step (simulated crash)")
+    ap.add_argument("--fail-at", type=int, default=0,
+                    help="rank --fail-rank raises an exception after this step (simulated bug)")
+    ap.add_argument("--lose-device-at", type=int, default=0,
+                    help="rank --fail-rank's sim device is lost after this step (sim only)")
+    ap.add_argument("--fail-rank", type=int, default=1, help="the rank that fails (1)")
     ap.add_argument("--check-against", metavar="DIR",
                     help="at the end, compare the final weights with the newest checkpoint in DIR")
     a = ap.parse_args(argv)
-    for name in ("steps", "ranks", "workers", "batch_size", "samples", "tokens", "buckets", "dim",
+    for name in ("steps", "workers", "batch_size", "samples", "tokens", "buckets", "dim",
                  "ckpt_every"):
         if getattr(a, name) < 1:
             ap.error("--%s must be >= 1" % name.replace("_", "-"))
-    if a.samples < a.batch_size * a.ranks:
-        ap.error("--samples must hold at least one batch per rank (batch-size x ranks)")
+    if a.kernel_ms < 0:
+        ap.error("--kernel-ms must be >= 0")
 
-    ranks, path = describe_path(a.ranks)
+    devs, path = choose_devices(a.devices)
+    if a.samples < a.batch_size * len(devs):
+        ap.error("--samples must hold at least one batch per rank (batch-size x devices)")
+    if a.lose_device_at and devs[0].kind != "sim":
+        ap.error("--lose-device-at injects a fault into a sim device: use --devices sim:N")
     print("main_job: %s" % path, flush=True)
-    job = Job(a, ranks, a.log_every)
+    job = Job(a, devs)
     tty = sys.stdout.isatty()
 
     job.ckpt = threadloom.Checkpointer(a.ckpt_dir, keep=a.keep, staging_bytes=64 << 20,
@@ -437,19 +683,21 @@ def main(argv=None):
                                  "settings (%s); use the same settings or another --ckpt-dir"
                                  % (a.ckpt_dir, ", ".join("%s=%r" % (k, (saved or {}).get(k))
                                                           for k in diff)))
+            load_into(job.emb, state["model"]["emb"], "emb")
             job.resume, job.start_step = state, state["step"]
             print("main_job: resuming from step-%d in %s (newest complete checkpoint%s)"
                   % (job.start_step, a.ckpt_dir, ", after skipping a damaged one"
                      if info["skipped"] else ""), flush=True)
         else:
             print("main_job: no checkpoint in %s: starting at step 0" % a.ckpt_dir, flush=True)
-        print("main_job: %d ranks x %d loader threads, batch %d per rank, steps %d -> %d, "
-              "checkpoint every %d steps (%.1f MB each, keep %d)"
-              % (ranks, a.workers, a.batch_size, job.start_step, a.steps, a.ckpt_every,
+        print("main_job: %d driver threads (one per device), %d loader threads and a feeder "
+              "thread per device, batch %d per rank, steps %d -> %d, checkpoint every %d steps "
+              "(%.1f MB each, keep %d)"
+              % (len(devs), a.workers, a.batch_size, job.start_step, a.steps, a.ckpt_every,
                  (4 * a.buckets * a.dim + 8 * a.dim + 8) / 1e6, a.keep), flush=True)
         status = Status(job, tty, a.log_every)
         job.say = status.say
-        rc = run(job, status, ranks)
+        rc = run(job, status)
     finally:
         job.ckpt.close()                       # waits for the saves in flight
 
@@ -461,7 +709,7 @@ def main(argv=None):
     return 0
 
 
-def run(job, status, ranks):
+def run(job, status):
     """Runs the ranks (in a thread, so this main thread keeps the status line and the signal
     handlers), then prints the summary. Returns the exit status."""
     a = job.args
@@ -486,9 +734,8 @@ def run(job, status, ranks):
 
     def runner():
         try:
-            out["results"] = threadloom.spmd(train, devices="cpu", cpu_world=ranks, args=(job,),
-                                             timeout=300)
-        except BaseException as e:  # noqa: BLE001 (re-raised by the main thread)
+            out["results"] = threadloom.spmd(train, devices=job.devs, args=(job,), timeout=300)
+        except BaseException as e:  # noqa: BLE001 (reported by the main thread)
             out["error"] = e
 
     t0 = time.monotonic()
@@ -501,9 +748,17 @@ def run(job, status, ranks):
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        for loader in job.loaders:             # a rank that failed early may not have
+            loader.close()
     status.tick(final=True)
     if "error" in out:
-        raise out["error"]
+        e = out["error"]
+        notes = "; ".join(getattr(e, "__notes__", []))
+        print("main_job: FAILED: %s: %s%s; every rank and loader thread stopped; the newest "
+              "complete checkpoint in %s still loads"
+              % (type(e).__name__, e, " (%s)" % notes if notes else "", a.ckpt_dir),
+              file=sys.stderr, flush=True)
+        return 1
     dt = time.monotonic() - t0
     for f in job.saves:
         f.result()                             # a failed save fails the job here
@@ -522,18 +777,26 @@ def run(job, status, ranks):
 
 
 def summary(job, dt, sha, identical):
-    a, sts = job.args, job.stats
+    sts = job.stats
     step = sts[0].step
     done = step - job.start_step
     samples = sum(s.samples for s in sts)
-    nb = sum(s.nbytes for s in sts)
+    h2d = sum(s.h2d_bytes + s.own_h2d for s in sts)
     wait = sum(s.wait_s for s in sts)
     stalls = sts[0].stall_s
     writes = [f.progress for f in job.saves]
-    print("summary: %d ranks, steps %d -> %d in %.1f s: %.1f steps/s, %s samples/s, fed %sB/s "
-          "to the ranks (they waited %.0f%% of the time for data)"
-          % (len(sts), job.start_step, step, dt, done / dt, si(samples / dt), si(nb / dt),
+    print("summary: %d devices, steps %d -> %d in %.1f s: %.1f steps/s, %s samples/s, H2D %sB/s "
+          "(the ranks waited %.0f%% of the time for data)"
+          % (len(sts), job.start_step, step, dt, done / dt, si(samples / dt), si(h2d / dt),
              100.0 * wait / (dt * len(sts))))
+    busy = job.meter.busy(since_start=True)
+    pct = lambda v: "-" if v is None else "%.1f%%" % (100 * v)  # noqa: E731
+    for st, b in zip(sts, busy):
+        print("summary: %-7s compute %6s  h2d %6s  d2h %6s busy; waited %.1f s for data"
+              % (st.device, pct(b[0]), pct(b[1]), pct(b[2]), st.wait_s))
+    if job.devs[0].kind != "sim":
+        print("summary: (on GPUs the compute figure is the kernels' declared time; the copy "
+              "engines have no counter)")
     if sts[0].first_loss is not None:
         print("summary: loss %.4f at the first step -> %.4f over the last %d, accuracy %.1f%%"
               % (sts[0].first_loss, sts[0].loss, len(sts[0].window), 100.0 * sts[0].acc))
@@ -541,8 +804,8 @@ def summary(job, dt, sha, identical):
         mb = writes[-1].total_bytes / 1e6
         wr = [p.finished - p.started for p in writes if p.finished is not None]
         print("summary: %d checkpoint(s) of %.1f MB: training stalled %.1f ms per save on "
-              "average (max %.1f ms) while each took %.0f ms to write in the background; "
-              "kept: %s"
+              "average (max %.1f ms; the device's weights copied to the host, then staged) "
+              "while each took %.0f ms to write in the background; kept: %s"
               % (len(writes), mb, 1e3 * sum(stalls) / len(stalls), 1e3 * max(stalls),
                  1e3 * sum(wr) / max(len(wr), 1),
                  ", ".join("step-%d" % s for s in job.ckpt.steps())))

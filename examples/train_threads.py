@@ -11,16 +11,13 @@ Run: python examples/train_threads.py --steps 200 --ranks 2
 
 import argparse
 import array
-import os
 import random
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-
-import threadloom  # noqa: E402
-from threadloom.data import Dataset  # noqa: E402
+import threadloom
+from threadloom.data import Dataset
 
 FEATURES = 8
 

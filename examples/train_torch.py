@@ -15,21 +15,18 @@ Two worlds, one loop:
   CUDA gradients on torch's current stream. That path has never run here (no GPU on this
   project's CI machines): treat it as untested.
 
-Needs torch. On the free-threaded interpreter torch is rarely installed; with a GIL Python that
-has torch, build threadloom for it (`make build-torch` for the system's python3; the rank
-threads then take turns in Python, torch's kernels still run in parallel). Without torch this
-program says so and exits 0.
+Needs torch: its cp313t wheel on the free-threaded interpreter (make build: build/venv has it),
+or a GIL Python with threadloom installed too (make build-gil: build/venv-gil; the rank threads
+then take turns in Python, torch's kernels still run in parallel). Without torch this program
+says so and exits 0.
 
     python examples/train_torch.py [--steps 100] [--ranks 2] [--cpu]
 """
 
 import argparse
 import array
-import os
 import random
 import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
 try:
     import torch

@@ -22,9 +22,15 @@
  * CUDA_VISIBLE_DEVICES is set from SLURM_STEP_GPUS/SLURM_JOB_GPUS when SLURM left it unset,
  * before the placement plan counts the GPUs and long before anything starts CUDA.
  *
- * The interpreter's path and the package directory are baked in at build time
- * (TL_INTERP_PYTHON, TL_INTERP_PACKAGE_DIR). sys.executable is the real python3.13t, so code
- * that re-runs sys.executable (multiprocessing's spawn, subprocess) gets a normal interpreter.
+ * Nothing of a checkout or a build tree is baked in: pip installs the launcher as the
+ * `threadloom` script of the environment it installs threadloom into (docs/design.md,
+ * "Installing"), so the interpreter is found next to it when it runs: python3.13t in the same
+ * bin/ directory (a venv's, or a prefix's), else the interpreter it was built with
+ * (TL_INTERP_PYTHON: `pip install --user` puts scripts in ~/.local/bin). sys.executable is
+ * that python3.13t, so CPython finds the venv's site-packages as python would, and code that
+ * re-runs sys.executable (multiprocessing's spawn, subprocess) gets a normal interpreter. The
+ * package is found on that interpreter's sys.path (tl__startup_code). libpython is found
+ * through the rpath (the interpreter's LIBDIR).
  *
  * mimalloc options: none are set. CPython's bundled mimalloc reads MIMALLOC_* from the
  * environment. On a threaded allocation benchmark (bench/bench_startup.py --alloc: 2 threads
@@ -37,9 +43,11 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "interp/internal.h"
 #include "threadloom/common.h"
@@ -47,11 +55,8 @@
 #ifndef Py_GIL_DISABLED
 #error "the threadloom launcher needs a free-threaded Python (3.13t): run scripts/bootstrap.sh"
 #endif
-#ifndef TL_INTERP_PYTHON
-#error "TL_INTERP_PYTHON (the interpreter's path) must be defined by the build"
-#endif
-#ifndef TL_INTERP_PACKAGE_DIR
-#error "TL_INTERP_PACKAGE_DIR (the directory holding the threadloom package) must be defined"
+#if !defined(TL_INTERP_PYTHON) || !defined(TL_INTERP_PYTHON_NAME)
+#error "TL_INTERP_PYTHON (the interpreter built with) and TL_INTERP_PYTHON_NAME (python3.13t) must be defined by the build"
 #endif
 
 static const char tl__usage[] =
@@ -244,35 +249,42 @@ static int tl__status_fail(PyStatus st, PyConfig* config) {
   return 1;
 }
 
-/* Prepends the package directory to config->pythonpath_env (PYTHONPATH as PyConfig_Read left
- * it: empty under -E/-I), so `import threadloom` finds this build's package. */
-static PyStatus tl__add_package_dir(PyConfig* config) {
-  wchar_t* pkg = Py_DecodeLocale(TL_INTERP_PACKAGE_DIR, NULL);
-  if (!pkg) return PyStatus_NoMemory();
-  const wchar_t* old = config->pythonpath_env;
-  size_t len = wcslen(pkg) + (old ? wcslen(old) + 1 : 0) + 1;
-  wchar_t* joined = PyMem_RawMalloc(len * sizeof(wchar_t));
-  if (!joined) {
-    PyMem_RawFree(pkg);
-    return PyStatus_NoMemory();
+/* The interpreter to run, into out[PATH_MAX]: TL_INTERP_PYTHON_NAME in the launcher's own
+ * directory (/proc/self/exe, symlinks resolved: a venv's bin/ or a prefix's), else
+ * TL_INTERP_PYTHON. Exits with status 1, saying what to do, when neither is there. */
+static void tl__find_python(char* out) {
+  char self[PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+  if (n > 0) {
+    self[n] = '\0';
+    char* slash = strrchr(self, '/');
+    if (slash && (size_t)(slash - self) + 1 + sizeof TL_INTERP_PYTHON_NAME <= PATH_MAX) {
+      snprintf(out, PATH_MAX, "%.*s/%s", (int)(slash - self), self, TL_INTERP_PYTHON_NAME);
+      if (access(out, X_OK) == 0) return;
+    }
   }
-  if (old && old[0])
-    swprintf(joined, len, L"%ls%lc%ls", pkg, (wint_t)L':', old);
-  else
-    swprintf(joined, len, L"%ls", pkg);
-  PyStatus st = PyConfig_SetString(config, &config->pythonpath_env, joined);
-  PyMem_RawFree(joined);
-  PyMem_RawFree(pkg);
-  return st;
+  if (access(TL_INTERP_PYTHON, X_OK) == 0) {
+    snprintf(out, PATH_MAX, "%s", TL_INTERP_PYTHON);
+    return;
+  }
+  fprintf(stderr,
+          "threadloom: no Python to run: there is no %s next to this launcher (%s), and %s, "
+          "the interpreter it was built with, is gone. Install threadloom into the "
+          "free-threaded Python you use (python3.13t -m pip install threadloom), and run the "
+          "threadloom command of that environment.\n",
+          TL_INTERP_PYTHON_NAME, n > 0 ? self : "/proc/self/exe unreadable", TL_INTERP_PYTHON);
+  exit(1);
 }
 
 static PyStatus tl__configure(PyConfig* config, int argc, char** argv, const tl__args_t* a,
                               int allowed_pus) {
   PyStatus st;
+  char python[PATH_MAX];
+  tl__find_python(python);
   PyConfig_InitPythonConfig(config);
-  st = PyConfig_SetBytesString(config, &config->program_name, TL_INTERP_PYTHON);
+  st = PyConfig_SetBytesString(config, &config->program_name, python);
   if (PyStatus_Exception(st)) return st;
-  st = PyConfig_SetBytesString(config, &config->executable, TL_INTERP_PYTHON);
+  st = PyConfig_SetBytesString(config, &config->executable, python);
   if (PyStatus_Exception(st)) return st;
   if (strcmp(a->cmd, "run") == 0) {
     /* CPython parses [argv0, PYTHON-OPTIONS, script | -m mod | -c code, ARGS] as python would. */
@@ -304,7 +316,7 @@ static PyStatus tl__configure(PyConfig* config, int argc, char** argv, const tl_
   if (PyStatus_Exception(st)) return st;
   /* -X cpu_count / PYTHON_CPU_COUNT from the user win; otherwise the allowed PUs. */
   if (config->cpu_count < 0 && allowed_pus > 0) config->cpu_count = allowed_pus;
-  return tl__add_package_dir(config);
+  return PyStatus_Ok();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -316,27 +328,35 @@ static PyStatus tl__configure(PyConfig* config, int argc, char** argv, const tl_
  * may never need. Registered under their package names, so `threadloom.gilguard` is this one. The
  * import hook that makes imported code's constants immortal (threadloom/share.py, unless
  * THREADLOOM_SHARE_IMPORTS=0) needs _core, which share.py loads the same way at the first import
- * it sees (a script that imports nothing new does not pay for it). */
+ * it sees (a script that imports nothing new does not pay for it). The package directory is
+ * where the interpreter's sys.path finds it (PathFinder only looks: it runs no __init__). */
 static const char tl__startup_code[] =
     "import sys, _frozen_importlib as _b, _frozen_importlib_external as _e\n"
+    "_spec = _e.PathFinder.find_spec('threadloom')\n"
+    "if _spec is None or not _spec.submodule_search_locations:\n"
+    "    sys.stderr.write('threadloom: the threadloom package is not installed for %s: install "
+    "it with %s -m pip install threadloom (or reinstall it into the environment this "
+    "launcher belongs to)\\n' % (sys.executable, sys.executable))\n"
+    "    raise SystemExit(1)\n"
+    "pkg = _spec.submodule_search_locations[0]\n"
     "def _load(name, path):\n"
     "    spec = _e.spec_from_file_location(name, path)\n"
     "    mod = _b.module_from_spec(spec)\n"
     "    sys.modules[name] = mod\n"
     "    spec.loader.exec_module(mod)\n"
     "    return mod\n"
-    "_g = _load('threadloom.gilguard', pkg + '/threadloom/gilguard.py')\n"
+    "_g = _load('threadloom.gilguard', pkg + '/gilguard.py')\n"
     "_g.install(policy, origin='threadloom run')\n"
-    "_s = _load('threadloom.share', pkg + '/threadloom/share.py')\n"
+    "_s = _load('threadloom.share', pkg + '/share.py')\n"
     "if _s.enabled_by_env():\n"
     "    import _imp\n"
-    "    _s._CORE_FILE = pkg + '/threadloom/_core' + _imp.extension_suffixes()[0]\n"
+    "    _s._CORE_FILE = pkg + '/_core' + _imp.extension_suffixes()[0]\n"
     "    _s.share_imports(True)\n"
     "if cluster is not None:\n"
     "    from threadloom.cluster import launch as _launch\n"
     "    _launch.launch_or_exit(origin='threadloom run', **cluster)\n"
     "if torchrun:\n"
-    "    _load('threadloom.cluster.torchrun', pkg + '/threadloom/cluster/torchrun.py')"
+    "    _load('threadloom.cluster.torchrun', pkg + '/cluster/torchrun.py')"
     ".apply_torchrun_env()\n";
 
 /* The keyword arguments of threadloom.cluster.launch.launch() for the flags given (a new dict), or None
@@ -372,8 +392,6 @@ static int tl__before_user_code(const tl__args_t* a) {
   PyObject* globals = PyDict_New();
   if (!globals) goto fail;
   PyObject* v;
-  if (!(v = PyUnicode_FromString(TL_INTERP_PACKAGE_DIR)) || PyDict_SetItemString(globals, "pkg", v) < 0) goto fail_v;
-  Py_DECREF(v);
   if (!(v = PyUnicode_FromString(a->gil)) || PyDict_SetItemString(globals, "policy", v) < 0) goto fail_v;
   Py_DECREF(v);
   if (PyDict_SetItemString(globals, "torchrun", a->torchrun_env ? Py_True : Py_False) < 0) goto fail;

@@ -376,13 +376,19 @@ int tl_plan_init(tl_plan_t** out, const tl_topo_t* topo, const tl_plan_spec_t* s
   tl_plan_spec_t spec;
   if (spec_in) spec = *spec_in;
   else tl_plan_spec_default(&spec);
-  int avail = spec.gpu_bus_ids ? spec.ngpu_bus_ids : topo->ngpus;
+  int avail = spec.device_nodes ? spec.ndevice_nodes
+              : spec.gpu_bus_ids ? spec.ngpu_bus_ids : topo->ngpus;
   if (spec.gpu_bus_ids && spec.ngpu_bus_ids < 0)
     return tl__fail(TL_EINVAL, "plan: ngpu_bus_ids is negative");
+  if (spec.device_nodes && (spec.ndevice_nodes < 0 || spec.gpu_bus_ids))
+    return tl__fail(TL_EINVAL, "plan: device_nodes %s", spec.gpu_bus_ids
+                    ? "and gpu_bus_ids both given: plan either the topology's GPUs or other devices"
+                    : "with a negative count");
   int ngpus = spec.gpus < 0 ? avail : spec.gpus;
   if (ngpus > avail)
     return tl__fail(TL_ENODEV, "plan for %d GPU(s) asked, but %d %s", ngpus, avail,
-                    spec.gpu_bus_ids ? "bus id(s) given" : "GPU(s) are in the topology");
+                    spec.device_nodes ? "device node(s) given"
+                    : spec.gpu_bus_ids ? "bus id(s) given" : "GPU(s) are in the topology");
   if (spec.io_threads < 0 || spec.loaders_per_gpu < -1 || spec.gpus < -1)
     return tl__fail(TL_EINVAL, "plan: negative thread count (io_threads %d, loaders_per_gpu %d)",
                     spec.io_threads, spec.loaders_per_gpu);
@@ -396,13 +402,17 @@ int tl_plan_init(tl_plan_t** out, const tl_topo_t* topo, const tl_plan_spec_t* s
   p.gl = calloc((size_t)(ngpus ? ngpus : 1), sizeof *p.gl);
   p.gnode = calloc((size_t)(ngpus ? ngpus : 1), sizeof *p.gnode);
   p.gpkg = calloc((size_t)(ngpus ? ngpus : 1), sizeof *p.gpkg);
-  if (!pl || !map || !p.c || !p.gl || !p.gnode || !p.gpkg) {
+  /* device_nodes: each device's local PUs are its node's (owned here, freed at the end) */
+  hwloc_bitmap_t* node_local = spec.device_nodes
+                                   ? calloc((size_t)(ngpus ? ngpus : 1), sizeof *node_local)
+                                   : NULL;
+  if (!pl || !map || !p.c || !p.gl || !p.gnode || !p.gpkg || (spec.device_nodes && !node_local)) {
     err = tl__fail(TL_ENOMEM, "plan");
     goto done;
   }
   pl->ngpus = ngpus;
   pl->is_this_system = topo->summary.is_this_system;
-  if ((err = tl__map_gpus(topo, &spec, ngpus, map))) goto done;
+  if (!spec.device_nodes && (err = tl__map_gpus(topo, &spec, ngpus, map))) goto done;
 
   if (spec.cpus) {
     restrict_set = hwloc_bitmap_alloc();
@@ -432,8 +442,21 @@ int tl_plan_init(tl_plan_t** out, const tl_topo_t* topo, const tl_plan_spec_t* s
     goto free_shrunk;
   }
   for (int g = 0; g < ngpus; g++) {
-    p.gl[g] = topo->gpu_local[map[g]];
-    p.gnode[g] = topo->gpus[map[g]].numa_node;
+    if (spec.device_nodes) {
+      int node = spec.device_nodes[g];
+      if (!(node_local[g] = hwloc_bitmap_alloc())) {
+        err = tl__fail(TL_ENOMEM, "plan");
+        goto free_shrunk;
+      }
+      for (int i = 0; i < p.n; i++)
+        if (node < 0 || p.c[i].core->numa_node == node)
+          hwloc_bitmap_or(node_local[g], node_local[g], p.c[i].core->pus);
+      p.gl[g] = node_local[g];
+      p.gnode[g] = node;
+    } else {
+      p.gl[g] = topo->gpu_local[map[g]];
+      p.gnode[g] = topo->gpus[map[g]].numa_node;
+    }
     p.gpkg[g] = -1;
     for (int i = 0; i < p.n && p.gpkg[g] < 0; i++)
       if (hwloc_bitmap_intersects(p.c[i].core->pus, p.gl[g])) p.gpkg[g] = p.c[i].core->package;
@@ -458,6 +481,9 @@ free_shrunk:
   for (int i = 0; i < topo->ncores; i++) hwloc_bitmap_free(shrunk[i].pus);
   free(shrunk);
 done:
+  if (node_local)
+    for (int g = 0; g < ngpus; g++) hwloc_bitmap_free(node_local[g]);
+  free(node_local);
   hwloc_bitmap_free(restrict_set);
   free(map);
   free(p.c);

@@ -8,15 +8,19 @@
 #      package (downloaded and hash-verified by apt through a private sources dir; the
 #      system's apt configuration is never edited), cached outside the clone, keyed by version
 #      and flavour (PGO + LTO by default);
-#   3. pytest and its arch-all dependencies from trixie's .debs (dpkg -x), next to it;
-#   4. torch on the system's Python (Debian's python3-torch), the DataLoader's baseline.
+#   3. the test and benchmark packages from PyPI (pytest, numpy, Pillow, torch, ...; versions
+#      from requirements/pins.txt), for the free-threaded interpreter and for the GIL baseline
+#      (the system's Python 3.11), each set installed once into the cache (pydeps-<abi>-<key>);
+#   4. two venvs of this checkout, build/venv (free-threaded) and build/venv-gil (the
+#      baseline), which see their cached set through a .pth file; `make build` installs
+#      threadloom into them with pip.
 #
-# A second run finds everything in the cache and does nothing (no network, no apt).
-# PYTHON=/path/to/python3.14t uses an existing free-threaded interpreter instead of step 2;
-# a GIL build is refused. The result is written to build/bootstrap.env for the Makefile.
+# A second run finds everything in the cache and only (re)makes missing venvs (no network, no
+# apt). PYTHON=/path/to/python3.14t uses an existing free-threaded interpreter instead of step
+# 2; a GIL build is refused. The result is written to build/bootstrap.env for the Makefile.
 #
-# Environment: THREADLOOM_CACHE (default ~/.cache/threadloom), PYTHON, TORCH_PYTHON, TL_CPYTHON_PGO
-# (default 1: PGO + LTO), TL_CPYTHON_VERSION
+# Environment: THREADLOOM_CACHE (default ~/.cache/threadloom), PYTHON, GIL_PYTHON (default
+# /usr/bin/python3), TL_CPYTHON_PGO (default 1: PGO + LTO), TL_CPYTHON_VERSION
 # (default 3.13.5), DEBIAN_MIRROR (default http://deb.debian.org/debian), JOBS.
 set -euo pipefail
 
@@ -32,7 +36,7 @@ pgo=${TL_CPYTHON_PGO:-1}
 case $pgo in 0) flavour=freethreaded ;; 1) flavour=freethreaded-pgo ;;
   *) printf 'bootstrap: error: TL_CPYTHON_PGO must be 0 or 1, not %s\n' "$pgo" >&2; exit 1 ;; esac
 prefix=$cache/cpython-$pyver-$flavour
-pytest_dir=$cache/pytest-trixie
+pins=$here/requirements/pins.txt
 envfile=$here/build/bootstrap.env
 
 say() { printf 'bootstrap: %s\n' "$*" >&2; }
@@ -60,10 +64,9 @@ apt_pkgs=(
   # scontrol, to check the host-list parser against SLURM's (tests/python/test_cluster.py);
   # the daemons and ip, for the local cluster of scripts/slurm-cluster.sh (tests/python/test_slurm.py)
   slurm-client slurmd slurmctld munge iproute2
-  # torch (1.13, CPU) on the system's Python 3.11, the baseline of the DataLoader tests and
-  # benchmarks (tests/torch, bench/bench_dataloader_torch.py), with its headers to build the
-  # extension for that interpreter too (build-torch/, make test-torch)
-  python3-dev python3-torch python3-numpy
+  # the system's Python 3.11, the GIL baseline (its venv build/venv-gil gets torch from PyPI):
+  # its headers to build threadloom for it, venv to make the venv
+  python3-dev python3-venv
   # CPython's build dependencies (the optional modules the stdlib needs)
   libssl-dev zlib1g-dev libbz2-dev libffi-dev liblzma-dev libsqlite3-dev libreadline-dev
   libncurses-dev uuid-dev libgdbm-dev libgdbm-compat-dev libexpat1-dev
@@ -164,31 +167,97 @@ is_free_threaded "$python" || die "$python is not a free-threaded build"
   || die "$python runs with the GIL enabled (PYTHON_GIL=1 set?); unset PYTHON_GIL"
 
 # ---------------------------------------------------------------------------------------------
-# 3. pytest from trixie's arch-all debs
+# 3. the Python packages, from PyPI, cached per interpreter and pin set
 # ---------------------------------------------------------------------------------------------
-pytest_pkgs=(python3-pytest python3-pluggy python3-iniconfig python3-packaging)
-if [ ! -f "$pytest_dir/.complete" ]; then
-  say "fetching ${pytest_pkgs[*]} from trixie"
-  rm -rf "$pytest_dir"; mkdir -p "$pytest_dir/debs"
-  (cd "$pytest_dir/debs" && trixie_apt download -q "${pytest_pkgs[@]}" >&2)
-  for deb in "$pytest_dir"/debs/*.deb; do dpkg-deb -x "$deb" "$pytest_dir/root"; done
-  touch "$pytest_dir/.complete"
-fi
-pytest_path=$pytest_dir/root/usr/lib/python3/dist-packages
-PYTHONPATH=$pytest_path "$python" -c 'import pytest' \
-  || die "pytest from $pytest_dir does not import on $python"
+# Cached outside the clone because torch pulls ~3 GB of nvidia-* wheels (~5 GB installed) per
+# interpreter: a fresh clone (CI) reuses them instead of downloading and unpacking them again,
+# and the venvs of step 4 stay cheap to make. Written to a temporary directory and renamed, so
+# an interrupted install leaves no half set; never changed afterwards.
+ft_pkgs=(pytest numpy pillow torch scikit-build-core)
+gil_pkgs=(pytest numpy pillow torch safetensors scikit-build-core)
+[ -f "$pins" ] || die "$pins is missing"
+for p in "${ft_pkgs[@]}" "${gil_pkgs[@]}"; do
+  grep -qiE "^$p==[^ ]+" "$pins" || die "$p has no version in requirements/pins.txt: add a line $p==VERSION there"
+done
 
-# 4. the Python that has torch (the system's, from python3-torch): TORCH_PYTHON overrides it
-torch_python=${TORCH_PYTHON:-/usr/bin/python3}
-PYTHONPATH=$pytest_path "$torch_python" -c 'import torch, pytest' \
-  || die "$torch_python cannot import torch and pytest (python3-torch not installed? TORCH_PYTHON names another)"
+deps_dir() {  # $1: interpreter, $2...: packages. The cache directory of that set.
+  local py=$1; shift
+  local abi key
+  abi=$("$py" -c 'import sys; print("cp%d%d%s" % (sys.version_info[:2] + (getattr(sys, "abiflags", ""),)))')
+  key=$({ cat "$pins"; echo "$*"; "$py" -c 'import os, sys; print(sys.version, os.path.realpath(sys._base_executable))'; } \
+    | sha256sum | cut -c1-12)
+  echo "$cache/pydeps-$abi-$key"
+}
+
+install_deps() {  # $1: a venv's python (with pip), $2: the cache directory, $3...: packages
+  local vpy=$1 deps=$2; shift 2
+  [ -f "$deps/.complete" ] && return 0
+  say "installing $* from PyPI into $deps (versions from requirements/pins.txt; once per pin set)"
+  rm -rf "$deps.tmp"
+  "$vpy" -m pip install --quiet --no-input --disable-pip-version-check --progress-bar off \
+    --target "$deps.tmp" -c "$pins" "$@" >&2 \
+    || die "pip could not install $* for $vpy (is PyPI reachable? see pip's message above)"
+  "$vpy" -m pip freeze --path "$deps.tmp" >"$deps.tmp/FROZEN.txt"
+  touch "$deps.tmp/.complete"
+  mv "$deps.tmp" "$deps"
+}
+
+# ---------------------------------------------------------------------------------------------
+# 4. the venvs of this checkout
+# ---------------------------------------------------------------------------------------------
+# In build/, so each clone installs its own threadloom (`make build`: pip install .) and `make
+# clean` removes them; the packages of step 3 come in through a .pth file that adds their cache
+# directory to sys.path (after the venv's own site-packages, so the venv's threadloom wins).
+make_venv() {  # $1: venv directory, $2: base interpreter
+  local venv=$1 py=$2 real
+  real=$(readlink -f "$py")
+  if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.threadloom-base" 2>/dev/null)" = "$real" ]; then
+    return 0
+  fi
+  say "making $venv from $py"
+  rm -rf "$venv"
+  "$py" -m venv "$venv" >&2 || die "$py -m venv $venv failed (Debian: apt install python3-venv)"
+  echo "$real" >"$venv/.threadloom-base"
+}
+
+link_deps() {  # $1: venv directory, $2: the cache directory of its packages
+  local site
+  site=$("$1/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+  printf 'import site; site.addsitedir(%s)\n' "'$2'" >"$site/threadloom-pydeps.pth"
+}
+
+venv=$here/build/venv
+gil_python=${GIL_PYTHON:-/usr/bin/python3}
+command -v "$gil_python" >/dev/null || die "GIL_PYTHON=$gil_python: no such interpreter"
+is_free_threaded "$gil_python" && die "GIL_PYTHON=$gil_python is free-threaded; the baseline needs a Python with the GIL"
+gil_venv=$here/build/venv-gil
+
+make_venv "$venv" "$python"
+ft_deps=$(deps_dir "$python" "${ft_pkgs[@]}")
+install_deps "$venv/bin/python" "$ft_deps" "${ft_pkgs[@]}"
+link_deps "$venv" "$ft_deps"
+make_venv "$gil_venv" "$gil_python"
+gil_deps=$(deps_dir "$gil_python" "${gil_pkgs[@]}")
+install_deps "$gil_venv/bin/python" "$gil_deps" "${gil_pkgs[@]}"
+link_deps "$gil_venv" "$gil_deps"
+
+# Cheap checks (find_spec, no import: torch takes seconds to import).
+check_pkgs() {  # $1: python, $2...: import names
+  local py=$1; shift
+  "$py" -c 'import importlib.util as u, sys
+missing = [m for m in sys.argv[1:] if u.find_spec(m) is None]
+sys.exit("missing: " + " ".join(missing) if missing else 0)' "$@" \
+    || die "$py lacks packages of its cached set; remove its pydeps-* directory in $cache and rerun"
+}
+check_pkgs "$venv/bin/python" pytest numpy PIL torch scikit_build_core
+check_pkgs "$gil_venv/bin/python" pytest numpy PIL torch safetensors scikit_build_core
 
 tmp=$envfile.tmp.$$
 {
   echo "# written by scripts/bootstrap.sh; do not edit"
-  echo "PYTHON := $python"
-  echo "PYTEST_PATH := $pytest_path"
-  echo "TORCH_PYTHON := $torch_python"
+  echo "PYTHON := $venv/bin/python"
+  echo "BASE_PYTHON := $python"
+  echo "GIL_PYTHON := $gil_venv/bin/python"
 } >"$tmp"
 mv "$tmp" "$envfile"
-say "ready: $python ($("$python" -c 'import sys; print(sys.version.split()[0])') free-threaded), pytest from trixie"
+say "ready: $venv ($("$python" -c 'import sys; print(sys.version.split()[0])') free-threaded) and $gil_venv (the GIL baseline), packages from $cache/pydeps-*"

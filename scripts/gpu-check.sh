@@ -17,9 +17,10 @@
 #
 # The GPU machine has no package registry and nothing built: only nvcc, CUDA 13, python3.12 with
 # torch and 16 cores. So the run uses, in this order: a local build (build/ and the interpreter of
-# build/bootstrap.env, on a machine where `make build` ran) or the bundle (unpacked once into
-# build/gpu-check/root: the interpreter, libthreadloom and the extension, the test and benchmark
-# binaries, pytest, and the libraries they link that a plain system may lack; CUDA's own
+# build/bootstrap.env, the venv `make build` installed threadloom into) or the bundle (unpacked
+# once into build/gpu-check/root: the interpreter, the installed threadloom package, pytest and
+# what it imports, the test and benchmark binaries, and the libraries they link that a plain
+# system may lack; CUDA's own
 # libraries are taken from the system first). The test suite is the same one CI runs on sim:
 # the C tests named gpu_* (tl-tests runs each in a forked child; exit 77 is a skip with the
 # reason) and the Python tests marked gpu (the cuda half of every test parametrized over
@@ -42,29 +43,49 @@ elapsed() { echo $(( $(date +%s) - t_start )); }
 pack() {
   local envf=$here/build/bootstrap.env
   [ -f "$envf" ] && [ -x "$here/build/tests/c/tl-tests" ] || die "no build: run \`make build\` first"
-  local py pytest_path prefix
-  py=$(sed -n 's/^PYTHON := //p' "$envf")
-  pytest_path=$(sed -n 's/^PYTEST_PATH := //p' "$envf")
-  prefix=$(cd "$(dirname "$py")/.." && pwd)
+  local py base prefix
+  py=$(sed -n 's/^PYTHON := //p' "$envf")         # build/venv's: threadloom is installed there
+  base=$(sed -n 's/^BASE_PYTHON := //p' "$envf")  # the interpreter that venv was made from
+  prefix=$(cd "$(dirname "$base")/.." && pwd)
   local stage=$gc/stage
   rm -rf "$stage"
-  mkdir -p "$stage/python" "$stage/lib" "$stage/pytest" "$stage/tree/build/lib" \
-    "$stage/tree/build/bench" "$stage/tree/build/tests/c" "$stage/tree/python/threadloom"
+  mkdir -p "$stage/python" "$stage/lib" "$stage/site" "$stage/tree/build/lib" \
+    "$stage/tree/build/bench" "$stage/tree/build/tests/c"
   say "staging the interpreter from $prefix (without its static library, headers, tkinter, idle, bytecode)"
   tar -C "$prefix" --exclude='libpython*.a' --exclude='__pycache__' --exclude='idlelib' \
     --exclude='tkinter' --exclude='turtledemo' --exclude='ensurepip' --exclude='pydoc_data' \
     --exclude='_tkinter*.so' --exclude='include' --exclude='test' -cf - . | tar -C "$stage/python" -xf -
-  cp -a "$pytest_path/." "$stage/pytest/"
+  say "staging the installed threadloom, and pytest with what it imports, as pip installed them"
+  "$py" - "$stage/site" <<'PY' || die "could not stage the installed packages of $py"
+import importlib.metadata as md, os, shutil, sys
+from packaging.requirements import Requirement
+dst, todo, done = sys.argv[1], ["threadloom", "pytest"], set()
+while todo:
+    name = todo.pop()
+    if name in done:
+        continue
+    done.add(name)
+    dist = md.distribution(name)
+    for f in dist.files or ():
+        src = str(f.locate())
+        if f.parts[0] == ".." or "__pycache__" in f.parts or not os.path.isfile(src):
+            continue
+        os.makedirs(os.path.join(dst, os.path.dirname(str(f))), exist_ok=True)
+        shutil.copy2(src, os.path.join(dst, str(f)))
+    if name == "pytest":
+        for r in map(Requirement, dist.requires or ()):
+            if r.marker is None or r.marker.evaluate({"extra": ""}):
+                todo.append(r.name)
+PY
   cp -a "$here"/build/lib/libthreadloom.so* "$stage/tree/build/lib/"
   cp -a "$here"/build/bench/tl-bench-* "$stage/tree/build/bench/"
   cp -a "$here/build/tests/c/tl-tests" "$stage/tree/build/tests/c/"
-  cp -a "$here"/python/threadloom/_core*.so "$stage/tree/python/threadloom/"
   # the shared libraries all of it links, but not the C library, the loader, or the NVIDIA
   # driver's (the GPU machine's own); libcudart goes last on the search path (system first)
   local objs=("$stage"/python/bin/python3.13t "$stage"/python/lib/libpython3*.so.1.0
               "$stage"/python/lib/python3*/lib-dynload/*.so "$stage"/tree/build/lib/libthreadloom.so
               "$stage"/tree/build/bench/tl-bench-* "$stage"/tree/build/tests/c/tl-tests
-              "$stage"/tree/python/threadloom/_core*.so)
+              "$stage"/site/threadloom/_core*.so "$stage"/site/threadloom/libthreadloom.so)
   ldd "${objs[@]}" 2>/dev/null | awk '/=> \//{print $3}' | sort -u | while read -r lib; do
     case $(basename "$lib") in
       libc.so*|libm.so*|libpthread.so*|libdl.so*|librt.so*|ld-linux*|libgcc_s.so*|\
@@ -90,9 +111,8 @@ pack() {
 setup() {
   local envf=$here/build/bootstrap.env
   if [ -f "$envf" ] && [ -x "$here/build/tests/c/tl-tests" ] && [ -z "${GPU_CHECK_BUNDLE:-}" ]; then
-    PY=$(sed -n 's/^PYTHON := //p' "$envf")
-    PYTEST_PATH=$(sed -n 's/^PYTEST_PATH := //p' "$envf")
-    TORCH_PY=${TORCH_PYTHON:-$(sed -n 's/^TORCH_PYTHON := //p' "$envf")}
+    PY=$(sed -n 's/^PYTHON := //p' "$envf")   # build/venv: threadloom and pytest installed
+    TORCH_PY=${TORCH_PYTHON:-$(sed -n 's/^GIL_PYTHON := //p' "$envf")}
     say "using the local build (build/, $PY)"
   else
     [ -f "$bundle" ] || die "no build and no bundle: run \`make build\` here, or \`scripts/gpu-check.sh pack\` on the build machine and carry build/gpu-check"
@@ -106,7 +126,7 @@ setup() {
     fi
     PY=$root/python/bin/python3.13t
     export TL_COMMIT; TL_COMMIT="$(cat "$root/commit" 2>/dev/null || echo unknown) (bundle)"
-    PYTEST_PATH=$root/pytest
+    export PYTHONPATH=$root/site   # the installed threadloom and pytest, as pip laid them out
     TORCH_PY=${TORCH_PYTHON:-python3.12}
     local cuda_libs=""
     for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/lib/x86_64-linux-gnu; do
@@ -116,7 +136,6 @@ setup() {
     say "using the bundle ($PY)"
   fi
   [ -x "$PY" ] || die "no interpreter at $PY"
-  export PYTHONPATH="$here/python:$PYTEST_PATH"
   export PYTHONDONTWRITEBYTECODE=1
 }
 
@@ -137,7 +156,7 @@ run_tests() {  # writes $1/tests.txt and sets C_* / PY_* counts
   grep -E '^(ok|skip|FAIL|CRASH|TIMEOUT) ' "$out/tests.txt" | sed 's/^/  /' >&2 || true
   say "Python tests marked gpu"
   local rc=0
-  (cd "$here" && "$PY" -m pytest tests/python -q -rs -m gpu -p no:cacheprovider) \
+  (cd "$here" && "$PY" -P -m pytest tests/python -q -rs -m gpu -p no:cacheprovider) \
     > "$out/tests_python.txt" 2>&1 || rc=$?
   tail -n 25 "$out/tests_python.txt" >&2
   PY_SUMMARY=$(grep -E '(passed|failed|skipped|error)' "$out/tests_python.txt" | tail -1 || true)

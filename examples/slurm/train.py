@@ -25,10 +25,8 @@ import random
 import socket
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python"))
-
-import threadloom  # noqa: E402
-from threadloom import cluster  # noqa: E402
+import threadloom
+from threadloom import cluster
 
 FEATURES = 4
 

@@ -28,9 +28,16 @@
 #define TL_END_DECLS
 #endif
 
+/* threadloom's version: these three lines are its one source. CMake's project(VERSION), the
+ * Python package's version (pyproject.toml: scikit-build-core reads them with a regex) and
+ * threadloom.__version__ (tl_version_string() through _core) all come from here. */
 #define TL_VERSION_MAJOR 0
 #define TL_VERSION_MINOR 1
 #define TL_VERSION_PATCH 0
-#define TL_VERSION_STRING "0.1.0"
+#define TL__STR2(x) #x
+#define TL__STR(x) TL__STR2(x)
+/* "0.1.0" */
+#define TL_VERSION_STRING \
+  TL__STR(TL_VERSION_MAJOR) "." TL__STR(TL_VERSION_MINOR) "." TL__STR(TL_VERSION_PATCH)
 
 #endif /* THREADLOOM_COMMON_H */

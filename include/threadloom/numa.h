@@ -92,6 +92,12 @@ typedef struct {
                           tl_cuda_device_info(); NULL: the topology's PCI order, which is CUDA's
                           with CUDA_DEVICE_ORDER=PCI_BUS_ID and no CUDA_VISIBLE_DEVICES */
   int ngpu_bus_ids;    /* entries in gpu_bus_ids */
+  const int* device_nodes; /* devices the topology does not show (simulated ones, see
+                          device.h), in order: the NUMA node (OS index) each is local to, -1 for
+                          none (every core is as near). When set, the plan covers these devices
+                          as its GPUs instead of the topology's; gpu_bus_ids must then be NULL.
+                          NULL: the topology's GPUs (default) */
+  int ndevice_nodes;   /* entries in device_nodes */
 } tl_plan_spec_t;
 
 typedef struct {
@@ -118,8 +124,9 @@ TL_EXTERN void tl_plan_spec_default(tl_plan_spec_t* spec);
  * nearest free ones; with too few cores, threads share the least loaded cores, launch cores
  * last. Every slot's `why` says which rule placed it. The plan copies what it needs: topo may
  * be closed first. Caller owns *out (tl_plan_close). Errors: TL_EINVAL (bad spec, or no usable
- * PU in spec->cpus), TL_ENODEV (more GPUs asked than found, or a bus id not in the topology),
- * TL_ENOMEM. */
+ * PU in spec->cpus, device_nodes with gpu_bus_ids), TL_ENODEV (more GPUs asked than found,
+ * or a bus id not in the topology), TL_ENOMEM. A device node without usable cores is treated
+ * as a GPU without local cores (its threads go to the nearest free ones). */
 TL_EXTERN int tl_plan_init(tl_plan_t** out, const tl_topo_t* topo, const tl_plan_spec_t* spec);
 /* Releases a plan; NULL is ignored. */
 TL_EXTERN void tl_plan_close(tl_plan_t* plan);

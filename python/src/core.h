@@ -140,10 +140,15 @@ extern PyType_Spec tl_py_dlpack_tensor_spec;
  * with the exception set, having called done(owner). */
 PyObject* tl_py_dlpack_export_bytes(PyObject* owner, void* data, Py_ssize_t nbytes, int versioned,
                                     int readonly, void (*done)(PyObject* owner));
-/* The same for any DLPack device (kDLCUDA = 2 with the CUDA ordinal, kDLCPU = 1 with 0). */
+/* The same for any DLPack device (kDLCUDA = 2 with the CUDA ordinal, kDLCPU = 1 with 0) and
+ * element type (DLPack's type code and bits: kDLUInt and 8 for bytes; nbytes a multiple of
+ * bits / 8): a 1-D tensor of nbytes / (bits / 8) elements. */
 PyObject* tl_py_dlpack_export_on(PyObject* owner, void* data, Py_ssize_t nbytes, int versioned,
                                  int readonly, void (*done)(PyObject* owner), int device_type,
-                                 int device_id);
+                                 int device_id, int dtype_code, int dtype_bits);
+/* The DLPack element type of a struct-module format of one character ('f': kDLFloat, 32), or
+ * -1 with ValueError naming the formats that have one. */
+int tl_py_format_dtype(const char* fmt, int* code, int* bits);
 /* obj.__dlpack__(stream=stream, max_version=(1, 0)) (stream left out when NULL), retried
  * without max_version for older producers; the capsule (checked to be one) or NULL. */
 PyObject* tl_py_dlpack_call(PyObject* obj, PyObject* stream);

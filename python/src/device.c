@@ -622,6 +622,10 @@ DeviceBufferObject* tl_pydev_dbuf_new(core_state* st, PyObject* device) {
   atomic_init(&o->ptr, NULL);
   o->nbytes = 0;
   atomic_init(&o->exports, 0);
+  o->format[0] = 'B';
+  o->format[1] = '\0';
+  o->dt_code = kDLUInt;
+  o->dt_bits = 8;
   return o;
 }
 
@@ -670,6 +674,24 @@ static PyObject* dbuf_view(PyObject* op, PyObject* args) {
   }
   PyObject_GC_Track((PyObject*)v);
   return ret;
+}
+
+static PyObject* dbuf_cast(PyObject* op, PyObject* arg) {
+  const char* fmt = PyUnicode_AsUTF8(arg);
+  if (!fmt) return NULL;
+  int code, bits;
+  if (tl_py_format_dtype(fmt, &code, &bits) < 0) return NULL;
+  DeviceBufferObject* self = (DeviceBufferObject*)op;
+  if (self->nbytes % (bits / 8))
+    return PyErr_Format(PyExc_ValueError, "cast('%s'): a %zd-byte DeviceBuffer is not a whole "
+                        "number of %d-byte elements", fmt, self->nbytes, bits / 8);
+  PyObject* v = PyObject_CallMethod(op, "view", "nn", (Py_ssize_t)0, self->nbytes);
+  if (!v) return NULL;
+  DeviceBufferObject* b = (DeviceBufferObject*)v; /* new, not yet shared: no lock needed */
+  b->format[0] = fmt[0];
+  b->dt_code = (unsigned char)code;
+  b->dt_bits = (unsigned char)bits;
+  return v;
 }
 
 static void dbuf_dlpack_done(PyObject* op) {
@@ -758,7 +780,8 @@ static PyObject* dbuf_dlpack(PyObject* op, PyObject* args, PyObject* kwargs) {
     return NULL;
   }
   return tl_py_dlpack_export_on(op, p, self->nbytes, versioned, 0, dbuf_dlpack_done,
-                                cuda ? kDLCUDA : kDLCPU, cuda ? pr->index : 0);
+                                cuda ? kDLCUDA : kDLCPU, cuda ? pr->index : 0, self->dt_code,
+                                self->dt_bits);
 }
 
 static PyObject* dbuf_dlpack_device(PyObject* op, PyObject* unused) {
@@ -807,6 +830,14 @@ static PyObject* dbuf_get_nbytes(PyObject* op, void* c) {
   (void)c;
   return PyLong_FromSsize_t(((DeviceBufferObject*)op)->nbytes);
 }
+static PyObject* dbuf_get_format(PyObject* op, void* c) {
+  (void)c;
+  return PyUnicode_FromString(((DeviceBufferObject*)op)->format);
+}
+static PyObject* dbuf_get_itemsize(PyObject* op, void* c) {
+  (void)c;
+  return PyLong_FromLong(((DeviceBufferObject*)op)->dt_bits / 8);
+}
 static PyObject* dbuf_get_device(PyObject* op, void* c) {
   (void)c;
   return Py_NewRef(((DeviceBufferObject*)op)->device);
@@ -815,6 +846,10 @@ static Py_ssize_t dbuf_len(PyObject* op) { return ((DeviceBufferObject*)op)->nby
 
 static PyObject* dbuf_repr(PyObject* op) {
   DeviceBufferObject* self = (DeviceBufferObject*)op;
+  if (self->format[0] != 'B')
+    return PyUnicode_FromFormat("<DeviceBuffer %zd bytes of '%s' on %s at %p>", self->nbytes,
+                                self->format, tl_device_name(((DeviceObject*)self->device)->dev),
+                                atomic_load(&self->ptr));
   return PyUnicode_FromFormat("<DeviceBuffer %zd bytes on %s at %p>", self->nbytes,
                               tl_device_name(((DeviceObject*)self->device)->dev),
                               atomic_load(&self->ptr));
@@ -824,7 +859,11 @@ static PyMethodDef dbuf_methods[] = {
     {"free", dbuf_free, METH_NOARGS,
      "Returns the memory to the caching allocator now (stream-ordered; idempotent)."},
     {"view", dbuf_view, METH_VARARGS,
-     "view(offset, nbytes) -> a DeviceBuffer over part of this one (keeps it alive)."},
+     "view(offset, nbytes) -> a DeviceBuffer of bytes over part of this one (keeps it alive)."},
+    {"cast", dbuf_cast, METH_O,
+     "cast(format) -> the same memory as elements of a struct-module format ('f' float32, 'd', "
+     "'q', 'i', 'e', 'B', ...), as memoryview.cast: its DLPack export has that dtype, so "
+     "communicators reduce it and torch/numpy read it typed."},
     {"record_stream", dbuf_record_stream, METH_O,
      "record_stream(stream): declares use on another stream, so the memory is reused only "
      "after that stream's work up to the free (torch's Tensor.record_stream). stream: a "
@@ -832,7 +871,7 @@ static PyMethodDef dbuf_methods[] = {
      "(a cuda __dlpack__(stream=) export declares its consumer's stream itself)."},
     {"__dlpack__", (PyCFunction)(void (*)(void))dbuf_dlpack, METH_VARARGS | METH_KEYWORDS,
      "__dlpack__(*, stream=None, max_version=None, dl_device=None, copy=None): the buffer as a "
-     "1-D uint8 tensor, in place. cuda: kDLCUDA, and the consumer's stream (an int; None is "
+     "1-D tensor of its format (uint8 unless cast()), in place. cuda: kDLCUDA, and the consumer's stream (an int; None is "
      "the legacy default stream, -1 none) waits for the buffer's queued work. sim: host memory "
      "as kDLCPU (numpy and torch read it), after the calling thread waited for that work."},
     {"__dlpack_device__", dbuf_dlpack_device, METH_NOARGS,
@@ -845,6 +884,9 @@ static PyMethodDef dbuf_methods[] = {
 static PyGetSetDef dbuf_getset[] = {
     {"ptr", dbuf_get_ptr, NULL, "device address (0 once freed)", NULL},
     {"nbytes", dbuf_get_nbytes, NULL, "size in bytes", NULL},
+    {"format", dbuf_get_format, NULL, "its elements' struct-module format ('B' unless cast())",
+     NULL},
+    {"itemsize", dbuf_get_itemsize, NULL, "bytes per element", NULL},
     {"device", dbuf_get_device, NULL, "the Device", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };

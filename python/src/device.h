@@ -39,6 +39,9 @@ typedef struct {
   _Atomic(void*) ptr;    /* device address; NULL once freed */
   Py_ssize_t nbytes;
   _Atomic long exports;  /* live DLPack exports and views: free() refuses while > 0 */
+  char format[2];        /* its elements' struct-module format ("B": bytes; cast() sets it) and
+                            their DLPack type (code, bits), set before the object is shared */
+  unsigned char dt_code, dt_bits;
 } DeviceBufferObject;
 
 /* Detail text is per thread and overwritten by the next call: copy it at once. */

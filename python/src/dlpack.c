@@ -70,19 +70,20 @@ static void export_capsule_destructor(PyObject* capsule) {
 
 PyObject* tl_py_dlpack_export_bytes(PyObject* owner, void* data, Py_ssize_t nbytes, int versioned,
                                     int readonly, void (*done)(PyObject* owner)) {
-  return tl_py_dlpack_export_on(owner, data, nbytes, versioned, readonly, done, kDLCPU, 0);
+  return tl_py_dlpack_export_on(owner, data, nbytes, versioned, readonly, done, kDLCPU, 0,
+                                kDLUInt, 8);
 }
 
 PyObject* tl_py_dlpack_export_on(PyObject* owner, void* data, Py_ssize_t nbytes, int versioned,
                                  int readonly, void (*done)(PyObject* owner), int device_type,
-                                 int device_id) {
+                                 int device_id, int dtype_code, int dtype_bits) {
   export_ctx* ctx = PyMem_RawCalloc(1, sizeof *ctx);
   if (!ctx) {
     if (done) done(owner);
     return PyErr_NoMemory();
   }
   ctx->versioned = versioned;
-  ctx->shape[0] = nbytes;
+  ctx->shape[0] = nbytes / (dtype_bits / 8);
   ctx->strides[0] = 1;
   ctx->owner = Py_NewRef(owner);
   ctx->done = done;
@@ -90,7 +91,7 @@ PyObject* tl_py_dlpack_export_on(PyObject* owner, void* data, Py_ssize_t nbytes,
       .data = data,
       .device = {.device_type = (DLDeviceType)device_type, .device_id = device_id},
       .ndim = 1,
-      .dtype = {.code = kDLUInt, .bits = 8, .lanes = 1},
+      .dtype = {.code = (uint8_t)dtype_code, .bits = (uint8_t)dtype_bits, .lanes = 1},
       .shape = ctx->shape,
       .strides = ctx->strides,
       .byte_offset = 0,
@@ -321,6 +322,26 @@ static const char* dtype_format(DLDataType dt) {
                "int8/16/32/64, uint8/16/32/64, float16/32/64 and bool",
                name, (unsigned)dt.bits, (unsigned)dt.code);
   return NULL;
+}
+
+int tl_py_format_dtype(const char* fmt, int* code, int* bits) {
+  static const struct {
+    char f;
+    unsigned char code, bits;
+  } table[] = {{'b', kDLInt, 8},   {'h', kDLInt, 16},   {'i', kDLInt, 32},   {'q', kDLInt, 64},
+               {'B', kDLUInt, 8},  {'H', kDLUInt, 16},  {'I', kDLUInt, 32},  {'Q', kDLUInt, 64},
+               {'e', kDLFloat, 16}, {'f', kDLFloat, 32}, {'d', kDLFloat, 64}, {'?', kDLBool, 8}};
+  if (fmt && fmt[0] && !fmt[1])
+    for (size_t i = 0; i < sizeof table / sizeof table[0]; i++)
+      if (table[i].f == fmt[0]) {
+        *code = table[i].code;
+        *bits = table[i].bits;
+        return 0;
+      }
+  PyErr_Format(PyExc_ValueError, "format '%s' is not an element type DLPack can carry: use "
+               "one of b h i q (int8..64), B H I Q (uint8..64), e f d (float16/32/64) or ?",
+               fmt ? fmt : "");
+  return -1;
 }
 
 /* BufferError unless `t` is compact row-major: each stride (in elements) is the product of the

@@ -42,17 +42,43 @@ static int parse_gpu(PyObject* gpu, int* out) {
 
 static PyObject* plan_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   static char* kwlist[] = {"xml", "synthetic", "gpus", "loaders_per_gpu", "io_threads",
-                           "main_thread", "cpus", "gpu_bus_ids", NULL};
-  PyObject *xml = Py_None, *synthetic = Py_None, *cpus = Py_None, *bus_ids = Py_None;
+                           "main_thread", "cpus", "gpu_bus_ids", "device_nodes", NULL};
+  PyObject *xml = Py_None, *synthetic = Py_None, *cpus = Py_None, *bus_ids = Py_None,
+           *nodes_obj = Py_None;
   tl_plan_spec_t spec;
   tl_plan_spec_default(&spec);
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOiiipOO:Plan", kwlist, &xml, &synthetic,
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOiiipOOO:Plan", kwlist, &xml, &synthetic,
                                    &spec.gpus, &spec.loaders_per_gpu, &spec.io_threads,
-                                   &spec.main_thread, &cpus, &bus_ids))
+                                   &spec.main_thread, &cpus, &bus_ids, &nodes_obj))
     return NULL;
   PyObject* module = PyType_GetModule(type);
   if (!module) return NULL;
   if (cpus != Py_None && !(spec.cpus = PyUnicode_AsUTF8(cpus))) return NULL;
+  int* nodes = NULL; /* device_nodes, owned here */
+  if (nodes_obj != Py_None) {
+    PyObject* t = PySequence_Tuple(nodes_obj);
+    if (!t) return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(t);
+    nodes = PyMem_Calloc((size_t)(n ? n : 1), sizeof *nodes);
+    if (!nodes) {
+      Py_DECREF(t);
+      return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+      long v = PyLong_AsLong(PyTuple_GET_ITEM(t, i));
+      if ((v == -1 && PyErr_Occurred()) || v < -1 || v > 1 << 20) {
+        if (!PyErr_Occurred())
+          PyErr_Format(PyExc_ValueError, "device_nodes[%zd] = %ld: a NUMA node >= 0, or -1", i, v);
+        PyMem_Free(nodes);
+        Py_DECREF(t);
+        return NULL;
+      }
+      nodes[i] = (int)v;
+    }
+    Py_DECREF(t);
+    spec.device_nodes = nodes;
+    spec.ndevice_nodes = (int)n;
+  }
   PyObject* ids = NULL;
   const char** cids = NULL;
   if (bus_ids != Py_None) {
@@ -62,12 +88,14 @@ static PyObject* plan_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) 
     cids = PyMem_Calloc((size_t)(n ? n : 1), sizeof *cids);
     if (!cids) {
       Py_DECREF(ids);
+      PyMem_Free(nodes);
       return PyErr_NoMemory();
     }
     for (Py_ssize_t i = 0; i < n; i++)
       if (!(cids[i] = PyUnicode_AsUTF8(PyTuple_GET_ITEM(ids, i)))) {
         PyMem_Free(cids);
         Py_DECREF(ids);
+        PyMem_Free(nodes);
         return NULL;
       }
     spec.gpu_bus_ids = cids;
@@ -94,6 +122,7 @@ static PyObject* plan_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) 
     }
   }
   PyMem_Free(cids);
+  PyMem_Free(nodes);
   Py_XDECREF(ids);
   return result;
 }
@@ -223,8 +252,10 @@ static PyGetSetDef plan_getset[] = {
 
 static PyType_Slot plan_type_slots[] = {
     {Py_tp_doc, (void*)"Plan(*, xml=None, synthetic=None, gpus=-1, loaders_per_gpu=-1, "
-                       "io_threads=1, main_thread=True, cpus=None, gpu_bus_ids=None): which core "
-                       "each thread runs on, and why. str(plan) explains it."},
+                       "io_threads=1, main_thread=True, cpus=None, gpu_bus_ids=None, "
+                       "device_nodes=None): which core each thread runs on, and why (device_nodes: "
+                       "plan for devices the topology does not show, such as sim devices, given "
+                       "the NUMA node of each). str(plan) explains it."},
     {Py_tp_new, (void*)(uintptr_t)plan_new},
     {Py_tp_dealloc, (void*)(uintptr_t)plan_dealloc},
     {Py_tp_str, (void*)(uintptr_t)plan_str},

@@ -64,12 +64,26 @@ static void pool_on_start(void* ud, int worker) {
   tl_py_worker_ts = PyEval_SaveThread();
 }
 
+/* Ends the worker's thread state as CPython ends a threading.Thread's: cleared while its
+ * PyGILState counter is still 1, then deleted. PyGILState_Release would drop the counter to 0
+ * first and clear afterwards, and objects freed by the clear (the thread's threading.local
+ * values: a loader worker's dataset replica) may run code that takes the GIL through
+ * PyGILState_Ensure/Release (pybind11's gil_scoped_acquire in torch's tensor dealloc): that
+ * inner Release would see 0 again and delete the thread state under the outer one, which then
+ * deletes it a second time (a segfault in _PyThreadState_DeleteCurrent: 3.11 + torch 2.12). */
 static void pool_on_stop(void* ud, int worker) {
   (void)ud;
   (void)worker;
   PyEval_RestoreThread(tl_py_worker_ts);
   tl_py_worker_ts = NULL;
-  PyGILState_Release(tl_py_worker_gil);
+  if (tl_py_worker_gil != PyGILState_UNLOCKED) {
+    /* on_start found a thread state already there (never, on a thread the pool created): not
+     * ours to delete */
+    PyGILState_Release(tl_py_worker_gil);
+    return;
+  }
+  PyThreadState_Clear(PyThreadState_Get());
+  PyThreadState_DeleteCurrent();
 }
 
 static void task_free(tl_py_task_t* t) {

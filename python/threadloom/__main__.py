@@ -18,7 +18,7 @@ import runpy
 import sys
 import textwrap
 
-from threadloom import gilguard, placement, topoview
+from threadloom import _core, gilguard, placement, topoview
 from threadloom import sysinfo as _info
 
 PROG = "python -m threadloom"
@@ -29,6 +29,9 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    if argv[0] == "--version":  # the launcher's --version line (interp/main.c)
+        print("threadloom %s (Python %s)" % (_core.__version__, sys.version.split()[0]))
+        return 0
     entry = COMMANDS.get(argv[0])
     if entry is None:
         sys.stderr.write("%s\n%s: error: invalid choice: %r (choose from %s)\n"
@@ -47,7 +50,8 @@ def usage():
         lines += textwrap.wrap(text, 99, initial_indent="  %-*s" % (width, name),
                                break_on_hyphens=False,
                                subsequent_indent=" " * (width + 2))
-    lines += ["", "`%s COMMAND --help` describes one command." % PROG]
+    lines += ["", "`%s COMMAND --help` describes one command; `%s --version` prints "
+              "threadloom's and Python's versions." % (PROG, PROG)]
     return "\n".join(lines)
 
 

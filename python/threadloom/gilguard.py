@@ -64,7 +64,13 @@ class _Prefix:
 
 
 _lock = _thread.allocate_lock()  # guards _state
-_state = {"policy": None, "reported": False, "main": None, "origin": "threadloom", "real": None}
+_state = {"policy": None, "reported": False, "main": None, "origin": "threadloom", "real": None,
+          "module": None,        # the module the guard saw turn the GIL on
+          "turns_warned": False}  # warn_if_gil_on() has warned
+
+
+class GILWarning(RuntimeWarning):
+    """Threads that would run Python in parallel take turns: the GIL is on (warn_if_gil_on)."""
 
 
 def is_free_threaded():
@@ -89,6 +95,39 @@ def policy():
     return _state["policy"]
 
 
+def warn_if_gil_on(what, threads, stacklevel=1):
+    """Warns once per process (a GILWarning) when `what` is about to run Python on `threads`
+    threads while the GIL is on, since they then take turns: says why it is on and what to do.
+    Returns True when this call warned. Safe from any thread; stacklevel as warnings.warn's,
+    counted from the caller."""
+    if is_free_threaded() and not sys._is_gil_enabled():
+        return False
+    with _lock:
+        if _state["turns_warned"]:
+            return False
+        _state["turns_warned"] = True
+    if not is_free_threaded():
+        why = ("this is Python %d.%d built with the GIL (%s)"
+               % (sys.version_info[0], sys.version_info[1], sys.executable or "?"))
+        todo = "run it on a free-threaded Python (3.13t or later: python3.13t)"
+    elif getattr(sys.flags, "gil", None) == 1:
+        why = "PYTHON_GIL=1 or -X gil=1 turned the GIL on"
+        todo = "unset it"
+    elif _state["module"] is not None:
+        why = "importing %r, which does not declare Py_mod_gil, turned the GIL on" % _state["module"]
+        todo = "leave that module out, or ask its authors to declare Py_mod_gil"
+    else:
+        why = "an extension module without Py_mod_gil turned the GIL on"
+        todo = ("find it with `threadloom run --gil=warn` (it names the module) or "
+                "`python -X importtime`, and leave it out")
+    import warnings
+    warnings.warn("%s: the GIL is on, so its %d thread%s take turns running Python instead of "
+                  "running in parallel: %s; to get parallel threads, %s"
+                  % (what, threads, "s" if threads != 1 else "", why, todo),
+                  GILWarning, stacklevel=stacklevel + 1)
+    return True
+
+
 def _where():
     """file:line of the innermost frame outside importlib and this file."""
     try:
@@ -109,6 +148,7 @@ def _report(module, origin, where):
         if _state["reported"]:
             return None
         _state["reported"] = True
+        _state["module"] = module
         pol = _state["policy"]
     if pol == "allow":
         return None

@@ -27,19 +27,23 @@ def _cuda_bus_ids():
 
 
 def plan(gpus=None, loaders_per_gpu=None, io_threads=1, main_thread=True, cpus=None, xml=None,
-         synthetic=None):
+         synthetic=None, device_nodes=None):
     """Plans thread placement and returns a ``threadloom._core.Plan``.
 
     gpus: how many GPUs to plan for (default: all). loaders_per_gpu: loader threads per GPU
     (default: the free cores shared out, at least one). io_threads: checkpoint I/O threads.
     cpus: restrict to these CPUs ("0-7,16"), as taskset would. xml / synthetic: plan for another
     machine. On this machine the GPUs are numbered as CUDA numbers them (CUDA_VISIBLE_DEVICES
-    included), matched to the topology by PCI bus id.
+    included), matched to the topology by PCI bus id. device_nodes: plan for other devices
+    instead (sim devices, or any list of threadloom devices: see device_plan()), given the
+    NUMA node each is local to (-1: none); GPU g of the plan is the g-th of them.
     """
     kw = dict(gpus=-1 if gpus is None else gpus,
               loaders_per_gpu=-1 if loaders_per_gpu is None else loaders_per_gpu,
               io_threads=io_threads, main_thread=bool(main_thread), cpus=cpus, xml=xml,
               synthetic=synthetic)
+    if device_nodes is not None:
+        return _core.Plan(device_nodes=list(device_nodes), **kw)
     if xml is None and synthetic is None and "HWLOC_XMLFILE" not in os.environ:
         ids = _cuda_bus_ids()
         if ids is not None:
@@ -77,6 +81,19 @@ def loader_plan(threads):
     key = ("loader", threads, frozenset(os.sched_getaffinity(0)))
     return _cached(key, lambda: plan(gpus=0, loaders_per_gpu=threads, io_threads=0,
                                      main_thread=False))
+
+
+def device_plan(devices, loaders_per_device=None):
+    """The plan for driving `devices` (threadloom Devices, sim or cuda, in rank order): GPU g of
+    the plan is devices[g], with a launch slot on its NUMA node reserved from loader work and
+    `loaders_per_device` loader slots beside it (default: the free cores shared out). Made once
+    per list of devices, loader count and set of CPUs this process may use. What spmd() pins its
+    driver threads with (role "launch", gpu=rank), and loader threads of rank r pin to (role
+    "loader", gpu=r)."""
+    nodes = tuple(d.numa_node for d in devices)
+    key = ("devices", tuple(str(d) for d in devices), nodes, loaders_per_device,
+           frozenset(os.sched_getaffinity(0)))
+    return _cached(key, lambda: plan(device_nodes=nodes, loaders_per_gpu=loaders_per_device))
 
 
 class Pinning:

@@ -411,8 +411,59 @@ TEST_IMPL(device_zero_cost) {
   return 0;
 }
 
+/* launch=: each kernel, copy or memset submission costs its thread that much CPU time (records
+ * and waits cost nothing); with cost=0 the device still keeps up at once. */
+TEST_IMPL(device_sim_launch_cost) {
+  unsetenv("THREADLOOM_DEVICES");
+  ASSERT_EQ(tl_devices_select("sim:1,launch=1s"), TL_EINVAL);
+  ASSERT_CONTAINS(tl_err_detail(), "at most 10ms");
+  tl_device_t* d = sim_device("sim:1,cost=0,launch=500us", 0);
+  tl_stream_t* s;
+  ASSERT_OK(tl_stream_acquire(d, 0, &s));
+  tl_event_t* e;
+  ASSERT_OK(tl_event_init(d, 0, &e));
+  struct timespec a, b;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
+  for (int i = 0; i < 20; i++) ASSERT_OK(tl_kernel_async(s, 0));
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
+  double ms = (double)(b.tv_sec - a.tv_sec) * 1e3 + (double)(b.tv_nsec - a.tv_nsec) / 1e6;
+  ASSERT(ms >= 9.0); /* 20 x 500 us of this thread's CPU, less the calibration's error */
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
+  for (int i = 0; i < 20; i++) ASSERT_OK(tl_event_record(e, s));
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
+  ms = (double)(b.tv_sec - a.tv_sec) * 1e3 + (double)(b.tv_nsec - a.tv_nsec) / 1e6;
+  ASSERT(ms < 10.0);
+  ASSERT_OK(tl_event_query(e));
+  tl_event_close(e);
+  tl_stream_release(s);
+  return 0;
+}
+
+/* A gate on a stream: its callback holds the stream's later work until gate_open(). */
+typedef struct {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int open;
+} gate_t;
+
+static void gate_wait(void* arg) {
+  gate_t* g = arg;
+  pthread_mutex_lock(&g->mu);
+  while (!g->open) pthread_cond_wait(&g->cv, &g->mu);
+  pthread_mutex_unlock(&g->mu);
+}
+
+static void gate_open(gate_t* g) {
+  pthread_mutex_lock(&g->mu);
+  g->open = 1;
+  pthread_cond_broadcast(&g->cv);
+  pthread_mutex_unlock(&g->mu);
+}
+
 /* Modelled copy time: 4 MiB at 400 MB/s is 10.49 ms of H2D engine time, pinned; the same from
- * pageable memory at 100 MB/s is 41.9 ms. Busy time counts the model exactly. */
+ * pageable memory at 100 MB/s is 41.9 ms. Busy time counts the model exactly. Everything is
+ * queued behind a gate, so the timings do not depend on how fast this thread queues (a slow
+ * sanitizer build on a loaded machine took longer than a 5 ms kernel to queue it). */
 TEST_IMPL(device_sim_copy_model) {
   tl_device_t* d = sim_device("sim:1,h2d=400MB/s,pageable=100MB/s", 0);
   tl_stream_t* s;
@@ -429,12 +480,14 @@ TEST_IMPL(device_sim_copy_model) {
   ASSERT_OK(tl_event_init(d, TL_EVENT_TIMING, &t0));
   ASSERT_OK(tl_event_init(d, TL_EVENT_TIMING, &t1));
   ASSERT_OK(tl_event_init(d, TL_EVENT_TIMING, &t2));
-  ASSERT_OK(tl_kernel_async(s, 5000000)); /* everything below is queued before it can start */
+  gate_t gate = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0};
+  ASSERT_OK(tl_stream_callback(s, gate_wait, &gate)); /* nothing below starts before the gate */
   ASSERT_OK(tl_event_record(t0, s));
   ASSERT_OK(tl_copy_async(s, b->ptr, hp, n, TL_COPY_H2D));
   ASSERT_OK(tl_event_record(t1, s));
   ASSERT_OK(tl_copy_async(s, b->ptr, pg, n, TL_COPY_H2D));
   ASSERT_OK(tl_event_record(t2, s));
+  gate_open(&gate);
   ASSERT_OK(tl_stream_sync(s, 10000));
   double pinned_ms, pageable_ms;
   ASSERT_OK(tl_event_elapsed(t0, t1, &pinned_ms));

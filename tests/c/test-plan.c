@@ -245,6 +245,81 @@ TEST_IMPL(plan_gpu_order_and_errors) {
   return 0;
 }
 
+/* Devices the topology does not show (sim devices): planned from their NUMA nodes. On a
+ * two-node synthetic box, 8 devices alternating nodes 0 and 1 get each a launch core on their
+ * node, reserved from loaders, and their loaders on the same node; on a 2-core box without NUMA
+ * nodes every core is local to every device, and the threads share. */
+TEST_IMPL(plan_device_nodes) {
+  tl_topo_t* t = load_synthetic("pack:2 numa:1 core:12 pu:1");
+  int nodes[8] = {0, 1, 0, 1, 0, 1, 0, 1};
+  tl_plan_spec_t spec;
+  tl_plan_spec_default(&spec);
+  spec.device_nodes = nodes;
+  spec.ndevice_nodes = 8;
+  spec.loaders_per_gpu = 2;
+  tl_plan_t* p = NULL;
+  ASSERT_OK(tl_plan_init(&p, t, &spec));
+  ASSERT_EQ(tl_plan_gpus(p), 8);
+  int launch_core[8];
+  for (int g = 0; g < 8; g++) {
+    int id;
+    tl_plan_slot_t sl;
+    ASSERT_OK(tl_plan_find(p, TL_ROLE_LAUNCH, g, 0, &id));
+    ASSERT_OK(tl_plan_slot(p, id, &sl));
+    ASSERT_EQ(sl.numa_node, nodes[g]);
+    ASSERT(sl.local);
+    launch_core[g] = sl.core;
+  }
+  for (int g = 0; g < 8; g++)
+    for (int r = 0; r < 2; r++) {
+      int id;
+      tl_plan_slot_t sl;
+      ASSERT_OK(tl_plan_find(p, TL_ROLE_LOADER, g, r, &id));
+      ASSERT_OK(tl_plan_slot(p, id, &sl));
+      ASSERT_EQ(sl.numa_node, nodes[g]);
+      ASSERT(sl.local);
+      for (int k = 0; k < 8; k++) ASSERT(sl.core != launch_core[k]);
+    }
+  /* 24 cores for 8 launch + 16 loader threads: nobody shares */
+  for (int i = 0; i < tl_plan_size(p); i++) {
+    tl_plan_slot_t sl;
+    ASSERT_OK(tl_plan_slot(p, i, &sl));
+    if (sl.role == TL_ROLE_LAUNCH || sl.role == TL_ROLE_LOADER) ASSERT_EQ(sl.hot_on_core, 1);
+  }
+  tl_plan_close(p);
+  /* more devices asked than given, or both kinds of GPU list: refused */
+  spec.gpus = 9;
+  ASSERT_EQ(tl_plan_init(&p, t, &spec), TL_ENODEV);
+  ASSERT_CONTAINS(tl_err_detail(), "device node(s) given");
+  spec.gpus = -1;
+  const char* ids[] = {"0000:34:00.0"};
+  spec.gpu_bus_ids = ids;
+  spec.ngpu_bus_ids = 1;
+  ASSERT_EQ(tl_plan_init(&p, t, &spec), TL_EINVAL);
+  ASSERT_CONTAINS(tl_err_detail(), "both given");
+  tl_topo_close(t);
+  /* a node-less 2-core box (-1 and node 0 alike): 8 launch threads share the 2 cores */
+  t = load_synthetic("pack:1 core:2 pu:1");
+  int none[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
+  tl_plan_spec_default(&spec);
+  spec.device_nodes = none;
+  spec.ndevice_nodes = 8;
+  spec.loaders_per_gpu = 1;
+  ASSERT_OK(tl_plan_init(&p, t, &spec));
+  ASSERT_EQ(tl_plan_gpus(p), 8);
+  for (int g = 0; g < 8; g++) {
+    int id;
+    tl_plan_slot_t sl;
+    ASSERT_OK(tl_plan_find(p, TL_ROLE_LAUNCH, g, 0, &id));
+    ASSERT_OK(tl_plan_slot(p, id, &sl));
+    ASSERT(sl.local);
+    ASSERT(sl.hot_on_core > 1); /* 16 hot threads on 2 cores */
+  }
+  tl_plan_close(p);
+  tl_topo_close(t);
+  return 0;
+}
+
 // Claims from many threads at once: every slot of the group is handed out equally often.
 enum { CLAIM_THREADS = 8, CLAIMS = 400 };
 static pthread_barrier_t claim_barrier;

@@ -2,6 +2,11 @@
 
 GPU tests are marked `gpu`; they SKIP (never pass) where no GPU is usable, saying why.
 `make gpu-test` runs only them; `make test` runs everything.
+
+The tests run against the installed package, as a user has it: `make build` pip-installs the
+checkout into build/venv, and pytest runs on that venv's python. Nothing here puts the sources
+(python/) on sys.path or PYTHONPATH, and the run stops when threadloom came from there anyway
+(require_installed). BIN is the launcher installed beside that python.
 """
 
 import os
@@ -12,10 +17,40 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOPOLOGIES = os.path.join(ROOT, "tests", "data", "topologies")
+# The `threadloom` pip installed with this interpreter's package (THREADLOOM_BIN overrides).
+BIN = os.environ.get("THREADLOOM_BIN") or os.path.join(os.path.dirname(sys.executable), "threadloom")
+
+
+def gil_python():
+    """The GIL baseline's python with threadloom installed (build/venv-gil, `make build-gil`),
+    or None."""
+    try:
+        with open(os.path.join(ROOT, "build", "bootstrap.env")) as f:
+            for line in f:
+                if line.startswith("GIL_PYTHON := "):
+                    exe = line.split(":=", 1)[1].strip()
+                    return exe if os.access(exe, os.X_OK) else None
+    except OSError:
+        pass
+    return None
+
+
+def require_installed():
+    """Stops the run unless `import threadloom` finds an installed package (not python/ of a
+    checkout): the tests check what pip installs. Also used by tests/torch/conftest.py."""
+    import threadloom
+    here = os.path.realpath(os.path.dirname(threadloom.__file__))
+    for sources in {os.path.join(ROOT, "python"), os.path.join(os.getcwd(), "python")}:
+        if os.path.commonpath([here, os.path.realpath(sources)]) == os.path.realpath(sources):
+            pytest.exit("threadloom was imported from the sources (%s), not from an installed "
+                        "package: run the tests with `make test` (it pip-installs this checkout "
+                        "into build/venv), or `pip install .` into your venv and unset "
+                        "PYTHONPATH" % here, returncode=4)
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
+    require_installed()
 
 
 def gpu_count_or_reason():
@@ -36,12 +71,10 @@ def require_gpu():
 
 
 def run_python(*args, env_extra=None, drop=("PYTHON_GIL",), timeout=120, **kw):
-    """Runs this interpreter in a child process with the package importable."""
+    """Runs this interpreter in a child process (which imports the same installed package)."""
     env = dict(os.environ)
     for k in drop:
         env.pop(k, None)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.join(ROOT, "python")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.update(env_extra or {})
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
                           timeout=timeout, **kw)

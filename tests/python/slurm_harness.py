@@ -131,11 +131,11 @@ class SlurmCluster:
     # -- clients --------------------------------------------------------------------------
 
     def env(self, extra=None):
-        """The environment for SLURM clients and jobs: SLURM_CONF, the package on PYTHONPATH."""
+        """The environment for SLURM clients and jobs: SLURM_CONF (the jobs' interpreter, the
+        free-threaded venv, has threadloom installed)."""
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("SLURM_") and k != "THREADLOOM_JOB_TOKEN"}
         env["SLURM_CONF"] = self.conf
-        env["PYTHONPATH"] = os.path.join(ROOT, "python")
         env.pop("PYTHON_GIL", None)
         env.update(extra or {})
         return env

@@ -404,7 +404,7 @@ def test_report_devices(tmp_path):
                                     "late_max_us": 900.0, "roundtrip_us": 160.0}]})
     report.build(d)
     md = open(os.path.join(d, "README.md")).read()
-    h = "## Devices (sim): submission, feeder, allocator"
+    h = "## Devices (sim): submission, launch rate, feeder, allocator"
     t = md_table(md, h)
     assert t[1] == ["1", "4,000,000", "5,000,000", "8,000,000", "0.50x", "0.5"]
     assert "2 threads over 1: 1.90x wall clock, 2.00x per CPU second." in md
@@ -416,6 +416,43 @@ def test_report_devices(tmp_path):
     t = md_table(md, "## Summary")
     assert ["Device submission (Python, sim)", "4,000,000/s per thread", "raw C 8,000,000",
             "0.50x", "1 thread"] in t
+
+
+def _launch_case(model, loaders, ratios):
+    rows = [{"threads": t, "ratio": q, "ratio_cpu": q,
+             "python": {"total": 1e6 * q * t, "per_thread": 1e6 * q, "per_thread_cpu": 2e7},
+             "c": {"total": 1e6 * t, "per_thread": 1e6, "per_thread_cpu": 1.25e8}}
+            for t, q in zip((1, 8), ratios)]
+    return {"model": model, "spec": "sim:8", "devices": 8, "device": "sim:0",
+            "loaders_per_device": loaders, "loader_threads": 8 * loaders,
+            "loader_lines_per_s": 1e5, "loader_slots_on_launch_cores": 16 if loaders else 0,
+            "cores": 2, "rows": rows, "loadavg": 1.0}
+
+
+def test_report_launch_rate(tmp_path):
+    """bench_devices.py's launch section: the table, the goal sentences, the summary lines."""
+    d = str(tmp_path)
+    synthetic(d)
+    write(d, "devices", {"backend": "sim", "seconds": 1, "submit": [], "feeder": [],
+                         "launch": [_launch_case("overhead", 0, (0.15, 0.16)),
+                                    _launch_case("launch 1us", 0, (0.95, 0.9)),
+                                    _launch_case("launch 1us", 2, (0.9, 0.4))]})
+    report.build(d)
+    md = open(os.path.join(d, "README.md")).read()
+    t = md_table(md, "## Devices (sim): submission, launch rate, feeder, allocator")
+    assert t[0] == ["device", "loader threads", "threads", "Python launches/s", "raw C launches/s",
+                    "Python / C", "per CPU second"]
+    assert t[6] == ["launch 1us", "16 (16 on launch cores)", "8", "3,200,000", "8,000,000",
+                    "40.0%", "40.0%"]
+    assert "At 8 threads: Python 90.0% of raw C (goal >= 50%: met)." in md
+    assert "At 8 threads with loader threads busy: Python 40.0% of raw C (goal >= 50%: NOT met)." in md
+    assert "own cost per launch from one Python thread: 50 ns of CPU (raw C: 8 ns)" in md
+    _, series = svg_series(os.path.join(d, "devices_launch.svg"))
+    assert set(series) == {"Python threads", "raw C", "Python threads (loaders busy)",
+                           "raw C (loaders busy)"}
+    s = md_table(md, "## Summary")
+    assert ["Launch rate, loaders busy (launch 1us)", "3,200,000/s", "raw C 8,000,000/s", "0.40x",
+            "8 threads"] in s
 
 
 def test_report_errors(tmp_path):

@@ -20,7 +20,6 @@ import pytest
 import threadloom
 from threadloom import cluster
 from threadloom.cluster import store
-from conftest import ROOT
 
 # ---------------------------------------------------------------------------------------------
 # Host lists
@@ -506,7 +505,7 @@ def test_descriptor_exhaustion_does_not_stop_the_store():
     # real node still gets in (within a few seconds, long before the attackers' 10 s
     # handshake limit would have freed anything).
     token = cluster.new_job_token()
-    env = dict(os.environ, TL_TEST_TOKEN=token, PYTHONPATH=os.path.join(ROOT, "python"))
+    env = dict(os.environ, TL_TEST_TOKEN=token)
     p = subprocess.Popen([sys.executable, "-c", STORE_IN_A_SMALL_PROCESS], env=env,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     attackers = []

@@ -18,12 +18,11 @@ import threading
 
 import pytest
 
-from conftest import ROOT, run_python
+from conftest import BIN, run_python
 
 import threadloom
 from threadloom import cluster
 
-BIN = os.environ.get("THREADLOOM_BIN") or os.path.join(ROOT, "build", "bin", "threadloom")
 HAVE_BIN = os.access(BIN, os.X_OK)
 TORCHRUN = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
             "MASTER_PORT")
@@ -37,8 +36,6 @@ WATCHDOG_S = 5   # heartbeat timeout of the watchdog tests: a stall this long on
 def _env(job, extra=None):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("SLURM") and k not in TORCHRUN + ("PYTHON_GIL", "CUDA_VISIBLE_DEVICES")}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "python")] + [
-        p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["THREADLOOM_JOB_TOKEN"] = job["token"]
     env["THREADLOOM_JOB_ID"] = job["id"]
     env.update(extra or {})

@@ -2,6 +2,7 @@
 staging, each test on sim and on a GPU (skipped without one, saying why); fault injection on sim.
 Concurrency tests use barriers and events, never sleeps for ordering."""
 
+import array
 import os
 import random
 import threading
@@ -280,6 +281,37 @@ def test_dlpack_export(dev):
         assert type(cap).__name__ == "PyCapsule"
         del cap
         s.synchronize()
+
+
+def test_cast_types_the_export(dev):
+    """cast(format) gives the elements a type: the DLPack export carries it (communicators
+    reduce typed buffers; torch/numpy read them typed), over the same memory."""
+    s = devices.Stream(dev)
+    vals = array.array("f", [1.5, -2.0, 3.25, 8.0])
+    buf = s.alloc(16)
+    f = buf.cast("f")
+    assert (buf.format, buf.itemsize, f.format, f.itemsize) == ("B", 1, "f", 4)
+    assert f.ptr == buf.ptr and f.nbytes == 16 and "'f'" in repr(f)
+    s.copy(f, vals)
+    if dev.kind == "sim":
+        m = threadloom.from_dlpack(f)
+        assert m.format == "f" and m.tolist() == vals.tolist()
+        assert threadloom.from_dlpack(buf.cast("q")).format == "q"
+        del m
+    else:
+        imported = devices.from_dlpack(f, stream=s)     # kDLCUDA float32, 4 elements
+        assert imported.nbytes == 16 and imported.ptr == f.ptr
+        del imported
+    out = array.array("f", bytes(16))
+    s.copy(out, f)
+    s.synchronize()
+    assert out == vals
+    with pytest.raises(ValueError, match="whole number of 8-byte"):
+        s.alloc(12).cast("d")
+    with pytest.raises(ValueError, match="element type DLPack can carry"):
+        buf.cast("x")
+    del f
+    buf.free()
 
 
 @pytest.mark.gpu

@@ -1,10 +1,11 @@
 """Every ```python block of docs/user-guide.md and docs/migration.md runs.
 
-The blocks of one document run in order, as one program (one namespace), in a temporary
-directory where `tests/` points at the repository's (for the recorded topologies). A block
-right after a line `<!-- needs: torch -->` runs only where torch is importable and is skipped,
-with that reason, elsewhere (the "before" side of the migration guide). A failure names the
-document and the line of the block."""
+The blocks of one document run in order, as one program, in a fresh interpreter (what a block
+imports, torch say, and the GIL an import may turn on stay out of the test process), in a
+temporary directory where `tests/` points at the repository's (for the recorded topologies).
+The program keeps each block on its line of the document, so a traceback names the document's
+line. A block right after a line `<!-- needs: torch -->` runs only where torch is importable
+and is skipped, with that reason, elsewhere (the "before" side of the migration guide)."""
 
 import importlib.util
 import os
@@ -12,7 +13,7 @@ import re
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_python
 
 DOCS = ["docs/user-guide.md", "docs/migration.md"]
 FENCE = re.compile(r"^```python\s*$")
@@ -48,18 +49,21 @@ def test_the_docs_have_python_blocks():
 
 
 @pytest.mark.parametrize("doc", DOCS)
-def test_every_python_block_runs(doc, tmp_path, monkeypatch, capsys):
+def test_every_python_block_runs(doc, tmp_path):
     os.symlink(os.path.join(ROOT, "tests"), tmp_path / "tests")
-    monkeypatch.chdir(tmp_path)
-    namespace = {"__name__": "__doc_example__"}
+    program = [""] * len(open(os.path.join(ROOT, doc), encoding="utf-8").read().splitlines())
     ran, skipped = 0, []
     for line, code, need in blocks(doc):
         if need is not None and importlib.util.find_spec(need) is None:
             skipped.append("%s:%d needs %s" % (doc, line, need))
             continue
-        # Compiled with the document's line numbers, so a traceback points into the doc.
-        exec(compile("\n" * (line - 1) + code, os.path.join(ROOT, doc), "exec"), namespace)
+        for k, text in enumerate(code.splitlines()):
+            program[line - 1 + k] = text
         ran += 1
     assert ran >= 4
+    path = tmp_path / os.path.basename(doc)   # tracebacks: "user-guide.md", line N
+    path.write_text("\n".join(program) + "\n", encoding="utf-8")
+    r = run_python(str(path), cwd=str(tmp_path), timeout=600)
+    assert r.returncode == 0, "%s: a block failed:\n%s" % (doc, r.stderr[-4000:])
     if skipped:
         print("skipped (module not importable here): " + "; ".join(skipped))

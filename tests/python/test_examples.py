@@ -16,9 +16,11 @@ import threadloom
 from conftest import ROOT, run_python
 
 EXAMPLES = os.path.join(ROOT, "examples")
-# A small main job: 2 ranks, 3 epochs of a 600-sample data set, a 4096 x 8 embedding table.
-SMALL_JOB = ["--steps", "60", "--ckpt-every", "20", "--samples", "600", "--batch-size", "16",
-             "--lr", "8", "--buckets", "4096", "--dim", "8", "--tokens", "6", "--log-every", "1000"]
+# A small main job on 8 sim devices: 15 epochs of a 600-sample data set (4 steps each), a
+# 4096 x 8 embedding table, 0.5 ms kernels.
+SMALL_JOB = ["--devices", "sim:8", "--steps", "60", "--ckpt-every", "20", "--samples", "600",
+             "--batch-size", "16", "--lr", "8", "--buckets", "4096", "--dim", "8", "--tokens", "6",
+             "--kernel-ms", "0.5", "--log-every", "1000"]
 
 
 def example(*args, env_extra=None):
@@ -45,13 +47,18 @@ def test_main_job_preempted_and_resumed_ends_with_the_uninterrupted_weights(tmp_
     p = example("main_job.py", "--ckpt-dir", ref, *SMALL_JOB)
     assert p.returncode == 0, p.stderr
     out = p.stdout
-    assert out.startswith("main_job: path: CPU"), out        # which path, on the first line
+    assert out.startswith("main_job: path: sim:8, 8 simulated devices"), out   # the first line
     assert "no checkpoint in %s: starting at step 0" % ref in out
-    assert "the 2 replicas are identical" in out
+    assert "the 8 replicas are identical" in out
+    for k in range(8):     # per device: engines busy, waits for data
+        assert re.search(r"^summary: sim:%d +compute +[0-9.]+%% +h2d +[0-9.]+%% +d2h +[0-9.]+%% "
+                         r"busy; waited [0-9.]+ s for data$" % k, out, re.M), out
+    assert re.search(r"H2D [0-9.]+[kMG]?B/s \(the ranks waited [0-9]+% of the time", out), out
     assert re.search(r"summary: 3 checkpoint\(s\) of [0-9.]+ MB: training stalled", out)
     m = re.search(r"summary: loss ([0-9.]+) at the first step -> ([0-9.]+)", out)
     assert m and float(m.group(2)) < float(m.group(1)), out
-    assert re.search(r"^step 60/60 ", out, re.M), out          # plain status lines (no TTY)
+    assert re.search(r"^step 60/60 .* H2D .* waited for data .* devices: compute ", out,
+                     re.M), out                               # plain status lines (no TTY)
     assert steps_in(ref) == [20, 40, 60]
     ref_sha = re.search(r"weights at step 60: sha256 ([0-9a-f]+)", out).group(1)
 
@@ -97,22 +104,59 @@ def test_main_job_refuses_checkpoints_written_with_other_settings(tmp_path):
     assert "use the same settings or another --ckpt-dir" in p.stderr
 
 
+@pytest.mark.gpu
+def test_main_job_on_gpus_preempted_and_resumed(tmp_path, require_gpu):
+    """The same job on the GPUs (cuda: NCCL, the cudart feeder, spin kernels): preempted and
+    resumed to the uninterrupted run's weights."""
+    assert SMALL_JOB[:2] == ["--devices", "sim:8"]
+    job_args = ["--devices", "cuda"] + SMALL_JOB[2:]
+    ref, job = str(tmp_path / "ref"), str(tmp_path / "job")
+    p = example("main_job.py", "--ckpt-dir", ref, *job_args)
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert p.stdout.startswith("main_job: path: %d cuda device(s)" % require_gpu), p.stdout
+    assert "replicas are identical" in p.stdout
+    p = example("main_job.py", "--ckpt-dir", job, "--preempt-at", "25", *job_args)
+    assert p.returncode == 75, (p.stdout, p.stderr)
+    p = example("main_job.py", "--ckpt-dir", job, "--check-against", ref, *job_args)
+    assert p.returncode == 0 and "IDENTICAL" in p.stdout, (p.stdout, p.stderr)
+
+
+def test_main_job_exception_in_one_rank_ends_the_job(tmp_path):
+    """A rank raising ends the job with that error (status 1, no hang: run_python's timeout),
+    every thread stopped, the checkpoint before it still loadable."""
+    d = str(tmp_path / "job")
+    p = example("main_job.py", "--ckpt-dir", d, "--fail-at", "30", "--fail-rank", "3", *SMALL_JOB)
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    assert ("main_job: FAILED: RuntimeError: main_job: --fail-at: rank 3 raises after step 30 "
+            "(a simulated bug) (raised in threadloom.spmd rank 3 of 8 (device sim:3))") in p.stderr
+    assert steps_in(d) == [20]
+    assert threadloom.load(d)["step"] == 20
+
+
+def test_main_job_failing_device_ends_the_job(tmp_path):
+    d = str(tmp_path / "job")
+    p = example("main_job.py", "--ckpt-dir", d, "--lose-device-at", "30", "--fail-rank", "5",
+                *SMALL_JOB)
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    assert "simulating a failing device: sim:5 is lost after step 30" in p.stdout
+    assert "main_job: FAILED: DeviceLostError: TL_EDEVLOST" in p.stderr
+    assert "sim:5 is lost" in p.stderr and "rank 5 of 8 (device sim:5)" in p.stderr
+    assert steps_in(d) == [20]
+
+
 def test_main_job_says_which_path_runs():
     mj = load_example("main_job.py")
-
-    def no_driver():
-        raise threadloom.errors.error("ENODRIVER", "cudaGetDeviceCount: test")
-
-    ranks, line = mj.describe_path(3, gpu_count=no_driver)
-    assert ranks == 3 and line.startswith("path: CPU, no GPU (TL_ENODRIVER")
-    ranks, line = mj.describe_path(2, gpu_count=lambda: 0)
-    assert ranks == 2 and "CUDA sees no GPU" in line
-    # GPUs present: the feeder and the NCCL collectives are built, this example's GPU code is
-    # not; it says so and runs one CPU rank per GPU (this checks the probe, not a GPU).
-    ranks, line = mj.describe_path(2, gpu_count=lambda: 4)
-    assert ranks == 4
-    assert "4 GPU(s) found, but the GPU path is not built yet" in line
-    assert "this example's GPU code" in line and "NCCL" not in line
+    why = "default: no usable GPU (TL_ENODRIVER: cudaGetDeviceCount: test)"
+    devs, line = mj.choose_devices("auto", backend=lambda: {"name": "none", "count": 0,
+                                                            "why": why})
+    assert [str(d) for d in devs] == ["sim:%d" % i for i in range(8)]
+    assert line.startswith("path: sim:8, 8 simulated devices") and ("no GPU here (%s)" % why) in line
+    devs, line = mj.choose_devices("sim:3")
+    assert len(devs) == 3 and "no GPU here" not in line
+    with pytest.raises(SystemExit, match="use auto, sim:N or cuda"):
+        mj.choose_devices("tpu")
+    with pytest.raises(SystemExit, match="only 8 sim devices"):
+        mj.choose_devices("sim:9")
 
 
 # -- the other examples ------------------------------------------------------------------------
@@ -163,8 +207,7 @@ def test_train_torch_example_runs_or_says_why_not():
 
 def test_slurm_example_two_nodes_meet_and_shard():
     full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # no SLURM here
-    full.update(PYTHONPATH=os.path.join(ROOT, "python"),
-                THREADLOOM_JOB_TOKEN=uuid.uuid4().hex + uuid.uuid4().hex,
+    full.update(THREADLOOM_JOB_TOKEN=uuid.uuid4().hex + uuid.uuid4().hex,
                 THREADLOOM_JOB_ID="test-examples-%s" % uuid.uuid4().hex)
     script = os.path.join(EXAMPLES, "slurm", "train.py")
     procs = [subprocess.Popen([sys.executable, script, "--nnodes", "2", "--node-rank", str(r),

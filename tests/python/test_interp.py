@@ -1,8 +1,8 @@
 """The `threadloom` launcher (interp/) and `python -m threadloom run`: scripts, modules, argv,
 stdin, exit codes, signals, the GIL guard, main-thread pinning, CPU limits, torchrun env.
 
-The launcher is the binary CMake builds into build/bin/threadloom (THREADLOOM_BIN overrides);
-tests that need it SKIP when it is missing. The test extension without Py_mod_gil is
+The launcher is the `threadloom` pip installed next to this interpreter (conftest.BIN;
+THREADLOOM_BIN overrides); tests that need it SKIP when it is missing. The test extension without Py_mod_gil is
 build/tests/python-ext/gil_needing*.so (THREADLOOM_TEST_EXT_DIR overrides). Nothing here imports
 it into the pytest process: that would turn the GIL on for the rest of the run.
 """
@@ -17,9 +17,9 @@ import sysconfig
 
 import pytest
 
-from conftest import ROOT, run_python
+from conftest import BIN, ROOT, run_python
+from threadloom import gilguard
 
-BIN = os.environ.get("THREADLOOM_BIN") or os.path.join(ROOT, "build", "bin", "threadloom")
 EXT_DIR = os.environ.get("THREADLOOM_TEST_EXT_DIR") or os.path.join(ROOT, "build", "tests", "python-ext")
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
@@ -275,7 +275,7 @@ def test_gil_off_for_a_normal_script_and_user_forced_gil_is_said(tmp_path):
 @pytest.mark.skipif(not FREE_THREADED, reason="needs a free-threaded interpreter")
 def test_python_m_threadloom_run_has_the_same_guard(tmp_path):
     s = script(tmp_path, IMPORTS_IT)
-    env = {"PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "python"), EXT_DIR])}
+    env = {"PYTHONPATH": EXT_DIR}
     r = run_python("-m", "threadloom", "run", s, env_extra=env)
     assert r.returncode == 1 and "'gil_needing'" in r.stderr and "after" not in r.stdout
     r = run_python("-m", "threadloom", "run", "--gil=warn", s, env_extra=env)
@@ -312,7 +312,7 @@ def test_gil_build_refused_by_the_guard():
         pytest.skip("no Python built with the GIL on this machine")
     code = ("import importlib.util as u\n"
             "s = u.spec_from_file_location('g', %r); g = u.module_from_spec(s); s.loader.exec_module(g)\n"
-            "g.install('forbid')\n" % os.path.join(ROOT, "python", "threadloom", "gilguard.py"))
+            "g.install('forbid')\n" % gilguard.__file__)
     r = subprocess.run([exe, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "built with the GIL" in r.stderr and "scripts/bootstrap.sh" in r.stderr

@@ -224,15 +224,17 @@ def test_spmd_world_abort_aborts_registered_nccl_comms():
 
 @pytest.mark.gpu
 def test_spmd_gpu_world_makes_nccl_comms(require_gpu):
-    """spmd(devices=) on GPUs: each rank gets an NcclComm on its device, host_comm is the
-    CpuComm, and the communicators are closed afterwards."""
+    """spmd(devices=) on GPUs: each rank's DeviceComm has an NcclComm on its device, host_comm
+    is the CpuComm, and the communicators are closed afterwards."""
     seen = []
 
     def fn(ctx):
-        assert isinstance(ctx.comm, _core.NcclComm) and ctx.comm.device == ctx.device
+        nccl = ctx.comm.nccl
+        assert isinstance(nccl, _core.NcclComm) and nccl.device == ctx.device.index
+        assert ctx.device.kind == "cuda" and ctx.stream.device == ctx.device
         assert isinstance(ctx.host_comm, cpu.CpuComm)
-        ctx.comm.check()
-        seen.append(ctx.comm)
+        nccl.check()
+        seen.append(nccl)
         ctx.barrier()
         return ctx.host_comm.allreduce(ctx.rank)
 

@@ -16,11 +16,11 @@ import sysconfig
 
 import pytest
 
-from conftest import ROOT, run_python
+from conftest import BIN, run_python
 
 pytestmark = pytest.mark.skipif(not sysconfig.get_config_var("Py_GIL_DISABLED"),
                                 reason="a GIL build has nothing to share")
-LAUNCHER = os.path.join(ROOT, "build", "bin", "threadloom")
+LAUNCHER = BIN
 
 MOD = '''\
 SCALE = 1234567.25
@@ -65,7 +65,7 @@ def probe(tmp_path, how, first="import threadloom", env=None, launcher=False):
     path = make_pkg(tmp_path, how)
     script = tmp_path / ("probe_%s.py" % how)
     script.write_text(PROBE % first)
-    extra = {"PYTHONPATH": os.pathsep.join([path, os.path.join(ROOT, "python")]),
+    extra = {"PYTHONPATH": path,
              "PYTHONDONTWRITEBYTECODE": "1"}
     extra.update(env or {})
     if launcher:
@@ -118,7 +118,7 @@ def test_modules_imported_before_threadloom_are_not_touched(tmp_path):
 
 
 needs_launcher = pytest.mark.skipif(not os.access(LAUNCHER, os.X_OK),
-                                    reason="no build/bin/threadloom: run make build")
+                                    reason="no launcher %s: run make build" % LAUNCHER)
 
 
 @needs_launcher

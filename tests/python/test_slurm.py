@@ -19,12 +19,11 @@ import sys
 import pytest
 
 import threadloom
+from conftest import BIN, ROOT
 from threadloom.cluster import slurm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOB_PY = os.path.join(ROOT, "tests", "python", "slurm_jobs", "rendezvous_job.py")
 REQUEUE_PY = os.path.join(ROOT, "tests", "python", "slurm_jobs", "requeue_job.py")
-BIN = os.environ.get("THREADLOOM_BIN", os.path.join(ROOT, "build", "bin", "threadloom"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,10 +122,26 @@ def test_default_launcher_is_found():
     assert spec.launcher == slurm.find_launcher()
     exe = spec.launcher[0]
     assert os.access(exe, os.X_OK), spec.launcher
-    if len(spec.launcher) == 1:   # a threadloom launcher (on PATH or the checkout's build)
-        assert os.path.basename(exe) == "threadloom"
+    if len(spec.launcher) == 1:   # the `threadloom` pip installed with this package
+        assert os.path.samefile(exe, BIN), (exe, BIN)
     else:
         assert spec.launcher[1:] == ("-m", "threadloom")
+
+
+def test_default_launcher_is_this_installs_not_one_on_path_or_in_a_checkout(tmp_path):
+    """The sbatch script runs the environment's own `threadloom`, not another on PATH or the
+    checkout's build tree (which the installed package knows nothing of)."""
+    if not os.access(BIN, os.X_OK):
+        pytest.skip("no `threadloom` installed beside %s" % sys.executable)
+    other = tmp_path / "threadloom"
+    other.write_text("#!/bin/sh\n")
+    other.chmod(0o755)
+    r = subprocess.run([sys.executable, "-c", "from threadloom.cluster import slurm; "
+                        "print(slurm.find_launcher())"], capture_output=True, text=True,
+                       env=dict(os.environ, PATH="%s:%s" % (tmp_path, os.environ["PATH"])),
+                       cwd=str(tmp_path), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == repr((BIN,))
 
 
 def test_job_token_is_fresh_for_every_run_and_not_in_the_script():
@@ -172,7 +187,6 @@ def test_bad_options_say_what_to_fix(change, words):
 def _cli(*args, launcher=None, env=None):
     cmd = [launcher, "slurm", *args] if launcher else [sys.executable, "-m", "threadloom", "slurm", *args]
     e = dict(os.environ)
-    e["PYTHONPATH"] = os.path.join(ROOT, "python")
     e.update(env or {})
     return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=60)
 
@@ -259,7 +273,6 @@ def rendezvous_batch(cluster, nodes, name, nodelist=None, job_args=""):
     if nodelist:
         lines.append("#SBATCH --nodelist=%s" % nodelist)
     lines += ["export THREADLOOM_JOB_TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \\n')",
-              "export PYTHONPATH=%s" % shlex.quote(os.path.join(ROOT, "python")),
               "srun --kill-on-bad-exit=1 --output=%s/%%x-%%j-%%t.out %s %s %s"
               % (cluster.log_dir, shlex.quote(cluster.python), shlex.quote(JOB_PY), job_args)]
     return "\n".join(lines) + "\n"
@@ -361,8 +374,7 @@ def test_generated_script_runs_as_written_from_a_fresh_directory(slurm_cluster, 
     fresh = os.path.join(c.log_dir, "fresh-%d" % os.getpid())
     os.makedirs(fresh)
     r = _cli("script", "-N", "2", "-t", "3", "-J", "fresh", "--launcher",
-             "%s -m threadloom" % c.python, "--env", "PYTHONPATH=%s" % os.path.join(ROOT, "python"),
-             JOB_PY)
+             "%s -m threadloom" % c.python, JOB_PY)
     assert r.returncode == 0, r.stderr
     with open(os.path.join(fresh, "job.sbatch"), "w") as f:
         f.write(r.stdout)
@@ -385,8 +397,7 @@ def test_submitted_job_forwards_the_signal_to_every_task(slurm_cluster):
     c = slurm_cluster
     spec = slurm.JobSpec(program=JOB_PY, args=("--hold",), nodes=2, time="3", job_name="usr2",
                          log_dir=c.log_dir, chdir=c.log_dir,
-                         launcher=(c.python, "-m", "threadloom"),
-                         env=(("PYTHONPATH", os.path.join(ROOT, "python")),))
+                         launcher=(c.python, "-m", "threadloom"))
     job, _ = slurm.submit(spec, path=os.path.join(c.log_dir, "usr2.sbatch"), environ=c.env())
     c.wait_log(job, "holding", count=2)   # both tasks wait for the signal
     c.run("scancel", "--signal=USR2", "--batch", job)

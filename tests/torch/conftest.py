@@ -1,21 +1,28 @@
 """tests/torch: threadloom next to torch in one interpreter (`make test-torch`).
 
-They run on TORCH_PYTHON (build/bootstrap.env: Debian's python3-torch on the system's Python,
-a GIL build, so threads take turns there; what is checked is behaviour, never speed), with the
-extension built for it by `make build-torch`. Without torch every test here SKIPs, saying why.
+They run twice (`make test-torch`): on the free-threaded venv build/venv (torch's cp313t
+wheel) and on the GIL baseline, build/venv-gil (build/bootstrap.env's GIL_PYTHON: the system's
+Python 3.11; a GIL build, so threads take turns there), both with torch from PyPI pinned in
+requirements/pins.txt and threadloom pip-installed (`make build`, `make build-gil`); what is
+checked is behaviour, never speed. Without torch every test here SKIPs, saying why. As in tests/python, the
+package must be the installed one (tests/python/conftest.py: require_installed).
 """
+import importlib.util
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python"))
-
-import pytest  # noqa: E402
+import pytest
 
 torch = pytest.importorskip("torch", reason="torch does not import on %s" % sys.executable)
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python", "conftest.py")
+    spec = importlib.util.spec_from_file_location("_tests_python_conftest", path)
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    helpers.require_installed()
 
 
 def sim_device(i):

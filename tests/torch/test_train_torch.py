@@ -58,9 +58,8 @@ def test_gradients_are_averaged_across_ranks_in_place():
 
 
 def test_example_script_runs():
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
     p = subprocess.run([sys.executable, EXAMPLE, "--steps", "40", "--ranks", "2", "--cpu"],
-                       capture_output=True, text=True, env=env, timeout=300)
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "CPU, 2 ranks, 40 steps" in p.stdout and "replicas identical: True" in p.stdout
 

@@ -82,15 +82,23 @@ class JobSpec:
 
 def find_launcher():
     """The command that runs `threadloom run ...` on the nodes, as an argument tuple: the
-    `threadloom` on PATH, else the launcher built next to this package (build/bin/threadloom
-    of the checkout), else this interpreter with `-m threadloom`."""
-    on_path = shutil.which("threadloom")
-    if on_path:
-        return (os.path.abspath(on_path),)
-    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # python/threadloom
-    built = os.path.join(os.path.dirname(os.path.dirname(pkg)), "build", "bin", "threadloom")
-    if os.access(built, os.X_OK):
-        return (built,)
+    `threadloom` script pip installed with this package (the C launcher, or `python -m
+    threadloom` where it is not built: its RECORD says where, whatever the install scheme),
+    else the `threadloom` beside this interpreter, else this interpreter with `-m threadloom`.
+    Never one on PATH, which may belong to another environment."""
+    from importlib import metadata
+    try:
+        files = metadata.distribution("threadloom").files or ()
+    except metadata.PackageNotFoundError:  # not installed by pip (a vendored copy): no RECORD
+        files = ()
+    for f in files:
+        if f.name == "threadloom" and f.parent.name == "bin":
+            path = os.path.abspath(str(f.locate()))
+            if os.access(path, os.X_OK):
+                return (path,)
+    beside = os.path.join(os.path.dirname(sys.executable), "threadloom")
+    if os.access(beside, os.X_OK):
+        return (beside,)
     return (sys.executable, "-m", "threadloom")
 
 

@@ -35,7 +35,7 @@ import threading
 import time
 import weakref
 
-from threadloom import sysinfo
+from threadloom import gilguard, sysinfo
 from threadloom._queue import CLOSED, END, Queue, Workers
 from threadloom.data import device as todevice
 from threadloom.data.collate import default_collate, default_convert
@@ -260,6 +260,8 @@ class DataLoader:
         """A new iterator, independent of any other of this loader (zip(loader, loader) and
         nested loops work as in torch). With persistent_workers (and num_workers > 0) torch
         keeps one iterator and each iter() resets it to a new epoch: so does threadloom."""
+        if self.num_workers > 0:
+            gilguard.warn_if_gil_on("threadloom.DataLoader", self.num_workers, stacklevel=2)
         resume, self._resume = self._resume, None
         epoch = self._epoch
         if resume is not None:

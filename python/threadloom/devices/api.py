@@ -17,7 +17,8 @@ __all__ = ["Device", "DeviceBuffer", "Event", "StagingPool", "StagingSlot", "Str
 def select(spec):
     """Selects the backend before first use: "cuda", "none" or "sim:N[,option=value...]"
     (options: h2d, d2h, pageable, d2d bandwidths like 25GB/s; mem=16GiB; cost=0 for devices
-    whose operations are free; spin=50us; poison=0). BusyError once another backend is in
+    whose operations are free; launch=1us, the CPU time each kernel/copy/memset submission
+    costs its thread; spin=50us; poison=0). BusyError once another backend is in
     use; the same spec again is accepted."""
     _core.devices_select(spec)
 
@@ -39,8 +40,8 @@ def devices(kind=None):
     """The devices of the selected backend, or of `kind` ("cuda", "sim"), as Device objects:
     index, kind, name, memory (bytes), numa_node, local_cpus (the CPU numbers of that node),
     pci_bus_id, compute_capability. [] for the none backend."""
-    if kind is None and backend()["name"] == "none":
-        return []
+    if backend()["name"] == "none" and kind is None:   # selects the default first, so
+        return []                                       # THREADLOOM_DEVICES applies to kinds too
     return [_core.device(kind, i) for i in range(_core.device_count(kind))]
 
 
@@ -49,6 +50,7 @@ def device(spec=None):
     (the first device of the selected backend)."""
     if isinstance(spec, Device):
         return spec
+    backend()    # the default selection first (THREADLOOM_DEVICES=sim:N), as devices() does
     if spec is None:
         return _core.device(None, 0)
     if isinstance(spec, int):
