@@ -109,6 +109,16 @@ def test_iterable_dataset_and_drop_last():
         assert_same(cpu, dev_batches, dev)
 
 
+@pytest.mark.parametrize("nw", [0, 2])
+def test_batches_without_tensors_stay_on_the_host(nw):
+    """bytes and str are no tensors (torch's pin_memory rule): such a batch has nothing to copy,
+    and the first batch sizes the slots (it made a 0-byte staging pool: ValueError)."""
+    cpu, dev_batches, dev = both(lambda d: DataLoader([b"ab%d" % i for i in range(10)],
+                                                      batch_size=4, num_workers=nw, device=d))
+    assert dev_batches == cpu == [[b"ab0", b"ab1", b"ab2", b"ab3"], [b"ab4", b"ab5", b"ab6", b"ab7"],
+                                  [b"ab8", b"ab9"]]
+
+
 def test_collation_goes_straight_into_the_staging_slot():
     """default_collate writes the batches into the feeder's pinned slot: after the first batch
     (which sizes the slots; each worker that started before they existed builds one in the

@@ -364,7 +364,8 @@ class Feeder:
         with self._lock:
             pool, size = self._pool
             if pool is None or nbytes > size:
-                new = _round(nbytes + nbytes // 4, _GRAIN)
+                # a batch with no tensor (bytes, str: they stay on the host) packs to 0
+                new = max(_GRAIN, _round(nbytes + nbytes // 4, _GRAIN))
                 if pool is not None:
                     new = max(new, 2 * size)
                     self.grown += 1
