@@ -62,8 +62,12 @@ _plans_lock = threading.Lock()
 
 
 def _cached(key, make):
+    """The plan of `key`, made by make() the first time; the key becomes the newest in _plans
+    (device_plan_of looks for the device plan asked for last)."""
     with _plans_lock:
-        p = _plans.get(key)
+        p = _plans.pop(key, None)
+        if p is not None:
+            _plans[key] = p
     if p is None:
         p = make()
         with _plans_lock:
@@ -96,6 +100,20 @@ def device_plan(devices, loaders_per_device=None):
     key = ("devices", tuple(str(d) for d in devices), nodes, loaders_per_device,
            _cpus.process_cpus())
     return _cached(key, lambda: plan(device_nodes=nodes, loaders_per_gpu=loaders_per_device))
+
+
+def device_plan_of(device):
+    """(plan, g): the device plan asked for last (device_plan(); spmd(devices=) asks for one
+    for its ranks) whose devices include `device` (a threadloom Device), and the device's GPU
+    index g in it; None when no device plan has it. What DataLoader(device=) pins its workers with
+    (role "loader", gpu=g), so they take the loader slots beside the device's launch core
+    instead of cores the plan reserved for launch threads."""
+    name = str(device)
+    with _plans_lock:
+        for key in reversed(list(_plans)):  # insertion order (_cached): the newest first
+            if isinstance(key, tuple) and key[0] == "devices" and name in key[1]:
+                return _plans[key], key[1].index(name)
+    return None
 
 
 class Pinning:

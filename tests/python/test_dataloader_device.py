@@ -4,6 +4,7 @@ copy engine slowed (staging slots are never reused under a copy) and with faults
 copy, a lost device) that end the iteration with the error and no hang. Pure Python datasets:
 without torch, batches are DeviceBuffers (tests/torch has the torch tensors)."""
 
+import os
 import random
 import sys
 import threading
@@ -186,6 +187,66 @@ def test_per_rank_loaders_on_eight_threads():
         t.join(60)
     assert not errors, errors
     assert sorted(done) == list(range(8))
+
+
+def loader_slot_cpus(plan, gpu):
+    return {frozenset(parse_cpus(s["cpus"])) for s in plan.slots()
+            if s["role"] == "loader" and s["gpu"] == gpu}
+
+
+def parse_cpus(text):
+    out = set()
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        out.update(range(int(a), int(b or a) + 1))
+    return out
+
+
+@pytest.mark.parametrize("iterable", [False, True])
+def test_workers_pin_to_the_device_plans_loader_slots(iterable):
+    """A device loader's workers run on its device's loader slots of a device plan: the one
+    asked for last that has the device (spmd's), else the plan of every sim device; not the
+    CPU-wide loader plan's cores, which ignore the launch cores a device plan keeps free."""
+    from threadloom import placement
+    devs = sim_devices()
+    seen = set()
+    lock = threading.Lock()
+
+    class Where(IterableDataset):
+        def __iter__(self):
+            for i in range(16):
+                with lock:
+                    seen.add(frozenset(os.sched_getaffinity(0)))
+                yield bytes([i]) * 8
+
+    class WhereMap(Records):
+        def __getitem__(self, i):
+            with lock:
+                seen.add(frozenset(os.sched_getaffinity(0)))
+            return super().__getitem__(i)
+
+    def run(dev):
+        seen.clear()
+        ds = Where() if iterable else WhereMap(32)
+        list(DataLoader(ds, batch_size=4, num_workers=2, device=dev))
+        return set(seen)
+
+    # the plan of every sim device, asked for last (as the fallback makes it): GPU 3 of it
+    everyone = placement.device_plan(devs)
+    assert run(devs[3]) <= loader_slot_cpus(everyone, 3)
+    # a rank list as spmd(devices=devs[2:6]) plans it: sim:3 is its GPU 1
+    ranks = placement.device_plan(devs[2:6])
+    assert placement.device_plan_of(devs[3]) == (ranks, 1)
+    assert run(devs[3]) <= loader_slot_cpus(ranks, 1)
+    assert placement.device_plan_of(devs[7]) == (everyone, 7)
+    # asked for again (spmd's next run): the plan of every device is the newest again
+    assert placement.device_plan(devs) is everyone
+    assert placement.device_plan_of(devs[3]) == (everyone, 3)
+    # pin=False: not pinned, whatever plans exist
+    seen.clear()
+    list(DataLoader(Where() if iterable else WhereMap(8), batch_size=4, num_workers=2,
+                    device=devs[3], pin=False))
+    assert seen == {frozenset(os.sched_getaffinity(0))}
 
 
 def test_staging_slots_are_not_reused_under_a_slow_copy(sim):

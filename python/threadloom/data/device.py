@@ -29,11 +29,12 @@ import sys
 import threading
 import time
 
+from threadloom import placement
 from threadloom.data.collate import collate_into
 from threadloom.devices import api as devices
 from threadloom.devices.feeder import Feeder
 
-__all__ = ["resolve", "DeviceCollate", "Handover"]
+__all__ = ["resolve", "worker_plan", "DeviceCollate", "Handover"]
 
 
 def _spec(dev):
@@ -74,6 +75,19 @@ def _device(spec, what):
         raise ValueError("%s=%r: a DataLoader delivers to 'cuda:N', 'sim:N', an index into "
                          "threadloom.devices(), a threadloom Device or a torch.device"
                          % (what, spec)) from None
+
+
+def worker_plan(dev):
+    """(plan, g): the placement plan and GPU index a device loader's workers pin to (role
+    "loader", gpu=g): the loader slots of `dev` in the device plan asked for last that has it
+    (spmd's, for a loader made in a rank), else in the plan of every device of its kind. Not the
+    CPU-wide loader plan, whose slots ignore where the device is and which cores its launch
+    thread keeps."""
+    found = placement.device_plan_of(dev)
+    if found is not None:
+        return found
+    ds = devices.devices(dev.kind)
+    return placement.device_plan(ds), [str(d) for d in ds].index(str(dev))
 
 
 def make_feeder(dev, num_workers, prefetch_factor):

@@ -114,7 +114,9 @@ class DataLoader:
     after making it immortal once, here, with threadloom.share(), for good: the report is
     `share_report`), rank / world_size /
     distributed (shard the sampler as DistributedSampler, taken from RANK / WORLD_SIZE when not
-    given), pin (pin the worker threads, default True), progress (a one-line progress display on
+    given), pin (pin the worker threads, default True: to the CPU-wide loader plan, or with
+    device= to the loader slots beside that device's launch core in its device plan, the one
+    spmd(devices=) made when the loader is made in a rank), progress (a one-line progress display on
     stderr, at most once a second).
     """
 
@@ -435,6 +437,11 @@ class _Config:
         self.drop_last = loader.drop_last
         self.states = loader._states  # persistent_workers: the loader's {worker id: WorkerState}
         self.feeder = None
+        # where pinned workers go: a device loader's to its device's loader slots of a device
+        # plan (data/device.py: worker_plan), others to the CPU-wide loader plan (plan None)
+        self.plan, self.gpu = None, None
+        if loader.device is not None and loader.pin and loader.num_workers > 0:
+            self.plan, self.gpu = todevice.worker_plan(loader.device)
         if loader.device is not None:
             # the threads that build batches build them on the device (data/device.py); the
             # batch counts are taken on the host batch, with the user's collate_fn's rule
@@ -710,8 +717,8 @@ def _map_pipeline(cfg, indices, base_seed):
 
     nw = cfg.num_workers
     pipe = Pipeline(indices, ordered=cfg.in_order, capacity=max(1, cfg.prefetch_factor * nw),
-                    timeout=cfg.timeout or None, pin=cfg.pin, name="dataloader",
-                    feed="consumer")
+                    timeout=cfg.timeout or None, pin=cfg.pin, plan=cfg.plan, gpu=cfg.gpu,
+                    name="dataloader", feed="consumer")
     pipe.map(fetch, workers=nw, state=make_state, name="fetch+collate", queue_size=max(1, nw),
              describe=_sample_indices)
     return pipe
@@ -739,8 +746,8 @@ class _IterableEngine:
         depth = max(1, cfg.prefetch_factor)
         self._queues = [Queue(depth) for _ in range(nw)]
         self.counters = [[0, 0.0, 0.0] for _ in range(nw)]  # per worker: batches, busy, wait
-        self._workers = Workers(nw, self._queues, pin=cfg.pin, name="dataloader",
-                                grace=cfg.timeout or None)
+        self._workers = Workers(nw, self._queues, pin=cfg.pin, plan=cfg.plan, gpu=cfg.gpu,
+                                name="dataloader", grace=cfg.timeout or None)
         for w in range(nw):
             self._workers.submit(lambda w=w: self._work(w))
         self._gen = self._consume()
