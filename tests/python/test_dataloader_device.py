@@ -116,8 +116,8 @@ def test_batches_without_tensors_stay_on_the_host(nw):
     and the first batch sizes the slots (it made a 0-byte staging pool: ValueError)."""
     cpu, dev_batches, dev = both(lambda d: DataLoader([b"ab%d" % i for i in range(10)],
                                                       batch_size=4, num_workers=nw, device=d))
-    assert dev_batches == cpu == [[b"ab0", b"ab1", b"ab2", b"ab3"], [b"ab4", b"ab5", b"ab6", b"ab7"],
-                                  [b"ab8", b"ab9"]]
+    assert dev_batches == cpu == [[b"ab0", b"ab1", b"ab2", b"ab3"],
+                                  [b"ab4", b"ab5", b"ab6", b"ab7"], [b"ab8", b"ab9"]]
 
 
 def test_collation_goes_straight_into_the_staging_slot():

@@ -379,8 +379,8 @@ def test_no_pin_and_user_limits_win(tmp_path):
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to restrict to 1")
 def test_started_under_a_restricted_affinity(tmp_path):
     one = min(os.sched_getaffinity(0))
-    r = subprocess.run([BIN, "run", "-c", "import os; from threadloom import sysinfo; "
-                        "print(os.cpu_count(), sorted(os.sched_getaffinity(0)), sysinfo.usable_cpus())"],
+    r = subprocess.run([BIN, "run", "-c", "import os; from threadloom import sysinfo; print("
+                        "os.cpu_count(), sorted(os.sched_getaffinity(0)), sysinfo.usable_cpus())"],
                        env=_env(), capture_output=True, text=True, timeout=60,
                        preexec_fn=lambda: os.sched_setaffinity(0, {one}))
     assert r.returncode == 0, r.stderr
