@@ -190,16 +190,9 @@ def test_per_rank_loaders_on_eight_threads():
 
 
 def loader_slot_cpus(plan, gpu):
-    return {frozenset(parse_cpus(s["cpus"])) for s in plan.slots()
+    from threadloom._cpus import parse_cpu_list
+    return {parse_cpu_list(s["cpus"]) for s in plan.slots()
             if s["role"] == "loader" and s["gpu"] == gpu}
-
-
-def parse_cpus(text):
-    out = set()
-    for part in text.split(","):
-        a, _, b = part.partition("-")
-        out.update(range(int(a), int(b or a) + 1))
-    return out
 
 
 @pytest.mark.parametrize("iterable", [False, True])
