@@ -320,10 +320,12 @@ def child_launch(threads_list, seconds, loaders, reps, spec, cuda, c_lib):
 
 # -- the parent --------------------------------------------------------------------------------
 
-def run_child(args, spec):
+def run_child(args, spec, script=__file__, timeout=600):
+    """`script --child args...` in a child process on THREADLOOM_DEVICES=spec; its last line
+    of output, parsed as JSON."""
     env = dict(os.environ, THREADLOOM_DEVICES=spec)
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"] + args, env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, os.path.abspath(script), "--child"] + args, env=env,
+                       capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError("child %s failed:\n%s" % (args, r.stderr[-2000:]))
     return json.loads(r.stdout.strip().splitlines()[-1])

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from svgplot import PALETTE, Series, line_chart, placeholder  # noqa: E402
 
 KNOWN = {"meta", "dataloader", "dataloader_torch", "footprint", "vision", "executor", "scheduler", "checkpoint", "arena",
-         "startup", "share", "launch", "h2d", "device", "devices", "device_cuda", "devices_cuda"}
+         "startup", "share", "launch", "h2d", "device", "devices", "device_cuda", "devices_cuda",
+         "device_state", "device_state_cuda"}
 
 
 class ReportError(Exception):
@@ -1290,6 +1291,88 @@ def section_launch_rate(r, name_py, py):
     return out
 
 
+def met(ok):
+    return "met" if ok else "NOT met"
+
+
+def section_device_state(r, name, title):
+    """bench_device_state.py: DataLoader(device=) against the H2D engine, and checkpoints of
+    device state (the save() stall, a training loop during saves). Returns summary rows."""
+    ds = r.section(title, name)
+    if ds is None:
+        return []
+    if ds.get("skipped"):
+        r.md += ["Not run: %s." % ds["skipped"]]
+        return []
+    sim = ds.get("backend") == "sim"
+    rows = []
+    lo = ds.get("loader")
+    if lo:
+        r.md += ["### DataLoader to the device", "",
+                 "DataLoader(device=%s), 2 workers collating 2 MiB batches straight into the "
+                 "feeder's pinned slots, a consumer taking each on its stream. %s" % (
+                     lo["device"], "The H2D engine is modelled at %.0f%% of the slower of the "
+                     "host path's rate and this host's memcpy, so the producer is faster than the "
+                     "link; goal: the engine busy >= 90%% of the time."
+                     % (100 * lo.get("link", 0.5))
+                     if sim else "On a GPU the rate is against the link's."), ""]
+        hdr = ["device GB/s", "host path GB/s"]
+        row = [num(lo["device_gbs"], 2), num(lo["host_gbs"], 2)]
+        if sim:
+            hdr += ["model GB/s", "of the model", "H2D engine busy", "goal >= 90%"]
+            row += [num(lo["model_gbs"], 2), "%.1f%%" % (100 * lo["vs_model"]),
+                    "%.1f%%" % (100 * lo["utilization"]), met(lo["utilization"] >= 0.9)]
+        hdr += ["next() per batch", "staging waits", "collated in place"]
+        row += [us(lo["wait_per_batch_us"] / 1e6), num(lo["staging_waits"]),
+                "%.0f%%" % (100 * lo["in_place_fraction"])]
+        r.md += table(hdr, [row])
+        if sim:
+            rows.append(("DataLoader to the device (sim)",
+                         "H2D busy %.1f%%" % (100 * lo["utilization"]), "goal 90%",
+                         "%.2fx" % (lo["utilization"] / 0.9), "2 MiB batches"))
+    st = ds.get("stall")
+    if st:
+        r.md += ["", "### Checkpoint of device state: the save() stall", "",
+                 "save() of %d MiB of device state (4 DeviceBuffers) returns once its D2H copies "
+                 "into pinned staging are queued; against the D2H copy of the same bytes on one "
+                 "stream, waited for (medians of %d interleaved rounds%s). Goal: <= 1.2x." % (
+                     st["state_mib"], len(st["stalls"]), ", D2H modelled at %.2f GB/s" %
+                     st["model_gbs"] if sim else ""), ""]
+        r.md += table(["save() stall", "D2H copy", "stall / copy", "goal <= 1.2x",
+                       "save to committed"],
+                      [[ms(st["stall_s"]), ms(st["copy_s"]), "%.2fx" % st["stall_vs_copy"],
+                        met(st["stall_vs_copy"] <= 1.2), ms(st["save_s"])]])
+        rows.append(("Device checkpoint stall (%s)" % ds["backend"], ms(st["stall_s"]),
+                     "D2H copy %s" % ms(st["copy_s"]), "%.2fx" % st["stall_vs_copy"],
+                     "%d MiB" % st["state_mib"]))
+    tr = ds.get("training")
+    if tr:
+        r.md += ["", "### A training loop during device saves", "",
+                 "Each step: a %.0f ms kernel and an in-place update of the state on the caller's "
+                 "stream, at most %d steps queued; the %d MiB state saved every %.1f s (%d saves), "
+                 "against windows without saves, interleaved (medians of %d rounds). The caller's "
+                 "stream waits for each save's D2H copies (later updates must not reach the "
+                 "snapshot): a save costs the loop about the D2H time of the state. Goal: >= 97%%."
+                 % (tr["kernel_ms"], tr["depth"], tr["state_mib"], tr["save_every_s"], tr["saves"],
+                    tr["rounds"]), ""]
+        hdr = ["steps/s without saves", "with saves", "ratio"]
+        row = [num(tr["plain_steps_per_s"], 1), num(tr["saving_steps_per_s"], 1),
+               "%.1f%%" % (100 * tr["step_ratio"])]
+        if sim:
+            hdr += ["compute busy without", "with", "ratio"]
+            row += ["%.1f%%" % (100 * tr["plain_busy"]), "%.1f%%" % (100 * tr["saving_busy"]),
+                    "%.1f%%" % (100 * tr["busy_ratio"])]
+        key = tr["busy_ratio"] if sim else tr["step_ratio"]
+        hdr.append("goal >= 97%")
+        row.append(met(key >= 0.97))
+        r.md += table(hdr, [row])
+        rows.append(("Training during device saves (%s)" % ds["backend"],
+                     "%s steps/s" % num(tr["saving_steps_per_s"], 1),
+                     "%s without saves" % num(tr["plain_steps_per_s"], 1),
+                     "%.1f%%" % (100 * tr["step_ratio"]), "save every %.1f s" % tr["save_every_s"]))
+    return rows
+
+
 SHARE_TEXT = {
     ("loader", "plain"): "nothing shared, import hook off",
     ("loader", "imports"): "import hook only (code constants)",
@@ -1445,6 +1528,11 @@ def build(d):
     if load(d, "devices_cuda") is not None or load(d, "device_cuda") is not None:
         summaries += section_devices(r, "devices_cuda", "device_cuda",
                                      "Devices (cuda): submission, launch rate, feeder, allocator")
+    summaries += section_device_state(r, "device_state", "Device state (sim): DataLoader to the "
+                                      "device, device checkpoints")
+    if load(d, "device_state_cuda") is not None:
+        summaries += section_device_state(r, "device_state_cuda", "Device state (cuda): "
+                                          "DataLoader to the device, device checkpoints")
     section_gpu(r, meta)
     summary = ["", "## Summary", ""] + table(
         ["benchmark", "threadloom", "baseline", "ratio", "at"],

@@ -542,6 +542,35 @@ def test_quick_bench_end_to_end(tmp_path):
         assert series and all(c >= 1 for c, _ in series.values())
 
 
+def test_report_device_state(tmp_path):
+    d = str(tmp_path)
+    synthetic(d)
+    write(d, "device_state", {
+        "backend": "sim", "quick": False,
+        "loader": {"device": "sim:0", "link": 0.5, "device_gbs": 4.5, "host_gbs": 10.0,
+                   "model_gbs": 5.0, "vs_model": 0.9, "utilization": 0.95,
+                   "wait_per_batch_us": 400.0, "staging_waits": 1200, "in_place_fraction": 1.0},
+        "stall": {"state_mib": 256, "stalls": [0.001] * 3, "stall_s": 0.001, "copy_s": 0.05,
+                  "stall_vs_copy": 0.02, "save_s": 0.2, "model_gbs": 5.0},
+        "training": {"kernel_ms": 2.0, "depth": 3, "state_mib": 64, "save_every_s": 2.0,
+                     "saves": 6, "rounds": 3, "plain_steps_per_s": 500.0,
+                     "saving_steps_per_s": 480.0, "step_ratio": 0.96, "plain_busy": 1.0,
+                     "saving_busy": 0.96, "busy_ratio": 0.96}})
+    report.build(d)
+    md = open(os.path.join(d, "README.md")).read()
+    h = "## Device state (sim): DataLoader to the device, device checkpoints"
+    assert md_table(md, h)[1] == ["4.50", "10.00", "5.00", "90.0%", "95.0%", "met", "400.0 us",
+                                  "1,200", "100%"]
+    assert md_table(md, h, 1)[1] == ["1.0 ms", "50.0 ms", "0.02x", "met", "200.0 ms"]
+    assert md_table(md, h, 2)[1] == ["500.0", "480.0", "96.0%", "100.0%", "96.0%", "96.0%",
+                                     "NOT met"]
+    t = md_table(md, "## Summary")
+    assert ["Device checkpoint stall (sim)", "1.0 ms", "D2H copy 50.0 ms", "0.02x",
+            "256 MiB"] in t
+    assert ["Training during device saves (sim)", "480.0 steps/s", "500.0 without saves",
+            "96.0%", "save every 2.0 s"] in t
+
+
 # -- issue 22, "The report": each of these failed before the fix ----------------------------------
 
 def summary_rows(d):

@@ -17,8 +17,21 @@ torch = pytest.importorskip("torch", reason="torch does not import on %s" % sys.
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python", "conftest.py")
     spec = importlib.util.spec_from_file_location("_tests_python_conftest", path)
     helpers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(helpers)
     helpers.require_installed()
+
+
+def sim_device(i):
+    """Sim device i of this process (configuring sim:8, as tests/python's fixtures do, unless
+    THREADLOOM_DEVICES chose sim)."""
+    from threadloom import devices
+    if devices.backend()["name"] != "sim":
+        try:
+            devices.configure_sim("sim:8")
+        except devices.BusyError:
+            pass
+    return devices("sim")[i]
