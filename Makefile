@@ -61,7 +61,7 @@ demo: build
 	@$(PY) examples/free_threads.py
 	@echo
 	@rm -rf $(BUILD)/demo
-	@echo "== the main job (examples/main_job.py): a driver thread per device (the GPUs, else 8 simulated ones), loader and feeder threads, allreduce on the devices, async checkpoints"
+	@echo "== the main job (examples/main_job.py): a driver thread per device (the GPUs, else 8 simulated ones), DataLoader(device=) loader threads, allreduce on the devices, async checkpoints of device state"
 	@$(PY) examples/main_job.py --ckpt-dir $(BUILD)/demo/reference
 	@echo
 	@echo "== the same job, preempted: SIGUSR2 after step 350 (it checkpoints and exits with status 75)"

@@ -12,14 +12,23 @@ interpreter lock of a GIL build the whole time); `native`, Blobs, zlib.decompres
 Python objects read all over by every sample (the case where forked workers unshare the pages
 they only read: a read changes an object's reference count). Every sample is one int, so every
 loader collates a batch into the same B int64 values.
+
+The vision workload (bench_vision.py, and the footprint's `vision` children) is the class of
+examples/vision_pipeline.py, loaded from the checkout by vision_dataset(): JPEG decode with Pillow,
+a random crop and flip seeded per sample, normalize with numpy; a sample is (float32 array
+(3, 224, 224), int label), a batch [images, labels]. So the report measures what the example
+shows, and numpy and Pillow are imported only by the scripts that use it.
 """
 
 import argparse
 import gc
 import hashlib
 import os
+import sys
 import time
 import zlib
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
 class Tokens:
@@ -113,6 +122,21 @@ def make_dataset(workload, n, work):
     raise ValueError("unknown workload %r: one of %s" % (workload, ", ".join(WORKLOADS)))
 
 
+def vision_example():
+    """examples/vision_pipeline.py as the module `vision_pipeline` (examples/ goes on sys.path,
+    so worker processes started with spawn import it too)."""
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+    import vision_pipeline
+    return vision_pipeline
+
+
+def vision_dataset(folder, n, seed):
+    """The vision workload over the JPEGs in `folder` (written by write_jpegs), n samples."""
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".jpg"))
+    return vision_example().JpegImages(paths, n=n, seed=seed)
+
+
 def per_sample_cost(ds, count=200):
     """Seconds of this thread's CPU time per sample of ds, in the calling thread, best of 3 passes
     over `count` samples: the interpreter's single-thread speed on the workload, without any
@@ -129,7 +153,12 @@ def per_sample_cost(ds, count=200):
 
 def describe_batch(b):
     """A batch -> {"type", "nbytes"}: what a loader hands the training loop, to check that every
-    loader collates the same bytes (a torch tensor, a threadloom memoryview, an array.array)."""
+    loader collates the same bytes (a torch tensor, a threadloom memoryview, an array.array; a
+    list of those, e.g. [images, labels], as "list[...]" with the bytes of all)."""
+    if isinstance(b, (list, tuple)):
+        parts = [describe_batch(x) for x in b]
+        return {"type": "%s[%s]" % (type(b).__name__, ", ".join(p["type"] for p in parts)),
+                "nbytes": sum(p["nbytes"] for p in parts)}
     if hasattr(b, "element_size") and hasattr(b, "numel"):  # torch.Tensor
         n = b.element_size() * b.numel()
     else:
@@ -138,6 +167,22 @@ def describe_batch(b):
     mod = t.__module__
     return {"type": t.__qualname__ if mod == "builtins" else "%s.%s" % (mod, t.__qualname__),
             "nbytes": n}
+
+
+def batch_len(b):
+    """Samples in a batch: its length, or its first field's for a list of fields."""
+    return len(b[0]) if isinstance(b, (list, tuple)) else len(b)
+
+
+def batch_digest(batches):
+    """sha256 over every batch's bytes, in order (each field of a list batch in turn), and the
+    number of batches: equal digests mean the same batches."""
+    h, n = hashlib.sha256(), 0
+    for b in batches:
+        for x in (b if isinstance(b, (list, tuple)) else [b]):
+            h.update(memoryview(x.numpy() if hasattr(x, "numpy") else x).cast("B"))
+        n += 1
+    return h.hexdigest(), n
 
 
 def consume(batches, t0):
@@ -150,7 +195,7 @@ def consume(batches, t0):
         if first is None:
             first = time.perf_counter() - t0
             desc = describe_batch(batch)
-        count += len(batch)
+        count += batch_len(batch)
     return count, time.perf_counter() - t0, first, desc
 
 

@@ -26,7 +26,8 @@
  * submits from workers never block, as the pool's go to unbounded deques, else a full queue
  * would deadlock the tree), and both sides count the tasks their workers actually ran
  * (thread-local counts summed as the workers stop): a run whose count differs from the shape's
- * task count aborts the benchmark. --json FILE also writes every row as JSON (bench/report.py);
+ * task count aborts the benchmark. --json FILE also writes every row as JSON (bench/report.py;
+ * each row's "runs" keeps every rep's rate beside the best, for the report's spread);
  * --shapes and --impl pick a subset (for profiling one side with perf). */
 #include <pthread.h>
 #include <sched.h>
@@ -332,11 +333,17 @@ int main(int argc, char** argv) {
     for (int k = 0; k < nsweep; k++) {
       int w = sweep[k];
       double best[2] = {0, 0};
+      double* runs[2] = {calloc((size_t)reps, sizeof(double)), calloc((size_t)reps, sizeof(double))};
+      if (!runs[0] || !runs[1]) {
+        fprintf(stderr, "out of memory\n");
+        return 1;
+      }
       long n = 0;
       for (int r = 0; r < reps; r++)
         for (int impl = IMPL_POOL; impl <= IMPL_BASE; impl++) { /* alternate: drift hits both */
           if (!impl_on[impl]) continue;
           double rate = run_once((impl_t)impl, (shape_t)s, w, scale, &n);
+          runs[impl][r] = rate;
           if (rate > best[impl]) best[impl] = rate;
         }
       printf("%-7s %7d %10ld %12.2f %14.2f %14.2f %8.2fx%s\n", shape_names[s], w, n,
@@ -345,10 +352,18 @@ int main(int argc, char** argv) {
       fflush(stdout);
       if (js) {
         fprintf(js, "%s\n  {\"shape\": \"%s\", \"workers\": %d, \"tasks\": %ld, \"%s\": %.1f, "
-                    "\"%s\": %.1f}", first ? "" : ",", shape_names[s], w, n, impl_names[0],
-                best[0], impl_names[1], best[1]);
+                    "\"%s\": %.1f, \"runs\": {", first ? "" : ",", shape_names[s], w, n,
+                impl_names[0], best[0], impl_names[1], best[1]);
+        for (int impl = IMPL_POOL; impl <= IMPL_BASE; impl++) { /* every rep's rate: the spread */
+          fprintf(js, "%s\"%s\": [", impl == IMPL_POOL ? "" : ", ", impl_names[impl]);
+          for (int r = 0; r < reps; r++) fprintf(js, "%s%.1f", r ? ", " : "", runs[impl][r]);
+          fprintf(js, "]");
+        }
+        fprintf(js, "}}");
         first = 0;
       }
+      free(runs[0]);
+      free(runs[1]);
     }
   }
   if (js) {

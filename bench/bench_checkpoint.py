@@ -9,9 +9,14 @@
              Also save() with copy_threads=0 (no I/O thread helps the staging copy), interleaved
              with the others: what the helpers save.
   sizes      the stall against state size: for each size of --sizes, the time save() blocks the
-             training thread vs a synchronous torch.save-like write on the training thread (a
-             pickled header, then every tensor's bytes into one file; torch.save does not fsync)
-             and the same write + fsync (what a durable synchronous checkpoint costs).
+             training thread vs torch's own checkpointing of the same bytes (torch.Tensor views
+             of the same memory), interleaved in every repeat: the asynchronous anchor,
+             torch.distributed.checkpoint.async_save (it stages the state and returns a future;
+             a background thread writes and fsyncs the files), on a one-rank gloo process group
+             (CPU, this process), and the synchronous torch.save on the training thread (it does
+             not fsync) and the same + fsync (what a durable synchronous checkpoint costs).
+             Without torch, a torch.save-like write stands in for torch.save (a pickled header,
+             then every tensor's bytes into one file) and async_save is left out, saying why.
   training   a CPU "training loop" while a save runs, vs the same loop without a save, over
              the save's window (call to commit). Goal: >= 97%. Three shapes: "saturated"
              (--threads loop threads, default one per core, running Python work; another thread
@@ -86,17 +91,14 @@ def raw_write(state, path):
     return t
 
 
-def torch_save_like(state, path, fsync):
-    """What torch.save does with host tensors, on the calling thread: a small pickled header, then
-    every tensor's bytes in order into one file; torch.save stops there (no fsync). Returns the
-    seconds the caller is blocked. The file's dirty pages are synced (untimed) before it is
-    removed, so the next measurement starts on a quiet disk."""
+def timed_write(path, write, fsync):
+    """Seconds the calling thread is blocked by write(f) into a new file at path, flushed (and
+    fsynced with fsync). The file's dirty pages are synced (untimed) before it is removed, so the
+    next measurement starts on a quiet disk."""
     drop_file(path)
     t0 = time.perf_counter()
     with open(path, "wb") as f:
-        pickle.dump({k: len(v) for k, v in state.items()}, f)
-        for v in state.values():
-            f.write(v)
+        write(f)
         f.flush()
         if fsync:
             os.fsync(f.fileno())
@@ -106,33 +108,125 @@ def torch_save_like(state, path, fsync):
     return t
 
 
+def torch_save_like(state, path, fsync):
+    """What torch.save does with host tensors, on the calling thread: a small pickled header, then
+    every tensor's bytes in order into one file; torch.save stops there (no fsync). Returns the
+    seconds the caller is blocked (timed_write)."""
+    def write(f):
+        pickle.dump({k: len(v) for k, v in state.items()}, f)
+        for v in state.values():
+            f.write(v)
+    return timed_write(path, write, fsync)
+
+
+class TorchAnchors:
+    """torch's own checkpointing of a state, where torch imports: torch.save (synchronous, on the
+    calling thread) and torch.distributed.checkpoint.async_save (asynchronous: it stages the
+    state and returns a future; a background thread writes the files and fsyncs them) on a
+    one-rank gloo process group over a HashStore (CPU only, no network). `skipped` is None, or
+    why async_save (and then the real torch.save) cannot run here."""
+
+    def __init__(self):
+        self.skipped, self.version, self._own_group = None, None, False
+        try:
+            import torch
+            import torch.distributed as dist
+            import torch.distributed.checkpoint as dcp
+        except ImportError as e:
+            self.skipped = "torch is not importable by %s (%s)" % (sys.executable, e)
+            return
+        self.torch, self.dist, self.dcp, self.version = torch, dist, dcp, torch.__version__
+        if not dist.is_available() or not dist.is_gloo_available():
+            self.skipped = "torch %s was built without torch.distributed's gloo backend" % (
+                torch.__version__)
+            return
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+            self._own_group = True
+
+    def tensors(self, state):
+        """The state as uint8 torch tensors over the same memory (no copy)."""
+        return {k: self.torch.frombuffer(v, dtype=self.torch.uint8) for k, v in state.items()}
+
+    def save(self, tstate, path, fsync):
+        """torch.save of tstate into path (+ fsync): the seconds the caller is blocked
+        (timed_write)."""
+        return timed_write(path, lambda f: self.torch.save(tstate, f), fsync)
+
+    def async_save(self, tstate, path):
+        """async_save of tstate into the directory path: (seconds the call blocks, seconds to
+        the future's result: written and fsynced). The directory is removed afterwards."""
+        shutil.rmtree(path, ignore_errors=True)
+        t0 = time.perf_counter()
+        fut = self.dcp.async_save(tstate, checkpoint_id=path)
+        stall = time.perf_counter() - t0
+        fut.result()
+        total = time.perf_counter() - t0
+        shutil.rmtree(path, ignore_errors=True)
+        return stall, total
+
+    def close(self):
+        if self._own_group:
+            self.dist.destroy_process_group()
+            self._own_group = False
+
+
 def stall_sweep(sizes, work_dir, repeat):
-    """Per size: save() stall and commit time (staging holds the state) vs torch_save_like."""
+    """Per size: save() stall and commit time (staging holds the state) vs torch's
+    async_save (stall and commit) and torch.save (+ fsync), interleaved in every repeat; without
+    torch, vs torch_save_like. Returns (rows, what the synchronous baseline is, why async_save is
+    left out or None)."""
     rows = []
     path = os.path.join(work_dir, "sync.bin")
-    for mib in sizes:
-        state = make_state(mib * MiB)
-        with threadloom.Checkpointer(os.path.join(work_dir, "sweep"), keep=1,
-                                     staging_bytes=(mib + 64) * MiB) as ck:
-            ckpt_write(ck, state, 0)  # warm: staging slots allocated and faulted in
-            stalls, totals, plain, synced = [], [], [], []
-            for r in range(repeat):
-                t, stall, _ = ckpt_write(ck, state, r + 1)
-                totals.append(t)
-                stalls.append(stall)
-                plain.append(torch_save_like(state, path, fsync=False))
-                synced.append(torch_save_like(state, path, fsync=True))
-        row = {"size_mib": mib, "save_stall_s": min(stalls), "save_commit_s": min(totals),
-               "sync_write_s": min(plain), "sync_write_fsync_s": min(synced),
-               "memcpy_s": min(memcpy_time(state) for _ in range(repeat))}
-        rows.append(row)
-        print("stall at %5d MiB: save() %.3f s (committed after %.3f s), torch.save-like %.3f s, "
-              "+ fsync %.3f s, memcpy %.3f s: save() blocks %.1fx less than the synchronous "
-              "write" % (mib, row["save_stall_s"], row["save_commit_s"], row["sync_write_s"],
-                         row["sync_write_fsync_s"], row["memcpy_s"],
-                         row["sync_write_s"] / row["save_stall_s"]), flush=True)
-        del state
-    return rows
+    anchors = TorchAnchors()
+    try:
+        for mib in sizes:
+            state = make_state(mib * MiB)
+            tstate = None if anchors.skipped else anchors.tensors(state)
+            with threadloom.Checkpointer(os.path.join(work_dir, "sweep"), keep=1,
+                                         staging_bytes=(mib + 64) * MiB) as ck:
+                ckpt_write(ck, state, 0)  # warm: staging slots allocated and faulted in
+                if tstate is not None:    # warm: async_save's first call starts its machinery
+                    anchors.async_save(tstate, os.path.join(work_dir, "dcp"))
+                stalls, totals, plain, synced, a_stalls, a_totals = [], [], [], [], [], []
+                for r in range(repeat):
+                    t, stall, _ = ckpt_write(ck, state, r + 1)
+                    totals.append(t)
+                    stalls.append(stall)
+                    if tstate is None:
+                        plain.append(torch_save_like(state, path, fsync=False))
+                        synced.append(torch_save_like(state, path, fsync=True))
+                        continue
+                    a_stall, a_total = anchors.async_save(tstate, os.path.join(work_dir, "dcp"))
+                    a_stalls.append(a_stall)
+                    a_totals.append(a_total)
+                    plain.append(anchors.save(tstate, path, fsync=False))
+                    synced.append(anchors.save(tstate, path, fsync=True))
+            copies = [memcpy_time(state) for _ in range(repeat)]
+            row = {"size_mib": mib, "save_stall_s": min(stalls), "save_commit_s": min(totals),
+                   "sync_write_s": min(plain), "sync_write_fsync_s": min(synced),
+                   "memcpy_s": min(copies),
+                   "runs": {"save_stall_s": stalls, "save_commit_s": totals,
+                            "sync_write_s": plain, "sync_write_fsync_s": synced,
+                            "memcpy_s": copies}}
+            if a_stalls:
+                row.update(async_save_stall_s=min(a_stalls), async_save_commit_s=min(a_totals))
+                row["runs"].update(async_save_stall_s=a_stalls, async_save_commit_s=a_totals)
+            rows.append(row)
+            print("stall at %5d MiB: save() %.3f s (committed after %.3f s)%s, %s %.3f s, "
+                  "+ fsync %.3f s, memcpy %.3f s" % (
+                      mib, row["save_stall_s"], row["save_commit_s"],
+                      ", async_save %.3f s (committed after %.3f s)" % (
+                          row["async_save_stall_s"], row["async_save_commit_s"])
+                      if a_stalls else "", "torch.save-like" if tstate is None else "torch.save",
+                      row["sync_write_s"], row["sync_write_fsync_s"], row["memcpy_s"]), flush=True)
+            del state, tstate
+    finally:
+        anchors.close()
+    if anchors.skipped:
+        print("async_save left out: %s" % anchors.skipped)
+    return (rows, "torch.save-like" if anchors.skipped else "torch.save %s" % anchors.version,
+            anchors.skipped)
 
 
 def stall_vs_memcpy(state, work_dir, repeat):
@@ -653,7 +747,9 @@ def main():
         # -- stall vs state size -----------------------------------------------------------------
         del state
         if "sizes" in sections:
-            res["sizes"] = stall_sweep(sizes, work_dir, a.repeat)
+            res["sizes"], res["sync_baseline"], why = stall_sweep(sizes, work_dir, a.repeat)
+            if why:
+                res["async_save_skipped"] = why
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     if a.json:

@@ -16,7 +16,8 @@ The workloads (bench/_workload.py): `python` (dict lookups, pure Python) and `na
 sha256 of 64 KiB, C code). For each, the single-thread cost of one sample on this interpreter
 (thread CPU time, no loader) is measured first, so the report can separate the interpreter's
 speed from the loaders' parallelism; and each loader's first batch is described (type, bytes)
-to show every loader collates the same B int64 values.
+to show every loader collates the same B int64 values. Each row keeps every run's samples/s
+(runs_samples_per_s) beside the best: the report shows the spread.
 
 The torch DataLoader baseline is bench_dataloader_torch.py (it runs on whichever interpreter has
 torch). Prints samples/s and time to first batch for each worker count of the sweep (default
@@ -97,7 +98,8 @@ def main():
         n, dt, first, desc = min(runs, key=lambda r: r[1])  # best of --reps: this machine is noisy
         results.append({"workload": wl, "loader": name, "workers": w, "samples_per_s": n / dt,
                         "first_batch_s": first, "batch_type": desc["type"],
-                        "batch_nbytes": desc["nbytes"]})
+                        "batch_nbytes": desc["nbytes"],
+                        "runs_samples_per_s": [r[0] / r[1] for r in runs]})
         print("%-34s workers=%-2d %10.0f samples/s   first batch %7.1f ms   (%s, %d bytes)"
               % (name, w, n / dt, first * 1e3, desc["type"], desc["nbytes"]), flush=True)
 

@@ -22,7 +22,9 @@ as bench_dataloader.py's Pool loader does). With spawn the dataset is pickled to
 torch does), so each worker holds its own full copy.
 
 The parent only starts children and reads /proc; every number comes from a child that runs one
-loader (`--child SPEC`) and prints one JSON line. Without --torch-python, or when that
+loader (`--child SPEC`) and prints one JSON line. bench_vision.py runs the same children and
+sampler (run_child) with the `vision` workload (examples/vision_pipeline.py's JPEGs; torch is
+imported in every such child, so both sides collate into torch tensors). Without --torch-python, or when that
 interpreter cannot import torch, the torch rows are left out and the JSON says why.
 
     python3.13t bench/bench_dataloader_footprint.py [--torch-python PY] [--quick] [--reps R]
@@ -41,7 +43,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _workload import Records, Tokens, describe_batch, parse_threads  # noqa: E402
+from _workload import (Records, Tokens, batch_len, describe_batch, parse_threads,  # noqa: E402
+                       vision_dataset)
 
 # (loader key, what the report calls it, interpreter: "tl" = this one, "torch" = --torch-python)
 FIRST_LOADERS = [("threadloom-shared", "threadloom.DataLoader replicate=None", "tl"),
@@ -115,6 +118,9 @@ def child(spec):
         import threadloom  # noqa: F401
     if spec["workload"] == "records":
         ds = Records(spec["samples"], spec["per_sample"])
+    elif spec["workload"] == "vision":  # bench_vision.py: batches of torch tensors on both sides
+        import torch  # noqa: F401
+        ds = vision_dataset(spec["images"], spec["samples"], spec["seed"])
     else:
         ds = Tokens(spec["samples"], spec["work"])
     before = _own_memory()
@@ -130,9 +136,9 @@ def child(spec):
         # alive (torch shuts them down on the StopIteration), so the parent's final sample,
         # taken between "epoch-done" and our reading its reply, sees them with every page the
         # epoch touched.
-        count = len(batch)
+        count = batch_len(batch)
         while count < len(ds):
-            count += len(next(it))
+            count += batch_len(next(it))
         out["epoch_s"] = time.perf_counter() - t0
         out["samples"] = count
         print("epoch-done", flush=True)

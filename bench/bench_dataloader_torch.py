@@ -64,7 +64,8 @@ def main():
                 n, dt, first, desc = min(runs, key=lambda r: r[1])
                 rows.append({"workload": wl, "loader": "torch DataLoader", "workers": w,
                              "samples_per_s": n / dt, "first_batch_s": first,
-                             "batch_type": desc["type"], "batch_nbytes": desc["nbytes"]})
+                             "batch_type": desc["type"], "batch_nbytes": desc["nbytes"],
+                             "runs_samples_per_s": [r[0] / r[1] for r in runs]})
                 print("%-34s workers=%-2d %10.0f samples/s   first batch %7.1f ms   (%s, %d bytes)"
                       % ("torch DataLoader", w, n / dt, first * 1e3, desc["type"], desc["nbytes"]),
                       flush=True)

@@ -48,6 +48,7 @@ import sys
 import threading
 import time
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1 << 20
 C_LAUNCH_LIB = os.path.join(HERE, "..", "build", "bench", "tl-bench-launch.so")
 LAUNCH_THREADS = (1, 2, 4, 8)
@@ -290,14 +291,18 @@ def child_launch(threads_list, seconds, loaders, reps, spec, cuda, c_lib):
     l0, t0 = sum(counter), time.perf_counter()
     for T in threads_list:
         best_py = best_c = None
+        runs_py, runs_c = [], []
         for _ in range(reps):
             p = round_(T, "python")
             c = round_(T, "c")
+            runs_py.append(p["total"])
+            runs_c.append(c["total"])
             best_py = p if best_py is None or p["total"] > best_py["total"] else best_py
             best_c = c if best_c is None or c["total"] > best_c["total"] else best_c
         rows.append({"threads": T, "python": best_py, "c": best_c,
                      "ratio": best_py["total"] / best_c["total"],
-                     "ratio_cpu": best_py["per_thread_cpu"] / best_c["per_thread_cpu"]})
+                     "ratio_cpu": best_py["per_thread_cpu"] / best_c["per_thread_cpu"],
+                     "runs": {"python": runs_py, "c": runs_c}})  # every round's total: the spread
     loader_rate = (sum(counter) - l0) / (time.perf_counter() - t0)
     stop.set()
     job["quit"] = True
@@ -315,10 +320,12 @@ def child_launch(threads_list, seconds, loaders, reps, spec, cuda, c_lib):
 
 # -- the parent --------------------------------------------------------------------------------
 
-def run_child(args, spec):
+def run_child(args, spec, script=__file__, timeout=600):
+    """`script --child args...` in a child process on THREADLOOM_DEVICES=spec; its last line
+    of output, parsed as JSON."""
     env = dict(os.environ, THREADLOOM_DEVICES=spec)
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"] + args, env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, os.path.abspath(script), "--child"] + args, env=env,
+                       capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError("child %s failed:\n%s" % (args, r.stderr[-2000:]))
     return json.loads(r.stdout.strip().splitlines()[-1])

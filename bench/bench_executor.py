@@ -123,7 +123,10 @@ def main():
                 wl, n, tl, tpe, "%.0f" % mp if mp else "-", tl / tpe,
                 "%.2fx" % (tl / mp) if mp else "-", 100 * scaling, note), flush=True)
             rows.append({"load": wl, "workers": n, "threadloom": tl, "tpe": tpe, "mp": mp,
-                         "tl_over_tpe": tl / tpe, "scaling": scaling, "cores": cores})
+                         "tl_over_tpe": tl / tpe, "scaling": scaling, "cores": cores,
+                         "runs": {"threadloom": [a.items / t for t in t_tl],
+                                  "tpe": [a.items / t for t in t_tpe],
+                                  "mp": [a.items / t for t in t_mp]}})
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"gil": gil, "cores": cores, "item_us": per * 1e6, "reps": a.reps, "rows": rows},

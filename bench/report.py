@@ -20,8 +20,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from svgplot import PALETTE, Series, line_chart, placeholder  # noqa: E402
 
-KNOWN = {"meta", "dataloader", "dataloader_torch", "footprint", "executor", "scheduler", "checkpoint", "arena",
-         "startup", "share", "launch", "h2d", "device", "devices", "device_cuda", "devices_cuda"}
+KNOWN = {"meta", "dataloader", "dataloader_torch", "footprint", "vision", "executor", "scheduler", "checkpoint", "arena",
+         "startup", "share", "launch", "h2d", "device", "devices", "device_cuda", "devices_cuda",
+         "device_state", "device_state_cuda"}
 
 
 class ReportError(Exception):
@@ -75,6 +76,59 @@ def size_label(b):
     if b >= 1024 and b % 1024 == 0:
         return "%d KiB" % (b >> 10)
     return "%d B" % b
+
+
+# ------------------------------------------------------------------------------------------------
+# The spread of best-of-N figures
+# ------------------------------------------------------------------------------------------------
+
+NOISY = 1.5  # a figure whose runs differ by more than this (max / min) is flagged as noise
+FLAG = "\u26a0 noisy"
+
+
+def spread(runs):
+    """(min, median, max) of a figure's runs, or None with fewer than 2 runs."""
+    v = sorted(x for x in (runs or []) if x is not None)
+    if len(v) < 2:
+        return None
+    n = len(v)
+    return v[0], (v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2), v[-1]
+
+
+def noisy(runs):
+    """True when the runs behind a figure differ by more than NOISY (max / min)."""
+    s = spread(runs)
+    return s is not None and s[0] > 0 and s[2] / s[0] > NOISY
+
+
+def best_cell(best, runs, fmt, higher=True):
+    """A best-of-N table cell: the best, then the median and the worst run, flagged when the
+    runs differ by more than NOISY."""
+    s = spread(runs)
+    if s is None:
+        return fmt(best)
+    return "%s (median %s, worst %s)%s" % (fmt(best), fmt(s[1]), fmt(s[0] if higher else s[2]),
+                                           " " + FLAG if noisy(runs) else "")
+
+
+def error_bar(runs, scale=1.0):
+    """(min, max) of the runs for a plot's error bar, or None."""
+    s = spread(runs)
+    return None if s is None else (s[0] * scale, s[2] * scale)
+
+
+def flagged_ratio(text, *runs_lists):
+    """A ratio's text, flagged when any figure it divides is noisy."""
+    return text + (" " + FLAG if any(noisy(r) for r in runs_lists) else "")
+
+
+def spread_note(r, n):
+    """The sentence under a table of best-of-`n` cells."""
+    if n and n > 1:
+        r.md += ["", "Each cell: the best of %d runs, then the median and the worst run; %s marks "
+                 "a cell whose runs differ by more than %.1fx (max / min): the machine's noise, "
+                 "not a result (rerun on a quiet machine). The plot's error bars span each "
+                 "point's runs." % (n, FLAG, NOISY)]
 
 
 class Report:
@@ -201,29 +255,38 @@ def workload_section(r, cores, dl, tdl, rows, wl):
         x = by.get((k, w))
         return None if x is None else x[f]
 
+    # the 0-worker rows (in the loop) go in the columns of threadloom's default and of torch
+    zero = {tl: by.get(("threadloom.DataLoader num_workers=0", 0)),
+            "torch DataLoader": by.get(("torch DataLoader", 0))}
+
+    def row_at(k, w):
+        return zero.get(k) if w == 0 else by.get((k, w))
+
+    def runs(k, w):
+        x = row_at(k, w)
+        return None if x is None else x.get("runs_samples_per_s")
+
+    def rate(k, w):
+        x = row_at(k, w)
+        return None if x is None else x["samples_per_s"]
+
     hdr = ["workers"] + [s for _, s in present] + ["tl / %s" % s for _, s in base_cols]
     body = []
-    zero = {"threadloom.DataLoader (replicas)": by.get(("threadloom.DataLoader num_workers=0", 0)),
-            "torch DataLoader": by.get(("torch DataLoader", 0))}
-    if any(zero.values()):
-        body.append(["0 (in the loop)"] + [num(zero[k]["samples_per_s"]) if zero.get(k) else "-"
-                                           for k, _ in present]
-                    + [ratio(zero[tl]["samples_per_s"] if zero.get(tl) else None,
-                             zero[k]["samples_per_s"] if zero.get(k) else None)
+    points = ([0] if any(zero.values()) else []) + ws
+    for w in points:
+        body.append(["0 (in the loop)" if w == 0 else w]
+                    + [best_cell(rate(k, w), runs(k, w), num) if rate(k, w) is not None else "-"
+                       for k, _ in present]
+                    + [flagged_ratio(ratio(rate(tl, w), rate(k, w)), runs(tl, w), runs(k, w))
+                       if rate(tl, w) is not None and rate(k, w) is not None else "-"
                        for k, _ in base_cols])
-    for w in ws:
-        body.append([w] + [num(val(k, w)) for k, _ in present]
-                    + [ratio(val(tl, w), val(k, w)) for k, _ in base_cols])
     r.md += table(hdr, body)
+    spread_note(r, dl.get("reps"))
     r.md += ["", "Time to the first batch (in this warm process; the fresh-process measurement is "
              "in its own section):", ""]
     r.md += table(["workers"] + [s for _, s in present],
                   [[w] + [ms(val(k, w, "first_batch_s")) for k, _ in present] for w in ws])
-    series = []
-    for i, (k, s) in enumerate(present):
-        pts = [(w, val(k, w)) for w in ws if val(k, w) is not None]
-        if pts:
-            series.append(Series(s, pts, color=PALETTE[i], dash="" if k.startswith("threadloom") else "7,4"))
+    series = throughput_series(present, points, rate, runs)
     w = at_cores(ws, cores)
     best_w = max((x for x in ws if val(tl, x) is not None), key=lambda x: val(tl, x), default=None)
     text = []
@@ -266,8 +329,10 @@ def workload_section(r, cores, dl, tdl, rows, wl):
     r.md += ["", " ".join(text)]
     r.svg("dataloader_%s.svg" % wl, line_chart(
         "Loader throughput vs workers (workload: %s)" % wl, "workers", "samples/s", series,
-        log_x=True, x_ticks=ws, mark_x=(cores, "%d cores" % cores), note=None if tdl and "rows" in tdl else
-        "torch DataLoader: not run here (see the report)"), "loader throughput vs workers, %s" % wl)
+        log_x=True, x_ticks=[ZERO_X if w == 0 else w for w in points],
+        x_tick_labels={ZERO_X: "0 (loop)"}, mark_x=(cores, "%d cores" % cores),
+        note=None if tdl and "rows" in tdl else "torch DataLoader: not run here (see the report)"),
+        "loader throughput vs workers, %s" % wl)
     if val(tl, w) is None:
         return None
     tl_best = (tlbest["samples_per_s"], tlbest["workers"]) if tlbest else None
@@ -279,6 +344,22 @@ def workload_section(r, cores, dl, tdl, rows, wl):
     return (("DataLoader (%s)" % wl, "%s samples/s" % num(val(tl, w)), "%s %s"
              % (base[1], num(val(base[0], w))), ratio(val(tl, w), val(base[0], w)),
              "%d workers" % w), (tl_best, t_best))
+
+
+ZERO_X = 0.5  # where a log x axis of workers draws the 0-worker point (labelled "0 (loop)")
+
+
+def throughput_series(present, points, rate, runs):
+    """The throughput plot's lines: every point the table (and so the ratios) uses, the
+    0-worker one (in the loop) at ZERO_X, with error bars over each point's runs."""
+    series = []
+    for i, (k, s) in enumerate(present):
+        ws = [w for w in points if rate(k, w) is not None]
+        if ws:
+            series.append(Series(s, [(ZERO_X if w == 0 else w, rate(k, w)) for w in ws],
+                                 color=PALETTE[i], dash="" if k.startswith("threadloom") else "7,4",
+                                 errors=[error_bar(runs(k, w)) for w in ws]))
+    return series
 
 
 FIRST = ["threadloom.DataLoader replicate=None", "threadloom.DataLoader (replicas)",
@@ -318,6 +399,7 @@ def section_first_batch(r, cores, fp):
     if not rows:
         return None, []
     by = {(x["loader"], x["workers"]): x["first_batch_s"] for x in rows}
+    runs = {(x["loader"], x["workers"]): x.get("all_s") for x in rows}
     ws = sorted({x["workers"] for x in rows})
     present = [k for k in FIRST if any(x["loader"] == k for x in rows)]
     r.md += ["Seconds from constructing the loader to the first batch in hand, worker start-up "
@@ -330,13 +412,19 @@ def section_first_batch(r, cores, fp):
     cols = [k for k in (TL_SHARED, TL_COPY) if k in present]
     hdr = ["workers"] + present + ["%s / torch (fork)" % ("tl shared" if k == TL_SHARED else
                                                          "tl replicas") for k in cols]
-    r.md += table(hdr, [[w] + [ms(by.get((k, w))) for k in present]
-                        + [ratio(by.get((k, w)), by.get((TORCH_FORK, w))) for k in cols]
+    r.md += table(hdr, [[w] + [best_cell(by.get((k, w)), runs.get((k, w)), ms, higher=False)
+                               for k in present]
+                        + [flagged_ratio(ratio(by.get((k, w)), by.get((TORCH_FORK, w))),
+                                         runs.get((k, w)), runs.get((TORCH_FORK, w)))
+                           for k in cols]
                         for w in ws])
+    spread_note(r, fp.get("reps"))
     if fp.get("torch_skipped"):
         r.md += ["", "torch DataLoader: left out: %s." % fp["torch_skipped"]]
     series = [Series(k, [(w, by[k, w] * 1e3) for w in ws if by.get((k, w))], PALETTE[i],
-                     "" if k.startswith("threadloom") else "7,4") for i, k in enumerate(present)]
+                     "" if k.startswith("threadloom") else "7,4",
+                     errors=[error_bar(runs.get((k, w)), 1e3) for w in ws if by.get((k, w))])
+              for i, k in enumerate(present)]
     r.svg("first_batch.svg", line_chart(
         "Time to first batch, fresh process", "workers", "milliseconds", series, log_x=True,
         log_y=True, x_ticks=ws, note="solid: threadloom threads; dashed: worker processes"),
@@ -364,11 +452,11 @@ def section_first_batch(r, cores, fp):
 
 
 def section_memory(r, cores, fp):
-    """Peak total memory table + plot; returns (summary line or None, goal rows)."""
+    """Peak total memory table + plot; returns (summary lines, goal rows)."""
     rows = footprint_rows(r, fp, "DataLoader: total memory of all processes", "memory",
                           "memory")
     if not rows:
-        return None, []
+        return [], []
     present = [k for k in MEM if any(x["loader"] == k for x in rows)]
     ws = sorted({x["workers"] for x in rows})
     by = {(x["loader"], x["workers"]): x for x in rows}
@@ -415,7 +503,7 @@ def section_memory(r, cores, fp):
         x_ticks=ws, note="solid: threadloom (one process); dashed: worker processes"),
         "peak total PSS vs workers")
     w = max(ws)
-    goals, summary = [], None
+    goals = []
     t = by.get((TORCH_FORK, w))
     for k in (TL_SHARED, TL_COPY):
         x = by.get((k, w))
@@ -448,10 +536,204 @@ def section_memory(r, cores, fp):
                      "%s at %d workers, vs %s sharing the dataset and %s for torch (fork)."
                      % (ms(c["first_batch_s"]), w, ms(x["first_batch_s"]),
                         ms(t["first_batch_s"]))]
-        summary = ("Memory (peak total PSS)", mib(x["peak_pss"]), "torch (fork) %s"
-                   % mib(t["peak_pss"]), ratio(x["peak_pss"], t["peak_pss"]),
-                   "%d workers, lower is better" % w)
-    return summary, goals
+    return memory_summary(by, w, fp), goals
+
+
+def memory_summary(by, w, fp):
+    """The memory section's summary lines at `w` workers: threadloom's default (replicas) first,
+    replicate=None labelled as not the default, and the default's first batch on this dataset
+    (the deep copies are made before each worker's first sample)."""
+    t, c, x = by.get((TORCH_FORK, w)), by.get((TL_COPY, w)), by.get((TL_SHARED, w))
+    if t is None:
+        return []
+    at = "%d workers, lower is better" % w
+    out = []
+    if c:
+        out.append(("Memory (peak total PSS), default replicas", mib(c["peak_pss"]),
+                    "torch (fork) %s" % mib(t["peak_pss"]), ratio(c["peak_pss"], t["peak_pss"]),
+                    at))
+    if x:
+        out.append(("Memory (peak total PSS), replicate=None: **not the default**",
+                    mib(x["peak_pss"]), "torch (fork) %s" % mib(t["peak_pss"]),
+                    ratio(x["peak_pss"], t["peak_pss"]), at))
+    if c:
+        out.append(("First batch, %s-record dataset, default replicas" % num(fp["records"]),
+                    ms(c["first_batch_s"]), "torch (fork) %s" % ms(t["first_batch_s"]),
+                    ratio(c["first_batch_s"], t["first_batch_s"]), at))
+    return out
+
+
+VTL, VTORCH = "threadloom.DataLoader", "torch DataLoader"
+
+
+def section_vision(r, cores):
+    """bench_vision.py: the vision pipeline, threadloom's threads against torch's worker
+    processes; its table, plot, goals (issue #18) and where threads win. Returns summary lines."""
+    v = r.section("Vision pipeline: JPEG decode, crop, flip, normalize (issue #18)", "vision")
+    if v is None:
+        return []
+    it = v.get("interpreters", {})
+    tl_i, t_i = it.get(VTL, {}), it.get(VTORCH)
+    r.md += ["examples/vision_pipeline.py's dataset: %d JPEGs of %dx%d written at the start of the "
+             "run, decoded with Pillow, a random %dx%d crop and a flip seeded per sample, "
+             "normalized with numpy; batches of %d as torch tensors [float32 (B, 3, %d, %d), int64 "
+             "(B,)]. threadloom.DataLoader (worker threads, default replicate) on Python %s (GIL "
+             "%s) against torch's DataLoader (worker processes, fork) on %s, the same code on the "
+             "same files, each loader in its own process with torch imported, the two "
+             "alternating; %d samples per epoch, worker start-up included, best of %d rounds."
+             % (v["images"], v["image_size"][0], v["image_size"][1], v["crop"], v["crop"],
+                v["batch"], v["crop"], v["crop"], tl_i.get("python", "?"),
+                "on" if tl_i.get("gil") else "off",
+                "Python %s (GIL %s), torch %s" % (t_i["python"], "on" if t_i["gil"] else "off",
+                                                   t_i["torch"]) if t_i else "**not run**: %s"
+                % v.get("torch_skipped", "no torch rows"), v["samples"], v["reps"])]
+    cost = v.get("per_sample_s", {})
+    if cost.get(VTL) and cost.get(VTORCH):
+        r.md += ["", "One sample costs %s of CPU on one thread without a loader on the "
+                 "free-threaded interpreter, %s on torch's: %.2fx." % (
+                     us(cost[VTL]), us(cost[VTORCH]), cost[VTL] / cost[VTORCH])]
+    if "same_batches" in v:
+        d = v["digests"][VTL]
+        r.md += ["", "Same batches: %s (sha256 of every batch of an epoch with %d workers, %d "
+                 "batches: %s)." % ("yes, the two loaders delivered the same bytes"
+                                     if v["same_batches"] else "**NO: the loaders delivered "
+                                     "different batches, so the numbers below do not compare**",
+                                     v["digest_workers"], d["batches"],
+                                     "%s..." % d["sha256"][:16] if v["same_batches"] else
+                                     "%s... vs %s..." % (d["sha256"][:16],
+                                                         v["digests"][VTORCH]["sha256"][:16]))]
+    by = {(x["loader"], x["workers"]): x for x in v["rows"]}
+    loaders = [k for k in (VTL, VTORCH) if any(x["loader"] == k for x in v["rows"])]
+    points = sorted({x["workers"] for x in v["rows"]})
+
+    def rate(k, w):
+        x = by.get((k, w))
+        return None if x is None else x["samples_per_s"]
+
+    def runs(k, w):
+        x = by.get((k, w))
+        return None if x is None else x.get("runs_samples_per_s")
+
+    r.md += [""]
+    r.md += table(["workers"] + loaders + (["tl / torch"] if len(loaders) == 2 else []),
+                  [["0 (in the loop)" if w == 0 else w]
+                   + [best_cell(rate(k, w), runs(k, w), num) if rate(k, w) else "-"
+                      for k in loaders]
+                   + ([flagged_ratio(ratio(rate(VTL, w), rate(VTORCH, w)), runs(VTL, w),
+                                     runs(VTORCH, w))] if len(loaders) == 2 else [])
+                   for w in points])
+    spread_note(r, v["reps"])
+    r.svg("vision.svg", line_chart(
+        "Vision pipeline: samples/s vs workers", "workers", "samples/s",
+        throughput_series([(k, k) for k in loaders], points, rate, runs), log_x=True,
+        x_ticks=[ZERO_X if w == 0 else w for w in points], x_tick_labels={ZERO_X: "0 (loop)"},
+        mark_x=(cores, "%d cores" % cores),
+        note="solid: threadloom threads (free-threaded); dashed: torch worker processes (GIL)"),
+        "vision pipeline samples/s vs workers")
+    if len(loaders) < 2:
+        return []
+    tb = max(points, key=lambda w: rate(VTL, w))
+    wb = max(points, key=lambda w: rate(VTORCH, w))
+    fw = v.get("footprint_workers", wb)
+    first = {x["loader"]: x for x in v.get("first", [])}
+    mem = {x["loader"]: x for x in v.get("memory", [])}
+    if first:
+        r.md += ["", "First batch in a fresh process and peak total memory of the loader's "
+                 "processes over one epoch, at %d workers (torch's best num_workers%s):" % (
+                     fw, "" if fw == wb else " with workers: its best overall is 0, in the loop"),
+                 ""]
+        body = []
+        for k in loaders:
+            f, m = first.get(k), mem.get(k)
+            body.append([k, best_cell(f["first_batch_s"], f.get("all_s"), ms, higher=False)
+                         if f else "-", m["procs"] if m else "-",
+                         mib(m["peak_pss"]) if m else "-", mib(m["peak_rss"]) if m else "-",
+                         mib(m["before_pss"]) if m else "-",
+                         mib(m["peak_pss"] - m["before_pss"]) if m else "-"])
+        r.md += table(["loader", "first batch", "processes", "peak PSS", "peak RSS",
+                       "before the loader (PSS)", "added by the loader (PSS)"], body)
+    goals, summary = [], []
+    q = rate(VTL, tb) / rate(VTORCH, wb)
+    goals.append(["throughput (best vs best)", ">= 1.5x torch",
+                  "%.2fx (%s at %d vs %s at %d workers)" % (q, num(rate(VTL, tb)), tb,
+                                                           num(rate(VTORCH, wb)), wb),
+                  flagged_ratio("met" if q >= 1.5 else "NOT met", runs(VTL, tb), runs(VTORCH, wb))])
+    summary.append(("Vision pipeline (best vs best)", "%s samples/s" % num(rate(VTL, tb)),
+                    "torch DataLoader %s" % num(rate(VTORCH, wb)),
+                    flagged_ratio("%.2fx" % q, runs(VTL, tb), runs(VTORCH, wb)),
+                    "%d vs %d workers" % (tb, wb)))
+    if VTL in first and VTORCH in first:
+        a, b = first[VTL], first[VTORCH]
+        qf = a["first_batch_s"] / b["first_batch_s"]
+        goals.append(["first batch, %d workers" % fw, "<= 0.20x torch",
+                      "%.2fx (%s vs %s)" % (qf, ms(a["first_batch_s"]), ms(b["first_batch_s"])),
+                      flagged_ratio("met" if qf <= 0.2 else "NOT met", a.get("all_s"),
+                                    b.get("all_s"))])
+        summary.append(("Vision first batch (fresh process)", ms(a["first_batch_s"]),
+                        "torch %s" % ms(b["first_batch_s"]),
+                        flagged_ratio("%.2fx" % qf, a.get("all_s"), b.get("all_s")),
+                        "%d workers, lower is better" % fw))
+    if VTL in mem and VTORCH in mem:
+        a, b = mem[VTL], mem[VTORCH]
+        qm = a["peak_pss"] / b["peak_pss"]
+        goals.append(["total memory, %d workers" % fw, "<= 0.33x torch",
+                      "%.2fx PSS (%s vs %s), %s RSS" % (qm, mib(a["peak_pss"]), mib(b["peak_pss"]),
+                                                       ratio(a["peak_rss"], b["peak_rss"])),
+                      "met" if qm <= 1 / 3 else "NOT met"])
+        summary.append(("Vision memory (peak total PSS)", mib(a["peak_pss"]),
+                        "torch %s" % mib(b["peak_pss"]), "%.2fx" % qm,
+                        "%d workers, lower is better" % fw))
+    r.md += ["", "Goals (issue #18, against torch's best num_workers on this machine, %d cores):"
+             % cores, ""]
+    r.md += table(["goal", "target", "this run", "here"], goals)
+    r.md += ["", "**Where threads win, and why.** %s" % vision_why(v, rate, tb, wb, first, mem)]
+    return summary
+
+
+def vision_why(v, rate, tb, wb, first, mem):
+    """The paragraph on where threads win and lose on the vision pipeline, from this run's
+    numbers."""
+    cost = v.get("per_sample_s", {})
+    nbytes = next((x["batch_nbytes"] for x in v["rows"] if x.get("batch_nbytes")), None)
+    out = ["Pillow's JPEG decoder and numpy's arithmetic release a GIL build's lock, so this is "
+           "the fair fight: torch's worker processes already decode and normalize in parallel on "
+           "a GIL interpreter, and threads win only what processes pay for besides the work."]
+    if cost.get(VTL) and cost.get(VTORCH):
+        q = cost[VTL] / cost[VTORCH]
+        out.append("On one thread the work costs %s per sample on the free-threaded interpreter "
+                   "and %s on torch's (%s)." % (
+                       us(cost[VTL]), us(cost[VTORCH]), "about the same" if abs(q - 1) < 0.15
+                       else "%.2fx %s on the free-threaded one" % (
+                           q if q > 1 else 1 / q, "slower" if q > 1 else "faster")))
+    if rate(VTL, 0) and rate(VTORCH, 0):
+        out.append("In the loop (no workers) they load %s vs %s samples/s (%s)%s." % (
+            num(rate(VTL, 0)), num(rate(VTORCH, 0)), ratio(rate(VTL, 0), rate(VTORCH, 0)),
+            ": torch's default_collate stacks each batch with torch.stack on its intra-op threads "
+            "(%s here, its default), which compete with the next decode for the same cores; "
+            "threadloom's stacks with numpy.stack on the loading thread" % (
+                v["interpreters"][VTORCH].get("intra_op_threads", "?"))
+            if rate(VTL, 0) > 1.2 * rate(VTORCH, 0) and VTORCH in v.get("interpreters", {})
+            else ""))
+    out.append("With workers, each of torch's batches%s is collated in a worker process into "
+               "shared memory and its handle pickled to the training process, after the workers "
+               "are forked and started; threadloom's workers are threads that collate in the "
+               "training process itself: no processes to start, no batch crossing a process "
+               "boundary, one interpreter with one copy of its imports. Best against best: %s "
+               "(%d vs %d workers)." % (
+                   " (%.1f MiB)" % (nbytes / 2**20) if nbytes else "",
+                   ratio(rate(VTL, tb), rate(VTORCH, wb)), tb, wb))
+    fw = v.get("footprint_workers")
+    if VTL in first and VTORCH in first:
+        out.append("That start-up is the first batch: %s vs %s at %d workers."
+                   % (ms(first[VTL]["first_batch_s"]), ms(first[VTORCH]["first_batch_s"]), fw))
+    if VTL in mem and VTORCH in mem:
+        a, b = mem[VTL], mem[VTORCH]
+        out.append("The memory is mostly each interpreter with torch imported (%s before the "
+                   "loader here vs %s for torch's process): the loaders added %s (threads) and %s "
+                   "(%d processes)." % (mib(a["before_pss"]), mib(b["before_pss"]),
+                                        mib(a["peak_pss"] - a["before_pss"]),
+                                        mib(b["peak_pss"] - b["before_pss"]), b["procs"]))
+    return " ".join(out)
 
 
 def section_goals(r, cores, meta, best, goals):
@@ -492,18 +774,30 @@ def section_executor(r, cores):
         if not rows:
             continue
         r.md += ["", "Workload `%s`:" % load_, ""]
+        def runs(x, k):
+            return (x.get("runs") or {}).get(k)
+
         r.md += table(["workers", "threadloom", "ThreadPoolExecutor", "multiprocessing.Pool",
                        "tl / TPE", "tl / mp"],
-                      [[x["workers"], num(x["threadloom"]), num(x["tpe"]), num(x.get("mp")),
-                        ratio(x["threadloom"], x["tpe"]), ratio(x["threadloom"], x.get("mp"))]
+                      [[x["workers"]] + [best_cell(x.get(k), runs(x, k), num) if x.get(k) else "-"
+                                         for k in ("threadloom", "tpe", "mp")]
+                       + [flagged_ratio(ratio(x["threadloom"], x["tpe"]), runs(x, "threadloom"),
+                                        runs(x, "tpe")),
+                          flagged_ratio(ratio(x["threadloom"], x.get("mp")), runs(x, "threadloom"),
+                                        runs(x, "mp")) if x.get("mp") else "-"]
                        for x in rows])
+        spread_note(r, ex.get("reps"))
         ws = [x["workers"] for x in rows]
         by = {x["workers"]: x for x in rows}
-        series = [Series("threadloom.Executor", [(w, by[w]["threadloom"]) for w in ws], PALETTE[0]),
-                  Series("ThreadPoolExecutor", [(w, by[w]["tpe"]) for w in ws], PALETTE[1], "7,4")]
+
+        def line(name, k, color, dash=""):
+            return Series(name, [(w, by[w].get(k)) for w in ws], color, dash,
+                          errors=[error_bar(runs(by[w], k)) for w in ws])
+
+        series = [line("threadloom.Executor", "threadloom", PALETTE[0]),
+                  line("ThreadPoolExecutor", "tpe", PALETTE[1], "7,4")]
         if any(by[w].get("mp") for w in ws):
-            series.append(Series("multiprocessing.Pool", [(w, by[w].get("mp")) for w in ws],
-                                 PALETTE[3], "2,3"))
+            series.append(line("multiprocessing.Pool", "mp", PALETTE[3], "2,3"))
         w = at_cores(ws, cores)
         best = max(rows, key=lambda x: x["threadloom"])
         r.md += ["", "At %d workers threadloom.Executor runs %s items/s, %s ThreadPoolExecutor%s; "
@@ -521,7 +815,9 @@ def section_executor(r, cores):
         if summary is None:
             summary = ("Executor (%s)" % load_, "%s items/s" % num(by[w]["threadloom"]),
                        "ThreadPoolExecutor %s" % num(by[w]["tpe"]),
-                       ratio(by[w]["threadloom"], by[w]["tpe"]), "%d workers" % w)
+                       flagged_ratio(ratio(by[w]["threadloom"], by[w]["tpe"]),
+                                     runs(by[w], "threadloom"), runs(by[w], "tpe")),
+                       "%d workers" % w)
     return summary
 
 
@@ -535,19 +831,29 @@ def section_scheduler(r, cores):
              "spawns a batch; `inject`: one outside thread submits every task. Million tasks/s "
              "(higher is better)." % sc["reps"], ""]
     rows = sc["rows"]
+    def runs(x, k):
+        return (x.get("runs") or {}).get(k)
+
+    def mtasks(v):
+        return num(v / 1e6, 2)
+
     r.md += table(["shape", "workers", "threadloom", "mutex+condvar pool", "tl / baseline"],
-                  [[x["shape"], x["workers"], num(x["threadloom"] / 1e6, 2),
-                    num(x["baseline"] / 1e6, 2), ratio(x["threadloom"], x["baseline"])]
+                  [[x["shape"], x["workers"], best_cell(x["threadloom"], runs(x, "threadloom"), mtasks),
+                    best_cell(x["baseline"], runs(x, "baseline"), mtasks),
+                    flagged_ratio(ratio(x["threadloom"], x["baseline"]), runs(x, "threadloom"),
+                                  runs(x, "baseline"))]
                    for x in rows])
+    spread_note(r, sc.get("reps"))
     shapes = [s for s in ("tree", "batch", "inject") if any(x["shape"] == s for x in rows)]
     ws = sorted({x["workers"] for x in rows})
     by = {(x["shape"], x["workers"]): x for x in rows}
     series = []
     for i, s in enumerate(shapes):
-        series.append(Series("threadloom %s" % s, [(w, by[s, w]["threadloom"]) for w in ws
-                                                   if (s, w) in by], PALETTE[i]))
-        series.append(Series("baseline %s" % s, [(w, by[s, w]["baseline"]) for w in ws
-                                                 if (s, w) in by], PALETTE[i], "7,4"))
+        for k, name, dash in (("threadloom", "threadloom %s" % s, ""),
+                              ("baseline", "baseline %s" % s, "7,4")):
+            at = [w for w in ws if (s, w) in by]
+            series.append(Series(name, [(w, by[s, w][k]) for w in at], PALETTE[i], dash,
+                                 errors=[error_bar(runs(by[s, w], k)) for w in at]))
     w = at_cores(ws, cores)
     parts = ["%s %s" % (s, ratio(by[s, w]["threadloom"], by[s, w]["baseline"]))
              for s in shapes if (s, w) in by]
@@ -571,7 +877,8 @@ def section_scheduler(r, cores):
         x = by["tree", w]
         return ("Scheduler (C, tree)", "%s Mtasks/s" % num(x["threadloom"] / 1e6, 1),
                 "mutex+condvar pool %s" % num(x["baseline"] / 1e6, 1),
-                ratio(x["threadloom"], x["baseline"]), "%d workers" % w)
+                flagged_ratio(ratio(x["threadloom"], x["baseline"]), runs(x, "threadloom"),
+                              runs(x, "baseline")), "%d workers" % w)
     return None
 
 
@@ -582,41 +889,7 @@ def section_checkpoint(r, cores):
     summary = None
     sizes = ck.get("sizes") or []
     if sizes:
-        r.md += ["How long the training thread is blocked by a checkpoint: threadloom's "
-                 "Checkpointer.save() (it copies into staging and returns; the write, hashing "
-                 "and fsync run in the background) vs a synchronous torch.save-like write on the "
-                 "training thread (a pickled header, then every tensor's bytes into one file; "
-                 "torch.save does not fsync) and the same + fsync. Best of the repeats, seconds "
-                 "(lower is better); memcpy of the same bytes is the floor.", ""]
-        r.md += table(["state", "save() stall", "torch.save-like", "+ fsync", "memcpy",
-                       "torch.save-like / save()", "save() committed after"],
-                      [["%d MiB" % x["size_mib"], "%.3f s" % x["save_stall_s"],
-                        "%.3f s" % x["sync_write_s"], "%.3f s" % x["sync_write_fsync_s"],
-                        "%.3f s" % x["memcpy_s"], ratio(x["sync_write_s"], x["save_stall_s"]),
-                        "%.3f s" % x["save_commit_s"]] for x in sizes])
-        mibs = [x["size_mib"] for x in sizes]
-        big = sizes[-1]
-        r.md += ["", "At %d MiB save() blocks the training thread for %.3f s, %s less than the "
-                 "synchronous write (%.3f s, %.3f s with fsync) and %s a memcpy of the same "
-                 "bytes; the checkpoint is durable %.3f s after the call, while training runs."
-                 % (big["size_mib"], big["save_stall_s"],
-                    ratio(big["sync_write_s"], big["save_stall_s"]), big["sync_write_s"],
-                    big["sync_write_fsync_s"], ratio(big["save_stall_s"], big["memcpy_s"]),
-                    big["save_commit_s"])]
-        def msec(key):
-            return [(m, x[key] * 1e3) for m, x in zip(mibs, sizes)]
-
-        series = [Series("threadloom save() stall", msec("save_stall_s"), PALETTE[0]),
-                  Series("torch.save-like (no fsync)", msec("sync_write_s"), PALETTE[1], "7,4"),
-                  Series("torch.save-like + fsync", msec("sync_write_fsync_s"), PALETTE[3], "7,4"),
-                  Series("memcpy (floor)", msec("memcpy_s"), PALETTE[7], "2,3")]
-        r.svg("checkpoint_stall.svg", line_chart(
-            "Checkpoint: training-thread stall vs state size", "state size (MiB)",
-            "milliseconds blocked", series, log_x=True, log_y=True, x_ticks=mibs),
-            "checkpoint stall vs state size")
-        summary = ("Checkpoint stall (%d MiB)" % big["size_mib"], "%.3f s" % big["save_stall_s"],
-                   "torch.save-like %.3f s" % big["sync_write_s"],
-                   ratio(big["save_stall_s"], big["sync_write_s"]), "lower is better")
+        summary = checkpoint_sizes(r, ck, sizes)
     else:
         r.md += ["No stall-vs-size sweep in checkpoint.json (an older bench_checkpoint.py)."]
     st = ck.get("stall")
@@ -634,9 +907,15 @@ def section_checkpoint(r, cores):
     if ck.get("bandwidth"):
         r.md += ["", "Save bandwidth of %d MiB, call to committed, vs a raw sequential write + "
                  "fsync of the same bytes (goal >= 90%%):" % ck["size_mib"], ""]
+        def mbps(secs):  # each repeat's seconds -> MB/s
+            return [ck["size_mib"] * 2**20 / t / 1e6 for t in secs or []]
+
         r.md += table(["staging", "Checkpointer MB/s", "raw write+fsync MB/s", "ratio"],
-                      [[b["staging"], num(b["ckpt_MBps"]), num(b["raw_MBps"]),
-                        "%.0f%%" % (100 * b["ratio"])] for b in ck["bandwidth"]])
+                      [[b["staging"], best_cell(b["ckpt_MBps"], mbps(b.get("ckpt_s")), num),
+                        best_cell(b["raw_MBps"], mbps(b.get("raw_s")), num),
+                        flagged_ratio("%.0f%%" % (100 * b["ratio"]), mbps(b.get("ckpt_s")),
+                                      mbps(b.get("raw_s")))] for b in ck["bandwidth"]])
+        spread_note(r, max(len(b.get("ckpt_s") or []) for b in ck["bandwidth"]))
     if ck.get("training"):
         t = ck["training"]
         med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
@@ -663,6 +942,97 @@ def section_checkpoint(r, cores):
     return summary
 
 
+def checkpoint_sizes(r, ck, sizes):
+    """The stall-vs-size table and plot: save() against torch's async_save (the asynchronous
+    anchor) and torch.save (or the torch.save-like stand-in of a run without torch), with the
+    spread of the repeats. Returns the summary line."""
+    sync = ck.get("sync_baseline") or "torch.save-like"
+    sync_name = "torch.save" if sync.startswith("torch.save ") else sync
+    anchor = all("async_save_stall_s" in x for x in sizes)
+    if anchor:
+        theirs = ("torch.distributed.checkpoint.async_save (torch's asynchronous checkpoint: it "
+                  "stages the state and returns a future; a background thread writes and fsyncs; "
+                  "on a one-rank gloo process group) and, synchronous on the training thread, %s "
+                  "(which does not fsync) and the same + fsync" % sync)
+    else:
+        theirs = ("**no async_save** (%s), only a synchronous write on the training thread: %s"
+                  % (ck.get("async_save_skipped") or "not measured by this bench_checkpoint.py",
+                     sync))
+        if sync == "torch.save-like":
+            theirs += (" (a pickled header, then every tensor's bytes into one file, as "
+                       "torch.save writes them; torch.save does not fsync)")
+        theirs += " and the same + fsync"
+    r.md += ["How long the training thread is blocked by a checkpoint of host tensors: "
+             "threadloom's Checkpointer.save() (it copies into staging and returns; the write, "
+             "hashing and fsync run in the background) against torch's own: %s, in the same run, "
+             "interleaved in every repeat. Seconds (lower is better); memcpy of the same bytes is "
+             "the floor; \"committed after\" is the time from the call to the checkpoint written "
+             "and fsynced." % theirs, ""]
+
+    def cell(x, k):
+        return best_cell(x[k], (x.get("runs") or {}).get(k), lambda v: "%.3f s" % v, higher=False)
+
+    def runs(x, k):
+        return (x.get("runs") or {}).get(k)
+
+    hdr = ["state", "save() stall"] + (["async_save stall"] if anchor else []) + [
+        sync_name, "+ fsync", "memcpy"] + (["async_save / save()"] if anchor else []) + [
+        "%s / save()" % sync_name, "save() committed after"] + (
+        ["async_save committed after"] if anchor else [])
+    body = []
+    for x in sizes:
+        row = ["%d MiB" % x["size_mib"], cell(x, "save_stall_s")]
+        row += [cell(x, "async_save_stall_s")] if anchor else []
+        row += [cell(x, "sync_write_s"), cell(x, "sync_write_fsync_s"), cell(x, "memcpy_s")]
+        row += [flagged_ratio(ratio(x["async_save_stall_s"], x["save_stall_s"]),
+                              runs(x, "async_save_stall_s"), runs(x, "save_stall_s"))] if anchor else []
+        row += [flagged_ratio(ratio(x["sync_write_s"], x["save_stall_s"]),
+                              runs(x, "sync_write_s"), runs(x, "save_stall_s")),
+                cell(x, "save_commit_s")]
+        row += [cell(x, "async_save_commit_s")] if anchor else []
+        body.append(row)
+    r.md += table(hdr, body)
+    spread_note(r, max(len(runs(x, "save_stall_s") or []) for x in sizes))
+    mibs = [x["size_mib"] for x in sizes]
+    big = sizes[-1]
+    r.md += ["", "At %d MiB save() blocks the training thread for %.3f s%s, %s less than %s "
+             "(%.3f s, %.3f s with fsync) and %s a memcpy of the same bytes; the checkpoint is "
+             "durable %.3f s after the call%s, while training runs."
+             % (big["size_mib"], big["save_stall_s"],
+                ", %s less than async_save (%.3f s)" % (
+                    ratio(big["async_save_stall_s"], big["save_stall_s"]),
+                    big["async_save_stall_s"]) if anchor else "",
+                ratio(big["sync_write_s"], big["save_stall_s"]), sync_name, big["sync_write_s"],
+                big["sync_write_fsync_s"], ratio(big["save_stall_s"], big["memcpy_s"]),
+                big["save_commit_s"], " (async_save's: %.3f s)" % big["async_save_commit_s"]
+                if anchor else "")]
+
+    def msec(k, name, color, dash):
+        return Series(name, [(m, x[k] * 1e3) for m, x in zip(mibs, sizes)], color, dash,
+                      errors=[error_bar(runs(x, k), 1e3) for x in sizes])
+
+    series = [msec("save_stall_s", "threadloom save() stall", PALETTE[0], "")]
+    if anchor:
+        series.append(msec("async_save_stall_s", "torch async_save stall", PALETTE[2], "7,4"))
+    series += [msec("sync_write_s", "%s (no fsync)" % sync_name, PALETTE[1], "7,4"),
+               msec("sync_write_fsync_s", "%s + fsync" % sync_name, PALETTE[3], "7,4"),
+               msec("memcpy_s", "memcpy (floor)", PALETTE[7], "2,3")]
+    r.svg("checkpoint_stall.svg", line_chart(
+        "Checkpoint: training-thread stall vs state size", "state size (MiB)",
+        "milliseconds blocked", series, log_x=True, log_y=True, x_ticks=mibs),
+        "checkpoint stall vs state size")
+    if anchor:
+        return ("Checkpoint stall (%d MiB)" % big["size_mib"], "%.3f s" % big["save_stall_s"],
+                "torch async_save %.3f s" % big["async_save_stall_s"],
+                flagged_ratio(ratio(big["save_stall_s"], big["async_save_stall_s"]),
+                              runs(big, "save_stall_s"), runs(big, "async_save_stall_s")),
+                "lower is better")
+    return ("Checkpoint stall (%d MiB)" % big["size_mib"], "%.3f s" % big["save_stall_s"],
+            "%s %.3f s (no async_save in this run)" % (sync_name, big["sync_write_s"]),
+            flagged_ratio(ratio(big["save_stall_s"], big["sync_write_s"]),
+                          runs(big, "save_stall_s"), runs(big, "sync_write_s")), "lower is better")
+
+
 def section_arena(r, cores):
     ar = r.section("Arena: allocation rate vs glibc malloc", "arena")
     if ar is None:
@@ -677,7 +1047,8 @@ def section_arena(r, cores):
                  ar["duration_s"], " and cudaHostAlloc" if cuda else "",
                  "; each cell in %d rounds whose allocator order alternates: the medians of the "
                  "rounds, and the range of the rounds' arena / glibc ratios (a shared machine's "
-                 "noise)" % len(rows[0]["arena_vs_glibc_rounds"]) if rounds else "",
+                 "noise; %s marks a ratio whose rounds differ by more than %.1fx: not a result)"
+                 % (len(rows[0]["arena_vs_glibc_rounds"]), FLAG, NOISY) if rounds else "",
                  ar.get("pin_detail") or "pinned"), ""]
     hdr = ["size", "live", "threads", "arena", "glibc", "arena / glibc"]
     if rounds:
@@ -727,9 +1098,11 @@ def section_arena(r, cores):
 
 
 def vs_glibc(x):
-    """arena / glibc of a row: the median of its rounds' ratios when it has rounds."""
+    """arena / glibc of a row: the median of its rounds' ratios when it has rounds, flagged when
+    the rounds disagree by more than NOISY (e.g. a 149.65x median of rounds from 20.93x to
+    301.13x is noise, not a result)."""
     if x.get("arena_vs_glibc") is not None:
-        return "%.2fx" % x["arena_vs_glibc"]
+        return flagged_ratio("%.2fx" % x["arena_vs_glibc"], x.get("arena_vs_glibc_rounds"))
     return ratio(x["arena"], x["glibc"])
 
 
@@ -871,10 +1244,13 @@ def section_launch_rate(r, name_py, py):
             rows.append([c["model"], "%d (%d on launch cores)" % (c["loader_threads"],
                                                                    c["loader_slots_on_launch_cores"])
                          if c["loaders_per_device"] else "none", x["threads"],
-                         num(x["python"]["total"]), num(x["c"]["total"]),
+                         best_cell(x["python"]["total"], (x.get("runs") or {}).get("python"), num),
+                         best_cell(x["c"]["total"], (x.get("runs") or {}).get("c"), num),
                          "%.1f%%" % (100 * x["ratio"]), "%.1f%%" % (100 * x["ratio_cpu"])])
     r.md += table(["device", "loader threads", "threads", "Python launches/s", "raw C launches/s",
                    "Python / C", "per CPU second"], rows)
+    spread_note(r, max((len((x.get("runs") or {}).get("python") or []) for c in cases
+                        for x in c["rows"]), default=0))
     busiest = max(x["threads"] for x in cases[0]["rows"]) + max(c["loader_threads"] for c in cases)
     if cases[0].get("cores", busiest) < busiest:
         r.md += ["", "This machine has %d cores for up to %d busy threads: the wall-clock ratios "
@@ -890,10 +1266,12 @@ def section_launch_rate(r, name_py, py):
     series = []
     for i, c in enumerate(goal):
         tag = " (loaders busy)" if c["loaders_per_device"] else ""
-        series.append(Series("Python threads" + tag, [(x["threads"], x["python"]["total"])
-                                                     for x in c["rows"]], PALETTE[2 * i % len(PALETTE)]))
-        series.append(Series("raw C" + tag, [(x["threads"], x["c"]["total"]) for x in c["rows"]],
-                             PALETTE[(2 * i + 1) % len(PALETTE)], "7,4"))
+        for k, name, color, dash in (("python", "Python threads", 2 * i, ""),
+                                     ("c", "raw C", 2 * i + 1, "7,4")):
+            series.append(Series(name + tag, [(x["threads"], x[k]["total"]) for x in c["rows"]],
+                                 PALETTE[color % len(PALETTE)], dash,
+                                 errors=[error_bar((x.get("runs") or {}).get(k))
+                                         for x in c["rows"]]))
     if series:
         r.svg(name_py + "_launch.svg", line_chart(
             "Launches per second, all threads (%s)" % (goal[0]["model"] if sim else "cuda"),
@@ -911,6 +1289,88 @@ def section_launch_rate(r, name_py, py):
                     "%s/s" % num(top["python"]["total"]), "raw C %s/s" % num(top["c"]["total"]),
                     "%.2fx" % top["ratio"], "%d threads" % top["threads"]))
     return out
+
+
+def met(ok):
+    return "met" if ok else "NOT met"
+
+
+def section_device_state(r, name, title):
+    """bench_device_state.py: DataLoader(device=) against the H2D engine, and checkpoints of
+    device state (the save() stall, a training loop during saves). Returns summary rows."""
+    ds = r.section(title, name)
+    if ds is None:
+        return []
+    if ds.get("skipped"):
+        r.md += ["Not run: %s." % ds["skipped"]]
+        return []
+    sim = ds.get("backend") == "sim"
+    rows = []
+    lo = ds.get("loader")
+    if lo:
+        r.md += ["### DataLoader to the device", "",
+                 "DataLoader(device=%s), 2 workers collating 2 MiB batches straight into the "
+                 "feeder's pinned slots, a consumer taking each on its stream. %s" % (
+                     lo["device"], "The H2D engine is modelled at %.0f%% of the slower of the "
+                     "host path's rate and this host's memcpy, so the producer is faster than the "
+                     "link; goal: the engine busy >= 90%% of the time."
+                     % (100 * lo.get("link", 0.5))
+                     if sim else "On a GPU the rate is against the link's."), ""]
+        hdr = ["device GB/s", "host path GB/s"]
+        row = [num(lo["device_gbs"], 2), num(lo["host_gbs"], 2)]
+        if sim:
+            hdr += ["model GB/s", "of the model", "H2D engine busy", "goal >= 90%"]
+            row += [num(lo["model_gbs"], 2), "%.1f%%" % (100 * lo["vs_model"]),
+                    "%.1f%%" % (100 * lo["utilization"]), met(lo["utilization"] >= 0.9)]
+        hdr += ["next() per batch", "staging waits", "collated in place"]
+        row += [us(lo["wait_per_batch_us"] / 1e6), num(lo["staging_waits"]),
+                "%.0f%%" % (100 * lo["in_place_fraction"])]
+        r.md += table(hdr, [row])
+        if sim:
+            rows.append(("DataLoader to the device (sim)",
+                         "H2D busy %.1f%%" % (100 * lo["utilization"]), "goal 90%",
+                         "%.2fx" % (lo["utilization"] / 0.9), "2 MiB batches"))
+    st = ds.get("stall")
+    if st:
+        r.md += ["", "### Checkpoint of device state: the save() stall", "",
+                 "save() of %d MiB of device state (4 DeviceBuffers) returns once its D2H copies "
+                 "into pinned staging are queued; against the D2H copy of the same bytes on one "
+                 "stream, waited for (medians of %d interleaved rounds%s). Goal: <= 1.2x." % (
+                     st["state_mib"], len(st["stalls"]), ", D2H modelled at %.2f GB/s" %
+                     st["model_gbs"] if sim else ""), ""]
+        r.md += table(["save() stall", "D2H copy", "stall / copy", "goal <= 1.2x",
+                       "save to committed"],
+                      [[ms(st["stall_s"]), ms(st["copy_s"]), "%.2fx" % st["stall_vs_copy"],
+                        met(st["stall_vs_copy"] <= 1.2), ms(st["save_s"])]])
+        rows.append(("Device checkpoint stall (%s)" % ds["backend"], ms(st["stall_s"]),
+                     "D2H copy %s" % ms(st["copy_s"]), "%.2fx" % st["stall_vs_copy"],
+                     "%d MiB" % st["state_mib"]))
+    tr = ds.get("training")
+    if tr:
+        r.md += ["", "### A training loop during device saves", "",
+                 "Each step: a %.0f ms kernel and an in-place update of the state on the caller's "
+                 "stream, at most %d steps queued; the %d MiB state saved every %.1f s (%d saves), "
+                 "against windows without saves, interleaved (medians of %d rounds). The caller's "
+                 "stream waits for each save's D2H copies (later updates must not reach the "
+                 "snapshot): a save costs the loop about the D2H time of the state. Goal: >= 97%%."
+                 % (tr["kernel_ms"], tr["depth"], tr["state_mib"], tr["save_every_s"], tr["saves"],
+                    tr["rounds"]), ""]
+        hdr = ["steps/s without saves", "with saves", "ratio"]
+        row = [num(tr["plain_steps_per_s"], 1), num(tr["saving_steps_per_s"], 1),
+               "%.1f%%" % (100 * tr["step_ratio"])]
+        if sim:
+            hdr += ["compute busy without", "with", "ratio"]
+            row += ["%.1f%%" % (100 * tr["plain_busy"]), "%.1f%%" % (100 * tr["saving_busy"]),
+                    "%.1f%%" % (100 * tr["busy_ratio"])]
+        key = tr["busy_ratio"] if sim else tr["step_ratio"]
+        hdr.append("goal >= 97%")
+        row.append(met(key >= 0.97))
+        r.md += table(hdr, [row])
+        rows.append(("Training during device saves (%s)" % ds["backend"],
+                     "%s steps/s" % num(tr["saving_steps_per_s"], 1),
+                     "%s without saves" % num(tr["plain_steps_per_s"], 1),
+                     "%.1f%%" % (100 * tr["step_ratio"]), "save every %.1f s" % tr["save_every_s"]))
+    return rows
 
 
 SHARE_TEXT = {
@@ -950,9 +1410,9 @@ def section_share(r, cores):
                num(x["items_per_s_1"])]
         for t in ts:
             v = x["threads"][str(t)]
-            row += [num(v["items_per_s"]), "%.2fx (%.2f, %.2f-%.2f)" % (
+            row += [num(v["items_per_s"]), flagged_ratio("%.2fx (%.2f, %.2f-%.2f)" % (
                 v["speedup"], v.get("speedup_median", v["speedup"]), v["speedup_min"],
-                v["speedup_max"])]
+                v["speedup_max"]), [v["speedup_min"], v["speedup_max"]])]
         rows.append(row)
     r.md += table(hdr, rows)
     r.md += ["", "Workloads: " + "; ".join("**%s**: %s" % kv for kv in SHARE_WORKLOADS.items())
@@ -1057,9 +1517,10 @@ def build(d):
     summaries, best = section_dataloader(r, cores)
     fp = load(d, "footprint")
     first, goals_first = section_first_batch(r, cores, fp)
-    mem, goals_mem = section_memory(r, cores, fp)
+    mem, goals_mem = section_memory(r, cores, fp)  # (a list of summary lines)
     section_goals(r, cores, meta, best, goals_first + goals_mem)
-    summaries += [first, mem, section_executor(r, cores), section_scheduler(r, cores),
+    vision = section_vision(r, cores)
+    summaries += [first] + mem + vision + [section_executor(r, cores), section_scheduler(r, cores),
                   section_checkpoint(r, cores), section_arena(r, cores), section_startup(r, cores),
                   section_share(r, cores)]
     summaries += section_devices(r, "devices", "device", "Devices (sim): submission, launch "
@@ -1067,6 +1528,11 @@ def build(d):
     if load(d, "devices_cuda") is not None or load(d, "device_cuda") is not None:
         summaries += section_devices(r, "devices_cuda", "device_cuda",
                                      "Devices (cuda): submission, launch rate, feeder, allocator")
+    summaries += section_device_state(r, "device_state", "Device state (sim): DataLoader to the "
+                                      "device, device checkpoints")
+    if load(d, "device_state_cuda") is not None:
+        summaries += section_device_state(r, "device_state_cuda", "Device state (cuda): "
+                                          "DataLoader to the device, device checkpoints")
     section_gpu(r, meta)
     summary = ["", "## Summary", ""] + table(
         ["benchmark", "threadloom", "baseline", "ratio", "at"],

@@ -9,7 +9,8 @@
 #              numbers mean nothing (default output bench/results/<machine>-quick/, not committed)
 #   --out DIR  write there instead
 #   --only L   run only these benchmarks (comma-separated names: scheduler, arena, device,
-#              devices, executor, ...; scripts/gpu-check.sh picks what fits its minutes)
+#              devices, device_state, executor, ...; scripts/gpu-check.sh picks what fits its
+#              minutes)
 # TORCH_PYTHON=/path/to/python picks the interpreter for the torch DataLoader baselines; by default
 # build/bootstrap.env's GIL_PYTHON (the GIL baseline venv scripts/bootstrap.sh makes), else the first of PYTHON,
 # python3.12, python3, python3.11, python3.13 that can import torch.
@@ -102,9 +103,12 @@ if [ $quick = 1 ]; then
   q_share=(--items 240 --threads 2 --reps 1 --rounds 1)
   q_dev=(--seconds 0.1)
   q_devs=(--quick)
+  q_vision=(--quick)
+  q_state=(--quick)
 else
   # best of 5 for the loaders: on a small shared machine run-to-run noise is ~30%
   q_sched=() q_arena=() q_exec=() q_start=() q_ckpt=() q_load=(--reps 5) q_foot=() q_share=() q_dev=() q_devs=()
+  q_vision=() q_state=()
 fi
 run scheduler "$here/build/bench/tl-bench-scheduler" ${q_sched[@]+"${q_sched[@]}"} --json "$out/scheduler.json"
 run arena "$here/build/bench/tl-bench-arena" ${q_arena[@]+"${q_arena[@]}"} --json "$out/arena.json"
@@ -112,11 +116,15 @@ run device "$here/build/bench/tl-bench-device" ${q_dev[@]+"${q_dev[@]}"} --json 
 # submission rate, the launch rate from 1..8 Python threads on sim:8 against the raw C loop
 # (build/bench/tl-bench-launch.so), with and without loader threads, and the feeder
 run devices "$py" "$here/bench/bench_devices.py" ${q_devs[@]+"${q_devs[@]}"} --json "$out/devices.json"
+run device_state "$py" "$here/bench/bench_device_state.py" ${q_state[@]+"${q_state[@]}"} \
+  --json "$out/device_state.json"
 if [ "$gpu" != nogpu ]; then  # the same on the GPUs (cuda:0's streams on one; the report's GPU plots)
   run device_cuda "$here/build/bench/tl-bench-device" --cuda --sections launch,alloc \
     ${q_dev[@]+"${q_dev[@]}"} --json "$out/device_cuda.json"
   run devices_cuda "$py" "$here/bench/bench_devices.py" --cuda ${q_devs[@]+"${q_devs[@]}"} \
     --json "$out/devices_cuda.json" --gpu-json "$out"
+  run device_state_cuda "$py" "$here/bench/bench_device_state.py" --cuda \
+    ${q_state[@]+"${q_state[@]}"} --json "$out/device_state_cuda.json"
 fi
 run executor "$py" "$here/bench/bench_executor.py" ${q_exec[@]+"${q_exec[@]}"} --json "$out/executor.json"
 run startup "$py" "$here/bench/bench_startup.py" ${q_start[@]+"${q_start[@]}"} --json "$out/startup.json"
@@ -147,6 +155,11 @@ fi
 # torch_py, the rest on PYTHON.
 run footprint "$py" "$here/bench/bench_dataloader_footprint.py" ${q_foot[@]+"${q_foot[@]}"} \
   ${torch_py:+--torch-python "$(command -v "$torch_py")"} --json "$out/footprint.json"
+# The vision pipeline (examples/vision_pipeline.py's JPEG decode, crop, flip, normalize):
+# threadloom's threads on PYTHON against torch's worker processes on torch_py, the same JPEGs and
+# code, throughput, same-batches check, first batch and memory at torch's best num_workers.
+run vision "$py" "$here/bench/bench_vision.py" ${q_vision[@]+"${q_vision[@]}"} \
+  ${torch_py:+--torch-python "$(command -v "$torch_py")"} --json "$out/vision.json"
 
 # -- the report ----------------------------------------------------------------------------------
 "$py" "$here/bench/report.py" "$out"

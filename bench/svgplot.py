@@ -3,12 +3,14 @@
 bench/report.py draws every plot of the benchmark report with line_chart(); placeholder() draws
 the frame of a plot whose benchmark did not run, with the reason in it. A chart has a title,
 both axes with ticks and tick labels, axis labels, grid lines, one polyline per series with a
-marker per point (hovering a marker shows its value), and a legend. The x axis is linear or
+marker per point (hovering a marker shows its value), an error bar per point that has a
+spread (the min and max of the runs behind a best-of-N point), and a legend. The x axis is linear or
 base-2 logarithmic (thread counts, sizes: ticks at the data's x values); the y axis linear from
 0 or base-10 logarithmic. The SVG is plain SVG 1.1 with no scripts or external references.
 
 Structure the tests rely on: each series is a <g class="series" data-name=NAME> holding one
-<polyline> per unbroken run of points and one <circle> per point; the texts carry the classes
+<polyline> per unbroken run of points, one <circle> per point and one <line class="error-bar">
+per point with a spread (plus its two caps, class "error-cap"); the texts carry the classes
 "title", "x-label", "y-label", "x-tick", "y-tick", "legend" and "note".
 """
 
@@ -23,13 +25,21 @@ CHAR_W = 7.0  # average width of a 12 px character, for layout
 
 
 class Series:
-    """One line: `points` is a list of (x, y); y None breaks the line there (no marker)."""
+    """One line: `points` is a list of (x, y); y None breaks the line there (no marker).
+    `errors`, when given, holds one (low, high) per point, or None for a point without a spread:
+    drawn as a vertical bar from low to high through the point (e.g. the min and max of the runs
+    a best-of-N point was taken from)."""
 
-    def __init__(self, name, points, color=None, dash=None):
+    def __init__(self, name, points, color=None, dash=None, errors=None):
         self.name = name
         self.points = [(float(x), None if y is None else float(y)) for x, y in points]
         self.color = color
         self.dash = dash
+        if errors is not None and len(errors) != len(self.points):
+            raise ValueError("Series %r: %d error bars for %d points" % (name, len(errors),
+                                                                         len(self.points)))
+        self.errors = [None if e is None else (float(e[0]), float(e[1]))
+                       for e in (errors or [None] * len(self.points))]
 
 
 def si(v):
@@ -83,9 +93,11 @@ def _fmt(v):
 
 
 def line_chart(title, x_label, y_label, series, log_x=False, log_y=False, x_ticks=None,
-               note=None, mark_x=None, width=760, height=420):
+               note=None, mark_x=None, width=760, height=420, x_tick_labels=None):
     """Returns the SVG text of a line chart of `series` (a list of Series).
 
+    x_tick_labels: {x: text} labels some ticks otherwise than their value (e.g. the 0-worker
+    point of a log axis, drawn at x=0.5 and labelled "0").
     mark_x: (x, label) draws a labelled vertical line there (e.g. the machine's core count), when
     x lies inside the axis.
     log_x: base-2 x axis (ticks at `x_ticks`, default every x in the data); log_y: base-10 y axis
@@ -93,6 +105,9 @@ def line_chart(title, x_label, y_label, series, log_x=False, log_y=False, x_tick
     pts = [(x, y) for s in series for x, y in s.points if y is not None]
     if not pts:
         raise ValueError("line_chart %r: no points to plot" % title)
+    # the error bars' ends count as points for the axes' ranges
+    pts += [(x, v) for s in series for (x, y), e in zip(s.points, s.errors)
+            if y is not None and e is not None for v in e]
     if log_x and any(x <= 0 for x, _ in pts):
         raise ValueError("line_chart %r: a log x axis needs x > 0" % title)
     if log_y and any(y <= 0 for _, y in pts):
@@ -169,7 +184,8 @@ def line_chart(title, x_label, y_label, series, log_x=False, log_y=False, x_tick
                    % (_fmt(left - 8), _fmt(py(t) + 4), escape(si(t))))
     for t in xt:
         out.append('<text class="x-tick" x="%s" y="%s" text-anchor="middle">%s</text>'
-                   % (_fmt(px(t)), _fmt(top + plot_h + 19), escape(si(t))))
+                   % (_fmt(px(t)), _fmt(top + plot_h + 19),
+                      escape((x_tick_labels or {}).get(t, si(t)))))
     out.append('<text class="x-label" x="%s" y="%s" text-anchor="middle">%s%s</text>'
                % (_fmt(left + plot_w / 2), _fmt(top + plot_h + 40), escape(x_label),
                   " (log scale)" if log_x else ""))
@@ -196,11 +212,23 @@ def line_chart(title, x_label, y_label, series, log_x=False, log_y=False, x_tick
                 run = []
             else:
                 run.append((px(x), py(y)))
-        for x, y in s.points:
+        for (x, y), e in zip(s.points, s.errors):
+            if y is None or e is None:
+                continue
+            ex, lo, hi = px(x), py(e[0]), py(e[1])
+            out.append('<line class="error-bar" x1="%s" y1="%s" x2="%s" y2="%s" stroke="%s" '
+                       'stroke-width="1.2"/>' % (_fmt(ex), _fmt(lo), _fmt(ex), _fmt(hi), color))
+            for yy in (lo, hi):
+                out.append('<line class="error-cap" x1="%s" y1="%s" x2="%s" y2="%s" stroke="%s" '
+                           'stroke-width="1.2"/>' % (_fmt(ex - 4), _fmt(yy), _fmt(ex + 4),
+                                                     _fmt(yy), color))
+        for (x, y), e in zip(s.points, s.errors):
             if y is not None:
                 out.append('<circle cx="%s" cy="%s" r="3.5" fill="%s"><title>%s</title></circle>'
                            % (_fmt(px(x)), _fmt(py(y)), color,
-                              escape("%s: x=%s, y=%.4g" % (s.name, si(x), y))))
+                              escape("%s: x=%s, y=%.4g%s" % (
+                                  s.name, (x_tick_labels or {}).get(x, si(x)), y, "" if e is None else
+                                  " (runs %.4g-%.4g)" % e))))
         out.append('</g>')
         ly = top + 8 + 20 * i
         out.append('<g class="legend-entry"><line x1="%s" y1="%s" x2="%s" y2="%s" stroke="%s" '

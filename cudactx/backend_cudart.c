@@ -285,6 +285,10 @@ static int tl__rt_foreign_wait_event(int dev, void* raw, void* e) {
             cudaStreamWaitEvent((cudaStream_t)raw, ((tl__rt_event_t*)e)->e, 0));
 }
 
+static int tl__rt_foreign_event_record(int dev, void* raw, void* e) {
+  TL__RT_ON(dev, "cudaEventRecord", cudaEventRecord(((tl__rt_event_t*)e)->e, (cudaStream_t)raw));
+}
+
 static int tl__rt_launch_host_func(void* sp, void (*fn)(void*), void* arg) {
   tl__rt_stream_t* s = sp;
   TL__RT_ON(s->dev, "cudaLaunchHostFunc", cudaLaunchHostFunc(s->s, fn, arg));
@@ -376,6 +380,7 @@ const tl__dev_api_t tl__cuda_builtin = {
     .stream_wait_event = tl__rt_stream_wait_event,
     .stream_handle = tl__rt_stream_handle,
     .foreign_wait_event = tl__rt_foreign_wait_event,
+    .foreign_event_record = tl__rt_foreign_event_record,
     .launch_host_func = tl__rt_launch_host_func,
     .event_create = tl__rt_event_create,
     .event_destroy = tl__rt_event_destroy,

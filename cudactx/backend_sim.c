@@ -607,6 +607,21 @@ static sim_dev* tl__owner(const void* p) {
   return NULL;
 }
 
+int tl__sim_owner_index(const void* p, size_t n) {
+  uintptr_t a = (uintptr_t)p;
+  for (int i = 0; i < tl__sim.cfg.count; i++) {
+    sim_dev* d = tl__sim.devs[i];
+    if (!d || !atomic_load(&d->opened)) continue;
+    pthread_rwlock_rdlock(&d->mem_lock);
+    long k = tl__block_find(d, a);
+    int in = k >= 0 && !d->blocks[k].freed && a >= d->blocks[k].base &&
+             n <= d->blocks[k].size && a - d->blocks[k].base <= d->blocks[k].size - n;
+    pthread_rwlock_unlock(&d->mem_lock);
+    if (in) return i;
+  }
+  return -1;
+}
+
 static int tl__sim_mem_alloc(int dev, size_t size, void** out) {
   sim_dev* d = tl__sim_dev(dev);
   if (!d) return tl__sim_fail(TL__CUDA_INVALID_DEVICE, "no sim:%d", dev);
@@ -1234,6 +1249,18 @@ static int tl__sim_foreign_wait_event(int dev, void* raw, void* ep) {
   return tl__sim_stream_wait_event(raw, ep);
 }
 
+static int tl__sim_event_record(void* ep, void* sp);
+
+/* A record on another library's stream: as the wait, only handles the sim gave out exist; on a
+ * CUDA default stream (none on sim) the event is left as it is (complete). */
+static int tl__sim_foreign_event_record(int dev, void* raw, void* ep) {
+  sim_dev* d = tl__sim_dev(dev);
+  if (!d || !raw)
+    return tl__sim_fail(TL__CUDA_INVALID_VALUE, "stream handle %p on sim:%d", raw, dev);
+  if ((uintptr_t)raw <= 2) return 0;
+  return tl__sim_event_record(ep, raw);
+}
+
 static int tl__sim_launch_host_func(void* sp, void (*fn)(void*), void* arg) {
   sim_op op = {.type = OP_HOSTFN, .fn = fn, .arg = arg};
   return tl__submit(sp, &op);
@@ -1411,6 +1438,7 @@ const tl__dev_api_t tl__sim_api = {
     .stream_wait_event = tl__sim_stream_wait_event,
     .stream_handle = tl__sim_stream_handle,
     .foreign_wait_event = tl__sim_foreign_wait_event,
+    .foreign_event_record = tl__sim_foreign_event_record,
     .launch_host_func = tl__sim_launch_host_func,
     .event_create = tl__sim_event_create,
     .event_destroy = tl__sim_event_destroy,

@@ -6,7 +6,8 @@
  * free blocks per class. A block is reused only by allocations on the stream it was allocated
  * for: stream order guarantees that whatever that stream queued before the free (the last uses
  * of the block) runs before whatever it queues after the next allocation. A block that other
- * streams used (tl_dbuf_record_stream) is not reusable at its free: an event is recorded on
+ * streams used (tl_dbuf_record_stream, or tl_dbuf_record_handle for a stream of another
+ * library: a DLPack consumer's) is not reusable at its free: an event is recorded on
  * each of those streams, and the block waits in its stream's pending list until they have all
  * completed (checked when that stream allocates and misses). Nothing ever blocks the host for
  * reuse, and no event is recorded for the common single-stream case.
@@ -40,7 +41,9 @@ typedef struct tl__dblock_s {
   struct tl__dblock_s* next;     /* free or pending list link (the stream's cache mutex) */
   tl_stream_t* uses[TL__MAX_USES]; /* other streams that used it (the cache mutex) */
   int nuses;
-  tl_event_t* evs[TL__MAX_USES]; /* events recorded on them at the free (pending blocks) */
+  void* foreign[TL__MAX_USES];   /* other libraries' stream handles that used it (the mutex) */
+  int nforeign;
+  tl_event_t* evs[2 * TL__MAX_USES]; /* events recorded on all of them at the free (pending) */
   int nevs;
   int stuck;                     /* an event could not be recorded at its free: reusable only
                                     after tl_device_empty_cache's device sync */
@@ -99,6 +102,7 @@ static void tl__reap(tl__spool_t* p) {
     for (int i = 0; i < b->nevs; i++) tl_event_close(b->evs[i]);
     b->nevs = 0;
     b->nuses = 0;
+    b->nforeign = 0;
     *pp = b->next;
     b->next = p->free[b->cls];
     p->free[b->cls] = b;
@@ -254,28 +258,52 @@ int tl_dbuf_record_stream(tl_dbuf_t* pub, tl_stream_t* s) {
   return err;
 }
 
+int tl_dbuf_record_handle(tl_dbuf_t* pub, void* handle) {
+  tl__clear_detail();
+  if (!pub) return tl__fail(TL_EINVAL, "tl_dbuf_record_handle: NULL block");
+  tl__dblock_t* b = (tl__dblock_t*)pub;
+  if (handle == tl_stream_handle(b->stream)) return 0;
+  tl__spool_t* p = atomic_load_explicit(&b->stream->pool, memory_order_acquire);
+  int err = 0;
+  pthread_mutex_lock(&p->mu);
+  int known = 0;
+  for (int i = 0; i < b->nforeign; i++) known |= b->foreign[i] == handle;
+  if (!known) {
+    if (b->nforeign == TL__MAX_USES)
+      err = tl__fail(TL_ENOMEM, "tl_dbuf_record_handle: a block used on more than %d streams "
+                     "of other libraries; allocate anew", TL__MAX_USES);
+    else b->foreign[b->nforeign++] = handle;
+  }
+  pthread_mutex_unlock(&p->mu);
+  return err;
+}
+
 int tl_dbuf_free(tl_dbuf_t* pub) {
   if (!pub) return 0;
   tl__detail[0] = '\0';
   tl__dblock_t* b = (tl__dblock_t*)pub;
   tl__spool_t* p = atomic_load_explicit(&b->stream->pool, memory_order_acquire);
   pthread_mutex_lock(&p->mu);
-  int nuses = b->nuses;
+  int nuses = b->nuses, nforeign = b->nforeign;
   tl_stream_t* uses[TL__MAX_USES];
+  void* foreign[TL__MAX_USES];
   memcpy(uses, b->uses, sizeof uses);
+  memcpy(foreign, b->foreign, sizeof foreign);
   pthread_mutex_unlock(&p->mu);
   int first = 0;
   b->nevs = 0;
-  for (int i = 0; i < nuses; i++) {
+  for (int i = 0; i < nuses + nforeign; i++) {
     tl_event_t* e;
     int err = tl_event_init(pub->device, 0, &e);
     if (!err) {
-      err = tl_event_record(e, uses[i]);
+      err = i < nuses ? tl_event_record(e, uses[i])
+                      : tl_event_record_on(e, pub->device, foreign[i - nuses]);
       if (err) tl_event_close(e);
       else b->evs[b->nevs++] = e;
     }
     if (err && !first) first = err;
   }
+  nuses += nforeign;
   pthread_mutex_lock(&p->mu);
   p->in_use_bytes -= b->cap;
   p->in_use_blocks--;

@@ -86,6 +86,8 @@ typedef struct tl__dev_api_s {
   /* cudaStreamWaitEvent on a stream threadloom did not make: `raw` is a handle stream_handle
    * gave out, or another library's cudaStream_t (1: legacy default, 2: per-thread default). */
   int (*foreign_wait_event)(int dev, void* raw, void* e);
+  /* cudaEventRecord on such a stream (the allocator's record of a DLPack consumer's use). */
+  int (*foreign_event_record)(int dev, void* raw, void* e);
   /* cudaLaunchHostFunc: fn(arg) runs on a backend thread once the stream's earlier work is
    * done; it must not call the device API. */
   int (*launch_host_func)(void* s, void (*fn)(void* arg), void* arg);
@@ -143,6 +145,8 @@ int tl__sim_stats(int dev, int engine, tl_engine_stats_t* out);
 int tl__sim_set(int dev, const char* options);
 int tl__sim_inject(int dev, int fault, int count);
 int tl__sim_recover(int dev);
+/* The index of the opened sim device whose live (not freed) allocation holds [p, p+n), or -1. */
+int tl__sim_owner_index(const void* p, size_t n);
 
 // ---------------------------------------------------------------------------------------------
 // The objects above the table (registry.c, stream.c, dalloc.c, staging.c)

@@ -356,6 +356,17 @@ int tl_sim_inject(tl_device_t* dev, tl_sim_fault_t fault, int count) {
   return tl__sim_inject(dev->ordinal, (int)fault, count);
 }
 
+int tl_sim_owner(const void* p, size_t size, tl_device_t** out) {
+  tl__clear_detail();
+  if (!out) return tl__fail(TL_EINVAL, "tl_sim_owner: NULL argument");
+  *out = NULL;
+  int i = tl__sim_configured() ? tl__sim_owner_index(p, size) : -1;
+  if (i < 0)
+    return tl__fail(TL_ENOENT, "tl_sim_owner: %zu bytes at %p are not in a live allocation of a "
+                    "sim device", size, p);
+  return tl_device_get(TL_DEVICE_SIM, i, out);
+}
+
 int tl_sim_recover(tl_device_t* dev) {
   int err = tl__sim_only(dev, "tl_sim_recover");
   return err ? err : tl__sim_recover(dev->ordinal);

@@ -262,15 +262,15 @@ int tl_staging_copy_to_device(tl_staging_slot_t* slot, void* dst, size_t size, t
   return tl_staging_release(slot, st);
 }
 
-int tl_staging_copy_from_device(tl_staging_slot_t* slot, const void* src, size_t size,
-                                tl_stream_t* st) {
+int tl_staging_copy_from_device(tl_staging_slot_t* slot, size_t offset, const void* src,
+                                size_t size, tl_stream_t* st) {
   tl__clear_detail();
   if (!slot || !st) return tl__fail(TL_EINVAL, "tl_staging_copy_from_device: NULL argument");
-  if (size > slot->size)
-    return tl__fail(TL_EINVAL, "tl_staging_copy_from_device: %zu bytes into a %zu-byte slot",
-                    size, slot->size);
+  if (offset > slot->size || size > slot->size - offset)
+    return tl__fail(TL_EINVAL, "tl_staging_copy_from_device: %zu bytes at offset %zu of a "
+                    "%zu-byte slot", size, offset, slot->size);
   tl__slot_t* s = (tl__slot_t*)slot;
-  int err = tl_copy_async(st, slot->ptr, src, size, TL_COPY_D2H);
+  int err = tl_copy_async(st, (char*)slot->ptr + offset, src, size, TL_COPY_D2H);
   if (!err) err = tl_event_record(s->ev, st);
   if (!err) s->held_recorded = 1; /* a release without a stream still waits for this copy */
   return err;

@@ -357,6 +357,16 @@ int tl_event_wait_on(tl_event_t* e, tl_device_t* dev, void* handle) {
                      dev->api->foreign_wait_event(dev->ordinal, handle, e->h));
 }
 
+int tl_event_record_on(tl_event_t* e, tl_device_t* dev, void* handle) {
+  tl__detail[0] = '\0';
+  if (!e || !dev) return tl__fail(TL_EINVAL, "tl_event_record_on: NULL argument");
+  if (e->dev != dev)
+    return tl__fail(TL_EINVAL, "tl_event_record_on: an event of %s on a stream of %s",
+                    e->dev->name, dev->name);
+  int rc = dev->api->foreign_event_record(dev->ordinal, handle, e->h);
+  return rc ? TL__DEV_ERR(dev, "cudaEventRecord", rc) : 0;
+}
+
 int tl_event_elapsed(tl_event_t* start, tl_event_t* end, double* ms) {
   tl__clear_detail();
   if (!start || !end || !ms) return tl__fail(TL_EINVAL, "tl_event_elapsed: NULL argument");

@@ -7,22 +7,27 @@ Everything threadloom does, in one program:
     GPUs it drives them (cuda); without, 8 simulated devices (sim:8: device memory is host
     memory, copies and kernels take modelled time on per-device engine threads), and the first
     line says which;
-  - each rank's threadloom.DataLoader (--workers loader threads per device, each with its own
-    replica of the dataset) produces its shard's batches, and a feeder thread per device copies
-    each one to the device (threadloom.devices.Feeder: pinned staging, a copy stream, an event
-    the rank's stream waits on);
-  - a step: the rank's stream waits for its batch, runs the step's kernel (modelled: --kernel-ms
-    of device time; on a GPU the spin kernel), and the model's math runs on the driver thread
-    meanwhile (this toy model has no GPU kernels: no tensor library is needed). Dense gradients
+  - each rank's threadloom.DataLoader(device=ctx.device) (--workers loader threads per device,
+    each with its own replica of the dataset, pinned beside the device's launch core) produces
+    its shard's batches on the device: each worker collates its batch straight into a pinned
+    staging slot of the loader's feeder and queues the H2D copy on its own copy stream, and the
+    rank gets the batch with its stream made to wait for that copy;
+  - a step: the rank's stream reads the batch back for this toy model's math (a few KB, D2H),
+    runs the step's kernel (modelled: --kernel-ms of device time; on a GPU the spin kernel), and
+    the model's math runs on the driver thread meanwhile (this toy model has no GPU kernels: no
+    tensor library is needed; a real model's kernels read the batch on the device). Dense gradients
     go to the device and are summed there by ctx.comm (NCCL on GPUs, the host collectives on sim
     devices, ordered on the rank's stream), sparse embedding gradients are exchanged with an
     allgather, and every replica applies the same update (bit-identical weights). The dense
     weights live on the device (updated from the host's optimizer step, as with a CPU
     optimizer); the embedding table stays in host memory (as large sparse tables often do);
   - rank 0 saves an asynchronous checkpoint every --ckpt-every steps with threadloom.Checkpointer
-    (the device's dense weights, the host's embedding table, step and every rank's DataLoader
-    position): training goes on while it is written;
-  - on start the job resumes from the newest complete checkpoint in --ckpt-dir; SIGUSR2, SIGTERM
+    (the dense weights as device buffers, snapshotted by D2H copies ordered on the rank's stream;
+    the host's embedding table; step and every rank's DataLoader position): save() returns once
+    the copies are queued and the table staged, and training goes on while it is written;
+  - on start the job resumes from the newest complete checkpoint in --ckpt-dir, loaded onto the
+    first device (load(device=)): rank 0 takes the dense weights from there and broadcasts them
+    to the other devices, the embedding table goes back to host memory; SIGUSR2, SIGTERM
     or Ctrl-C make every rank stop at the same step, save a checkpoint and exit with status 75
     (run the same command again to resume; a second Ctrl-C exits at once, and the newest
     complete checkpoint still loads); an exception in a rank or a failing device ends the job
@@ -46,11 +51,9 @@ pipeline); the label comes from hidden per-word scores the model has to learn.
 
 import argparse
 import array
-import copy
 import hashlib
 import math
 import os
-import queue
 import random
 import signal
 import sys
@@ -116,11 +119,6 @@ class Model:
         self.w = array.array("d", [rng.gauss(0.0, 0.5) for _ in range(dim)])
         self.b = array.array("d", [0.0])
 
-    def load_dense(self, state):
-        """Copies a loaded checkpoint's dense weights into this replica."""
-        for name in ("w", "b"):
-            load_into(getattr(self, name), state[name], name)
-
     def gradients(self, ids_batch, labels):
         """Loss sum, correct predictions, dense grads (w, b) and sparse embedding grads (rows,
         flat values) of one batch, summed over its samples."""
@@ -170,14 +168,12 @@ class Model:
         self.b[0] -= scale * gb[0]
 
 
-def load_into(mine, saved, name):
-    """Copies a loaded checkpoint tensor (a memoryview) into the array `mine`."""
-    saved = memoryview(saved).cast("B")
-    if len(saved) != len(mine) * mine.itemsize:
+def check_size(name, saved, want):
+    """A loaded checkpoint tensor (a DeviceBuffer) must have the bytes this model's has."""
+    if saved.nbytes != want:
         raise SystemExit("main_job: the checkpoint's %r has %d bytes, this model %d: use the "
                          "settings it was written with, or another --ckpt-dir"
-                         % (name, len(saved), len(mine) * mine.itemsize))
-    mine[:] = array.array(mine.typecode, bytes(saved))
+                         % (name, saved.nbytes, want))
 
 
 def digest(state):
@@ -192,81 +188,24 @@ def digest(state):
 # the device side of a rank
 # ---------------------------------------------------------------------------------------------
 
-class DeviceFeed:
-    """A rank's batches on its device. A feeder thread, pinned near the device, iterates the
-    rank's DataLoader epoch after epoch, copies each batch to the device (threadloom.devices.
-    Feeder: packed into a pinned staging slot, one H2D copy on the thread's copy stream, an
-    event) and queues (host batch, DeviceBatch, the loader's position after that batch) at most
-    `depth` batches ahead. The DeviceBatch is what the device's kernel reads; the host batch is
-    what this toy model's Python math reads; the position goes into checkpoints (the loader
-    itself has run ahead by the queued batches).
-
-    With DataLoader(device=) the loader is its own feeder: iterate it instead and keep
-    loader.state_dict() as the position."""
-
-    def __init__(self, ctx, loader, plan, depth, stats):
-        b = loader.batch_size
-        tokens = loader.dataset.tokens
-        self.feeder = devices.Feeder(ctx.device, slot_bytes=b * tokens * 8 + b * 8 + 512,
-                                     slots=depth + 2)
-        self.loader = loader
-        self.stats = stats
-        self.q = queue.Queue(maxsize=depth)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(plan, ctx.rank),
-                                       name="feeder-%d" % ctx.rank, daemon=True)
-        self.thread.start()
-
-    def _run(self, plan, rank):
-        try:
-            try:
-                threadloom.pin(gpu=rank, role="feeder", plan=plan)
-            except threadloom.Error:
-                pass                      # a CPU set this process may not use: unpinned
-            while not self.stop.is_set():
-                for batch in self.loader:  # one epoch; the next `for` starts the next one
-                    dev = self.feeder(batch)
-                    self.stats.h2d_bytes += dev.buffer.nbytes
-                    if not self._put((batch, dev, copy.deepcopy(self.loader.state_dict()))):
-                        return
-        except BaseException as e:        # noqa: BLE001 (handed to the rank)
-            if not self.stop.is_set():
-                self._put(e)
-
-    def _put(self, item):
-        while not self.stop.is_set():
-            try:
-                self.q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def next(self):
-        """(host batch, DeviceBatch, loader position), waiting for the feeder thread."""
-        item = self.q.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self):
-        """Stops the feeder thread (closing the loader ends a batch it waits for) and joins."""
-        self.stop.set()
-        self.loader.close()
-        while self.thread.is_alive():
-            try:
-                self.q.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        self.thread.join()
+def device_batches(loader):
+    """A rank's batches, epoch after epoch (the next `for` over the loader starts the next
+    epoch). DataLoader(device=) delivers each on the rank's device: (ids, labels) as
+    DeviceBuffers, with the rank's current stream (ctx.stream) made to wait for their H2D copy,
+    so work queued there reads them after it and the thread never blocks on it. After a batch,
+    loader.state_dict() is the position a checkpoint keeps."""
+    while True:
+        for batch in loader:
+            yield batch
 
 
 class DeviceDense:
     """The dense weights on a rank's device (w then b: dim + 1 float64) and the buffer its
     gradients are summed in there, both on the rank's stream. The host runs the optimizer step
     (as a CPU optimizer does) and uploads the new weights; the device's copy is what a
-    checkpoint saves. Each copy from the host reads a fresh array, so the host never changes
-    bytes a queued copy has yet to read."""
+    checkpoint saves, as it is (save() snapshots it with D2H copies ordered on this stream).
+    Each copy from the host reads a fresh array, so the host never changes bytes a queued copy
+    has yet to read."""
 
     def __init__(self, stream, dim):
         self.s, self.dim = stream, dim
@@ -290,8 +229,22 @@ class DeviceDense:
         return self.grads.nbytes
 
     def state(self):
-        """The device's dense weights (w, b), copied to host memory (D2H on the rank's stream).
-        With device checkpoints, Checkpointer.save() takes views of self.params as they are."""
+        """(w, b): DeviceBuffer views of the device's weights, for Checkpointer.save()."""
+        return self.params.view(0, 8 * self.dim), self.params.view(8 * self.dim, 8)
+
+    def restore(self, comm, loaded):
+        """Resuming: rank 0 copies the checkpoint's weights (`loaded`: its "model", loaded onto
+        rank 0's device with load(device=)) into its buffer, the others pass None, and a
+        broadcast on the devices gives every rank rank 0's."""
+        if loaded is not None:
+            w, b = self.state()
+            self.s.copy(w, loaded["w"])
+            self.s.copy(b, loaded["b"])
+        comm.broadcast(self.params, src=0)
+
+    def read(self):
+        """(w, b) as host arrays: the device's weights, copied back (D2H on the rank's
+        stream)."""
         p = array.array("d", bytes(self.params.nbytes))
         self.s.copy(p, self.params)
         self.s.synchronize()
@@ -306,22 +259,24 @@ WINDOW = 50
 
 
 class RankStats:
-    """Counters one rank (and its feeder thread, for h2d_bytes) write and the status line
-    reads: one object per rank, each field written by one thread."""
+    """Counters one rank writes and the status line reads: one object per rank, each field
+    written by the rank's thread only."""
 
     def __init__(self, device):
         self.device = device
         self.step = 0
         self.samples = 0
-        self.h2d_bytes = 0       # batches copied to the device (the feeder thread)
+        self.batches = 0         # taken from the loader
+        self.h2d_bytes = 0       # batches delivered on the device (the loader's H2D copies)
         self.own_h2d = 0         # the rank's own copies to the device (dense weights, gradients)
-        self.wait_s = 0.0        # time spent waiting for the next batch
+        self.wait_s = 0.0        # time spent waiting for the loader's next batch
         self.kernel_s = 0.0      # device time the rank's kernels declared
         self.loss = None         # mean loss and accuracy of the global batches of the last
         self.acc = None          # (up to) WINDOW steps
         self.first_loss = None   # the first step's
         self.window = []
-        self.stall_s = []        # rank 0: seconds each checkpoint held this thread (D2H + save)
+        self.stall_s = []        # rank 0: seconds each save() held this thread
+        self.loader = None       # at the end: the loader's stats()["device"]
 
 
 def train(ctx, job):
@@ -330,36 +285,54 @@ def train(ctx, job):
     s = ctx.stream
     model = Model(job.emb, a.dim, a.seed, ctx.rank, ctx.world_size)
     dense = DeviceDense(s, a.dim)
-    loader = job.loaders[ctx.rank]
+    # Made here, on the rank's pinned thread: its workers pin to the loader slots beside this
+    # device's launch core in spmd's device plan, and it delivers every batch on ctx.device.
+    loader = threadloom.DataLoader(job.dataset, batch_size=a.batch_size, shuffle=True,
+                                   drop_last=True, num_workers=a.workers, persistent_workers=True,
+                                   rank=ctx.rank, world_size=ctx.world_size,
+                                   generator=random.Random(a.seed), device=ctx.device)
     step = job.start_step
-    if job.resume is not None:
-        model.load_dense(job.resume["model"])
-        loader.load_state_dict(job.resume["loaders"][ctx.rank])
-    st.own_h2d += dense.upload(model)
-    st.step = step
-    feed = DeviceFeed(ctx, loader, job.plan, depth=4, stats=st)
     try:
+        if job.resume is None:
+            st.own_h2d += dense.upload(model)
+        else:
+            loader.load_state_dict(job.resume["loaders"][ctx.rank])
+            dense.restore(ctx.comm, job.resume["model"] if ctx.rank == 0 else None)
+            model.w[:], model.b[:] = dense.read()   # the host's copy, for the optimizer step
+        st.step = step
+        batches = device_batches(loader)
+        n, t = a.batch_size, a.tokens
+        ids_host, labels_host = array.array("q", bytes(8 * n * t)), array.array("d", bytes(8 * n))
         while step < a.steps:
             t0 = time.perf_counter()
-            (ids, labels), batch, position = feed.next()
+            ids, labels = next(batches)            # on the device; s waits for their copy
             st.wait_s += time.perf_counter() - t0
-            batch.wait(s)                          # the stream waits for the copy, not the thread
-            s.launch(job.kernel_ns)                # the step's kernel, reading the device batch
+            st.batches += 1
+            st.h2d_bytes += ids.nbytes + labels.nbytes
+            # This toy model's math runs on the host: the batch comes back (a few KB) on the
+            # stream, before the step's kernel, which reads it on the device.
+            s.copy(ids_host, ids)
+            s.copy(labels_host, labels)
+            back = s.record_event()
+            s.launch(job.kernel_ns)
             st.kernel_s += job.kernel_ns / 1e9
-            ids, labels = ids.tolist(), labels.tolist()
+            back.synchronize()
+            tokens = ids_host.tolist()
+            labels = labels_host.tolist()
+            ids = [tokens[i * t:(i + 1) * t] for i in range(n)]
             loss, correct, gw, gb, rows, flat = model.gradients(ids, labels)   # meanwhile
             # Collectives, the same ones in the same order in every rank:
             st.own_h2d += dense.reduce(ctx.comm, gw, gb)               # dense: on the devices
             parts = ctx.comm.allgather((rows, flat))                   # sparse: every rank's
             stop = 1.0 if job.stop.is_set() else 0.0                   # a signal arrived?
             tot_loss, tot_correct, tot_stop = ctx.comm.allreduce([loss, correct, stop], op="sum")
-            n = len(labels) * ctx.world_size
-            model.apply(gw, gb, parts, a.lr / n)
+            total = n * ctx.world_size
+            model.apply(gw, gb, parts, a.lr / total)
             st.own_h2d += dense.upload(model)
             ctx.barrier()                         # every shard of the table written
             step += 1
-            st.samples += len(labels)
-            st.window = (st.window + [(tot_loss / n, tot_correct / n)])[-WINDOW:]
+            st.samples += n
+            st.window = (st.window + [(tot_loss / total, tot_correct / total)])[-WINDOW:]
             st.loss = sum(x for x, _ in st.window) / len(st.window)
             st.acc = sum(y for _, y in st.window) / len(st.window)
             if st.first_loss is None:
@@ -367,10 +340,10 @@ def train(ctx, job):
             st.step = step
             stopping = tot_stop > 0 and step < a.steps
             if step % a.ckpt_every == 0 or step == a.steps or stopping:
-                positions = ctx.comm.allgather(position)              # every rank's loader
+                positions = ctx.comm.allgather(loader.state_dict())  # every rank's loader
                 if ctx.rank == 0:
                     t1 = time.perf_counter()
-                    w, b = dense.state()                                # the device's weights
+                    w, b = dense.state()        # device buffers: snapshotted by D2H copies
                     fut = job.ckpt.save({"model": {"emb": model.emb, "w": w, "b": b},
                                          "step": step, "loaders": positions}, step=step,
                                         metadata={"config": job.config})
@@ -380,8 +353,9 @@ def train(ctx, job):
             if stopping:
                 break
     finally:
-        feed.close()
-    w, b = dense.state()
+        st.loader = loader.stats()["device"]
+        loader.close()
+    w, b = dense.read()
     if bytes(w) != bytes(model.w) or bytes(b) != bytes(model.b):
         raise RuntimeError("main_job: the dense weights on %s differ from the host's" % ctx.device)
     return {"stopped_at": step if step < a.steps else None,
@@ -575,8 +549,9 @@ def choose_devices(spec, backend=None):
 
 
 class Job:
-    """What the ranks share: read-only settings, the Checkpointer, the stop event, one stats
-    object per rank, the device meter."""
+    """What the ranks share: read-only settings, the data set (each rank's loader threads copy
+    it), the embedding table, the Checkpointer, the stop event, one stats object per rank, the
+    device meter."""
 
     def __init__(self, args, devs):
         self.args = args
@@ -587,15 +562,6 @@ class Job:
                        "lr": args.lr, "seed": args.seed}
         self.dataset = Lines(args.samples, args.tokens, args.buckets, args.seed)
         self.emb = array.array("f", bytes(4 * args.buckets * args.dim))   # shared by the ranks
-        # One loader per rank, made here: a rank's thread is pinned to its launch core, and a
-        # loader made there would think the process has that one core (its warning says so)
-        self.loaders = [threadloom.DataLoader(self.dataset, batch_size=args.batch_size,
-                                              shuffle=True, drop_last=True,
-                                              num_workers=args.workers, persistent_workers=True,
-                                              rank=r, world_size=len(devs),
-                                              generator=random.Random(args.seed))
-                        for r in range(len(devs))]
-        self.plan = threadloom.placement.device_plan(devs)
         self.kernel_ns = int(args.kernel_ms * 1e6)
         self.stop = threading.Event()
         self.stats = [RankStats(str(d)) for d in devs]
@@ -605,6 +571,20 @@ class Job:
         self.resume = None
         self.start_step = 0
         self.say = print
+
+
+def restore_table(job, model, dev):
+    """Resuming: checks the loaded tensors' sizes (DeviceBuffers on `dev`, load(device=)) and
+    copies the embedding table back into host memory, where the ranks update it; the dense
+    weights stay on `dev` for rank 0 (DeviceDense.restore)."""
+    a = job.args
+    check_size("emb", model["emb"], 4 * a.buckets * a.dim)
+    check_size("w", model["w"], 8 * a.dim)
+    check_size("b", model["b"], 8)
+    s = devices.current_stream(dev)        # the stream load() copied them on
+    s.copy(job.emb, model["emb"])
+    s.synchronize()                        # the ranks' streams need no wait for any of it
+    model["emb"] = None                    # its device memory goes back
 
 
 def check_against(ref_dir, steps, mine):
@@ -675,7 +655,8 @@ def main(argv=None):
                                        chunk_bytes=8 << 20, io_threads=1)
     try:
         if job.ckpt.steps():
-            state, info = job.ckpt.load(fallback=True, with_info=True)
+            # every tensor onto rank 0's device (its dense weights go from there to the others)
+            state, info = job.ckpt.load(fallback=True, with_info=True, device=devs[0])
             saved = (info["metadata"] or {}).get("config")
             if saved != job.config:
                 diff = sorted(k for k in job.config if (saved or {}).get(k) != job.config[k])
@@ -683,16 +664,16 @@ def main(argv=None):
                                  "settings (%s); use the same settings or another --ckpt-dir"
                                  % (a.ckpt_dir, ", ".join("%s=%r" % (k, (saved or {}).get(k))
                                                           for k in diff)))
-            load_into(job.emb, state["model"]["emb"], "emb")
+            restore_table(job, state["model"], devs[0])
             job.resume, job.start_step = state, state["step"]
             print("main_job: resuming from step-%d in %s (newest complete checkpoint%s)"
                   % (job.start_step, a.ckpt_dir, ", after skipping a damaged one"
                      if info["skipped"] else ""), flush=True)
         else:
             print("main_job: no checkpoint in %s: starting at step 0" % a.ckpt_dir, flush=True)
-        print("main_job: %d driver threads (one per device), %d loader threads and a feeder "
-              "thread per device, batch %d per rank, steps %d -> %d, checkpoint every %d steps "
-              "(%.1f MB each, keep %d)"
+        print("main_job: %d driver threads (one per device), %d loader threads per device "
+              "(DataLoader(device=): collated into pinned staging, copied to the device), batch %d "
+              "per rank, steps %d -> %d, checkpoint every %d steps (%.1f MB each, keep %d)"
               % (len(devs), a.workers, a.batch_size, job.start_step, a.steps, a.ckpt_every,
                  (4 * a.buckets * a.dim + 8 * a.dim + 8) / 1e6, a.keep), flush=True)
         status = Status(job, tty, a.log_every)
@@ -748,8 +729,6 @@ def run(job, status):
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        for loader in job.loaders:             # a rank that failed early may not have
-            loader.close()
     status.tick(final=True)
     if "error" in out:
         e = out["error"]
@@ -797,6 +776,16 @@ def summary(job, dt, sha, identical):
     if job.devs[0].kind != "sim":
         print("summary: (on GPUs the compute figure is the kernels' declared time; the copy "
               "engines have no counter)")
+    batches = sum(st.batches for st in sts)
+    lds = [st.loader for st in sts if st.loader]   # each loader's feeder, over every epoch
+    if batches and lds:
+        print("summary: DataLoader(device=): %d batches of %sB collated by the loader threads "
+              "into pinned staging (%.0f%% of the bytes in place) and copied to the devices; "
+              "%d waits for a free staging slot"
+              % (batches, si(sum(st.h2d_bytes for st in sts) / batches),
+                 100.0 * sum(x["in_place_bytes"] for x in lds) / max(sum(x["fed_bytes"]
+                                                                          for x in lds), 1),
+                 sum(x["staging_waits"] for x in lds)))
     if sts[0].first_loss is not None:
         print("summary: loss %.4f at the first step -> %.4f over the last %d, accuracy %.1f%%"
               % (sts[0].first_loss, sts[0].loss, len(sts[0].window), 100.0 * sts[0].acc))
@@ -804,7 +793,8 @@ def summary(job, dt, sha, identical):
         mb = writes[-1].total_bytes / 1e6
         wr = [p.finished - p.started for p in writes if p.finished is not None]
         print("summary: %d checkpoint(s) of %.1f MB: training stalled %.1f ms per save on "
-              "average (max %.1f ms; the device's weights copied to the host, then staged) "
+              "average (max %.1f ms; save() queues the D2H snapshot of the device's weights and "
+              "stages the host's table) "
               "while each took %.0f ms to write in the background; kept: %s"
               % (len(writes), mb, 1e3 * sum(stalls) / len(stalls), 1e3 * max(stalls),
                  1e3 * sum(wr) / max(len(wr), 1),

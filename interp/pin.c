@@ -24,6 +24,9 @@
  * Not covered: programs started by other libc entry points (execvpe, fexecve, popen) inherit
  * the main thread's core; `threadloom run --no-pin` avoids that.
  *
+ * The starting affinity is also exported as THREADLOOM_START_CPUS (tl__export_start_set), so
+ * that threadloom's Python side counts the process's CPUs, not the pinned main thread's.
+ *
  * The main slot is cached per boot: loading the topology (hwloc reads /sys, PCI devices
  * included) cost most of the launcher's start-up overhead, and the answer only changes with the
  * machine (boot id), the starting affinity, CUDA_VISIBLE_DEVICES and the library versions, which
@@ -327,6 +330,17 @@ static void tl__cache_write(const tl__interp_place_t* p, const char* cpus, int n
   if (!ok || rename(tmp, p->cache_path) != 0) unlink(tmp);
 }
 
+/* THREADLOOM_START_CPUS="<pid>:<list>": the affinity the process started with, for threadloom's
+ * Python side (python/threadloom/_cpus.py), which would otherwise read the main thread's, and
+ * that is the main slot once pinned. The pid makes child processes, which inherit the
+ * environment, ignore it. Set before the interpreter starts (os.environ is read then) and
+ * before any other thread exists. */
+static void tl__export_start_set(const char* cpus) {
+  char v[sizeof ((tl__interp_place_t*)0)->cpus + 24];
+  if (snprintf(v, sizeof v, "%ld:%s", (long)getpid(), cpus) < (int)sizeof v)
+    setenv("THREADLOOM_START_CPUS", v, 1);
+}
+
 void tl__interp_place(int pin, tl__interp_place_t* p) {
   memset(p, 0, sizeof *p);
   pthread_once(&tl__resolve_once, tl__resolve);
@@ -336,9 +350,11 @@ void tl__interp_place(int pin, tl__interp_place_t* p) {
     return;
   }
   p->allowed_pus = CPU_COUNT(&tl__start_set);
+  int listed = tl__cpuset_format(&tl__start_set, p->cpus, sizeof p->cpus) == 0;
+  if (listed) tl__export_start_set(p->cpus);
   if (!pin) return;
   p->want_pin = 1;
-  if (tl__cpuset_format(&tl__start_set, p->cpus, sizeof p->cpus) == 0) {
+  if (listed) {
     tl__cache_path(p);
     if (tl__cache_read(p)) {
       p->cached = 1;

@@ -205,6 +205,10 @@ TL_EXTERN int tl_event_query(tl_event_t* e);
  * per-thread default streams), or a handle tl_stream_handle gave out. For DLPack exports with
  * stream=. Errors: TL_EINVAL, TL_EDEVLOST, TL_ECUDA. */
 TL_EXTERN int tl_event_wait_on(tl_event_t* e, tl_device_t* dev, void* handle);
+/* Records e on a stream threadloom did not create (`handle` as for tl_event_wait_on): it
+ * completes when that stream's work queued so far has. Errors: TL_EINVAL, TL_EDEVLOST,
+ * TL_ECUDA. */
+TL_EXTERN int tl_event_record_on(tl_event_t* e, tl_device_t* dev, void* handle);
 /* Blocks until the most recent record completed; timeout_ms < 0: no limit (the backend's
  * blocking synchronize), else polls, TL_ETIMEDOUT. Errors: as tl_event_query. */
 TL_EXTERN int tl_event_wait(tl_event_t* e, int timeout_ms);
@@ -259,6 +263,12 @@ typedef struct {
   uint64_t device_frees;   /* blocks given back (empty_cache, out-of-memory retries) */
   uint64_t oom_retries;    /* out-of-memory answers that emptied the cache and retried */
 } tl_dmem_stats_t;
+
+/* tl_dbuf_record_stream for a stream threadloom did not create (`handle` as for
+ * tl_event_wait_on: a DLPack consumer's stream, torch.cuda.current_stream().cuda_stream): the
+ * free records an event there (tl_event_record_on) and the block waits for it. Thread-safe on
+ * one object. Errors: TL_EINVAL, TL_ENOMEM (more than 8 such streams). */
+TL_EXTERN int tl_dbuf_record_handle(tl_dbuf_t* b, void* handle);
 
 /* Allocator counters of dev (summed over its streams; not one instant). Errors: TL_EINVAL. */
 TL_EXTERN int tl_device_mem_stats(tl_device_t* dev, tl_dmem_stats_t* out);
@@ -322,11 +332,12 @@ TL_EXTERN int tl_staging_acquire(tl_staging_t* p, int timeout_ms, tl_staging_slo
  * slot then comes back at once). Errors: those of tl_copy_async; TL_EINVAL (size > slot). */
 TL_EXTERN int tl_staging_copy_to_device(tl_staging_slot_t* slot, void* dst, size_t size,
                                         tl_stream_t* s);
-/* Enqueues a copy of `size` device bytes from src into the slot on s and records the slot's
- * event; the caller keeps the slot, waits with tl_staging_wait before reading it, then
- * releases it with s = NULL. Errors: as tl_copy_async. */
-TL_EXTERN int tl_staging_copy_from_device(tl_staging_slot_t* slot, const void* src, size_t size,
-                                          tl_stream_t* s);
+/* Enqueues a copy of `size` device bytes from src into the slot at byte `offset` on s and
+ * records the slot's event; the caller keeps the slot (several copies into one slot on one
+ * stream are fine: the event moves to the last), waits with tl_staging_wait before reading it,
+ * then releases it with s = NULL. Errors: as tl_copy_async; TL_EINVAL (offset + size > slot). */
+TL_EXTERN int tl_staging_copy_from_device(tl_staging_slot_t* slot, size_t offset,
+                                          const void* src, size_t size, tl_stream_t* s);
 /* Waits for the slot's last copy. Errors: as tl_event_wait. */
 TL_EXTERN int tl_staging_wait(tl_staging_slot_t* slot, int timeout_ms);
 /* Hands the slot back; when s is not NULL its event is recorded on s first, so the slot is
@@ -370,6 +381,11 @@ typedef enum {
 
 /* Injects a fault into a sim device. Errors: TL_EINVAL. */
 TL_EXTERN int tl_sim_inject(tl_device_t* dev, tl_sim_fault_t fault, int count);
+/* The sim device whose live allocation holds [p, p + size) (sim device memory is host memory:
+ * a DeviceBuffer of a sim device exported as kDLCPU, e.g. a torch tensor over it, shows only
+ * its host address). Thread-safe. Errors: TL_EINVAL (out NULL), TL_ENOENT (no sim device's
+ * live block holds the whole range; sim devices not configured). */
+TL_EXTERN int tl_sim_owner(const void* p, size_t size, tl_device_t** out);
 /* Makes a lost sim device usable again once its queued work has drained (a real GPU never comes
  * back: this exists so one test process can continue). Clears pending injected faults. Errors:
  * TL_EINVAL, TL_ETIMEDOUT (work still running after 10 s). */

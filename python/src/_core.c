@@ -474,6 +474,10 @@ static PyMethodDef core_methods[] = {
      "import_dlpack(obj, stream) -> DeviceBuffer over a CUDA tensor (torch, cupy) of the "
      "stream's device, in place: the producer orders its pending work before the stream's "
      "(DLPack stream=), and its object is kept alive by the buffer."},
+    {"import_sim", tl_py_sim_import, METH_O,
+     "import_sim(obj) -> DeviceBuffer over a bytes-like object whose memory is a live allocation "
+     "of a sim device (a torch tensor over a sim DeviceBuffer, via threadloom.from_dlpack), "
+     "keeping obj alive; None for other memory."},
     {"error_table", core_error_table, METH_NOARGS,
      "The error table: tuple of (code, name, message, exception class)."},
     {"make_error", (PyCFunction)(void (*)(void))core_make_error, METH_VARARGS | METH_KEYWORDS,

@@ -105,15 +105,16 @@ static void copyplan_dealloc(PyObject* op) {
 }
 
 /* The held buffer of `obj` (the newest one taken with the same writability), or a new one. */
-static Py_buffer* buffer_of(CopyPlanObject* self, PyObject* obj, int writable) {
+/* The index in self->bufs of obj's buffer (taken now, or one of the last four taken), or -1.
+ * An index, not a pointer: taking the next buffer may move the array (realloc). */
+static Py_ssize_t buffer_of(CopyPlanObject* self, PyObject* obj, int writable) {
   for (Py_ssize_t i = self->nbufs - 1; i >= 0 && i >= self->nbufs - 4; i--)
-    if (self->bufs[i].obj == obj && (!writable || !self->bufs[i].readonly)) return &self->bufs[i];
+    if (self->bufs[i].obj == obj && (!writable || !self->bufs[i].readonly)) return i;
   if (grow((void**)&self->bufs, &self->capbufs, self->nbufs + 1, sizeof(Py_buffer)) < 0)
-    return NULL;
+    return -1;
   Py_buffer* b = &self->bufs[self->nbufs];
-  if (PyObject_GetBuffer(obj, b, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) return NULL;
-  self->nbufs++;
-  return b;
+  if (PyObject_GetBuffer(obj, b, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) return -1;
+  return self->nbufs++;
 }
 
 static PyObject* copyplan_add(PyObject* op, PyObject* args) {
@@ -131,10 +132,12 @@ static PyObject* copyplan_add(PyObject* op, PyObject* args) {
     PyErr_SetString(PyExc_ValueError, "CopyPlan.add: offsets and length must be >= 0");
     return NULL;
   }
-  Py_buffer* d = buffer_of(self, dst, 1);
-  if (!d) return NULL;
-  Py_buffer* s = buffer_of(self, src, 0);
-  if (!s) return NULL;
+  Py_ssize_t di = buffer_of(self, dst, 1);
+  if (di < 0) return NULL;
+  Py_ssize_t si = buffer_of(self, src, 0);
+  if (si < 0) return NULL;
+  Py_buffer* d = &self->bufs[di]; /* after both: the second may have moved the array */
+  Py_buffer* s = &self->bufs[si];
   if (doff > d->len || n > d->len - doff || soff > s->len || n > s->len - soff) {
     PyErr_Format(PyExc_ValueError,
                  "CopyPlan.add: %zd bytes at %zd of a %zd-byte destination, from %zd of a "

@@ -230,5 +230,6 @@ PyObject* tl_py_sim_configure(PyObject* module, PyObject* arg);
 PyObject* tl_py_device_count(PyObject* module, PyObject* args);
 PyObject* tl_py_device_get(PyObject* module, PyObject* args);
 PyObject* tl_py_device_import(PyObject* module, PyObject* args, PyObject* kwargs);
+PyObject* tl_py_sim_import(PyObject* module, PyObject* obj);
 
 #endif /* THREADLOOM_PY_CORE_H */

@@ -62,7 +62,7 @@ int tl_pydev_timeout_arg(PyObject* args, PyObject* kwargs, const char* fmt, int*
 // Device
 // ---------------------------------------------------------------------------------------------
 
-static PyObject* device_wrap(core_state* st, tl_device_t* d) {
+PyObject* tl_pydev_device_wrap(core_state* st, tl_device_t* d) {
   DeviceObject* o = PyObject_New(DeviceObject, (PyTypeObject*)st->device_type);
   if (!o) return NULL;
   o->dev = d;
@@ -412,7 +412,7 @@ PyObject* tl_py_device_get(PyObject* module, PyObject* args) {
   if (err) snprintf(detail, sizeof detail, "%s", tl_err_detail());
   Py_END_ALLOW_THREADS
   if (err) return tl_py_raise(get_state(module), err, detail);
-  return device_wrap(get_state(module), d);
+  return tl_pydev_device_wrap(get_state(module), d);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -495,11 +495,24 @@ static PyObject* event_synchronize(PyObject* op, PyObject* args, PyObject* kwarg
   Py_RETURN_NONE;
 }
 
+/* wait(stream): a threadloom Stream, or the int handle of another library's stream on the
+ * event's device (torch.cuda.current_stream().cuda_stream), through tl_event_wait_on. */
 static PyObject* event_wait(PyObject* op, PyObject* stream) {
   core_state* st = tl_pydev_state(op);
-  tl_stream_t* s = st ? tl_pydev_stream_of(st, stream) : NULL;
-  if (!s) return NULL;
-  int err = tl_stream_wait_event(s, ((EventObject*)op)->e);
+  if (!st) return NULL;
+  EventObject* self = (EventObject*)op;
+  int err;
+  if (PyLong_Check(stream)) {
+    void* handle = PyLong_AsVoidPtr(stream);
+    if (!handle && PyErr_Occurred()) return NULL;
+    tl_device_t* d = tl_pydev_device_of(st, self->device);
+    if (!d) return NULL;
+    err = tl_event_wait_on(self->e, d, handle);
+  } else {
+    tl_stream_t* s = tl_pydev_stream_of(st, stream);
+    if (!s) return NULL;
+    err = tl_stream_wait_event(s, self->e);
+  }
   if (err) return tl_pydev_fail(op, err);
   Py_RETURN_NONE;
 }
@@ -528,7 +541,9 @@ static PyMethodDef event_methods[] = {
      "synchronize(timeout=None): blocks (detached) until the last record completed; "
      "TimedOutError after timeout seconds."},
     {"wait", event_wait, METH_O,
-     "wait(stream): the stream's later work waits for this event; the calling thread does not."},
+     "wait(stream): the stream's later work waits for this event; the calling thread does not. "
+     "stream: a threadloom Stream, or the int handle of another library's stream on the event's "
+     "device (torch.cuda.current_stream().cuda_stream)."},
     {"elapsed_time", event_elapsed_time, METH_O,
      "elapsed_time(end) -> milliseconds between two completed records (enable_timing=True)."},
     {NULL, NULL, 0, NULL},
@@ -559,9 +574,11 @@ PyType_Spec tl_py_event_spec = {
 // DeviceBuffer
 // ---------------------------------------------------------------------------------------------
 
-/* The block a buffer (or the buffer it views) owns, or NULL for imports. */
+/* The block a buffer (or the buffer it views) owns, or NULL for imports (a capsule, or a base
+ * that is no DeviceBuffer: import_sim's exporter). */
 tl_dbuf_t* tl_pydev_dbuf_root(DeviceBufferObject* b) {
-  while (b->base && !b->b && !b->capsule) b = (DeviceBufferObject*)b->base;
+  while (b->base && !b->b && !b->capsule && Py_TYPE(b->base) == Py_TYPE(b))
+    b = (DeviceBufferObject*)b->base;
   return b->b;
 }
 
@@ -584,9 +601,11 @@ static void dbuf_dealloc(PyObject* op) {
   DeviceBufferObject* self = (DeviceBufferObject*)op;
   PyTypeObject* tp = Py_TYPE(op);
   PyObject_GC_UnTrack(op);
+  /* a view counts as an export of its base; an import of a DeviceBuffer (its capsule) gives
+   * its export back through the capsule's deleter instead */
+  int view = self->base && !self->capsule && PyObject_TypeCheck(self->base, tp);
   dbuf_release(self);
-  if (self->base && PyObject_TypeCheck(self->base, tp))
-    atomic_fetch_sub(&((DeviceBufferObject*)self->base)->exports, 1);
+  if (view) atomic_fetch_sub(&((DeviceBufferObject*)self->base)->exports, 1);
   Py_CLEAR(self->base);
   Py_CLEAR(self->device);
   tp->tp_free(op);
@@ -699,6 +718,9 @@ static int dbuf_ready(PyObject* op, tl_device_t* d, PyObject* stream, int cuda) 
   err = tl_event_init(d, 0, &e);
   if (!err) err = tl_event_record(e, tl_dbuf_stream(root));
   if (!err) err = cuda ? tl_event_wait_on(e, d, (void*)(uintptr_t)handle) : tl_event_wait(e, -1);
+  /* the consumer's stream uses the memory now: its free waits for that stream's work there
+   * (torch frees the tensor when its Python object dies, not when its kernels are done) */
+  if (!err && cuda) err = tl_dbuf_record_handle(root, (void*)(uintptr_t)handle);
   if (err) snprintf(detail, sizeof detail, "%s", tl_err_detail());
   tl_event_close(e);
   Py_END_ALLOW_THREADS
@@ -771,11 +793,21 @@ static PyObject* dbuf_dlpack_device(PyObject* op, PyObject* unused) {
 
 static PyObject* dbuf_record_stream(PyObject* op, PyObject* stream) {
   core_state* st = tl_pydev_state(op);
-  tl_stream_t* s = st ? tl_pydev_stream_of(st, stream) : NULL;
-  if (!s) return NULL;
+  if (!st) return NULL;
   tl_dbuf_t* root = tl_pydev_dbuf_root((DeviceBufferObject*)op);
+  int err;
+  if (PyLong_Check(stream)) { /* another library's stream on the buffer's device */
+    void* handle = PyLong_AsVoidPtr(stream);
+    if (!handle && PyErr_Occurred()) return NULL;
+    if (!root) Py_RETURN_NONE;
+    err = tl_dbuf_record_handle(root, handle);
+    if (err) return tl_pydev_fail(op, err);
+    Py_RETURN_NONE;
+  }
+  tl_stream_t* s = tl_pydev_stream_of(st, stream);
+  if (!s) return NULL;
   if (!root) Py_RETURN_NONE;
-  int err = tl_dbuf_record_stream(root, s);
+  err = tl_dbuf_record_stream(root, s);
   if (err) return tl_pydev_fail(op, err);
   Py_RETURN_NONE;
 }
@@ -834,7 +866,9 @@ static PyMethodDef dbuf_methods[] = {
      "communicators reduce it and torch/numpy read it typed."},
     {"record_stream", dbuf_record_stream, METH_O,
      "record_stream(stream): declares use on another stream, so the memory is reused only "
-     "after that stream's work up to the free (torch's Tensor.record_stream)."},
+     "after that stream's work up to the free (torch's Tensor.record_stream). stream: a "
+     "threadloom Stream, or the int handle of another library's stream on the buffer's device "
+     "(a cuda __dlpack__(stream=) export declares its consumer's stream itself)."},
     {"__dlpack__", (PyCFunction)(void (*)(void))dbuf_dlpack, METH_VARARGS | METH_KEYWORDS,
      "__dlpack__(*, stream=None, max_version=None, dl_device=None, copy=None): the buffer as a "
      "1-D tensor of its format (uint8 unless cast()), in place. cuda: kDLCUDA, and the consumer's stream (an int; None is "

@@ -59,6 +59,8 @@ int tl_pydev_timeout_arg(PyObject* args, PyObject* kwargs, const char* fmt, int*
 /* The C object of a Device / Stream / Event argument, or NULL with TypeError. */
 tl_device_t* tl_pydev_device_of(core_state* st, PyObject* o);
 tl_stream_t* tl_pydev_stream_of(core_state* st, PyObject* o);
+/* A new Device object for d (the library's device). */
+PyObject* tl_pydev_device_wrap(core_state* st, tl_device_t* d);
 /* A new, untracked DeviceBuffer of `device` with nothing in it (the caller fills and tracks). */
 DeviceBufferObject* tl_pydev_dbuf_new(core_state* st, PyObject* device);
 /* The block a buffer or the buffer it views owns; NULL for imports. */

@@ -549,6 +549,35 @@ PyObject* tl_py_device_import(PyObject* module, PyObject* args, PyObject* kwargs
   return (PyObject*)b;
 }
 
+/* import_sim(obj): sim device memory is host memory, so a sim DeviceBuffer exported as kDLCPU
+ * (a torch tensor over it) comes back here as a bytes-like object; the sim's block map says
+ * which device it belongs to, and the DeviceBuffer over it keeps obj alive. */
+PyObject* tl_py_sim_import(PyObject* module, PyObject* obj) {
+  core_state* st = get_state(module);
+  Py_buffer v;
+  if (PyObject_GetBuffer(obj, &v, PyBUF_SIMPLE) < 0) return NULL;
+  void* p = v.buf;
+  Py_ssize_t n = v.len;
+  PyBuffer_Release(&v);
+  tl_device_t* d = NULL;
+  int err = tl_sim_owner(p, (size_t)(n > 0 ? n : 1), &d);
+  if (err == TL_ENOENT) Py_RETURN_NONE; /* other memory: a probe, not an error */
+  if (err) {
+    TL_DETAIL_COPY(detail);
+    return tl_py_raise(st, err, detail);
+  }
+  PyObject* dev = tl_pydev_device_wrap(st, d);
+  if (!dev) return NULL;
+  DeviceBufferObject* b = tl_pydev_dbuf_new(st, dev);
+  Py_DECREF(dev);
+  if (!b) return NULL;
+  b->base = Py_NewRef(obj); /* the exporter keeps the memory (and the sim buffer under it) */
+  atomic_store(&b->ptr, p);
+  b->nbytes = n;
+  PyObject_GC_Track((PyObject*)b);
+  return (PyObject*)b;
+}
+
 // ---------------------------------------------------------------------------------------------
 // StagingPool and StagingSlot
 // ---------------------------------------------------------------------------------------------
@@ -784,24 +813,62 @@ static PyObject* slot_release(PyObject* op, PyObject* args) {
 }
 
 static PyObject* slot_copy_from_device(PyObject* op, PyObject* args, PyObject* kwargs) {
+  static char* kwlist[] = {"buffer", "stream", "nbytes", "offset", NULL};
+  PyObject *buf, *stream, *nobj = Py_None;
+  Py_ssize_t off = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|On:copy_from_device", kwlist, &buf, &stream,
+                                   &nobj, &off))
+    return NULL;
+  core_state* st = tl_pydev_state(op);
   tl_stream_t* s;
+  if (!st || !(s = tl_pydev_stream_of(st, stream))) return NULL;
   void* p;
-  Py_ssize_t n;
-  if (slot_copy_args(op, args, kwargs, "OO|O:copy_from_device", "copy_from_device source", &s,
-                     &p, &n) < 0)
+  Py_ssize_t size, n;
+  if (dbuf_use(st, op, buf, s, "copy_from_device source", &p, &size) < 0 ||
+      nbytes_arg(nobj, size, size, &n) < 0)
     return NULL;
   StagingSlotObject* self = (StagingSlotObject*)op;
   int err = 0;
+  size_t cap = 0;
   Py_BEGIN_CRITICAL_SECTION(op);
   if (!self->slot) err = 1;
-  else if ((size_t)n > self->slot->size) err = 2;
-  else err = tl_staging_copy_from_device(self->slot, p, (size_t)n, s);
+  else if (off < 0 || (size_t)off > self->slot->size || (size_t)n > self->slot->size - (size_t)off) {
+    err = 2;
+    cap = self->slot->size;
+  } else err = tl_staging_copy_from_device(self->slot, (size_t)off, p, (size_t)n, s);
   Py_END_CRITICAL_SECTION();
   if (err == 1) return PyErr_Format(PyExc_ValueError, "this StagingSlot was handed back already");
   if (err == 2)
-    return PyErr_Format(PyExc_ValueError, "nbytes=%zd: the slot holds fewer", n);
+    return PyErr_Format(PyExc_ValueError, "nbytes=%zd at offset=%zd do not fit the %zu-byte slot",
+                        n, off, cap);
   if (err) return tl_pydev_fail(op, err);
   Py_RETURN_NONE;
+}
+
+/* offset_of(obj): where obj's bytes lie in the slot (a view of it made by a producer, e.g. a
+ * batch collated straight into it), or None when they do not lie wholly inside or are not
+ * C-contiguous. The buffer is taken and released on this call. */
+static PyObject* slot_offset_of(PyObject* op, PyObject* obj) {
+  Py_buffer v;
+  if (PyObject_GetBuffer(obj, &v, PyBUF_C_CONTIGUOUS) < 0) {
+    if (!PyErr_ExceptionMatches(PyExc_BufferError) && !PyErr_ExceptionMatches(PyExc_TypeError) &&
+        !PyErr_ExceptionMatches(PyExc_ValueError))
+      return NULL;
+    PyErr_Clear(); /* no buffer, or not contiguous: not a view of the slot */
+    Py_RETURN_NONE;
+  }
+  StagingSlotObject* self = (StagingSlotObject*)op;
+  Py_ssize_t off = -1;
+  Py_BEGIN_CRITICAL_SECTION(op);
+  if (self->slot) {
+    uintptr_t base = (uintptr_t)self->slot->ptr, p = (uintptr_t)v.buf;
+    if (p >= base && p - base <= self->slot->size && (size_t)v.len <= self->slot->size - (p - base))
+      off = (Py_ssize_t)(p - base);
+  }
+  Py_END_CRITICAL_SECTION();
+  PyBuffer_Release(&v);
+  if (off < 0) Py_RETURN_NONE;
+  return PyLong_FromSsize_t(off);
 }
 
 static PyObject* slot_wait(PyObject* op, PyObject* args, PyObject* kwargs) {
@@ -897,8 +964,12 @@ static PyMethodDef slot_methods[] = {
      "copy completed. BufferError while memoryviews of the slot are alive."},
     {"copy_from_device", (PyCFunction)(void (*)(void))slot_copy_from_device,
      METH_VARARGS | METH_KEYWORDS,
-     "copy_from_device(buffer, stream, nbytes=None): enqueues a copy into the slot; wait() before "
-     "reading it."},
+     "copy_from_device(buffer, stream, nbytes=None, offset=0): enqueues a copy of the "
+     "DeviceBuffer's first nbytes into the slot at offset and records the slot's event (several "
+     "copies on one stream: it covers them all); wait() before reading it."},
+    {"offset_of", slot_offset_of, METH_O,
+     "offset_of(obj) -> int or None: where a C-contiguous bytes-like obj lies inside the slot "
+     "(a view a producer made of it), None when it does not lie wholly inside."},
     {"wait", (PyCFunction)(void (*)(void))slot_wait, METH_VARARGS | METH_KEYWORDS,
      "wait(timeout=None): blocks until the slot's last copy completed."},
     {"release", slot_release, METH_VARARGS,

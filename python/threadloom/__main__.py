@@ -192,7 +192,7 @@ def run(argv):
     if cluster_kw or os.environ.get("SLURM_JOB_ID"):
         from threadloom.cluster import launch
         launch.launch_or_exit(origin="python -m threadloom run", **cluster_kw)
-    n = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    n = str(_info.usable_cpus())
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, n)
     if torchrun:

@@ -12,7 +12,7 @@ description) are for looking at; pinning with them is refused.
 import os
 import threading
 
-from threadloom import _core, errors
+from threadloom import _core, _cpus, errors
 
 ROLES = ("main", "launch", "loader", "io")
 
@@ -53,15 +53,21 @@ def plan(gpus=None, loaders_per_gpu=None, io_threads=1, main_thread=True, cpus=N
 
 # The process's placement plans, made once each: loading the topology takes milliseconds, and a
 # plan is read-only once made (claim() hands its slots out in turn with an atomic counter), so
-# every pool that asks for the same plan shares it. Keys: "default", or ("loader", threads,
-# the process's CPUs). Guarded by _plans_lock; a plan is made outside it.
+# every pool that asks for the same plan shares it, whichever thread asks (the key holds the
+# process's CPUs, never the asking thread's affinity: a pinned rank thread gets spmd's plan).
+# Keys: "default", ("loader", threads, CPUs) or ("devices", ...). Guarded by _plans_lock; a
+# plan is made outside it.
 _plans = {}
 _plans_lock = threading.Lock()
 
 
 def _cached(key, make):
+    """The plan of `key`, made by make() the first time; the key becomes the newest in _plans
+    (device_plan_of looks for the device plan asked for last)."""
     with _plans_lock:
-        p = _plans.get(key)
+        p = _plans.pop(key, None)
+        if p is not None:
+            _plans[key] = p
     if p is None:
         p = make()
         with _plans_lock:
@@ -78,7 +84,7 @@ def loader_plan(threads):
     """The plan for `threads` loader threads on this machine without GPUs' launch slots (what a
     Pipeline or DataLoader with pin=True pins its workers with), made once per thread count and
     set of CPUs this process may use."""
-    key = ("loader", threads, frozenset(os.sched_getaffinity(0)))
+    key = ("loader", threads, _cpus.process_cpus())
     return _cached(key, lambda: plan(gpus=0, loaders_per_gpu=threads, io_threads=0,
                                      main_thread=False))
 
@@ -92,8 +98,22 @@ def device_plan(devices, loaders_per_device=None):
     "loader", gpu=r)."""
     nodes = tuple(d.numa_node for d in devices)
     key = ("devices", tuple(str(d) for d in devices), nodes, loaders_per_device,
-           frozenset(os.sched_getaffinity(0)))
+           _cpus.process_cpus())
     return _cached(key, lambda: plan(device_nodes=nodes, loaders_per_gpu=loaders_per_device))
+
+
+def device_plan_of(device):
+    """(plan, g): the device plan asked for last (device_plan(); spmd(devices=) asks for one
+    for its ranks) whose devices include `device` (a threadloom Device), and the device's GPU
+    index g in it; None when no device plan has it. What DataLoader(device=) pins its workers with
+    (role "loader", gpu=g), so they take the loader slots beside the device's launch core
+    instead of cores the plan reserved for launch threads."""
+    name = str(device)
+    with _plans_lock:
+        for key in reversed(list(_plans)):  # insertion order (_cached): the newest first
+            if isinstance(key, tuple) and key[0] == "devices" and name in key[1]:
+                return _plans[key], key[1].index(name)
+    return None
 
 
 class Pinning:

@@ -10,7 +10,7 @@ import os
 import sys
 import sysconfig
 
-from threadloom import _core
+from threadloom import _core, _cpus
 
 
 def topology(xml=None, synthetic=None):
@@ -21,12 +21,10 @@ def topology(xml=None, synthetic=None):
 
 
 def usable_cpus():
-    """How many CPUs this process may run on: its affinity mask (os.cpu_count() where there is
-    none)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    """How many CPUs this process may run on: the same on every thread, also on one pinned to
+    a core (a spmd rank, a loader worker); _cpus.process_cpus() says where the answer comes
+    from."""
+    return len(_cpus.process_cpus())
 
 
 def _read_int(path):

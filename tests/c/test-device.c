@@ -653,6 +653,42 @@ DEVICE_TEST(allocator_cross_stream_free, "sim:1") {
   return 0;
 }
 
+/* The same through another library's stream handle (a DLPack consumer's: tl_dbuf_record_handle,
+ * tl_event_record_on); here a threadloom stream's raw handle stands for torch's. */
+DEVICE_TEST(allocator_foreign_stream_free, "sim:1") {
+  tl_stream_t *own, *other;
+  ASSERT_OK(tl_stream_acquire(d, 0, &own));
+  ASSERT_OK(tl_stream_acquire(d, 0, &other));
+  tl_dbuf_t* a;
+  ASSERT_OK(tl_dbuf_alloc(own, 4096, &a));
+  void* p = a->ptr;
+  ASSERT_OK(tl_kernel_async(other, 50000000));
+  ASSERT_OK(tl_memset_async(other, a->ptr, 0, 4096));
+  ASSERT_OK(tl_dbuf_record_handle(a, tl_stream_handle(other)));
+  ASSERT_OK(tl_dbuf_record_handle(a, tl_stream_handle(own))); /* its own: nothing to record */
+  ASSERT_OK(tl_dbuf_free(a));
+  tl_dbuf_t* b;
+  ASSERT_OK(tl_dbuf_alloc(own, 4096, &b));
+  if (d->kind == TL_DEVICE_SIM) ASSERT(b->ptr != p); /* still in use on `other` */
+  ASSERT_OK(tl_stream_sync(other, 10000));
+  tl_dbuf_t* c;
+  ASSERT_OK(tl_dbuf_alloc(own, 4096, &c));
+  ASSERT(c->ptr == p || b->ptr == p);
+  /* an event recorded on a foreign handle completes with that stream's work */
+  tl_event_t* e;
+  ASSERT_OK(tl_event_init(d, 0, &e));
+  ASSERT_OK(tl_kernel_async(other, 30000000));
+  ASSERT_OK(tl_event_record_on(e, d, tl_stream_handle(other)));
+  ASSERT_EQ(tl_event_query(e), TL_EAGAIN);
+  ASSERT_OK(tl_event_wait(e, 10000));
+  tl_event_close(e);
+  ASSERT_OK(tl_dbuf_free(b));
+  ASSERT_OK(tl_dbuf_free(c));
+  tl_stream_release(own);
+  tl_stream_release(other);
+  return 0;
+}
+
 typedef struct {
   tl_device_t* d;
   tl_dbuf_t** slots;     /* hand-over slots between the allocating and the freeing thread */
@@ -883,9 +919,20 @@ TEST_IMPL(device_staging_errors) {
   ASSERT_OK(tl_staging_acquire(p, 100, &a)); /* that slot came back anyway */
   /* a D2H into a slot, then a release without a stream: the slot still waits for the copy */
   ASSERT_OK(tl_memset_async(s, buf->ptr, 0x42, 4096));
-  ASSERT_OK(tl_staging_copy_from_device(b, buf->ptr, 4096, s));
+  ASSERT_OK(tl_staging_copy_from_device(b, 0, buf->ptr, 4096, s));
   ASSERT_OK(tl_staging_wait(b, 5000));
   ASSERT_EQ(((unsigned char*)b->ptr)[4095], 0x42);
+  /* at an offset, two copies into one slot: the event covers both */
+  ASSERT_OK(tl_memset_async(s, buf->ptr, 0x17, 100));
+  ASSERT_OK(tl_staging_copy_from_device(b, 4000, buf->ptr, 96, s));
+  ASSERT_OK(tl_staging_copy_from_device(b, 8, buf->ptr, 8, s));
+  ASSERT_EQ(tl_staging_copy_from_device(b, 4000, buf->ptr, 97, s), TL_EINVAL);
+  ASSERT_OK(tl_staging_wait(b, 5000));
+  ASSERT_EQ(((unsigned char*)b->ptr)[4000], 0x17);
+  ASSERT_EQ(((unsigned char*)b->ptr)[4095], 0x17);
+  ASSERT_EQ(((unsigned char*)b->ptr)[15], 0x17);
+  ASSERT_EQ(((unsigned char*)b->ptr)[16], 0x42);
+  ASSERT_EQ(((unsigned char*)b->ptr)[3999], 0x42);
   ASSERT_OK(tl_staging_release(a, NULL));
   ASSERT_OK(tl_staging_release(b, NULL));
   ASSERT_OK(tl_dbuf_free(buf));

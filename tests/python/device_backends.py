@@ -9,7 +9,7 @@ import pytest
 
 from threadloom import devices
 
-SIM_SPEC = "sim:8"
+SIM_SPEC = "sim:8"  # spmd runs a rank per device; the DataLoader tests a loader per device
 SIM_DEFAULTS = "h2d=55GB/s,d2h=55GB/s,pageable=9GB/s,d2d=2000GB/s"
 
 

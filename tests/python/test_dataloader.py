@@ -142,16 +142,6 @@ def test_more_workers_than_cpus_is_logged_once(monkeypatch, caplog):
     assert 'logging.getLogger("threadloom.data")' in msg
 
 
-def test_device_is_not_built_yet():
-    with pytest.raises(threadloom.NotBuiltError, match="cudactx feeder is not built yet") as e:
-        DataLoader(Squares(4), device="cuda:0")
-    assert e.value.name == "TL_ENOSYS" and e.value.code == threadloom.errors.CODES["TL_ENOSYS"]
-    assert "move each batch to the device" in e.value.hint and "device='cuda:0'" in e.value.detail
-    with pytest.raises(threadloom.NotBuiltError, match="not built yet"):
-        DataLoader(Squares(4), pin_memory_device="cuda")
-    assert rows(DataLoader(Squares(2), pin_memory=True, batch_size=2)) == [[0, 1]]
-
-
 def test_worker_info_in_workers_and_none_outside():
     seen = {}
 

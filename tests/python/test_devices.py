@@ -338,13 +338,21 @@ def test_import_cuda_tensor_in_place():
 
 
 def test_import_dlpack_refuses_sim_and_host():
+    """import_dlpack takes CUDA tensors only; devices.from_dlpack takes sim memory back as a
+    buffer of its device (sim exports it as kDLCPU), and refuses other host memory."""
     d = sim_devices()[0]
     s = devices.Stream(d)
     buf = s.alloc(16)
     with pytest.raises(threadloom.InvalidArgumentError, match="simulated"):
         threadloom._core.import_dlpack(buf, s)
+    again = devices.from_dlpack(buf)
+    assert again.device == d and again.ptr == buf.ptr and again.nbytes == 16
+    part = devices.from_dlpack(memoryview(threadloom.from_dlpack(buf))[4:12])
+    assert part.ptr == buf.ptr + 4 and part.nbytes == 8
     with pytest.raises(threadloom.InvalidArgumentError, match="CUDA tensors"):
-        devices.from_dlpack(buf)
+        devices.from_dlpack(bytearray(16))
+    with pytest.raises(threadloom.InvalidArgumentError, match="CUDA tensors"):
+        devices.from_dlpack(threadloom.arena().alloc(64))
 
 
 # -- staging ----------------------------------------------------------------------------------

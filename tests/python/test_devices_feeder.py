@@ -150,3 +150,84 @@ def test_lost_device_fails_batches_without_hanging(sim):
     sim.sim_recover()
     assert f.pool.stats()["out"] == 0
     f.close()
+
+
+def test_fill_builds_the_batch_in_the_slot(sim):
+    """fill(make): leaves make wrote into the slot are copied from where they lie (no host
+    copy: in_place_bytes), the others are packed after them; non-tensors stay on the host with
+    passthrough=True, and the batch keeps its structure (a namedtuple stays one)."""
+    import collections
+    Pair = collections.namedtuple("Pair", "a b")
+    f = devices.Feeder(sim, slot_bytes=64 * KiB, passthrough=True)
+    extra = os.urandom(100)
+
+    def make(slot):
+        with memoryview(slot) as mv:
+            mv[512:1024] = bytes(range(256)) * 2
+        return Pair(memoryview(slot)[512:1024], {"x": memoryview(extra), "name": "n", "k": 3})
+
+    out = f.fill(make)
+    data = out.wait()
+    assert isinstance(data, Pair) and data.b["name"] == "n" and data.b["k"] == 3
+    assert out.layout[0][:2] == (512, 512) and out.layout[1][:2] == (1024, 100)
+    s = devices.current_stream(sim)
+    assert to_host(data.a, s) == bytes(range(256)) * 2
+    assert to_host(data.b["x"], s) == extra
+    assert f.stats()["in_place_bytes"] == 512 and f.pool.stats()["out"] == 0
+    with pytest.raises(TypeError, match="bytes-like"):
+        devices.Feeder(sim, slot_bytes=KiB)({"x": "not bytes"})
+    f.close()
+
+
+def test_slots_are_sized_from_the_first_batch_and_grow(sim):
+    f = devices.Feeder(sim)
+    assert f.pool is None and f.stats()["staging"] is None
+    small = os.urandom(10 * KiB)
+    a = f(small)
+    assert f.slot_bytes == 64 * KiB and f.grown == 0
+    big = os.urandom(100 * KiB)
+    b = f(big)
+    assert f.slot_bytes >= 128 * KiB and f.grown == 1
+    s = devices.current_stream(sim)
+    assert to_host(a.wait(s), s) == small and to_host(b.wait(s), s) == big
+    with pytest.raises(ValueError, match="does not fit"):
+        devices.Feeder(sim, slot_bytes=KiB)(big)
+    with pytest.raises(ValueError, match="stage"):
+        devices.Feeder(sim).stage()
+
+
+def test_a_view_kept_past_fill_sends_the_bytes_through_another_slot(sim):
+    """The copy may only read a slot nobody can write: when make's caller keeps a view of the
+    slot, the batch goes through another slot, and the kept one comes back when the view dies."""
+    f = devices.Feeder(sim, slot_bytes=4 * KiB, slots=2)
+    kept = []
+
+    def make(slot):
+        v = memoryview(slot)[:8]
+        v[:] = b"12345678"
+        kept.append(v)
+        return v
+
+    out = f.fill(make)
+    assert f.stats()["rerouted"] == 1 and f.pool.stats()["out"] == 1
+    s = devices.current_stream(sim)
+    assert to_host(out.wait(s), s) == b"12345678"
+    kept.clear()
+    assert f.pool.stats()["out"] == 0
+    f.close()
+
+
+def test_event_wait_takes_a_foreign_stream_handle(sim):
+    """Event.wait(int): another library's stream (here a threadloom stream's raw handle, as
+    torch.cuda.current_stream().cuda_stream would be) waits for the event."""
+    sim.sim_set("h2d=20MB/s")
+    a, b = devices.Stream(sim), devices.Stream(sim)
+    buf = a.alloc(256 * KiB)
+    payload = os.urandom(256 * KiB)
+    a.copy(buf, payload)          # ~13 ms
+    ev = a.record_event()
+    ev.wait(b.handle)
+    got = bytearray(len(payload))
+    b.copy(got, buf)
+    b.synchronize()
+    assert got == payload

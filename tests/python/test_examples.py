@@ -184,6 +184,50 @@ def test_dataloader_before_and_after_deliver_the_same_batches():
     assert len(re.findall(r"epoch 2: +\d+ samples/s", out)) == 2
 
 
+def test_vision_pipeline_example_same_batches_with_worker_threads(tmp_path):
+    p = example("vision_pipeline.py", "--images", "8", "--samples", "96", "--workers", "2",
+                "--batch-size", "16", "--dir", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    assert "same batches as in the loop: yes" in p.stdout, p.stdout
+    assert re.search(r"^a batch: images float32 \(16, 3, 224, 224\) .*labels int64 \(16,\)$",
+                     p.stdout, re.M), p.stdout
+    assert sorted(os.listdir(str(tmp_path))) == ["img%05d.jpg" % k for k in range(8)]
+
+
+def test_vision_pipeline_sample_is_a_normalized_crop_of_the_decoded_image(tmp_path):
+    """Each sample, un-normalized, is a 224 x 224 window of its decoded JPEG (flipped or not),
+    the same for one seed and different for another; the images are the same bytes each time."""
+    np = pytest.importorskip("numpy")
+    from PIL import Image
+    vp = load_example("vision_pipeline.py")
+    paths = vp.write_jpegs(str(tmp_path / "a"), 3, seed=5)
+    again = vp.write_jpegs(str(tmp_path / "b"), 3, seed=5)
+    assert [open(x, "rb").read() for x in paths] == [open(x, "rb").read() for x in again]
+    ds = vp.JpegImages(paths, n=12, seed=1)
+    flips = set()
+    for i in range(12):
+        x, label = ds[i]
+        assert x.dtype == np.float32 and x.shape == (3, 224, 224) and label == i % 10
+        rgb = np.rint((x.transpose(1, 2, 0) * vp.STD + vp.MEAN) * 255).astype(np.int16)
+        with Image.open(paths[i % 3]) as img:
+            full = np.asarray(img.convert("RGB"), dtype=np.int16)
+        found = [(ox, oy, f) for f in (False, True) for oy in range(full.shape[0] - 223)
+                 for ox in range(full.shape[1] - 223)
+                 if abs(int(full[oy, ox + (223 if f else 0), 0]) - int(rgb[0, 0, 0])) <= 1
+                 and np.abs((full[oy:oy + 224, ox:ox + 224, :][:, ::-1] if f else
+                             full[oy:oy + 224, ox:ox + 224, :]) - rgb).max() <= 1]
+        assert len(found) >= 1, i
+        flips.add(found[0][2])
+        assert np.array_equal(ds[i][0], x)                      # the same sample every time
+    assert flips == {False, True}                               # 12 samples: both happen
+    other = vp.JpegImages(paths, n=12, seed=2)
+    assert any(not np.array_equal(other[i][0], ds[i][0]) for i in range(12))
+    with pytest.raises(IndexError):
+        ds[12]
+    with pytest.raises(ValueError, match="no image files"):
+        vp.JpegImages([])
+
+
 def test_async_checkpoint_example(tmp_path):
     p = example("async_checkpoint.py", "--state-mb", "2", "--steps", "20", "--every", "5",
                 "--work", "2000", "--dir", str(tmp_path))

@@ -368,7 +368,8 @@ t.start(); t.join()
 child = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
                        capture_output=True, text=True).stdout.strip()
 print(json.dumps({"main": sorted(os.sched_getaffinity(0)), "slot": main, "thread": got["a"],
-                  "child": child, "cpu_count": os.cpu_count(), "omp": os.environ.get("OMP_NUM_THREADS")}))
+                  "child": child, "cpu_count": os.cpu_count(), "omp": os.environ.get("OMP_NUM_THREADS"),
+                  "usable": threadloom.sysinfo.usable_cpus()}))
 """
 
 
@@ -383,6 +384,8 @@ def test_main_thread_pinned_to_the_plan_and_children_are_not(tmp_path):
     assert d["child"] == str(allowed)      # so does a subprocess
     assert d["cpu_count"] == len(allowed)
     assert d["omp"] == str(len(allowed))
+    # threadloom counts the process's CPUs (THREADLOOM_START_CPUS), not the pinned main thread's
+    assert d["usable"] == len(allowed)
 
 
 @needs_bin
@@ -398,11 +401,12 @@ def test_no_pin_and_user_limits_win(tmp_path):
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to restrict to 1")
 def test_started_under_a_restricted_affinity(tmp_path):
     one = min(os.sched_getaffinity(0))
-    r = subprocess.run([BIN, "run", "-c", "import os; print(os.cpu_count(), sorted(os.sched_getaffinity(0)))"],
+    r = subprocess.run([BIN, "run", "-c", "import os; from threadloom import sysinfo; print("
+                        "os.cpu_count(), sorted(os.sched_getaffinity(0)), sysinfo.usable_cpus())"],
                        env=_env(), capture_output=True, text=True, timeout=60,
                        preexec_fn=lambda: os.sched_setaffinity(0, {one}))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "1 [%d]" % one
+    assert r.stdout.strip() == "1 [%d] 1" % one
 
 
 # ---- info, topo, torchrun env --------------------------------------------------------------

@@ -32,8 +32,9 @@ SRC = os.path.join(ROOT, "python", "src")
 # Python package") says what each is for.
 LAYERS = [
     {"_core", "gilguard"},                          # C; and the guard the launcher loads by path
-    {"errors", "_runtime", "share"},                # errors made in one place; lifetime registry;
-                                                    # immortal shared data (loaded by path too)
+    {"errors", "_runtime", "share", "_cpus"},       # errors made in one place; lifetime registry;
+                                                    # immortal shared data (loaded by path too);
+                                                    # the process's CPUs
     {"placement", "memory", "sysinfo", "topoview",  # the machine: plans, pinning, arenas, info;
      "contention"},                                 # which shared objects threads contend on
     {"_queue", "executor"},                         # threads: closable queues, the Executor

@@ -174,3 +174,51 @@ def test_topo_command_draws_the_plan():
     assert [s["role"] for s in d["plan"]].count("loader") == 3
     r = run_python("-m", "threadloom", "topo", "--plan", "--cpus", "999")
     assert r.returncode == 1 and "no usable core" in r.stderr
+
+
+# ---- the process's CPUs, seen from a pinned thread --------------------------------------------
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to pin to 1 of")
+def test_a_pinned_thread_sees_the_process_cpus(caplog):
+    """spmd pins each rank thread to one core: an Executor, a DataLoader or a plan made there
+    must still count (and key on) every CPU of the process, not the thread's one."""
+    from threadloom import placement, sysinfo
+    from threadloom.data import loader as loader_mod
+    allowed = os.sched_getaffinity(0)
+    out = {}
+
+    def pinned():
+        os.sched_setaffinity(0, {min(allowed)})
+        try:
+            out["cpus"] = sysinfo.usable_cpus()
+            with threadloom.Executor() as ex:
+                out["executor"] = ex._max_workers
+            loader_mod._oversubscription_logged = False
+            with caplog.at_level("WARNING", logger="threadloom.data"):
+                threadloom.DataLoader(list(range(8)), num_workers=len(allowed))
+            out["warned"] = [r.getMessage() for r in caplog.records]
+            out["plan"] = placement.loader_plan(2)
+        finally:
+            os.sched_setaffinity(0, allowed)
+
+    t = threading.Thread(target=pinned)
+    t.start()
+    t.join()
+    assert out["cpus"] == len(allowed) == sysinfo.usable_cpus()
+    assert out["executor"] == len(allowed)
+    assert out["warned"] == []                    # num_workers == the process's CPUs: no warning
+    assert out["plan"] is placement.loader_plan(2)  # one plan, whichever thread asks
+
+
+def test_process_cpus_from_the_launcher_only_for_its_own_pid():
+    from threadloom import _cpus
+    assert _cpus.parse_cpu_list("0-2,5,7-8") == {0, 1, 2, 5, 7, 8}
+    assert _cpus._from_launcher("%d:0,1,3" % os.getpid(), os.getpid()) == {0, 1, 3}
+    assert _cpus._from_launcher("1:0,1,3", os.getpid() if os.getpid() != 1 else 2) is None
+    assert _cpus._from_launcher("%d:bad" % os.getpid(), os.getpid()) is None
+    assert _cpus._from_launcher(None, os.getpid()) is None
+    # in a child that inherited a value meant for another process: its own affinity
+    r = run_python("-c", "from threadloom import sysinfo; print(sysinfo.usable_cpus())",
+                   env_extra={"THREADLOOM_START_CPUS": "1:0-511"})
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) == len(os.sched_getaffinity(0))

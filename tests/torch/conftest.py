@@ -34,6 +34,7 @@ else:
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python", "conftest.py")
     spec = importlib.util.spec_from_file_location("_tests_python_conftest", path)
     helpers = importlib.util.module_from_spec(spec)
@@ -53,3 +54,15 @@ def gil_stays_off():
     if check and sys._is_gil_enabled():
         pytest.fail("this test turned the GIL on: it imported an extension without Py_mod_gil "
                     "(CPython's RuntimeWarning in the warnings summary names it)")
+
+
+def sim_device(i):
+    """Sim device i of this process (configuring sim:8, as tests/python's fixtures do, unless
+    THREADLOOM_DEVICES chose sim)."""
+    from threadloom import devices
+    if devices.backend()["name"] != "sim":
+        try:
+            devices.configure_sim("sim:8")
+        except devices.BusyError:
+            pass
+    return devices("sim")[i]

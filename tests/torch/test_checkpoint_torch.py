@@ -205,7 +205,7 @@ def test_unsupported_torch_tensors_raise_clearly(tmp_path):
             ck.save({"c": torch.zeros(2, dtype=torch.complex64)}, 1)
         with pytest.raises(TypeError, match="dense"):
             ck.save({"s": torch.eye(3).to_sparse()}, 1)
-        with pytest.raises(NotImplementedError, match="cudactx"):
+        with pytest.raises(NotImplementedError, match="torch device meta"):
             ck.save({"m": torch.zeros(2, device="meta")}, 1)
         ck.save({"ok": torch.ones(2)}, 2).result(60)
     assert ck.steps() == [2]

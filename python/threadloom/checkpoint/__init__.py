@@ -27,14 +27,17 @@ Tensors on this path are host objects with the buffer protocol: memoryview (form
 dtype and shape), array.array, bytes/bytearray and threadloom.Buffer (uint8, 1-D), numpy arrays,
 CPU torch tensors (any dtype safetensors has: bfloat16 and bool included; non-contiguous ones
 are made contiguous on the calling thread, requires_grad ones detached), and other CPU objects
-with ``__dlpack__`` (imported with threadloom.from_dlpack). Device tensors need the cudactx
-part's D2H snapshot (not built yet) and raise NotImplementedError. Views sharing one storage
-are stored (and loaded) as separate tensors. Every other leaf is stored in the manifest: JSON
+with ``__dlpack__`` (imported with threadloom.from_dlpack). Device state (threadloom
+DeviceBuffers, torch CUDA tensors, kDLCUDA DLPack tensors, host views of sim device memory) is
+snapshotted by D2H copies on a side stream into pinned staging of its device, ordered after the
+caller's stream at save() (device.py); load(..., device=) puts tensors back on a device. Views
+sharing one storage are stored (and loaded) as separate tensors. Every other leaf is stored in the manifest: JSON
 values as they are, the rest pickled (base64). load(..., framework="torch") returns torch
 tensors. The on-disk format is documented in docs/checkpoint-format.md.
 
 The package, one file per concern (each imports only the ones above it in this list):
     leaves.py   tensor leaves both ways: bytes, dtype and shape out; memoryview or torch in
+    device.py   device state: which leaves are, the D2H snapshot, tensors back on a device
     format.py   the format: safetensors header, manifest.json, the state tree; writer's and
                 reader's side next to each other, and CorruptCheckpointError
     layout.py   the directory: step-N, latest, temporaries, retention

@@ -22,7 +22,8 @@ import struct
 import time
 
 from threadloom import _core, errors
-from threadloom.checkpoint.leaves import DTYPE_SIZES, Tensor, tensor_leaf
+from threadloom.checkpoint.device import leaf as tensor_leaf
+from threadloom.checkpoint.leaves import DTYPE_SIZES, Tensor
 
 FORMAT = "threadloom-checkpoint"
 VERSION = 2               # what this threadloom writes

@@ -6,8 +6,9 @@ Saved as tensors: memoryview (format and shape give dtype and shape), array.arra
 bytes/bytearray and threadloom.Buffer (uint8, 1-D), numpy arrays, CPU torch tensors (every
 dtype safetensors has: bfloat16 and bool included; non-contiguous ones are made contiguous on
 the calling thread, requires_grad ones detached) and other CPU objects with ``__dlpack__``
-(imported with threadloom.from_dlpack). Device tensors need the cudactx part's D2H snapshot
-(not built yet) and raise NotImplementedError.
+(imported with threadloom.from_dlpack). Device state is device.py's (it calls tensor_leaf for
+host tensors); a leaf of a device threadloom does not save raises device_error's
+NotImplementedError.
 """
 
 import struct
@@ -60,13 +61,14 @@ class Tensor:
     """One tensor leaf on its way to disk: its bytes, where they go and their checksum."""
 
     __slots__ = ("key", "path", "source", "src", "dtype", "shape", "nbytes", "file", "begin",
-                 "end", "hasher", "checksum")
+                 "end", "hasher", "checksum", "device")
 
     def __init__(self, key, path, source, src, dtype, shape):
         self.key = key              # the safetensors name: the key path joined with "."
         self.path = path            # the key path, as a list of str/int
         self.source = source        # "memoryview", "bytes", "Buffer", ... (informational)
-        self.src = src              # 1-D 'B' memoryview of the bytes; dropped once staged
+        self.src = src              # 1-D 'B' memoryview of the bytes, or a device.DeviceSource;
+                                    # dropped once staged
         self.dtype = dtype
         self.shape = shape
         self.nbytes = len(src)
@@ -74,14 +76,28 @@ class Tensor:
         self.begin = self.end = 0   # data_offsets inside its file's data section
         self.hasher = _core.Hasher()
         self.checksum = None        # xxh3_64 once its last byte is hashed
+        self.device = getattr(src, "device", None)  # a device leaf's Device (device.py), or None
 
 
 def device_error(where, dev):
-    """The error for a leaf on a device (until the cudactx part's snapshots exist)."""
+    """The error for a leaf on a device threadloom does not save."""
     return NotImplementedError(
-        "state leaf %s lives on a device (%s): device snapshots (D2H on a side stream into "
-        "pinned staging) need threadloom's cudactx part, which is not built yet; copy it to the "
-        "host first (e.g. t.cpu())" % (where, dev))
+        "state leaf %s lives on %s: threadloom saves host tensors, threadloom DeviceBuffers, "
+        "CUDA tensors (torch, kDLCUDA DLPack) and sim device memory; copy it to the host first "
+        "(e.g. t.cpu())" % (where, dev))
+
+
+def torch_dtype(torch, t, where):
+    """The safetensors dtype of torch tensor `t`; TypeError for sparse tensors and dtypes
+    safetensors has not."""
+    if t.layout != torch.strided:
+        raise TypeError("state leaf %s is a %s torch tensor: only dense (strided) tensors can "
+                        "be stored; convert it first (e.g. t.to_dense())" % (where, t.layout))
+    dtype = FROM_TORCH.get(str(t.dtype))
+    if dtype is None:
+        raise TypeError("state leaf %s has torch dtype %s, which has no safetensors dtype "
+                        "(supported: %s)" % (where, t.dtype, ", ".join(sorted(FROM_TORCH))))
+    return dtype
 
 
 def _torch_leaf(obj, where):
@@ -95,13 +111,7 @@ def _torch_leaf(obj, where):
         return None
     if obj.device.type != "cpu":
         raise device_error(where, "torch device %s" % obj.device)
-    if obj.layout != torch.strided:
-        raise TypeError("state leaf %s is a %s torch tensor: only dense (strided) tensors can "
-                        "be stored; convert it first (e.g. t.to_dense())" % (where, obj.layout))
-    dtype = FROM_TORCH.get(str(obj.dtype))
-    if dtype is None:
-        raise TypeError("state leaf %s has torch dtype %s, which has no safetensors dtype "
-                        "(supported: %s)" % (where, obj.dtype, ", ".join(sorted(FROM_TORCH))))
+    dtype = torch_dtype(torch, obj, where)
     shape = list(obj.shape)
     t = obj.detach().resolve_neg()  # a lazily negated view (torch._neg_view) becomes its values
     if not t.is_contiguous():

@@ -13,7 +13,9 @@ import logging
 import os
 
 from threadloom import _core, errors
+from threadloom.devices import api as devices
 from threadloom.checkpoint import layout
+from threadloom.checkpoint.device import to_device
 from threadloom.checkpoint.format import (CorruptCheckpointError, build, corrupt, read_exact,
                                          read_manifest, read_safetensors_header)
 from threadloom.checkpoint.leaves import as_loaded, as_torch
@@ -23,7 +25,7 @@ log = logging.getLogger("threadloom.checkpoint")
 _FRAMEWORKS = (None, "torch")
 
 
-def _load_dir(path, step, allow_pickle, framework=None):
+def _load_dir(path, step, allow_pickle, framework=None, device=None):
     def bad(msg, file=None, key=None):
         return corrupt(msg, step=step, path=path, file=file, key=key)
 
@@ -64,7 +66,9 @@ def _load_dir(path, step, allow_pickle, framework=None):
                 if got != t["xxh3_64"]:
                     raise bad("tensor %r in %s: checksum mismatch (manifest xxh3_64 %s, "
                               "data %s)" % (key, fname, t["xxh3_64"], got), fname, key)
-                if framework == "torch":
+                if device is not None:
+                    values[key] = to_device(buf, t["dtype"], t["shape"], key, device, framework)
+                elif framework == "torch":
                     values[key] = as_torch(buf, t["dtype"], t["shape"], key)
                 else:
                     values[key] = as_loaded(buf, t["dtype"], t["shape"])
@@ -74,7 +78,7 @@ def _load_dir(path, step, allow_pickle, framework=None):
 
 
 def load(directory, step=None, *, fallback=False, allow_pickle=True, with_info=False,
-         framework=None):
+         framework=None, device=None):
     """Loads a checkpoint written by Checkpointer, verifying every tensor's xxh3_64.
 
     step: which one (default: the one `latest` names, or the newest complete one when `latest`
@@ -82,14 +86,20 @@ def load(directory, step=None, *, fallback=False, allow_pickle=True, with_info=F
     older complete checkpoints, newest first, logging which one was used. Tensors come back as
     memoryviews of their format and shape (uint8 1-D ones as bytearray; BF16 as raw bytes), or
     with framework="torch" as CPU torch tensors of their dtype and shape (writable, not sharing
-    memory with anything else: model.load_state_dict(state["model"]) takes them; .to(device)
-    moves them; loading straight into device memory waits for cudactx). Pickled leaves are
+    memory with anything else: model.load_state_dict(state["model"]) takes them). device
+    ("cuda:N", "sim:N", a threadloom Device): every tensor goes onto that device after it was
+    verified: as DeviceBuffers of its bytes (copied on the calling thread's current stream of
+    the device, which later work there is ordered after), or with framework="torch" as tensors
+    of its dtype and shape (cuda tensors; on sim CPU tensors over the sim device's memory).
+    Pickled leaves are
     unpickled: load only checkpoints you trust, or pass allow_pickle=False. with_info: return
     (state, info) where info has step, path, metadata, manifest and skipped (the (step, error)
     pairs fallback passed over). Raises CorruptCheckpointError naming the tensor and file,
     NotFoundError when there is no such checkpoint."""
     if framework not in _FRAMEWORKS:
         raise ValueError("framework must be None (memoryviews) or 'torch', not %r" % (framework,))
+    if device is not None:
+        device = devices.device(device)
     if framework == "torch":
         try:
             import torch  # noqa: F401
@@ -112,7 +122,7 @@ def load(directory, step=None, *, fallback=False, allow_pickle=True, with_info=F
     skipped = []
     for s in order:
         try:
-            state, manifest = _load_dir(steps[s], s, allow_pickle, framework)
+            state, manifest = _load_dir(steps[s], s, allow_pickle, framework, device)
         except (CorruptCheckpointError, OSError) as e:
             if not fallback:
                 raise

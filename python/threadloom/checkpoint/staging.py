@@ -6,6 +6,12 @@ a budget (Checkpointer's staging_bytes); each full slot goes to its file's write
 comes back once written, so a checkpoint larger than the budget streams through it. The copies
 are planned into batches (Copies, over _core.CopyPlan) and run on the saving thread and up to
 copy_threads I/O threads at once.
+
+The files of device state (device.py) are staged in pinned slots of their device instead: a
+StagingPool per device (page-locked, NUMA-local to the device, made on the first save from it,
+`count` slots of slot_bytes), which the D2H copies write; such a slot is (StagingSlot,
+memoryview, Device), and its readers wait for its event (wait()) first. Host and device slots
+count against one budget: at most `count` are handed out at once.
 """
 
 import mmap
@@ -16,11 +22,13 @@ from threadloom import _core
 
 
 class Staging:
-    """The bounded staging budget: at most `count` slots of `slot_bytes` exist. acquire() blocks
-    while all are in use; release() hands one back. Invariant (under `cond`): in_use +
-    len(free) == created <= count. Slots are anonymous mmaps: page-aligned, as O_DIRECT writes
-    from them need (slot_bytes is a multiple of WFILE_ALIGN then, so every chunk but a file's
-    last starts and ends aligned)."""
+    """The bounded staging budget: at most `count` slots of `slot_bytes` are handed out at once,
+    host ones (anonymous mmaps, made on demand and kept) and device ones (from the device's
+    StagingPool). acquire() blocks while all are in use; release() hands one back. Invariants
+    (under `cond`): in_use <= count; len(free) + (host slots handed out) == created <= count.
+    Host slots are page-aligned, as O_DIRECT writes from them need (slot_bytes is a multiple of
+    WFILE_ALIGN then, so every chunk but a file's last starts and ends aligned); so are device
+    slots (a StagingPool's slots start on 4 KiB boundaries)."""
 
     def __init__(self, budget, slot_bytes):
         self.slot_bytes = slot_bytes
@@ -28,38 +36,69 @@ class Staging:
         self.cond = threading.Condition()
         self.free = []
         self.created = 0
+        self.in_use = 0
+        self.pools = {}   # Device -> its StagingPool (made on first use; under cond)
 
-    def acquire(self):
-        """Returns (mmap, memoryview) of slot_bytes and the seconds spent waiting."""
+    def acquire(self, device=None):
+        """Returns a slot of slot_bytes, (mmap, memoryview) or for `device` (StagingSlot,
+        memoryview, Device), and the seconds spent waiting."""
         t0 = None
         with self.cond:
-            while not self.free and self.created >= self.count:
+            while self.in_use >= self.count:
                 if t0 is None:
                     t0 = time.perf_counter()
                 self.cond.wait()
-            if self.free:
-                slot = self.free.pop()
-                return slot, (time.perf_counter() - t0 if t0 else 0.0)
-            self.created += 1
+            self.in_use += 1
+            if device is None and self.free:
+                return self.free.pop(), (time.perf_counter() - t0 if t0 else 0.0)
+            if device is None:
+                self.created += 1
+            pool = self.pools.get(device) if device is not None else None
         try:
-            buf = mmap.mmap(-1, self.slot_bytes)
+            if device is None:
+                buf = mmap.mmap(-1, self.slot_bytes)
+                slot = (buf, memoryview(buf))
+            else:
+                if pool is None:
+                    pool = self._pool(device)
+                # never long: at most `count` slots are out, and a released one is free once
+                # its D2H copy (long done: its writer waited for it) has completed
+                s = pool.acquire()
+                slot = (s, memoryview(s), device)
         except BaseException:
             with self.cond:
-                self.created -= 1
+                self.in_use -= 1
+                if device is None:
+                    self.created -= 1
                 self.cond.notify()
             raise
-        return (buf, memoryview(buf)), (time.perf_counter() - t0 if t0 else 0.0)
+        return slot, (time.perf_counter() - t0 if t0 else 0.0)
 
-    def try_acquire(self):
-        """A slot if one is free or may still be created without waiting, else None."""
+    def _pool(self, device):
+        pool = _core.StagingPool(device, self.slot_bytes, self.count)
         with self.cond:
-            if not self.free and self.created >= self.count:
+            return self.pools.setdefault(device, pool)
+
+    def try_acquire(self, device=None):
+        """A slot if one can be had without waiting, else None."""
+        with self.cond:
+            if self.in_use >= self.count:
                 return None
-        return self.acquire()[0]  # only this save's thread acquires: it cannot block now
+        return self.acquire(device)[0]  # only this save's thread acquires: it cannot block now
 
     def release(self, slot):
+        """Hands a slot back (from any thread). A device slot's memoryview is released first:
+        every slice of it (hashing, pwrite) is gone by then."""
+        if len(slot) == 3:
+            try:
+                slot[1].release()
+                slot[0].release()
+            except BufferError:  # a view still alive: the slot goes back when it dies
+                pass
         with self.cond:
-            self.free.append(slot)
+            self.in_use -= 1
+            if len(slot) == 2:
+                self.free.append(slot)
             self.cond.notify()
 
 

@@ -1,8 +1,10 @@
 """Writing checkpoints: Checkpointer, one save's files, its progress and its commit.
 
 How a save flows: save() walks the state on the calling (training) thread (format.flatten),
-lays the tensors out in safetensors files, and copies their bytes, in file order, into
-staging slots (staging.py), helped by the idle I/O threads. Each full slot goes to its file's
+lays the tensors out in safetensors files (device state in files of their own, per device), and
+copies their bytes, in file order, into staging slots (staging.py), helped by the idle I/O
+threads; device bytes by D2H copies into pinned slots of their device (device.py: ordered after
+the caller's stream at save(), waited for by the writers, not by save()). Each full slot goes to its file's
 queue; one drain task per file (on a threadloom.Executor) hashes the bytes (xxh3_64, streaming
 per tensor) and hands each chunk to a write task at its offset (fileops.FileOps). When every
 file is written and fsynced, and the previous save has committed, the commit writes
@@ -21,6 +23,7 @@ from collections import deque
 
 from threadloom import _core, errors
 from threadloom.checkpoint import layout, reader
+from threadloom.checkpoint.device import DeviceSource, Snapshot
 from threadloom.checkpoint.fileops import FileOps
 from threadloom.checkpoint.format import (MANIFEST, file_metadata, flatten, manifest,
                                          manifest_bytes, safetensors_header)
@@ -115,9 +118,10 @@ class _File:
     writes sees ended and writes == 0 last fsyncs and closes the file. `fd` is set by the drain
     before the first write is submitted and cleared by that last one."""
 
-    def __init__(self, name, path, tensors, metadata):
+    def __init__(self, name, path, tensors, metadata, device=None):
         self.name = name
         self.path = path
+        self.device = device    # the Device of its tensors (device state), or None (host)
         self.tensors = tensors
         self.header = safetensors_header(tensors, metadata)
         self.size = len(self.header) + (tensors[-1].end if tensors else 0)
@@ -148,6 +152,7 @@ class _Save:
         self.pending = len(files) + 1   # files still writing + the previous save's commit
         self.tmp_made = False
         self.hold = False               # drains wait until staging ends (training thread only)
+        self.snap = None                # the device.Snapshot of a save with device state
 
     def fail(self, exc):
         with self.lock:
@@ -288,8 +293,12 @@ class Checkpointer:
     def save(self, state, step, *, metadata=None):
         """Snapshots `state` for `step` and returns a concurrent.futures.Future whose result is
         the committed directory (its `progress` attribute is the Progress). Returns once every
-        byte is staged; write errors (disk full, permission, read-only) go to the future, never
-        raise here. Raises TypeError/NotImplementedError for leaves it cannot store."""
+        host byte is staged and every device byte's D2H copy is queued (device.py: the copies
+        see the work queued on the calling thread's current streams before save(); work queued
+        there after it waits for them; host views of sim memory are copied before it returns);
+        write errors (disk full, permission, read-only) and failed device copies go to the
+        future, never raise here. Raises TypeError/NotImplementedError for leaves it cannot
+        store, and the device's error when a copy cannot be queued (a lost device)."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError("step must be an int >= 0, not %r" % (step,))
         try:
@@ -299,16 +308,21 @@ class Checkpointer:
         t0 = time.perf_counter()
         tensors, keys = [], set()
         tree = flatten(state, [], tensors, keys)
+        # the device state as the caller's streams have it now (device.py)
+        snap = Snapshot(tensors) if any(t.device is not None for t in tensors) else None
         with self._save_lock:
             if self._closed:
                 raise RuntimeError("this Checkpointer is closed")
             job = self._layout(step, tree, tensors, metadata)
+            job.snap = snap
             prev, self._last = self._last, job
             if prev is None:
                 job.part_done()
             else:
                 prev.retired.add_done_callback(lambda _f: job.part_done())
             self._stage(job)
+            if snap is not None:
+                snap.finish()  # the caller's later work waits for the copies (not this thread)
             if job.hold:
                 job.hold = False
                 for f in job.files:
@@ -337,7 +351,7 @@ class Checkpointer:
         return sorted(layout.complete_steps(self.directory))
 
     def load(self, step=None, *, fallback=False, **kwargs):
-        """threadloom.load(self.directory, step, fallback=...)."""
+        """threadloom.load(self.directory, step, fallback=..., framework=..., device=...)."""
         return reader.load(self.directory, step, fallback=fallback, **kwargs)
 
     def close(self):
@@ -361,21 +375,31 @@ class Checkpointer:
     # -- save internals -------------------------------------------------------------------------
 
     def _layout(self, step, tree, tensors, metadata):
-        files, current, size = [], [], 0
+        # host tensors first, then each device's (in the order the state names the devices):
+        # a file holds one device's tensors, so its chunks stage in that device's pinned slots
+        by_dev = {None: []}
         for t in tensors:
-            if current and size + t.nbytes > self.shard_bytes:
-                files.append(current)
-                current, size = [], 0
-            t.begin, t.end = size, size + t.nbytes
-            current.append(t)
-            size += t.nbytes
-        files.append(current)  # at least one file, even for a state without tensors
+            by_dev.setdefault(t.device, []).append(t)
+        files = []
+        for dev, group in by_dev.items():
+            if dev is not None and not group:
+                continue
+            current, size = [], 0
+            for t in group:
+                if current and size + t.nbytes > self.shard_bytes:
+                    files.append((dev, current))
+                    current, size = [], 0
+                t.begin, t.end = size, size + t.nbytes
+                current.append(t)
+                size += t.nbytes
+            if current or dev is None and not tensors:
+                files.append((dev, current))  # at least one file, even for a state without tensors
         tmp = layout.tmp_dir(self.directory, step)
         meta = file_metadata(step)
         objs = []
-        for i, group in enumerate(files):
+        for i, (dev, group) in enumerate(files):
             name = "shard-%05d-of-%05d.safetensors" % (i + 1, len(files))
-            f = _File(name, os.path.join(tmp, name), group, meta)
+            f = _File(name, os.path.join(tmp, name), group, meta, dev)
             for t in group:
                 t.file = f
             objs.append(f)
@@ -406,18 +430,22 @@ class Checkpointer:
                 pieces = [(None, memoryview(f.header))] + [(t, t.src) for t in f.tensors]
                 for t, src in pieces:
                     n, pos = len(src), 0
+                    on_device = isinstance(src, DeviceSource)
                     if t is not None and n == 0:
                         t.checksum = _core.xxh3_64(b"")
                     while pos < n and job.error is None:
                         if slot is None:
-                            slot = st.try_acquire()
+                            slot = st.try_acquire(f.device)
                             if slot is None:
                                 batch = self._copy_batch(job, batch)
-                                slot, waited = st.acquire()
+                                slot, waited = st.acquire(f.device)
                                 job.progress.wait_s += waited
                             fill, chunk_off, segs = 0, off, []
                         k = min(n - pos, size - fill)
-                        batch.plan.add(slot[1], fill, src, pos, k)
+                        if on_device:  # D2H into the pinned slot, queued now on the side stream
+                            job.snap.copy(src, pos, k, slot, fill)
+                        else:
+                            batch.plan.add(slot[1], fill, src, pos, k)
                         segs.append((t, fill, fill + k, pos + k == n))
                         fill, pos, off = fill + k, pos + k, off + k
                         if fill == size:
@@ -487,6 +515,8 @@ class Checkpointer:
                 self._staging.release(slot)
                 continue
             try:
+                if len(slot) == 3:  # a device slot: its D2H copies first (raises their error)
+                    slot[0].wait()
                 if f.fd is None:
                     job.ensure_tmpdir()
                     f.fd = self._ops.open(f.path, self.io)

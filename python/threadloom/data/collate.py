@@ -23,19 +23,27 @@ present), so pin_memory=True has nothing left to do for them.
 With torch loaded, arena batches come back as torch tensors over the arena memory
 (torch.frombuffer), so every leaf has torch's type and dtype (tests/torch checks each case);
 without torch as memoryviews, which numpy.asarray / torch.frombuffer take without a copy.
+
+Inside ``with collate_into(buffer):`` (a DataLoader with device= around each batch, with a
+page-locked staging slot of the GPU feeder) the numbers, buffers and stacked tensors/arrays of
+the batches this thread collates are written straight into `buffer`, each leaf at its own
+aligned offset, while it has room (then the arena, as above): the batch is then already in
+pinned memory in the layout the copy to the device takes, with no copy in between.
 """
 
 import array
 import collections.abc
+import contextlib
 import re
 import struct
 import sys
+import threading
 import warnings
 
 from threadloom._core import OutOfMemoryError
 from threadloom.memory import arena
 
-__all__ = ["default_collate", "default_convert"]
+__all__ = ["collate_into", "default_collate", "default_convert"]
 
 _FORMATS = {bool: "?", int: "q", float: "d"}
 _STR_OBJ = re.compile(r"[SaUO]")  # numpy dtypes of strings or objects: torch cannot hold them
@@ -57,11 +65,34 @@ def _numpy():
 _fallbacks = [0]  # batches put in ordinary memory because the arena was full (a benign race)
 
 
+_into = threading.local()  # this thread's collate_into target: .buffer, .offset, .align
+
+
+@contextlib.contextmanager
+def collate_into(buffer, align=256):
+    """Within the block, this thread's default_collate writes each leaf it allocates into
+    `buffer` (a writable bytes-like object, e.g. a StagingSlot) at the next multiple of `align`,
+    while it fits; what does not fit goes to the arena as usual. Yields a list whose [0] is the
+    bytes used so far (updated as leaves are placed). Each leaf is a view of a slice of
+    `buffer` made on this thread: the buffer's exports end when the batch's leaves are dropped.
+    Not reentrant (an inner block replaces the outer one until it ends)."""
+    prev = getattr(_into, "state", None)
+    state = _into.state = [0, buffer, align]
+    try:
+        yield state
+    finally:
+        _into.state = prev
+
+
 def _alloc(nbytes):
-    """An arena Buffer; ordinary memory (a bytearray) when the arena is full, with one warning.
+    """A block for a leaf: a slice of the collate_into buffer when one is set and has room;
+    else an arena Buffer; ordinary memory (a bytearray) when the arena is full, with one warning.
     A full arena is not an error for a loader: the batch is the same, only not NUMA-local and
     page-locked. (Each allocating thread takes 64 MiB segments of the arena, and a batch kept
     alive keeps its segment, so many short-lived loader threads can exhaust a small arena.)"""
+    block = _take_into(nbytes)
+    if block is not None:
+        return block
     try:
         return arena().alloc(max(nbytes, 1))
     except OutOfMemoryError as exc:
@@ -86,6 +117,29 @@ def _wrap(buf, fmt, shape):
         return torch.frombuffer(buf, dtype=getattr(torch, {"?": "bool"}.get(fmt, _NP_DTYPES[fmt])),
                                 count=_count(shape)).view(*shape)
     return view
+
+
+def _take_into(nbytes):
+    """The next `nbytes` of this thread's collate_into buffer (a memoryview slice), or None when
+    no buffer is set or it has no room left."""
+    st = getattr(_into, "state", None)
+    if st is None:
+        return None
+    used, buf, align = st
+    off = (used + align - 1) // align * align
+    if off + nbytes > len(buf):
+        return None
+    st[0] = off + nbytes
+    return memoryview(buf)[off:off + nbytes]
+
+
+def _into_block(nbytes, ok=True):
+    """A slice of this thread's collate_into buffer for a stacked tensor/array of `nbytes`, or
+    None (no target, no room, or not `ok`: e.g. a CUDA tensor, or arrays numpy.stack would
+    promote to another dtype). Empty results get None: frombuffer refuses empty buffers."""
+    if not ok or nbytes == 0:
+        return None
+    return _take_into(nbytes)
 
 
 def _count(shape):
@@ -200,12 +254,24 @@ def default_collate(batch):
     t = type(elem)
     torch, np = _torch(), _numpy()
     if torch is not None and isinstance(elem, torch.Tensor):
-        out = torch.empty((len(batch),) + tuple(elem.shape), dtype=elem.dtype)
+        shape = (len(batch),) + tuple(elem.shape)
+        into = _into_block(elem.element_size() * _count(shape), elem.is_cpu)
+        if into is not None:
+            out = torch.frombuffer(into, dtype=elem.dtype).view(shape)
+        else:
+            out = torch.empty(shape, dtype=elem.dtype)
         return torch.stack(batch, 0, out=out)
     if np is not None and isinstance(elem, np.ndarray):
         if _STR_OBJ.search(elem.dtype.str):
             raise TypeError(_ERR % elem.dtype)
-        out = np.stack(batch)
+        shape = (len(batch),) + elem.shape
+        into = _into_block(elem.dtype.itemsize * _count(shape), all(
+            isinstance(x, np.ndarray) and x.dtype == elem.dtype and x.shape == elem.shape
+            for x in batch))
+        if into is not None:
+            out = np.stack(batch, out=np.frombuffer(into, dtype=elem.dtype).reshape(shape))
+        else:
+            out = np.stack(batch)
         return torch.from_numpy(out) if torch is not None else out
     if torch is not None and np is not None and isinstance(elem, (np.bool_, np.number, np.object_)):
         return torch.as_tensor(batch)

@@ -15,6 +15,10 @@ between the sampler and the workers. Iterable datasets run one iterator per
 worker replica, each into its own bounded queue, taken round-robin as torch does.
 Thread-safety: one DataLoader is iterated by one thread at a time (as torch's).
 
+Device batches (device=, or pin_memory=True with pin_memory_device=): data/device.py; the
+worker threads collate into the Feeder's pinned slots and enqueue the copies, the consumer's
+thread hands each batch over on the device.
+
 Lifetime: an iterator reads what it needs of its DataLoader when it starts (a _Config, as
 torch's iterator copies the loader's attributes) and never holds the loader; its worker threads
 hold the _Config, the engine and the queues, never the iterator. So dropping the iterator (an
@@ -31,8 +35,9 @@ import threading
 import time
 import weakref
 
-from threadloom import errors, gilguard, sysinfo
+from threadloom import gilguard, sysinfo
 from threadloom._queue import CLOSED, END, Queue, Workers
+from threadloom.data import device as todevice
 from threadloom.data.collate import default_collate, default_convert
 from threadloom.data.fetch import iterable_batches, map_fetcher
 from threadloom.data.sampler import (BatchSampler, DistributedSampler, RandomSampler,
@@ -85,30 +90,33 @@ def _is_iterable_dataset(ds):
     return not hasattr(ds, "__getitem__") and hasattr(ds, "__iter__")
 
 
-def _not_built(what):
-    """NotBuiltError whose hint is this feature's, not TL_ENOSYS's generic "rebuild with the
-    option"."""
-    return errors.error("ENOSYS", "threadloom.DataLoader(%s): delivering batches onto a GPU "
-                        "through the cudactx feeder is not built yet" % what,
-                        hint="leave it unset and move each batch to the device in the "
-                             "training loop")
-
-
 _FROZEN = ("batch_size", "batch_sampler", "sampler", "drop_last", "dataset", "persistent_workers")
 
 
 class DataLoader:
     """torch.utils.data.DataLoader with worker threads. torch's arguments keep their meaning,
-    except: multiprocessing_context (there are no processes) is refused; device= and
-    pin_memory_device= are not built yet; pin_memory=True is accepted and free, since batches
-    are collated into NUMA-local arena memory (page-locked when a GPU is present).
+    except: multiprocessing_context (there are no processes) is refused; pin_memory=True alone
+    is accepted and free, since batches are collated into NUMA-local arena memory (page-locked
+    when a GPU is present); pin_memory=True with pin_memory_device="cuda:N" (or "sim:N")
+    delivers each batch on that device, as device= does.
+
+    device: "cuda:N", "sim:N", an index into threadloom.devices(), a threadloom Device or a
+    torch.device. Each batch is collated into a page-locked staging slot NUMA-local to the
+    device, copied there on the building thread's copy stream (the GPU feeder) and handed over
+    with an event: with torch loaded, as torch tensors (cuda: on the device, torch's current
+    stream waits for the copy, the consumer's thread does not; sim: CPU tensors over the sim
+    device's memory), without torch as DeviceBuffers in the batch's structure, the consumer's
+    current stream of the device made to wait. Only tensors move (torch's pin_memory rule);
+    strings and numbers stay as they are. stats()["device"] has the copies' numbers.
 
     threadloom's own keyword arguments: replicate ("copy": each worker deep-copies the dataset
     once, on its thread; a factory: factory() per worker; None: share it; "share": share it
     after making it immortal once, here, with threadloom.share(), for good: the report is
     `share_report`), rank / world_size /
     distributed (shard the sampler as DistributedSampler, taken from RANK / WORLD_SIZE when not
-    given), pin (pin the worker threads, default True), progress (a one-line progress display on
+    given), pin (pin the worker threads, default True: to the CPU-wide loader plan, or with
+    device= to the loader slots beside that device's launch core in its device plan, the one
+    spmd(devices=) made when the loader is made in a rank), progress (a one-line progress display on
     stderr, at most once a second).
     """
 
@@ -148,10 +156,7 @@ class DataLoader:
             raise ValueError("threadloom.DataLoader runs its workers as threads of one process; "
                              "multiprocessing_context=%r cannot apply: leave it None"
                              % (multiprocessing_context,))
-        if device is not None:
-            raise _not_built("device=%r" % (device,))
-        if pin_memory_device:
-            raise _not_built("pin_memory_device=%r" % (pin_memory_device,))
+        target = todevice.resolve(device, pin_memory, pin_memory_device)
         if not (replicate is None or replicate in ("copy", "share") or callable(replicate)):
             raise ValueError("replicate must be 'copy', 'share', a factory (callable) or None, "
                              "not %r" % (replicate,))
@@ -162,6 +167,9 @@ class DataLoader:
         self.prefetch_factor = prefetch_factor
         self.pin_memory = pin_memory
         self.pin_memory_device = pin_memory_device
+        self.device = target       # the Device batches are delivered on, or None (host)
+        # its Feeder (made on the first iteration, kept: its pinned slots serve every epoch)
+        self._feeder = None
         self.timeout = timeout
         self.worker_init_fn = worker_init_fn
         self.generator = generator
@@ -354,7 +362,10 @@ class DataLoader:
 
     def stats(self):
         """The current (or last) epoch: batches, samples, rates, time to first batch, the
-        consumer's wait, queue depth and each worker stage's busy / wait seconds."""
+        consumer's wait, queue depth and each worker stage's busy / wait seconds; with device=,
+        "device": batches and bytes handed over, the copies' device time (copy_s, copy_gbs),
+        the consumer's hand-over time, bytes collated straight into staging, slot size and
+        staging waits (None without device=)."""
         it = self._current()
         if it is not None:
             return it.stats()
@@ -425,10 +436,36 @@ class _Config:
         self.batch_size = loader.batch_size
         self.drop_last = loader.drop_last
         self.states = loader._states  # persistent_workers: the loader's {worker id: WorkerState}
+        self.feeder = None
+        # where pinned workers go: a device loader's to its device's loader slots of a device
+        # plan (data/device.py: worker_plan), others to the CPU-wide loader plan (plan None)
+        self.plan, self.gpu = None, None
+        if loader.device is not None and loader.pin and loader.num_workers > 0:
+            self.plan, self.gpu = todevice.worker_plan(loader.device)
+        if loader.device is not None:
+            # the threads that build batches build them on the device (data/device.py); the
+            # batch counts are taken on the host batch, with the user's collate_fn's rule
+            if loader._feeder is None:
+                loader._feeder = todevice.make_feeder(loader.device, loader.num_workers,
+                                                      loader.prefetch_factor)
+            self.feeder = loader._feeder
+            host = _HostRule(self)
+            self.collate_fn = todevice.DeviceCollate(loader.collate_fn, self.feeder,
+                                                     lambda b: _batch_len(b, host))
 
     def __len__(self):
         return _batches(self.dataset, self.iterable, self.batch_size, self.drop_last,
                         self.index_sampler)
+
+
+class _HostRule:
+    """What _batch_len reads of a _Config, with the user's collate_fn (a device loader's
+    _Config has the DeviceCollate around it)."""
+
+    def __init__(self, cfg):
+        self.auto_collation = cfg.auto_collation
+        self.collate_fn = cfg.collate_fn
+        self.batch_size = cfg.batch_size
 
 
 class _Progress:
@@ -486,6 +523,7 @@ class _LoaderIter:
         self._first = None
         self._wait = 0.0
         self._last_print = 0.0
+        self._handover = todevice.Handover(cfg.feeder) if cfg.feeder is not None else None
         # torch draws the workers' base seed from the generator first, then the sampler draws;
         # persistent workers keep the base seed of their first epoch (torch draws it once)
         if resume:
@@ -567,12 +605,21 @@ class _LoaderIter:
         except BaseException:
             self.close()
             raise
+        if self._handover is not None:
+            try:
+                n = batch.samples
+                batch = self._handover(batch)
+            except BaseException:
+                self.close()
+                raise
+        else:
+            n = _batch_len(batch, self.cfg)
         now = time.perf_counter()
         self._wait += now - t
         if self._first is None:
             self._first = now - self._t0
         p.yielded += 1
-        self.samples += _batch_len(batch, self.cfg)
+        self.samples += n
         if self.cfg.progress:
             self._show(False)
         return batch
@@ -610,6 +657,7 @@ class _LoaderIter:
             "consumer_wait_s": self._wait,
             "queue_depth": sum(st["queue_depth"] for st in stages),
             "stages": stages,
+            "device": self._handover.stats() if self._handover is not None else None,
         }
 
     def close(self, wait=True):
@@ -669,8 +717,8 @@ def _map_pipeline(cfg, indices, base_seed):
 
     nw = cfg.num_workers
     pipe = Pipeline(indices, ordered=cfg.in_order, capacity=max(1, cfg.prefetch_factor * nw),
-                    timeout=cfg.timeout or None, pin=cfg.pin, name="dataloader",
-                    feed="consumer")
+                    timeout=cfg.timeout or None, pin=cfg.pin, plan=cfg.plan, gpu=cfg.gpu,
+                    name="dataloader", feed="consumer")
     pipe.map(fetch, workers=nw, state=make_state, name="fetch+collate", queue_size=max(1, nw),
              describe=_sample_indices)
     return pipe
@@ -698,8 +746,8 @@ class _IterableEngine:
         depth = max(1, cfg.prefetch_factor)
         self._queues = [Queue(depth) for _ in range(nw)]
         self.counters = [[0, 0.0, 0.0] for _ in range(nw)]  # per worker: batches, busy, wait
-        self._workers = Workers(nw, self._queues, pin=cfg.pin, name="dataloader",
-                                grace=cfg.timeout or None)
+        self._workers = Workers(nw, self._queues, pin=cfg.pin, plan=cfg.plan, gpu=cfg.gpu,
+                                name="dataloader", grace=cfg.timeout or None)
         for w in range(nw):
             self._workers.submit(lambda w=w: self._work(w))
         self._gen = self._consume()

@@ -41,7 +41,7 @@ from threadloom.devices.feeder import Feeder  # noqa: F401
 
 __all__ = ["Device", "DeviceBuffer", "Event", "Feeder", "StagingPool", "StagingSlot", "Stream",
            "backend", "configure_sim", "current_stream", "default_stream", "device", "empty",
-           "from_dlpack", "select", "stream", "synchronize"]
+           "from_dlpack", "select", "sim_buffer", "stream", "synchronize"]
 
 
 class _Module(types.ModuleType):

@@ -1,16 +1,17 @@
 """threadloom.devices.api: backend selection, devices, streams, device memory (the names
 threadloom.devices re-exports; see its docstring). The feeder (devices/feeder.py) builds on it."""
 
+import sys
 import threading
 
-from threadloom import _core
+from threadloom import _core, errors
 from threadloom._core import BusyError, DeviceBuffer, Error, Event, StagingPool, StagingSlot  # noqa: F401
 
 Device = _core.Device
 
 __all__ = ["Device", "DeviceBuffer", "Event", "StagingPool", "StagingSlot", "Stream",
            "backend", "configure_sim", "current_stream", "default_stream", "device", "empty", "from_dlpack",
-           "select", "stream", "synchronize"]
+           "select", "sim_buffer", "stream", "synchronize"]
 
 
 def select(spec):
@@ -158,15 +159,62 @@ def synchronize(dev=None):
 
 
 def from_dlpack(obj, stream=None):
-    """A DeviceBuffer over a CUDA tensor (torch, cupy), in place: the producer orders its
-    pending work before `stream` (default: the current stream of the tensor's device), and the
-    buffer keeps the tensor alive. Host tensors: use numpy/torch or threadloom.from_dlpack."""
+    """A DeviceBuffer over device memory, in place, keeping `obj` alive: a CUDA tensor (torch,
+    cupy; kDLCUDA), whose producer orders its pending work before `stream` (default: the current
+    stream of the tensor's device); or a host view of a sim device's memory (a torch tensor over
+    a sim DeviceBuffer, which sim exports as kDLCPU: DataLoader(device="sim:N") batches), which
+    becomes a buffer of that sim device again. Other host memory raises InvalidArgumentError:
+    copy it with Stream.copy, or use threadloom.from_dlpack for host memory."""
+    if not hasattr(obj, "__dlpack_device__"):  # a bytes-like object
+        return _sim_or_raise(obj, obj, "host memory")
     dev_type, dev_id = obj.__dlpack_device__()
+    if dev_type in (1, 3):  # kDLCPU, kDLCUDAHost
+        return _sim_or_raise(obj, None, "on DLPack device (%d, %d), not in a sim device's "
+                             "memory" % (dev_type, dev_id))
     if stream is None:
         if dev_type != 2:
-            raise _core.InvalidArgumentError(
-                "TL_EINVAL: invalid argument (devices.from_dlpack takes CUDA tensors (kDLCUDA); "
-                "this one is on DLPack device (%d, %d)). What to do: copy host tensors with "
-                "Stream.copy, or use threadloom.from_dlpack for host memory." % (dev_type, dev_id))
+            raise _not_device(obj, "on DLPack device (%d, %d)" % (dev_type, dev_id))
         stream = current_stream(device("cuda:%d" % dev_id))
     return _core.import_dlpack(obj, stream)
+
+
+def sim_buffer(obj):
+    """The sim device memory `obj` (a bytes-like object, or a CPU DLPack tensor) lies in, as a
+    DeviceBuffer of that sim device over exactly obj's bytes, or None when it is other memory.
+    Cheap: one lookup in the sim devices' block maps."""
+    if hasattr(obj, "__dlpack_device__") and not _is_buffer(obj):
+        if tuple(obj.__dlpack_device__())[0] not in (1, 3):
+            return None
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(obj, torch.Tensor):
+            if not obj.is_contiguous():
+                return None
+            # as bytes: torch exports neither bfloat16 nor (1.13) bool through DLPack buffers
+            obj = obj.detach().reshape(-1).view(torch.uint8)
+        view = _core.from_dlpack(obj)
+    else:
+        view = obj
+    return _core.import_sim(view)
+
+
+def _is_buffer(obj):
+    try:
+        memoryview(obj).release()
+        return True
+    except TypeError:
+        return False
+
+
+def _sim_or_raise(obj, view, what):
+    buf = sim_buffer(obj if view is None else view)
+    if buf is None:
+        raise _not_device(obj, what)
+    return buf
+
+
+def _not_device(obj, what):
+    return errors.error("EINVAL", "devices.from_dlpack takes device memory: CUDA tensors "
+                        "(kDLCUDA), or host views of a sim device's memory; this %s is %s"
+                        % (type(obj).__name__, what),
+                        hint="copy host tensors with Stream.copy, or use threadloom.from_dlpack "
+                             "for host memory")
