@@ -97,3 +97,16 @@ def slurm_cluster():
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(autouse=True)
+def torch_stays_out():
+    """tests/python runs without torch in the process: with torch loaded, batches collate into
+    tensors and the heap the contention sampler reads grows tenfold, so one test importing torch
+    changes what every later test sees. A test that needs torch asks in a child process (or lives
+    in tests/torch); this fails the test that brought torch in, not the ones after it."""
+    before = "torch" in sys.modules
+    yield
+    if not before and "torch" in sys.modules:
+        pytest.fail("this test imported torch into the test process; ask in a child process "
+                    "(run_python) or move the test to tests/torch", pytrace=False)
