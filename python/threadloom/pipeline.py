@@ -10,9 +10,11 @@
 
 Memory is fixed: at most ``capacity`` items are between the source and the consumer at any time
 (a slow consumer stops the source, it does not grow queues). Each stage's workers are threads of
-one threadloom scheduler pool, pinned when asked. Errors: by default the first exception raised
-by a stage stops the pipeline promptly and is re-raised to the consumer with its original
-traceback; ``on_error="skip"`` drops failing items and counts them, raising once more than
+one threadloom scheduler pool, pinned when asked. Errors: by default an exception raised by a
+stage stops the pipeline and is re-raised to the consumer with its original traceback; ordered,
+at its item's turn, after every result before it (the same error whatever the thread count and
+timing, as torch's DataLoader re-raises a worker's error at its batch), unordered as soon as it
+is raised; ``on_error="skip"`` drops failing items and counts them, raising once more than
 ``max_errors`` failed. The pipeline also stops promptly when the consumer breaks out of the
 loop, drops the iterator, is interrupted (KeyboardInterrupt), or the interpreter exits.
 
@@ -34,6 +36,16 @@ import time
 from threadloom._queue import CLOSED, END, Queue, Workers
 
 _SKIP = object()    # an item that failed under on_error="skip": its slot in the order
+
+
+class _Failed:
+    """Ordered mode, on_error="raise": an item whose stage raised. It keeps the item's place in
+    the order (later stages pass it on), and the consumer raises `exc` when its turn comes, so
+    the error is the earliest failing item's, not the quickest worker's."""
+    __slots__ = ("exc",)
+
+    def __init__(self, exc):
+        self.exc = exc
 
 
 def _item(what, describe=reprlib.repr):
@@ -244,7 +256,7 @@ class Pipeline:
                     self._ended(k)
                 return
             seq, item = got
-            if item is not _SKIP:
+            if item is not _SKIP and item.__class__ is not _Failed:
                 workers.busy_with(slot, label, got, describe)
                 try:
                     item = fn(item) if state is None else fn(state, item)
@@ -254,17 +266,20 @@ class Pipeline:
                         exc = _stopped(exc, "stage %r, on %s," % (stage.name, describe(got)))
                     c[1] += 1
                     if stage.on_error == "raise":
-                        self._fail(exc)
-                        return
-                    errors = sum(x[1] for x in stage.counters)
-                    if stage.max_errors is not None and errors > stage.max_errors:
-                        err = RuntimeError("stage %r: %d items failed, more than max_errors=%d; "
-                                           "the last failure is the cause"
-                                           % (stage.name, errors, stage.max_errors))
-                        err.__cause__ = exc
-                        self._fail(err)
-                        return
-                    item = _SKIP
+                        if not self._ordered:
+                            self._fail(exc)
+                            return
+                        item = _Failed(exc)  # raised at its turn; this worker goes on
+                    else:
+                        errors = sum(x[1] for x in stage.counters)
+                        if stage.max_errors is not None and errors > stage.max_errors:
+                            err = RuntimeError("stage %r: %d items failed, more than "
+                                               "max_errors=%d; the last failure is the cause"
+                                               % (stage.name, errors, stage.max_errors))
+                            err.__cause__ = exc
+                            self._fail(err)
+                            return
+                        item = _SKIP
                 else:
                     workers.idle(slot)
                     c[0] += 1
@@ -397,6 +412,9 @@ class _Iterator:
                 self._release()
                 if item is _SKIP:
                     continue
+                if item.__class__ is _Failed:
+                    p._fail(item.exc)
+                    raise item.exc
                 return item
             if self._ended:
                 if self._held:

@@ -42,6 +42,31 @@ def test_stage_error_raises_with_original_traceback_and_stops():
     assert p._workers.pool.closed  # its threads are joined
 
 
+@pytest.mark.parametrize("feed", ["thread", "consumer"])
+def test_ordered_errors_come_at_their_turn(feed):
+    """Ordered: the earliest failing item's error, after every result before it, even when a
+    later item fails first (here item 6 at once, item 3 after 0.2 s); every run the same."""
+    def fn(x):
+        if x == 3:
+            time.sleep(0.2)
+            raise ValueError("item 3")
+        if x == 6:
+            raise KeyError("item 6")
+        return x
+
+    got = []
+    p = threadloom.Pipeline(range(100), capacity=8, feed=feed).map(fn, workers=4).map(jitter, workers=2)
+    with pytest.raises(ValueError, match="item 3"):
+        for x in p:
+            got.append(x)
+    assert got == [0, 1, 2]
+    assert p._workers.pool.closed
+    # unordered: the first error raised stops it at once (item 6 here)
+    p = threadloom.Pipeline(range(100), ordered=False, capacity=8, feed=feed).map(fn, workers=4)
+    with pytest.raises(KeyError, match="item 6"):
+        list(p)
+
+
 def test_skip_policy_counts_and_limits():
     p = threadloom.Pipeline(range(100), ordered=True).map(
         lambda x: 1 // (x % 10), workers=2, on_error="skip", max_errors=20)
