@@ -427,7 +427,12 @@ TEST_IMPL(device_sim_launch_cost) {
   for (int i = 0; i < 20; i++) ASSERT_OK(tl_kernel_async(s, 0));
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
   double ms = (double)(b.tv_sec - a.tv_sec) * 1e3 + (double)(b.tv_nsec - a.tv_nsec) / 1e6;
-  ASSERT(ms >= 9.0); /* 20 x 500 us of this thread's CPU, less the calibration's error */
+  /* 20 x 500 us of this thread's CPU, less the calibration's error: the loop is calibrated once
+   * at configure (the fastest of 5 probes), and a probe slowed throughout (an SMT sibling busy,
+   * a VM's stolen time counted as the thread's) makes the later launches cheaper; TSan under a
+   * parallel ctest measured 9 ms and less. Half the cost still tells the option from no option
+   * (20 launches without it cost microseconds). */
+  ASSERT(ms >= 5.0);
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
   for (int i = 0; i < 20; i++) ASSERT_OK(tl_event_record(e, s));
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
@@ -460,15 +465,17 @@ static void gate_open(gate_t* g) {
   pthread_mutex_unlock(&g->mu);
 }
 
-/* Modelled copy time: 4 MiB at 400 MB/s is 10.49 ms of H2D engine time, pinned; the same from
- * pageable memory at 100 MB/s is 41.9 ms. Busy time counts the model exactly. Everything is
+/* Modelled copy time: 256 KiB at 10 MB/s is 26.21 ms of H2D engine time, pinned; the same from
+ * pageable memory at 2.5 MB/s is 104.86 ms. Busy time counts the model exactly. Everything is
  * queued behind a gate, so the timings do not depend on how fast this thread queues (a slow
- * sanitizer build on a loaded machine took longer than a 5 ms kernel to queue it). */
+ * sanitizer build on a loaded machine took longer than a 5 ms kernel to queue it). The copies
+ * are small against their modelled time because a real copy slower than the model stretches
+ * it (real time wins): 4 MiB at 400 MB/s (10.49 ms) under TSan on a loaded CI machine did. */
 TEST_IMPL(device_sim_copy_model) {
-  tl_device_t* d = sim_device("sim:1,h2d=400MB/s,pageable=100MB/s", 0);
+  tl_device_t* d = sim_device("sim:1,h2d=10MB/s,pageable=2.5MB/s", 0);
   tl_stream_t* s;
   ASSERT_OK(tl_stream_acquire(d, 0, &s));
-  size_t n = 4 * MiB;
+  size_t n = 256 * 1024;
   pinned_t pin;
   unsigned char* hp = pinned_new(&pin, d, n);
   unsigned char* pg = malloc(n);
@@ -492,13 +499,13 @@ TEST_IMPL(device_sim_copy_model) {
   double pinned_ms, pageable_ms;
   ASSERT_OK(tl_event_elapsed(t0, t1, &pinned_ms));
   ASSERT_OK(tl_event_elapsed(t1, t2, &pageable_ms));
-  ASSERT(pinned_ms > 10.48 && pinned_ms < 10.50);
-  ASSERT(pageable_ms > 41.93 && pageable_ms < 41.95);
+  ASSERT(pinned_ms > 26.20 && pinned_ms < 26.22);
+  ASSERT(pageable_ms > 104.85 && pageable_ms < 104.87);
   tl_engine_stats_t st;
   ASSERT_OK(tl_sim_engine_stats(d, TL_ENGINE_H2D, &st));
   ASSERT_EQ(st.ops, 2);
   ASSERT_EQ(st.bytes, 2 * n);
-  ASSERT(st.busy_ns > 52400000 && st.busy_ns < 52450000);
+  ASSERT(st.busy_ns > 131060000 && st.busy_ns < 131090000);
   ASSERT_OK(tl_dbuf_free(b));
   tl_event_close(t0);
   tl_event_close(t1);
