@@ -121,6 +121,7 @@ class Workers:
         self.error = None
         self._lock = threading.Lock()
         self._joiner = None     # the thread joining the pool, once close() began
+        self._joined = False    # the joiner finished: every thread has returned
         self._reported = False  # the threads left running were reported (once)
         _runtime.register(self, close=Workers.close)
 
@@ -156,6 +157,10 @@ class Workers:
         report the threads still in a call and leave them (once; later closes do not wait
         again). Safe to call more than once, from any thread. Returns True once every thread
         has returned."""
+        if self._joined:
+            # nothing left to do, and nothing of threading is needed: a close from a __del__
+            # at interpreter teardown (module globals already None) comes here
+            return True
         with self._lock:
             first = not self.closed
             self.closed = True
@@ -180,6 +185,7 @@ class Workers:
     def _join(self):
         self.pool.close(cancel=True)
         _runtime.unregister(self)
+        self._joined = True
 
     def report(self, why):
         """'N threads <why>:' and, per busy thread, what it is busy with, since when, and its

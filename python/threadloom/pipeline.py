@@ -30,6 +30,7 @@ threads sharing such objects stop scaling past a few threads.
 """
 
 import reprlib
+import sys
 import threading
 import time
 
@@ -448,5 +449,8 @@ class _Iterator:
     def close(self):
         self._pipe.close()
 
-    def __del__(self):
-        self._pipe.close()
+    def __del__(self, _finalizing=sys.is_finalizing):
+        # at interpreter teardown the exit hook (_runtime.close_all) has stopped the threads
+        # already, and module globals may be None: nothing to do
+        if not _finalizing():
+            self._pipe.close()

@@ -136,3 +136,29 @@ def test_one_exit_hook_closes_what_is_still_open():
     r = run_python("-c", code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "queued work ran"
+
+
+def test_iterators_left_alive_at_exit_say_nothing():
+    """Loader and pipeline iterators left in module globals (mid-epoch, closed, exhausted) are
+    stopped by the exit hook; their __del__ at interpreter teardown, when module globals are
+    already gone, must not print 'Exception ignored' tracebacks."""
+    code = """if 1:
+        import threadloom
+        class DS:
+            def __len__(self): return 64
+            def __getitem__(self, i): return i
+        mid = iter(threadloom.DataLoader(DS(), batch_size=4, num_workers=2))
+        next(mid)
+        closed = iter(threadloom.DataLoader(DS(), batch_size=4, num_workers=2))
+        next(closed)
+        closed.close()
+        done = iter(threadloom.DataLoader(DS(), batch_size=32, num_workers=2))
+        batches = list(done)
+        pipe = iter(threadloom.Pipeline(range(1000), capacity=2).map(lambda x: x, workers=2))
+        next(pipe)
+        print("ok", flush=True)
+        """
+    r = run_python("-c", code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+    assert r.stderr == "", r.stderr

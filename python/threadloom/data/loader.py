@@ -669,8 +669,10 @@ class _LoaderIter:
         if self._engine is not None:
             self._engine.close(wait)
 
-    def __del__(self):
-        if hasattr(self, "progress"):  # __init__ may have failed
+    def __del__(self, _finalizing=sys.is_finalizing):
+        # __init__ may have failed; at interpreter teardown the exit hook (_runtime.close_all)
+        # has stopped the threads already, and module globals (time, ...) may be None
+        if hasattr(self, "progress") and not _finalizing():
             self.close()
 
 
