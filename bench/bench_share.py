@@ -1,8 +1,8 @@
 """bench/bench_share.py: threads scaling with and without threadloom.share(), and one function run
 as the script, imported from source and imported from .pyc.
 
-Cases (the speed-up is the time of N items on 1 thread over the time of the same N items split
-over T threads; on a machine with T free cores, T is linear):
+Cases (the speed-up is the throughput of T threads, each doing N items, over that of 1 thread
+doing N items (--per-thread); on a machine with T free cores, T is linear):
 
   loader   the loader benchmarks' `python` workload (bench/_workload.Tokens, dict lookups in
            the dataset's own vocabulary) called directly by the threads:
@@ -19,17 +19,20 @@ over T threads; on a machine with T free cores, T is linear):
 
 Each case runs in a new interpreter (share() is for good), which alternates 1-thread and
 T-thread rounds (--rounds, best of each kept); the cases run interleaved --reps times. The
-speed-up is the best 1-thread time over the best T-thread time of all runs (on a shared machine
+speed-up is the best 1-thread round over the best T-thread round of all runs (on a shared machine
 another process taking a core slows the T-thread rounds most), with the median and range of
-the runs' own ratios beside it. Prints one line per case; --json writes them all.
+the runs' own ratios beside it. A round does the same items per thread whatever T (weak
+scaling), so it lasts as long on 16 threads as on 2, and long enough (4000 items: 0.15-0.35 s
+here) that a scheduling hiccup of a shared VM is a small part of it: with 1200 items (50 ms
+rounds) the 2-thread share rounds on the 2-core VM ranged 1.20-1.98x between runs of one
+`make bench`. Prints one line per case; --json writes them all.
 
-    python3.13t bench/bench_share.py [--threads 2,16] [--items N] [--reps R] [--rounds K]
+    python3.13t bench/bench_share.py [--threads 2,16] [--per-thread N] [--reps R] [--rounds K]
                                      [--json PATH]
 """
 
 import argparse
 import json
-import math
 import os
 import py_compile
 import shutil
@@ -55,12 +58,12 @@ PLAIN = {"THREADLOOM_SHARE_IMPORTS": "0", "PYTHONDONTWRITEBYTECODE": "1"}
 # The child: time one function on 1 and T threads
 # ------------------------------------------------------------------------------------------------
 
-def time_threads(fn, items, threads):
-    """Seconds for fn(lo, hi) over `items` items split into `threads` equal ranges, one thread
-    each, started together."""
+def time_threads(fn, per, threads):
+    """Seconds for `threads` threads, started together, each calling fn(lo, hi) on its own
+    range of `per` items (thread k: k*per .. (k+1)*per - 1)."""
     barrier = threading.Barrier(threads + 1)
     errors = []
-    step = items // threads
+    step = per
 
     def run(k):
         try:
@@ -83,10 +86,12 @@ def time_threads(fn, items, threads):
 
 
 def child_main(argv, fn=None):
-    """--child WORKLOAD VARIANT ITEMS THREADS ROUNDS [DIR]: prints {"t1": s, "tn": {T: s}}."""
-    workload, variant, items, threads, rounds = argv[:5]
-    items, rounds = int(items), int(rounds)
+    """--child WORKLOAD VARIANT PER THREADS ROUNDS [DIR]: prints {"t1": s, "tn": {T: s}}, the
+    best round of PER items on 1 thread and of PER items on each of T threads."""
+    workload, variant, per, threads, rounds = argv[:5]
+    per, rounds = int(per), int(rounds)
     threads = [int(t) for t in threads.split(",")]
+    items = per * max(threads)  # the loader workload's dataset: every thread's range
     note = None
     if fn is None:
         if variant != "plain" and variant not in ("source", "pyc"):
@@ -112,13 +117,13 @@ def child_main(argv, fn=None):
             import threadloom
             r = threadloom.share(target)
             note = "%d objects made immortal, %d bytes" % (r.made_immortal, r.bytes)
-    time_threads(fn, items, 1)  # warm-up: specialization, caches, the first thread start
+    time_threads(fn, per, 1)  # warm-up: specialization, caches, the first thread start
     best1, bestn = None, {t: None for t in threads}
     for _ in range(rounds):
-        dt = time_threads(fn, items, 1)
+        dt = time_threads(fn, per, 1)
         best1 = dt if best1 is None else min(best1, dt)
         for t in threads:
-            dt = time_threads(fn, items, t)
+            dt = time_threads(fn, per, t)
             bestn[t] = dt if bestn[t] is None else min(bestn[t], dt)
     print(json.dumps({"t1": best1, "tn": bestn, "note": note}))
 
@@ -127,7 +132,7 @@ def child_main(argv, fn=None):
 # The parent: the cases, interleaved
 # ------------------------------------------------------------------------------------------------
 
-def run_case(py, workload, variant, items, threads, rounds, tmp):
+def run_case(py, workload, variant, per, threads, rounds, tmp):
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     if workload == "code":
@@ -136,7 +141,7 @@ def run_case(py, workload, variant, items, threads, rounds, tmp):
             cmd = [py, os.path.join(tmp, "src", "_share_code.py"), HERE]
         else:
             cmd = [py, os.path.join(HERE, "bench_share.py"), "--child"]
-        args = [workload, variant, str(items), ",".join(map(str, threads)), str(rounds)]
+        args = [workload, variant, str(per), ",".join(map(str, threads)), str(rounds)]
         if variant != "script":
             args.append(os.path.join(tmp, "pyc" if variant == "pyc" else "src"))
     else:
@@ -145,7 +150,7 @@ def run_case(py, workload, variant, items, threads, rounds, tmp):
         else:
             env["PYTHONDONTWRITEBYTECODE"] = "1"
         cmd = [py, os.path.join(HERE, "bench_share.py"), "--child"]
-        args = [workload, variant, str(items), ",".join(map(str, threads)), str(rounds)]
+        args = [workload, variant, str(per), ",".join(map(str, threads)), str(rounds)]
     p = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=600)
     if p.returncode != 0:
         raise RuntimeError("bench_share: %s/%s failed:\n%s" % (workload, variant, p.stderr))
@@ -157,21 +162,18 @@ def main():
     cores = len(os.sched_getaffinity(0))
     ap.add_argument("--threads", default=",".join(str(t) for t in sorted({2, cores}) if t > 1),
                     help="thread counts to compare with 1 (default: 2 and the core count)")
-    ap.add_argument("--items", type=int, help="items per round (default 1200 per thread of the "
-                    "largest thread count: 2400 for 2, 19200 for 16)")
+    ap.add_argument("--per-thread", type=int, default=4000,
+                    help="items per thread per round (4000: 0.15-0.35 s rounds on the 2-core VM)")
     ap.add_argument("--reps", type=int, default=3, help="interleaved runs of every case (3)")
     ap.add_argument("--rounds", type=int, default=3, help="1-thread/T-thread rounds per run (3)")
     ap.add_argument("--json")
     a = ap.parse_args()
     threads = sorted({int(t) for t in a.threads.split(",")})
-    if a.items is None:
-        a.items = 1200 * max(threads)
-    if any(t < 2 for t in threads) or a.items < max(threads) or a.reps < 1 or a.rounds < 1:
-        ap.error("--threads are >= 2, --items >= the threads, --reps and --rounds >= 1")
-    a.items -= a.items % math.lcm(*threads)  # equal ranges for every thread count
+    if any(t < 2 for t in threads) or a.per_thread < 1 or a.reps < 1 or a.rounds < 1:
+        ap.error("--threads are >= 2, --per-thread, --reps and --rounds >= 1")
     py = sys.executable
-    print("python %s, %d cores; %d items per round, threads 1 vs %s, %d interleaved runs, best "
-          "of %d rounds each" % (sys.version.split()[0], cores, a.items,
+    print("python %s, %d cores; %d items per thread per round, threads 1 vs %s, %d interleaved "
+          "runs, best of %d rounds each" % (sys.version.split()[0], cores, a.per_thread,
                                  ",".join(map(str, threads)), a.reps, a.rounds), flush=True)
     tmp = tempfile.mkdtemp(prefix="bench-share-")
     try:
@@ -184,20 +186,21 @@ def main():
         runs = {c: [] for c in CASES}
         for _ in range(a.reps):
             for c in CASES:
-                runs[c].append(run_case(py, c[0], c[1], a.items, threads, a.rounds, tmp))
+                runs[c].append(run_case(py, c[0], c[1], a.per_thread, threads, a.rounds, tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = []
     for (wl, variant), rs in runs.items():
         t1 = min(r["t1"] for r in rs)
-        row = {"workload": wl, "variant": variant, "items": a.items,
-               "items_per_s_1": a.items / t1, "note": rs[0]["note"], "threads": {}}
+        per = a.per_thread
+        row = {"workload": wl, "variant": variant, "per_thread": per,
+               "items_per_s_1": per / t1, "note": rs[0]["note"], "threads": {}}
         for t in threads:
-            sp = [r["t1"] / r["tn"][str(t)] for r in rs]
+            sp = [t * r["t1"] / r["tn"][str(t)] for r in rs]
             tn = min(r["tn"][str(t)] for r in rs)
             # best against best: another process taking a core slows the T-thread rounds more
             # than the 1-thread ones, so on a shared machine the fastest rounds are the measure
-            row["threads"][str(t)] = {"items_per_s": a.items / tn, "speedup": t1 / tn,
+            row["threads"][str(t)] = {"items_per_s": t * per / tn, "speedup": t * t1 / tn,
                                       "speedup_median": statistics.median(sp),
                                       "speedup_min": min(sp), "speedup_max": max(sp)}
         rows.append(row)
@@ -211,7 +214,7 @@ def main():
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"python": sys.version.split()[0], "cores": cores, "threads": threads,
-                       "items": a.items, "reps": a.reps, "rounds": a.rounds,
+                       "per_thread": a.per_thread, "reps": a.reps, "rounds": a.rounds,
                        "loadavg": os.getloadavg()[0], "rows": rows}, f, indent=1)
 
 

@@ -1395,12 +1395,14 @@ def section_share(r, cores):
     if sh is None:
         return None
     ts = sh["threads"]
-    r.md += ["The same N items on 1 thread and split over T threads, each case in a new "
+    r.md += ["%s items per thread on 1 thread and on T threads (the same per thread, so "
+             "linear is T), each case in a new "
              "interpreter (share() is for good), %d interleaved runs of %d alternating "
-             "1-thread/T-thread rounds; speed-up = best 1-thread time / best T-thread time "
-             "over all runs (in parentheses: the median and range of each run's own ratio). "
+             "1-thread/T-thread rounds; speed-up = T-thread items/s of the best T-thread round "
+             "/ items/s of the best 1-thread round over all runs (in parentheses: the median "
+             "and range of each run's own ratio). "
              "Goal: >= 1.8x at 2 threads with share; >= 85%% of linear at 16 threads on a "
-             "16-core machine." % (sh["reps"], sh["rounds"]), ""]
+             "16-core machine." % (sh.get("per_thread", "N"), sh["reps"], sh["rounds"]), ""]
     hdr = ["workload", "variant", "1 thread items/s"]
     for t in ts:
         hdr += ["%d threads items/s" % t, "speed-up at %d" % t]

@@ -11,6 +11,7 @@
 #   --only L   run only these benchmarks (comma-separated names: scheduler, arena, device,
 #              devices, device_state, executor, ...; scripts/gpu-check.sh picks what fits its
 #              minutes)
+# SHARE_ARGS="--threads 2,16 --reps 1" replaces bench_share.py's arguments.
 # TORCH_PYTHON=/path/to/python picks the interpreter for the torch DataLoader baselines; by default
 # build/bootstrap.env's GIL_PYTHON (the GIL baseline venv scripts/bootstrap.sh makes), else the first of PYTHON,
 # python3.12, python3, python3.11, python3.13 that can import torch.
@@ -100,7 +101,7 @@ if [ $quick = 1 ]; then
   q_ckpt=(--size 16 --sizes 4,16 --repeat 1)
   q_load=(--samples 400 --threads 1,2 --reps 1)
   q_foot=(--quick)
-  q_share=(--items 240 --threads 2 --reps 1 --rounds 1)
+  q_share=(--per-thread 120 --threads 2 --reps 1 --rounds 1)
   q_dev=(--seconds 0.1)
   q_devs=(--quick)
   q_vision=(--quick)
@@ -110,6 +111,8 @@ else
   q_sched=() q_arena=() q_exec=() q_start=() q_ckpt=() q_load=(--reps 5) q_foot=() q_share=() q_dev=() q_devs=()
   q_vision=() q_state=()
 fi
+# SHARE_ARGS replaces bench_share.py's arguments (scripts/gpu-check.sh: one short run on 16 cores)
+[ -n "${SHARE_ARGS:-}" ] && read -ra q_share <<< "$SHARE_ARGS"
 run scheduler "$here/build/bench/tl-bench-scheduler" ${q_sched[@]+"${q_sched[@]}"} --json "$out/scheduler.json"
 run arena "$here/build/bench/tl-bench-arena" ${q_arena[@]+"${q_arena[@]}"} --json "$out/arena.json"
 run device "$here/build/bench/tl-bench-device" ${q_dev[@]+"${q_dev[@]}"} --json "$out/device.json"

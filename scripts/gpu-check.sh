@@ -25,8 +25,8 @@
 # the C tests named gpu_* (tl-tests runs each in a forked child; exit 77 is a skip with the
 # reason) and the Python tests marked gpu (the cuda half of every test parametrized over
 # backends). The benchmarks are bench/run.sh's device benchmarks on sim and on cuda:0 and the
-# CPU benchmarks that fit the time (scheduler, executor, DataLoader against torch on
-# TORCH_PYTHON, default python3.12); the whole run is sized to finish within 8 minutes on 16
+# CPU benchmarks that fit the time (scheduler, executor, share() at 2 and 16 threads, one short
+# run, DataLoader against torch on TORCH_PYTHON, default python3.12); the whole run is sized to finish within 8 minutes on 16
 # cores (GPU_CHECK_BUDGET seconds for the benchmarks, default 300).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -217,9 +217,10 @@ say "tests: C gpu_*: $C_PASS passed, $C_SKIP skipped, $C_FAIL failed; Python -m 
 bench_rc=0
 if [ "$mode" = all ]; then
   budget=${GPU_CHECK_BUDGET:-300}
-  only=device,devices,device_cuda,devices_cuda,scheduler,executor,dataloader,dataloader_torch
+  only=device,devices,device_cuda,devices_cuda,scheduler,executor,share,dataloader,dataloader_torch
   say "benchmarks ($only) within $budget s"
-  TORCH_PYTHON=$TORCH_PY timeout --kill-after=10 "$budget" \
+  # share: issue 19's 16-thread goal (>= 85% of linear), one run of 3 rounds (~30 s)
+  SHARE_ARGS="--threads 2,$(nproc) --reps 1 --rounds 3" TORCH_PYTHON=$TORCH_PY timeout --kill-after=10 "$budget" \
     bash "$here/bench/run.sh" --only "$only" --out "$out" "$PY" > "$out/bench.log" 2>&1 || bench_rc=$?
   tail -n 5 "$out/bench.log" >&2
   if [ $bench_rc -eq 124 ] || [ $bench_rc -eq 137 ]; then
