@@ -23,6 +23,7 @@ shows, and numpy and Pillow are imported only by the scripts that use it.
 import argparse
 import gc
 import hashlib
+import json
 import os
 import sys
 import time
@@ -211,6 +212,23 @@ def thread_sweep(cores, cap=16):
     if cores <= cap:
         ws.add(cores)
     return sorted(ws)
+
+
+def cuda_unusable(prog, json_path):
+    """For a benchmark's --cuda: None when a CUDA device is usable; else prints why, writes
+    {"skipped": why} to json_path (the report leaves the section out saying so) and returns
+    the reason, and the benchmark exits 0 (no GPU is not a failure of the benchmark)."""
+    import threadloom
+    try:
+        threadloom._core.cuda_device_count()
+        return None
+    except threadloom.Error as e:
+        why = "no usable GPU: %s" % e
+    print("%s: --cuda: %s" % (prog, why))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"skipped": why}, f)
+    return why
 
 
 def parse_threads(text):

@@ -37,6 +37,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from _workload import cuda_unusable  # noqa: E402
 
 MiB = 1 << 20
 
@@ -273,15 +274,8 @@ def main():
             r = child_training(float(rest[0]), int(rest[1]), float(rest[2]), rest[3], cuda)
         print(json.dumps(r))
         return 0
-    if a.cuda:
-        import threadloom
-        try:
-            threadloom._core.cuda_device_count()
-        except threadloom.Error as e:
-            print("bench_device_state: --cuda: no usable GPU: %s" % e)
-            if a.json:
-                json.dump({"skipped": "no usable GPU: %s" % e}, open(a.json, "w"))
-            return 0
+    if a.cuda and cuda_unusable("bench_device_state", a.json):
+        return 0
     spec = "cuda" if a.cuda else "sim:1"
     c = "1" if a.cuda else "0"
     os.makedirs(a.dir, exist_ok=True)

@@ -49,6 +49,9 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _workload import cuda_unusable  # noqa: E402
+
 MiB = 1 << 20
 C_LAUNCH_LIB = os.path.join(HERE, "..", "build", "bench", "tl-bench-launch.so")
 LAUNCH_THREADS = (1, 2, 4, 8)
@@ -359,15 +362,8 @@ def main():
                                           a.child[4] == "1")))
         return 0
     secs = a.seconds or (0.2 if a.quick else 1.5)
-    if a.cuda:
-        import threadloom
-        try:
-            threadloom._core.cuda_device_count()
-        except threadloom.Error as e:
-            print("bench_devices: --cuda: no usable GPU: %s" % e)
-            if a.json:
-                json.dump({"skipped": "no usable GPU: %s" % e}, open(a.json, "w"))
-            return 0
+    if a.cuda and cuda_unusable("bench_devices", a.json):
+        return 0
     only = set(a.only.split(","))
     unknown = only - {"submit", "feeder", "launch"}
     if unknown:

@@ -638,8 +638,6 @@ DEVICE_TEST(allocator_cross_stream_free, "sim:1") {
   tl_dbuf_t* a;
   ASSERT_OK(tl_dbuf_alloc(own, 4096, &a));
   void* p = a->ptr;
-  tl_event_t* gate;
-  ASSERT_OK(tl_event_init(d, 0, &gate));
   ASSERT_OK(tl_kernel_async(other, 50000000)); /* other is busy for 50 ms ... */
   ASSERT_OK(tl_memset_async(other, a->ptr, 0, 4096)); /* ... then uses the block */
   ASSERT_OK(tl_dbuf_record_stream(a, other));
@@ -654,7 +652,6 @@ DEVICE_TEST(allocator_cross_stream_free, "sim:1") {
   ASSERT(c->ptr == p || b->ptr == p); /* reused once `other` was done */
   ASSERT_OK(tl_dbuf_free(b));
   ASSERT_OK(tl_dbuf_free(c));
-  tl_event_close(gate);
   tl_stream_release(own);
   tl_stream_release(other);
   return 0;
