@@ -39,7 +39,7 @@ from threadloom import gilguard, sysinfo
 from threadloom._queue import CLOSED, END, Queue, Workers
 from threadloom.data import device as todevice
 from threadloom.data.collate import default_collate, default_convert
-from threadloom.data.fetch import iterable_batches, map_fetcher
+from threadloom.data.fetch import PART_DONE, Part, iterable_batches, map_fetcher, split_first
 from threadloom.data.sampler import (BatchSampler, DistributedSampler, RandomSampler,
                                      SequentialSampler, distributed_env, draw_seed,
                                      load_replay_state, replay_state)
@@ -579,6 +579,8 @@ class _LoaderIter:
         try:
             while True:
                 batch = next(self._source)
+                if batch is PART_DONE:  # a part of the split first batch: another part's
+                    continue            # item brings the batch (fetch.py)
                 if self._discard:
                     self._discard -= 1
                     continue
@@ -716,6 +718,10 @@ def _map_pipeline(cfg, indices, base_seed):
             raise
 
     nw = cfg.num_workers
+    if cfg.auto_collation and nw >= 2:
+        # the first batch in parts: at the start every worker is idle, and the first batch
+        # would otherwise wait for one worker to fetch all its samples alone (fetch.py)
+        indices = split_first(indices, nw)
     pipe = Pipeline(indices, ordered=cfg.in_order, capacity=max(1, cfg.prefetch_factor * nw),
                     timeout=cfg.timeout or None, pin=cfg.pin, plan=cfg.plan, gpu=cfg.gpu,
                     name="dataloader", feed="consumer")
@@ -725,6 +731,8 @@ def _map_pipeline(cfg, indices, base_seed):
 
 
 def _sample_indices(idx):
+    if idx.__class__ is Part:  # a part of a split first batch (fetch.py)
+        return idx.describe()
     return "sample indices %s" % (idx,)
 
 
