@@ -11,8 +11,12 @@ Map-style datasets run on a threadloom.Pipeline: the consumer's thread walks the
 collate batches (work-stealing from one queue); the consumer gets them in sampler order
 (in_order=True) whatever the thread count. At most prefetch_factor * num_workers batches are in
 flight: the consumer hands over the next indices each time it takes a batch, so no thread sits
-between the sampler and the workers. Iterable datasets run one iterator per
-worker replica, each into its own bounded queue, taken round-robin as torch does.
+between the sampler and the workers. The first batch of each epoch (num_workers >= 2) goes out
+in contiguous parts that all the workers, idle at the start, fetch at once; the one that
+finishes last collates the batch (data/fetch.py: split_first), so it comes after about
+1/num_workers of a batch's time instead of a whole batch on one worker. Iterable datasets run
+one iterator per worker replica, each into its own bounded queue, taken round-robin as torch
+does.
 Thread-safety: one DataLoader is iterated by one thread at a time (as torch's).
 
 Device batches (device=, or pin_memory=True with pin_memory_device=): data/device.py; the
@@ -362,10 +366,11 @@ class DataLoader:
 
     def stats(self):
         """The current (or last) epoch: batches, samples, rates, time to first batch, the
-        consumer's wait, queue depth and each worker stage's busy / wait seconds; with device=,
-        "device": batches and bytes handed over, the copies' device time (copy_s, copy_gbs),
-        the consumer's hand-over time, bytes collated straight into staging, slot size and
-        staging waits (None without device=)."""
+        consumer's wait, queue depth and each worker stage's items (the first batch's parts
+        count one each) and busy / wait seconds; with device=, "device": batches and bytes
+        handed over, the copies' device time (copy_s, copy_gbs), the consumer's hand-over
+        time, bytes collated straight into staging, slot size and staging waits (None without
+        device=)."""
         it = self._current()
         if it is not None:
             return it.stats()
