@@ -801,6 +801,13 @@ def test_sampler_runs_on_the_consumer_thread():
 
 # -- the first batch, split between the idle workers (fetch.py's split_first) ------------------
 
+class _Shared(list):
+    """A list every replica of a dataset shares (its deep copy is itself)."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class Calls:
     """What a loader's workers fetched, shared by every replica (a replica's deep copy keeps
     this object): (index, worker id, id of the replica) per sample. With `workers`, each
@@ -890,11 +897,11 @@ def test_a_dataset_with_getitems_gets_the_parts():
         def __init__(self, n, calls, batched=False):
             super().__init__(n)
             self.calls, self.batched = calls, batched
-            self.got = []  # the __getitems__ calls, shared by the replicas (copied as a list)
+            self.got = _Shared()  # the indices of each __getitems__ call
 
         def __getitems__(self, idx):
             self.calls.record(idx, self)
-            self.calls.got.append(list(idx))
+            self.got.append(list(idx))
             if self.batched:  # one structure for the batch, not a list of samples
                 return {"x": [i * i for i in idx]}
             return [i * i for i in idx]
@@ -902,18 +909,15 @@ def test_a_dataset_with_getitems_gets_the_parts():
     want = [[i * i for i in range(k, min(k + 6, 20))] for k in range(0, 20, 6)]
     for nw, parts in ((2, [[0, 1, 2], [3, 4, 5]]), (4, [[0], [1, 2], [3], [4, 5]])):
         calls = Calls(nw)
-        calls.got = []
-        assert rows(DataLoader(Batched(20, calls), batch_size=6, num_workers=nw)) == want
-        assert sorted(calls.got) == sorted(parts + want_idx(20, 6)[1:])
+        ds = Batched(20, calls)
+        assert rows(DataLoader(ds, batch_size=6, num_workers=nw)) == want
+        assert sorted(ds.got) == sorted(parts + want_idx(20, 6)[1:])
         assert len(calls.workers_of(range(6))) == nw
     # a __getitems__ giving something else than a list of samples: the parts' results cannot
     # be joined, so the whole batch is asked for again (collate_fn sees what it saw unsplit)
-    calls = Calls(2)
-    calls.got = []
-    loader = DataLoader(Batched(20, calls, batched=True), batch_size=6, num_workers=2,
-                        collate_fn=lambda d: d["x"])
-    assert list(loader) == want
-    assert sorted(calls.got) == sorted([[0, 1, 2], [3, 4, 5]] + want_idx(20, 6))
+    ds = Batched(20, Calls(2), batched=True)
+    assert list(DataLoader(ds, batch_size=6, num_workers=2, collate_fn=lambda d: d["x"])) == want
+    assert sorted(ds.got) == sorted([[0, 1, 2], [3, 4, 5]] + want_idx(20, 6))
 
 
 def want_idx(n, bs):
@@ -940,17 +944,11 @@ class FailsIn(Squares):
                 raise StopIteration
             raise KeyError("sample %d is broken" % i)
         other = range(3, 6) if self.bad < 3 else range(0, 3)
-        if get_worker_info() is not None and get_worker_info().num_workers > 1:
-            if self.fails == "first" and i == other[0]:
-                gate.wait(30)
-            if self.fails == "last" and i == other[-1]:
-                gate.set()
+        if self.fails == "first" and i == other[0]:
+            gate.wait(30)
+        if self.fails == "last" and i == other[-1]:
+            gate.set()
         return i
-
-
-class _Shared(list):
-    def __deepcopy__(self, memo):
-        return self
 
 
 @pytest.mark.parametrize("in_order", [True, False])
@@ -964,7 +962,7 @@ def test_an_error_in_the_first_batch_is_the_error_of_the_unsplit_batch(error, ba
     for nw in (1, 2):
         events = _Shared([threading.Event()])
         if nw == 1:
-            events[0].set()  # nothing to wait for
+            events[0].set()  # one worker fetches both "parts": nothing to wait for
         loader = DataLoader(FailsIn(20, bad, error, fails, events), batch_size=6,
                             num_workers=nw, in_order=in_order)
         it = iter(loader)
