@@ -6,6 +6,7 @@ import copy
 import gc
 import os
 import random
+import re
 import threading
 import traceback
 
@@ -757,7 +758,8 @@ def test_stats_and_progress(capsys):
     st = loader.stats()
     assert st["batches"] == n == 10 and st["samples"] == 40
     assert st["time_to_first_batch_s"] is not None and st["samples_per_s"] > 0
-    assert st["stages"][0]["items"] == 10
+    # the stage's items: 9 batches and the first batch's 2 parts (fetched by both workers)
+    assert st["stages"][0]["items"] == 11
     assert "threadloom.DataLoader epoch 0: 10/10 batches" in capsys.readouterr().err
 
 
@@ -795,6 +797,258 @@ def test_sampler_runs_on_the_consumer_thread():
     out = rows(DataLoader(Squares(12), batch_size=3, sampler=Recording(), num_workers=3))
     assert out == [[0, 1, 4], [9, 16, 25], [36, 49, 64], [81, 100, 121]]
     assert seen == [(threading.get_ident(), None)] * 12
+
+
+# -- the first batch, split between the idle workers (fetch.py's split_first) ------------------
+
+class _Shared(list):
+    """A list every replica of a dataset shares (its deep copy is itself)."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class Calls:
+    """What a loader's workers fetched, shared by every replica (a replica's deep copy keeps
+    this object): (index, worker id, id of the replica) per sample. With `workers`, each
+    worker's first call of an epoch waits until every worker made its first one, so the first
+    `workers` items (the first batch's parts, then whole batches) go to distinct workers
+    whatever the timing; reset() between epochs."""
+
+    def __init__(self, workers=0):
+        self.log = []
+        self.lock = threading.Lock()
+        self.all_in = threading.Barrier(workers, timeout=60) if workers else None
+        self.started = set()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def reset(self):
+        self.log, self.started = [], set()
+
+    def record(self, indices, replica):
+        info = get_worker_info()
+        if info is None:
+            return
+        with self.lock:
+            first = info.id not in self.started
+            self.started.add(info.id)
+        if first and self.all_in is not None:
+            self.all_in.wait()
+        with self.lock:
+            self.log.extend((i, info.id, id(replica)) for i in indices)
+
+    def workers_of(self, indices):
+        indices = set(indices)
+        return {w for i, w, _ in self.log if i in indices}
+
+
+class Recorded(Squares):
+    """Sample i is i (a batch is its indices); every fetch is recorded in `calls`."""
+
+    def __init__(self, n, calls):
+        super().__init__(n)
+        self.calls = calls
+
+    def __getitem__(self, i):
+        super().__getitem__(i)
+        self.calls.record([i], self)
+        return i
+
+
+@pytest.mark.parametrize("nw", [2, 4])
+@pytest.mark.parametrize("n,bs,shuffle,drop_last", [
+    (37, 5, False, False),   # a last, short batch of 2
+    (37, 5, True, True),
+    (40, 8, True, False),
+    (37, 3, True, False),    # batch_size 3: with 4 workers, 3 parts of one sample
+], ids=["short-last", "shuffle-drop-last", "shuffle", "batch-under-workers"])
+def test_the_first_batch_is_fetched_by_all_idle_workers(nw, n, bs, shuffle, drop_last):
+    def make(workers, calls):
+        return DataLoader(Recorded(n, calls), batch_size=bs, shuffle=shuffle,
+                          drop_last=drop_last, num_workers=workers, generator=random.Random(7))
+
+    inline = make(0, Calls())
+    want = [rows(inline) for _ in range(3)]
+    calls = Calls(nw)
+    loader = make(nw, calls)
+    for epoch in range(3):
+        calls.reset()
+        got = rows(loader)
+        assert got == want[epoch]
+        # the first batch: one contiguous part per worker (as many as it has samples), all at
+        # once; every later batch whole, on one worker
+        assert len(calls.workers_of(got[0])) == min(nw, len(got[0])), calls.log
+        assert all(len(calls.workers_of(b)) == 1 for b in got[1:])
+        # each worker fetched from its own replica
+        replicas = collections.defaultdict(set)
+        for _, w, r in calls.log:
+            replicas[w].add(r)
+        assert all(len(r) == 1 for r in replicas.values())
+        assert len(set().union(*replicas.values())) == len(replicas)
+        st = loader.stats()
+        assert st["batches"] == len(got) and st["samples"] == sum(map(len, got))
+    assert shuffle == (want[0] != want[1])
+
+
+def test_a_dataset_with_getitems_gets_the_parts():
+    class Batched(Squares):
+        def __init__(self, n, calls, batched=False):
+            super().__init__(n)
+            self.calls, self.batched = calls, batched
+            self.got = _Shared()  # the indices of each __getitems__ call
+
+        def __getitems__(self, idx):
+            self.calls.record(idx, self)
+            self.got.append(list(idx))
+            if self.batched:  # one structure for the batch, not a list of samples
+                return {"x": [i * i for i in idx]}
+            return [i * i for i in idx]
+
+    want = [[i * i for i in range(k, min(k + 6, 20))] for k in range(0, 20, 6)]
+    for nw, parts in ((2, [[0, 1, 2], [3, 4, 5]]), (4, [[0], [1, 2], [3], [4, 5]])):
+        calls = Calls(nw)
+        ds = Batched(20, calls)
+        assert rows(DataLoader(ds, batch_size=6, num_workers=nw)) == want
+        assert sorted(ds.got) == sorted(parts + want_idx(20, 6)[1:])
+        assert len(calls.workers_of(range(6))) == nw
+    # a __getitems__ giving something else than a list of samples: the parts' results cannot
+    # be joined, so the whole batch is asked for again (collate_fn sees what it saw unsplit)
+    ds = Batched(20, Calls(2), batched=True)
+    assert list(DataLoader(ds, batch_size=6, num_workers=2, collate_fn=lambda d: d["x"])) == want
+    assert sorted(ds.got) == sorted([[0, 1, 2], [3, 4, 5]] + want_idx(20, 6))
+
+
+def want_idx(n, bs):
+    return [list(range(k, min(k + bs, n))) for k in range(0, n, bs)]
+
+
+class FailsIn(Squares):
+    """Sample `bad` raises `error`; the first batch's other part waits for it (fails first) or
+    it for the other part's last sample (fails last). The events are shared by the replicas."""
+
+    def __init__(self, n, bad, error, fails, events):
+        super().__init__(n)
+        self.bad, self.error, self.fails = bad, error, fails
+        self.events = events
+
+    def __getitem__(self, i):
+        gate = self.events[0]
+        if i == self.bad:
+            if self.fails == "first":
+                gate.set()
+            else:
+                gate.wait(30)
+            if self.error is StopIteration:
+                raise StopIteration
+            raise KeyError("sample %d is broken" % i)
+        other = range(3, 6) if self.bad < 3 else range(0, 3)
+        if self.fails == "first" and i == other[0]:
+            gate.wait(30)
+        if self.fails == "last" and i == other[-1]:
+            gate.set()
+        return i
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+@pytest.mark.parametrize("fails", ["first", "last"])
+@pytest.mark.parametrize("bad", [1, 4], ids=["part1of2", "part2of2"])
+@pytest.mark.parametrize("error", [KeyError, StopIteration])
+def test_an_error_in_the_first_batch_is_the_error_of_the_unsplit_batch(error, bad, fails,
+                                                                        in_order):
+    # today's error: one worker fetching the whole batch (num_workers=1, never split)
+    seen = {}
+    for nw in (1, 2):
+        events = _Shared([threading.Event()])
+        if nw == 1:
+            events[0].set()  # one worker fetches both "parts": nothing to wait for
+        loader = DataLoader(FailsIn(20, bad, error, fails, events), batch_size=6,
+                            num_workers=nw, in_order=in_order)
+        it = iter(loader)
+        with pytest.raises(Exception) as ei:
+            next(it)  # at batch 0's turn
+        exc = ei.value
+        seen[nw] = (type(exc), str(exc), type(exc.__cause__))
+        assert any(re.fullmatch(r"\(raised in threadloom.DataLoader worker \d\)", n)
+                   for n in exc.__notes__), exc.__notes__
+        assert loader.stats()["batches"] == 0 and loader.state_dict()["batches_yielded"] == 0
+        del it
+    assert seen[2] == seen[1]
+    if error is KeyError:
+        assert seen[2][:2] == (KeyError, "'sample %d is broken'" % bad)
+    else:
+        assert seen[2][0] is RuntimeError and seen[2][2] is StopIteration
+        assert ("dataset[%d] (in the batch of sample indices [0, 1, 2, 3, 4, 5]) raised "
+                "StopIteration" % bad) in seen[2][1]
+
+
+def test_a_timeout_names_the_stuck_part_of_the_first_batch():
+    release, returned = threading.Event(), threading.Event()
+
+    class Stuck(Squares):
+        def __getitem__(self, i):
+            if i == 1:
+                release.wait(60)
+                returned.set()
+            return i
+
+    it = iter(DataLoader(Stuck(8), batch_size=4, num_workers=2, timeout=0.3))
+    with pytest.raises(DataLoaderTimeoutError) as ei:
+        next(it)
+    msg = str(ei.value)
+    assert "sample indices [0, 1] (part 1 of 2 of the first batch)" in msg, msg
+    assert "release.wait(60)" in msg, msg
+    release.set()
+    returned.wait(30)
+    del it
+
+
+@pytest.mark.parametrize("nw", [2, 4])
+@pytest.mark.parametrize("head", [0, 1, 5])
+def test_resume_splits_the_first_batch_and_yields_exactly_the_rest(nw, head):
+    def make(workers, calls):
+        return DataLoader(Recorded(50, calls), batch_size=4, shuffle=True, num_workers=workers,
+                          generator=random.Random(11))
+
+    full = rows(make(0, Calls()))
+    loader = make(nw, Calls())
+    it = iter(loader)
+    assert [next(it).tolist() for _ in range(head)] == full[:head]
+    state = loader.state_dict()
+    assert state["batches_yielded"] == head
+    del it
+    loader.close()
+    calls = Calls(nw)
+    fresh = make(nw, calls)
+    fresh.load_state_dict(state)
+    rest = rows(fresh)
+    assert rest == full[head:]
+    # the resumed epoch's first batch is split too
+    assert len(calls.workers_of(rest[0])) == nw
+    assert fresh.stats()["batches"] == len(full)  # the epoch's, the resumed ones included
+    assert fresh.stats()["samples"] == sum(map(len, rest))
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+@pytest.mark.parametrize("nw", [2, 4])
+def test_the_parts_of_the_first_batch_never_reach_the_user(nw, in_order, capsys):
+    calls = Calls(nw)
+    loader = DataLoader(Recorded(30, calls), batch_size=7, num_workers=nw, in_order=in_order,
+                        progress=True)
+    it = iter(loader)
+    first = next(it).tolist()
+    st = loader.stats()
+    assert st["batches"] == 1 and st["samples"] == len(first)
+    assert loader.state_dict()["batches_yielded"] == 1
+    got = [first] + rows(it)
+    assert sorted(got) == want_idx(30, 7)
+    if in_order:
+        assert got == want_idx(30, 7)
+    st = loader.stats()
+    assert st["batches"] == len(loader) == 5 and st["samples"] == 30
+    assert len(calls.workers_of(range(7))) == nw
+    assert "5/5 batches" in capsys.readouterr().err
 
 
 # -- replica_copy: copy.deepcopy's result, faster ----------------------------------------------

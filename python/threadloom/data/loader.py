@@ -11,8 +11,12 @@ Map-style datasets run on a threadloom.Pipeline: the consumer's thread walks the
 collate batches (work-stealing from one queue); the consumer gets them in sampler order
 (in_order=True) whatever the thread count. At most prefetch_factor * num_workers batches are in
 flight: the consumer hands over the next indices each time it takes a batch, so no thread sits
-between the sampler and the workers. Iterable datasets run one iterator per
-worker replica, each into its own bounded queue, taken round-robin as torch does.
+between the sampler and the workers. The first batch of each epoch (num_workers >= 2) goes out
+in contiguous parts that all the workers, idle at the start, fetch at once; the one that
+finishes last collates the batch (data/fetch.py: split_first), so it comes after about
+1/num_workers of a batch's time instead of a whole batch on one worker. Iterable datasets run
+one iterator per worker replica, each into its own bounded queue, taken round-robin as torch
+does.
 Thread-safety: one DataLoader is iterated by one thread at a time (as torch's).
 
 Device batches (device=, or pin_memory=True with pin_memory_device=): data/device.py; the
@@ -39,7 +43,7 @@ from threadloom import gilguard, sysinfo
 from threadloom._queue import CLOSED, END, Queue, Workers
 from threadloom.data import device as todevice
 from threadloom.data.collate import default_collate, default_convert
-from threadloom.data.fetch import iterable_batches, map_fetcher
+from threadloom.data.fetch import PART_DONE, Part, iterable_batches, map_fetcher, split_first
 from threadloom.data.sampler import (BatchSampler, DistributedSampler, RandomSampler,
                                      SequentialSampler, distributed_env, draw_seed,
                                      load_replay_state, replay_state)
@@ -362,10 +366,11 @@ class DataLoader:
 
     def stats(self):
         """The current (or last) epoch: batches, samples, rates, time to first batch, the
-        consumer's wait, queue depth and each worker stage's busy / wait seconds; with device=,
-        "device": batches and bytes handed over, the copies' device time (copy_s, copy_gbs),
-        the consumer's hand-over time, bytes collated straight into staging, slot size and
-        staging waits (None without device=)."""
+        consumer's wait, queue depth and each worker stage's items (the first batch's parts
+        count one each) and busy / wait seconds; with device=, "device": batches and bytes
+        handed over, the copies' device time (copy_s, copy_gbs), the consumer's hand-over
+        time, bytes collated straight into staging, slot size and staging waits (None without
+        device=)."""
         it = self._current()
         if it is not None:
             return it.stats()
@@ -579,6 +584,8 @@ class _LoaderIter:
         try:
             while True:
                 batch = next(self._source)
+                if batch is PART_DONE:  # a part of the split first batch: another part's
+                    continue            # item brings the batch (fetch.py)
                 if self._discard:
                     self._discard -= 1
                     continue
@@ -718,6 +725,10 @@ def _map_pipeline(cfg, indices, base_seed):
             raise
 
     nw = cfg.num_workers
+    if cfg.auto_collation and nw >= 2:
+        # the first batch in parts: at the start every worker is idle, and the first batch
+        # would otherwise wait for one worker to fetch all its samples alone (fetch.py)
+        indices = split_first(indices, nw)
     pipe = Pipeline(indices, ordered=cfg.in_order, capacity=max(1, cfg.prefetch_factor * nw),
                     timeout=cfg.timeout or None, pin=cfg.pin, plan=cfg.plan, gpu=cfg.gpu,
                     name="dataloader", feed="consumer")
@@ -727,6 +738,8 @@ def _map_pipeline(cfg, indices, base_seed):
 
 
 def _sample_indices(idx):
+    if idx.__class__ is Part:  # a part of a split first batch (fetch.py)
+        return idx.describe()
     return "sample indices %s" % (idx,)
 
 
