@@ -1051,6 +1051,43 @@ def test_the_parts_of_the_first_batch_never_reach_the_user(nw, in_order, capsys)
     assert "5/5 batches" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("last", [0, 1], ids=["part-0-last", "part-1-last"])
+@pytest.mark.parametrize("nw", [2, 4])
+def test_the_sampler_is_pulled_as_torch_pulls_it_with_a_split_first_batch(nw, last):
+    """torch hands prefetch_factor * num_workers batches of indices to its workers at the start
+    and one more per batch it yields, so a sampler (and a generator it draws from, e.g. the
+    remainder permutation torch's RandomSampler draws at its end) has been pulled
+    prefetch_factor * num_workers + k times when the k-th next() returns. With the first batch
+    in parts the same holds whichever part finishes last (here the parts' first samples are
+    held back in turn): the other parts' items are taken before the batch is returned."""
+    bs, total = 4, 6
+
+    class Pulls:
+        def __init__(self):
+            self.n = 0
+
+        def __iter__(self):
+            for b in range(total):
+                self.n += 1
+                yield list(range(b * bs, (b + 1) * bs))
+
+        def __len__(self):
+            return total
+
+    class Slow(Squares):
+        def __getitem__(self, i):
+            if i == last * (bs // nw) and bs // nw and i < bs:  # a part's first sample
+                threading.Event().wait(0.2)  # that part finishes last
+            return i
+
+    pulls = Pulls()
+    loader = DataLoader(Slow(bs * total), batch_sampler=pulls, num_workers=nw, prefetch_factor=1)
+    it = iter(loader)
+    for k in range(1, total + 1):
+        assert next(it).tolist() == list(range((k - 1) * bs, k * bs))
+        assert pulls.n == min(total, nw + k), (k, pulls.n)
+
+
 # -- replica_copy: copy.deepcopy's result, faster ----------------------------------------------
 
 def _shape(x, seen=None):

@@ -8,7 +8,7 @@ it (batch_size=None) each index is one sample, converted. Iterable-style: the it
 are collated batch_size at a time (the last, short batch dropped with drop_last), or each
 converted without auto-collation.
 
-The first batch of a map-style epoch with 2 or more workers is split (split_first): its indices
+The first batch of a map-style epoch with 2 or more workers is split (SplitFirst): its indices
 become contiguous parts, one pipeline item each, so that all idle workers fetch its samples at
 once instead of one worker alone (time to first batch ~1/N of a batch plus the collation); the
 worker that finishes the last part joins the samples in index order and collates them on its
@@ -35,7 +35,7 @@ def map_fetcher(cfg):
     """fetch(dataset, idx) -> one batch of `dataset` (a worker's replica) for `idx`, with the
     collation of `cfg` (what an iteration read of its DataLoader: collate_fn, auto_collation,
     batch_size, drop_last). With auto-collation `idx` may also be a part of a split batch
-    (split_first): then fetch gives the whole batch or PART_DONE."""
+    (SplitFirst): then fetch gives the whole batch or PART_DONE."""
     collate = cfg.collate_fn
     if not cfg.auto_collation:
         def fetch_one(dataset, idx):
@@ -99,24 +99,52 @@ class _PartDone:
 PART_DONE = _PartDone()
 
 
-def split_first(batches, n):
-    """The batches of the iterator `batches` (a batch sampler's), the first one handed out as
-    min(n, len(batch)) contiguous parts (Part items) when that is 2 or more: n workers fetch
-    its samples at once, and the one that finishes last collates it (SplitBatch). Every later
-    batch is one item, as before. A batch that cannot be sliced (not a sequence or 1-D array)
-    is not split."""
-    for idx in batches:
-        try:
-            size = len(idx) if (isinstance(idx, collections.abc.Sequence)
-                                or getattr(idx, "ndim", None) == 1) else 0
-        except TypeError:
-            size = 0
-        if min(n, size) >= 2:
-            yield from SplitBatch(idx, min(n, size)).items
-        else:
-            yield idx
-        break
-    yield from batches
+class SplitFirst:
+    """An iterator over the batches of `batches` (a batch sampler's iterator), the first one
+    handed out as min(n, len(batch)) contiguous parts (Part items) when that is 2 or more: n
+    workers fetch its samples at once, and the one that finishes last collates it
+    (SplitBatch). Every later batch is one item, as before. A batch that cannot be sliced (not
+    a sequence or 1-D array) is not split.
+
+    `left`: the part items of the first batch the consumer has not taken yet (0 until it is
+    split). A pipeline with feed="consumer" iterates this on the consumer's thread, which also
+    counts `left` down (loader.py), so it needs no lock. The ordered consumer takes every part
+    item before it returns the batch, so that the sampler has been pulled as often as torch's
+    when next() returns (torch hands out prefetch_factor * num_workers batches, then one per
+    batch yielded; parts in flight would otherwise count in their place)."""
+
+    def __init__(self, batches, n):
+        self._batches = batches
+        self._n = n
+        self._first = True
+        self._rest = None  # the first batch's parts after the first
+        self.left = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._first:
+            self._first = False
+            idx = next(self._batches)
+            try:
+                size = len(idx) if (isinstance(idx, collections.abc.Sequence)
+                                    or getattr(idx, "ndim", None) == 1) else 0
+            except TypeError:
+                size = 0
+            n = min(self._n, size)
+            if n < 2:
+                return idx
+            items = SplitBatch(idx, n).items
+            self.left = n
+            self._rest = iter(items[1:])
+            return items[0]
+        if self._rest is not None:
+            item = next(self._rest, None)
+            if item is not None:
+                return item
+            self._rest = None
+        return next(self._batches)
 
 
 class Part:

@@ -13,7 +13,7 @@ collate batches (work-stealing from one queue); the consumer gets them in sample
 flight: the consumer hands over the next indices each time it takes a batch, so no thread sits
 between the sampler and the workers. The first batch of each epoch (num_workers >= 2) goes out
 in contiguous parts that all the workers, idle at the start, fetch at once; the one that
-finishes last collates the batch (data/fetch.py: split_first), so it comes after about
+finishes last collates the batch (data/fetch.py: SplitFirst), so it comes after about
 1/num_workers of a batch's time instead of a whole batch on one worker. Iterable datasets run
 one iterator per worker replica, each into its own bounded queue, taken round-robin as torch
 does.
@@ -43,7 +43,7 @@ from threadloom import gilguard, sysinfo
 from threadloom._queue import CLOSED, END, Queue, Workers
 from threadloom.data import device as todevice
 from threadloom.data.collate import default_collate, default_convert
-from threadloom.data.fetch import PART_DONE, Part, iterable_batches, map_fetcher, split_first
+from threadloom.data.fetch import PART_DONE, Part, SplitFirst, iterable_batches, map_fetcher
 from threadloom.data.sampler import (BatchSampler, DistributedSampler, RandomSampler,
                                      SequentialSampler, distributed_env, draw_seed,
                                      load_replay_state, replay_state)
@@ -524,6 +524,7 @@ class _LoaderIter:
         self.epoch = epoch
         self.samples = 0
         self._engine = None
+        self._split = None  # the map pipeline's SplitFirst (fetch.py), if it splits
         self._t0 = time.perf_counter()
         self._first = None
         self._wait = 0.0
@@ -561,7 +562,7 @@ class _LoaderIter:
                 fetch, ds = map_fetcher(cfg), cfg.dataset
                 self._source = (fetch(ds, idx) for idx in indices)
             else:
-                self._engine = _map_pipeline(cfg, indices, self.base_seed)
+                self._engine, self._split = _map_pipeline(cfg, indices, self.base_seed)
                 self._source = iter(self._engine)
         p.yielded = skip
 
@@ -582,10 +583,22 @@ class _LoaderIter:
             raise StopIteration
         t = time.perf_counter()
         try:
+            split = self._split
             while True:
                 batch = next(self._source)
                 if batch is PART_DONE:  # a part of the split first batch: another part's
-                    continue            # item brings the batch (fetch.py)
+                    split.left -= 1     # item brings the batch (fetch.py)
+                    continue
+                if split is not None and split.left and self.cfg.in_order:
+                    # ordered, parts outstanding: this is the split batch (its parts are the
+                    # first items); the parts after it are done (it came from the last to
+                    # finish) and are taken now, so that the sampler was pulled as often as
+                    # torch's when this returns (fetch.SplitFirst)
+                    split.left -= 1
+                    while split.left:
+                        done = next(self._source)
+                        split.left -= 1
+                        assert done is PART_DONE, done
                 if self._discard:
                     self._discard -= 1
                     continue
@@ -725,16 +738,17 @@ def _map_pipeline(cfg, indices, base_seed):
             raise
 
     nw = cfg.num_workers
+    split = None
     if cfg.auto_collation and nw >= 2:
         # the first batch in parts: at the start every worker is idle, and the first batch
         # would otherwise wait for one worker to fetch all its samples alone (fetch.py)
-        indices = split_first(indices, nw)
+        indices = split = SplitFirst(indices, nw)
     pipe = Pipeline(indices, ordered=cfg.in_order, capacity=max(1, cfg.prefetch_factor * nw),
                     timeout=cfg.timeout or None, pin=cfg.pin, plan=cfg.plan, gpu=cfg.gpu,
                     name="dataloader", feed="consumer")
     pipe.map(fetch, workers=nw, state=make_state, name="fetch+collate", queue_size=max(1, nw),
              describe=_sample_indices)
-    return pipe
+    return pipe, split
 
 
 def _sample_indices(idx):
