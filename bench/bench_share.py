@@ -165,7 +165,7 @@ def main():
     ap.add_argument("--per-thread", type=int, default=4000,
                     help="items per thread per round (4000: 0.15-0.35 s rounds on the 2-core VM)")
     ap.add_argument("--reps", type=int, default=3, help="interleaved runs of every case (3)")
-    ap.add_argument("--rounds", type=int, default=3, help="1-thread/T-thread rounds per run (3)")
+    ap.add_argument("--rounds", type=int, default=5, help="1-thread/T-thread rounds per run (5)")
     ap.add_argument("--json")
     a = ap.parse_args()
     threads = sorted({int(t) for t in a.threads.split(",")})
