@@ -283,16 +283,8 @@ def test_timeout_fires_while_a_worker_is_stuck_and_names_it():
     # the stuck worker first). The timeout must fire while the worker is still blocked, and
     # say which sample it is stuck on and where.
     release, returned = threading.Event(), threading.Event()
-
-    class Stuck(Squares):
-        def __getitem__(self, i):
-            if i == 5:
-                release.wait(60)
-                returned.set()
-            return i
-
-    for ds, what in ((Stuck(8), "sample indices [4, 5]"), (StuckStream(release, returned),
-                                                              "worker 0 for")):
+    for ds, what in ((StuckMap(8, 5, release, returned), "sample indices [4, 5]"),
+                     (StuckStream(release, returned), "worker 0 for")):
         release.clear()
         returned.clear()
         it = iter(DataLoader(ds, batch_size=2, num_workers=1, timeout=0.3))
@@ -309,6 +301,24 @@ def test_timeout_fires_while_a_worker_is_stuck_and_names_it():
         release.set()
         returned.wait(30)
         del it
+
+
+class StuckMap(Squares):
+    """Sample i is i; sample `at` first blocks until `release` is set (at most 60 s), then sets
+    `returned`."""
+
+    def __init__(self, n, at, release, returned):
+        super().__init__(n)
+        self.at, self.release, self.returned = at, release, returned
+
+    def __deepcopy__(self, memo):
+        return self  # the replica shares the events
+
+    def __getitem__(self, i):
+        if i == self.at:
+            self.release.wait(60)
+            self.returned.set()
+        return i
 
 
 class StuckStream(IterableDataset):
@@ -985,15 +995,8 @@ def test_an_error_in_the_first_batch_is_the_error_of_the_unsplit_batch(error, ba
 
 def test_a_timeout_names_the_stuck_part_of_the_first_batch():
     release, returned = threading.Event(), threading.Event()
-
-    class Stuck(Squares):
-        def __getitem__(self, i):
-            if i == 1:
-                release.wait(60)
-                returned.set()
-            return i
-
-    it = iter(DataLoader(Stuck(8), batch_size=4, num_workers=2, timeout=0.3))
+    it = iter(DataLoader(StuckMap(8, 1, release, returned), batch_size=4, num_workers=2,
+                         timeout=0.3))
     with pytest.raises(DataLoaderTimeoutError) as ei:
         next(it)
     msg = str(ei.value)

@@ -117,34 +117,30 @@ class SplitFirst:
         self._batches = batches
         self._n = n
         self._first = True
-        self._rest = None  # the first batch's parts after the first
+        self._parts = []  # the first batch's parts not handed out yet
         self.left = 0
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self._first:
-            self._first = False
-            idx = next(self._batches)
-            try:
-                size = len(idx) if (isinstance(idx, collections.abc.Sequence)
-                                    or getattr(idx, "ndim", None) == 1) else 0
-            except TypeError:
-                size = 0
-            n = min(self._n, size)
-            if n < 2:
-                return idx
-            items = SplitBatch(idx, n).items
-            self.left = n
-            self._rest = iter(items[1:])
-            return items[0]
-        if self._rest is not None:
-            item = next(self._rest, None)
-            if item is not None:
-                return item
-            self._rest = None
-        return next(self._batches)
+        if self._parts:
+            return self._parts.pop(0)
+        if not self._first:
+            return next(self._batches)
+        self._first = False
+        idx = next(self._batches)
+        try:
+            size = len(idx) if (isinstance(idx, collections.abc.Sequence)
+                                or getattr(idx, "ndim", None) == 1) else 0
+        except TypeError:
+            size = 0
+        n = min(self._n, size)
+        if n < 2:
+            return idx
+        self._parts = SplitBatch(idx, n).items
+        self.left = n
+        return self._parts.pop(0)
 
 
 class Part:
