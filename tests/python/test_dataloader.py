@@ -809,7 +809,7 @@ def test_sampler_runs_on_the_consumer_thread():
     assert seen == [(threading.get_ident(), None)] * 12
 
 
-# -- the first batch, split between the idle workers (fetch.py's split_first) ------------------
+# -- the first batch, split between the idle workers (fetch.py's SplitFirst) -------------------
 
 class _Shared(list):
     """A list every replica of a dataset shares (its deep copy is itself)."""
