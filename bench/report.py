@@ -589,9 +589,12 @@ def section_vision(r, cores):
                 % v.get("torch_skipped", "no torch rows"), v["samples"], v["reps"])]
     cost = v.get("per_sample_s", {})
     if cost.get(VTL) and cost.get(VTORCH):
+        faults = v.get("faults_per_sample") or {}
         r.md += ["", "One sample costs %s of CPU on one thread without a loader on the "
-                 "free-threaded interpreter, %s on torch's: %.2fx." % (
-                     us(cost[VTL]), us(cost[VTORCH]), cost[VTL] / cost[VTORCH])]
+                 "free-threaded interpreter, %s on torch's: %.2fx%s." % (
+                     us(cost[VTL]), us(cost[VTORCH]), cost[VTL] / cost[VTORCH],
+                     " (%.0f vs %.0f minor page faults per sample)" % (faults[VTL], faults[VTORCH])
+                     if faults.get(VTL) is not None and faults.get(VTORCH) is not None else "")]
     if "same_batches" in v:
         d = v["digests"][VTL]
         r.md += ["", "Same batches: %s (sha256 of every batch of an epoch with %d workers, %d "
@@ -705,6 +708,13 @@ def vision_why(v, rate, tb, wb, first, mem):
                        us(cost[VTL]), us(cost[VTORCH]), "about the same" if abs(q - 1) < 0.15
                        else "%.2fx %s on the free-threaded one" % (
                            q if q > 1 else 1 / q, "slower" if q > 1 else "faster")))
+        faults = v.get("faults_per_sample") or {}
+        fa, fb = faults.get(VTL), faults.get(VTORCH)
+        if q > 1.15 and fa is not None and fb is not None and fa > 2 * fb + 20:
+            out.append("That loop is not the interpreter's speed alone: it took %.0f minor page "
+                       "faults per sample against %.0f, i.e. glibc's malloc handed each sample's "
+                       "arrays freshly mapped pages (docs/design.md, \"Page faults in a sample "
+                       "loop\"); the loaders' workers are measured below." % (fa, fb))
     if rate(VTL, 0) and rate(VTORCH, 0):
         out.append("In the loop (no workers) they load %s vs %s samples/s (%s)%s." % (
             num(rate(VTL, 0)), num(rate(VTORCH, 0)), ratio(rate(VTL, 0), rate(VTORCH, 0)),
