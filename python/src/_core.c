@@ -559,6 +559,9 @@ static int core_exec(PyObject* module) {
   st->refprobe_type = PyType_FromModuleAndSpec(module, &tl_py_refprobe_spec, NULL);
   if (!st->refprobe_type || PyModule_AddObjectRef(module, "RefProbe", st->refprobe_type) < 0)
     return -1;
+  st->sharewalk_type = PyType_FromModuleAndSpec(module, &tl_py_sharewalk_spec, NULL);
+  if (!st->sharewalk_type || PyModule_AddObjectRef(module, "ShareWalk", st->sharewalk_type) < 0)
+    return -1;
   tl_py_share_init(st);
   st->device_type = PyType_FromModuleAndSpec(module, &tl_py_device_spec, NULL);
   if (!st->device_type || PyModule_AddObjectRef(module, "Device", st->device_type) < 0) return -1;
@@ -591,6 +594,7 @@ static int core_traverse(PyObject* module, visitproc visit, void* arg) {
   Py_VISIT(st->dlpack_tensor_type);
   Py_VISIT(st->ncclcomm_type);
   Py_VISIT(st->refprobe_type);
+  Py_VISIT(st->sharewalk_type);
   Py_VISIT(st->device_type);
   Py_VISIT(st->stream_type);
   Py_VISIT(st->event_type);
@@ -614,6 +618,7 @@ static int core_clear(PyObject* module) {
   Py_CLEAR(st->dlpack_tensor_type);
   Py_CLEAR(st->ncclcomm_type);
   Py_CLEAR(st->refprobe_type);
+  Py_CLEAR(st->sharewalk_type);
   Py_CLEAR(st->device_type);
   Py_CLEAR(st->stream_type);
   Py_CLEAR(st->event_type);

@@ -83,6 +83,7 @@ typedef struct {
   PyObject* dlpack_tensor_type;  /* threadloom._core.DLPackTensor */
   PyObject* ncclcomm_type;       /* threadloom._core.NcclComm */
   PyObject* refprobe_type;       /* threadloom._core.RefProbe */
+  PyObject* sharewalk_type;      /* threadloom._core.ShareWalk */
   const char* share_refusal;     /* why share() refuses on this interpreter; NULL: it works */
   destructor py_class_dealloc;   /* tp_dealloc of a class statement's class (subtype_dealloc) */
   PyObject* device_type;         /* threadloom._core.Device */
@@ -190,6 +191,7 @@ extern PyType_Spec tl_py_copyplan_spec;
 
 /* share.c */
 extern PyType_Spec tl_py_refprobe_spec;
+extern PyType_Spec tl_py_sharewalk_spec;
 /* Checks this interpreter's object header once, at exec: sets share_refusal and
  * py_class_dealloc. Never fails. */
 void tl_py_share_init(core_state* st);

@@ -354,6 +354,10 @@ class _Iterator:
         self._seq = 0
         self._inflight = 0
         self._capacity = 0
+        # work to do while no result is ready (the DataLoader's replicate="share" walk): called
+        # instead of blocking while the results queue is empty, a slice at a time; it returns
+        # True when it is done (then it is dropped). Set by the consumer, run on its thread.
+        self.idle = None
 
     def _fill(self):
         """feed="consumer": hands source items to the first stage until `capacity` are in
@@ -423,6 +427,10 @@ class _Iterator:
                 self._done = True
                 p.close()
                 raise StopIteration
+            if self.idle is not None and not len(p._out) and not p._closed:
+                if self.idle():
+                    self.idle = None
+                continue  # a result may have come meanwhile, or the work is done: look again
             got = p._out.get(timeout=p._timeout)
             if got is None and p._timeout is not None and not p._closed:
                 stats = ", ".join("%s: %d done, %d queued" % (s["name"], s["items"], s["queue_depth"])

@@ -47,7 +47,7 @@ import os
 import sys
 import time
 
-__all__ = ["ShareReport", "imports_shared", "path_of", "share", "share_imports"]
+__all__ = ["ShareInSteps", "ShareReport", "imports_shared", "path_of", "share", "share_imports"]
 
 ENV_IMPORTS = "THREADLOOM_SHARE_IMPORTS"
 
@@ -178,6 +178,70 @@ def share(obj, *, name=None, modules=False, classes=False, functions=False, code
     raw = core.share(obj, modules=modules, classes=classes, functions=functions, code=code,
                      extensions=extensions, collect=collect, examples=examples)
     return ShareReport(raw, root_name=name, seconds=time.perf_counter() - t0)
+
+
+class ShareInSteps:
+    """share(obj) done a slice at a time: ``step(budget)`` walks on until ``budget`` more
+    units were spent (one per item or object looked at and one per object reached, about 30 ns
+    each; <= 0: to the end) and returns True once the walk ended; ``report``
+    is its ShareReport from then on (None before; ``seconds`` counts the steps' time only).
+    Objects are made immortal by the thread that calls step() (those another live thread owns
+    are skipped, as in share()); between steps the data may be read by any thread, and what was
+    made immortal stays so if the walk is dropped (``close()``). One step at a time. The
+    DataLoader's replicate="share" runs the walk in the consumer's idle time this way. On a GIL
+    build the report is there at once, saying that nothing was done."""
+
+    def __init__(self, obj, *, name=None, modules=False, classes=False, functions=False,
+                 code=False, extensions=False, collect=True, examples=3):
+        core = _core()
+        ok, how = core.share_layout()
+        if not ok and not _gil_build():
+            raise NotImplementedError("threadloom.share: %s" % how)
+        if name is None:
+            name = obj.__name__ if type(obj).__name__ == "module" else "obj"
+        self._name = name
+        self._walk = None
+        self._seconds = 0.0
+        self.report = None
+        if not ok:
+            self.report = ShareReport(root_name=name, note=how)
+            return
+        t0 = time.perf_counter()
+        self._walk = core.ShareWalk(obj, modules=modules, classes=classes, functions=functions,
+                                    code=code, extensions=extensions, collect=collect,
+                                    examples=examples)
+        self._seconds = time.perf_counter() - t0
+
+    @property
+    def done(self):
+        return self.report is not None
+
+    @property
+    def reached(self):
+        """Objects reached so far."""
+        return self.report.visited if self.report is not None else self._walk.reached
+
+    def step(self, budget):
+        if self.report is not None:
+            return True
+        if self._walk is None:
+            raise RuntimeError("ShareInSteps.step: the walk was closed")
+        t0 = time.perf_counter()
+        try:
+            done = self._walk.step(budget)
+        finally:
+            self._seconds += time.perf_counter() - t0
+        if done:
+            raw, self._walk = self._walk.result(), None
+            self.report = ShareReport(raw, root_name=self._name, seconds=self._seconds)
+        return done
+
+    def close(self):
+        """Drops an unfinished walk (its references to the data go; the objects it made
+        immortal stay so)."""
+        if self._walk is not None:
+            self._walk.close()
+            self._walk = None
 
 
 def _gil_build():

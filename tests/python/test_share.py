@@ -7,6 +7,7 @@ import subprocess
 import sys
 import sysconfig
 import threading
+import time
 import types
 import weakref
 
@@ -441,3 +442,177 @@ def test_share_while_other_threads_read():
     assert not errors, errors[0]
     assert r.skipped == {} and r.visited == len(reachable(data))
     assert all(immortal(o) for o in reachable(data))
+
+
+# -- share() in steps (ShareInSteps, _core.ShareWalk): the DataLoader's replicate="share" ---------
+
+def records(n):
+    """A list of n (int, str, float) records, made at run time: the shape that takes steps."""
+    return [(10**6 + k, "rec-%d" % k, k + 0.25) for k in range(n)]
+
+
+@free_threaded
+def test_in_steps_the_report_is_share_s():
+    from threadloom.share import ShareInSteps
+    a = {"recs": records(3000), "more": {"k%d" % i: [float(i) + 0.5, "v%d" % i] for i in range(500)},
+         "graph": fresh_graph()}
+    b = {"recs": records(3000), "more": {"k%d" % i: [float(i) + 0.5, "v%d" % i] for i in range(500)},
+         "graph": fresh_graph()}
+    whole = share(a)
+    s = ShareInSteps(b, name="b")
+    steps = 0
+    while not s.step(100):
+        steps += 1
+        assert s.report is None and 0 < s.reached <= whole.visited
+    assert steps > 20  # 3000 records and 500 entries in slices of 100: many steps
+    r = s.report
+    assert (r.made_immortal, r.bytes, r.already_immortal, r.visited, r.skipped) == \
+        (whole.made_immortal, whole.bytes, whole.already_immortal, whole.visited, whole.skipped)
+    assert all(immortal(o) for o in reachable(b))
+    assert s.step(100) and s.report is r  # done stays done
+
+
+@free_threaded
+def test_in_steps_while_threads_read_mutate_and_collect():
+    # between steps the consumer's own code runs: readers on other threads, the collector, and
+    # the owner changing the data; nothing crashes, the readers always see consistent data, and
+    # what the final graph holds that the walk reached is immortal
+    from threadloom.share import ShareInSteps
+    data = {"k%d" % i: [("v%d" % j, float(j) + i) for j in range(20)] for i in range(1000)}
+    big = records(20000)
+    data["big"] = big
+    stop = threading.Event()
+    errors = []
+
+    def reader():
+        try:
+            while not stop.is_set():
+                for key, rows in list(data.items())[::50]:
+                    for row in rows[-20:]:
+                        assert isinstance(row[1], float if key != "big" else str), (key, row)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=reader) for _ in range(THREADS)]
+    for t in ts:
+        t.start()
+    s = ShareInSteps(data, name="data")
+    k = 0
+    while not s.step(500):
+        k += 1
+        if k % 5 == 0:
+            gc.collect()
+        if k % 3 == 0:
+            big.pop()                   # the list being walked shrinks under the walk
+            big.append((7, "new-%d" % k, 1.5))  # and takes one the walk may not reach
+        if k % 7 == 0:
+            data["k%d" % (k % 1000)] = [("n%d" % k, 2.5)]  # the dict is replaced into
+    stop.set()
+    for t in ts:
+        t.join()
+    assert not errors, errors[0]
+    assert k > 40 and s.report.skipped == {}
+    assert immortal(data) and immortal(big) and immortal(big[0]) and immortal(big[0][1])
+    gc.collect()
+    assert sum(len(v) for key, v in data.items() if key != "big") >= 999
+
+
+@free_threaded
+def test_in_steps_closed_midway_keeps_what_it_did():
+    from threadloom.share import ShareInSteps
+    recs = records(5000)
+    s = ShareInSteps(recs)
+    assert not s.step(100)
+    s.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        s.step(100)
+    done = [r for r in recs if immortal(r)]
+    assert 0 < len(done) < len(recs)  # the list is walked from its end, 100 items a step
+    assert all(immortal(r) for r in recs[-len(done):])
+    assert not immortal(recs)  # a container is made immortal once all of it is walked
+    del s
+    gc.collect()
+    assert all(immortal(r[1]) for r in done)
+
+
+class Records:
+    """A read-only map-style dataset over a list of records large enough to be walked in steps
+    (DatasetShare.FIRST objects in the constructor, then the consumer's idle time); the first
+    sample of each batch of 64 sleeps 0.5 ms, so the consumer waits for batches."""
+
+    def __init__(self, n):
+        self.recs = records(n)
+
+    def __len__(self):
+        return len(self.recs)
+
+    def __getitem__(self, i):
+        if i % 64 == 0:
+            time.sleep(0.0005)
+        return self.recs[i][0]
+
+
+@free_threaded
+def test_dataloader_share_walks_a_large_dataset_after_the_first_batch():
+    from threadloom.data.worker import DatasetShare
+    ds = Records(4 * DatasetShare.FIRST)
+    loader = threadloom.DataLoader(ds, batch_size=64, num_workers=2, replicate="share")
+    assert loader.share_report is None and not loader._sharing.done  # the first slice only
+    reached = loader._sharing._walk.reached
+    it = iter(loader)
+    first = next(it)
+    # the first batch waited for nothing else: the walk has not moved since the constructor
+    assert loader._sharing._walk.reached == reached
+    got = first.tolist() + [x for b in it for x in b.tolist()]
+    assert got == [10**6 + k for k in range(len(ds))]
+    # 1250 batches, each one's first sample sleeping: the consumer waited, and walked meanwhile
+    r = loader.share_report
+    assert r is not None and r.skipped == {} and r.made_immortal >= 3 * len(ds), r
+    assert immortal(ds) and immortal(ds.recs) and immortal(ds.recs[123][1])
+    assert [x for b in loader for x in b.tolist()] == got  # the next epoch: nothing left to do
+
+
+@free_threaded
+def test_dataloader_share_of_an_iterable_dataset_ends_when_the_epoch_starts():
+    from threadloom.data import IterableDataset
+    from threadloom.data.worker import DatasetShare
+
+    class Stream(IterableDataset):
+        def __init__(self, n):
+            self.recs = records(n)
+
+        def __iter__(self):
+            info = threadloom.get_worker_info()
+            return iter([r[0] for r in self.recs[info.id::info.num_workers]])
+
+    ds = Stream(2 * DatasetShare.FIRST)
+    loader = threadloom.DataLoader(ds, batch_size=None, num_workers=2, replicate="share")
+    assert loader.share_report is None
+    it = iter(loader)
+    assert loader.share_report is not None and immortal(ds.recs)
+    assert sorted(int(x) for x in it) == [10**6 + k for k in range(len(ds.recs))]
+
+
+@free_threaded
+def test_dataloader_share_that_fails_loses_no_batch(monkeypatch, caplog):
+    from threadloom.data.worker import DatasetShare
+    from threadloom.share import ShareInSteps
+    calls = []
+    real = ShareInSteps.step
+
+    def failing(self, budget):
+        calls.append(budget)
+        if len(calls) > 1:
+            raise MemoryError("injected")
+        return real(self, budget)
+
+    monkeypatch.setattr(ShareInSteps, "step", failing)
+    ds = Records(4 * DatasetShare.FIRST)
+    loader = threadloom.DataLoader(ds, batch_size=64, num_workers=2, replicate="share")
+    with caplog.at_level("WARNING", logger="threadloom.data"):
+        got = [x for _ in range(2) for b in loader for x in b.tolist()]
+        loader._sharing.finish()
+    assert got == 2 * [10**6 + k for k in range(len(ds))]
+    r = loader.share_report
+    assert r is not None and not r.enabled and "injected" in r.note
+    assert len(calls) == 2 and "sharing the dataset failed" in caplog.text

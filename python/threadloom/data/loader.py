@@ -47,7 +47,7 @@ from threadloom.data.fetch import PART_DONE, Part, SplitFirst, iterable_batches,
 from threadloom.data.sampler import (BatchSampler, DistributedSampler, RandomSampler,
                                      SequentialSampler, distributed_env, draw_seed,
                                      load_replay_state, replay_state)
-from threadloom.data.worker import WorkerState, log, note_worker, share_dataset
+from threadloom.data.worker import DatasetShare, WorkerState, log, note_worker
 from threadloom.pipeline import Pipeline
 
 __all__ = ["DataLoader", "Dataset", "IterableDataset", "Subset", "DataLoaderTimeoutError"]
@@ -233,8 +233,9 @@ class DataLoader:
             collate_fn = default_collate if self._auto_collation else default_convert
         self.collate_fn = collate_fn
 
-        # replicate="share": the workers read one dataset, made immortal once, before any starts
-        self.share_report = share_dataset(dataset) if replicate == "share" and num_workers else None
+        # replicate="share": the workers read one dataset, made immortal once: a first slice
+        # here, the rest while the consumer waits (worker.DatasetShare)
+        self._sharing = DatasetShare(dataset) if replicate == "share" and num_workers else None
         self._epoch = 0            # epochs started
         self._latest = None        # weakref to the _LoaderIter started last, or None
         self._live = weakref.WeakSet()  # the iterators that may be running, for close()
@@ -251,6 +252,13 @@ class DataLoader:
             raise ValueError("%s attribute should not be set after %s is initialized"
                              % (attr, type(self).__name__))
         object.__setattr__(self, attr, val)
+
+    @property
+    def share_report(self):
+        """replicate="share": the ShareReport once the dataset is shared (threadloom.share's;
+        None before: a large dataset is walked while the first epoch's consumer waits), else
+        None."""
+        return self._sharing.report if self._sharing is not None else None
 
     # -- torch's surface ---------------------------------------------------------------------
 
@@ -441,6 +449,7 @@ class _Config:
         self.batch_size = loader.batch_size
         self.drop_last = loader.drop_last
         self.states = loader._states  # persistent_workers: the loader's {worker id: WorkerState}
+        self.sharing = loader._sharing  # replicate="share": worker.DatasetShare, or None
         self.feeder = None
         # where pinned workers go: a device loader's to its device's loader slots of a device
         # plan (data/device.py: worker_plan), others to the CPU-wide loader plan (plan None)
@@ -545,6 +554,14 @@ class _LoaderIter:
         index_sampler = cfg.index_sampler
         if resume and resume.get("sampler") is not None:
             load_replay_state(index_sampler, resume["sampler"])
+        # replicate="share": the map-style pipeline walks the rest of the dataset while this
+        # iterator waits, from the epoch's first batch on (__next__); other paths finish it now
+        self._share_idle = False
+        if cfg.sharing is not None and not cfg.sharing.done:
+            if cfg.iterable or cfg.num_workers == 0:
+                cfg.sharing.finish()
+            else:
+                self._share_idle = True
         if cfg.iterable:
             self._engine = _IterableEngine(cfg, self.base_seed)
             self._source = self._engine
@@ -638,6 +655,9 @@ class _LoaderIter:
         self._wait += now - t
         if self._first is None:
             self._first = now - self._t0
+        if self._share_idle:  # the first batch is out: walk the dataset while waiting from now
+            self._share_idle = False
+            self._source.idle = self.cfg.sharing.step
         p.yielded += 1
         self.samples += n
         if self.cfg.progress:
