@@ -275,3 +275,30 @@ def test_consumer_feed_unordered_and_source_error():
         threadloom.Pipeline([1], feed="main")
     with pytest.raises(TypeError):  # not iterable: raised by iter(), the pipeline closed
         iter(threadloom.Pipeline(42, feed="consumer").map(lambda x: x))
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_idle_work_runs_only_while_no_result_is_ready(ordered):
+    # the iterator's idle hook (the DataLoader's replicate="share" walk) runs on the consumer's
+    # thread instead of blocking, a slice per call, until it says it is done; the results are
+    # those without it
+    gate = threading.Event()
+    slices = []
+
+    def slow(x):
+        if x == 0:
+            gate.wait(10)  # no result until the hook has run a few slices
+        return x
+
+    def idle():
+        slices.append(threading.get_ident())
+        if len(slices) == 3:
+            gate.set()
+        return len(slices) >= 5  # done after 5 slices: dropped then
+
+    it = iter(threadloom.Pipeline(range(50), ordered=ordered).map(slow, workers=2))
+    it.idle = idle
+    got = list(it)
+    assert sorted(got) == list(range(50)) and (got == list(range(50)) or not ordered)
+    assert 3 <= len(slices) <= 5 and set(slices) == {threading.get_ident()}
+    assert it.idle is None or len(slices) < 5
