@@ -28,6 +28,8 @@
  * retries such objects once after gc.collect() and only then reports them as owned by a live
  * thread. An object queued for a reference-count merge (ob_ref_shared's flags == _Py_REF_QUEUED)
  * is skipped the same way: the merge would read UINT32_MAX as a count and make it mortal again.
+ * (3.13's deferred-count objects carry that flag too, without being queued: they are made
+ * immortal, as CPython does to them when a second thread starts; see make_immortal.)
  *
  * Concurrency: the walk runs attached, on the calling thread; lists, dicts, sets and instances
  * are read and made immortal inside their critical section (Py_BEGIN_CRITICAL_SECTION), which
@@ -56,6 +58,7 @@
 #define TL_SHARE_API 1 /* PyUnstable_SetImmortal (3.15) */
 #elif defined(Py_GIL_DISABLED) && PY_VERSION_HEX >= 0x030D0000 && PY_VERSION_HEX < 0x030E0000
 #define TL_SHARE_FIELDS 1 /* 3.13's _Py_SetImmortal, written out for the free-threaded header */
+#define TL_GC_BITS_DEFERRED 64 /* _PyGC_BITS_DEFERRED, Include/internal/pycore_gc.h (3.13.5) */
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -445,12 +448,26 @@ static outcome_t make_immortal(PyObject* op) {
   uintptr_t tid = _Py_atomic_load_uintptr_relaxed(&op->ob_tid);
   if (tid != 0 && tid != _Py_ThreadId()) return O_OTHER_THREAD;
   Py_ssize_t shared = _Py_atomic_load_ssize_relaxed(&op->ob_ref_shared);
-  if ((shared & _Py_REF_SHARED_FLAG_MASK) == _Py_REF_QUEUED) return O_MERGE_PENDING;
+  /* 3.13's deferred reference counting (modules, their dicts, top-level functions, heap types,
+   * code: _PyObject_SetDeferredRefcount) marks ob_ref_shared _Py_REF_QUEUED so that the object
+   * is never queued; CPython itself makes such objects immortal when a second thread starts
+   * (_PyGC_ImmortalizeDeferredObjects: checked on 3.13.5, each went from gc bits DEFERRED |
+   * TRACKED, ob_ref_shared QUEUED to immortal, untracked, the DEFERRED bit cleared). So
+   * QUEUED with the DEFERRED bit is no pending merge: it is made immortal here as there. */
+  int deferred = 0;
+#if defined(TL_SHARE_FIELDS)
+  deferred = (_Py_atomic_load_uint8_relaxed(&op->ob_gc_bits) & TL_GC_BITS_DEFERRED) != 0;
+#endif
+  if ((shared & _Py_REF_SHARED_FLAG_MASK) == _Py_REF_QUEUED && !deferred) return O_MERGE_PENDING;
 #if defined(TL_SHARE_API)
   return PyUnstable_SetImmortal(op) ? O_MADE : O_REFUSED;
 #else
   /* _Py_SetImmortal (3.13.5 Objects/object.c): untrack, then _Py_SetImmortalUntracked. */
   if (PyObject_IS_GC(op) && PyObject_GC_IsTracked(op)) PyObject_GC_UnTrack(op);
+  if (deferred) /* as CPython's immortalization of deferred objects (see above) */
+    _Py_atomic_store_uint8_relaxed(
+        &op->ob_gc_bits,
+        (uint8_t)(_Py_atomic_load_uint8_relaxed(&op->ob_gc_bits) & ~TL_GC_BITS_DEFERRED));
   /* ob_tid and ob_ref_shared with release stores: a thread whose decrement finds the shared
    * count zero reads ob_tid (brc's queueing, an acquire load) and, seeing 0, decrements again,
    * which must then see the immortal ob_ref_local. */

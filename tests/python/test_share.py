@@ -16,7 +16,7 @@ import pytest
 import threadloom
 from threadloom import _core, share
 from threadloom.share import path_of
-from conftest import gil_python
+from conftest import gil_python, run_python
 
 free_threaded = pytest.mark.skipif(not sysconfig.get_config_var("Py_GIL_DISABLED"),
                                    reason="share() does nothing on a GIL build (tested in "
@@ -616,3 +616,28 @@ def test_dataloader_share_that_fails_loses_no_batch(monkeypatch, caplog):
     r = loader.share_report
     assert r is not None and not r.enabled and "injected" in r.note
     assert len(calls) == 2 and "sharing the dataset failed" in caplog.text
+
+
+@free_threaded
+def test_deferred_objects_before_any_thread_are_made_immortal_not_called_merges():
+    # 3.13 gives modules, their dicts and top-level functions deferred reference counts until
+    # a second thread starts (their shared count flagged as a queued merge, the gc bit 64 set);
+    # share() in a process with one thread used to skip them as "merge pending" and advise
+    # calling it again. In a child: this process has threads, which made them immortal already.
+    code = ("import ctypes, sys, types, threadloom\n"
+            "def deferred(o):\n"
+            "    return ctypes.c_uint8.from_address(id(o) + 11).value & 64 != 0\n"
+            "m = types.ModuleType('m')\n"
+            "exec('def f():\\n    return 1\\nX = [1.5, \\'x\\' * 3]\\n', m.__dict__)\n"
+            "assert all(deferred(o) for o in (m, m.__dict__, m.f)), 'no deferred objects'\n"
+            "r = threadloom.share(m, functions=True)\n"
+            "assert 'merge_pending' not in r.skipped, r\n"
+            "assert all(sys.getrefcount(o) >= 2**32 - 1 for o in (m, m.__dict__, m.f, m.X)), r\n"
+            "assert not any(deferred(o) for o in (m, m.__dict__, m.f))\n"
+            "import gc, threading\n"
+            "gc.collect()\n"
+            "t = threading.Thread(target=m.f); t.start(); t.join()\n"
+            "assert m.f() == 1 and m.X[1] == 'xxx'\n"
+            "print('ok')\n")
+    r = run_python("-c", code)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
