@@ -118,9 +118,15 @@ def main():
         # a shared machine falls on all of them alike: back to back, replicate='share' came out
         # 0.95-0.97x of the best other on the native workload in two make bench runs; interleaved
         # (6 rounds, 1 and 2 workers) 1.00-1.02x best to best, 1.00-1.08x median to median
+        # and each round starts at another case (rotated by 1/reps of the list), so a drift
+        # within a round does not always favour the cases that come first (in one make bench
+        # every case's first-round run was its best, and replicate='share', third of six kinds,
+        # came out 0.95x of None on the native workload by best runs, 1.00-1.06x by medians)
         runs = {i: [] for i in range(len(cases))}
         for rep in range(a.reps):
-            for i, (name, w, fn, args) in enumerate(cases):
+            start = rep * len(cases) // a.reps
+            for i in list(range(start, len(cases))) + list(range(start)):
+                name, w, fn, args = cases[i]
                 runs[i].append(fn(wl, a.samples, a.batch, a.work, w, *args))
             if a.reps > 1:
                 print("  round %d/%d done" % (rep + 1, a.reps), flush=True)
