@@ -974,10 +974,13 @@ static PyObject* sharewalk_step(PyObject* op_self, PyObject* arg) {
     int r = share_steps(&self->s, budget);
     if (r == 0) {
       out = Py_NewRef(Py_False);
-    } else if (r == 1 && (self->result = share_finish(&self->s, self->collect))) {
-      share_free(&self->s); /* the report is made: the graph's references go */
+    } else {
+      if (r == 1 && (self->result = share_finish(&self->s, self->collect)))
+        out = Py_NewRef(Py_True);
+      /* the report is made, or the walk failed (its exception is raised; a retry could count
+       * objects twice): either way the graph's references go */
+      share_free(&self->s);
       self->started = 0;
-      out = Py_NewRef(Py_True);
     }
   }
   _Py_atomic_store_int(&self->busy, 0);

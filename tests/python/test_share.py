@@ -365,6 +365,13 @@ def test_gil_build_does_nothing_and_says_so():
             "assert not r.enabled and r.made_immortal == 0, r\n"
             "assert 'built with the GIL' in str(r), str(r)\n"
             "assert not threadloom.imports_shared()['on']\n"
+            "from threadloom.share import ShareInSteps\n"
+            "s = ShareInSteps({'a': [1.5]})\n"
+            "assert s.done and s.step(10) and not s.report.enabled, s.report\n"
+            "dl = threadloom.DataLoader(list(range(8)), batch_size=2, num_workers=2,\n"
+            "                           replicate='share')\n"
+            "assert dl.share_report is not None and not dl.share_report.enabled\n"
+            "assert sum(len(b) for b in dl) == 8\n"
             "print('ok')\n")
     r = subprocess.run([exe, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
