@@ -444,10 +444,6 @@ static PyMethodDef core_methods[] = {
      "threadloom.cluster.on_preempt(): ignored; ...', and otherwise ignores the signal. The "
      "launchers install it under SLURM until on_preempt() replaces it. It survives interpreter "
      "finalization (Python resets only its own handlers)."},
-    {"share", (PyCFunction)(void (*)(void))tl_py_share, METH_VARARGS | METH_KEYWORDS,
-     "share(obj, *, modules=False, classes=False, functions=False, code=False, "
-     "extensions=False, collect=True, examples=3) -> dict: makes the objects below obj "
-     "immortal (threadloom.share() is the documented wrapper; see python/src/share.c)."},
     {"share_code", tl_py_share_code, METH_O,
      "share_code(code) -> int: makes the constants of a code object and of the code objects "
      "nested in it immortal; returns how many were made immortal."},

@@ -195,8 +195,6 @@ extern PyType_Spec tl_py_sharewalk_spec;
 /* Checks this interpreter's object header once, at exec: sets share_refusal and
  * py_class_dealloc. Never fails. */
 void tl_py_share_init(core_state* st);
-/* share(obj, *, modules, classes, functions, code, extensions, collect, examples) -> dict */
-PyObject* tl_py_share(PyObject* module, PyObject* args, PyObject* kwargs);
 /* share_code(code) -> int: the constants below a code object made immortal */
 PyObject* tl_py_share_code(PyObject* module, PyObject* code);
 /* share_layout() -> (ok, how or why not) */

@@ -1,4 +1,4 @@
-/* python/src/share.c: threadloom._core.share, share_code and RefProbe: making read-only data
+/* python/src/share.c: threadloom._core.ShareWalk, share_code and RefProbe: making read-only data
  * immortal so that threads reading it write no reference count, and finding which shared
  * objects have their counts written by other threads.
  *
@@ -876,19 +876,6 @@ static PyObject* share_walk(PyObject* module, PyObject* obj, walk_flags_t flags,
   return out;
 }
 
-PyObject* tl_py_share(PyObject* module, PyObject* args, PyObject* kwargs) {
-  static char* kwlist[] = {"obj", "modules", "classes", "functions", "code", "extensions",
-                           "collect", "examples", NULL};
-  PyObject* obj;
-  walk_flags_t f = {0, 0, 0, 0, 0, 0};
-  int collect = 1, examples = 3;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$ppppppi:share", kwlist, &obj, &f.modules,
-                                   &f.classes, &f.functions, &f.code, &f.extensions, &collect,
-                                   &examples))
-    return NULL;
-  return share_walk(module, obj, f, collect, examples);
-}
-
 PyObject* tl_py_share_code(PyObject* module, PyObject* code) {
   if (!PyCode_Check(code)) {
     PyErr_Format(PyExc_TypeError, "share_code() takes a code object, not %.100s",
@@ -1307,12 +1294,6 @@ static PyType_Slot refprobe_slots[] = {
 };
 
 #else /* a GIL build: share() and contention() refuse, saying why (see tl_py_share_init) */
-
-PyObject* tl_py_share(PyObject* module, PyObject* args, PyObject* kwargs) {
-  (void)args;
-  (void)kwargs;
-  return share_refused(state_of(module));
-}
 
 PyObject* tl_py_share_code(PyObject* module, PyObject* code) {
   (void)code;

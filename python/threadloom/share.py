@@ -166,18 +166,10 @@ def share(obj, *, name=None, modules=False, classes=False, functions=False, code
     containers of threads that have exited become shareable). Raises NotImplementedError on a
     free-threaded interpreter whose object layout threadloom has not verified (the message
     names it)."""
-    core = _core()
-    ok, how = core.share_layout()
-    if not ok and not _gil_build():
-        raise NotImplementedError("threadloom.share: %s" % how)
-    if name is None:
-        name = obj.__name__ if type(obj).__name__ == "module" else "obj"
-    if not ok:
-        return ShareReport(root_name=name, note=how)
-    t0 = time.perf_counter()
-    raw = core.share(obj, modules=modules, classes=classes, functions=functions, code=code,
-                     extensions=extensions, collect=collect, examples=examples)
-    return ShareReport(raw, root_name=name, seconds=time.perf_counter() - t0)
+    walk = ShareInSteps(obj, name=name, modules=modules, classes=classes, functions=functions,
+                        code=code, extensions=extensions, collect=collect, examples=examples)
+    walk.step(0)  # the whole walk in one step
+    return walk.report
 
 
 class ShareInSteps:
