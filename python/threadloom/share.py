@@ -210,8 +210,10 @@ class ShareInSteps:
 
     @property
     def reached(self):
-        """Objects reached so far."""
-        return self.report.visited if self.report is not None else self._walk.reached
+        """Objects reached so far (0 once an unfinished walk was closed)."""
+        if self.report is not None:
+            return self.report.visited
+        return self._walk.reached if self._walk is not None else 0
 
     def step(self, budget):
         if self.report is not None:

@@ -156,7 +156,8 @@ class DatasetShare:
         return self._walk.report if self._walk is not None else self._failed
 
     def step(self, budget=None):
-        """Walks on (budget: objects, default STEP; <= 0: to the end); True once it ended."""
+        """Walks on (budget: ShareWalk units, default STEP; <= 0: to the end); True once it
+        ended (or failed, which is logged)."""
         walk = self._walk
         if walk is None or walk.done:
             return True
