@@ -10,6 +10,10 @@
  * the first CUDA call, dlopen of NCCL) detach from the interpreter around the C call. */
 #include "core.h"
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Module state and the exception classes
 // ---------------------------------------------------------------------------------------------
@@ -171,6 +175,25 @@ static PyObject* core_cuda_built(PyObject* module, PyObject* unused) {
   (void)module;
   (void)unused;
   return PyBool_FromLong(tl_cuda_built());
+}
+
+/* malloc_thresholds(mmap_threshold, trim_threshold): glibc's mallopt(M_MMAP_THRESHOLD) and
+ * mallopt(M_TRIM_THRESHOLD), for threadloom.memory.tune_malloc (which decides whether to call
+ * it). True when glibc took both; False on another C library. Setting either also stops glibc
+ * adjusting them itself. */
+static PyObject* core_malloc_thresholds(PyObject* module, PyObject* args) {
+  (void)module;
+  int mmap_threshold, trim_threshold;
+  if (!PyArg_ParseTuple(args, "ii", &mmap_threshold, &trim_threshold)) return NULL;
+#ifdef __GLIBC__
+  int ok = mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1;
+  ok = ok && mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1;
+  return PyBool_FromLong(ok);
+#else
+  (void)mmap_threshold;
+  (void)trim_threshold;
+  Py_RETURN_FALSE;
+#endif
 }
 
 static PyObject* cuda_version_str(int v) {
@@ -390,6 +413,9 @@ static PyMethodDef core_methods[] = {
     {"mimalloc_version", core_mimalloc_version, METH_NOARGS, "mimalloc's version, '2.0.9'."},
     {"numa_available", core_numa_available, METH_NOARGS, "True when the kernel supports NUMA."},
     {"cuda_built", core_cuda_built, METH_NOARGS, "True when built with the CUDA runtime."},
+    {"malloc_thresholds", core_malloc_thresholds, METH_VARARGS,
+     "malloc_thresholds(mmap, trim): glibc's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD; False when "
+     "the C library is not glibc or refused."},
     {"cuda_runtime_version", core_cuda_runtime_version, METH_NOARGS,
      "The CUDA runtime's version, '13.0'. Raises NotBuiltError without CUDA."},
     {"cuda_driver_version", core_cuda_driver_version, METH_NOARGS,

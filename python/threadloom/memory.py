@@ -87,3 +87,64 @@ def arena(numa_node=None, pin="auto"):
                             prefault=os.environ.get("THREADLOOM_ARENA_PREFAULT", "0") == "1")
             _arenas[node] = a
         return a
+
+
+# -- glibc malloc's thresholds ------------------------------------------------------------------
+
+# glibc's own ceiling for its dynamic mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX), and
+# the trim threshold it sets beside it (twice the mmap threshold): where glibc ends up by itself
+# once the process has freed one 32 MiB block
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 64 << 20
+
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+               "MALLOC_MMAP_MAX_")
+_malloc_tuning = None  # (applied, why), decided once per process
+
+
+def tune_malloc():
+    """Starts glibc's malloc at the thresholds it would reach by itself after freeing one
+    32 MiB block (mmap threshold 32 MiB, trim threshold 64 MiB), once per process; returns
+    (applied, why). A DataLoader calls it when it starts an epoch.
+
+    Why: numpy and Pillow allocate array data with malloc. A sample of a few hundred KiB to a
+    few MiB is above glibc's starting mmap threshold (128 KiB), and the memory a freed sample
+    leaves at the top of a heap is above its trim threshold, so each sample's arrays land on
+    pages the kernel has to fault in and zero again: 291 minor faults per sample of the vision
+    workload on 3.13t, where the interpreter's own objects go to mimalloc and never lift glibc's
+    thresholds as a GIL interpreter's large frees do (docs/design.md, "Page faults in a sample
+    loop"). At these values freed memory up to 64 MiB per malloc arena stays mapped for reuse.
+
+    Not applied (and `why` says so) when THREADLOOM_MALLOC_TUNE=0, when the environment already
+    tunes malloc (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_,
+    MALLOC_MMAP_MAX_, or glibc.malloc in GLIBC_TUNABLES), when LD_PRELOAD names another
+    allocator (jemalloc, tcmalloc, mimalloc), or when the C library is not glibc."""
+    global _malloc_tuning
+    with _lock:
+        if _malloc_tuning is None:
+            _malloc_tuning = _decide_malloc()
+        return _malloc_tuning
+
+
+def malloc_tuning():
+    """tune_malloc()'s (applied, why), or None when it has not been called in this process."""
+    return _malloc_tuning
+
+
+def _decide_malloc():
+    env = os.environ
+    if env.get("THREADLOOM_MALLOC_TUNE", "1") == "0":
+        return False, "THREADLOOM_MALLOC_TUNE=0"
+    given = [k for k in _MALLOC_ENV if k in env]
+    if "glibc.malloc." in env.get("GLIBC_TUNABLES", ""):
+        given.append("GLIBC_TUNABLES (glibc.malloc)")
+    if given:
+        return False, "malloc is tuned by the environment already: %s" % ", ".join(given)
+    preload = env.get("LD_PRELOAD", "")
+    for name in ("jemalloc", "tcmalloc", "mimalloc"):
+        if name in preload:
+            return False, "LD_PRELOAD loads %s: glibc's malloc is not the one in use" % name
+    if not _core.malloc_thresholds(MMAP_THRESHOLD, TRIM_THRESHOLD):
+        return False, "the C library is not glibc (or refused the thresholds)"
+    return True, ("glibc malloc: mmap threshold %d MiB, trim threshold %d MiB"
+                  % (MMAP_THRESHOLD >> 20, TRIM_THRESHOLD >> 20))

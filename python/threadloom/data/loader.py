@@ -39,7 +39,7 @@ import threading
 import time
 import weakref
 
-from threadloom import gilguard, sysinfo
+from threadloom import gilguard, memory, sysinfo
 from threadloom._queue import CLOSED, END, Queue, Workers
 from threadloom.data import device as todevice
 from threadloom.data.collate import default_collate, default_convert
@@ -518,6 +518,7 @@ class _LoaderIter:
     It reads the loader only here, in __init__ (see the module docstring)."""
 
     def __init__(self, loader, epoch, resume):
+        memory.tune_malloc()  # once per process: samples' arrays off freshly faulted pages
         self.cfg = _Config(loader)
         self._engine = None
         self._start(loader, epoch, resume)
